@@ -1,0 +1,44 @@
+# dicomflow: `make repro` runs the pipeline on the embedded sample, `make test` runs the tests.
+# Both create .venv and install the pinned versions (constraints.txt) on first use.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install data repro test ui lock clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Materialise the embedded sample in data/ (deterministic) and check it is the set data.dvc pins.
+data: install
+	@if [ ! -d data ]; then $(BIN)/python -m stages.sample_data data; fi
+	$(BIN)/python -m stages.sample_data --check data.dvc data
+
+repro: data
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
+
+# The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# Re-pin after changing dependencies in pyproject.toml (then run `make test`).
+lock:
+	rm -rf /tmp/dicomflow-lock && $(PYTHON) -m venv /tmp/dicomflow-lock
+	/tmp/dicomflow-lock/bin/python -m pip install --quiet --upgrade pip
+	/tmp/dicomflow-lock/bin/python -m pip install --quiet ".[dev]"
+	/tmp/dicomflow-lock/bin/python -m pip freeze --exclude dicomflow > constraints.txt
+
+clean:
+	rm -rf outputs mlflow.db mlartifacts

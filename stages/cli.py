@@ -1,0 +1,26 @@
+"""How every stage starts: logging set up once, and known failures reported as one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from stages.params import ParamsError
+
+
+class StageError(RuntimeError):
+    """The input data cannot be used; the message says what and how many."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main`` with logging on stderr; params and data errors exit 1 in one line."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        main()
+    except (ParamsError, StageError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,255 @@
+"""The one typed loader for ``params.yaml``.
+
+Every stage reads its section through :func:`load_params`; a missing, unknown, mistyped or
+out-of-range key stops the stage with one line that names the key, the value and what is allowed.
+
+Constraints live beside each field (``metadata``), so the allowed values are written once and the
+error messages are generated from them, in the spirit of scikit-learn's parameter validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A value in ``params.yaml`` is missing, unknown, of the wrong type or out of range."""
+
+
+def _choices(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _interval(low: float | None, high: float | None, *, closed: str = "both") -> dict[str, Any]:
+    """Allowed range; ``closed`` is one of both, left, right, neither."""
+    return {"interval": (low, high, closed)}
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    data: str
+    labels: str
+    ingest_dir: str
+    ingest_metrics: str
+    deid_dir: str
+    deid_metrics: str
+    validation_report: str
+    validation_metrics: str
+    split_dir: str
+    split_counts: str
+    augment_dir: str
+    augment_preview: str
+    model_dir: str
+    train_history: str
+    eval_metrics: str
+    eval_plots: str
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    label_key: str = field(
+        metadata=_choices("accession_number", "study_instance_uid", "sop_instance_uid", "path")
+    )
+    classes: list[int]
+    image_size: int = field(metadata=_interval(16, 1024))
+    max_quarantine_fraction: float = field(metadata=_interval(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class DeidentifyParams:
+    remove_private_tags: bool
+    retain_patient_characteristics: bool
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    modalities: list[str]
+    min_class_fraction: float = field(metadata=_interval(0.0, 0.5))
+    min_image_std: float = field(metadata=_interval(0.0, 1.0))
+    image_size_range: list[int]
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_size: float = field(metadata=_interval(0.0, 1.0, closed="neither"))
+    test_size: float = field(metadata=_interval(0.0, 1.0, closed="neither"))
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.val_size + self.test_size >= 1:
+            raise ParamsError(
+                f"params.yaml: 'split.val_size' + 'split.test_size' must be below 1 to leave a "
+                f"training set; got {self.val_size} + {self.test_size}"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    copies: int = field(metadata=_interval(0, 20))
+    seed: int
+    flip: bool
+    rotation_deg: float = field(metadata=_interval(0.0, 180.0))
+    zoom: float = field(metadata=_interval(0.0, 0.5))
+    shift: float = field(metadata=_interval(0.0, 0.5))
+    brightness: float = field(metadata=_interval(0.0, 1.0))
+    contrast: float = field(metadata=_interval(0.0, 1.0, closed="left"))
+    noise_std: float = field(metadata=_interval(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    architecture: str = field(metadata=_choices("seed_cnn"))
+    epochs: int = field(metadata=_interval(1, 10_000))
+    batch_size: int = field(metadata=_interval(1, 65_536))
+    lr: float = field(metadata=_interval(0.0, 1.0, closed="right"))
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold_method: str = field(metadata=_choices("youden", "fixed"))
+    fixed_threshold: float = field(metadata=_interval(0.0, 1.0))
+    registered_model_name: str
+    promotion_metric: str = field(
+        metadata=_choices("roc_auc", "accuracy", "sensitivity", "specificity")
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsParams,
+    "ingest": IngestParams,
+    "deidentify": DeidentifyParams,
+    "validate": ValidateParams,
+    "split": SplitParams,
+    "augment": AugmentParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+
+T = TypeVar("T")
+
+
+def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read ``params.yaml`` as a plain dict (used for logging every param to MLflow)."""
+    with open(path, encoding="utf-8") as stream:
+        raw = yaml.safe_load(stream)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown section {unknown[0]!r}; allowed sections: {', '.join(SECTIONS)}"
+        )
+    return raw
+
+
+def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
+    """Load and check one section of ``params.yaml``.
+
+    Parameters
+    ----------
+    section : str
+        Section name, one of :data:`SECTIONS` (``"train"``, ``"paths"``, ...).
+    path : Path, default=params.yaml
+        The parameters file.
+
+    Returns
+    -------
+    A frozen dataclass instance of the section's type (e.g. :class:`TrainParams`).
+
+    Raises
+    ------
+    ParamsError
+        One line naming the key, the value found and what is allowed.
+    """
+    if section not in SECTIONS:
+        raise ParamsError(f"unknown params section {section!r}; allowed: {', '.join(SECTIONS)}")
+    raw = read_params_file(path)
+    return build_section(SECTIONS[section], section, raw.get(section))
+
+
+def build_section(cls: type[T], section: str, raw: Any) -> T:
+    """Check ``raw`` (a mapping from YAML) against the dataclass ``cls`` and build it."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: section {section!r} is missing or not a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key '{section}.{unknown[0]}'; allowed keys: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, fld in fields.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            raise ParamsError(f"params.yaml: missing key '{key}' ({_describe(hints[name], fld)})")
+        values[name] = _check_value(key, raw[name], hints[name], fld)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, hint: Any, fld: dataclasses.Field) -> Any:
+    """Return ``value`` converted to ``hint`` or raise a one-line ParamsError."""
+    if not _matches(value, hint):
+        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+    if hint is float:
+        value = float(value)
+    choices = fld.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+    interval = fld.metadata.get("interval")
+    if interval is not None and not _in_interval(value, *interval):
+        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+    return value
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Type check for the few YAML shapes params use (bool is not an int here)."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and len(value) > 0 and all(_matches(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _in_interval(value: float, low: float | None, high: float | None, closed: str) -> bool:
+    low_ok = low is None or (value >= low if closed in ("both", "left") else value > low)
+    high_ok = high is None or (value <= high if closed in ("both", "right") else value < high)
+    return low_ok and high_ok
+
+
+def _describe(hint: Any, fld: dataclasses.Field) -> str:
+    """Say in words what a field accepts, e.g. 'a float in (0.0, 1.0)'."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        text = f"a non-empty list of {typing.get_args(hint)[0].__name__}"
+    else:
+        name = getattr(hint, "__name__", str(hint))
+        text = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    choices = fld.metadata.get("choices")
+    if choices is not None:
+        text = "one of " + ", ".join(repr(c) for c in choices)
+    interval = fld.metadata.get("interval")
+    if interval is not None:
+        low, high, closed = interval
+        left = "[" if closed in ("both", "left") else "("
+        right = "]" if closed in ("both", "right") else ")"
+        text += f" in {left}{low}, {high}{right}"
+    return text

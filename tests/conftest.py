@@ -1,0 +1,49 @@
+"""Small, generic fixtures shared by the stage tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo_params_file() -> Path:
+    """The repository's own ``params.yaml`` (read it, never write it)."""
+    return REPO_ROOT / "params.yaml"
+
+
+@pytest.fixture
+def make_dicom() -> Callable[..., Path]:
+    """Factory writing a minimal valid DICOM file (Explicit VR Little Endian) with pydicom.
+
+    ``make_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **attributes)``
+    stores ``pixels`` (uint8, uint16 or int16, 2-D) and sets each keyword in ``attributes``
+    (e.g. ``AccessionNumber="A1"``); returns ``path``.
+    """
+
+    def _make(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
+              bits_stored: int | None = None, **attributes: object) -> Path:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.PatientID = "P0"
+        ds.Modality = "DX"
+        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    return _make

@@ -1,0 +1,252 @@
+"""Tests for stages/params.py: the repository's params.yaml loads, and every bad value is one line."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import SECTIONS, ParamsError, load_params, read_params_file
+
+_DELETE = object()
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _with(raw: dict, dotted: str, value: object) -> dict:
+    """A deep copy of ``raw`` with ``section.key`` set to ``value`` (or removed for _DELETE)."""
+    changed = copy.deepcopy(raw)
+    section, _, key = dotted.partition(".")
+    target = changed if not key else changed[section]
+    name = key or section
+    if value is _DELETE:
+        del target[name]
+    else:
+        target[name] = value
+    return changed
+
+
+@pytest.fixture
+def repo_raw(repo_params_file: Path) -> dict:
+    with open(repo_params_file, encoding="utf-8") as stream:
+        return yaml.safe_load(stream)
+
+
+class TestLoadParamsRepoFile:
+    @pytest.mark.parametrize("section", list(SECTIONS))
+    def test_every_section_of_the_repo_file_loads(self, repo_params_file, repo_raw, section):
+        params = load_params(section, path=repo_params_file)
+
+        assert isinstance(params, SECTIONS[section])
+        assert {f.name for f in dataclasses.fields(params)} == set(repo_raw[section])
+        for name, value in repo_raw[section].items():
+            assert getattr(params, name) == value
+
+    def test_sections_are_frozen(self, repo_params_file):
+        params = load_params("split", path=repo_params_file)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            params.seed = 1  # type: ignore[misc]
+
+    def test_read_params_file_returns_the_plain_mapping(self, repo_params_file, repo_raw):
+        assert read_params_file(repo_params_file) == repo_raw
+
+
+class TestLoadParamsConversions:
+    def test_int_for_a_float_key_becomes_a_float(self, tmp_path, repo_raw):
+        path = _write(tmp_path, _with(repo_raw, "evaluate.fixed_threshold", 1))
+
+        value = load_params("evaluate", path=path).fixed_threshold
+
+        assert value == 1.0 and type(value) is float
+
+    @pytest.mark.parametrize(
+        ("dotted", "value"),
+        [
+            ("ingest.max_quarantine_fraction", 0.0),  # [0, 1] closed
+            ("ingest.max_quarantine_fraction", 1.0),
+            ("ingest.image_size", 16),
+            ("ingest.image_size", 1024),
+            ("train.lr", 1.0),  # (0, 1] closed on the right
+            ("augment.copies", 0),
+            ("augment.copies", 20),
+            ("split.seed", -3),  # no range on seeds
+        ],
+    )
+    def test_interval_ends_that_are_allowed_load(self, tmp_path, repo_raw, dotted, value):
+        path = _write(tmp_path, _with(repo_raw, dotted, value))
+        section, _, key = dotted.partition(".")
+
+        params = load_params(section, path=path)
+
+        assert getattr(params, key) == value
+
+
+# (change to the repo's params, section to load, pattern the one-line message must match)
+BAD_VALUES = [
+    pytest.param(
+        "split.shuffle", True, "split",
+        r"unknown key 'split\.shuffle'; allowed keys: val_size, test_size, seed",
+        id="unknown-key",
+    ),
+    pytest.param(
+        "train.epochs", _DELETE, "train",
+        r"missing key 'train\.epochs' \(an int in \[1, 10000\]\)",
+        id="missing-key",
+    ),
+    pytest.param(
+        "train.epochs", "ten", "train",
+        r"'train\.epochs' must be an int in \[1, 10000\]; got 'ten'",
+        id="str-for-int",
+    ),
+    pytest.param(
+        "split.seed", True, "split",
+        r"'split\.seed' must be an int; got True",
+        id="bool-for-int",
+    ),
+    pytest.param(
+        "train.batch_size", 32.0, "train",
+        r"'train\.batch_size' must be an int in \[1, 65536\]; got 32\.0",
+        id="float-for-int",
+    ),
+    pytest.param(
+        "split.test_size", False, "split",
+        r"'split\.test_size' must be a float in \(0\.0, 1\.0\); got False",
+        id="bool-for-float",
+    ),
+    pytest.param(
+        "deidentify.remove_private_tags", "yes", "deidentify",
+        r"'deidentify\.remove_private_tags' must be a bool; got 'yes'",
+        id="str-for-bool",
+    ),
+    pytest.param(
+        "deidentify.remove_private_tags", 1, "deidentify",
+        r"'deidentify\.remove_private_tags' must be a bool; got 1",
+        id="int-for-bool",
+    ),
+    pytest.param(
+        "paths.data", 3, "paths",
+        r"'paths\.data' must be a str; got 3",
+        id="int-for-str",
+    ),
+    pytest.param(
+        "split.test_size", 1.5, "split",
+        r"'split\.test_size' must be a float in \(0\.0, 1\.0\); got 1\.5",
+        id="above-range",
+    ),
+    pytest.param(
+        "split.val_size", 0.0, "split",
+        r"'split\.val_size' must be a float in \(0\.0, 1\.0\); got 0\.0",
+        id="open-end-of-range",
+    ),
+    pytest.param(
+        "train.lr", 0, "train",
+        r"'train\.lr' must be a float in \(0\.0, 1\.0\]; got 0\.0",
+        id="open-left-end",
+    ),
+    pytest.param(
+        "augment.copies", 21, "augment",
+        r"'augment\.copies' must be an int in \[0, 20\]; got 21",
+        id="int-above-range",
+    ),
+    pytest.param(
+        "ingest.image_size", 8, "ingest",
+        r"'ingest\.image_size' must be an int in \[16, 1024\]; got 8",
+        id="int-below-range",
+    ),
+    pytest.param(
+        "augment.noise_std", math.nan, "augment",
+        r"'augment\.noise_std' must be a float in \[0\.0, 1\.0\]; got nan",
+        id="nan",
+    ),
+    pytest.param(
+        "evaluate.threshold_method", "otsu", "evaluate",
+        r"'evaluate\.threshold_method' must be one of 'youden', 'fixed'; got 'otsu'",
+        id="not-in-choices",
+    ),
+    pytest.param(
+        "ingest.label_key", "patient_id", "ingest",
+        r"'ingest\.label_key' must be one of 'accession_number', 'study_instance_uid', "
+        r"'sop_instance_uid', 'path'; got 'patient_id'",
+        id="label-key-not-in-choices",
+    ),
+    pytest.param(
+        "ingest.classes", [], "ingest",
+        r"'ingest\.classes' must be a non-empty list of int; got \[\]",
+        id="empty-list",
+    ),
+    pytest.param(
+        "validate.modalities", ["CR", 3], "validate",
+        r"'validate\.modalities' must be a non-empty list of str; got \['CR', 3\]",
+        id="list-item-wrong-type",
+    ),
+    pytest.param(
+        "ingest.classes", "0,1", "ingest",
+        r"'ingest\.classes' must be a non-empty list of int; got '0,1'",
+        id="str-for-list",
+    ),
+    pytest.param(
+        "train", _DELETE, "train",
+        r"section 'train' is missing or not a mapping",
+        id="missing-section",
+    ),
+    pytest.param(
+        "train", 5, "train",
+        r"section 'train' is missing or not a mapping",
+        id="section-not-a-mapping",
+    ),
+    pytest.param(
+        "tune", {"trials": 3}, "split",
+        r"unknown section 'tune'; allowed sections: paths, ingest, deidentify, validate, split, "
+        r"augment, train, evaluate",
+        id="unknown-section-in-file",
+    ),
+]
+
+
+class TestLoadParamsErrors:
+    @pytest.mark.parametrize(("dotted", "value", "section", "message"), BAD_VALUES)
+    def test_bad_value_is_one_line_naming_key_value_and_allowed(
+        self, tmp_path, repo_raw, dotted, value, section, message
+    ):
+        path = _write(tmp_path, _with(repo_raw, dotted, value))
+
+        with pytest.raises(ParamsError, match=message) as info:
+            load_params(section, path=path)
+
+        assert "\n" not in str(info.value)
+
+    def test_other_sections_still_load_when_one_is_bad(self, tmp_path, repo_raw):
+        path = _write(tmp_path, _with(repo_raw, "train.epochs", "ten"))
+
+        assert load_params("split", path=path).seed == repo_raw["split"]["seed"]
+
+    def test_unknown_section_name_is_rejected_before_reading(self, tmp_path):
+        missing_file = tmp_path / "does-not-exist.yaml"
+
+        with pytest.raises(ParamsError, match=r"unknown params section 'tune'; allowed: paths, ingest, "):
+            load_params("tune", path=missing_file)
+
+    def test_file_that_is_not_a_mapping(self, tmp_path):
+        path = tmp_path / "params.yaml"
+        path.write_text("- just\n- a list\n", encoding="utf-8")
+
+        with pytest.raises(ParamsError, match=re.escape(f"{path}: expected a mapping of sections, got list")):
+            load_params("split", path=path)
+
+    def test_params_error_is_a_value_error(self):
+        assert issubclass(ParamsError, ValueError)
+
+
+def test_split_sizes_that_leave_no_training_set_are_rejected(tmp_path, repo_raw):
+    raw = _with(_with(repo_raw, "split.val_size", 0.5), "split.test_size", 0.5)
+    with pytest.raises(ParamsError, match=r"'split\.val_size' \+ 'split\.test_size' must be below 1.*got 0\.5 \+ 0\.5"):
+        load_params("split", path=_write(tmp_path, raw))
