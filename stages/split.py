@@ -1,0 +1,119 @@
+"""Stage 4, split: patient-level, label-stratified train / validation / test split.
+
+Inputs: the de-identified manifest (``paths.deid_dir``).
+Outputs: ``paths.split_dir``/manifest.parquet (the manifest, same row order, plus a ``split``
+column) and ``paths.split_counts`` (images and patients per split and label).
+Params: ``split.val_size``, ``split.test_size``, ``split.seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from stages import layout
+from stages.cli import StageError, run_stage
+from stages.params import load_params
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _take_one_fold(labels: np.ndarray, groups: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of one StratifiedGroupKFold fold holding about ``fraction`` of the rows."""
+    n_splits = max(2, round(1 / fraction))
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise StageError(
+            f"with {n_groups} patients a {fraction:.0%} hold-out needs at least {n_splits}; "
+            "add data or raise split.val_size / split.test_size"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, held_out = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held_out] = True
+    return mask
+
+
+def split_by_patient(manifest: pd.DataFrame, *, val_size: float, test_size: float, seed: int) -> pd.Series:
+    """Assign each image to train, val or test so that every patient lands in exactly one.
+
+    Parameters
+    ----------
+    manifest : DataFrame
+        Needs ``patient_key`` and ``label``.
+    val_size, test_size : float
+        Wanted shares of images; met approximately, as whole patients move between sets.
+    seed : int
+        Seed of the shuffling, so the split is reproducible.
+
+    Returns
+    -------
+    Series of "train" / "val" / "test", aligned with ``manifest``.
+
+    Notes
+    -----
+    Invariant: no ``patient_key`` appears in two splits (checked before returning). Images of one
+    patient are correlated; splitting images instead of patients would leak them into the test set.
+    """
+    if val_size + test_size >= 1:
+        raise ValueError(
+            f"val_size + test_size must be below 1 to leave a training set; got {val_size} + {test_size}"
+        )
+    labels = manifest["label"].to_numpy()
+    groups = manifest["patient_key"].to_numpy()
+    is_test = _take_one_fold(labels, groups, fraction=test_size, seed=seed)
+    rest = np.flatnonzero(~is_test)
+    is_val_in_rest = _take_one_fold(
+        labels[rest], groups[rest], fraction=val_size / (1 - test_size), seed=seed + 1
+    )
+    split = np.full(len(manifest), "train", dtype=object)
+    split[is_test] = "test"
+    split[rest[is_val_in_rest]] = "val"
+    result = pd.Series(split, index=manifest.index, name="split")
+
+    splits_per_patient = result.groupby(manifest["patient_key"]).nunique()
+    if (splits_per_patient > 1).any():  # would mean a bug above, never bad input
+        raise AssertionError("a patient was assigned to more than one split")
+    return result
+
+
+def count_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images and patients per split and label."""
+    counts = manifest.groupby(["split", "label"]).agg(
+        images=("image_key", "size"), patients=("patient_key", "nunique")
+    )
+    return counts.reset_index()
+
+
+def main() -> None:
+    paths, params = load_params("paths"), load_params("split")
+    manifest = pd.read_parquet(Path(paths.deid_dir) / layout.DEID_MANIFEST)
+    manifest["split"] = split_by_patient(
+        manifest, val_size=params.val_size, test_size=params.test_size, seed=params.seed
+    )
+    for split in SPLITS:
+        if not (manifest["split"] == split).any():
+            raise StageError(f"the {split} split is empty; add data or change split.* params")
+
+    out_dir = Path(paths.split_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(out_dir / layout.SPLIT_MANIFEST, index=False)
+    counts = count_by_split(manifest)
+    Path(paths.split_counts).parent.mkdir(parents=True, exist_ok=True)
+    counts.to_csv(paths.split_counts, index=False)
+    shares = manifest["split"].value_counts(normalize=True)
+    logger.info(
+        "split %d images of %d patients: %s",
+        len(manifest), manifest["patient_key"].nunique(),
+        ", ".join(f"{s} {shares.get(s, 0):.1%}" for s in SPLITS),
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

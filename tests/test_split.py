@@ -1,0 +1,138 @@
+"""Tests for stages/split.py: patient-level, label-stratified split and the counts table."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.cli import StageError
+from stages.split import SPLITS, count_by_split, split_by_patient
+
+
+def _manifest(n_patients: int = 80, *, seed: int = 0) -> pd.DataFrame:
+    """Synthetic manifest: each patient has 1-9 images that share the patient's label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient in range(n_patients):
+        label = patient % 2
+        for image in range(int(rng.integers(1, 10))):
+            rows.append({"image_key": f"img-{patient:03d}-{image}", "patient_key": f"pat-{patient:03d}",
+                         "label": label})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def manifest() -> pd.DataFrame:
+    return _manifest()
+
+
+class TestSplitByPatient:
+    def test_manifest_would_leak_under_an_image_level_split(self, manifest):
+        # Sanity check of the fixture: shuffling images (not patients) puts patients in two sets.
+        order = np.random.default_rng(1).permutation(len(manifest))
+        naive = pd.Series("train", index=manifest.index)
+        naive.iloc[order[: len(order) // 5]] = "test"
+
+        assert (naive.groupby(manifest["patient_key"]).nunique() > 1).any()
+
+    def test_no_patient_in_two_splits(self, manifest):
+        split = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=42)
+
+        assert split.groupby(manifest["patient_key"]).nunique().max() == 1
+        patients = {name: set(manifest.loc[split == name, "patient_key"]) for name in SPLITS}
+        assert not patients["train"] & patients["val"]
+        assert not patients["train"] & patients["test"]
+        assert not patients["val"] & patients["test"]
+
+    def test_aligned_with_the_manifest(self, manifest):
+        shuffled = manifest.sample(frac=1.0, random_state=3)
+
+        split = split_by_patient(shuffled, val_size=0.15, test_size=0.2, seed=42)
+
+        assert split.name == "split"
+        assert split.index.equals(shuffled.index)
+        assert set(split) == set(SPLITS)
+
+    def test_every_split_has_both_labels(self, manifest):
+        split = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=42)
+
+        for name in SPLITS:
+            assert set(manifest.loc[split == name, "label"]) == {0, 1}, name
+
+    @pytest.mark.parametrize(("val_size", "test_size"), [(0.15, 0.2), (0.1, 0.1), (0.25, 0.25)])
+    def test_shares_are_near_the_asked_fractions(self, val_size, test_size):
+        manifest = _manifest(200, seed=5)
+
+        shares = split_by_patient(manifest, val_size=val_size, test_size=test_size, seed=0).value_counts(
+            normalize=True)
+
+        assert shares["test"] == pytest.approx(test_size, abs=0.05)
+        assert shares["val"] == pytest.approx(val_size, abs=0.05)
+        assert shares["train"] == pytest.approx(1 - val_size - test_size, abs=0.07)
+
+    def test_same_seed_same_split(self, manifest):
+        first = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=7)
+        second = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=7)
+
+        pd.testing.assert_series_equal(first, second)
+
+    def test_different_seed_different_split(self, manifest):
+        first = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=7)
+        second = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=8)
+
+        assert not first.equals(second)
+
+    @pytest.mark.parametrize(("val_size", "test_size"), [(0.5, 0.5), (0.6, 0.7)])
+    def test_sizes_leaving_no_training_set(self, manifest, val_size, test_size):
+        message = ("val_size + test_size must be below 1 to leave a training set; "
+                   f"got {val_size} + {test_size}")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            split_by_patient(manifest, val_size=val_size, test_size=test_size, seed=0)
+
+    def test_too_few_patients_for_the_test_fold(self):
+        manifest = _manifest(4)
+
+        with pytest.raises(StageError, match=re.escape(
+                "with 4 patients a 20% hold-out needs at least 5; "
+                "add data or raise split.val_size / split.test_size")):
+            split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=0)
+
+    def test_too_few_patients_left_for_the_validation_fold(self):
+        # 12 patients: the test fold (1 in 2) keeps about 6; a val share of 0.05 / 0.5 = 10% needs 10.
+        manifest = _manifest(12)
+
+        with pytest.raises(StageError, match=r"with [0-9]+ patients a 10% hold-out needs at least 10; "):
+            split_by_patient(manifest, val_size=0.05, test_size=0.5, seed=0)
+
+
+class TestCountBySplit:
+    def test_counts_images_and_patients_per_split_and_label(self, manifest):
+        labelled = manifest.assign(split=split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=42))
+
+        counts = count_by_split(labelled)
+
+        assert list(counts.columns) == ["split", "label", "images", "patients"]
+        assert counts["images"].sum() == len(manifest)
+        assert counts["patients"].sum() == manifest["patient_key"].nunique()  # a patient is in one split
+        for row in counts.itertuples():
+            rows = labelled[(labelled["split"] == row.split) & (labelled["label"] == row.label)]
+            assert row.images == len(rows)
+            assert row.patients == len(set(rows["patient_key"]))
+
+    def test_small_table_by_hand(self):
+        manifest = pd.DataFrame({
+            "image_key": ["a", "b", "c", "d", "e"],
+            "patient_key": ["p1", "p1", "p2", "p3", "p3"],
+            "label": [0, 0, 1, 1, 1],
+            "split": ["train", "train", "train", "test", "test"],
+        })
+
+        counts = count_by_split(manifest).set_index(["split", "label"])
+
+        assert counts.loc[("train", 0)].tolist() == [2, 1]
+        assert counts.loc[("train", 1)].tolist() == [1, 1]
+        assert counts.loc[("test", 1)].tolist() == [2, 1]
+        assert len(counts) == 3
