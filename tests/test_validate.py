@@ -1,0 +1,263 @@
+"""Tests of the validate stage: the suite runs through real Great Expectations on tiny manifests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages import layout
+from stages.cli import StageError
+from stages.expectations import (
+    CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, find_phi_columns, find_text_columns,
+)
+from stages.params import load_params
+from stages.validate import format_failures, main, render_report, run_checks, summarise
+
+PARAMS = {
+    "classes": [0, 1], "modalities": ["CR", "DX"], "min_class_fraction": 0.2,
+    "min_image_std": 0.02, "image_size_range": [64, 4096],
+}
+
+
+def make_manifest(n: int = 20) -> pd.DataFrame:
+    """A clean de-identified manifest: labels alternate 0/1, every value in range."""
+    return pd.DataFrame({
+        "image_key": [f"img{i:03d}" for i in range(n)],
+        "patient_key": [f"pat{i // 2:03d}" for i in range(n)],
+        "study_key": [f"stu{i // 2:03d}" for i in range(n)],
+        "label": [i % 2 for i in range(n)],
+        "modality": ["CR" if i % 3 else "DX" for i in range(n)],
+        "manufacturer": "ACME", "body_part": "BREAST", "view_position": "CC", "patient_sex": "F",
+        "patient_age_years": [40 + i for i in range(n)],
+        "rows": 512, "columns": [256 + i for i in range(n)], "pixel_spacing_mm": 0.1,
+        "bits_stored": 12, "photometric": "MONOCHROME2",
+        "pixel_min": 0.0, "pixel_max": 1.0, "pixel_mean": 0.4, "pixel_std": 0.15,
+        "pixel_sha256": [f"{i:064x}" for i in range(n)],
+        "dicom_file": [f"dicom/img{i:03d}.dcm" for i in range(n)],
+    })
+
+
+def validate(manifest: pd.DataFrame) -> dict:
+    checks = build_checks(**PARAMS, text_columns=find_text_columns(manifest))
+    return {r.check.name: r for r in run_checks(manifest, checks)}
+
+
+def failures(results: dict) -> dict:
+    return {name: r for name, r in results.items() if r.failed}
+
+
+class TestBuildChecks:
+    def test_names_are_unique_and_severities_known(self):
+        checks = build_checks(**PARAMS, text_columns=["image_key", "modality"])
+        assert len({c.name for c in checks}) == len(checks)
+        assert {c.severity for c in checks} == {CRITICAL, WARNING}
+        assert {c.name for c in checks if c.severity == WARNING} == {
+            "image_not_blank", "image_not_saturated", "pixel_hash_unique"}
+
+    def test_rejects_inverted_size_range(self):
+        with pytest.raises(ValueError, match=r"image_size_range must be \[low, high\].*\[10, 5\]"):
+            build_checks(**{**PARAMS, "image_size_range": [10, 5]})
+
+
+class TestPhiDetection:
+    def test_no_manifest_column_is_flagged(self):
+        assert find_phi_columns(make_manifest()) == []
+
+    @pytest.mark.parametrize("name", [
+        "patient_id", "PatientName", "PatientBirthDate", "accession_number", "AccessionNumber",
+        "study_instance_uid", "SOPInstanceUID", "institution_name", "ReferringPhysicianName",
+        "patients_address", "study_date", "source_path", "other_patient_ids",
+    ])
+    def test_identifying_column_names_are_flagged(self, name):
+        manifest = make_manifest().assign(**{name: "x"})
+        assert find_phi_columns(manifest) == [name]
+
+    def test_datetime_column_is_flagged_whatever_its_name(self):
+        manifest = make_manifest().assign(acquired=pd.Timestamp("2024-01-31"))
+        assert find_phi_columns(manifest) == ["acquired"]
+
+    @pytest.mark.parametrize("value", [
+        "1.2.840.113619.2.55.3.604688119", "1.2.3.4", "20240131", "20240131101500",
+        "2024-01-31", "DOE^JANE", "O'Brien^Mary^^Dr",
+    ])
+    def test_identifying_values_match_a_pattern(self, value):
+        assert any(re.search(p, value) for p in PHI_VALUE_PATTERNS)
+
+    @pytest.mark.parametrize("value", [
+        "img001", "f" * 64, "0" * 64, "MONOCHROME2", "CR", "dicom/img001.dcm", "1.2.3", "2024",
+        "20241399", "2.25.123456789",  # a UUID-derived UID has 3 components: new, not identifying
+    ])
+    def test_ordinary_values_match_no_pattern(self, value):
+        assert not any(re.search(p, value) for p in PHI_VALUE_PATTERNS)
+
+
+class TestRunChecks:
+    def test_clean_manifest_passes_every_expectation(self):
+        results = validate(make_manifest())
+        assert failures(results) == {}
+        assert all(r.status == "passed" for r in results.values())
+        assert summarise(list(results.values()), n_rows=20)["success"] == 1
+
+    def _set(self, manifest, row, column, value):
+        manifest[column] = manifest[column].astype(object)
+        manifest.loc[row, column] = value
+        return manifest
+
+    @pytest.mark.parametrize("column, row, value, name, severity, count, examples", [
+        ("label", 2, None, "label_not_null", CRITICAL, 1, ("img002",)),
+        ("image_key", 4, "img001", "image_key_unique", CRITICAL, 2, ("img001",)),
+        ("label", 3, 7, "label_in_classes", CRITICAL, 1, ("img003",)),
+        ("modality", 5, "CT", "modality_allowed", CRITICAL, 1, ("img005",)),
+        ("rows", 6, 32, "rows_in_range", CRITICAL, 1, ("img006",)),
+        ("pixel_spacing_mm", 7, 0.0, "pixel_spacing_positive", CRITICAL, 1, ("img007",)),
+        ("pixel_std", 5, 0.0, "image_not_blank", WARNING, 1, ("img005",)),
+        ("pixel_mean", 8, 0.995, "image_not_saturated", WARNING, 1, ("img008",)),
+        ("pixel_sha256", 7, f"{6:064x}", "pixel_hash_unique", WARNING, 2, ("img006", "img007")),
+        ("body_part", 9, "1.2.840.113619.2.55.3", "no_phi_values_body_part", CRITICAL, 1, ("img009",)),
+        ("view_position", 9, "20240131", "no_phi_values_view_position", CRITICAL, 1, ("img009",)),
+        ("manufacturer", 1, "2024-01-31", "no_phi_values_manufacturer", CRITICAL, 1, ("img001",)),
+        ("study_key", 9, "DOE^JANE", "no_phi_values_study_key", CRITICAL, 1, ("img009",)),
+    ])
+    def test_one_defect_fails_exactly_its_expectation(
+        self, column, row, value, name, severity, count, examples
+    ):
+        failed = failures(validate(self._set(make_manifest(), row, column, value)))
+        assert list(failed) == [name]
+        assert failed[name].check.severity == severity
+        assert failed[name].unexpected_count == count
+        assert failed[name].examples == examples
+
+    def test_null_image_key_is_shown_by_row_number(self):
+        failed = failures(validate(self._set(make_manifest(), 3, "image_key", None)))
+        assert list(failed) == ["image_key_not_null"]
+        assert failed["image_key_not_null"].examples == ("row 3",)
+
+    def test_class_below_minimum_share(self):
+        manifest = make_manifest().assign(label=[1] * 3 + [0] * 17)  # 15% < 20%
+        failed = failures(validate(manifest))
+        assert list(failed) == ["class_share_1"]
+        assert failed["class_share_1"].check.severity == CRITICAL
+        assert failed["class_share_1"].unexpected_count == 3
+        assert "3 of 20 labelled rows (15.0%); minimum 20.0%" in failed["class_share_1"].detail
+
+    def test_phi_named_column(self):
+        failed = failures(validate(make_manifest().assign(PatientBirthDate=19700101)))
+        assert list(failed) == ["no_phi_columns"]
+        assert failed["no_phi_columns"].check.severity == CRITICAL
+        assert failed["no_phi_columns"].unexpected_count == 1
+        assert failed["no_phi_columns"].detail == "columns: PatientBirthDate"
+
+    def test_missing_required_column(self):
+        failed = failures(validate(make_manifest().drop(columns="manufacturer")))
+        assert list(failed) == ["columns_present"]
+        assert failed["columns_present"].unexpected_count == 1
+        assert failed["columns_present"].detail == "missing columns: manufacturer"
+
+    def test_empty_manifest(self):
+        failed = failures(validate(make_manifest().iloc[:0]))
+        assert list(failed) == ["manifest_not_empty"]
+        assert failed["manifest_not_empty"].detail == "0 rows"
+
+    def test_wrong_column_type_fails_with_the_gx_error(self):
+        failed = failures(validate(make_manifest().astype({"rows": str})))
+        assert list(failed) == ["rows_in_range"]
+        assert failed["rows_in_range"].detail.startswith("could not run: Column values, min_value")
+
+    def test_checks_on_a_missing_column_are_skipped(self):
+        results = validate(make_manifest().drop(columns="label"))
+        assert list(failures(results)) == ["columns_present"]
+        skipped = {name for name, r in results.items() if r.status == "skipped"}
+        assert skipped == {"label_not_null", "label_in_classes", "class_share_0", "class_share_1"}
+        assert summarise(list(results.values()), n_rows=20)["skipped"] == 4
+
+
+class TestReporting:
+    @pytest.fixture(scope="class")
+    def results(self):
+        manifest = make_manifest()
+        manifest.loc[2, "modality"] = "CT"
+        manifest.loc[4, "pixel_std"] = 0.0
+        manifest.loc[6, "image_key"] = "<script>alert(1)</script>"
+        manifest.loc[6, "rows"] = 10_000
+        return run_checks(manifest, build_checks(**PARAMS, text_columns=find_text_columns(manifest)))
+
+    def test_summary_counts_by_severity(self, results):
+        summary = summarise(results, n_rows=20)
+        assert summary == {
+            "n_rows": 20, "expectations": len(results), "passed": len(results) - 3,
+            "failed_critical": 2, "failed_warning": 1, "skipped": 0, "success": 0,
+        }
+
+    def test_failure_message_has_one_line_per_critical_failure(self, results):
+        lines = format_failures(results).splitlines()
+        assert lines == [
+            "modality_allowed (expect_column_values_to_be_in_set), column modality: "
+            "1 of 20 rows; e.g. img002",
+            "rows_in_range (expect_column_values_to_be_between), column rows: "
+            "1 of 20 rows; e.g. <script>alert(1)</script>",
+        ]
+        assert format_failures(results, severity=WARNING).startswith("image_not_blank ")
+
+    def test_report_is_self_contained_escaped_and_complete(self, results):
+        page = render_report(results, n_rows=20, source="outputs/deidentify/manifest.parquet")
+        assert "<link" not in page and "<script" not in page
+        assert "http://" not in page and "https://" not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "<style>" in page
+        for r in results:
+            assert f"<td>{r.check.name}</td>" in page
+        assert page.count('<tr class="failed critical">') == 2
+        assert page.count('<tr class="failed warning">') == 1
+
+
+class TestMain:
+    @pytest.fixture
+    def project(self, tmp_path, monkeypatch, repo_params_file):
+        shutil.copy(repo_params_file, tmp_path / "params.yaml")
+        monkeypatch.chdir(tmp_path)
+        paths = load_params("paths")
+        out = Path(paths.deid_dir)
+        out.mkdir(parents=True)
+
+        def write(manifest: pd.DataFrame) -> None:
+            manifest.to_parquet(out / layout.DEID_MANIFEST, index=False)
+        return paths, write
+
+    def test_warning_only_defect_finishes_and_logs(self, project, caplog):
+        paths, write = project
+        manifest = make_manifest()
+        manifest.loc[5, "pixel_std"] = 0.001
+        write(manifest)
+        with caplog.at_level(logging.INFO, logger="stages.validate"):
+            main()
+        metrics = json.loads(Path(paths.validation_metrics).read_text())
+        assert metrics["success"] == 1 and metrics["failed_warning"] == 1
+        assert metrics["failed_critical"] == 0 and metrics["n_rows"] == 20
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == ["image_not_blank (expect_column_values_to_be_between), "
+                            "column pixel_std: 1 of 20 rows; e.g. img005"]
+        assert "image_not_blank" in Path(paths.validation_report).read_text()
+
+    def test_critical_defect_writes_outputs_then_raises(self, project):
+        paths, write = project
+        manifest = make_manifest()
+        manifest.loc[3, "label"] = 7
+        manifest["patient_name"] = "DOE^JANE"
+        write(manifest)
+        with pytest.raises(StageError, match=r"3 critical expectation\(s\) failed") as err:
+            main()
+        lines = str(err.value).splitlines()[1:]
+        assert [line.split(" ")[0] for line in lines] == [
+            "label_in_classes", "no_phi_columns", "no_phi_values_patient_name"]
+        assert json.loads(Path(paths.validation_metrics).read_text())["success"] == 0
+        assert "label_in_classes" in Path(paths.validation_report).read_text()
+
+    def test_missing_manifest_names_the_file(self, project):
+        with pytest.raises(StageError, match=r"manifest.parquet not found; run the deidentify"):
+            main()
