@@ -1,0 +1,59 @@
+"""MLflow glue shared by train and evaluate: where runs go, and how a run is tagged.
+
+The default store is a SQLite file in the repository (git-ignored); ``MLFLOW_TRACKING_URI``
+points runs at a server instead. Only non-identifying values are ever logged here: params,
+the git commit and the data version (a content hash), never anything read from DICOM headers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TRACKING_DB = "mlflow.db"
+EXPERIMENT_NAME = "dicomflow"
+DATA_POINTER = Path("data.dvc")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the repository's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_TRACKING_DB).resolve()}"
+
+
+def git_commit() -> str:
+    """The commit being run, or "unknown" outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def data_version(pointer: Path = DATA_POINTER) -> str:
+    """The content hash DVC recorded for ``data/`` in ``data.dvc`` ("unknown" without one)."""
+    if not pointer.is_file():
+        return "unknown"
+    with open(pointer, encoding="utf-8") as stream:
+        outs = (yaml.safe_load(stream) or {}).get("outs") or [{}]
+    return str(outs[0].get("md5", "unknown"))
+
+
+def run_tags() -> dict[str, str]:
+    """Tags every run carries, so it can be traced back to code and data."""
+    return {"git_commit": git_commit(), "data_version": data_version()}
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``, the keys ``dvc exp run -S`` uses."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,25 @@
+"""MLflow glue: the tracking URI, tags and flattened params."""
+
+from __future__ import annotations
+
+from stages import tracking
+
+
+def test_tracking_uri_defaults_to_the_repository_sqlite_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_data_version_reads_the_hash_in_data_dvc(tmp_path):
+    pointer = tmp_path / "data.dvc"
+    assert tracking.data_version(pointer) == "unknown"
+    pointer.write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
+    assert tracking.data_version(pointer) == "0123abcd.dir"
+
+
+def test_flatten_params_uses_dvc_dotted_keys():
+    nested = {"train": {"lr": 0.1, "epochs": 3}, "ingest": {"classes": [0, 1]}}
+    assert tracking.flatten_params(nested) == {"train.lr": 0.1, "train.epochs": 3, "ingest.classes": [0, 1]}
