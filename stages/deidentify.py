@@ -1,0 +1,258 @@
+"""Stage 2, deidentify: the PS3.15 Basic Profile on every ingested file, and a PHI-free manifest.
+
+Inputs: ``paths.ingest_dir``/index.parquet and images.npy (row i <-> image i), and the raw DICOM
+files under ``paths.data`` (``source_path`` in the index is relative to it).
+Outputs (``paths.deid_dir``): ``dicom/<image_key>.dcm`` (de-identified headers, original pixel data
+and transfer syntax), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``, index order),
+``images.npy`` (copied) and ``audit.csv`` (actions per file); counts to ``paths.deid_metrics``.
+Params: ``deidentify.remove_private_tags``, ``deidentify.retain_patient_characteristics``.
+Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE``; without either the
+demo secret :data:`DEMO_SECRET` is used (with a warning): fine for the embedded sample only.
+
+Nothing downstream reads ``data/`` or the ingest index again, so before the outputs are moved into
+place every identifying value of the sources is searched in them (:func:`find_leaks`); any hit
+deletes them and fails the stage. Logs and errors carry counts, tags and row numbers, never PHI
+(not even source paths, which hold accession numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+
+from stages import layout
+from stages.cli import StageError, run_stage
+from stages.deid_leaks import collect_identifiers, find_leaks, identifiers_from_index
+from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
+                                 Profile, age_in_years, deidentify_dataset, keyed_hex, load_profile)
+from stages.params import DeidentifyParams, load_params
+
+logger = logging.getLogger(__name__)
+
+SECRET_ENV = "DICOMFLOW_SECRET"
+SECRET_FILE_ENV = "DICOMFLOW_SECRET_FILE"
+DEMO_SECRET = b"dicomflow demo secret: for the embedded sample data only, never for real data"
+IMAGE_KEY_LENGTH = 16  # hex characters of image_key; patient_key and study_key have 12
+AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options")
+SEXES = ("M", "F", "O")
+
+
+def read_secret(environ: Mapping[str, str]) -> tuple[bytes, bool]:
+    """The HMAC key and whether it is the demo one.
+
+    ``DICOMFLOW_SECRET`` wins over ``DICOMFLOW_SECRET_FILE`` (whose content is stripped of
+    surrounding whitespace). Raises StageError when either is set but empty or unreadable.
+    """
+    if SECRET_ENV in environ:
+        if not environ[SECRET_ENV]:
+            raise StageError(f"{SECRET_ENV} is set but empty; unset it or give a secret")
+        return environ[SECRET_ENV].encode(), False
+    if SECRET_FILE_ENV in environ:
+        path = Path(environ[SECRET_FILE_ENV])
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as err:
+            raise StageError(
+                f"{SECRET_FILE_ENV}={path}: cannot read the file ({err.strerror})") from err
+        if not secret:
+            raise StageError(f"{SECRET_FILE_ENV}={path}: the file is empty")
+        return secret, False
+    return DEMO_SECRET, True
+
+
+@contextmanager
+def hidden_pydicom_messages() -> Iterator[list[warnings.WarningMessage]]:
+    """Silence pydicom's warnings and log records while sources are read: they quote header values
+    ("Invalid value for VR DA: '...'"), i.e. PHI. Yields the list the warnings are caught in."""
+    pydicom_logger = logging.getLogger("pydicom")
+    was_disabled, pydicom_logger.disabled = pydicom_logger.disabled, True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        pydicom_logger.disabled = was_disabled
+
+
+def check_inputs(index: pd.DataFrame, images: np.ndarray) -> None:
+    """Raise StageError unless the index has its columns, one image per row and every SOP UID."""
+    missing = [c for c in layout.INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise StageError(f"{layout.INGEST_INDEX}: missing column(s) {', '.join(missing)}")
+    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(index):
+        raise StageError(f"{layout.IMAGES}: expected uint8 of shape ({len(index)}, size, size) "
+                         f"for {len(index)} index rows; got {images.dtype} {images.shape}")
+    empty = np.flatnonzero(index["sop_instance_uid"].fillna("").astype(str).str.strip() == "")
+    if len(empty):
+        raise StageError(f"{layout.INGEST_INDEX}: {len(empty)} row(s) have no (0008,0018) SOP "
+                         f"Instance UID, first row {empty[0]}; an image key needs it")
+
+
+def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
+                   retain_patient_characteristics: bool) -> pd.DataFrame:
+    """The de-identified manifest.
+
+    Parameters
+    ----------
+    index : DataFrame
+        The ingest index (``layout.INDEX_COLUMNS``, PHI included).
+    images : ndarray
+        uint8 (n, size, size), row i <-> index row i.
+    secret : bytes
+        HMAC key of the keys.
+    retain_patient_characteristics : bool
+        Keep ``patient_sex`` (M, F or O) and ``patient_age_years`` (top-coded at 90); else null.
+
+    Returns
+    -------
+    DataFrame
+        ``layout.MANIFEST_COLUMNS`` in index order. Keys are keyed hashes (:func:`keyed_hex`):
+        ``image_key`` of (0008,0018) SOP Instance UID (16 hex), ``patient_key`` of (0010,0020)
+        Patient ID (12 hex, also the Patient ID of the de-identified files) and ``study_key`` of
+        (0020,000D) Study Instance UID (12 hex). ``pixel_sha256`` hashes each row of ``images``.
+    """
+    def key(value: object, length: int = PSEUDONYM_LENGTH) -> str | None:
+        return keyed_hex(secret, value, length) if isinstance(value, str) and value else None
+
+    image_keys = [key(uid, IMAGE_KEY_LENGTH) for uid in index["sop_instance_uid"]]
+    manifest = index[[c for c in layout.MANIFEST_COLUMNS if c in index.columns]].copy()
+    manifest["image_key"] = image_keys
+    manifest["patient_key"] = [key(value) for value in index["patient_id"]]
+    manifest["study_key"] = [key(value) for value in index["study_instance_uid"]]
+    sexes = [s if s in SEXES else None for s in index["patient_sex"]]
+    ages = [age_in_years(a) if isinstance(a, str) else None for a in index["patient_age"]]
+    ages = [None if a is None else min(a, TOP_CODED_AGE_YEARS) for a in ages]
+    if not retain_patient_characteristics:
+        sexes, ages = [None] * len(index), [None] * len(index)
+    manifest["patient_sex"] = pd.array(sexes, dtype="string")
+    manifest["patient_age_years"] = pd.array(ages, dtype="Int64")
+    manifest["pixel_sha256"] = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()
+                                for im in images]
+    manifest["dicom_file"] = [f"{layout.DEID_DICOM_DIR}/{k}.dcm" for k in image_keys]
+    return manifest[list(layout.MANIFEST_COLUMNS)].reset_index(drop=True)
+
+
+def deidentify_sources(index: pd.DataFrame, *, data_dir: Path, dicom_dir: Path, profile: Profile,
+                       secret: bytes, params: DeidentifyParams,
+                       ) -> tuple[pd.DataFrame, dict[str, str]]:
+    """De-identify each index row's source file into ``dicom_dir/<image_key>.dcm``.
+
+    Returns the audit table (``AUDIT_COLUMNS``, one row per index row) and the identifying values
+    of the sources and the index (for :func:`find_leaks`). Errors name the index row, not the
+    path, which holds an accession number.
+    """
+    options = ";".join(
+        ["basic_profile"]
+        + ["retain_patient_characteristics"] * params.retain_patient_characteristics
+        + ["remove_private_tags" if params.remove_private_tags else "keep_private_tags"])
+    identifiers = identifiers_from_index(index)
+    rows = []
+    pairs = zip(index["source_path"], index["sop_instance_uid"])
+    for number, (source, sop_uid) in enumerate(pairs):
+        try:
+            ds = pydicom.dcmread(data_dir / source)
+        except Exception as err:  # pydicom raises many types; its message may hold the path
+            raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
+                             f"({type(err).__name__}); re-run ingest") from err
+        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
+            raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
+                             "SOP Instance UID differs from the index; re-run ingest")
+        identifiers.update(collect_identifiers(ds))
+        out, counts = deidentify_dataset(
+            ds, profile=profile, secret=secret, remove_private_tags=params.remove_private_tags,
+            retain_patient_characteristics=params.retain_patient_characteristics)
+        image_key = keyed_hex(secret, sop_uid, IMAGE_KEY_LENGTH)
+        out.save_as(dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
+        rows.append({"image_key": image_key, **counts, "options": options})
+    return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), identifiers
+
+
+def summarise(audit: pd.DataFrame) -> dict[str, int]:
+    """Flat metrics from the audit table (files, actions by code), logged as one line."""
+    totals = {key: int(audit[key].sum()) for key in COUNT_KEYS}
+    metrics = {"n_files": audit["image_key"].nunique(),
+               **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()}}
+    logger.info("de-identified %s files: %s elements removed (X), %s replaced by dummies (D), "
+                "%s emptied (Z), %s UIDs replaced (U), %s kept (K), %s private and %s "
+                "overlay/curve elements removed", *(f"{metrics[key]:,}" for key in (
+                    "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_K",
+                    "private_removed", "overlay_removed")))
+    if metrics["n_files"] < len(audit):
+        logger.warning("%d index rows share a SOP Instance UID with another row, hence one file",
+                       len(audit) - metrics["n_files"])
+    return metrics
+
+
+def check_outputs(identifiers: Mapping[str, str], *, out_dir: Path) -> None:
+    """Leak check of the written outputs; on any hit delete them and raise StageError (one line)."""
+    tables = {layout.DEID_MANIFEST: pd.read_parquet(out_dir / layout.DEID_MANIFEST),
+              layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str)}
+    leaks = find_leaks(identifiers, dicom_dir=out_dir / layout.DEID_DICOM_DIR, tables=tables)
+    if leaks:
+        shutil.rmtree(out_dir)
+        first = leaks[0]
+        raise StageError(f"leak check: {len(leaks)} identifying value(s) found in the outputs, "
+                         f"first a {first.source} value in {first.output} at {first.location}; "
+                         "outputs deleted")
+    logger.info("leak check: none of %s identifying values found in the DICOM files and %d tables",
+                f"{len(identifiers):,}", len(tables))
+
+
+def main() -> None:
+    paths, params = load_params("paths"), load_params("deidentify")
+    ingest_dir, out_dir = Path(paths.ingest_dir), Path(paths.deid_dir)
+    secret, is_demo = read_secret(os.environ)
+    if is_demo:
+        logger.warning("neither %s nor %s is set: the demo secret is in use, fine for the embedded "
+                       "sample, never for real data", SECRET_ENV, SECRET_FILE_ENV)
+    if not params.remove_private_tags:
+        logger.warning("deidentify.remove_private_tags is false: private tags are kept, which the "
+                       "Basic Profile does not allow; the leak check still scans them")
+
+    index = pd.read_parquet(ingest_dir / layout.INGEST_INDEX)
+    images = np.load(ingest_dir / layout.IMAGES)
+    check_inputs(index, images)
+    profile = load_profile()
+    logger.info("read %d index rows and images %s; profile of %d attributes", len(index),
+                images.shape, len(profile))
+
+    staging = out_dir.with_name(out_dir.name + ".partial")  # moved into place only when clean
+    for stale in (out_dir, staging):
+        shutil.rmtree(stale, ignore_errors=True)
+    (staging / layout.DEID_DICOM_DIR).mkdir(parents=True)
+    with hidden_pydicom_messages() as hidden:
+        audit, identifiers = deidentify_sources(
+            index, data_dir=Path(paths.data), dicom_dir=staging / layout.DEID_DICOM_DIR,
+            profile=profile, secret=secret, params=params)
+    if hidden:
+        logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
+                       len(hidden))
+    metrics = summarise(audit)
+    build_manifest(index, images, secret=secret,
+                   retain_patient_characteristics=params.retain_patient_characteristics,
+                   ).to_parquet(staging / layout.DEID_MANIFEST, index=False)
+    audit.to_csv(staging / layout.DEID_AUDIT, index=False)
+    np.save(staging / layout.IMAGES, images)
+    check_outputs(identifiers, out_dir=staging)
+
+    staging.rename(out_dir)
+    metrics.update(identifiers_checked=len(identifiers), leak_hits=0, demo_secret=int(is_demo))
+    Path(paths.deid_metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(paths.deid_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("wrote %d manifest rows, images %s and the audit to %s", len(index),
+                images.shape, out_dir)
+
+
+if __name__ == "__main__":
+    run_stage(main)

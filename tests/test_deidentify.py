@@ -1,0 +1,607 @@
+"""Tests of the deidentify stage: Basic Profile rules, keyed pseudonyms, leak check, main()."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
+
+from stages import deidentify, layout
+from stages.cli import StageError
+from stages.deid_leaks import Leak, collect_identifiers, find_leaks
+from stages.deid_profile import (PROFILE_FILE, deidentify_dataset, keyed_hex, load_profile,
+                                 top_code_age)
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = b"test secret, not the demo one"
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+# Planted PHI: every value must be gone from the de-identified file.
+NAME, PATIENT_ID, OTHER_ID = "Quixley^Bartholomew", "MRN-55501234", "HX-99887766"
+ROOT = "1.2.826.0.1.3680043.99"
+STUDY_UID, SERIES_UID, FRAME_UID = f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"
+SOP_UID_A, SOP_UID_B = f"{ROOT}.10", f"{ROOT}.11"
+PLANTED = [NAME, "Quixley", "Bartholomew", PATIENT_ID, OTHER_ID, "19270315", "42 Wisteria Lane",
+           "ACC-70707070", "Saint Elsewhere Hospital", "9 Harbor Road", "Fennimore^Ada",
+           "Grantham^Cyrus", "Osgood^Tilda", "20230405", "RP-31415926", "WS-CR-7", "SN-00042",
+           "Private note", "Dr Hollis", STUDY_UID, SERIES_UID, FRAME_UID]
+
+# One value per VR found in Table E.1-1, valid for that VR.
+VALUE_BY_VR = {
+    "AE": "PLANTEDAE", "AS": "045Y", "CS": "PLANTED", "DA": "20230405", "DT": "20230405101112",
+    "TM": "101112", "DS": "1.5", "IS": "7", "LO": "Planted long", "LT": "Planted text",
+    "PN": "Planted^Person", "SH": "Planted short", "ST": "Planted short text",
+    "UC": "Planted unlimited", "UT": "Planted unlimited text", "UR": "http://example.org/planted",
+    "US": 3, "OB": b"\x01\x02", "UN": b"\x01\x02",
+}
+
+
+def _code_item(meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "P1", "99TEST", meaning
+    return item
+
+
+def make_dataset(*, sop_uid: str = SOP_UID_A, age: str = "095Y", referenced_uid: str | None = None,
+                 rle: bool = False) -> FileDataset:
+    """A CR image with PHI at the top, in nested sequences and a private block, plus overlays."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CR_STORAGE, sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.SourceApplicationEntityTitle = "WS-CR-7"
+    ds = FileDataset("planted.dcm", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CR_STORAGE, sop_uid, "CR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
+    ds.FrameOfReferenceUID = FRAME_UID
+    ds.PatientName, ds.PatientID, ds.OtherPatientIDs = NAME, PATIENT_ID, OTHER_ID
+    ds.PatientBirthDate, ds.PatientAddress = "19270315", "42 Wisteria Lane"
+    ds.PatientSex, ds.PatientAge, ds.PatientWeight, ds.PatientSize = "F", age, "61.5", "1.62"
+    ds.AccessionNumber, ds.StudyID = "ACC-70707070", "ST-27182818"
+    ds.InstitutionName, ds.InstitutionAddress = "Saint Elsewhere Hospital", "9 Harbor Road"
+    ds.ReferringPhysicianName, ds.PerformingPhysicianName = "Fennimore^Ada", "Grantham^Cyrus"
+    ds.OperatorsName, ds.StationName, ds.DeviceSerialNumber = "Osgood^Tilda", "WS-CR-7", "SN-00042"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20230405"
+    ds.StudyTime = ds.ContentTime = "101112"
+    ds.AcquisitionDateTime = "20230405101112"
+    ds.StudyDescription, ds.Manufacturer, ds.BodyPartExamined = "CXR for Dr Hollis", "Acme", "CHEST"
+    request = Dataset()
+    request.AccessionNumber, request.RequestedProcedureID = "ACC-70707070", "RP-31415926"
+    ds.RequestAttributesSequence = [request]
+    referenced_study = Dataset()
+    referenced_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    referenced_study.ReferencedSOPInstanceUID = STUDY_UID
+    ds.ReferencedStudySequence = [referenced_study]
+    other_id = Dataset()
+    other_id.PatientID, other_id.TypeOfPatientID = OTHER_ID, "TEXT"
+    ds.OtherPatientIDsSequence = [other_id]
+    if referenced_uid is not None:  # X/Z/U*: kept, its UIDs replaced
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CR_STORAGE, referenced_uid
+        ds.ReferencedImageSequence = [ref]
+    dose = Dataset()  # a sequence outside the table holding table attributes two levels down
+    dose.RadiopharmaceuticalStartDateTime = "20230405101112"
+    nested = Dataset()
+    nested.ReferencedSOPClassUID, nested.ReferencedSOPInstanceUID = CR_STORAGE, SOP_UID_B
+    nested.InstitutionName = "Saint Elsewhere Hospital"
+    dose.ReferencedImageSequence = [nested]
+    ds.RadiopharmaceuticalInformationSequence = [dose]
+    observer = Dataset()  # D on a sequence: everything inside replaced
+    observer.PersonName, observer.VerifyingOrganization = "Osgood^Tilda", "Saint Elsewhere Hospital"
+    ds.ContentSequence = [_code_item("Dr Hollis"), observer]
+    block = ds.private_block(0x0011, "ACME PHI", create=True)
+    block.add_new(0x01, "LO", f"MRN {PATIENT_ID} {NAME}")
+    inner = Dataset()
+    inner.add_new(0x00111002, "LO", "Private note")
+    block.add_new(0x02, "SQ", [inner])
+    for element, vr, value in ((0x0010, "US", 16), (0x0011, "US", 16), (0x0040, "CS", "G"),
+                               (0x0050, "SS", [1, 1]), (0x0100, "US", 1), (0x0102, "US", 0),
+                               (0x3000, "OW", b"\xff" * 32), (0x4000, "LT", "Quixley overlay")):
+        ds.add_new(0x60000000 | element, vr, value)
+    ds.add_new(0x50000005, "US", 1)  # a retired curve
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 4096, size=(16, 16), dtype=np.uint16)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 16, 16, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = pixels.tobytes()
+    if rle:
+        ds.compress(RLELossless, pixels, generate_instance_uid=False)
+    return ds
+
+
+def deid(ds: Dataset, *, secret: bytes = SECRET, remove_private_tags: bool = True,
+         retain_patient_characteristics: bool = True) -> tuple[Dataset, dict]:
+    return deidentify_dataset(ds, profile=load_profile(), secret=secret,
+                              remove_private_tags=remove_private_tags,
+                              retain_patient_characteristics=retain_patient_characteristics)
+
+
+def write_and_read(ds: Dataset, path: Path) -> FileDataset:
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def all_elements(ds: Dataset, depth: int = 0):
+    """(element, depth) for every element at any depth, file meta included."""
+    if depth == 0 and getattr(ds, "file_meta", None) is not None:
+        yield from ((elem, 0) for elem in ds.file_meta)
+    for elem in ds:
+        yield elem, depth
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from all_elements(item, depth + 1)
+
+
+def all_text(ds: Dataset) -> str:
+    """Every value except pixel data, as one case-folded text."""
+    parts = []
+    for elem, _ in all_elements(ds):
+        if elem.VR == "SQ" or elem.tag.group == 0x7FE0 or elem.value is None:
+            continue
+        values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+        parts += [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
+    return "\n".join(parts).casefold()
+
+
+def table_rows() -> list[dict]:
+    return json.loads(PROFILE_FILE.read_text())
+
+
+def expected_action(row: dict, *, retain: bool) -> str:
+    """Table E.1-1 action as documented in deid_profile.action_for: rightmost option, C as Z."""
+    code = row["basicProfile"]
+    if retain and row.get("rtnPatCharsOpt"):
+        code = row["rtnPatCharsOpt"]
+    code = code.split("/")[-1].rstrip("*")
+    return "Z" if code == "C" else code
+
+
+def exact_table_rows() -> list[tuple[int, dict]]:
+    """Rows with one tag; masks are tested with overlays, (0002,0003) with the file meta."""
+    return [(int(r["tag"][1:5] + r["tag"][6:10], 16), r) for r in table_rows()
+            if "X" not in r["tag"][1:10] and r["tag"][1:5] not in ("GGGG", "0002")]
+
+
+def every_table_attribute() -> FileDataset:
+    """A file holding every exact-tag attribute of Table E.1-1 with a value valid for its VR."""
+    ds = make_dataset()
+    for tag, _ in exact_table_rows():
+        vr = dictionary_VR(tag)
+        if vr == "UI":
+            value = f"1.2.826.0.1.3680043.77.{tag}"
+        elif vr == "SQ":
+            value = [_code_item("Planted meaning")]
+        else:
+            value = VALUE_BY_VR[vr]
+        ds.add_new(tag, vr, value)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def table_files(tmp_path_factory) -> dict[bool, tuple[FileDataset, FileDataset]]:
+    """Source and de-identified (written, read back) every-attribute files, by retain option."""
+    folder = tmp_path_factory.mktemp("table")
+    source = every_table_attribute()
+    files = {}
+    for retain in (False, True):
+        out, _ = deid(source, retain_patient_characteristics=retain)
+        command = [out.pop(tag) for tag in list(out.keys()) if tag.group == 0x0000]
+        written = write_and_read(out, folder / f"retain_{retain}.dcm")
+        for elem in command:  # (0000,eeee) cannot go into a file (PS3.10): checked in memory
+            written.add(elem)
+        files[retain] = (source, written)
+    return files
+
+
+class TestTableActions:
+    def test_profile_covers_the_table(self):
+        profile = load_profile()
+        assert len(profile) == len(table_rows()) - 1  # all but the private-attributes row
+        assert profile.rule_for(0x60023000).basic == "X"  # (60XX,3000) Overlay Data mask
+        assert profile.rule_for(0x50101234).basic == "X"  # (50XX,XXXX) Curve Data mask
+        assert profile.rule_for(0x00080070) is None  # (0008,0070) Manufacturer is kept
+
+    @pytest.mark.parametrize("retain", [False, True])
+    @pytest.mark.parametrize("code", ["D", "Z", "X", "U", "K"])
+    def test_every_attribute_gets_its_action(self, table_files, code, retain):
+        source, out = table_files[retain]
+        rows = [(tag, row) for tag, row in exact_table_rows()
+                if expected_action(row, retain=retain) == code]
+        if code == "K" and not retain:
+            assert rows == []  # the Basic Profile alone keeps nothing
+            return
+        assert rows, f"no table row resolves to {code}"
+        wrong = []
+        for tag, row in rows:
+            name, before = f"{row['tag']} {row['name']}", source[tag]
+            after = out.get(tag)
+            if code == "X":
+                ok = after is None
+            elif code == "Z" and tag == 0x00100010:  # Z allows a dummy: the Patient ID pseudonym
+                ok = after is not None and str(after.value) == out.PatientID != str(before.value)
+            elif code == "Z":
+                ok = after is not None and (len(after.value) == 0 if after.VR == "SQ"
+                                            else after.value in ("", None, b""))
+            elif code == "K":
+                ok = after is not None and after.value == before.value
+            elif before.VR == "SQ":  # D: items kept, text inside replaced; U (X/Z/U*): items kept
+                meanings = [item.CodeMeaning for item in after.value] if after is not None else []
+                ok = len(meanings) == len(before.value) and (
+                    all(m != "Planted meaning" for m in meanings) if code == "D" else True)
+            else:
+                ok = (after is not None and after.value not in ("", None, b"")
+                      and after.value != before.value)
+                if ok and before.VR == "UI":
+                    ok = after.value.startswith("2.25.") and UID(after.value).is_valid
+            if not ok:
+                wrong.append(f"{name}: {before.value!r} -> {after and after.value!r}")
+        assert not wrong, f"{len(wrong)} attribute(s) without {code}: " + "; ".join(wrong[:5])
+
+    def test_combined_actions_resolved_to_rightmost_option(self):
+        profile = load_profile()
+        ds = Dataset()
+        ds.AcquisitionDate = "20230405"  # X/Z
+        ds.InstitutionName = "Saint Elsewhere Hospital"  # X/Z/D
+        ds.ContentCreatorName = "Osgood^Tilda"  # Z/D
+        ds.ProtocolName = "Chest protocol of Dr Hollis"  # X/D
+        out, counts = deidentify_dataset(ds, profile=profile, secret=SECRET,
+                                         remove_private_tags=True,
+                                         retain_patient_characteristics=False)
+        assert out.AcquisitionDate == ""
+        assert out.InstitutionName == keyed_hex(SECRET, "Saint Elsewhere Hospital")
+        assert str(out.ContentCreatorName) == keyed_hex(SECRET, "Osgood^Tilda")
+        assert out.ProtocolName == keyed_hex(SECRET, "Chest protocol of Dr Hollis")
+        assert (counts["Z"], counts["D"], counts["X"]) == (1, 3, 0)
+
+
+class TestDeidentifyDataset:
+    @pytest.mark.parametrize("rle", [False, True])
+    def test_planted_values_gone_at_every_depth(self, tmp_path, rle):
+        out, _ = deid(make_dataset(rle=rle, referenced_uid=SOP_UID_B))
+        out = write_and_read(out, tmp_path / "o.dcm")
+        text = all_text(out)
+        assert [value for value in PLANTED if value.casefold() in text] == []
+        assert SOP_UID_A not in text and SOP_UID_B not in text
+
+    def test_sequence_with_action_d_keeps_items_and_replaces_their_values(self):
+        ds = Dataset()
+        person, reference = Dataset(), Dataset()
+        person.ValueType, person.PersonName = "PNAME", "Osgood^Tilda"
+        person.ReferencedSOPClassUID = CR_STORAGE  # a well-known UID names no instance
+        reference.ReferencedSOPClassUID = "1.2.826.0.1.3680043.99.77"
+        ds.ContentSequence = [person, reference]  # (0040,A730) D
+        out, _ = deidentify_dataset(ds, profile=load_profile(), secret=SECRET,
+                                    remove_private_tags=True, retain_patient_characteristics=False)
+        first, second = out.ContentSequence
+        assert first.ValueType == "PNAME" and first.ReferencedSOPClassUID == CR_STORAGE
+        assert str(first.PersonName) == keyed_hex(SECRET, "Osgood^Tilda")
+        assert second.ReferencedSOPClassUID.startswith("2.25.")
+
+    def test_source_dataset_not_modified(self):
+        source = make_dataset()
+        deid(source)
+        assert source.PatientName == NAME and source.SOPInstanceUID == SOP_UID_A
+
+    def test_private_overlay_and_curve_groups_removed(self, tmp_path):
+        out, counts = deid(make_dataset())
+        out = write_and_read(out, tmp_path / "o.dcm")
+        groups = {elem.tag.group for elem, _ in all_elements(out)}
+        assert not [g for g in groups if g % 2 == 1]
+        assert not [g for g in groups if g & 0xFF00 in (0x5000, 0x6000)]
+        assert counts["private_removed"] == 3  # creator, LO and SQ (its item goes with it)
+        assert counts["overlay_removed"] == 9  # 8 overlay elements and 1 curve element
+
+    def test_private_tags_kept_when_option_off(self):
+        out, counts = deid(make_dataset(), remove_private_tags=False)
+        assert counts["private_removed"] == 0
+        assert PATIENT_ID in out[0x00111001].value
+
+    @pytest.mark.parametrize("retain, codes", [(True, ["113100", "113108"]), (False, ["113100"])])
+    def test_identity_removed_and_method_recorded(self, retain, codes):
+        out, _ = deid(make_dataset(), retain_patient_characteristics=retain)
+        assert out.PatientIdentityRemoved == "YES"
+        assert out.DeidentificationMethod
+        sequence = out.DeidentificationMethodCodeSequence
+        assert [item.CodeValue for item in sequence] == codes
+        assert {item.CodingSchemeDesignator for item in sequence} == {"DCM"}
+        assert sequence[0].CodeMeaning == "Basic Application Confidentiality Profile"
+
+    def test_media_storage_uid_is_new_sop_uid(self, tmp_path):
+        out, _ = deid(make_dataset())
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID != SOP_UID_A
+        out = write_and_read(out, tmp_path / "o.dcm")
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID != SOP_UID_A
+        assert "SourceApplicationEntityTitle" not in out.file_meta
+
+    def test_same_uid_same_replacement_across_files_and_references(self):
+        first, _ = deid(make_dataset(sop_uid=SOP_UID_A))
+        second, _ = deid(make_dataset(sop_uid=SOP_UID_B, referenced_uid=SOP_UID_A))
+        again, _ = deid(make_dataset(sop_uid=SOP_UID_A))  # a later run
+        assert first.StudyInstanceUID == second.StudyInstanceUID != STUDY_UID
+        assert second.ReferencedImageSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+        nested = first.RadiopharmaceuticalInformationSequence[0].ReferencedImageSequence[0]
+        assert nested.ReferencedSOPInstanceUID == second.SOPInstanceUID
+        assert again.SOPInstanceUID == first.SOPInstanceUID
+        for uid in (first.SOPInstanceUID, second.SOPInstanceUID, first.StudyInstanceUID):
+            assert uid.startswith("2.25.") and len(uid) <= 64 and UID(uid).is_valid
+
+    def test_different_secret_gives_different_pseudonyms(self):
+        one, _ = deid(make_dataset(), secret=b"secret one")
+        two, _ = deid(make_dataset(), secret=b"secret two")
+        for keyword in ("PatientID", "PatientName", "SOPInstanceUID", "StudyInstanceUID"):
+            assert str(one[keyword].value) != str(two[keyword].value), keyword
+
+    def test_patient_name_is_the_patient_id_pseudonym(self):
+        out, _ = deid(make_dataset())
+        assert out.PatientID == keyed_hex(SECRET, PATIENT_ID)
+        assert str(out.PatientName) == out.PatientID
+
+    @pytest.mark.parametrize("rle", [False, True])
+    def test_pixel_data_and_transfer_syntax_unchanged(self, tmp_path, rle):
+        source = write_and_read(make_dataset(rle=rle), tmp_path / "source.dcm")
+        out = write_and_read(deid(source)[0], tmp_path / "out.dcm")
+        assert out.file_meta.TransferSyntaxUID == (RLELossless if rle else ExplicitVRLittleEndian)
+        np.testing.assert_array_equal(out.pixel_array, source.pixel_array)
+
+    @pytest.mark.parametrize("age, expected", [("095Y", "090Y"), ("090Y", "090Y"), ("089Y", "089Y"),
+                                               ("045Y", "045Y")])
+    def test_age_top_coded_when_retained(self, age, expected):
+        out, _ = deid(make_dataset(age=age))
+        assert out.PatientAge == expected
+        assert out.PatientSex == "F" and out.PatientWeight == 61.5
+
+    def test_retain_option_off_removes_sex_age_and_size(self):
+        out, _ = deid(make_dataset(), retain_patient_characteristics=False)
+        assert not out.get("PatientSex")  # Z
+        assert "PatientAge" not in out and "PatientWeight" not in out and "PatientSize" not in out
+
+    @pytest.mark.parametrize("age, expected", [("100Y", "090Y"), ("006M", "006M"), ("1200M", ""),
+                                               ("", "")])
+    def test_top_code_age(self, age, expected):
+        assert top_code_age(age) == expected
+
+
+def write_outputs(tmp_path: Path, datasets: list[Dataset]) -> Path:
+    dicom_dir = tmp_path / "out" / "dicom"
+    dicom_dir.mkdir(parents=True)
+    for number, ds in enumerate(datasets):
+        ds.save_as(dicom_dir / f"{number}.dcm", enforce_file_format=True)
+    return dicom_dir
+
+
+class TestLeakCheck:
+    def test_identifiers_include_name_parts_and_normalised_forms(self):
+        identifiers = collect_identifiers(make_dataset())
+        for value in ("quixley^bartholomew", "quixley", "bartholomew", "quixley bartholomew",
+                      "bartholomew quixley", PATIENT_ID.casefold(), OTHER_ID.casefold(),
+                      STUDY_UID, "20230405", "acc-70707070", "osgood", "9 harbor road"):
+            assert value in identifiers, value
+        assert identifiers["quixley"] == "(0010,0010) Patient's Name"
+
+    def test_short_and_common_values_are_not_identifiers(self):
+        ds = make_dataset()
+        ds.PatientName, ds.OtherPatientIDs = "Lee^Chest", "M"
+        identifiers = collect_identifiers(ds)
+        assert "lee^chest" in identifiers
+        assert not {"lee", "chest", "m"} & set(identifiers)  # too short or too common
+
+    def test_clean_outputs_have_no_leaks(self, tmp_path):
+        sources = [make_dataset(sop_uid=SOP_UID_A), make_dataset(sop_uid=SOP_UID_B, rle=True)]
+        identifiers = {k: v for ds in sources for k, v in collect_identifiers(ds).items()}
+        dicom_dir = write_outputs(tmp_path, [deid(ds)[0] for ds in sources])
+        assert find_leaks(identifiers, dicom_dir=dicom_dir, tables={}) == []
+
+    def test_finds_planted_leak_in_element_nested_and_private(self, tmp_path):
+        out, _ = deid(make_dataset())
+        out.SeriesDescription = "follow-up of bartholomew"  # a kept attribute, case differs
+        item = Dataset()
+        item.add_new(0x00991001, "UN", f"id {PATIENT_ID}".encode())
+        out.add_new(0x00091010, "SQ", [item])
+        out.file_meta.SourceApplicationEntityTitle = "QUIXLEY"
+        dicom_dir = write_outputs(tmp_path, [out])
+        leaks = find_leaks(collect_identifiers(make_dataset()), dicom_dir=dicom_dir, tables={})
+        assert Leak("dicom/0.dcm", "(0008,103E) Series Description",
+                    "(0010,0010) Patient's Name") in leaks
+        assert any(leak.location.endswith("(0099,1001) Private tag data")
+                   and leak.source == "(0010,0020) Patient ID" for leak in leaks)
+        assert Leak("dicom/0.dcm", "(0002,0016) Source Application Entity Title",
+                    "(0010,0010) Patient's Name") in leaks
+        assert len(leaks) == 3
+        assert not any("bartholomew" in str(leak).casefold() for leak in leaks)
+
+    def test_pixel_data_is_not_searched(self, tmp_path):
+        out, _ = deid(make_dataset())
+        out.PixelData = PATIENT_ID.encode().ljust(512, b"\0")  # 16 x 16 x 2 bytes that spell an ID
+        dicom_dir = write_outputs(tmp_path, [out])
+        assert find_leaks(collect_identifiers(make_dataset()), dicom_dir=dicom_dir, tables={}) == []
+
+    def test_finds_planted_leak_in_table_cell(self, tmp_path):
+        dicom_dir = write_outputs(tmp_path, [])
+        table = pd.DataFrame({"image_key": ["ab12", "cd34"], "note": ["fine", f"see {STUDY_UID}"],
+                              "rows": [1, 2]})
+        leaks = find_leaks(collect_identifiers(make_dataset()), dicom_dir=dicom_dir,
+                           tables={"manifest.parquet": table})
+        assert [(leak.output, leak.location) for leak in leaks] == [
+            ("manifest.parquet", "column 'note'")]
+        assert leaks[0].source.endswith("Instance UID")  # the study UID is also a referenced UID
+
+    def test_numeric_identifiers_need_alphanumeric_boundaries(self, tmp_path):
+        dicom_dir = write_outputs(tmp_path, [])
+        table = pd.DataFrame({"uid": ["2.25.99123456789", "ab123456cd"],
+                              "text": ["x", "id 123456."]})
+        leaks = find_leaks({"123456": "(0010,0020) Patient ID"}, dicom_dir=dicom_dir,
+                           tables={"t": table})
+        assert leaks == [Leak("t", "column 'text'", "(0010,0020) Patient ID")]
+
+
+def index_row(ds: Dataset, source_path: str, label: int) -> dict:
+    return {
+        "source_path": source_path, "sha256": "0" * 64, "sop_instance_uid": ds.SOPInstanceUID,
+        "series_instance_uid": ds.SeriesInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
+        "accession_number": ds.AccessionNumber, "patient_id": ds.PatientID, "modality": "CR",
+        "manufacturer": "Acme", "body_part": "CHEST", "view_position": "PA",
+        "patient_sex": ds.PatientSex, "patient_age": ds.PatientAge, "rows": 16, "columns": 16,
+        "pixel_spacing_mm": 0.5, "bits_stored": 12, "photometric": "MONOCHROME2",
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID), "label": label,
+        "pixel_min": 0.0, "pixel_max": 1.0, "pixel_mean": 0.5, "pixel_std": 0.2,
+    }
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch) -> Path:
+    """A fake ingest output (3 images, one RLE) and the repo's params.yaml, as the working dir."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for name in (deidentify.SECRET_ENV, deidentify.SECRET_FILE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data" / "studies" / "ACC-70707070"
+    data.mkdir(parents=True)
+    sources = [make_dataset(sop_uid=SOP_UID_A),
+               make_dataset(sop_uid=SOP_UID_B, age="045Y", rle=True),
+               make_dataset(sop_uid=SOP_UID_A + "9", referenced_uid=SOP_UID_A)]
+    rows = []
+    for number, ds in enumerate(sources):
+        ds.save_as(data / f"{number}.dcm", enforce_file_format=True)
+        rows.append(index_row(ds, f"studies/ACC-70707070/{number}.dcm", label=number % 2))
+    ingest = tmp_path / "outputs" / "ingest"
+    ingest.mkdir(parents=True)
+    pd.DataFrame(rows, columns=list(layout.INDEX_COLUMNS)).to_parquet(ingest / layout.INGEST_INDEX)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8), dtype=np.uint8)
+    np.save(ingest / layout.IMAGES, images)
+    return tmp_path
+
+
+def set_params(path: Path, **deid_params: bool) -> None:
+    params = path.read_text()
+    for key, value in deid_params.items():
+        params = params.replace(f"{key}: {str(not value).lower()}", f"{key}: {str(value).lower()}")
+    path.write_text(params)
+
+
+class TestMain:
+    def test_outputs(self, stage_dir, monkeypatch, caplog):
+        monkeypatch.setenv(deidentify.SECRET_ENV, SECRET.decode())
+        with caplog.at_level(logging.INFO):
+            deidentify.main()
+        out = stage_dir / "outputs" / "deidentify"
+        index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
+        manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
+        assert tuple(manifest.columns) == layout.MANIFEST_COLUMNS
+        assert list(manifest["image_key"]) == [keyed_hex(SECRET, uid, 16)
+                                               for uid in index["sop_instance_uid"]]
+        assert list(manifest["patient_key"]) == [keyed_hex(SECRET, PATIENT_ID)] * 3
+        assert list(manifest["patient_age_years"]) == [90, 45, 90]
+        assert list(manifest["label"]) == [0, 1, 0]
+        images = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
+        np.testing.assert_array_equal(np.load(out / layout.IMAGES), images)
+        assert manifest["pixel_sha256"][1] == hashlib.sha256(images[1].tobytes()).hexdigest()
+        for key, relative in zip(manifest["image_key"], manifest["dicom_file"]):
+            ds = pydicom.dcmread(out / relative)
+            assert relative == f"dicom/{key}.dcm" and ds.PatientIdentityRemoved == "YES"
+        audit = pd.read_csv(out / layout.DEID_AUDIT)
+        assert list(audit.columns) == list(deidentify.AUDIT_COLUMNS)
+        assert (audit["private_removed"] == 3).all() and (audit["overlay_removed"] == 9).all()
+        metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
+        assert metrics["n_files"] == 3 and metrics["leak_hits"] == 0 and metrics["demo_secret"] == 0
+        outputs = [path for path in (stage_dir / "reports").rglob("*") if path.is_file()]
+        outputs += [path for path in out.rglob("*") if path.is_file()]
+        texts = [path.read_bytes() for path in outputs] + [caplog.text.encode()]
+        for value in (PATIENT_ID, OTHER_ID, STUDY_UID, SOP_UID_B, "ACC-70707070", "Quixley",
+                      SECRET.decode()):
+            assert not [text for text in texts if value.encode() in text], value
+        assert not (stage_dir / "outputs" / "deidentify.partial").exists()
+
+    def test_retain_off_leaves_sex_and_age_null(self, stage_dir):
+        set_params(stage_dir / "params.yaml", retain_patient_characteristics=False)
+        deidentify.main()
+        manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
+        assert manifest["patient_sex"].isna().all() and manifest["patient_age_years"].isna().all()
+
+    def test_demo_secret_warns(self, stage_dir, caplog):
+        with caplog.at_level(logging.WARNING):
+            deidentify.main()
+        assert "demo secret is in use" in caplog.text
+        metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
+        assert metrics["demo_secret"] == 1
+
+    def test_leak_fails_the_stage_and_deletes_outputs(self, stage_dir):
+        deidentify.main()  # outputs of an earlier, clean run must not survive a failed one
+        assert (stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST).exists()
+        set_params(stage_dir / "params.yaml", remove_private_tags=False)  # private block has PHI
+        message = r"leak check: 3 identifying value\(s\).*\(0011,1001\)"
+        with pytest.raises(StageError, match=message) as err:
+            deidentify.main()
+        assert PATIENT_ID not in str(err.value) and "Quixley" not in str(err.value)
+        assert not (stage_dir / "outputs" / "deidentify").exists()
+        assert not (stage_dir / "outputs" / "deidentify.partial").exists()
+
+    def test_source_file_changed_since_ingest_is_an_error(self, stage_dir):
+        index_file = stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX
+        index = pd.read_parquet(index_file)
+        index.loc[1, "sop_instance_uid"] = "1.2.3.4"
+        index.to_parquet(index_file)
+        message = r"row 1: the source file's \(0008,0018\) SOP Instance UID differs"
+        with pytest.raises(StageError, match=message):
+            deidentify.main()
+
+    def test_unreadable_source_names_the_row_not_the_path(self, stage_dir):
+        (stage_dir / "data" / "studies" / "ACC-70707070" / "2.dcm").unlink()
+        with pytest.raises(StageError, match=r"row 2: source file unreadable") as err:
+            deidentify.main()
+        assert "ACC-70707070" not in str(err.value)
+
+    def test_pydicom_messages_about_sources_are_not_shown(self, stage_dir, caplog):
+        source = stage_dir / "data" / "studies" / "ACC-70707070" / "0.dcm"
+        ds = pydicom.dcmread(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.PatientID = "Quixley" * 10  # too long for LO: pydicom warns when reading it
+            ds.save_as(source)
+        caplog.clear()
+        with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deidentify.main()
+        assert "1 pydicom warnings about source headers not shown" in caplog.text
+        assert "exceeds the maximum length" not in caplog.text
+        assert not [w for w in caught if "exceeds the maximum length" in str(w.message)]
+
+    def test_image_count_mismatch_is_an_error(self, stage_dir):
+        np.save(stage_dir / "outputs" / "ingest" / layout.IMAGES, np.zeros((2, 8, 8), np.uint8))
+        message = r"images.npy: expected uint8 of shape \(3, size, size\)"
+        with pytest.raises(StageError, match=message):
+            deidentify.main()
+
+
+class TestReadSecret:
+    def test_environment_wins(self, tmp_path):
+        (tmp_path / "s").write_text("from file\n")
+        env = {deidentify.SECRET_ENV: "from env", deidentify.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deidentify.read_secret(env) == (b"from env", False)
+
+    def test_file_content_stripped(self, tmp_path):
+        (tmp_path / "s").write_text("from file\n")
+        env = {deidentify.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deidentify.read_secret(env) == (b"from file", False)
+
+    def test_demo_when_unset(self):
+        assert deidentify.read_secret({}) == (deidentify.DEMO_SECRET, True)
+
+    @pytest.mark.parametrize("env, match", [
+        ({"DICOMFLOW_SECRET": ""}, "DICOMFLOW_SECRET is set but empty"),
+        ({"DICOMFLOW_SECRET_FILE": "/nonexistent/secret"}, "cannot read the file"),
+    ])
+    def test_bad_secret_settings(self, env, match):
+        with pytest.raises(StageError, match=match):
+            deidentify.read_secret(env)
