@@ -17,10 +17,14 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-# Materialise the embedded sample in data/ (deterministic) and check it is the set data.dvc pins.
+# Materialise the embedded sample in data/ (deterministic) unless data/ exists (your own data),
+# check that it is exactly the set data.dvc pins, and put it in DVC's cache.
 data: install
 	@if [ ! -d data ]; then $(BIN)/python -m stages.sample_data data; fi
-	$(BIN)/python -m stages.sample_data --check data.dvc data
+	@if $(BIN)/dvc status --json data.dvc | grep -qE '"(modified|deleted)"'; then \
+	  echo "data/ does not match data.dvc: regenerate it (rm -rf data; make data) or, for your own data, run: dvc add data" >&2; \
+	  exit 1; fi
+	$(BIN)/dvc commit --quiet --force data.dvc
 
 repro: data
 	$(BIN)/dvc repro

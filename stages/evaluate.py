@@ -167,7 +167,7 @@ def main() -> None:
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
     # stage alone, and MLflow forbids changing a param already logged on a run.
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.configure_mlflow(experiment=None)
     test_metrics = {f"test_{name}": value for name, value in metrics.items()}
     with mlflow.start_run(run_id=run_info["run_id"]):
         mlflow.log_metrics(test_metrics)

@@ -123,8 +123,7 @@ def main() -> None:
     val_x = to_model_input(val_images)
     logger.info("training %s on %s, validating on %s", params.architecture, train_x.shape, val_x.shape)
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_experiment(tracking.EXPERIMENT_NAME)
+    tracking.configure_mlflow()
     with mlflow.start_run(tags=tracking.run_tags()) as run:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
@@ -143,7 +142,8 @@ def main() -> None:
             mlflow.log_artifact(report, artifact_path="reports")
 
         example = val_x[:2]
-        model_info = mlflow.keras.log_model(
+        # mlflow.keras.log_model (3.17) writes the input example before creating its folder.
+        model_info = mlflow.tensorflow.log_model(
             model,
             name="model",
             signature=infer_signature(example, model.predict(example, verbose=0)),

@@ -1,0 +1,135 @@
+"""End to end: `dvc repro` on a tiny generated sample, in a temporary copy of the repository.
+
+Real git, real DVC, a real MLflow SQLite store, real TensorFlow training. The tests share one
+repository and run in file order (the Makefile keeps a file on one xdist worker).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "deidentify", "validate", "split", "augment", "train", "evaluate"]
+PHI_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
+            "InstitutionName", "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID",
+            "SOPInstanceUID"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("dicomflow")
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    params["augment"]["copies"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["dvc", "config", "core.analytics", "false"], root, env)
+    _run([sys.executable, "-m", "stages.sample_data", "data", "--patients", "40"], root, env)
+    _run(["dvc", "add", "-q", "data"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "tiny sample"], root, env)
+    _run(["dvc", "repro"], root, env)
+    return root, env
+
+
+def _registry(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow, mlflow.MlflowClient()
+
+
+def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
+    root, env = repo
+    listed = _run(["dvc", "stage", "list", "--name-only"], root, env).split()
+    assert [name for name in listed if name in STAGES] == STAGES
+    metrics = yaml.safe_load((root / "reports" / "metrics.json").read_text())
+    assert {"roc_auc", "sensitivity", "specificity", "accuracy"} <= set(metrics)
+    assert (root / "reports" / "validation.html").read_text().lower().count("<table") >= 1
+    quarantine = (root / "outputs" / "ingest" / "quarantine.csv").read_text()
+    assert {"not_dicom", "truncated", "no_pixel_data", "no_label"} <= {
+        line.split(",")[1] for line in quarantine.splitlines()[1:]}
+
+
+def test_registered_champion_loads_and_predicts(repo):
+    root, _ = repo
+    mlflow, client = _registry(root)
+    try:
+        version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
+        run = client.get_run(version.run_id)
+        assert run.data.tags["data_version"].endswith(".dir")
+        assert run.data.params["train.epochs"] == "3"
+        assert "val_auc" in run.data.metrics and "test_roc_auc" in run.data.metrics
+        model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
+        images = np.load(root / "outputs" / "deidentify" / "images.npy")[:5]
+        probabilities = np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None]))
+        assert probabilities.shape[0] == 5
+        assert np.all((probabilities >= 0) & (probabilities <= 1))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
+    root, _ = repo
+    identifiers = set()
+    for path in (root / "data").rglob("*"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        identifiers |= {str(ds.get(tag, "")) for tag in PHI_TAGS}
+    identifiers = {value for value in identifiers if len(value) >= 6}
+    assert len(identifiers) > 50
+    downstream = [root / "mlflow.db", *(root / "mlartifacts").rglob("*"), *(root / "reports").rglob("*"),
+                  *(root / "outputs" / "deidentify").rglob("*")]
+    for path in (p for p in downstream if p.is_file()):
+        content = path.read_bytes()
+        leaked = [value for value in identifiers if value.encode() in content]
+        assert not leaked, f"{len(leaked)} identifying values in {path.relative_to(root)}"
+
+
+def test_second_repro_runs_nothing(repo):
+    root, env = repo
+    output = _run(["dvc", "repro"], root, env)
+    assert "Running stage" not in output
+    assert "up to date" in _run(["dvc", "status"], root, env)
+
+
+def test_changing_epochs_reruns_train_and_evaluate_only(repo):
+    root, env = repo
+    output = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], root, env)
+    ran = [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+    assert ran == ["train", "evaluate"]
+    _, client = _registry(root)
+    versions = client.search_model_versions("name='dicomflow-classifier'")
+    assert len(versions) == 2
+    assert {alias for v in versions for alias in v.aliases} >= {"champion"}
+    assert "train.epochs" in _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)
