@@ -60,11 +60,14 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
-def _registry(root: Path):
+@pytest.fixture
+def registry(repo):
+    """MLflow pointed at the temporary repository's store, reset afterwards."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    return mlflow, mlflow.MlflowClient()
+    mlflow.set_tracking_uri(f"sqlite:///{repo[0] / 'mlflow.db'}")
+    yield mlflow, mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
 
 
 def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
@@ -79,22 +82,19 @@ def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
         line.split(",")[1] for line in quarantine.splitlines()[1:]}
 
 
-def test_registered_champion_loads_and_predicts(repo):
+def test_registered_champion_loads_and_predicts(repo, registry):
     root, _ = repo
-    mlflow, client = _registry(root)
-    try:
-        version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
-        run = client.get_run(version.run_id)
-        assert run.data.tags["data_version"].endswith(".dir")
-        assert run.data.params["train.epochs"] == "3"
-        assert "val_auc" in run.data.metrics and "test_roc_auc" in run.data.metrics
-        model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
-        images = np.load(root / "outputs" / "deidentify" / "images.npy")[:5]
-        probabilities = np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None]))
-        assert probabilities.shape[0] == 5
-        assert np.all((probabilities >= 0) & (probabilities <= 1))
-    finally:
-        mlflow.set_tracking_uri(None)
+    mlflow, client = registry
+    version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["data_version"] == yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert run.data.params["train.epochs"] == "3"
+    assert "val_auc" in run.data.metrics and "test_roc_auc" in run.data.metrics
+    model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
+    images = np.load(root / "outputs" / "deidentify" / "images.npy")[:5]
+    probabilities = np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None]))
+    assert probabilities.shape[0] == 5
+    assert np.all((probabilities >= 0) & (probabilities <= 1))
 
 
 def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
@@ -123,13 +123,15 @@ def test_second_repro_runs_nothing(repo):
     assert "up to date" in _run(["dvc", "status"], root, env)
 
 
-def test_changing_epochs_reruns_train_and_evaluate_only(repo):
+def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
     root, env = repo
     output = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], root, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in output]
     assert ran == ["train", "evaluate"]
-    _, client = _registry(root)
-    versions = client.search_model_versions("name='dicomflow-classifier'")
-    assert len(versions) == 2
-    assert {alias for v in versions for alias in v.aliases} >= {"champion"}
+    _, client = registry
+    assert len(client.search_model_versions("name='dicomflow-classifier'")) == 2
+    second = client.get_model_version("dicomflow-classifier", "2")
+    expected = "champion" if float(second.tags["test_roc_auc"]) > float(
+        client.get_model_version("dicomflow-classifier", "1").tags["test_roc_auc"]) else "challenger"
+    assert second.aliases == [expected]
     assert "train.epochs" in _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)
