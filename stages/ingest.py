@@ -249,7 +249,9 @@ def ingest_files(files: list[Path], *, data_dir: Path, key: str, labels: dict[st
                 record, key=key, labels=labels, conflicting=conflicting, classes=classes
             )
         except Quarantined as err:
-            logger.warning("quarantined %s: %s (%s)", relative, err.reason, err)
+            # Paths and reader messages can carry PHI (accession numbers in folder names), so
+            # they go to the quarantine table, not to logs that CI systems keep.
+            logger.debug("quarantined file %d: %s", number, err.reason)
             quarantine.append({"path": relative, "reason": err.reason, "detail": str(err)})
             continue
         images.append(IngestedImage(pixels, record))
@@ -288,8 +290,11 @@ def main() -> None:
                **{f"quarantined_{reason}": count for reason, count in sorted(reasons.items())}}
     Path(paths.ingest_metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.ingest_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    logger.info("ingested %d images of shape %s from %d files; %d quarantined %s",
-                len(images), pixels.shape[1:], len(files), len(quarantine), dict(reasons))
+    logger.info("ingested %d images of shape %s from %d files", len(images), pixels.shape[1:], len(files))
+    if quarantine:
+        logger.warning("%d files quarantined (%s): see %s", len(quarantine),
+                       ", ".join(f"{count} {reason}" for reason, count in reasons.most_common()),
+                       out_dir / layout.INGEST_QUARANTINE)
 
     share = len(quarantine) / len(files)
     if share > params.max_quarantine_fraction:
