@@ -132,8 +132,8 @@ def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def read_image(path: Path, *, size: int) -> tuple[pydicom.Dataset, np.ndarray]:
-    """Read one file and return its dataset and uint8 display pixels, or raise Quarantined."""
+def read_display(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Read one file: its dataset and full-resolution display pixels in [0, 1], or raise Quarantined."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as err:
@@ -159,10 +159,25 @@ def read_image(path: Path, *, size: int) -> tuple[pydicom.Dataset, np.ndarray]:
     if stored.ndim == 3:  # multi-frame: the first frame stands for the object
         stored = stored[0]
     try:
-        display = resize_with_padding(to_display_pixels(ds, stored), size)
+        return ds, to_display_pixels(ds, stored)
     except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
         raise Quarantined("invalid_voi", str(err)) from err
-    return ds, np.round(display * 255).astype(np.uint8)
+
+
+def to_uint8(display: np.ndarray, size: int) -> np.ndarray:
+    """Display pixels in [0, 1] to the stored uint8 ``size`` x ``size`` image."""
+    return np.round(resize_with_padding(display, size) * 255).astype(np.uint8)
+
+
+def read_image(path: Path, *, size: int) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Read one file and return its dataset and uint8 display pixels, or raise Quarantined."""
+    ds, display = read_display(path)
+    return ds, to_uint8(display, size)
+
+
+def extreme_share(display: np.ndarray) -> float:
+    """Share of pixels at the ends of the display range (0 or 1): high means saturated."""
+    return float(np.mean((display <= 0.0) | (display >= 1.0)))
 
 
 def describe_image(ds: pydicom.Dataset, pixels: np.ndarray, *, source_path: str, sha256: str) -> dict:
@@ -196,31 +211,40 @@ def describe_image(ds: pydicom.Dataset, pixels: np.ndarray, *, source_path: str,
     }
 
 
-def read_labels(labels_file: Path, *, key: str) -> tuple[dict[str, str], set[str]]:
-    """Map each key value to its label; keys with contradicting labels are returned apart.
+def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[dict[str, str], set[str]]:
+    """Map each key value to its ``column`` value; keys whose rows contradict are returned apart.
 
     Several rows may share a key (e.g. one accession number for all images of a study); they
-    must agree on the label.
+    must agree. ``column="split"`` reads the optional predefined split the same way.
     """
     if key not in LABEL_KEYS:
         raise ValueError(f"label key must be one of {', '.join(LABEL_KEYS)}; got {key!r}")
     labels = pd.read_csv(labels_file, dtype=str, keep_default_na=False)
-    missing = {key, "label"} - set(labels.columns)
+    missing = {key, column} - set(labels.columns)
     if missing:
         raise StageError(
             f"{labels_file}: missing column(s) {', '.join(sorted(missing))}; "
             f"found {', '.join(labels.columns)}"
         )
-    labels = labels[(labels[key] != "") & (labels["label"] != "")]
-    per_key = labels.groupby(key)["label"].unique()
+    labels = labels[(labels[key] != "") & (labels[column] != "")]
+    per_key = labels.groupby(key)[column].unique()
     conflicting = {k for k, values in per_key.items() if len(values) > 1}
     mapping = {k: values[0] for k, values in per_key.items() if k not in conflicting}
     return mapping, conflicting
 
 
+def has_column(labels_file: Path, column: str) -> bool:
+    """Whether the labels file's header names ``column``."""
+    return column in pd.read_csv(labels_file, dtype=str, nrows=0).columns
+
+
+def _key_value(record: dict, key: str) -> str:
+    return record["source_path"] if key == "path" else record[key]
+
+
 def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str], classes: list[int]) -> int:
     """The image's class from the labels table, or raise Quarantined (no_label, ...)."""
-    value = record["source_path"] if key == "path" else record[key]
+    value = _key_value(record, key)
     if value in conflicting:
         raise Quarantined("conflicting_label", f"rows for this {key} disagree on the label")
     if value not in labels:
@@ -236,18 +260,26 @@ def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting:
 
 def ingest_files(files: list[Path], *, data_dir: Path, key: str, labels: dict[str, str],
                  conflicting: set[str], classes: list[int], size: int,
+                 splits: dict[str, str] | None = None,
                  ) -> tuple[list[IngestedImage], list[dict]]:
-    """Read, normalise and label every file; unusable ones become quarantine rows."""
+    """Read, normalise and label every file; unusable ones become quarantine rows.
+
+    ``splits`` maps key values to a predefined split (the labels file's optional ``split``
+    column); images without one get an empty ``predefined_split``.
+    """
     images, quarantine = [], []
     for number, path in enumerate(files, start=1):
         relative = path.relative_to(data_dir).as_posix()
         try:
-            ds, pixels = read_image(path, size=size)
+            ds, display = read_display(path)
+            pixels = to_uint8(display, size)
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             record = describe_image(ds, pixels, source_path=relative, sha256=sha256)
+            record["pixel_extreme_share"] = extreme_share(display)
             record["label"] = assign_label(
                 record, key=key, labels=labels, conflicting=conflicting, classes=classes
             )
+            record["predefined_split"] = (splits or {}).get(_key_value(record, key), "")
         except Quarantined as err:
             # Paths and reader messages can carry PHI (accession numbers in folder names), so
             # they go to the quarantine table, not to logs that CI systems keep.
@@ -271,9 +303,12 @@ def main() -> None:
     if not files:
         raise StageError(f"no files found under {data_dir}/")
     labels, conflicting = read_labels(labels_file, key=params.label_key)
+    splits = {}
+    if has_column(labels_file, "split"):
+        splits, _ = read_labels(labels_file, key=params.label_key, column="split")
     images, quarantine = ingest_files(
         files, data_dir=data_dir, key=params.label_key, labels=labels, conflicting=conflicting,
-        classes=params.classes, size=params.image_size,
+        classes=params.classes, size=params.image_size, splits=splits,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

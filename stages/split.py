@@ -3,7 +3,11 @@
 Inputs: the de-identified manifest (``paths.deid_dir``).
 Outputs: ``paths.split_dir``/manifest.parquet (the manifest, same row order, plus a ``split``
 column) and ``paths.split_counts`` (images and patients per split and label).
-Params: ``split.val_size``, ``split.test_size``, ``split.seed``.
+Params: ``split.method``, ``split.val_size``, ``split.test_size``, ``split.seed``.
+
+With ``split.method: predefined`` the labels file's ``split`` column (train / val / test, carried
+through ingest and de-identification as ``predefined_split``) is honoured instead, and checked
+for the same invariant: no patient in two splits.
 """
 
 from __future__ import annotations
@@ -83,6 +87,32 @@ def split_by_patient(manifest: pd.DataFrame, *, val_size: float, test_size: floa
     return result
 
 
+def use_predefined_split(manifest: pd.DataFrame) -> pd.Series:
+    """The ``predefined_split`` column as the split, after checking it is complete and leak-free.
+
+    Raises
+    ------
+    StageError
+        When an image has no or an unknown split, or a patient's images sit in two splits.
+    """
+    split = manifest["predefined_split"].fillna("").astype(str)
+    invalid = manifest.loc[~split.isin(SPLITS), "image_key"]
+    if len(invalid):
+        raise StageError(
+            f"split.method is predefined but {len(invalid)} image(s) have a split that is not one of "
+            f"{', '.join(SPLITS)} (e.g. image_key {', '.join(invalid[:3])}); fill the labels file's "
+            "`split` column or use split.method: patient_stratified"
+        )
+    per_patient = split.groupby(manifest["patient_key"]).nunique()
+    leaking = per_patient[per_patient > 1].index
+    if len(leaking):
+        raise StageError(
+            f"the predefined split puts {len(leaking)} patient(s) in more than one split "
+            f"(e.g. patient_key {', '.join(leaking[:3])}); their images would leak between sets"
+        )
+    return split.rename("split")
+
+
 def count_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images and patients per split and label."""
     counts = manifest.groupby(["split", "label"]).agg(
@@ -94,9 +124,12 @@ def count_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
 def main() -> None:
     paths, params = load_params("paths"), load_params("split")
     manifest = pd.read_parquet(Path(paths.deid_dir) / layout.DEID_MANIFEST)
-    manifest["split"] = split_by_patient(
-        manifest, val_size=params.val_size, test_size=params.test_size, seed=params.seed
-    )
+    if params.method == "predefined":
+        manifest["split"] = use_predefined_split(manifest)
+    else:
+        manifest["split"] = split_by_patient(
+            manifest, val_size=params.val_size, test_size=params.test_size, seed=params.seed
+        )
     for split in SPLITS:
         if not (manifest["split"] == split).any():
             raise StageError(f"the {split} split is empty; add data or change split.* params")

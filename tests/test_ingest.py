@@ -569,3 +569,26 @@ def test_pydicom_test_files_are_local():
                  "SC_rgb_small_odd.dcm", "examples_rgb_color.dcm", "examples_palette.dcm"]:
         path = get_testdata_file(name, download=False)
         assert path is not None and Path(path).is_file()
+
+
+class TestPredefinedSplitAndExtremeShare:
+    def test_split_column_of_the_labels_file_is_carried_into_the_index(self, tmp_path, monkeypatch,
+                                                                       make_dicom, repo_params_file):
+        data = tmp_path / "data"
+        for number, split in enumerate(["train", "val", "test", ""]):
+            make_dicom(data / f"IMG{number}", _levels(number * 3), AccessionNumber=f"ACC{number}")
+        (data / "labels.csv").write_text(
+            "accession_number,label,split\nACC0,0,train\nACC1,1,val\nACC2,0,test\nACC3,1,\n",
+            encoding="utf-8")
+        (tmp_path / "params.yaml").write_text(repo_params_file.read_text(encoding="utf-8"))
+        monkeypatch.chdir(tmp_path)
+
+        ingest.main()
+
+        index = pd.read_parquet(tmp_path / "outputs" / "ingest" / layout.INGEST_INDEX)
+        assert dict(zip(index["accession_number"], index["predefined_split"])) == {
+            "ACC0": "train", "ACC1": "val", "ACC2": "test", "ACC3": ""}
+
+    def test_extreme_share_counts_clipped_pixels(self):
+        display = np.array([[0.0, 0.2, 1.0, 1.0], [0.5, 0.0, 0.7, 0.3]])
+        assert ingest.extreme_share(display) == pytest.approx(4 / 8)

@@ -136,3 +136,28 @@ class TestCountBySplit:
         assert counts.loc[("train", 1)].tolist() == [1, 1]
         assert counts.loc[("test", 1)].tolist() == [2, 1]
         assert len(counts) == 3
+
+
+class TestUsePredefinedSplit:
+    def test_honours_a_patient_disjoint_split_column(self, manifest):
+        from stages.split import use_predefined_split
+
+        patient_number = manifest["patient_key"].str[-3:].astype(int)
+        given = manifest.assign(predefined_split=np.array(SPLITS)[patient_number % 3])
+        result = use_predefined_split(given)
+        assert (result == given["predefined_split"]).all()
+
+    def test_rejects_missing_values_and_patients_in_two_splits(self, manifest):
+        from stages.split import use_predefined_split
+
+        incomplete = manifest.assign(predefined_split="train")
+        incomplete.loc[3, "predefined_split"] = ""
+        with pytest.raises(StageError, match=r"1 image\(s\) have a split that is not one of train, val, test"):
+            use_predefined_split(incomplete)
+
+        leaking = manifest.assign(predefined_split="train")
+        images_per_patient = leaking["patient_key"].value_counts()
+        patient = images_per_patient[images_per_patient >= 2].index[0]
+        leaking.loc[leaking.index[leaking["patient_key"] == patient][-1], "predefined_split"] = "test"
+        with pytest.raises(StageError, match=r"puts 1 patient\(s\) in more than one split"):
+            use_predefined_split(leaking)
