@@ -1,27 +1,26 @@
 """The validate stage's expectation suite, written as code (no Great Expectations import here).
 
 Each :class:`Check` names a Great Expectations 1.x expectation class and its keyword arguments;
-``stages.validate.run_checks`` turns them into GX expectations. The one check GX cannot express,
-identifying column *names*, is computed in pandas by :func:`find_phi_columns` and reported in the
-same shape. Severity follows GX's ``FailureSeverity``: ``critical`` stops the stage, ``warning``
-is logged.
+``stages.validate.run_checks`` turns them into GX expectations. The checks GX cannot express
+(column kinds, identifying column *names*) are computed in pandas (:data:`COMPUTED_CHECKS`), and
+drift against the last accepted data set compares two profiles (:func:`profile_manifest`,
+:func:`drift_results`); all are reported in the same shape, a :class:`CheckResult`. Severity
+follows GX's ``FailureSeverity``: ``critical`` stops the stage, ``warning`` is logged.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stages import layout
 
 CRITICAL, WARNING = "critical", "warning"
-
-# An image whose mean normalised pixel is this close to 0 or 1 counts as saturated.
-SATURATION_MARGIN = 0.02
 
 # Values a de-identified manifest must not hold (PS3.15 Annex E removes or replaces all of them).
 # GX searches with pandas ``str.contains``, so each pattern is anchored where it needs to be.
@@ -53,7 +52,8 @@ class Check:
     ``expectation`` is a GX class name in ``great_expectations.expectations`` or ``None`` for a
     check computed in pandas. ``kind`` says what a failure counts: ``rows`` (failing rows),
     ``class_share`` (the rows of a class below its minimum share; 0 when it passes), ``columns``
-    (missing or identifying column names), ``table`` (nothing: the row count is the detail).
+    (missing, mistyped or identifying column names), ``table`` (nothing: the row count is the
+    detail), ``drift`` (categories or statistics beyond their threshold).
     """
 
     name: str
@@ -65,13 +65,30 @@ class Check:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one check; ``status`` is passed, failed or skipped (its input is missing)."""
+
+    check: Check
+    status: str
+    unexpected_count: int = 0
+    examples: tuple[str, ...] = ()  # image_keys of failing rows, at most a few
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
 def build_checks(
     *,
     classes: Sequence[int],
     modalities: Sequence[str],
     min_class_fraction: float,
     min_image_std: float,
+    max_extreme_share: float,
     image_size_range: Sequence[int],
+    pixel_spacing_range: Sequence[float],
     text_columns: Iterable[str] = (),
 ) -> list[Check]:
     """The validate suite for ``params.yaml`` values.
@@ -86,8 +103,13 @@ def build_checks(
         Least share of rows per class (``validate.min_class_fraction``).
     min_image_std : float
         Below this pixel standard deviation an image is blank (``validate.min_image_std``).
+    max_extreme_share : float
+        Above this share of pixels at the ends of the display range an image is saturated
+        (``validate.max_extreme_share``).
     image_size_range : sequence of two int
-        Allowed original (0028,0010) Rows and (0028,0011) Columns (``validate.image_size_range``).
+        Allowed (checked by the params loader: low <= high) original (0028,0010) Rows and (0028,0011) Columns (``validate.image_size_range``).
+    pixel_spacing_range : sequence of two float
+        Allowed (0028,0030) Pixel Spacing in mm (``validate.pixel_spacing_range``).
     text_columns : iterable of str
         Columns whose values are searched for UIDs, dates and person names.
 
@@ -95,15 +117,16 @@ def build_checks(
     -------
     list of Check, critical checks first within each topic.
     """
-    if len(image_size_range) != 2 or image_size_range[0] > image_size_range[1]:
-        raise ValueError(f"image_size_range must be [low, high] with low <= high; got {image_size_range}")
     low, high = image_size_range
+    spacing_low, spacing_high = pixel_spacing_range
     checks = [
         Check("manifest_not_empty", "ExpectTableRowCountToBeBetween", CRITICAL,
               kwargs={"min_value": 1}, kind="table", description="at least one row"),
         Check("columns_present", "ExpectTableColumnsToMatchSet", CRITICAL,
               kwargs={"column_set": list(layout.MANIFEST_COLUMNS), "exact_match": False},
               kind="columns", description="every manifest column is present"),
+        Check("column_types", None, CRITICAL, kind="columns",
+              description="every manifest column holds its kind (string, integer, float)"),
         *(Check(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", CRITICAL, col,
                 description=f"{col} is never empty") for col in ("image_key", "patient_key", "label")),
         Check("image_key_unique", "ExpectColumnValuesToBeUnique", CRITICAL, "image_key",
@@ -115,14 +138,14 @@ def build_checks(
         *(Check(f"{col}_in_range", "ExpectColumnValuesToBeBetween", CRITICAL, col,
                 {"min_value": low, "max_value": high}, description=f"{col} in [{low}, {high}]")
           for col in ("rows", "columns")),
-        Check("pixel_spacing_positive", "ExpectColumnValuesToBeBetween", CRITICAL, "pixel_spacing_mm",
-              {"min_value": 0, "strict_min": True}, description="pixel spacing > 0 mm"),
+        Check("pixel_spacing_in_range", "ExpectColumnValuesToBeBetween", CRITICAL, "pixel_spacing_mm",
+              {"min_value": spacing_low, "max_value": spacing_high},
+              description=f"pixel spacing in [{spacing_low}, {spacing_high}] mm"),
         Check("image_not_blank", "ExpectColumnValuesToBeBetween", WARNING, "pixel_std",
               {"min_value": min_image_std}, description=f"pixel std >= {min_image_std}"),
-        Check("image_not_saturated", "ExpectColumnValuesToBeBetween", WARNING, "pixel_mean",
-              {"min_value": SATURATION_MARGIN, "max_value": 1 - SATURATION_MARGIN,
-               "strict_min": True, "strict_max": True},
-              description=f"pixel mean in ({SATURATION_MARGIN}, {1 - SATURATION_MARGIN})"),
+        Check("image_not_saturated", "ExpectColumnValuesToBeBetween", WARNING, "pixel_extreme_share",
+              {"max_value": max_extreme_share},
+              description=f"at most {max_extreme_share:.0%} of pixels at the ends of the display range"),
         Check("pixel_hash_unique", "ExpectColumnValuesToBeUnique", WARNING, "pixel_sha256",
               description="no two images with identical pixels"),
         # "At least a share f of the labels equal c" is exactly GX's `mostly` on a one-value set.
@@ -159,3 +182,142 @@ def find_phi_columns(df: pd.DataFrame) -> list[str]:
         if PHI_COLUMN_PATTERN.search(snake) or is_temporal:
             found.append(str(name))
     return found
+
+
+def _holds_kind(series: pd.Series, kind: str) -> bool:
+    """Whether the non-null values of ``series`` are all of ``kind`` (string, integer or float).
+
+    Judged on values as well as dtype, because a column of integers with a gap arrives as float
+    or object from Parquet and pandas, and is still a column of integers.
+    """
+    values = series.dropna()
+    if kind == "string":
+        return isinstance(series.dtype, pd.StringDtype) or all(isinstance(v, str) for v in values)
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype):
+        return False
+    numeric = pd.api.types.is_numeric_dtype(dtype) or all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        for v in values
+    )
+    if kind == "float" or not numeric:
+        return numeric
+    return pd.api.types.is_integer_dtype(dtype) or bool((values.astype(float) % 1 == 0).all())
+
+
+def find_mistyped_columns(df: pd.DataFrame) -> list[str]:
+    """Manifest columns whose values are not of the kind ``layout.MANIFEST_SCHEMA`` declares."""
+    return [
+        f"{name} ({df[name].dtype}, expected {kind})"
+        for name, kind in layout.MANIFEST_SCHEMA.items()
+        if name in df and not _holds_kind(df[name], kind)
+    ]
+
+
+# Checks computed in pandas: name -> function returning the offending columns, described.
+COMPUTED_CHECKS: dict[str, Callable[[pd.DataFrame], list[str]]] = {
+    "column_types": find_mistyped_columns,
+    "no_phi_columns": find_phi_columns,
+}
+
+
+# What drift is measured on: shares of these categories, and mean/std of these per-image statistics.
+DRIFT_CATEGORIES = ("label", "modality", "manufacturer")
+DRIFT_INTENSITIES = ("pixel_mean", "pixel_std")
+N_DRIFT_DETAILS = 3  # largest changes named in a drift warning
+
+
+def profile_manifest(manifest: pd.DataFrame) -> dict[str, Any]:
+    """The statistics of an accepted data set that the next one is compared with (JSON-ready).
+
+    Only category shares and intensity moments: no row-level value, so nothing identifying.
+    """
+    return {
+        "n_rows": len(manifest),
+        "shares": {
+            column: {str(value): round(float(share), 6) for value, share in
+                     manifest[column].astype(str).value_counts(normalize=True).sort_index().items()}
+            for column in DRIFT_CATEGORIES if column in manifest
+        },
+        "intensity": {
+            column: {"mean": round(float(manifest[column].mean()), 6),
+                     "std": round(float(manifest[column].std(ddof=0)), 6)}
+            for column in DRIFT_INTENSITIES if column in manifest
+        },
+    }
+
+
+def drift_results(
+    current: Mapping[str, Any],
+    reference: Mapping[str, Any] | None,
+    *,
+    max_label_change: float,
+    max_mix_change: float,
+    max_intensity_shift: float,
+) -> list[CheckResult]:
+    """Warnings where ``current`` moved from ``reference`` (both from :func:`profile_manifest`).
+
+    Parameters
+    ----------
+    current, reference : mapping
+        Profiles of this data set and of the last accepted one (``None``: there is none yet, and
+        every drift check is skipped).
+    max_label_change, max_mix_change : float
+        Largest allowed change, in share points (0.1 = 10 points), of any label's share and of any
+        modality's or manufacturer's share.
+    max_intensity_shift : float
+        Largest allowed move of the mean of a per-image statistic, in standard deviations of that
+        statistic in the reference.
+
+    Returns
+    -------
+    list of CheckResult, all of severity ``warning``; ``unexpected_count`` is the number of
+    categories or statistics beyond their threshold.
+    """
+    checks = [
+        (Check("drift_label_share", None, WARNING, "label", kind="drift",
+               description=f"each label's share within {max_label_change:.0%} points of the last accepted set"),
+         max_label_change),
+        *((Check(f"drift_{column}_mix", None, WARNING, column, kind="drift",
+                 description=f"each {column}'s share within {max_mix_change:.0%} points of the last accepted set"),
+           max_mix_change) for column in DRIFT_CATEGORIES[1:]),
+        (Check("drift_intensity", None, WARNING, ", ".join(DRIFT_INTENSITIES), kind="drift",
+               description=f"mean of each per-image statistic within {max_intensity_shift} "
+                           "reference SD of the last accepted set"),
+         max_intensity_shift),
+    ]
+    if reference is None:
+        return [CheckResult(check, "skipped", detail="no accepted data set to compare with yet")
+                for check, _ in checks]
+    results = []
+    for check, threshold in checks:
+        if check.name == "drift_intensity":
+            moved = _intensity_shifts(current["intensity"], reference["intensity"])
+            beyond = [f"{name}: mean {ref:.3f} -> {cur:.3f} ({shift:.1f} SD)"
+                      for name, ref, cur, shift in moved if shift > threshold]
+        else:
+            changes = _share_changes(current["shares"].get(check.column, {}),
+                                     reference["shares"].get(check.column, {}))
+            beyond = [f"{value}: {ref:.1%} -> {cur:.1%}" for value, ref, cur in changes
+                      if abs(cur - ref) > threshold]
+        results.append(CheckResult(check, "failed" if beyond else "passed", len(beyond),
+                                   detail="; ".join(beyond[:N_DRIFT_DETAILS])))
+    return results
+
+
+def _share_changes(current: Mapping[str, float], reference: Mapping[str, float]) -> list[tuple[str, float, float]]:
+    """(value, reference share, current share) for every value of either, largest change first."""
+    values = set(current) | set(reference)
+    changes = [(v, reference.get(v, 0.0), current.get(v, 0.0)) for v in values]
+    return sorted(changes, key=lambda c: (-abs(c[2] - c[1]), c[0]))
+
+
+def _intensity_shifts(current: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]]
+                      ) -> list[tuple[str, float, float, float]]:
+    """(statistic, reference mean, current mean, shift in reference SDs) for shared statistics."""
+    shifts = []
+    for name in sorted(set(current) & set(reference)):
+        ref, cur = reference[name], current[name]
+        spread = max(ref["std"], 1e-6)
+        shifts.append((name, ref["mean"], cur["mean"], abs(cur["mean"] - ref["mean"]) / spread))
+    return shifts

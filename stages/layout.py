@@ -31,12 +31,18 @@ INDEX_COLUMNS = (
     "source_path", "sha256", "sop_instance_uid", "series_instance_uid", "study_instance_uid",
     "accession_number", "patient_id", "modality", "manufacturer", "body_part", "view_position",
     "patient_sex", "patient_age", "rows", "columns", "pixel_spacing_mm", "bits_stored",
-    "photometric", "transfer_syntax", "label", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
+    "photometric", "transfer_syntax", "label", "predefined_split", "pixel_min", "pixel_max",
+    "pixel_mean", "pixel_std", "pixel_extreme_share",
 )
 
-MANIFEST_COLUMNS = (
-    "image_key", "patient_key", "study_key", "label", "modality", "manufacturer", "body_part",
-    "view_position", "patient_sex", "patient_age_years", "rows", "columns", "pixel_spacing_mm",
-    "bits_stored", "photometric", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
-    "pixel_sha256", "dicom_file",
-)
+# The de-identified manifest's columns and their kinds (validate checks both).
+MANIFEST_SCHEMA = {
+    "image_key": "string", "patient_key": "string", "study_key": "string", "label": "integer",
+    "modality": "string", "manufacturer": "string", "body_part": "string",
+    "view_position": "string", "patient_sex": "string", "patient_age_years": "integer",
+    "rows": "integer", "columns": "integer", "pixel_spacing_mm": "float", "bits_stored": "integer",
+    "photometric": "string", "predefined_split": "string", "pixel_min": "float",
+    "pixel_max": "float", "pixel_mean": "float", "pixel_std": "float",
+    "pixel_extreme_share": "float", "pixel_sha256": "string", "dicom_file": "string",
+}
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA)

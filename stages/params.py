@@ -44,6 +44,7 @@ class PathsParams:
     deid_metrics: str
     validation_report: str
     validation_metrics: str
+    data_profile: str
     split_dir: str
     split_counts: str
     augment_dir: str
@@ -75,11 +76,25 @@ class ValidateParams:
     modalities: list[str]
     min_class_fraction: float = field(metadata=_interval(0.0, 0.5))
     min_image_std: float = field(metadata=_interval(0.0, 1.0))
+    max_extreme_share: float = field(metadata=_interval(0.0, 1.0))
     image_size_range: list[int]
+    pixel_spacing_range: list[float]
+    drift_max_label_change: float = field(metadata=_interval(0.0, 1.0))
+    drift_max_mix_change: float = field(metadata=_interval(0.0, 1.0))
+    drift_max_intensity_shift: float = field(metadata=_interval(0.0, None))
+
+    def __post_init__(self) -> None:
+        for name in ("image_size_range", "pixel_spacing_range"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or bounds[0] > bounds[1]:
+                raise ParamsError(
+                    f"params.yaml: 'validate.{name}' must be [low, high] with low <= high; got {bounds}"
+                )
 
 
 @dataclass(frozen=True)
 class SplitParams:
+    method: str = field(metadata=_choices("patient_stratified", "predefined"))
     val_size: float = field(metadata=_interval(0.0, 1.0, closed="neither"))
     test_size: float = field(metadata=_interval(0.0, 1.0, closed="neither"))
     seed: int
@@ -249,7 +264,10 @@ def _describe(hint: Any, fld: dataclasses.Field) -> str:
     interval = fld.metadata.get("interval")
     if interval is not None:
         low, high, closed = interval
-        left = "[" if closed in ("both", "left") else "("
-        right = "]" if closed in ("both", "right") else ")"
-        text += f" in {left}{low}, {high}{right}"
+        if high is None:
+            text += f" {'>=' if closed in ('both', 'left') else '>'} {low}"
+        else:
+            left = "[" if closed in ("both", "left") else "("
+            right = "]" if closed in ("both", "right") else ")"
+            text += f" in {left}{low}, {high}{right}"
     return text

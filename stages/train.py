@@ -138,7 +138,8 @@ def main() -> None:
         history.to_csv(paths.train_history, index=False)
         best_epoch = int(history.loc[history["val_auc"].idxmax(), "epoch"])
         mlflow.log_metrics({"best_epoch": best_epoch, "best_val_auc": float(history["val_auc"].max())})
-        for report in (paths.validation_report, paths.split_counts, paths.augment_preview, paths.train_history):
+        for report in (paths.validation_report, paths.validation_metrics, paths.split_counts,
+                       paths.augment_preview, paths.train_history):
             mlflow.log_artifact(report, artifact_path="reports")
 
         example = val_x[:2]

@@ -1,13 +1,15 @@
 """Stage 3, validate: check the de-identified manifest with a Great Expectations suite.
 
 Inputs: ``paths.deid_dir``/manifest.parquet.
-Outputs: ``paths.validation_report`` (self-contained HTML, readable offline) and
+Outputs: ``paths.validation_report`` (self-contained HTML, readable offline),
 ``paths.validation_metrics`` (flat JSON: n_rows, expectations, passed, failed_critical,
-failed_warning, skipped, success).
-Params: ``validate.modalities``, ``validate.min_class_fraction``, ``validate.min_image_std``,
-``validate.image_size_range``, ``ingest.classes``.
-Both outputs are written first; then a failed ``critical`` expectation stops the stage with one
-line per failure, while a failed ``warning`` is only logged. The suite is in ``stages.expectations``.
+failed_warning, skipped, success) and ``paths.data_profile`` (label, modality and manufacturer
+shares and intensity moments of the last *accepted* data set; kept between runs, so the next data
+set's drift is measured against it).
+Params: ``validate.*``, ``ingest.classes``.
+Report and metrics are written first; then a failed ``critical`` expectation stops the stage with
+one line per failure, while a failed ``warning`` (drift included) is only logged. The suite is in
+``stages.expectations``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +27,14 @@ import pandas as pd
 from stages import layout
 from stages.cli import StageError, run_stage
 from stages.expectations import (
-    CRITICAL, WARNING, Check, build_checks, find_phi_columns, find_text_columns,
+    COMPUTED_CHECKS, CRITICAL, WARNING, Check, CheckResult, build_checks, drift_results,
+    find_text_columns, profile_manifest,
 )
 from stages.params import load_params
 
 logger = logging.getLogger(__name__)
 
 N_EXAMPLES = 3
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """Outcome of one check; ``status`` is passed, failed or skipped (its column is missing)."""
-
-    check: Check
-    status: str
-    unexpected_count: int = 0
-    examples: tuple[str, ...] = ()  # image_keys of failing rows, at most N_EXAMPLES
-    detail: str = ""
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "failed"
 
 
 def run_checks(manifest: pd.DataFrame, checks: Sequence[Check]) -> list[CheckResult]:
@@ -75,9 +62,9 @@ def run_checks(manifest: pd.DataFrame, checks: Sequence[Check]) -> list[CheckRes
     results = []
     for check in checks:
         if check.expectation is None:
-            phi = find_phi_columns(manifest)
-            results.append(CheckResult(check, "failed" if phi else "passed", len(phi),
-                                       detail=f"columns: {', '.join(phi)}" if phi else ""))
+            found = COMPUTED_CHECKS[check.name](manifest)
+            results.append(CheckResult(check, "failed" if found else "passed", len(found),
+                                       detail=f"columns: {', '.join(found)}" if found else ""))
         elif check.name in outcomes:
             results.append(_to_result(check, outcomes[check.name], manifest))
         else:
@@ -252,6 +239,11 @@ def render_report(results: Sequence[CheckResult], *, n_rows: int, source: str) -
     )
 
 
+def read_reference_profile(path: Path) -> dict[str, Any] | None:
+    """The profile of the last accepted data set, or None on the first run."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def main() -> None:
     paths, params = load_params("paths"), load_params("validate")
     manifest_path = Path(paths.deid_dir) / layout.DEID_MANIFEST
@@ -261,12 +253,18 @@ def main() -> None:
     checks = build_checks(
         classes=load_params("ingest").classes, modalities=params.modalities,
         min_class_fraction=params.min_class_fraction, min_image_std=params.min_image_std,
-        image_size_range=params.image_size_range, text_columns=find_text_columns(manifest),
+        max_extreme_share=params.max_extreme_share, image_size_range=params.image_size_range,
+        pixel_spacing_range=params.pixel_spacing_range, text_columns=find_text_columns(manifest),
     )
-    results = run_checks(manifest, checks)
+    profile_path = Path(paths.data_profile)
+    profile = profile_manifest(manifest)
+    results = run_checks(manifest, checks) + drift_results(
+        profile, read_reference_profile(profile_path), max_label_change=params.drift_max_label_change,
+        max_mix_change=params.drift_max_mix_change, max_intensity_shift=params.drift_max_intensity_shift,
+    )
     summary = summarise(results, n_rows=len(manifest))
 
-    for out in (paths.validation_report, paths.validation_metrics):
+    for out in (paths.validation_report, paths.validation_metrics, paths.data_profile):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.validation_report).write_text(
         render_report(results, n_rows=len(manifest), source=str(manifest_path)), encoding="utf-8")
@@ -280,6 +278,8 @@ def main() -> None:
             f"{summary['failed_critical']} critical expectation(s) failed on {manifest_path} "
             f"(see {paths.validation_report}):\n" + format_failures(results)
         )
+    # Only an accepted data set becomes the reference the next one's drift is measured against.
+    profile_path.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

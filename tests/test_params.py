@@ -94,7 +94,7 @@ class TestLoadParamsConversions:
 BAD_VALUES = [
     pytest.param(
         "split.shuffle", True, "split",
-        r"unknown key 'split\.shuffle'; allowed keys: val_size, test_size, seed",
+        r"unknown key 'split\.shuffle'; allowed keys: method, val_size, test_size, seed",
         id="unknown-key",
     ),
     pytest.param(
@@ -202,6 +202,16 @@ BAD_VALUES = [
         "train", 5, "train",
         r"section 'train' is missing or not a mapping",
         id="section-not-a-mapping",
+    ),
+    pytest.param(
+        "validate.pixel_spacing_range", [5.0, 0.05], "validate",
+        r"'validate\.pixel_spacing_range' must be \[low, high\] with low <= high; got \[5\.0, 0\.05\]",
+        id="inverted-range",
+    ),
+    pytest.param(
+        "validate.drift_max_intensity_shift", -1, "validate",
+        r"'validate\.drift_max_intensity_shift' must be a float >= 0\.0; got -1\.0",
+        id="negative-threshold",
     ),
     pytest.param(
         "tune", {"trials": 3}, "split",

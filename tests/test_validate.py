@@ -6,6 +6,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,14 +16,16 @@ import pytest
 from stages import layout
 from stages.cli import StageError
 from stages.expectations import (
-    CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, find_phi_columns, find_text_columns,
+    CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns,
+    find_text_columns, profile_manifest,
 )
 from stages.params import load_params
 from stages.validate import format_failures, main, render_report, run_checks, summarise
 
 PARAMS = {
     "classes": [0, 1], "modalities": ["CR", "DX"], "min_class_fraction": 0.2,
-    "min_image_std": 0.02, "image_size_range": [64, 4096],
+    "min_image_std": 0.02, "max_extreme_share": 0.5, "image_size_range": [64, 4096],
+    "pixel_spacing_range": [0.05, 5.0],
 }
 
 
@@ -36,8 +40,9 @@ def make_manifest(n: int = 20) -> pd.DataFrame:
         "manufacturer": "ACME", "body_part": "BREAST", "view_position": "CC", "patient_sex": "F",
         "patient_age_years": [40 + i for i in range(n)],
         "rows": 512, "columns": [256 + i for i in range(n)], "pixel_spacing_mm": 0.1,
-        "bits_stored": 12, "photometric": "MONOCHROME2",
+        "bits_stored": 12, "photometric": "MONOCHROME2", "predefined_split": "",
         "pixel_min": 0.0, "pixel_max": 1.0, "pixel_mean": 0.4, "pixel_std": 0.15,
+        "pixel_extreme_share": 0.01,
         "pixel_sha256": [f"{i:064x}" for i in range(n)],
         "dicom_file": [f"dicom/img{i:03d}.dcm" for i in range(n)],
     })
@@ -59,10 +64,6 @@ class TestBuildChecks:
         assert {c.severity for c in checks} == {CRITICAL, WARNING}
         assert {c.name for c in checks if c.severity == WARNING} == {
             "image_not_blank", "image_not_saturated", "pixel_hash_unique"}
-
-    def test_rejects_inverted_size_range(self):
-        with pytest.raises(ValueError, match=r"image_size_range must be \[low, high\].*\[10, 5\]"):
-            build_checks(**{**PARAMS, "image_size_range": [10, 5]})
 
 
 class TestPhiDetection:
@@ -115,9 +116,10 @@ class TestRunChecks:
         ("label", 3, 7, "label_in_classes", CRITICAL, 1, ("img003",)),
         ("modality", 5, "CT", "modality_allowed", CRITICAL, 1, ("img005",)),
         ("rows", 6, 32, "rows_in_range", CRITICAL, 1, ("img006",)),
-        ("pixel_spacing_mm", 7, 0.0, "pixel_spacing_positive", CRITICAL, 1, ("img007",)),
+        ("pixel_spacing_mm", 7, 0.0, "pixel_spacing_in_range", CRITICAL, 1, ("img007",)),
+        ("pixel_spacing_mm", 3, 9.5, "pixel_spacing_in_range", CRITICAL, 1, ("img003",)),
         ("pixel_std", 5, 0.0, "image_not_blank", WARNING, 1, ("img005",)),
-        ("pixel_mean", 8, 0.995, "image_not_saturated", WARNING, 1, ("img008",)),
+        ("pixel_extreme_share", 8, 0.8, "image_not_saturated", WARNING, 1, ("img008",)),
         ("pixel_sha256", 7, f"{6:064x}", "pixel_hash_unique", WARNING, 2, ("img006", "img007")),
         ("body_part", 9, "1.2.840.113619.2.55.3", "no_phi_values_body_part", CRITICAL, 1, ("img009",)),
         ("view_position", 9, "20240131", "no_phi_values_view_position", CRITICAL, 1, ("img009",)),
@@ -164,10 +166,26 @@ class TestRunChecks:
         assert list(failed) == ["manifest_not_empty"]
         assert failed["manifest_not_empty"].detail == "0 rows"
 
-    def test_wrong_column_type_fails_with_the_gx_error(self):
+    def test_wrong_column_type_fails_the_schema_and_its_range_check(self):
         failed = failures(validate(make_manifest().astype({"rows": str})))
-        assert list(failed) == ["rows_in_range"]
+        assert list(failed) == ["column_types", "rows_in_range"]
+        assert failed["column_types"].detail == "columns: rows (str, expected integer)"
         assert failed["rows_in_range"].detail.startswith("could not run: Column values, min_value")
+
+    @pytest.mark.parametrize("column, values, expected", [
+        ("label", ["0", "1"] * 10, "label (str, expected integer)"),
+        ("label", [0.5, 1.0] * 10, "label (float64, expected integer)"),
+        ("pixel_std", [True, False] * 10, "pixel_std (bool, expected float)"),
+        ("image_key", list(range(20)), "image_key (int64, expected string)"),
+    ])
+    def test_column_of_the_wrong_kind(self, column, values, expected):
+        failed = failures(validate(make_manifest().assign(**{column: values})))
+        assert "column_types" in failed
+        assert failed["column_types"].detail == f"columns: {expected}"
+
+    def test_integers_with_gaps_are_still_integers(self):
+        manifest = make_manifest().assign(patient_age_years=[40.0, None] * 10, label=[0, 1, None, 1] * 5)
+        assert "column_types" not in failures(validate(manifest))
 
     def test_checks_on_a_missing_column_are_skipped(self):
         results = validate(make_manifest().drop(columns="label"))
@@ -175,6 +193,54 @@ class TestRunChecks:
         skipped = {name for name, r in results.items() if r.status == "skipped"}
         assert skipped == {"label_not_null", "label_in_classes", "class_share_0", "class_share_1"}
         assert summarise(list(results.values()), n_rows=20)["skipped"] == 4
+
+
+DRIFT_LIMITS = {"max_label_change": 0.1, "max_mix_change": 0.2, "max_intensity_shift": 1.0}
+
+
+def drift(current: pd.DataFrame, reference: pd.DataFrame | None) -> dict:
+    ref = None if reference is None else profile_manifest(reference)
+    return {r.check.name: r for r in drift_results(profile_manifest(current), ref, **DRIFT_LIMITS)}
+
+
+class TestDrift:
+    def test_profile_holds_shares_and_moments_only(self):
+        profile = profile_manifest(make_manifest())
+        assert profile["shares"]["label"] == {"0": 0.5, "1": 0.5}
+        assert profile["shares"]["modality"] == {"CR": 0.65, "DX": 0.35}
+        assert profile["intensity"]["pixel_mean"] == {"mean": 0.4, "std": 0.0}
+        assert "img000" not in json.dumps(profile) and "pat000" not in json.dumps(profile)
+
+    def test_first_accepted_set_skips_every_drift_check(self):
+        results = drift(make_manifest(), None)
+        assert {r.status for r in results.values()} == {"skipped"}
+        assert set(results) == {"drift_label_share", "drift_modality_mix", "drift_manufacturer_mix",
+                                "drift_intensity"}
+
+    def test_same_data_does_not_drift(self):
+        assert {r.status for r in drift(make_manifest(), make_manifest()).values()} == {"passed"}
+
+    def test_label_shares_moving_beyond_the_threshold_warn(self):
+        shifted = make_manifest().assign(label=[1] * 4 + [0] * 16)  # 50/50 -> 80/20
+        results = drift(shifted, make_manifest())
+        failed = failures(results)
+        assert list(failed) == ["drift_label_share"]
+        assert failed["drift_label_share"].check.severity == WARNING
+        assert failed["drift_label_share"].unexpected_count == 2
+        assert failed["drift_label_share"].detail == "0: 50.0% -> 80.0%; 1: 50.0% -> 20.0%"
+
+    def test_small_moves_stay_within_thresholds(self):
+        nudged = make_manifest().assign(label=[1] * 9 + [0] * 11)  # 5 points
+        assert failures(drift(nudged, make_manifest())) == {}
+
+    def test_new_scanner_with_inverted_intensities_warns(self):
+        reference = make_manifest().assign(pixel_mean=[0.30 + 0.01 * (i % 5) for i in range(20)])
+        new_scanner = reference.assign(manufacturer="NEWCO", pixel_mean=1 - reference["pixel_mean"])
+        failed = failures(drift(new_scanner, reference))
+        assert list(failed) == ["drift_manufacturer_mix", "drift_intensity"]
+        assert failed["drift_manufacturer_mix"].detail == "ACME: 100.0% -> 0.0%; NEWCO: 0.0% -> 100.0%"
+        assert failed["drift_intensity"].unexpected_count == 1
+        assert failed["drift_intensity"].detail.startswith("pixel_mean: mean 0.320 -> 0.680 (")
 
 
 class TestReporting:
@@ -258,6 +324,39 @@ class TestMain:
         assert json.loads(Path(paths.validation_metrics).read_text())["success"] == 0
         assert "label_in_classes" in Path(paths.validation_report).read_text()
 
+    def test_accepted_set_becomes_the_drift_reference_of_the_next(self, project, caplog):
+        paths, write = project
+        write(make_manifest())
+        main()
+        first = json.loads(Path(paths.data_profile).read_text())
+        assert first["shares"]["label"] == {"0": 0.5, "1": 0.5}
+
+        write(make_manifest().assign(label=[1] * 4 + [0] * 16))
+        with caplog.at_level(logging.WARNING, logger="stages.validate"):
+            main()
+        assert [r.getMessage().split(" ")[0] for r in caplog.records] == ["drift_label_share"]
+        metrics = json.loads(Path(paths.validation_metrics).read_text())
+        assert metrics["success"] == 1 and metrics["failed_warning"] == 1
+        second = json.loads(Path(paths.data_profile).read_text())
+        assert second["shares"]["label"] == {"0": 0.8, "1": 0.2}
+
+        rejected = make_manifest()
+        rejected.loc[0, "modality"] = "CT"
+        write(rejected)
+        with pytest.raises(StageError):
+            main()
+        assert json.loads(Path(paths.data_profile).read_text()) == second
+
     def test_missing_manifest_names_the_file(self, project):
         with pytest.raises(StageError, match=r"manifest.parquet not found; run the deidentify"):
             main()
+
+
+@pytest.mark.parametrize("module", ["ingest", "deidentify", "validate", "split", "augment", "train",
+                                    "evaluate"])
+def test_importing_a_stage_does_not_import_great_expectations(module):
+    # GX costs seconds to import: only validate's suite run may pay it, not module import.
+    code = f"import sys, stages.{module}; print('great_expectations' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False"
