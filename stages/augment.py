@@ -31,7 +31,13 @@ Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 def affine(image: np.ndarray, *, degrees: float = 0.0, scale: float = 1.0,
            shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Rotate by ``degrees``, scale by ``scale`` about the centre and shift by ``shift`` pixels."""
+    """Rotate by ``degrees``, scale by ``scale`` about the centre and shift by ``shift`` pixels.
+
+    A channels-last image (h, w, c) gets the same motion in every channel.
+    """
+    if image.ndim == 3:
+        return np.stack([affine(image[..., c], degrees=degrees, scale=scale, shift=shift)
+                         for c in range(image.shape[-1])], axis=-1)
     theta = np.deg2rad(degrees)
     rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     matrix = rotation / scale  # maps output coordinates back into the input
@@ -65,7 +71,7 @@ class RandomAffine:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         degrees = rng.uniform(-self.degrees, self.degrees)
         scale = rng.uniform(1 - self.zoom, 1 + self.zoom)
-        shift = rng.uniform(-self.shift, self.shift, size=2) * np.array(image.shape)
+        shift = rng.uniform(-self.shift, self.shift, size=2) * np.array(image.shape[:2])
         return affine(image, degrees=degrees, scale=scale, shift=tuple(shift))
 
 
@@ -111,15 +117,15 @@ def build_policy(params: AugmentParams) -> list[Transform]:
 
 def augment_images(images: np.ndarray, policy: Sequence[Transform], *, copies: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """Originals followed by ``copies`` rounds of transformed images (uint8 in, uint8 out)."""
+    """Originals followed by ``copies`` rounds of transformed images, in the input's stored dtype."""
     rounds = [images]
     for _ in range(copies):
         transformed = np.empty_like(images)
         for i, image in enumerate(images):
-            result = image.astype(np.float32) / 255.0
+            result = layout.unit_pixels(image)
             for transform in policy:
                 result = transform(result, rng)
-            transformed[i] = np.round(result * 255.0).astype(np.uint8)
+            transformed[i] = layout.stored_pixels(result, images.dtype)
         rounds.append(transformed)
     return np.concatenate(rounds)
 
@@ -138,7 +144,7 @@ def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *
     for row, image in enumerate(chosen):
         variants = augment_images(image[None], policy, copies=n_variants, rng=rng)
         for col, variant in enumerate(variants):
-            axes[row, col].imshow(variant, cmap="gray", vmin=0, vmax=255)
+            axes[row, col].imshow(layout.unit_pixels(variant), cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_axis_off()
         axes[row, 0].set_title("original" if row == 0 else "", fontsize=8)
     fig.suptitle("augmentation policy preview", fontsize=9)

@@ -90,13 +90,20 @@ def check_inputs(index: pd.DataFrame, images: np.ndarray) -> None:
     missing = [c for c in layout.INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise StageError(f"{layout.INGEST_INDEX}: missing column(s) {', '.join(missing)}")
-    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(index):
-        raise StageError(f"{layout.IMAGES}: expected uint8 of shape ({len(index)}, size, size) "
+    if images.ndim not in (3, 4) or images.dtype not in (np.uint8, np.float16) or len(images) != len(index):
+        raise StageError(f"{layout.IMAGES}: expected uint8 or float16 of shape ({len(index)}, size, size[, 3]) "
                          f"for {len(index)} index rows; got {images.dtype} {images.shape}")
     empty = np.flatnonzero(index["sop_instance_uid"].fillna("").astype(str).str.strip() == "")
     if len(empty):
         raise StageError(f"{layout.INGEST_INDEX}: {len(empty)} row(s) have no (0008,0018) SOP "
                          f"Instance UID, first row {empty[0]}; an image key needs it")
+
+
+def image_identity(sop_uid: str, number_of_frames: object, frame_index: object) -> str:
+    """What an image key hashes: the SOP Instance UID, plus the frame for a multi-frame object."""
+    if pd.isna(number_of_frames) or int(number_of_frames) <= 1:
+        return sop_uid
+    return f"{sop_uid}#{int(frame_index)}"
 
 
 def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
@@ -108,7 +115,7 @@ def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
     index : DataFrame
         The ingest index (``layout.INDEX_COLUMNS``, PHI included).
     images : ndarray
-        uint8 (n, size, size), row i <-> index row i.
+        (n, size, size[, 3]) uint8 or float16, row i <-> index row i.
     secret : bytes
         HMAC key of the keys.
     retain_patient_characteristics : bool
@@ -118,14 +125,16 @@ def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
     -------
     DataFrame
         ``layout.MANIFEST_COLUMNS`` in index order. Keys are keyed hashes (:func:`keyed_hex`):
-        ``image_key`` of (0008,0018) SOP Instance UID (16 hex), ``patient_key`` of (0010,0020)
+        ``image_key`` of (0008,0018) SOP Instance UID (16 hex; of the UID and the frame number
+        for an image taken from a multi-frame object), ``patient_key`` of (0010,0020)
         Patient ID (12 hex, also the Patient ID of the de-identified files) and ``study_key`` of
         (0020,000D) Study Instance UID (12 hex). ``pixel_sha256`` hashes each row of ``images``.
     """
     def key(value: object, length: int = PSEUDONYM_LENGTH) -> str | None:
         return keyed_hex(secret, value, length) if isinstance(value, str) and value else None
 
-    image_keys = [key(uid, IMAGE_KEY_LENGTH) for uid in index["sop_instance_uid"]]
+    image_keys = [key(image_identity(uid, frames, frame), IMAGE_KEY_LENGTH) for uid, frames, frame
+                  in zip(index["sop_instance_uid"], index["number_of_frames"], index["frame_index"])]
     manifest = index[[c for c in layout.MANIFEST_COLUMNS if c in index.columns]].copy()
     manifest["image_key"] = image_keys
     manifest["patient_key"] = [key(value) for value in index["patient_id"]]
@@ -139,16 +148,19 @@ def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
     manifest["patient_age_years"] = pd.array(ages, dtype="Int64")
     manifest["pixel_sha256"] = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()
                                 for im in images]
-    manifest["dicom_file"] = [f"{layout.DEID_DICOM_DIR}/{k}.dcm" for k in image_keys]
+    manifest["dicom_file"] = [f"{layout.DEID_DICOM_DIR}/{key(uid, IMAGE_KEY_LENGTH)}.dcm"
+                              for uid in index["sop_instance_uid"]]
     return manifest[list(layout.MANIFEST_COLUMNS)].reset_index(drop=True)
 
 
 def deidentify_sources(index: pd.DataFrame, *, data_dir: Path, dicom_dir: Path, profile: Profile,
                        secret: bytes, params: DeidentifyParams,
                        ) -> tuple[pd.DataFrame, dict[str, str]]:
-    """De-identify each index row's source file into ``dicom_dir/<image_key>.dcm``.
+    """De-identify each source file of the index into ``dicom_dir/<key>.dcm``, once per file.
 
-    Returns the audit table (``AUDIT_COLUMNS``, one row per index row) and the identifying values
+    ``key`` is the keyed hash of the SOP Instance UID: the ``image_key`` of a single-frame image,
+    shared by every image of a multi-frame object. Returns the audit table (``AUDIT_COLUMNS``, one
+    row per file) and the identifying values
     of the sources and the index (for :func:`find_leaks`). Errors name the index row, not the
     path, which holds an accession number.
     """
@@ -159,7 +171,11 @@ def deidentify_sources(index: pd.DataFrame, *, data_dir: Path, dicom_dir: Path, 
     identifiers = identifiers_from_index(index)
     rows = []
     pairs = zip(index["source_path"], index["sop_instance_uid"])
+    done: set[str] = set()
     for number, (source, sop_uid) in enumerate(pairs):
+        if source in done:  # another frame of a multi-frame object already written
+            continue
+        done.add(source)
         try:
             ds = pydicom.dcmread(data_dir / source)
         except Exception as err:  # pydicom raises many types; its message may hold the path

@@ -1,35 +1,55 @@
 """Stage 1, ingest: every DICOM file under ``data/`` to display-ready pixels, an index and a quarantine.
 
 Inputs: the raw files under ``paths.data`` and the labels file ``paths.labels``.
-Outputs (``paths.ingest_dir``): ``images.npy`` (uint8, n × size × size), ``index.parquet`` (one
-row per usable image, PHI included: only ``deidentify`` reads it) and ``quarantine.csv`` (every file
-that could not be used, with a reason code); counts go to ``paths.ingest_metrics``.
-Params: ``ingest.label_key``, ``ingest.classes``, ``ingest.image_size``,
-``ingest.max_quarantine_fraction``.
+Outputs (``paths.ingest_dir``): ``images.npy`` (n × size × size, or × 3 channels; uint8 or float16),
+``index.parquet`` (one row per image, PHI included: only ``deidentify`` reads it) and
+``quarantine.csv`` (every file that could not be used, with a reason code); counts go to
+``paths.ingest_metrics``.
+Params: every key of ``ingest``.
 
-A bad file never stops the run: it lands in the quarantine with its reason. The stage fails only
-when the quarantined share of files passes ``ingest.max_quarantine_fraction``.
+Pixels are what a radiologist's viewer shows: modality LUT, then the chosen VOI LUT or window,
+MONOCHROME1 inverted, colour (RGB, YBR, PALETTE COLOR) converted to the configured channels, then
+optionally resampled to a common pixel spacing, then fitted to the output size.
+
+Files are read by a pool of worker processes (``ingest.workers``) and their results streamed to the
+outputs in file order, so the output is the same whatever the worker count and memory does not grow
+with the number of files. A bad file never stops the run: it lands in the quarantine with its
+reason. DICOMDIR files and non-image objects (SR, presentation states, RT plans, ...) are listed
+there too, as skipped, and do not count as failures. The stage fails only when the quarantined
+share of the image files passes ``ingest.max_quarantine_fraction``.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
+import multiprocessing
+import os
+import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
+from tqdm import tqdm
 
 from stages import layout
 from stages.cli import StageError, run_stage
-from stages.params import load_params
+from stages.params import IngestParams, load_params
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +59,12 @@ _KEY_TAGS = {
     "study_instance_uid": "StudyInstanceUID",
     "sop_instance_uid": "SOPInstanceUID",
 }
-_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+# Listed in the quarantine but not failures: these files were never meant to be images.
+SKIP_REASONS = ("dicomdir", "not_an_image")
+QUARANTINE_COLUMNS = ("path", "reason", "detail")
+INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is written
 
 
 class Quarantined(Exception):
@@ -51,11 +76,44 @@ class Quarantined(Exception):
 
 
 @dataclass(frozen=True)
-class IngestedImage:
-    """One usable image: its display pixels and the index row describing it."""
+class PixelSettings:
+    """The ``ingest`` params that shape the pixels (what a worker process needs)."""
 
-    pixels: np.ndarray
-    record: dict
+    size: int
+    channels: int = 1               # 1: grayscale (colour to luminance); 3: RGB (grayscale repeated)
+    frames: str = "first"           # first | middle | all (one image per frame)
+    voi_index: int = 0              # which VOI LUT or window when a file has several
+    target_spacing_mm: float | None = None  # resample to this spacing, then pad or crop to size
+    dtype: str = "uint8"            # uint8 (0-255) or float16 ([0, 1])
+
+    @classmethod
+    def from_params(cls, params: IngestParams) -> PixelSettings:
+        return cls(size=params.image_size, channels=params.channels, frames=params.frames,
+                   voi_index=params.voi_index, target_spacing_mm=params.target_spacing_mm,
+                   dtype=params.pixel_dtype)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (self.size, self.size) if self.channels == 1 else (self.size, self.size, 3)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of a file: its frame number, full-resolution display pixels and output pixels."""
+
+    index: int
+    display: np.ndarray  # float32 in [0, 1], (rows, cols) or (rows, cols, 3)
+    pixels: np.ndarray   # PixelSettings.image_shape in PixelSettings.dtype
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What a worker returns for one file: its images with their index rows, or why not."""
+
+    relative_path: str
+    images: tuple[tuple[np.ndarray, dict], ...] = ()
+    reason: str = ""
+    detail: str = ""
 
 
 def find_candidate_files(data_dir: Path, *, exclude: set[Path]) -> list[Path]:
@@ -69,34 +127,225 @@ def find_candidate_files(data_dir: Path, *, exclude: set[Path]) -> list[Path]:
     )
 
 
-def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
-    """Stored values to float32 in [0, 1] as a viewer shows them.
+def read_dataset(source: Path | BinaryIO) -> pydicom.Dataset:
+    """Parse a DICOM file, or raise Quarantined (not_dicom, truncated, dicomdir, not_an_image, ...).
 
-    Modality LUT ((0028,1052) Rescale Intercept, (0028,1053) Rescale Slope or a Modality LUT
-    Sequence), then the first VOI LUT or window ((0028,1050) Window Center), then MONOCHROME1
-    inverted so that 1 is always bright. Without any VOI information the image's own range is used.
+    A file without the 128-byte preamble and ``DICM`` prefix is read again with ``force=True`` and
+    accepted only when that yields a SOP Class UID: forced parsing of arbitrary bytes "succeeds"
+    on text files too, with nonsense elements.
     """
+    try:
+        ds = pydicom.dcmread(source)
+    except InvalidDicomError as err:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        try:
+            ds = pydicom.dcmread(source, force=True)
+            sop_class = ds.get("SOPClassUID")
+        except Exception:  # noqa: BLE001  forced parsing of non-DICOM fails in many ways
+            sop_class = None
+        if not sop_class:
+            raise Quarantined("not_dicom", str(err)) from err
+    except Exception as err:  # pydicom raises many types for damaged headers
+        raise Quarantined("truncated", f"header unreadable: {type(err).__name__}: {err}") from err
+    media_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
+    if media_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        raise Quarantined("dicomdir", "a DICOMDIR (media directory), not an image")
+    if "PixelData" not in ds and not ds.get("FloatPixelData") and not ds.get("DoubleFloatPixelData"):
+        sop_class = ds.get("SOPClassUID")
+        name = getattr(sop_class, "name", "") or str(sop_class or "no SOP Class UID")
+        if sop_class is not None and "Image" not in name:
+            raise Quarantined("not_an_image", f"{name}: not an image object")
+        raise Quarantined("no_pixel_data", "(7FE0,0010) Pixel Data is absent")
+    if "PixelData" not in ds:
+        raise Quarantined("unsupported_pixel_data", "float pixel data (parametric maps) is not supported")
+    return ds
+
+
+def decode_frames(ds: pydicom.Dataset, *, frames: str) -> list[tuple[int, np.ndarray]]:
+    """Stored values of the chosen frame(s) as (frame number, array), or raise Quarantined."""
+    photometric = ds.get("PhotometricInterpretation", "")
+    if photometric not in GRAYSCALE + COLOUR:
+        raise Quarantined(
+            "unsupported_photometric",
+            f"(0028,0004) Photometric Interpretation {photometric!r} is not one of "
+            f"{', '.join(GRAYSCALE + COLOUR)}",
+        )
+    n_frames = number_of_frames(ds)
+    wanted = {"first": 0, "middle": n_frames // 2}.get(frames)
+    try:
+        native = native_pixels(ds)
+        if native is not None:
+            return [(0, native)]
+        if wanted is not None and n_frames > 1:
+            ds.pixel_array_options(index=wanted)  # decode only that frame
+        stored = ds.pixel_array
+    except (ValueError, EOFError) as err:
+        text = str(err)
+        truncated = isinstance(err, EOFError) or "less than expected" in text or "truncat" in text.lower()
+        raise Quarantined("truncated" if truncated else "undecodable", text) from err
+    except Exception as err:  # a decoder plugin missing or failing
+        raise Quarantined("undecodable", f"{type(err).__name__}: {err}") from err
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if n_frames > 1 and wanted is None:  # every frame: (frames, rows, cols[, samples])
+        return list(enumerate(stored))
+    if stored.ndim == (3 if samples == 1 else 4):  # a decoder that ignored the frame index
+        stored = stored[wanted or 0]
+    return [(wanted or 0, stored)]
+
+
+def native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Stored values of an uncompressed little-endian single-frame grayscale image, else None.
+
+    The most common archive export. pydicom's ``pixel_array`` gets there through a decoder
+    framework that validates dozens of attributes per call, which for small images costs more
+    than reading the file (``bench/ingest.py``); this reads the bytes directly, with pydicom's
+    semantics: bits above (0028,0101) Bits Stored masked, signed values sign-extended. Anything
+    else (compressed, big endian, colour, multi-frame, short data) returns None and goes to pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        allocated, bits, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or allocated not in (8, 16) or not 1 <= bits <= allocated or number_of_frames(ds) != 1:
+        return None
+    data = ds.PixelData
+    if len(data) < rows * cols * allocated // 8:
+        return None  # pydicom says how it is truncated
+    values = np.frombuffer(data, dtype=f"<u{allocated // 8}", count=rows * cols).reshape(rows, cols)
+    if bits < allocated:
+        values = values & np.array((1 << bits) - 1, dtype=values.dtype)
+    if not signed:
+        return values
+    signed_values = values.astype(f"<i{allocated // 8}")
+    if bits < allocated:  # two's complement in `bits` bits
+        signed_values = np.where(values >= 1 << (bits - 1),
+                                 values.astype(np.int32) - (1 << bits), values).astype(signed_values.dtype)
+    return signed_values
+
+
+def number_of_frames(ds: pydicom.Dataset) -> int:
+    """(0028,0008) Number of Frames, 1 when absent or empty."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int = 0,
+                      channels: int = 1) -> np.ndarray:
+    """Stored values of one frame to float32 in [0, 1] as a viewer shows them.
+
+    Grayscale: modality LUT ((0028,1052) Rescale Intercept, (0028,1053) Rescale Slope or a
+    Modality LUT Sequence), then the VOI LUT or window number ``voi_index`` (the last one when the
+    file has fewer), then MONOCHROME1 inverted so that 1 is always bright; without any VOI
+    information the frame's own range is used. Colour: PALETTE COLOR through its lookup tables,
+    YBR already converted to RGB by pydicom's decoders, scaled by the stored bit depth.
+    ``channels`` 1 gives (rows, cols), colour reduced to luminance (ITU-R BT.601 weights);
+    3 gives (rows, cols, 3), grayscale repeated.
+    """
+    if ds.PhotometricInterpretation in GRAYSCALE:
+        gray = _grayscale_display(ds, stored, voi_index=voi_index)
+        return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    rgb = _colour_display(ds, stored)
+    if channels == 3:
+        return rgb
+    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
+
+
+def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray:
+    fast = _linear_display(ds, stored, voi_index=voi_index)
+    if fast is not None:
+        return fast
     values = apply_modality_lut(stored, ds).astype(np.float64)
     # Present but empty elements mean "no VOI", as pydicom's apply_voi_lut decides.
     lut = ds.get("VOILUTSequence")
     has_lut = bool(lut) and None not in (lut[0].get("LUTDescriptor"), lut[0].get("LUTData"))
     has_window = None not in (ds.get("WindowCenter"), ds.get("WindowWidth"))
-    if has_lut or has_window:
-        values = apply_voi_lut(values, ds, index=0)
-        low, high = _voi_output_range(ds, lut=has_lut)
-    else:
-        low, high = float(values.min()), float(values.max())
+    if not (has_lut or has_window):
+        return _min_max(values, ds)
+    index = min(voi_index, (len(lut) if has_lut else _multiplicity(ds.WindowCenter)) - 1)
+    values = apply_voi_lut(values, ds, index=index)
+    low, high = _voi_output_range(ds, lut=has_lut, index=index)
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    scaled = np.clip(scaled, 0.0, 1.0)
+    return _orient(np.clip(scaled, 0.0, 1.0), ds)
+
+
+def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray | None:
+    """The common case in closed form: rescale slope/intercept and a LINEAR window, else None.
+
+    pydicom's apply_modality_lut and apply_windowing produce values in the window's output range
+    that the caller scales back to [0, 1]; the composition is clip((x - c) / w + 0.5, 0, 1) with
+    x the rescaled value and, for LINEAR, c = centre - 0.5 and w = width - 1 (PS3.3 C.11.2.1.2.1).
+    Computing that directly halves the time per image (``bench/ingest.py``). LUT sequences, SIGMOID
+    and a LINEAR width of 1 or less (pydicom's errors and edge cases) go to pydicom.
+    """
+    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    has_window = centre is not None and width is not None
+    if function not in ("LINEAR", "LINEAR_EXACT") and has_window:
+        return None
+    try:
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slope, intercept = (1.0, 0.0) if slope is None or intercept is None else (float(slope), float(intercept))
+        if not has_window:
+            return _min_max(stored * slope + intercept, ds)
+        index = min(voi_index, _multiplicity(centre) - 1, _multiplicity(width) - 1)
+        c = float(centre[index] if _multiplicity(centre) > 1 else centre)
+        w = float(width[index] if _multiplicity(width) > 1 else width)
+    except (TypeError, ValueError):
+        return None
+    if function == "LINEAR":
+        c, w = c - 0.5, w - 1
+    if w <= 0:
+        return None
+    # One multiply-add and one clip: (x * slope + intercept - c) / w + 0.5, inverted for MONOCHROME1.
+    gain, offset = slope / w, (intercept - c) / w + 0.5
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        gain, offset = -gain, 1.0 - offset
+    scaled = stored.astype(np.float64) * gain + offset
+    return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32)
+
+
+def _min_max(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """No VOI information: the frame's own range to [0, 1] (a constant frame to 0)."""
+    low, high = float(values.min()), float(values.max())
+    return _orient((values - low) / (high - low) if high > low else np.zeros_like(values), ds)
+
+
+def _orient(scaled: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """MONOCHROME1 inverted so that 1 is always bright; float32."""
     if ds.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled
     return scaled.astype(np.float32)
 
 
-def _voi_output_range(ds: pydicom.Dataset, *, lut: bool) -> tuple[float, float]:
+def _multiplicity(value: object) -> int:
+    return len(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else 1
+
+
+def _colour_display(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = apply_color_lut(stored, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:
+        rgb, bits = stored, int(ds.BitsStored)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise Quarantined("unsupported_photometric", f"colour pixels of shape {rgb.shape}, expected rows x cols x 3")
+    return np.clip(rgb.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
+
+
+def _voi_output_range(ds: pydicom.Dataset, *, lut: bool, index: int = 0) -> tuple[float, float]:
     """Output range of pydicom's ``apply_voi_lut`` (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
     if lut:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
     if ds.get("ModalityLUTSequence"):
         bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
@@ -112,67 +361,79 @@ def _voi_output_range(ds: pydicom.Dataset, *, lut: bool) -> tuple[float, float]:
     return low, high
 
 
-def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
-    """Fit ``image`` into ``size`` × ``size`` keeping its aspect ratio, centred, zero padded.
+def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Area-averaging resize of a 2-D float image, or of each channel of a 3-D one.
 
-    Area averaging (PIL's box filter) avoids the aliasing of plain subsampling, which would
-    drop small findings such as nodules.
+    PIL's box filter averages when shrinking, avoiding the aliasing of plain subsampling, which
+    would drop small findings such as nodules; when enlarging it repeats pixels.
     """
-    rows, cols = image.shape
+    if image.ndim == 3:
+        return np.stack([_resize(image[..., c], rows, cols) for c in range(image.shape[-1])], axis=-1)
+    return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(
+        (cols, rows), Image.Resampling.BOX))
+
+
+def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
+    """Fit ``image`` into ``size`` × ``size`` keeping its aspect ratio, centred, zero padded."""
+    rows, cols = image.shape[:2]
     scale = size / max(rows, cols)
-    new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-    resized = np.asarray(
-        Image.fromarray(image.astype(np.float32), mode="F").resize(
-            (new_cols, new_rows), Image.Resampling.BOX
-        )
-    )
-    out = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_rows) // 2, (size - new_cols) // 2
-    out[top : top + new_rows, left : left + new_cols] = resized
+    resized = _resize(image, max(1, round(rows * scale)), max(1, round(cols * scale)))
+    return pad_or_crop(resized, size)
+
+
+def pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre ``image`` in ``size`` × ``size``: zero padding where smaller, cropping where larger."""
+    out = np.zeros((size, size, *image.shape[2:]), dtype=np.float32)
+    rows, cols = image.shape[:2]
+    src_top, src_left = max(0, (rows - size) // 2), max(0, (cols - size) // 2)
+    dst_top, dst_left = max(0, (size - rows) // 2), max(0, (size - cols) // 2)
+    n_rows, n_cols = min(rows, size), min(cols, size)
+    out[dst_top:dst_top + n_rows, dst_left:dst_left + n_cols] = \
+        image[src_top:src_top + n_rows, src_left:src_left + n_cols]
     return out
 
 
-def read_display(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
-    """Read one file: its dataset and full-resolution display pixels in [0, 1], or raise Quarantined."""
+def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from (0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as err:
-        raise Quarantined("not_dicom", str(err)) from err
-    except Exception as err:  # pydicom raises many types for damaged headers
-        raise Quarantined("truncated", f"header unreadable: {err}") from err
-    if "PixelData" not in ds:
-        raise Quarantined("no_pixel_data", "(7FE0,0010) Pixel Data is absent")
-    photometric = ds.get("PhotometricInterpretation", "")
-    if photometric not in _SUPPORTED_PHOTOMETRIC:
-        raise Quarantined(
-            "unsupported_photometric",
-            f"(0028,0004) Photometric Interpretation {photometric!r} is not one of "
-            f"{', '.join(_SUPPORTED_PHOTOMETRIC)}",
-        )
-    try:
-        stored = ds.pixel_array
-    except (ValueError, EOFError) as err:
-        reason = "truncated" if "less than expected" in str(err) or isinstance(err, EOFError) else "undecodable"
-        raise Quarantined(reason, str(err)) from err
-    except Exception as err:  # a decoder plugin missing or failing
-        raise Quarantined("undecodable", f"{type(err).__name__}: {err}") from err
-    if stored.ndim == 3:  # multi-frame: the first frame stands for the object
-        stored = stored[0]
-    try:
-        return ds, to_display_pixels(ds, stored)
-    except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
-        raise Quarantined("invalid_voi", str(err)) from err
+        row, col = float(spacing[0]), float(spacing[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
 
 
-def to_uint8(display: np.ndarray, size: int) -> np.ndarray:
-    """Display pixels in [0, 1] to the stored uint8 ``size`` x ``size`` image."""
-    return np.round(resize_with_padding(display, size) * 255).astype(np.uint8)
+def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target_mm: float) -> np.ndarray:
+    """Resample so that one pixel covers ``target_mm`` in both directions."""
+    rows, cols = image.shape[:2]
+    return _resize(image, max(1, round(rows * spacing[0] / target_mm)),
+                   max(1, round(cols * spacing[1] / target_mm)))
 
 
-def read_image(path: Path, *, size: int) -> tuple[pydicom.Dataset, np.ndarray]:
-    """Read one file and return its dataset and uint8 display pixels, or raise Quarantined."""
-    ds, display = read_display(path)
-    return ds, to_uint8(display, size)
+def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydicom.Dataset, list[Frame]]:
+    """Read one file: its dataset and the chosen frames, ready to store, or raise Quarantined."""
+    ds = read_dataset(source)
+    spacing = pixel_spacing(ds)
+    if settings.target_spacing_mm is not None and spacing is None:
+        raise Quarantined("no_pixel_spacing", "ingest.target_spacing_mm is set but the file has no "
+                          "(0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing")
+    frames = []
+    for index, stored in decode_frames(ds, frames=settings.frames):
+        try:
+            display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
+        except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
+            raise Quarantined("invalid_voi", str(err)) from err
+        if not np.isfinite(display).all():
+            raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
+        if display.max() == display.min():
+            raise Quarantined("blank", f"frame {index}: every pixel shows the same value")
+        if settings.target_spacing_mm is None:
+            fitted = resize_with_padding(display, settings.size)
+        else:
+            fitted = pad_or_crop(resample_to_spacing(display, spacing, settings.target_spacing_mm),
+                                 settings.size)
+        frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype)))
+    return ds, frames
 
 
 def extreme_share(display: np.ndarray) -> float:
@@ -180,11 +441,12 @@ def extreme_share(display: np.ndarray) -> float:
     return float(np.mean((display <= 0.0) | (display >= 1.0)))
 
 
-def describe_image(ds: pydicom.Dataset, pixels: np.ndarray, *, source_path: str, sha256: str) -> dict:
-    """The index row for one image (columns in ``layout.INDEX_COLUMNS``, label added later)."""
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    scaled = pixels.astype(np.float32) / 255.0
+def describe_image(ds: pydicom.Dataset, frame: Frame, *, source_path: str, sha256: str) -> dict:
+    """The index row for one frame (``layout.INDEX_SCHEMA``; label and split added later)."""
+    spacing = pixel_spacing(ds)
+    scaled = layout.unit_pixels(frame.pixels)
     return {
+        "row_key": f"{sha256[:24]}-{frame.index}",
         "source_path": source_path,
         "sha256": sha256,
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
@@ -194,21 +456,44 @@ def describe_image(ds: pydicom.Dataset, pixels: np.ndarray, *, source_path: str,
         "patient_id": str(ds.get("PatientID", "")),
         "modality": str(ds.get("Modality", "")),
         "manufacturer": str(ds.get("Manufacturer", "")),
+        "manufacturer_model": str(ds.get("ManufacturerModelName", "")),
         "body_part": str(ds.get("BodyPartExamined", "")),
         "view_position": str(ds.get("ViewPosition", "")),
         "patient_sex": str(ds.get("PatientSex", "")),
         "patient_age": str(ds.get("PatientAge", "")),
         "rows": int(ds.Rows),
         "columns": int(ds.Columns),
-        "pixel_spacing_mm": float(spacing[0]) if spacing else float("nan"),
+        "pixel_spacing_mm": spacing[0] if spacing else float("nan"),
         "bits_stored": int(ds.BitsStored),
         "photometric": str(ds.PhotometricInterpretation),
-        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else "",
+        "number_of_frames": number_of_frames(ds),
+        "frame_index": frame.index,
         "pixel_min": float(scaled.min()),
         "pixel_max": float(scaled.max()),
         "pixel_mean": float(scaled.mean()),
         "pixel_std": float(scaled.std()),
+        "pixel_extreme_share": extreme_share(frame.display),
     }
+
+
+def ingest_file(path: Path, *, data_dir: Path, settings: PixelSettings) -> FileResult:
+    """All the work on one file, as a worker process does it; never raises.
+
+    The file is read once: the same bytes are hashed and parsed.
+    """
+    relative = path.relative_to(data_dir).as_posix()
+    try:
+        content = path.read_bytes()
+        ds, frames = read_image(io.BytesIO(content), settings)
+        sha256 = hashlib.sha256(content).hexdigest()
+        return FileResult(relative, tuple(
+            (frame.pixels, describe_image(ds, frame, source_path=relative, sha256=sha256))
+            for frame in frames))
+    except Quarantined as err:
+        return FileResult(relative, reason=err.reason, detail=str(err))
+    except Exception as err:  # noqa: BLE001  one odd file must not sink a run of thousands
+        return FileResult(relative, reason="unreadable", detail=f"{type(err).__name__}: {err}")
 
 
 def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[dict[str, str], set[str]]:
@@ -258,38 +543,72 @@ def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting:
     return by_text[labels[value]]
 
 
-def ingest_files(files: list[Path], *, data_dir: Path, key: str, labels: dict[str, str],
-                 conflicting: set[str], classes: list[int], size: int,
-                 splits: dict[str, str] | None = None,
-                 ) -> tuple[list[IngestedImage], list[dict]]:
-    """Read, normalise and label every file; unusable ones become quarantine rows.
+def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, workers: int) -> Iterator[FileResult]:
+    """Results of :func:`ingest_file` in file order, from ``workers`` processes (1: this one)."""
+    work = partial(ingest_file, data_dir=data_dir, settings=settings)
+    if workers == 1:
+        yield from map(work, files)
+        return
+    # Chunks amortise the inter-process round trip; ordered imap keeps the output deterministic.
+    chunksize = max(1, min(32, len(files) // (workers * 8)))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(work, files, chunksize=chunksize)
 
-    ``splits`` maps key values to a predefined split (the labels file's optional ``split``
-    column); images without one get an empty ``predefined_split``.
+
+class ImageWriter:
+    """Appends images to an ``.npy`` file one by one, never holding them all in memory.
+
+    The count is known only at the end (files are quarantined, multi-frame files give several
+    images), so the raw bytes go to a side file and the header is written before them at close.
     """
-    images, quarantine = [], []
-    for number, path in enumerate(files, start=1):
-        relative = path.relative_to(data_dir).as_posix()
-        try:
-            ds, display = read_display(path)
-            pixels = to_uint8(display, size)
-            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-            record = describe_image(ds, pixels, source_path=relative, sha256=sha256)
-            record["pixel_extreme_share"] = extreme_share(display)
-            record["label"] = assign_label(
-                record, key=key, labels=labels, conflicting=conflicting, classes=classes
-            )
-            record["predefined_split"] = (splits or {}).get(_key_value(record, key), "")
-        except Quarantined as err:
-            # Paths and reader messages can carry PHI (accession numbers in folder names), so
-            # they go to the quarantine table, not to logs that CI systems keep.
-            logger.debug("quarantined file %d: %s", number, err.reason)
-            quarantine.append({"path": relative, "reason": err.reason, "detail": str(err)})
-            continue
-        images.append(IngestedImage(pixels, record))
-        if number % 200 == 0:
-            logger.info("read %d/%d files", number, len(files))
-    return images, quarantine
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: str) -> None:
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self._raw_path = path.with_suffix(".raw")
+        self._raw = open(self._raw_path, "wb")  # noqa: SIM115  closed in close()
+        self.count = 0
+
+    def append(self, pixels: np.ndarray) -> None:
+        self._raw.write(np.ascontiguousarray(pixels, dtype=self.dtype).tobytes())
+        self.count += 1
+
+    def close(self) -> None:
+        self._raw.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.count, *self.shape)}
+        with open(self.path, "wb") as out, open(self._raw_path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, length=1 << 22)
+        self._raw_path.unlink()
+
+
+class IndexWriter:
+    """Writes index rows to Parquet in row groups of :data:`INDEX_BATCH_ROWS`, with a fixed schema."""
+
+    _TYPES = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64()}
+
+    def __init__(self, path: Path) -> None:
+        self.schema = pa.schema([(name, self._TYPES[kind]) for name, kind in layout.INDEX_SCHEMA.items()])
+        self._writer = pq.ParquetWriter(path, self.schema)
+        self._rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= INDEX_BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+        self._rows = []
+
+    def close(self) -> None:
+        self._flush()  # also writes the schema when there are no rows at all
+        self._writer.close()
+
+
+def worker_count(requested: int) -> int:
+    """``ingest.workers``: 0 means every core this process may use."""
+    return requested or len(os.sched_getaffinity(0))
 
 
 def main() -> None:
@@ -306,38 +625,69 @@ def main() -> None:
     splits = {}
     if has_column(labels_file, "split"):
         splits, _ = read_labels(labels_file, key=params.label_key, column="split")
-    images, quarantine = ingest_files(
-        files, data_dir=data_dir, key=params.label_key, labels=labels, conflicting=conflicting,
-        classes=params.classes, size=params.image_size, splits=splits,
-    )
+    settings = PixelSettings.from_params(params)
+    workers = worker_count(params.workers)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixels = np.stack([image.pixels for image in images]) if images else np.zeros(
-        (0, params.image_size, params.image_size), np.uint8)
-    np.save(out_dir / layout.IMAGES, pixels)
-    index = pd.DataFrame([image.record for image in images], columns=list(layout.INDEX_COLUMNS))
-    index.to_parquet(out_dir / layout.INGEST_INDEX, index=False)
-    pd.DataFrame(quarantine, columns=["path", "reason", "detail"]).to_csv(
-        out_dir / layout.INGEST_QUARANTINE, index=False)
+    images = ImageWriter(out_dir / layout.IMAGES, settings.image_shape, settings.dtype)
+    index = IndexWriter(out_dir / layout.INGEST_INDEX)
+    reasons: Counter[str] = Counter()
+    with open(out_dir / layout.INGEST_QUARANTINE, "w", newline="", encoding="utf-8") as stream:
+        quarantine = csv.writer(stream)
+        quarantine.writerow(QUARANTINE_COLUMNS)
+        # The bar shows counts and rates only: paths can hold accession numbers.
+        results = tqdm(read_all(files, data_dir=data_dir, settings=settings, workers=workers),
+                       total=len(files), unit="file", desc="ingest", mininterval=2.0)
+        for result in results:
+            try:
+                rows = [(pixels, labelled(record, key=params.label_key, labels=labels,
+                                          conflicting=conflicting, classes=params.classes, splits=splits))
+                        for pixels, record in result.images]
+            except Quarantined as err:
+                result = FileResult(result.relative_path, reason=err.reason, detail=str(err))
+            if result.reason:
+                # Paths and reader messages can carry PHI, so they go to the quarantine table,
+                # not to logs that CI systems keep.
+                quarantine.writerow((result.relative_path, result.reason, result.detail))
+                reasons[result.reason] += 1
+                continue
+            for pixels, record in rows:
+                images.append(pixels)
+                index.append(record)
+    images.close()
+    index.close()
+    report(files=len(files), images=images.count, reasons=reasons, params=params, paths=paths,
+           workers=workers, shape=settings.image_shape)
 
-    reasons = Counter(row["reason"] for row in quarantine)
-    metrics = {"files": len(files), "images": len(images), "quarantined": len(quarantine),
+
+def labelled(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str],
+             classes: list[int], splits: dict[str, str]) -> dict:
+    """``record`` with its label and predefined split (empty when none), or raise Quarantined."""
+    label = assign_label(record, key=key, labels=labels, conflicting=conflicting, classes=classes)
+    return {**record, "label": label, "predefined_split": splits.get(_key_value(record, key), "")}
+
+
+def report(*, files: int, images: int, reasons: Counter[str], params: IngestParams, paths: object,
+           workers: int, shape: tuple[int, ...]) -> None:
+    """Write the stage's metrics, log the summary, and fail when too many image files were unusable."""
+    skipped = sum(reasons[r] for r in SKIP_REASONS)
+    failed = sum(reasons.values()) - skipped
+    metrics = {"files": files, "images": images, "quarantined": failed, "skipped_not_images": skipped,
                **{f"quarantined_{reason}": count for reason, count in sorted(reasons.items())}}
     Path(paths.ingest_metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.ingest_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    logger.info("ingested %d images of shape %s from %d files", len(images), pixels.shape[1:], len(files))
-    if quarantine:
-        logger.warning("%d files quarantined (%s): see %s", len(quarantine),
-                       ", ".join(f"{count} {reason}" for reason, count in reasons.most_common()),
-                       out_dir / layout.INGEST_QUARANTINE)
-
-    share = len(quarantine) / len(files)
+    quarantine_file = Path(paths.ingest_dir) / layout.INGEST_QUARANTINE
+    logger.info("ingested %d images of shape %s from %d files with %d worker(s)", images, shape, files, workers)
+    summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    if reasons:
+        logger.warning("%d files quarantined (%s): see %s", sum(reasons.values()), summary, quarantine_file)
+    candidates = files - skipped
+    share = failed / candidates if candidates else 1.0
     if share > params.max_quarantine_fraction:
         raise StageError(
-            f"{len(quarantine)} of {len(files)} files quarantined ({share:.1%} > "
-            f"ingest.max_quarantine_fraction {params.max_quarantine_fraction:.1%}): "
-            + ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-            + f"; see {out_dir / layout.INGEST_QUARANTINE}"
+            f"{failed} of {candidates} image files quarantined ({share:.1%} > "
+            f"ingest.max_quarantine_fraction {params.max_quarantine_fraction:.1%}): {summary}; "
+            f"see {quarantine_file}"
         )
 
 

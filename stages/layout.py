@@ -6,10 +6,12 @@ The folders themselves come from the ``paths`` section of ``params.yaml`` (inter
 
 from __future__ import annotations
 
+import numpy as np
+
 # ingest -> deidentify (contains PHI: nothing after deidentify may read these)
-INGEST_INDEX = "index.parquet"        # one row per usable image, row i <-> IMAGES[i]
+INGEST_INDEX = "index.parquet"        # one row per image (frame), row i <-> IMAGES[i]
 INGEST_QUARANTINE = "quarantine.csv"  # path, reason, detail
-IMAGES = "images.npy"                 # uint8 array (n, size, size), pixels as displayed
+IMAGES = "images.npy"                 # (n, size, size[, 3]) uint8 0-255 or float16 0-1, as displayed
 
 # deidentify -> everything downstream
 DEID_MANIFEST = "manifest.parquet"    # one row per image, row i <-> IMAGES[i]
@@ -27,13 +29,20 @@ AUGMENTED_LABELS = "train_labels.npy"
 MODEL_FILE = "model.keras"
 RUN_INFO = "mlflow_run.json"          # the MLflow run that evaluate continues
 
-INDEX_COLUMNS = (
-    "source_path", "sha256", "sop_instance_uid", "series_instance_uid", "study_instance_uid",
-    "accession_number", "patient_id", "modality", "manufacturer", "body_part", "view_position",
-    "patient_sex", "patient_age", "rows", "columns", "pixel_spacing_mm", "bits_stored",
-    "photometric", "transfer_syntax", "label", "predefined_split", "pixel_min", "pixel_max",
-    "pixel_mean", "pixel_std", "pixel_extreme_share",
-)
+# The ingest index: one row per image (a frame of a file), PHI included.
+INDEX_SCHEMA = {
+    "row_key": "string", "source_path": "string", "sha256": "string",
+    "sop_instance_uid": "string", "series_instance_uid": "string", "study_instance_uid": "string",
+    "accession_number": "string", "patient_id": "string", "modality": "string",
+    "manufacturer": "string", "manufacturer_model": "string", "body_part": "string",
+    "view_position": "string", "patient_sex": "string", "patient_age": "string",
+    "rows": "integer", "columns": "integer", "pixel_spacing_mm": "float", "bits_stored": "integer",
+    "photometric": "string", "transfer_syntax": "string", "number_of_frames": "integer",
+    "frame_index": "integer", "label": "integer", "predefined_split": "string",
+    "pixel_min": "float", "pixel_max": "float", "pixel_mean": "float", "pixel_std": "float",
+    "pixel_extreme_share": "float",
+}
+INDEX_COLUMNS = tuple(INDEX_SCHEMA)
 
 # The de-identified manifest's columns and their kinds (validate checks both).
 MANIFEST_SCHEMA = {
@@ -46,3 +55,17 @@ MANIFEST_SCHEMA = {
     "pixel_extreme_share": "float", "pixel_sha256": "string", "dicom_file": "string",
 }
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA)
+
+
+def unit_pixels(images: np.ndarray) -> np.ndarray:
+    """Stored pixels (uint8 0-255 or float16 0-1, as ``IMAGES`` holds them) as float32 in [0, 1]."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+def stored_pixels(unit: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+    """Pixels in [0, 1] back to the stored form ``dtype`` (uint8 or float16)."""
+    if np.dtype(dtype) == np.uint8:
+        return np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.clip(unit, 0.0, 1.0).astype(np.float16)

@@ -25,7 +25,7 @@ class ParamsError(ValueError):
     """A value in ``params.yaml`` is missing, unknown, of the wrong type or out of range."""
 
 
-def _choices(*allowed: str) -> dict[str, Any]:
+def _choices(*allowed: str | int) -> dict[str, Any]:
     return {"choices": allowed}
 
 
@@ -62,6 +62,12 @@ class IngestParams:
     )
     classes: list[int]
     image_size: int = field(metadata=_interval(16, 1024))
+    channels: int = field(metadata=_choices(1, 3))
+    pixel_dtype: str = field(metadata=_choices("uint8", "float16"))
+    frames: str = field(metadata=_choices("first", "middle", "all"))
+    voi_index: int = field(metadata=_interval(0, None))
+    target_spacing_mm: float | None = field(metadata=_interval(0.0, None, closed="neither"))
+    workers: int = field(metadata=_interval(0, 1024))
     max_quarantine_fraction: float = field(metadata=_interval(0.0, 1.0))
 
 
@@ -216,6 +222,8 @@ def _check_value(key: str, value: Any, hint: Any, fld: dataclasses.Field) -> Any
     """Return ``value`` converted to ``hint`` or raise a one-line ParamsError."""
     if not _matches(value, hint):
         raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+    if value is None:  # only an optional field gets here: nothing to range-check
+        return value
     if hint is float:
         value = float(value)
     choices = fld.metadata.get("choices")
@@ -256,8 +264,11 @@ def _describe(hint: Any, fld: dataclasses.Field) -> str:
     if origin is list:
         text = f"a non-empty list of {typing.get_args(hint)[0].__name__}"
     else:
-        name = getattr(hint, "__name__", str(hint))
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        name = getattr(args[0], "__name__", str(args[0]))
         text = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+        if len(args) < len(typing.get_args(hint)):
+            text = f"null or {text}"
     choices = fld.metadata.get("choices")
     if choices is not None:
         text = "one of " + ", ".join(repr(c) for c in choices)

@@ -48,8 +48,9 @@ ARCHITECTURES = {"seed_cnn": build_seed_cnn}
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, h, w) -> float32 (n, h, w, 1) in [0, 1], the model's input convention."""
-    return (images.astype(np.float32) / 255.0)[..., None]
+    """Stored images (n, h, w) or (n, h, w, c) -> float32 (n, h, w, c) in [0, 1], the model's input."""
+    unit = layout.unit_pixels(images)
+    return unit[..., None] if unit.ndim == 3 else unit
 
 
 def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,

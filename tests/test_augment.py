@@ -317,3 +317,16 @@ class TestWritePreview:
         write_preview(images[:3], [], path, rng=np.random.default_rng(0))  # 6 rows asked, 3 given
 
         assert matplotlib.image.imread(path).shape[:2] == (3 * 160, 6 * 160)
+
+
+def test_colour_and_float16_images_keep_their_shape_and_dtype():
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 16, 16, 3)).astype(np.float16)
+    policy = build_policy(load_params("augment", path=Path(__file__).resolve().parents[1] / "params.yaml"))
+
+    augmented = augment_images(images, policy, copies=2, rng=np.random.default_rng(1))
+
+    assert augmented.shape == (9, 16, 16, 3) and augmented.dtype == np.float16
+    np.testing.assert_array_equal(augmented[:3], images)
+    assert 0.0 <= float(augmented.min()) and float(augmented.max()) <= 1.0
+    assert not np.array_equal(augmented[3:6], images)

@@ -577,9 +577,30 @@ class TestMain:
         assert "exceeds the maximum length" not in caplog.text
         assert not [w for w in caught if "exceeds the maximum length" in str(w.message)]
 
+    def test_frames_of_one_object_get_their_own_keys_and_share_its_file(self, stage_dir):
+        ingest_dir = stage_dir / "outputs" / "ingest"
+        index = pd.read_parquet(ingest_dir / layout.INGEST_INDEX)
+        index["number_of_frames"], index["frame_index"] = 1, 0
+        frames = pd.concat([index.iloc[[0]]] * 2, ignore_index=True).assign(number_of_frames=2, frame_index=[0, 1])
+        pd.concat([frames, index.iloc[1:]], ignore_index=True).to_parquet(ingest_dir / layout.INGEST_INDEX)
+        images = np.load(ingest_dir / layout.IMAGES)
+        np.save(ingest_dir / layout.IMAGES, np.concatenate([images[:1], images]))
+
+        deidentify.main()
+
+        out = stage_dir / "outputs" / "deidentify"
+        manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
+        uid = index["sop_instance_uid"][0]
+        assert list(manifest["image_key"][:2]) == [keyed_hex(deidentify.DEMO_SECRET, f"{uid}#{i}", 16)
+                                                  for i in (0, 1)]
+        assert manifest["image_key"].is_unique
+        assert manifest["dicom_file"][0] == manifest["dicom_file"][1] != manifest["dicom_file"][2]
+        assert len(list((out / layout.DEID_DICOM_DIR).iterdir())) == 3
+        assert len(pd.read_csv(out / layout.DEID_AUDIT)) == 3
+
     def test_image_count_mismatch_is_an_error(self, stage_dir):
         np.save(stage_dir / "outputs" / "ingest" / layout.IMAGES, np.zeros((2, 8, 8), np.uint8))
-        message = r"images.npy: expected uint8 of shape \(3, size, size\)"
+        message = r"images.npy: expected uint8 or float16 of shape \(3, size, size\[, 3\]\)"
         with pytest.raises(StageError, match=message):
             deidentify.main()
 

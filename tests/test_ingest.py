@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import pytest
 import yaml
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from stages import ingest, layout
 from stages.cli import StageError
 from stages.ingest import (
+    PixelSettings,
     Quarantined,
     assign_label,
     find_candidate_files,
@@ -215,6 +217,35 @@ class TestToDisplayPixels:
         )
 
 
+class TestNativePixels:
+    @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "OBXXXX1A.dcm", "rtdose.dcm",
+                                      "liver_1frame.dcm", "MR_small_implicit.dcm"])
+    def test_equals_pydicom_pixel_array(self, name):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        native = ingest.native_pixels(ds)
+        if native is None:  # multi-frame or 32-bit: must be pydicom's to decode
+            assert ingest.number_of_frames(ds) > 1 or ds.BitsAllocated not in (8, 16)
+            return
+        np.testing.assert_array_equal(native, ds.pixel_array)
+        assert native.dtype == ds.pixel_array.dtype
+
+    @pytest.mark.parametrize("signed", [False, True])
+    def test_masks_unused_high_bits_and_sign_extends_like_pydicom(self, tmp_path, make_dicom, signed):
+        path = make_dicom(tmp_path / "12bit.dcm", np.zeros((2, 2), np.uint16), bits_stored=12)
+        ds = pydicom.dcmread(path)
+        # Garbage above bit 12 (overlays once lived there), and 12-bit negatives when signed.
+        ds.PixelData = np.array([[0xF123, 0x0FFF], [0x0800, 5]], dtype="<u2").tobytes()
+        ds.PixelRepresentation = int(signed)
+        ds.save_as(path)
+        ds = pydicom.dcmread(path)
+
+        np.testing.assert_array_equal(ingest.native_pixels(ds), pydicom.dcmread(path).pixel_array)
+
+    def test_compressed_and_short_data_go_to_pydicom(self, tmp_path):
+        assert ingest.native_pixels(pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))) is None
+        assert ingest.native_pixels(pydicom.dcmread(get_testdata_file("MR_truncated.dcm"))) is None
+
+
 class TestResizeWithPadding:
     def test_same_size_is_unchanged(self):
         image = np.random.default_rng(1).random((8, 8)).astype(np.float32)
@@ -272,28 +303,33 @@ class TestReadImage:
         display = (modality - modality.min()) / (modality.max() - modality.min())
         expected = np.round(_block_mean(display, 4) * 255)
 
-        read_ds, pixels = read_image(path, size=32)
+        read_ds, frames = read_image(path, PixelSettings(size=32))
+        pixels = frames[0].pixels
 
         assert read_ds.SOPInstanceUID == ds.SOPInstanceUID
         assert pixels.dtype == np.uint8 and pixels.shape == (32, 32)
         np.testing.assert_allclose(pixels, expected, atol=1)
 
-    def test_multi_frame_uses_the_first_frame(self, tmp_path, make_dicom):
-        frames = np.zeros((2, 16, 16), dtype=np.uint8)
-        frames[0, :, :8] = 200  # left half bright in frame 0
-        frames[1, :, 8:] = 200  # right half bright in frame 1
-        path = make_dicom(tmp_path / "multi.dcm", frames)
+    @pytest.mark.parametrize(("frames", "expected"), [("first", [0]), ("middle", [1]), ("all", [0, 1, 2])])
+    def test_multi_frame_objects_give_the_chosen_frames(self, tmp_path, make_dicom, frames, expected):
+        stack = np.zeros((3, 16, 16), dtype=np.uint8)
+        stack[0, :, :8] = 200   # left half bright in frame 0
+        stack[1, :8, :] = 200   # top half in frame 1
+        stack[2, :, 8:] = 200   # right half in frame 2
+        path = make_dicom(tmp_path / "multi.dcm", stack)
 
-        _, pixels = read_image(path, size=16)
+        _, read = read_image(path, PixelSettings(size=16, frames=frames))
 
-        np.testing.assert_array_equal(pixels, (frames[0] > 0) * 255)
+        assert [frame.index for frame in read] == expected
+        for frame in read:
+            np.testing.assert_array_equal(frame.pixels, (stack[frame.index] > 0) * 255)
 
     def test_text_file_is_not_dicom(self, tmp_path):
         path = tmp_path / "notes.txt"
         path.write_text("patient list, not an image\n", encoding="utf-8")
 
         with pytest.raises(Quarantined, match="DICM") as info:
-            read_image(path, size=32)
+            read_image(path, PixelSettings(size=32))
 
         assert info.value.reason == "not_dicom"
 
@@ -303,13 +339,13 @@ class TestReadImage:
         path.write_bytes(original[: len(original) // 2])  # cut inside (7FE0,0010) Pixel Data
 
         with pytest.raises(Quarantined, match="less than expected") as info:
-            read_image(path, size=32)
+            read_image(path, PixelSettings(size=32))
 
         assert info.value.reason == "truncated"
 
     def test_pydicom_truncated_test_file(self):
         with pytest.raises(Quarantined, match="less than expected") as info:
-            read_image(Path(get_testdata_file("MR_truncated.dcm")), size=32)
+            read_image(Path(get_testdata_file("MR_truncated.dcm")), PixelSettings(size=32))
 
         assert info.value.reason == "truncated"
 
@@ -320,24 +356,123 @@ class TestReadImage:
         ds.save_as(path)
 
         with pytest.raises(Quarantined, match=re.escape("(7FE0,0010) Pixel Data is absent")) as info:
-            read_image(path, size=32)
+            read_image(path, PixelSettings(size=32))
 
         assert info.value.reason == "no_pixel_data"
 
-    @pytest.mark.parametrize(
-        ("name", "photometric"),
-        [("SC_rgb_small_odd.dcm", "RGB"), ("examples_rgb_color.dcm", "RGB"),
-         ("examples_palette.dcm", "PALETTE COLOR")],
-    )
-    def test_colour_files_are_unsupported_photometric(self, name, photometric):
-        with pytest.raises(
-            Quarantined,
-            match=re.escape(f"(0028,0004) Photometric Interpretation {photometric!r} is not one of "
-                            "MONOCHROME1, MONOCHROME2"),
-        ) as info:
-            read_image(Path(get_testdata_file(name)), size=32)
+    @pytest.mark.parametrize("name", ["SC_rgb_small_odd.dcm", "examples_rgb_color.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+    def test_colour_becomes_luminance_or_rgb_as_configured(self, name):
+        path = Path(get_testdata_file(name))
+        ds = pydicom.dcmread(path)
+        rgb = ds.pixel_array.astype(np.float64) / (2 ** int(ds.BitsStored) - 1)  # YBR decoded to RGB
+
+        _, gray = read_image(path, PixelSettings(size=32))
+        _, colour = read_image(path, PixelSettings(size=32, channels=3))
+
+        np.testing.assert_allclose(gray[0].display, rgb @ [0.299, 0.587, 0.114], atol=1e-5)
+        np.testing.assert_allclose(colour[0].display, rgb, atol=1e-6)
+        assert gray[0].pixels.shape == (32, 32) and colour[0].pixels.shape == (32, 32, 3)
+
+    def test_palette_colour_goes_through_its_lookup_tables(self):
+        path = Path(get_testdata_file("examples_palette.dcm"))
+        ds = pydicom.dcmread(path)
+        rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float64) / (
+            2 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1)
+
+        _, frames = read_image(path, PixelSettings(size=32, channels=3))
+
+        np.testing.assert_allclose(frames[0].display, rgb, atol=1e-6)
+
+    def test_grayscale_repeated_into_three_channels(self):
+        _, gray = read_image(Path(get_testdata_file("CT_small.dcm")), PixelSettings(size=32))
+        _, colour = read_image(Path(get_testdata_file("CT_small.dcm")), PixelSettings(size=32, channels=3))
+
+        for channel in range(3):
+            np.testing.assert_array_equal(colour[0].pixels[..., channel], gray[0].pixels)
+
+    def test_unknown_photometric_is_quarantined(self, tmp_path, make_dicom):
+        path = make_dicom(tmp_path / "cmyk.dcm", np.zeros((8, 8), np.uint8))
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "CMYK"  # retired: no decoder maps it to a display
+        ds.save_as(path)
+
+        with pytest.raises(Quarantined, match=r"Photometric Interpretation 'CMYK' is not one of") as info:
+            read_image(path, PixelSettings(size=8))
 
         assert info.value.reason == "unsupported_photometric"
+
+    def test_float16_output_keeps_the_display_values(self):
+        path = Path(get_testdata_file("CT_small.dcm"))
+        _, as_uint8 = read_image(path, PixelSettings(size=32))
+        _, as_float = read_image(path, PixelSettings(size=32, dtype="float16"))
+
+        assert as_float[0].pixels.dtype == np.float16
+        np.testing.assert_allclose(as_float[0].pixels.astype(np.float32) * 255,
+                                   as_uint8[0].pixels.astype(np.float32), atol=0.6)
+
+    def test_second_window_when_asked(self, tmp_path, make_dicom):
+        stored = np.arange(64, dtype=np.uint16).reshape(8, 8) * 64
+        path = make_dicom(tmp_path / "two_windows.dcm", stored, bits_stored=12,
+                          WindowCenter=[1000, 3000], WindowWidth=[500, 2000])
+        ds = pydicom.dcmread(path)
+
+        _, first = read_image(path, PixelSettings(size=8))
+        _, second = read_image(path, PixelSettings(size=8, voi_index=1))
+        _, beyond = read_image(path, PixelSettings(size=8, voi_index=5))  # fewer windows: the last
+
+        np.testing.assert_allclose(second[0].display, np.clip(
+            (stored - (3000 - 0.5)) / (2000 - 1) + 0.5, 0, 1), atol=1e-6)
+        assert not np.allclose(first[0].display, second[0].display)
+        np.testing.assert_array_equal(beyond[0].pixels, second[0].pixels)
+        assert ds.WindowCenter == [1000, 3000]
+
+    def test_common_pixel_spacing_resamples_then_pads(self, tmp_path, make_dicom):
+        image = np.full((40, 20), 200, np.uint8)
+        image[0, 0] = 0  # not blank
+        path = make_dicom(tmp_path / "spaced.dcm", image, PixelSpacing=[0.5, 1.0])
+
+        _, frames = read_image(path, PixelSettings(size=32, target_spacing_mm=1.0))
+
+        bright = frames[0].pixels > 100
+        rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (20, 20)  # 20 mm x 20 mm
+
+    def test_common_spacing_needs_a_spacing(self, tmp_path, make_dicom):
+        path = make_dicom(tmp_path / "no_spacing.dcm", np.eye(8, dtype=np.uint8) * 9)
+
+        with pytest.raises(Quarantined) as info:
+            read_image(path, PixelSettings(size=8, target_spacing_mm=1.0))
+
+        assert info.value.reason == "no_pixel_spacing"
+
+    def test_blank_image_is_quarantined_not_passed_on(self, tmp_path, make_dicom):
+        path = make_dicom(tmp_path / "blank.dcm", np.full((8, 8), 77, np.uint8), WindowCenter=100,
+                          WindowWidth=50)
+
+        with pytest.raises(Quarantined, match="every pixel shows the same value") as info:
+            read_image(path, PixelSettings(size=8))
+
+        assert info.value.reason == "blank"
+
+    def test_file_without_preamble_is_read(self, tmp_path, make_dicom):
+        path = make_dicom(tmp_path / "with_preamble.dcm", np.eye(8, dtype=np.uint8) * 9)
+        raw = tmp_path / "raw"
+        raw.write_bytes(path.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
+
+        ds, frames = read_image(raw, PixelSettings(size=8))
+
+        assert ds.SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
+        np.testing.assert_array_equal(frames[0].pixels, np.eye(8, dtype=np.uint8) * 255)
+
+    @pytest.mark.parametrize(("name", "reason"), [
+        ("DICOMDIR", "dicomdir"), ("test-SR.dcm", "not_an_image"), ("rtplan.dcm", "not_an_image"),
+        ("ExplVR_LitEndNoMeta.dcm", "not_an_image"), ("README.txt", "not_dicom"),
+    ])
+    def test_directories_and_non_image_objects_are_skipped_with_a_reason(self, name, reason):
+        with pytest.raises(Quarantined) as info:
+            read_image(Path(get_testdata_file(name)), PixelSettings(size=8))
+
+        assert info.value.reason == reason
 
     def test_invalid_window_width_is_quarantined_not_a_crash(self, tmp_path, make_dicom):
         # A bad file must never stop the run (module docstring); pydicom rejects width 0.
@@ -345,7 +480,7 @@ class TestReadImage:
                           WindowCenter=100, WindowWidth=0)
 
         with pytest.raises(Quarantined, match=r"\(0028,1051\) Window Width") as caught:
-            read_image(path, size=8)
+            read_image(path, PixelSettings(size=8))
         assert caught.value.reason == "invalid_voi"
 
 
@@ -498,11 +633,63 @@ class TestIngestMain:
         return tmp_path
 
     @staticmethod
-    def _set_max_fraction(workdir: Path, value: float) -> None:
+    def _set(workdir: Path, **ingest_params: object) -> None:
         path = workdir / "params.yaml"
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
-        params["ingest"]["max_quarantine_fraction"] = value
+        params["ingest"].update(ingest_params)
         path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    def _set_max_fraction(self, workdir: Path, value: float) -> None:
+        self._set(workdir, max_quarantine_fraction=value)
+
+    def _outputs(self, workdir: Path) -> tuple[bytes, pd.DataFrame, str]:
+        out = workdir / "outputs" / "ingest"
+        return ((out / layout.IMAGES).read_bytes(), pd.read_parquet(out / layout.INGEST_INDEX),
+                (out / layout.INGEST_QUARANTINE).read_text())
+
+    def test_worker_pool_writes_exactly_what_one_process_writes(self, workdir):
+        self._set(workdir, workers=1)
+        ingest.main()
+        single = self._outputs(workdir)
+        self._set(workdir, workers=3)
+        ingest.main()
+        pooled = self._outputs(workdir)
+
+        assert pooled[0] == single[0]
+        pd.testing.assert_frame_equal(pooled[1], single[1])
+        assert pooled[2] == single[2]
+
+    def test_every_frame_becomes_a_row_when_asked(self, workdir, make_dicom):
+        stack = np.stack([_levels(3 * i) for i in range(4)])
+        make_dicom(workdir / "data" / "cine" / "loop", stack, AccessionNumber="ACC0", PatientID="P99")
+        self._set(workdir, frames="all")
+        ingest.main()
+
+        _, index, _ = self._outputs(workdir)
+        cine = index[index["source_path"] == "cine/loop"]
+        assert list(cine["frame_index"]) == [0, 1, 2, 3]
+        assert set(cine["number_of_frames"]) == {4} and cine["row_key"].is_unique
+        assert len(np.load(workdir / "outputs" / "ingest" / layout.IMAGES)) == len(index) == 12
+
+    def test_non_image_objects_are_listed_but_not_failures(self, workdir):
+        shutil.copy(get_testdata_file("test-SR.dcm"), workdir / "data" / "report")
+        shutil.copy(get_testdata_file("DICOMDIR"), workdir / "data" / "DICOMDIR")
+        self._set_max_fraction(workdir, 0.3)  # 3 of 11 images fail: 27 %, under 30 %
+
+        ingest.main()
+
+        _, _, quarantine = self._outputs(workdir)
+        assert "report,not_an_image," in quarantine and "DICOMDIR,dicomdir," in quarantine
+        metrics = json.loads((workdir / "reports" / "ingest.json").read_text())
+        assert metrics["skipped_not_images"] == 2 and metrics["quarantined"] == 3
+
+    def test_float16_rgb_output(self, workdir):
+        self._set(workdir, pixel_dtype="float16", channels=3)
+        ingest.main()
+
+        images = np.load(workdir / "outputs" / "ingest" / layout.IMAGES)
+        assert images.dtype == np.float16 and images.shape == (8, 64, 64, 3)
+        assert 0.0 <= float(images.min()) < float(images.max()) <= 1.0
 
     def test_writes_images_index_quarantine_and_metrics(self, workdir):
         ingest.main()
@@ -517,7 +704,7 @@ class TestIngestMain:
         assert list(index.columns) == list(layout.INDEX_COLUMNS)
         assert list(index["source_path"]) == self.USABLE
         assert dict(zip(quarantine["path"], quarantine["reason"])) == self.QUARANTINED
-        assert metrics == {"files": 11, "images": 8, "quarantined": 3,
+        assert metrics == {"files": 11, "images": 8, "quarantined": 3, "skipped_not_images": 0,
                            "quarantined_label_not_in_classes": 1, "quarantined_no_label": 1,
                            "quarantined_not_dicom": 1}
 
@@ -548,7 +735,7 @@ class TestIngestMain:
         self._set_max_fraction(workdir, 0.2)
 
         with pytest.raises(StageError, match=re.escape(
-                "3 of 11 files quarantined (27.3% > ingest.max_quarantine_fraction 20.0%)")) as info:
+                "3 of 11 image files quarantined (27.3% > ingest.max_quarantine_fraction 20.0%)")) as info:
             ingest.main()
 
         message = str(info.value)

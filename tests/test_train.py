@@ -73,3 +73,13 @@ class TestTrainModel:
         runs = [train_model(train_x, train_y, val_x, val_y, params=params,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
         np.testing.assert_allclose(runs[0]["val_loss"], runs[1]["val_loss"], atol=1e-6)
+
+
+def test_model_input_from_every_stored_layout():
+    from stages.train import to_model_input
+
+    gray = np.array([[[0, 255]]], dtype=np.uint8)
+    rgb = np.full((1, 1, 2, 3), 0.5, dtype=np.float16)
+
+    np.testing.assert_allclose(to_model_input(gray), [[[[0.0], [1.0]]]])
+    assert to_model_input(rgb).shape == (1, 1, 2, 3) and to_model_input(rgb).dtype == np.float32
