@@ -64,6 +64,7 @@ COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_
 # Listed in the quarantine but not failures: these files were never meant to be images.
 SKIP_REASONS = ("dicomdir", "not_an_image")
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
+EXTREME_MARGIN = 0.5 / 255  # see extreme_share
 INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is written
 
 
@@ -437,8 +438,12 @@ def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydico
 
 
 def extreme_share(display: np.ndarray) -> float:
-    """Share of pixels at the ends of the display range (0 or 1): high means saturated."""
-    return float(np.mean((display <= 0.0) | (display >= 1.0)))
+    """Share of pixels at the ends of the display range: high means saturated.
+
+    "At an end" is within half an 8-bit display step of 0 or 1, so that pixels a window clips
+    count the same whichever arithmetic computed them.
+    """
+    return float(np.mean((display < EXTREME_MARGIN) | (display > 1.0 - EXTREME_MARGIN)))
 
 
 def describe_image(ds: pydicom.Dataset, frame: Frame, *, source_path: str, sha256: str) -> dict:
