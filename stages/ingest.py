@@ -44,7 +44,9 @@ import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.uid import (
+    ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage,
+)
 from tqdm import tqdm
 
 from stages import layout
@@ -147,8 +149,11 @@ def read_dataset(source: Path | BinaryIO) -> pydicom.Dataset:
             sop_class = None
         if not sop_class:
             raise Quarantined("not_dicom", str(err)) from err
+        _record_detected_encoding(ds)
     except Exception as err:  # pydicom raises many types for damaged headers
         raise Quarantined("truncated", f"header unreadable: {type(err).__name__}: {err}") from err
+    if len(ds) == 0:  # pydicom only warns when the data set ends early, inside its first element
+        raise Quarantined("truncated", "no data element could be read after the file meta information")
     media_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
     if media_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         raise Quarantined("dicomdir", "a DICOMDIR (media directory), not an image")
@@ -163,15 +168,32 @@ def read_dataset(source: Path | BinaryIO) -> pydicom.Dataset:
     return ds
 
 
+def _record_detected_encoding(ds: pydicom.Dataset) -> None:
+    """Give a file without meta information the transfer syntax pydicom found while reading it.
+
+    Its pixel decoders need one; a viewer would show such a file, so ingest does too.
+    """
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def decode_frames(ds: pydicom.Dataset, *, frames: str) -> list[tuple[int, np.ndarray]]:
     """Stored values of the chosen frame(s) as (frame number, array), or raise Quarantined."""
-    photometric = ds.get("PhotometricInterpretation", "")
+    photometric = ds.get("PhotometricInterpretation")
     if photometric not in GRAYSCALE + COLOUR:
-        raise Quarantined(
-            "unsupported_photometric",
-            f"(0028,0004) Photometric Interpretation {photometric!r} is not one of "
-            f"{', '.join(GRAYSCALE + COLOUR)}",
-        )
+        found = "is absent" if photometric is None else f"is {photometric!r}"
+        raise Quarantined("unsupported_photometric", f"(0028,0004) Photometric Interpretation {found}, "
+                          f"not one of {', '.join(GRAYSCALE + COLOUR)}")
+    if photometric == "PALETTE COLOR" and ds.file_meta.get("TransferSyntaxUID") == ExplicitVRBigEndian:
+        # pydicom's apply_color_lut reads the OW lookup tables as little endian: colours would be wrong.
+        raise Quarantined("unsupported_photometric", "PALETTE COLOR in a big-endian file: its lookup "
+                          "tables would be read with the wrong byte order")
     n_frames = number_of_frames(ds)
     wanted = {"first": 0, "middle": n_frames // 2}.get(frames)
     try:
@@ -263,13 +285,15 @@ def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: in
     fast = _linear_display(ds, stored, voi_index=voi_index)
     if fast is not None:
         return fast
-    values = apply_modality_lut(stored, ds).astype(np.float64)
+    values = apply_modality_lut(stored, ds)
     # Present but empty elements mean "no VOI", as pydicom's apply_voi_lut decides.
     lut = ds.get("VOILUTSequence")
     has_lut = bool(lut) and None not in (lut[0].get("LUTDescriptor"), lut[0].get("LUTData"))
     has_window = None not in (ds.get("WindowCenter"), ds.get("WindowWidth"))
     if not (has_lut or has_window):
-        return _min_max(values, ds)
+        return _min_max(values.astype(np.float64), ds)
+    if not has_lut:  # a VOI LUT indexes by the integer values; a window computes in floats
+        values = values.astype(np.float64)
     index = min(voi_index, (len(lut) if has_lut else _multiplicity(ds.WindowCenter)) - 1)
     values = apply_voi_lut(values, ds, index=index)
     low, high = _voi_output_range(ds, lut=has_lut, index=index)
@@ -427,7 +451,8 @@ def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydico
         if not np.isfinite(display).all():
             raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
         if display.max() == display.min():
-            raise Quarantined("blank", f"frame {index}: every pixel shows the same value")
+            raise Quarantined("blank", f"frame {index}: every pixel shows the same value once the "
+                              "modality and VOI steps are applied")
         if settings.target_spacing_mm is None:
             fitted = resize_with_padding(display, settings.size)
         else:

@@ -396,7 +396,7 @@ class TestReadImage:
         ds.PhotometricInterpretation = "CMYK"  # retired: no decoder maps it to a display
         ds.save_as(path)
 
-        with pytest.raises(Quarantined, match=r"Photometric Interpretation 'CMYK' is not one of") as info:
+        with pytest.raises(Quarantined, match=r"Photometric Interpretation is 'CMYK', not one of") as info:
             read_image(path, PixelSettings(size=8))
 
         assert info.value.reason == "unsupported_photometric"
