@@ -56,11 +56,6 @@ from stages.params import IngestParams, load_params
 logger = logging.getLogger(__name__)
 
 LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
-_KEY_TAGS = {
-    "accession_number": "AccessionNumber",
-    "study_instance_uid": "StudyInstanceUID",
-    "sop_instance_uid": "SOPInstanceUID",
-}
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 # Listed in the quarantine but not failures: these files were never meant to be images.
