@@ -19,9 +19,26 @@ EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
 
 
+# Where DVC runs queued experiments: a temporary copy of the repository under this folder.
+DVC_QUEUE_WORKSPACES = (".dvc", "tmp", "exps")
+
+
+def repository_root(cwd: Path | None = None) -> Path:
+    """The repository a stage runs for: the working directory, or, inside a temporary workspace
+    of ``dvc queue`` (``<repo>/.dvc/tmp/exps/...``), the repository that queued it, so that
+    queued experiments log to the same store as ``dvc repro`` instead of a copy that is deleted.
+    """
+    parts = (cwd or Path.cwd()).resolve().parts
+    n = len(DVC_QUEUE_WORKSPACES)
+    for i in range(len(parts) - n + 1):
+        if parts[i:i + n] == DVC_QUEUE_WORKSPACES:
+            return Path(*parts[:i])
+    return Path(*parts)
+
+
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the repository's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_TRACKING_DB).resolve()}"
+    """``MLFLOW_TRACKING_URI`` when set, else the SQLite store of :func:`repository_root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / DEFAULT_TRACKING_DB}"
 
 
 def configure_mlflow(experiment: str | None = EXPERIMENT_NAME) -> None:

@@ -7,9 +7,11 @@ repository and run in file order (the Makefile keeps a file on one xdist worker)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +157,28 @@ def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
         client.get_model_version("dicomflow-classifier", "1").tags["test_roc_auc"]) else "challenger"
     assert second.aliases == [expected]
     assert "train.epochs" in _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)
+
+
+def test_four_queued_experiments_on_two_workers_all_reach_the_store(repo, registry):
+    root, env = repo
+    _, client = registry
+    experiment = client.get_experiment_by_name("dicomflow").experiment_id
+    rates = ["0.0005", "0.002", "0.003", "0.004"]
+    for lr in rates:
+        _run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}"], root, env)
+    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+
+    deadline = time.monotonic() + 600
+    while True:
+        status = _run(["dvc", "queue", "status"], root, env)
+        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    _run(["dvc", "queue", "stop", "--kill"], root, env)
+    assert status.count("Success") == 4, status
+
+    runs = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED'")
+    trained = [run for run in runs if run.data.params.get("train.lr") in rates]
+    assert sorted(run.data.params["train.lr"] for run in trained) == sorted(rates)
+    assert all("test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics for run in trained)
+    assert not (root / ".dvc" / "tmp" / "exps").exists() or not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))

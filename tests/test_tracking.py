@@ -13,6 +13,16 @@ def test_tracking_uri_defaults_to_the_repository_sqlite_file(tmp_path, monkeypat
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
 
 
+def test_queued_experiments_log_to_the_repository_that_queued_them(tmp_path, monkeypatch):
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "3f2a9c"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.repository_root() == tmp_path.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.repository_root(tmp_path / "src") == (tmp_path / "src").resolve()
+
+
 def test_data_version_reads_the_hash_in_data_dvc(tmp_path):
     pointer = tmp_path / "data.dvc"
     assert tracking.data_version(pointer) == "unknown"
