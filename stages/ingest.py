@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from stages import layout
 from stages.cli import StageError, run_stage
-from stages.params import IngestParams, load_params
+from stages.params import IngestParams, PathsParams, load_params
 
 logger = logging.getLogger(__name__)
 
@@ -692,8 +692,8 @@ def labelled(record: dict, *, key: str, labels: dict[str, str], conflicting: set
     return {**record, "label": label, "predefined_split": splits.get(_key_value(record, key), "")}
 
 
-def report(*, files: int, images: int, reasons: Counter[str], params: IngestParams, paths: object,
-           workers: int, shape: tuple[int, ...]) -> None:
+def report(*, files: int, images: int, reasons: Counter[str], params: IngestParams,
+           paths: PathsParams, workers: int, shape: tuple[int, ...]) -> None:
     """Write the stage's metrics, log the summary, and fail when too many image files were unusable."""
     skipped = sum(reasons[r] for r in SKIP_REASONS)
     failed = sum(reasons.values()) - skipped
