@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data repro test ui lock clean
+.PHONY: install data repro test ui mlflow-server lock clean
 
 install: $(INSTALLED)
 
@@ -41,6 +41,16 @@ test: install $(TEST_TOOLS)
 # The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The team's tracking server: PostgreSQL backend store, local artifact root, loopback only.
+# Point clients at it with MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (README, "Team mode").
+MLFLOW_BACKEND_STORE_URI ?= postgresql://dicomflow@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACT_ROOT ?= $(abspath mlartifacts)
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND_STORE_URI) \
+	  --default-artifact-root $(MLFLOW_ARTIFACT_ROOT) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 # Re-pin after changing dependencies in pyproject.toml (then run `make test`).
 lock:

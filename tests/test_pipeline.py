@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +186,91 @@ def test_four_queued_experiments_on_two_workers_all_reach_the_store(repo, regist
     assert sorted(run.data.params["train.lr"] for run in trained) == sorted(rates)
     assert all("test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics for run in trained)
     assert not (root / ".dvc" / "tmp" / "exps").exists() or not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL cluster on loopback (Debian's package); yields its MLflow database URI."""
+    initdbs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdbs:
+        message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+        if os.environ.get("DICOMFLOW_REQUIRE_POSTGRES"):
+            pytest.fail(message + "; .ci/run installs it")
+        pytest.skip(message)
+    bin_dir = initdbs[-1].parent
+    # Not under pytest's tmp_path: that folder is private to the user running the tests.
+    folder = Path(tempfile.mkdtemp(prefix="dicomflow-postgres-"))
+    # PostgreSQL refuses to run as root: the package's own user runs the cluster then.
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_owner:
+        shutil.chown(folder, "postgres")
+    cluster, port = folder / "cluster", _free_port()
+    subprocess.run([*as_owner, bin_dir / "initdb", "-D", cluster, "-A", "trust", "-U", "dicomflow",
+                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_owner, bin_dir / "pg_ctl", "-D", cluster, "-l", folder / "server.log", "-w",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_owner, bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "dicomflow", "mlflow"], check=True, capture_output=True)
+        yield f"postgresql://dicomflow@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_owner, bin_dir / "pg_ctl", "-D", cluster, "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def team_server(postgres, tmp_path, repo):
+    """`make mlflow-server` on that database, as the README starts it; yields its URI."""
+    _, env = repo
+    port = _free_port()
+    server = subprocess.Popen(
+        ["make", "-s", "mlflow-server", f"MLFLOW_BACKEND_STORE_URI={postgres}",
+         f"MLFLOW_ARTIFACT_ROOT={tmp_path / 'artifacts'}", f"MLFLOW_PORT={port}"],
+        cwd=REPO, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: make, mlflow and its workers stop together
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_train_and_evaluate_log_to_a_team_server_on_postgresql(repo, team_server):
+    import mlflow
+
+    root, env = repo
+    server_env = {**env, "MLFLOW_TRACKING_URI": team_server}
+    for stage in ("train", "evaluate"):
+        _run([sys.executable, "-m", f"stages.{stage}"], root, server_env)
+
+    mlflow.set_tracking_uri(team_server)
+    try:
+        client = mlflow.MlflowClient()
+        version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["train.epochs"]
+        assert "test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics
+        reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+        assert "reports/validation.html" in reports
+        model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
+        images = np.load(root / "outputs" / "deidentify" / "images.npy")[:3]
+        assert np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None])).shape[0] == 3
+    finally:
+        mlflow.set_tracking_uri(None)
