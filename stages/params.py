@@ -129,6 +129,9 @@ class AugmentParams:
 @dataclass(frozen=True)
 class TrainParams:
     architecture: str = field(metadata=_choices("seed_cnn"))
+    # tf.distribute strategy: default (one device), mirrored (every local GPU), multi_worker
+    # (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG).
+    strategy: str = field(metadata=_choices("default", "mirrored", "multi_worker"))
     epochs: int = field(metadata=_interval(1, 10_000))
     batch_size: int = field(metadata=_interval(1, 65_536))
     lr: float = field(metadata=_interval(0.0, 1.0, closed="right"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,54 +55,149 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     return unit[..., None] if unit.ndim == 3 else unit
 
 
+def make_strategy(name: str):
+    """The ``tf.distribute`` strategy that ``train.strategy`` names.
+
+    Call it before any other TensorFlow op: MultiWorkerMirroredStrategy sets up the runtime's
+    collective ops, and reads its cluster (every worker's host:port, and this process's task) from
+    ``TF_CONFIG``.
+    """
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("train.strategy is 'multi_worker' but TF_CONFIG is not set: give every "
+                             "worker the cluster and its own task, e.g. TF_CONFIG='{\"cluster\": "
+                             "{\"worker\": [\"host1:2222\", \"host2:2222\"]}, \"task\": "
+                             "{\"type\": \"worker\", \"index\": 0}}'")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes outputs and logs to MLflow: always, unless it is one task of a
+    multi-worker cluster that is neither the ``chief`` task nor, in a cluster without one, worker 0."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def binary_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Binary cross-entropy (Keras' clipping), ROC AUC (NaN for a single class) and accuracy at 0.5."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, probabilities = np.asarray(labels, float).ravel(), np.asarray(probabilities, float).ravel()
+    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    auc = roc_auc_score(labels, probabilities) if len(np.unique(labels)) == 2 else float("nan")
+    return {"loss": float(loss), "auc": float(auc),
+            "accuracy": float(np.mean((probabilities >= 0.5) == labels))}
+
+
 def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-                params: TrainParams, checkpoint: Path, callbacks: list | None = None):
+                params: TrainParams, checkpoint: Path | None, strategy=None,
+                on_epoch_end: Callable[[int, dict[str, float]], None] | None = None):
     """Fit the configured architecture; returns the best-on-validation model and its history.
+
+    The loop is ours rather than ``model.fit`` because Keras 3's ``fit`` cannot run under
+    ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585: it fails on ``PerReplica`` inputs).
+    One loop for every strategy keeps the strategies interchangeable: each global batch is split
+    evenly across the replicas and the loss averaged over the global batch, so two workers compute
+    what one process computes, up to float rounding.
 
     Parameters
     ----------
     train_x, val_x : ndarray
-        float32 images (n, h, w, 1) in [0, 1].
+        float32 images (n, h, w, c) in [0, 1].
     train_y, val_y : ndarray
         Binary labels (n,).
     params : TrainParams
-        Architecture, epochs, batch size, learning rate and seed.
-    checkpoint : Path
-        Where the best model (highest validation AUC) is saved as ``.keras``.
-    callbacks : list, optional
-        Extra Keras callbacks (e.g. metric logging).
+        Architecture, epochs, (global) batch size, learning rate and seed.
+    checkpoint : Path or None
+        Where the best model (highest validation AUC) is saved as ``.keras``; None saves nothing
+        (a multi-worker task other than the chief).
+    strategy : tf.distribute.Strategy, optional
+        From :func:`make_strategy`; the default strategy when None.
+    on_epoch_end : callable, optional
+        Called with the epoch number (from 1) and its history row (e.g. to log metrics).
 
     Returns
     -------
     (keras.Model, pandas.DataFrame)
-        The reloaded best model and one history row per epoch.
+        The best model and one history row per epoch: loss, auc, accuracy on the training batches
+        as they were trained, and the same on the validation split (``val_`` prefix).
     """
     import keras
     import tensorflow as tf
 
+    strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()
+    with strategy.scope():
+        model = ARCHITECTURES[params.architecture](train_x.shape[1:])
+        optimizer = keras.optimizers.Adam(learning_rate=params.lr)
 
-    model = ARCHITECTURES[params.architecture](train_x.shape[1:])
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=params.lr),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-    )
+    options = tf.data.Options()
+    # Every worker builds the same shuffled batches and keeps its share of each one.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds = (
         tf.data.Dataset.from_tensor_slices((train_x, train_y.astype(np.float32)))
         .shuffle(len(train_x), seed=params.seed, reshuffle_each_iteration=True)
         .batch(params.batch_size)
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
     )
-    val_ds = tf.data.Dataset.from_tensor_slices((val_x, val_y.astype(np.float32))).batch(256)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    best = keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_auc", mode="max", save_best_only=True)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=params.epochs, verbose=2,
-                        callbacks=[best, *(callbacks or [])])
-    table = pd.DataFrame(history.history)
-    table.insert(0, "epoch", np.arange(1, len(table) + 1))
-    return keras.models.load_model(checkpoint), table
+    batches = strategy.experimental_distribute_dataset(train_ds)
+
+    @tf.function
+    def train_step(batch):
+        def replica_step(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = model(images, training=True)
+                per_image = keras.losses.binary_crossentropy(labels[:, None], probabilities)
+                loss = tf.nn.compute_average_loss(per_image)  # over the global batch
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            return probabilities, labels
+
+        probabilities, labels = strategy.run(replica_step, args=batch)
+        return strategy.gather(probabilities, axis=0), strategy.gather(labels, axis=0)
+
+    @tf.function(reduce_retracing=True)
+    def predict_batch(images):
+        return model(images, training=False)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([predict_batch(images[i:i + 256]).numpy().ravel()
+                               for i in range(0, len(images), 256)])
+
+    rows, best_auc, best_weights = [], -np.inf, None
+    for epoch in range(1, params.epochs + 1):
+        trained = [train_step(batch) for batch in batches]
+        row = {"epoch": epoch, **binary_scores(np.concatenate([y.numpy() for _, y in trained]),
+                                               np.concatenate([p.numpy() for p, _ in trained]))}
+        row.update({f"val_{name}": value for name, value in binary_scores(val_y, predict(val_x)).items()})
+        rows.append(row)
+        logger.info("epoch %d/%d: %s", epoch, params.epochs,
+                    " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
+        if row["val_auc"] > best_auc:
+            best_auc, best_weights = row["val_auc"], model.get_weights()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
+        model = keras.models.load_model(checkpoint)
+    return model, pd.DataFrame(rows)
 
 
 def _load_split(paths, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -117,24 +214,30 @@ def main() -> None:
     from mlflow.models import infer_signature
 
     paths, params = load_params("paths"), load_params("train")
+    strategy = make_strategy(params.strategy)
     augment_dir, model_dir = Path(paths.augment_dir), Path(paths.model_dir)
     train_x = to_model_input(np.load(augment_dir / layout.AUGMENTED_IMAGES))
     train_y = np.load(augment_dir / layout.AUGMENTED_LABELS)
     val_images, val_y = _load_split(paths, "val")
     val_x = to_model_input(val_images)
-    logger.info("training %s on %s, validating on %s", params.architecture, train_x.shape, val_x.shape)
+    logger.info("training %s on %s, validating on %s, %d replica(s)", params.architecture,
+                train_x.shape, val_x.shape, strategy.num_replicas_in_sync)
+    if not is_chief(strategy):
+        # A multi-worker task trains in step with the chief, which alone writes and logs.
+        train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=None, strategy=strategy)
+        return
 
     tracking.configure_mlflow()
     with mlflow.start_run(tags=tracking.run_tags()) as run:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))
-        log_epoch = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
-                {name: float(value) for name, value in logs.items()}, step=epoch + 1)
+        model, history = train_model(
+            train_x, train_y, val_x, val_y, params=params, checkpoint=model_dir / layout.MODEL_FILE,
+            strategy=strategy,
+            on_epoch_end=lambda epoch, row: mlflow.log_metrics(
+                {name: value for name, value in row.items() if name != "epoch"}, step=epoch),
         )
-        model, history = train_model(train_x, train_y, val_x, val_y, params=params,
-                                     checkpoint=model_dir / layout.MODEL_FILE, callbacks=[log_epoch])
         Path(paths.train_history).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.train_history, index=False)
         best_epoch = int(history.loc[history["val_auc"].idxmax(), "epoch"])

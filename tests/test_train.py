@@ -51,7 +51,7 @@ def test_to_model_input_scales_and_adds_a_channel():
 
 
 class TestTrainModel:
-    params = TrainParams(architecture="seed_cnn", epochs=6, batch_size=16, lr=0.003, seed=3)
+    params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003, seed=3)
 
     def test_learns_a_visible_finding_and_keeps_the_best_epoch(self, tmp_path):
         train_x, train_y = _bright_square_images(192, seed=0)
@@ -69,7 +69,7 @@ class TestTrainModel:
     def test_same_seed_gives_the_same_model(self, tmp_path):
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
-        params = TrainParams(architecture="seed_cnn", epochs=2, batch_size=16, lr=0.003, seed=5)
+        params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16, lr=0.003, seed=5)
         runs = [train_model(train_x, train_y, val_x, val_y, params=params,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
         np.testing.assert_allclose(runs[0]["val_loss"], runs[1]["val_loss"], atol=1e-6)
