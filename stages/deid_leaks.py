@@ -1,18 +1,36 @@
-"""Leak check: the identifying values of the source files, searched in every de-identified output.
+"""Leak scanner: the identifying values of the source files, searched in everything downstream.
 
 :func:`collect_identifiers` takes the values from a source dataset (names also split at ``^`` and
 normalised, IDs, birth date, addresses, accession number, institution, physicians and operators,
-study date, instance UIDs); :func:`identifiers_from_index` adds the ingest index's.
-:func:`find_leaks` then looks for them, case-insensitively, in every element (nested, private and
-file meta included) of every output DICOM file and in every non-numeric cell of the output tables.
-A hit names the output, the tag or column and the kind of value, never the value itself.
+study date, instance UIDs; dates also as ISO, US and European dates); :func:`identifiers_from_index`
+adds the ingest index's, and :func:`identifiers_at_ingest` gathers both for an ingested data set.
+The search is case-insensitive and runs over:
+
+* :func:`find_leaks`: every element (nested, private and file meta included) of de-identified DICOM
+  files and every non-numeric cell of tables (the deidentify stage, on its own outputs);
+* :func:`scan_paths`: any files and folders: DICOM, Parquet, text (CSV, JSON, YAML, HTML, logs),
+  and the text members of zip containers such as ``.keras`` models;
+* :func:`scan_mlflow_run`: an MLflow run and its child runs: run names, params, tags, metric
+  names and every artifact (the evaluate stage, before it registers a model).
+
+A hit names the output, the location and the kind of value, never the value itself. As a command:
+
+    python -m stages.deid_leaks [--run RUN_ID] [PATH ...]
+
+reads the identifiers from ``paths.ingest_dir`` and the sources under ``paths.data`` and exits 1
+on any hit.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import re
+import sys
+import tempfile
+import zipfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +92,15 @@ def name_variants(name: str) -> list[str]:
     return [name, *parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])]
 
 
+def date_variants(value: str) -> list[str]:
+    """A DA value (or a DT's date) as DICOM, ISO, US and European dates write it."""
+    if not re.fullmatch(r"\d{8}.*", value):
+        return [value]
+    y, m, d = value[:4], value[4:6], value[6:8]
+    return [value, value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
+            f"{d}.{m}.{y}"]
+
+
 def collect_identifiers(ds: Dataset) -> dict[str, str]:
     """Identifying values of a source dataset, at any depth.
 
@@ -93,7 +120,9 @@ def collect_identifiers(ds: Dataset) -> dict[str, str]:
         if elem.keyword not in IDENTIFYING_KEYWORDS or elem.VR == "SQ":
             continue
         for value in _texts(elem):
-            for variant in name_variants(value) if elem.VR == "PN" else [value]:
+            variants = {"PN": name_variants, "DA": date_variants, "DT": date_variants}.get(
+                elem.VR, lambda v: [v])(value)
+            for variant in variants:
                 _add(found, variant, describe_tag(elem))
     return found
 
@@ -168,13 +197,8 @@ def find_leaks(identifiers: Mapping[str, str], *, dicom_dir: Path,
             if source is not None:
                 leaks.append(Leak(output, location, source))
     for name, table in tables.items():
-        for column in table.columns:
-            if pd.api.types.is_numeric_dtype(table[column]):  # bools included
-                continue
-            for cell in table[column].dropna():
-                source = matcher.first(str(cell))
-                if source is not None:
-                    leaks.append(Leak(name, f"column {column!r}", source))
+        leaks += [Leak(name, location, source) for location, text in _table_texts(table)
+                  if (source := matcher.first(text)) is not None]
     return leaks
 
 
@@ -196,3 +220,150 @@ def _texts(elem: DataElement) -> list[str]:
         return []
     values = value if isinstance(value, (list, MultiValue)) else [value]
     return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
+
+
+# Files that hold numbers only (pixel arrays, weights): searched for text they would match by chance.
+NUMERIC_SUFFIXES = frozenset({".npy", ".npz", ".h5", ".hdf5", ".png", ".jpg", ".jpeg", ".pb"})
+ZIP_SUFFIXES = frozenset({".keras", ".zip"})
+TEXT_MEMBER_SUFFIXES = frozenset({".json", ".txt", ".yaml", ".yml", ".csv", ".md", ".html", ".py"})
+
+
+def identifiers_at_ingest(ingest_dir: Path, data_dir: Path) -> dict[str, str]:
+    """The identifying values of an ingested data set: the ingest index's, and every identifying
+    attribute of the indexed source files' headers (:func:`collect_identifiers`)."""
+    index = pd.read_parquet(ingest_dir / "index.parquet")
+    found = identifiers_from_index(index)
+    for source in index["source_path"].dropna().unique():
+        try:
+            ds = pydicom.dcmread(data_dir / source, stop_before_pixels=True, force=True)
+        except Exception:  # a source gone since ingest: its index values are still searched
+            continue
+        found.update(collect_identifiers(ds))
+    return found
+
+
+def scan_paths(identifiers: Mapping[str, str], paths: Iterable[Path]) -> list[Leak]:
+    """Search every file under ``paths`` (files or folders, recursively).
+
+    DICOM files (by their ``DICM`` marker) are searched element by element, Parquet tables cell by
+    cell with their column names, zip containers (``.keras`` models) member by member for their
+    text members, :data:`NUMERIC_SUFFIXES` files not at all, anything else line by line as text.
+    """
+    matcher = _Matcher(identifiers)
+    leaks: list[Leak] = []
+    for path in _files(paths):
+        name = path.as_posix()
+        if path.suffix.lower() in NUMERIC_SUFFIXES:
+            continue
+        if _is_dicom(path):
+            ds = pydicom.dcmread(path, force=True)
+            meta = getattr(ds, "file_meta", None) or Dataset()
+            texts = [*_element_texts(meta, ""), *_element_texts(ds, "")]
+        elif path.suffix.lower() == ".parquet":
+            texts = list(_table_texts(pd.read_parquet(path)))
+        elif path.suffix.lower() in ZIP_SUFFIXES and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                texts = [(f"{member} line {number}", line)
+                         for member in archive.namelist()
+                         if Path(member).suffix.lower() in TEXT_MEMBER_SUFFIXES
+                         for number, line in _lines(archive.read(member))]
+        else:
+            texts = [(f"line {number}", line) for number, line in _lines(path.read_bytes())]
+        leaks += [Leak(name, location, source) for location, text in texts
+                  if (source := matcher.first(text)) is not None]
+    return leaks
+
+
+def scan_mlflow_run(identifiers: Mapping[str, str], run_id: str, client=None) -> list[Leak]:
+    """Search an MLflow run and its child runs: names, params (keys and values), tags, metric
+    names, every artifact and the files of every model they logged (downloaded to a temporary
+    folder and searched with :func:`scan_paths`)."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    matcher = _Matcher(identifiers)
+    leaks: list[Leak] = []
+    for each in (run, *children):
+        output = f"MLflow run {each.info.run_id}"
+        texts = [("run name", each.info.run_name or "")]
+        texts += [(f"param {key!r}", f"{key} {value}") for key, value in each.data.params.items()]
+        texts += [(f"tag {key!r}", f"{key} {value}") for key, value in each.data.tags.items()
+                  if key != "mlflow.log-model.history"]  # MLflow's own JSON of model metadata
+        texts += [("metric names", " ".join(each.data.metrics))]
+        leaks += [Leak(output, location, source) for location, text in texts
+                  if (source := matcher.first(text)) is not None]
+        downloads = [("artifact", {"run_id": each.info.run_id})]
+        downloads += [(f"model {logged.model_id}", {"artifact_uri": f"models:/{logged.model_id}"})
+                      for logged in (each.outputs.model_outputs if each.outputs else [])]
+        for kind, where in downloads:
+            with tempfile.TemporaryDirectory() as folder:
+                local = Path(mlflow.artifacts.download_artifacts(**where, dst_path=folder))
+                leaks += [Leak(f"{output} {kind} {Path(leak.output).relative_to(local).as_posix()}",
+                               leak.location, leak.source) for leak in scan_paths(identifiers, [local])]
+    return leaks
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
+def _lines(content: bytes) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a text (UTF-8, undecodable bytes replaced)."""
+    yield from enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1)
+
+
+def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str]]:
+    yield "column names", " ".join(map(str, table.columns))
+    for column in table.columns:
+        if pd.api.types.is_numeric_dtype(table[column]):  # bools included
+            continue
+        for cell in table[column].dropna():
+            yield f"column {column!r}", str(cell)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The leak scanner as a command; returns 1 on any hit, 0 when everything is clean."""
+    from stages.params import load_params
+    from stages.tracking import configure_mlflow
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.deid_leaks",
+        description="Search the identifying values of the ingested sources in files, folders and "
+                    "MLflow runs. Hits name the place and the kind of value, never the value.")
+    parser.add_argument("paths", nargs="*", type=Path, help="files or folders to search")
+    parser.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                        help="an MLflow run to search, with its child runs (repeatable)")
+    args = parser.parse_args(argv)
+    if not args.paths and not args.run:
+        parser.error("give at least one path or --run")
+    paths = load_params("paths")
+    identifiers = identifiers_at_ingest(Path(paths.ingest_dir), Path(paths.data))
+    leaks = scan_paths(identifiers, args.paths)
+    if args.run:
+        configure_mlflow(experiment=None)
+        for run_id in args.run:
+            leaks += scan_mlflow_run(identifiers, run_id)
+    for leak in leaks:
+        print(f"LEAK {leak.output}: {leak.location}: a {leak.source} value")
+    print(f"{len(leaks)} hit(s) for {len(identifiers):,} identifying values")
+    return 1 if leaks else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())

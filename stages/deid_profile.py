@@ -7,10 +7,14 @@ found in a dataset, at any depth of nested sequences, gets the table's action:
 
 * ``D`` dummy value valid for the VR: a keyed pseudonym for text (names, IDs), a fixed date or time,
   a keyed UID for ``UI``; a sequence keeps its items with every text and UID value inside replaced.
-* ``Z`` zero-length value (an empty sequence for ``SQ``); ``X`` removed; ``K`` kept;
-  ``C`` (clean) is treated as ``Z`` for now.
+* ``Z`` zero-length value (an empty sequence for ``SQ``); ``X`` removed; ``K`` kept.
+* ``C`` clean, as the options of PS3.15 E.3 define it (:class:`DeidOptions`): a date moved by the
+  patient's own shift (Retain Longitudinal Temporal Information with Modified Dates), free text
+  kept with every identifying value of the same dataset cut out (Clean Descriptors, Retain Device
+  Identity).
 * ``U`` the UID replaced by a keyed UID: ``"2.25."`` + an integer from HMAC-SHA256, so one source
-  UID maps to the same new UID in every file and every run with the same secret.
+  UID maps to the same new UID in every file and every run with the same secret. UIDs the table
+  does not list get ``U`` too, except class UIDs and the well-known ``1.2.840.10008.`` ones.
 
 Combined actions (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``, ``X/Z/U*``) are resolved by
 :func:`action_for` to their rightmost option; see its Notes.
@@ -22,6 +26,7 @@ a guessed identifier.
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import hmac
 import json
@@ -37,7 +42,7 @@ from pydicom.tag import BaseTag
 
 PROFILE_FILE = Path(__file__).parent / "resources" / "confidentiality_profile_attributes.json"
 
-ACTIONS = ("D", "Z", "X", "K", "U")
+ACTIONS = ("D", "Z", "X", "K", "C", "U")
 COUNT_KEYS = (*ACTIONS, "private_removed", "overlay_removed")
 KNOWN_CODES = frozenset({"D", "Z", "X", "K", "C", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"})
 
@@ -63,17 +68,57 @@ _TAG = re.compile(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)")
 # PS3.16 CID 7050 De-identification Method codes written to (0012,0064)
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 RETAIN_PATIENT_CHARACTERISTICS_CODE = ("113108", "Retain Patient Characteristics Option")
+CLEAN_DESCRIPTORS_CODE = ("113105", "Clean Descriptors Option")
+MODIFIED_DATES_CODE = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+RETAIN_DEVICE_IDENTITY_CODE = ("113109", "Retain Device Identity Option")
+
+
+@dataclass(frozen=True)
+class DeidOptions:
+    """What :func:`deidentify_dataset` applies beyond the Basic Profile (PS3.15 E.3).
+
+    ``remove_private_tags`` is the Basic Profile's own rule (False leaves it). The four options,
+    each also written to (0012,0064) with its PS3.16 CID 7050 code:
+
+    * ``retain_patient_characteristics`` (113108): sex, age (above 89 years as ``090Y``), size,
+      weight and the like kept.
+    * ``retain_longitudinal_dates`` (113107, with Modified Dates): every date moved back by one
+      shift per patient, 1 to ``max_date_shift_days`` days, derived from the secret and the
+      Patient ID, so intervals between a patient's studies survive and times of day are kept.
+    * ``clean_descriptors`` (113105): descriptions (study, series, protocol, comments) kept with
+      every identifying value of the same dataset cut out, instead of removed.
+    * ``retain_device_identity`` (113109): device serial numbers, station names and the like kept.
+    """
+
+    remove_private_tags: bool = True
+    retain_patient_characteristics: bool = False
+    retain_longitudinal_dates: bool = False
+    clean_descriptors: bool = False
+    retain_device_identity: bool = False
+    max_date_shift_days: int = 3650
+
+    def codes(self) -> list[tuple[str, str]]:
+        """The (0012,0064) De-identification Method codes these options apply."""
+        chosen = [(self.clean_descriptors, CLEAN_DESCRIPTORS_CODE),
+                  (self.retain_longitudinal_dates, MODIFIED_DATES_CODE),
+                  (self.retain_patient_characteristics, RETAIN_PATIENT_CHARACTERISTICS_CODE),
+                  (self.retain_device_identity, RETAIN_DEVICE_IDENTITY_CODE)]
+        return [BASIC_PROFILE_CODE, *(code for on, code in chosen if on)]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One row of PS3.15 Table E.1-1: ``basic`` is the Basic Profile code, ``patient_chars`` the
-    Retain Patient Characteristics Option code (``K``, ``C`` or None)."""
+    """One row of PS3.15 Table E.1-1: ``basic`` is the Basic Profile code; the others are the
+    option columns (``K``, ``C`` or None): Retain Patient Characteristics, Retain Device Identity,
+    Retain Longitudinal Temporal Information with Modified Dates, Clean Descriptors."""
 
     tag: str
     name: str
     basic: str
     patient_chars: str | None = None
+    device_identity: str | None = None
+    modified_dates: str | None = None
+    clean_descriptors: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +146,8 @@ def load_profile(path: Path = PROFILE_FILE) -> Profile:
     ----------
     path : Path, default=PROFILE_FILE
         JSON list of rows with ``tag`` (``"(0010,0020)"``, or masks like ``"(50XX,XXXX)"``),
-        ``name``, ``basicProfile`` and the option columns (``rtnPatCharsOpt`` is used).
+        ``name``, ``basicProfile`` and the option columns (``rtnPatCharsOpt``, ``rtnDevIdOpt``,
+        ``rtnLongModifDatesOpt`` and ``cleanDescOpt`` are used).
 
     Returns
     -------
@@ -117,7 +163,8 @@ def load_profile(path: Path = PROFILE_FILE) -> Profile:
     exact: dict[int, Rule] = {}
     masked: list[tuple[int, int, Rule]] = []
     for row in json.loads(path.read_text(encoding="utf-8")):
-        rule = Rule(row["tag"], row["name"], row["basicProfile"], row.get("rtnPatCharsOpt"))
+        rule = Rule(row["tag"], row["name"], row["basicProfile"], row.get("rtnPatCharsOpt"),
+                    row.get("rtnDevIdOpt"), row.get("rtnLongModifDatesOpt"), row.get("cleanDescOpt"))
         if rule.basic not in KNOWN_CODES:
             raise ValueError(f"{path}: {rule.tag} {rule.name} has action {rule.basic!r}; "
                              f"known actions: {', '.join(sorted(KNOWN_CODES))}")
@@ -133,7 +180,7 @@ def load_profile(path: Path = PROFILE_FILE) -> Profile:
     return Profile(exact, tuple(masked))
 
 
-def action_for(rule: Rule, *, retain_patient_characteristics: bool) -> str:
+def action_for(rule: Rule, options: DeidOptions) -> str:
     """The single action (one of :data:`ACTIONS`) to apply for a table row.
 
     Notes
@@ -145,14 +192,20 @@ def action_for(rule: Rule, *, retain_patient_characteristics: bool) -> str:
     option is taken: it is the one that satisfies the strictest Type (D and U are valid for Type 1,
     Z for Type 2 and 3), and every option removes the original value, so no choice keeps PHI.
     ``X/Z/U*`` therefore keeps the sequence, and the UIDs inside are replaced because the table
-    lists them (e.g. (0008,1155) Referenced SOP Instance UID is ``U``). ``C`` is treated as ``Z``.
-    With ``retain_patient_characteristics`` the ``rtnPatCharsOpt`` column wins (PS3.15 E.3.7).
+    lists them (e.g. (0008,1155) Referenced SOP Instance UID is ``U``).
+
+    An option in use overrides the basic code where its column has one (PS3.15 E.3). Where two
+    options name the same row (13 rows, e.g. (0018,1200) Date of Last Calibration is both a date
+    and device identity), ``C`` wins over ``K``: the value is kept only in its cleaned form.
     """
-    code = rule.basic
-    if retain_patient_characteristics and rule.patient_chars:
-        code = rule.patient_chars
-    code = code.split("/")[-1].rstrip("*")
-    return "Z" if code == "C" else code
+    enabled = (options.retain_patient_characteristics and rule.patient_chars,
+               options.retain_device_identity and rule.device_identity,
+               options.retain_longitudinal_dates and rule.modified_dates,
+               options.clean_descriptors and rule.clean_descriptors)
+    codes = {code for code in enabled if code}
+    if codes:
+        return "C" if "C" in codes else "K"
+    return rule.basic.split("/")[-1].rstrip("*")
 
 
 def keyed_hex(secret: bytes, value: str, length: int = PSEUDONYM_LENGTH) -> str:
@@ -194,17 +247,94 @@ def top_code_age(age: str) -> str:
     return f"{TOP_CODED_AGE_YEARS:03d}Y" if years >= TOP_CODED_AGE_YEARS else age.strip()
 
 
-@dataclass(frozen=True)
+def date_shift_days(secret: bytes, patient_id: str, max_days: int) -> int:
+    """The patient's date shift, 1 to ``max_days`` days, the same in every file and run."""
+    return 1 + int.from_bytes(_digest(secret, "date", patient_id)[:8], "big") % max_days
+
+
+def shift_date(value: str, days: int) -> str:
+    """A DA value (or the date of a DT value) moved ``days`` back; ``""`` when malformed."""
+    try:
+        moved = datetime.date(int(value[:4]), int(value[4:6]), int(value[6:8])) - datetime.timedelta(days)
+    except (ValueError, IndexError):
+        return ""
+    return moved.strftime("%Y%m%d") + value[8:] if len(value) >= 8 and value[:8].isdigit() else ""
+
+
+def identifying_texts(ds: Dataset, profile: Profile, options: DeidOptions) -> list[str]:
+    """The values that the profile removes or replaces anywhere in ``ds``, as they may appear in
+    free text: names also by component and in both orders, dates also as ISO, US and European
+    dates. Clean (``C``) cuts these out of the text it keeps."""
+    found: set[str] = set()
+    for elem in ds.iterall():
+        rule = profile.rule_for(elem.tag)
+        if rule is None or elem.VR in ("SQ", "UI"):
+            continue
+        action = action_for(rule, options)
+        # Kept values identify no one; cleaned descriptions are what gets cleaned. Source dates
+        # stay on the list even when shifted: a real date in free text would undo the shift.
+        if action == "K" or (action == "C" and elem.VR not in ("DA", "DT")):
+            continue
+        for value in _values(elem):
+            value = value.strip()
+            if elem.VR == "PN":
+                parts = [part for part in re.split(r"[\^=]+", value) if part.strip()]
+                found.update([*parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])])
+            elif elem.VR in ("DA", "DT") and re.fullmatch(r"\d{8}.*", value):
+                y, m, d = value[:4], value[4:6], value[6:8]
+                found.update([value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
+                              f"{d}.{m}.{y}"])
+            if elem.VR not in _NUMBER_VRS:
+                found.add(value)
+    # Shorter values (initials, "M") would cut letters out of ordinary words.
+    return sorted((v for v in found if len(v.strip()) >= 3), key=len, reverse=True)
+
+
+def identifying_pattern(identifying: list[str]) -> re.Pattern[str] | None:
+    """One case-insensitive pattern matching any of ``identifying`` (longest first; values that
+    begin or end with a digit only as whole numbers); None when there is nothing to match."""
+    if not identifying:
+        return None
+    alternatives = []
+    for value in identifying:
+        pattern = re.escape(value)
+        if value[:1].isdigit():
+            pattern = rf"(?<![0-9A-Za-z]){pattern}"
+        if value[-1:].isdigit():
+            pattern = rf"{pattern}(?![0-9A-Za-z])"
+        alternatives.append(pattern)
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+def clean_text(text: str, pattern: re.Pattern[str] | None) -> str:
+    """``text`` with every match of :func:`identifying_pattern` cut out, spaces collapsed."""
+    if pattern is None:
+        return text
+    return re.sub(r"\s{2,}", " ", pattern.sub("", text)).strip()
+
+
+@dataclass
 class _Context:
     profile: Profile
     secret: bytes
-    remove_private_tags: bool
-    retain_patient_characteristics: bool
+    options: DeidOptions
     counts: Counter
+    source: Dataset
+    patient_id: str
+    _pattern: re.Pattern[str] | None = None
+    _pattern_built: bool = False
+
+    def identifying(self) -> re.Pattern[str] | None:
+        """The :func:`identifying_pattern` of the source's :func:`identifying_texts`, built once,
+        only when something is cleaned."""
+        if not self._pattern_built:
+            self._pattern = identifying_pattern(identifying_texts(self.source, self.profile, self.options))
+            self._pattern_built = True
+        return self._pattern
 
 
-def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes, remove_private_tags: bool,
-                       retain_patient_characteristics: bool) -> tuple[Dataset, Counter]:
+def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
+                       options: DeidOptions = DeidOptions()) -> tuple[Dataset, Counter]:
     """Return a de-identified copy of ``ds`` and the number of actions applied by code.
 
     Parameters
@@ -214,12 +344,9 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes, remove_p
     profile : Profile
         From :func:`load_profile`.
     secret : bytes
-        HMAC key of every pseudonym and UID.
-    remove_private_tags : bool
-        Remove every private element (odd group) at any depth, as the Basic Profile requires.
-        False keeps them, which is outside the Basic Profile.
-    retain_patient_characteristics : bool
-        Apply the Retain Patient Characteristics Option (sex, age top-coded at 90, size, weight).
+        HMAC key of every pseudonym, UID and date shift.
+    options : DeidOptions
+        Private tags and the PS3.15 options; the default is the Basic Profile alone.
 
     Returns
     -------
@@ -231,18 +358,17 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes, remove_p
     Overlays (60xx) and curves (50xx) are removed whole, beyond the table's (60XX,3000) and
     (60XX,4000). (0010,0010) Patient's Name (``Z``) gets the pseudonym of (0010,0020) Patient ID,
     a dummy that Z allows (PS3.15 E.1.1), so viewers show the same value for both. Pixel data is
-    untouched: burned-in text is not handled here. The (0002,0003) Media Storage SOP Instance UID
-    is set to the new (0008,0018) SOP Instance UID; other optional file meta elements are dropped.
+    untouched: burned-in text is the stage's decision (``deidentify.burned_in_*``). The (0002,0003)
+    Media Storage SOP Instance UID is set to the new (0008,0018) SOP Instance UID; other optional
+    file meta elements are dropped.
     """
     out = copy.deepcopy(ds)
-    ctx = _Context(profile, secret, remove_private_tags, retain_patient_characteristics,
-                   Counter(dict.fromkeys(COUNT_KEYS, 0)))
-    _clean(out, ctx, dummy_unlisted=False)
     patient_id = str(ds.get("PatientID", "") or "")
+    ctx = _Context(profile, secret, options, Counter(dict.fromkeys(COUNT_KEYS, 0)), ds, patient_id)
+    _clean(out, ctx, dummy_unlisted=False)
     if patient_id and "PatientName" in out:
         out.PatientName = keyed_hex(secret, patient_id)
-    _mark_deidentified(out, retain_patient_characteristics=retain_patient_characteristics,
-                       remove_private_tags=remove_private_tags)
+    _mark_deidentified(out, options)
     _update_file_meta(out)
     return out, ctx.counts
 
@@ -252,7 +378,7 @@ def _clean(ds: Dataset, ctx: _Context, *, dummy_unlisted: bool) -> None:
     for elem in list(ds):
         tag: BaseTag = elem.tag
         if tag.is_private:
-            if ctx.remove_private_tags:
+            if ctx.options.remove_private_tags:
                 del ds[tag]
                 ctx.counts["private_removed"] += 1
             continue
@@ -262,10 +388,13 @@ def _clean(ds: Dataset, ctx: _Context, *, dummy_unlisted: bool) -> None:
             continue
         rule = ctx.profile.rule_for(tag)
         if rule is not None:
-            retain = ctx.retain_patient_characteristics
-            _apply(ds, elem, action_for(rule, retain_patient_characteristics=retain), ctx)
+            _apply(ds, elem, action_for(rule, ctx.options), ctx)
         elif elem.VR == "SQ":
             _clean_items(elem, ctx, dummy_unlisted=dummy_unlisted)
+        elif elem.VR == "UI" and not elem.keyword.endswith("ClassUID"):
+            # UIDs the table does not list (e.g. (0008,9123) Creator-Version UID) are keyed too:
+            # a site may build UIDs from patient IDs or dates. Well-known ones are kept by U.
+            _apply(ds, elem, "U", ctx)
         elif dummy_unlisted and elem.VR in _DUMMY_UNLISTED_VRS:
             _apply(ds, elem, "D", ctx)
 
@@ -288,6 +417,8 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context) -> None:
             _set_values(elem, [top_code_age(age) for age in _values(elem)])
         elif elem.VR == "SQ":
             _clean_items(elem, ctx, dummy_unlisted=False)
+    elif action == "C":
+        _clean_value(elem, ctx)
     elif elem.VR == "SQ":  # U (X/Z/U*): keep, UIDs inside are replaced; D: replace all inside
         _clean_items(elem, ctx, dummy_unlisted=action == "D")
     elif elem.VR == "UI":  # U or D; well-known UIDs (SOP classes, ...) name no instance: kept
@@ -295,6 +426,30 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context) -> None:
                            keyed_uid(ctx.secret, uid) for uid in _values(elem)])
     else:
         elem.value = _dummy_value(elem, ctx.secret)
+
+
+def _clean_value(elem: DataElement, ctx: _Context) -> None:
+    """Action C: dates shifted by the patient's shift, text cleaned, anything else the profile's
+    strictest replacement (a sequence's items cleaned the same way, UIDs keyed)."""
+    if elem.VR in ("DA", "DT"):
+        days = date_shift_days(ctx.secret, ctx.patient_id, ctx.options.max_date_shift_days)
+        _set_values(elem, [shift_date(value, days) for value in _values(elem)])
+    elif elem.VR == "TM":  # whole days are shifted: the time of day stays
+        pass
+    elif elem.VR == "SQ":
+        for item in elem.value:
+            _clean(item, ctx, dummy_unlisted=False)
+            for inner in item:
+                if inner.VR in _PSEUDONYM_VRS and ctx.profile.rule_for(inner.tag) is None:
+                    _set_values(inner, [clean_text(v, ctx.identifying()) for v in _values(inner)])
+    elif elem.VR in _PSEUDONYM_VRS or elem.VR in ("CS", "UR"):
+        _set_values(elem, [clean_text(value, ctx.identifying()) for value in _values(elem)])
+    elif elem.VR == "UI":
+        _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
+                           keyed_uid(ctx.secret, uid) for uid in _values(elem)])
+    elif elem.VR == "AS":
+        _set_values(elem, [top_code_age(age) for age in _values(elem)])
+    # numbers and binary values name no one: kept
 
 
 def _values(elem: DataElement) -> list[str]:
@@ -329,15 +484,11 @@ def _code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
-def _mark_deidentified(ds: Dataset, *, retain_patient_characteristics: bool,
-                       remove_private_tags: bool) -> None:
+def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
     """Set (0012,0062) Patient Identity Removed, (0012,0063) and (0012,0064) (PS3.15 E.1.1)."""
-    codes = [BASIC_PROFILE_CODE]
-    method = ["dicomflow PS3.15 E.1-1 Basic Profile 2024e"]
-    if retain_patient_characteristics:
-        codes.append(RETAIN_PATIENT_CHARACTERISTICS_CODE)
-        method.append("Retain Patient Characteristics Option")
-    if not remove_private_tags:
+    codes = options.codes()
+    method = ["dicomflow PS3.15 E.1-1 Basic Profile 2024e", *(meaning for _, meaning in codes[1:])]
+    if not options.remove_private_tags:
         method.append("private attributes kept (outside the profile)")
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = method

@@ -3,9 +3,13 @@
 Inputs: ``paths.ingest_dir``/index.parquet and images.npy (row i <-> image i), and the raw DICOM
 files under ``paths.data`` (``source_path`` in the index is relative to it).
 Outputs (``paths.deid_dir``): ``dicom/<image_key>.dcm`` (de-identified headers, original pixel data
-and transfer syntax), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``, index order),
-``images.npy`` (copied) and ``audit.csv`` (actions per file); counts to ``paths.deid_metrics``.
-Params: ``deidentify.remove_private_tags``, ``deidentify.retain_patient_characteristics``.
+and transfer syntax, or blanked regions decoded), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``,
+index order), ``images.npy`` and ``audit.csv`` (actions, options and the burned-in decision per
+file); counts to ``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation``
+YES, or a modality, image type or manufacturer listed in params) are excluded, or have the
+configured regions blanked in the DICOM file and in ``images.npy``.
+Params: ``deidentify.*`` (private tags, the PS3.15 options, burned-in text rules); the ``ingest``
+pixel params, to redo the images of files whose burned-in regions are blanked.
 Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE``; without either the
 demo secret :data:`DEMO_SECRET` is used (with a warning): fine for the embedded sample only.
 
@@ -18,6 +22,7 @@ deletes them and fails the stage. Logs and errors carry counts, tags and row num
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,7 +40,9 @@ from stages import layout
 from stages.cli import StageError, run_stage
 from stages.deid_leaks import collect_identifiers, find_leaks, identifiers_from_index
 from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
-                                 Profile, age_in_years, deidentify_dataset, keyed_hex, load_profile)
+                                 DeidOptions, Profile, age_in_years, deidentify_dataset, keyed_hex,
+                                 load_profile)
+from stages.ingest import PixelSettings, read_image
 from stages.params import DeidentifyParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ SECRET_ENV = "DICOMFLOW_SECRET"
 SECRET_FILE_ENV = "DICOMFLOW_SECRET_FILE"
 DEMO_SECRET = b"dicomflow demo secret: for the embedded sample data only, never for real data"
 IMAGE_KEY_LENGTH = 16  # hex characters of image_key; patient_key and study_key have 12
-AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options")
+AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "burned_in", "burned_in_action")
 SEXES = ("M", "F", "O")
 
 
@@ -153,57 +160,146 @@ def build_manifest(index: pd.DataFrame, images: np.ndarray, *, secret: bytes,
     return manifest[list(layout.MANIFEST_COLUMNS)].reset_index(drop=True)
 
 
-def deidentify_sources(index: pd.DataFrame, *, data_dir: Path, dicom_dir: Path, profile: Profile,
-                       secret: bytes, params: DeidentifyParams,
-                       ) -> tuple[pd.DataFrame, dict[str, str]]:
+def deid_options(params: DeidentifyParams) -> DeidOptions:
+    """The profile options that ``deidentify.*`` params choose."""
+    return DeidOptions(
+        remove_private_tags=params.remove_private_tags,
+        retain_patient_characteristics=params.retain_patient_characteristics,
+        retain_longitudinal_dates=params.retain_longitudinal_dates,
+        clean_descriptors=params.clean_descriptors,
+        retain_device_identity=params.retain_device_identity,
+        max_date_shift_days=params.max_date_shift_days)
+
+
+def burned_in_risk(ds: pydicom.Dataset, params: DeidentifyParams) -> str:
+    """Why ``ds`` may show identifying text in its pixels ("" when no rule applies).
+
+    The reason names the rule (the flag, or the listed modality, image type or manufacturer that
+    matched), never a value that could identify a patient.
+    """
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return "BurnedInAnnotation YES"
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality and modality in {m.upper() for m in params.burned_in_modalities or []}:
+        return f"modality {modality}"
+    image_type = {str(v).strip().upper() for v in (ds.get("ImageType") or [])}
+    for listed in params.burned_in_image_types or []:
+        if listed.upper() in image_type:
+            return f"image type {listed.upper()}"
+    manufacturer = str(ds.get("Manufacturer", "")).strip().casefold()
+    for listed in params.burned_in_manufacturers or []:
+        if listed.casefold() == manufacturer:
+            return f"manufacturer {listed}"
+    return ""
+
+
+def blank_regions(ds: pydicom.Dataset, regions: list[list[float]]) -> None:
+    """Set each region ([top, left, bottom, right] as fractions of rows and columns) of every
+    frame to the image's lowest stored value, in place; the pixel data is stored uncompressed."""
+    pixels = ds.pixel_array.copy()
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
+    for top, left, bottom, right in regions:
+        r0, r1 = int(np.floor(top * rows)), int(np.ceil(bottom * rows))
+        c0, c1 = int(np.floor(left * cols)), int(np.ceil(right * cols))
+        frames[:, r0:r1, c0:c1] = pixels.min()
+    photometric = ds.PhotometricInterpretation
+    if photometric.startswith("YBR"):  # pixel_array converted it to RGB
+        photometric = "RGB"
+    ds.set_pixel_data(pixels, photometric, int(ds.BitsStored))
+
+
+def deidentify_sources(index: pd.DataFrame, images: np.ndarray, *, data_dir: Path, dicom_dir: Path,
+                       profile: Profile, secret: bytes, params: DeidentifyParams,
+                       pixels: PixelSettings,
+                       ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray, np.ndarray]:
     """De-identify each source file of the index into ``dicom_dir/<key>.dcm``, once per file.
 
     ``key`` is the keyed hash of the SOP Instance UID: the ``image_key`` of a single-frame image,
-    shared by every image of a multi-frame object. Returns the audit table (``AUDIT_COLUMNS``, one
-    row per file) and the identifying values
-    of the sources and the index (for :func:`find_leaks`). Errors name the index row, not the
-    path, which holds an accession number.
+    shared by every image of a multi-frame object. Files at risk of burned-in text
+    (:func:`burned_in_risk`) are left out or have ``params.burned_in_regions`` blanked, their
+    images then redone from the blanked file with the ingest settings ``pixels``.
+
+    Returns
+    -------
+    (DataFrame, dict, ndarray, ndarray)
+        The audit table (``AUDIT_COLUMNS``, one row per file); the identifying values of the
+        sources and the index (for :func:`find_leaks`); which index rows are kept (bool); the
+        images, blanked where the files were. Errors name the index row, not the path, which
+        holds an accession number.
     """
-    options = ";".join(
+    options = deid_options(params)
+    option_names = ";".join(
         ["basic_profile"]
-        + ["retain_patient_characteristics"] * params.retain_patient_characteristics
+        + [name for name in ("retain_patient_characteristics", "retain_longitudinal_dates",
+                             "clean_descriptors", "retain_device_identity") if getattr(options, name)]
         + ["remove_private_tags" if params.remove_private_tags else "keep_private_tags"])
     identifiers = identifiers_from_index(index)
+    keep = np.ones(len(index), dtype=bool)
+    images = images.copy()
+    rows_of = index.groupby("source_path", sort=False).indices
     rows = []
-    pairs = zip(index["source_path"], index["sop_instance_uid"])
-    done: set[str] = set()
-    for number, (source, sop_uid) in enumerate(pairs):
-        if source in done:  # another frame of a multi-frame object already written
-            continue
-        done.add(source)
+    for source, positions in rows_of.items():
+        number = int(positions[0])
         try:
             ds = pydicom.dcmread(data_dir / source)
         except Exception as err:  # pydicom raises many types; its message may hold the path
             raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
                              f"({type(err).__name__}); re-run ingest") from err
+        sop_uid = index["sop_instance_uid"].iat[number]
         if str(ds.get("SOPInstanceUID", "")) != sop_uid:
             raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
                              "SOP Instance UID differs from the index; re-run ingest")
         identifiers.update(collect_identifiers(ds))
-        out, counts = deidentify_dataset(
-            ds, profile=profile, secret=secret, remove_private_tags=params.remove_private_tags,
-            retain_patient_characteristics=params.retain_patient_characteristics)
         image_key = keyed_hex(secret, sop_uid, IMAGE_KEY_LENGTH)
-        out.save_as(dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
-        rows.append({"image_key": image_key, **counts, "options": options})
-    return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), identifiers
+        risk, decision = burned_in_risk(ds, params), ""
+        if risk and params.burned_in_action == "blank":
+            try:
+                blank_regions(ds, params.burned_in_regions)
+                _, frames = read_image(_as_file(ds), pixels)
+            except Exception as err:  # a file whose pixels cannot be rewritten is left out
+                decision = f"excluded: blanking failed ({type(err).__name__})"
+            else:
+                by_frame = {frame.index: frame.pixels for frame in frames}
+                for position in positions:
+                    frame = index["frame_index"].iat[position]
+                    images[position] = by_frame[0 if pd.isna(frame) else int(frame)]
+                decision = "blanked"
+        elif risk:
+            decision = "excluded"
+        counts = dict.fromkeys(COUNT_KEYS, 0)
+        if decision.startswith("excluded"):
+            keep[positions] = False
+        else:
+            out, counts = deidentify_dataset(ds, profile=profile, secret=secret, options=options)
+            out.save_as(dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
+        rows.append({"image_key": image_key, **counts, "options": option_names,
+                     "burned_in": risk, "burned_in_action": decision})
+    return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), identifiers, keep, images
+
+
+def _as_file(ds: pydicom.Dataset) -> io.BytesIO:
+    """``ds`` written to memory, to be read back as ingest reads a file."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
 
 
 def summarise(audit: pd.DataFrame) -> dict[str, int]:
     """Flat metrics from the audit table (files, actions by code), logged as one line."""
     totals = {key: int(audit[key].sum()) for key in COUNT_KEYS}
     metrics = {"n_files": audit["image_key"].nunique(),
-               **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()}}
+               **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()},
+               "burned_in_excluded": int(audit["burned_in_action"].str.startswith("excluded").sum()),
+               "burned_in_blanked": int((audit["burned_in_action"] == "blanked").sum())}
     logger.info("de-identified %s files: %s elements removed (X), %s replaced by dummies (D), "
-                "%s emptied (Z), %s UIDs replaced (U), %s kept (K), %s private and %s "
-                "overlay/curve elements removed", *(f"{metrics[key]:,}" for key in (
-                    "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_K",
-                    "private_removed", "overlay_removed")))
+                "%s emptied (Z), %s UIDs replaced (U), %s cleaned (C), %s kept (K), %s private "
+                "and %s overlay/curve elements removed; burned-in text risk: %s files excluded, "
+                "%s blanked", *(f"{metrics[key]:,}" for key in (
+                    "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_C",
+                    "actions_K", "private_removed", "overlay_removed", "burned_in_excluded",
+                    "burned_in_blanked")))
     if metrics["n_files"] < len(audit):
         logger.warning("%d index rows share a SOP Instance UID with another row, hence one file",
                        len(audit) - metrics["n_files"])
@@ -227,6 +323,7 @@ def check_outputs(identifiers: Mapping[str, str], *, out_dir: Path) -> None:
 
 def main() -> None:
     paths, params = load_params("paths"), load_params("deidentify")
+    pixels = PixelSettings.from_params(load_params("ingest"))
     ingest_dir, out_dir = Path(paths.ingest_dir), Path(paths.deid_dir)
     secret, is_demo = read_secret(os.environ)
     if is_demo:
@@ -248,9 +345,10 @@ def main() -> None:
         shutil.rmtree(stale, ignore_errors=True)
     (staging / layout.DEID_DICOM_DIR).mkdir(parents=True)
     with hidden_pydicom_messages() as hidden:
-        audit, identifiers = deidentify_sources(
-            index, data_dir=Path(paths.data), dicom_dir=staging / layout.DEID_DICOM_DIR,
-            profile=profile, secret=secret, params=params)
+        audit, identifiers, keep, images = deidentify_sources(
+            index, images, data_dir=Path(paths.data), dicom_dir=staging / layout.DEID_DICOM_DIR,
+            profile=profile, secret=secret, params=params, pixels=pixels)
+    index, images = index[keep].reset_index(drop=True), images[keep]
     if hidden:
         logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
                        len(hidden))

@@ -6,7 +6,10 @@ confusion-matrix data for ``dvc plots show``, plus PNG renderings logged to MLfl
 Params: ``evaluate.*``.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
-what a user of the model would see. The model is registered under
+what a user of the model would see. Before the model is registered, the leak scanner searches the
+MLflow run (params, tags, metric names, artifacts, the model's files) for every identifying value
+of the ingested sources (``paths.ingest_dir`` and ``paths.data``, read for this check only); any
+hit fails the stage and nothing is registered. The model is registered under
 ``evaluate.registered_model_name``; it takes the alias ``champion`` when it beats the current
 champion on ``evaluate.promotion_metric`` and ``challenger`` otherwise.
 """
@@ -23,6 +26,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from stages import layout, tracking
 from stages.cli import StageError, run_stage
+from stages.deid_leaks import identifiers_at_ingest, scan_mlflow_run
 from stages.params import load_params, read_params_file
 
 logger = logging.getLogger(__name__)
@@ -135,6 +139,19 @@ def register_model(model_uri: str, *, name: str, metric: str, value: float) -> t
     return str(version), alias
 
 
+def check_run(run_id: str, *, ingest_dir: Path, data_dir: Path) -> None:
+    """Leak scan of the MLflow run and its children; StageError (one line, no value) on any hit."""
+    identifiers = identifiers_at_ingest(ingest_dir, data_dir)
+    leaks = scan_mlflow_run(identifiers, run_id)
+    if leaks:
+        first = leaks[0]
+        raise StageError(f"leak check: {len(leaks)} identifying value(s) in MLflow, first a "
+                         f"{first.source} value in {first.output} at {first.location}; "
+                         "the model is not registered")
+    logger.info("leak check: none of %s identifying values found in MLflow run %s",
+                f"{len(identifiers):,}", run_id)
+
+
 def main() -> None:
     import keras
     import mlflow
@@ -176,6 +193,7 @@ def main() -> None:
             mlflow.log_metrics(test_metrics)
             for path in [*plot_files, Path(paths.eval_metrics)]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
+            check_run(run_info["run_id"], ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
             version, alias = register_model(
                 run_info["model_uri"], name=params.registered_model_name,
                 metric=params.promotion_metric, value=metrics[params.promotion_metric],

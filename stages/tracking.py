@@ -48,6 +48,7 @@ def configure_mlflow(experiment: str | None = EXPERIMENT_NAME) -> None:
     data on hospital networks sends nothing out that it does not have to.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stage logs readable
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -20,9 +22,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from stages import deidentify, layout
 from stages.cli import StageError
+from stages.ingest import PixelSettings, read_image
+from stages.params import ParamsError, load_params
 from stages.deid_leaks import Leak, collect_identifiers, find_leaks
-from stages.deid_profile import (PROFILE_FILE, deidentify_dataset, keyed_hex, load_profile,
-                                 top_code_age)
+from stages.deid_profile import (PROFILE_FILE, DeidOptions, date_shift_days, deidentify_dataset,
+                                 keyed_hex, load_profile, shift_date, top_code_age)
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"test secret, not the demo one"
@@ -123,9 +127,9 @@ def make_dataset(*, sop_uid: str = SOP_UID_A, age: str = "095Y", referenced_uid:
 
 def deid(ds: Dataset, *, secret: bytes = SECRET, remove_private_tags: bool = True,
          retain_patient_characteristics: bool = True) -> tuple[Dataset, dict]:
-    return deidentify_dataset(ds, profile=load_profile(), secret=secret,
-                              remove_private_tags=remove_private_tags,
-                              retain_patient_characteristics=retain_patient_characteristics)
+    options = DeidOptions(remove_private_tags=remove_private_tags,
+                          retain_patient_characteristics=retain_patient_characteristics)
+    return deidentify_dataset(ds, profile=load_profile(), secret=secret, options=options)
 
 
 def write_and_read(ds: Dataset, path: Path) -> FileDataset:
@@ -159,13 +163,25 @@ def table_rows() -> list[dict]:
     return json.loads(PROFILE_FILE.read_text())
 
 
-def expected_action(row: dict, *, retain: bool) -> str:
-    """Table E.1-1 action as documented in deid_profile.action_for: rightmost option, C as Z."""
-    code = row["basicProfile"]
-    if retain and row.get("rtnPatCharsOpt"):
-        code = row["rtnPatCharsOpt"]
-    code = code.split("/")[-1].rstrip("*")
-    return "Z" if code == "C" else code
+OPTION_COLUMNS = {"retain_patient_characteristics": "rtnPatCharsOpt",
+                  "retain_device_identity": "rtnDevIdOpt",
+                  "retain_longitudinal_dates": "rtnLongModifDatesOpt",
+                  "clean_descriptors": "cleanDescOpt"}
+OPTION_SETS = {
+    "basic": DeidOptions(),
+    "patient": DeidOptions(retain_patient_characteristics=True),
+    "all": DeidOptions(**dict.fromkeys(OPTION_COLUMNS, True)),
+}
+
+
+def expected_action(row: dict, options: DeidOptions) -> str:
+    """PS3.15 E.3: an option in use replaces the basic code where its column has one (C over K
+    where two do); a combined basic code resolves to its rightmost option (deid_profile.action_for)."""
+    codes = {row[column] for option, column in OPTION_COLUMNS.items()
+             if getattr(options, option) and row.get(column)}
+    if codes:
+        return "C" if "C" in codes else "K"
+    return row["basicProfile"].split("/")[-1].rstrip("*")
 
 
 def exact_table_rows() -> list[tuple[int, dict]]:
@@ -174,34 +190,59 @@ def exact_table_rows() -> list[tuple[int, dict]]:
             if "X" not in r["tag"][1:10] and r["tag"][1:5] not in ("GGGG", "0002")]
 
 
+def planted_value(tag: int, vr: str) -> object:
+    """A value valid for ``vr`` and distinct for each tag (dates too), so that one attribute's
+    value cannot pass for another's."""
+    if vr == "UI":
+        return f"1.2.826.0.1.3680043.77.{tag}"
+    if vr == "SQ":
+        return [_code_item(f"Planted meaning {tag:08X}")]
+    if vr in ("DA", "DT"):
+        day = datetime.date(1950, 1, 1) + datetime.timedelta(days=tag * 7919 % 20000)
+        return day.strftime("%Y%m%d") + ("101112" if vr == "DT" else "")
+    text = {"AE": f"AE{tag:08X}", "CS": f"P{tag:08X}", "SH": f"SH {tag:08X}",
+            "PN": f"Fam{tag:08X}^Giv{tag:08X}", "UR": f"http://example.org/{tag:08X}"}
+    if vr in text:
+        return text[vr]
+    if vr in ("LO", "LT", "ST", "UC", "UT"):
+        return f"Planted {vr} {tag:08X}"
+    return VALUE_BY_VR[vr]
+
+
+IDENTIFYING_VRS = ("AE", "CS", "SH", "PN", "UR", "LO", "LT", "ST", "UC", "UT", "DA", "DT", "UI")
+
+
 def every_table_attribute() -> FileDataset:
-    """A file holding every exact-tag attribute of Table E.1-1 with a value valid for its VR."""
+    """A file holding every exact-tag attribute of Table E.1-1 with a distinct planted value, at
+    the top level and again inside an item of a sequence the table does not list, plus planted
+    values in a private block."""
     ds = make_dataset()
+    nested = Dataset()
     for tag, _ in exact_table_rows():
         vr = dictionary_VR(tag)
-        if vr == "UI":
-            value = f"1.2.826.0.1.3680043.77.{tag}"
-        elif vr == "SQ":
-            value = [_code_item("Planted meaning")]
-        else:
-            value = VALUE_BY_VR[vr]
-        ds.add_new(tag, vr, value)
+        ds.add_new(tag, vr, planted_value(tag, vr))
+        nested.add_new(tag, vr, planted_value(tag, vr))
+    ds.RadiopharmaceuticalInformationSequence.append(nested)
+    block = ds.private_block(0x0013, "PLANTED PHI", create=True)
+    block.add_new(0x01, "LO", f"{ds.PatientID} {ds.AccessionNumber}")
+    block.add_new(0x02, "SQ", [nested])
     return ds
 
 
 @pytest.fixture(scope="module")
-def table_files(tmp_path_factory) -> dict[bool, tuple[FileDataset, FileDataset]]:
-    """Source and de-identified (written, read back) every-attribute files, by retain option."""
+def table_files(tmp_path_factory) -> dict[str, tuple[FileDataset, FileDataset]]:
+    """Source and de-identified (written, read back) every-attribute files, by option set."""
     folder = tmp_path_factory.mktemp("table")
     source = every_table_attribute()
     files = {}
-    for retain in (False, True):
-        out, _ = deid(source, retain_patient_characteristics=retain)
+    for name, options in OPTION_SETS.items():
+        out, _ = deidentify_dataset(source, profile=load_profile(), secret=SECRET, options=options)
         command = [out.pop(tag) for tag in list(out.keys()) if tag.group == 0x0000]
-        written = write_and_read(out, folder / f"retain_{retain}.dcm")
+        (folder / name).mkdir()
+        written = write_and_read(out, folder / name / "out.dcm")
         for elem in command:  # (0000,eeee) cannot go into a file (PS3.10): checked in memory
             written.add(elem)
-        files[retain] = (source, written)
+        files[name] = (source, written)
     return files
 
 
@@ -213,16 +254,18 @@ class TestTableActions:
         assert profile.rule_for(0x50101234).basic == "X"  # (50XX,XXXX) Curve Data mask
         assert profile.rule_for(0x00080070) is None  # (0008,0070) Manufacturer is kept
 
-    @pytest.mark.parametrize("retain", [False, True])
-    @pytest.mark.parametrize("code", ["D", "Z", "X", "U", "K"])
-    def test_every_attribute_gets_its_action(self, table_files, code, retain):
-        source, out = table_files[retain]
+    @pytest.mark.parametrize("option_set", list(OPTION_SETS))
+    @pytest.mark.parametrize("code", ["D", "Z", "X", "U", "K", "C"])
+    def test_every_attribute_gets_its_action(self, table_files, code, option_set):
+        source, out = table_files[option_set]
+        options = OPTION_SETS[option_set]
         rows = [(tag, row) for tag, row in exact_table_rows()
-                if expected_action(row, retain=retain) == code]
-        if code == "K" and not retain:
-            assert rows == []  # the Basic Profile alone keeps nothing
+                if expected_action(row, options) == code]
+        if code in ("K", "C") and option_set == "basic":
+            assert rows == []  # the Basic Profile alone keeps and cleans nothing
             return
         assert rows, f"no table row resolves to {code}"
+        shift = date_shift_days(SECRET, str(source.PatientID), options.max_date_shift_days)
         wrong = []
         for tag, row in rows:
             name, before = f"{row['tag']} {row['name']}", source[tag]
@@ -234,12 +277,17 @@ class TestTableActions:
             elif code == "Z":
                 ok = after is not None and (len(after.value) == 0 if after.VR == "SQ"
                                             else after.value in ("", None, b""))
-            elif code == "K":
+            elif code == "K" and before.VR == "AS":
+                ok = after is not None and after.value == top_code_age(before.value)
+            elif code == "K" or (code == "C" and before.VR not in ("DA", "DT", "UI", "SQ")):
+                # kept, or cleaned of identifying values (the planted ones hold none of them)
                 ok = after is not None and after.value == before.value
-            elif before.VR == "SQ":  # D: items kept, text inside replaced; U (X/Z/U*): items kept
+            elif code == "C" and before.VR in ("DA", "DT"):  # moved by the patient's shift
+                ok = after is not None and after.value == shift_date(before.value, shift) != before.value
+            elif before.VR == "SQ":  # D: items kept, text inside replaced; U, C: items kept
                 meanings = [item.CodeMeaning for item in after.value] if after is not None else []
                 ok = len(meanings) == len(before.value) and (
-                    all(m != "Planted meaning" for m in meanings) if code == "D" else True)
+                    all(m != before.value[0].CodeMeaning for m in meanings) if code == "D" else True)
             else:
                 ok = (after is not None and after.value not in ("", None, b"")
                       and after.value != before.value)
@@ -249,6 +297,21 @@ class TestTableActions:
                 wrong.append(f"{name}: {before.value!r} -> {after and after.value!r}")
         assert not wrong, f"{len(wrong)} attribute(s) without {code}: " + "; ".join(wrong[:5])
 
+    @pytest.mark.parametrize("option_set", list(OPTION_SETS))
+    def test_no_planted_identifier_survives_at_any_depth(self, table_files, option_set):
+        """Every value the profile removes or replaces, planted at the top, in a nested item and
+        in a private block, is searched with the leak scanner in the written file: no hits."""
+        source, out = table_files[option_set]
+        planted = {}
+        for tag, row in exact_table_rows():
+            value = source[tag].value
+            if source[tag].VR in IDENTIFYING_VRS and expected_action(row, OPTION_SETS[option_set]) not in ("K", "C"):
+                planted[str(value).casefold()] = f"{row['tag']} {row['name']}"
+        assert len(planted) > 150
+        folder = Path(out.filename).parent
+        assert find_leaks(planted, dicom_dir=folder, tables={}) == []
+        assert not any(elem.tag.is_private for elem, _ in all_elements(out))
+
     def test_combined_actions_resolved_to_rightmost_option(self):
         profile = load_profile()
         ds = Dataset()
@@ -256,9 +319,7 @@ class TestTableActions:
         ds.InstitutionName = "Saint Elsewhere Hospital"  # X/Z/D
         ds.ContentCreatorName = "Osgood^Tilda"  # Z/D
         ds.ProtocolName = "Chest protocol of Dr Hollis"  # X/D
-        out, counts = deidentify_dataset(ds, profile=profile, secret=SECRET,
-                                         remove_private_tags=True,
-                                         retain_patient_characteristics=False)
+        out, counts = deidentify_dataset(ds, profile=profile, secret=SECRET)
         assert out.AcquisitionDate == ""
         assert out.InstitutionName == keyed_hex(SECRET, "Saint Elsewhere Hospital")
         assert str(out.ContentCreatorName) == keyed_hex(SECRET, "Osgood^Tilda")
@@ -282,8 +343,7 @@ class TestDeidentifyDataset:
         person.ReferencedSOPClassUID = CR_STORAGE  # a well-known UID names no instance
         reference.ReferencedSOPClassUID = "1.2.826.0.1.3680043.99.77"
         ds.ContentSequence = [person, reference]  # (0040,A730) D
-        out, _ = deidentify_dataset(ds, profile=load_profile(), secret=SECRET,
-                                    remove_private_tags=True, retain_patient_characteristics=False)
+        out, _ = deidentify_dataset(ds, profile=load_profile(), secret=SECRET)
         first, second = out.ContentSequence
         assert first.ValueType == "PNAME" and first.ReferencedSOPClassUID == CR_STORAGE
         assert str(first.PersonName) == keyed_hex(SECRET, "Osgood^Tilda")
@@ -371,6 +431,55 @@ class TestDeidentifyDataset:
                                                ("", "")])
     def test_top_code_age(self, age, expected):
         assert top_code_age(age) == expected
+
+
+class TestOptions:
+    @staticmethod
+    def run(ds: Dataset, **options: bool) -> Dataset:
+        return deidentify_dataset(ds, profile=load_profile(), secret=SECRET,
+                                  options=DeidOptions(**options))[0]
+
+    def test_modified_dates_keep_each_patients_intervals(self):
+        later = make_dataset(sop_uid=SOP_UID_B)
+        later.StudyDate = "20230415"
+        other = make_dataset()
+        other.PatientID = "MRN-00000077"
+        first, second, stranger = (self.run(ds, retain_longitudinal_dates=True)
+                                   for ds in (make_dataset(), later, other))
+
+        def day(value: str) -> datetime.date:
+            return datetime.datetime.strptime(value[:8], "%Y%m%d").date()
+
+        assert first.StudyDate != "20230405" and (day(second.StudyDate) - day(first.StudyDate)).days == 10
+        assert first.AcquisitionDateTime == first.StudyDate + "101112"  # DT: date moved, time kept
+        assert first.StudyTime == "101112" and first.PatientBirthDate == ""  # birth date: Z
+        assert stranger.StudyDate != first.StudyDate  # another patient, another shift
+        assert self.run(make_dataset(), retain_longitudinal_dates=True).StudyDate == first.StudyDate
+        assert self.run(make_dataset()).StudyDate == ""  # without the option: Z
+        assert "113107" in {item.CodeValue for item in first.DeidentificationMethodCodeSequence}
+
+    def test_clean_descriptors_cut_identifying_values_out_of_kept_text(self):
+        ds = make_dataset()
+        ds.StudyDescription = "Chest PA of QUIXLEY Bartholomew, MRN-55501234, 05/04/2023"
+        ds.SeriesDescription = "2023-04-05 PA at Saint Elsewhere Hospital"
+        out = self.run(ds, clean_descriptors=True)
+        cleaned = f"{out.StudyDescription} {out.SeriesDescription}"
+        assert out.StudyDescription.startswith("Chest PA of") and "PA at" in out.SeriesDescription
+        for value in ("quixley", "bartholomew", "mrn-55501234", "2023-04-05", "05/04/2023", "elsewhere"):
+            assert value not in cleaned.casefold()
+        assert "StudyDescription" not in self.run(ds)  # Basic Profile: X
+
+    def test_retain_device_identity_keeps_device_attributes(self):
+        kept = self.run(make_dataset(), retain_device_identity=True)
+        assert (kept.DeviceSerialNumber, kept.StationName) == ("SN-00042", "WS-CR-7")
+        basic = self.run(make_dataset())
+        assert basic.get("DeviceSerialNumber") != "SN-00042" and basic.get("StationName") != "WS-CR-7"
+
+    def test_method_codes_name_every_option_used(self):
+        out = self.run(make_dataset(), **dict.fromkeys(OPTION_COLUMNS, True))
+        assert [item.CodeValue for item in out.DeidentificationMethodCodeSequence] == [
+            "113100", "113105", "113107", "113108", "113109"]
+        assert out.PatientIdentityRemoved == "YES"
 
 
 def write_outputs(tmp_path: Path, datasets: list[Dataset]) -> Path:
@@ -478,9 +587,24 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
     ingest = tmp_path / "outputs" / "ingest"
     ingest.mkdir(parents=True)
     pd.DataFrame(rows, columns=list(layout.INDEX_COLUMNS)).to_parquet(ingest / layout.INGEST_INDEX)
-    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64), dtype=np.uint8)
     np.save(ingest / layout.IMAGES, images)
     return tmp_path
+
+
+def set_deid_params(path: Path, **values: object) -> None:
+    params = yaml.safe_load(path.read_text())
+    params["deidentify"].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def rewrite_source(folder: Path, number: int, **attributes: object) -> Path:
+    path = folder / "data" / "studies" / "ACC-70707070" / f"{number}.dcm"
+    ds = pydicom.dcmread(path)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def set_params(path: Path, **deid_params: bool) -> None:
@@ -488,6 +612,58 @@ def set_params(path: Path, **deid_params: bool) -> None:
     for key, value in deid_params.items():
         params = params.replace(f"{key}: {str(not value).lower()}", f"{key}: {str(value).lower()}")
     path.write_text(params)
+
+
+class TestBurnedIn:
+    def test_flagged_file_is_excluded_and_audited(self, stage_dir):
+        rewrite_source(stage_dir, 1, BurnedInAnnotation="YES")
+        deidentify.main()
+        out = stage_dir / "outputs" / "deidentify"
+        index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
+        manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
+        excluded_key = keyed_hex(deidentify.DEMO_SECRET, index["sop_instance_uid"][1], 16)
+        assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
+        assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
+        ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
+        np.testing.assert_array_equal(np.load(out / layout.IMAGES), ingested[[0, 2]])
+        audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False).set_index("image_key")
+        assert audit.loc[excluded_key, ["burned_in", "burned_in_action"]].tolist() == [
+            "BurnedInAnnotation YES", "excluded"]
+        assert (audit.drop(excluded_key)["burned_in_action"] == "").all()
+        metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
+        assert (metrics["burned_in_excluded"], metrics["burned_in_blanked"]) == (1, 0)
+
+    @pytest.mark.parametrize("rule, attributes", [
+        ({"burned_in_modalities": ["US"]}, {"Modality": "US"}),
+        ({"burned_in_image_types": ["SECONDARY"]}, {"ImageType": ["DERIVED", "SECONDARY"]}),
+        ({"burned_in_manufacturers": ["Screen Grabber Inc"]}, {"Manufacturer": "Screen Grabber Inc"}),
+    ])
+    def test_risk_rule_blanks_the_regions_in_dicom_and_images(self, stage_dir, rule, attributes):
+        source = rewrite_source(stage_dir, 0, **attributes)
+        set_deid_params(stage_dir / "params.yaml", burned_in_action="blank",
+                        burned_in_regions=[[0.0, 0.0, 0.25, 1.0]], **rule)
+        deidentify.main()
+        out = stage_dir / "outputs" / "deidentify"
+        manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
+        assert len(manifest) == 3
+        written = pydicom.dcmread(out / manifest["dicom_file"][0])
+        before, after = pydicom.dcmread(source).pixel_array, written.pixel_array
+        assert (after[:4] == before.min()).all()  # the top quarter of 16 rows
+        np.testing.assert_array_equal(after[4:], before[4:])
+        images = np.load(out / layout.IMAGES)
+        redone = read_image(out / manifest["dicom_file"][0],
+                            PixelSettings.from_params(load_params("ingest")))[1][0].pixels
+        np.testing.assert_array_equal(images[0], redone)
+        ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
+        np.testing.assert_array_equal(images[1:], ingested[1:])
+        audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False)
+        assert audit["burned_in_action"].tolist() == ["blanked", "", ""]
+        assert audit["burned_in"][0].split()[0] in ("modality", "image", "manufacturer")
+
+    def test_blank_without_regions_is_a_params_error(self, stage_dir):
+        set_deid_params(stage_dir / "params.yaml", burned_in_action="blank")
+        with pytest.raises(ParamsError, match="'deidentify.burned_in_regions' must list regions"):
+            deidentify.main()
 
 
 class TestMain:

@@ -1,0 +1,159 @@
+"""Leak scanner: identifiers found in every kind of file and in MLflow runs, and the command."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from stages import deid_leaks, layout
+from stages.deid_leaks import collect_identifiers, scan_mlflow_run, scan_paths
+
+NAME, PATIENT_ID, BIRTH_DATE = "Quixley^Bartholomew", "MRN-55501234", "19270315"
+
+
+def source_dataset() -> Dataset:
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PATIENT_ID, BIRTH_DATE
+    ds.InstitutionName = "Saint Elsewhere Hospital"
+    return ds
+
+
+@pytest.fixture
+def identifiers() -> dict[str, str]:
+    return collect_identifiers(source_dataset())
+
+
+def test_identifiers_are_normalised_names_and_dates(identifiers):
+    assert {"quixley", "bartholomew", "quixley bartholomew", "bartholomew quixley"} <= set(identifiers)
+    assert {"19270315", "1927-03-15", "15/03/1927", "03/15/1927", "15.03.1927"} <= set(identifiers)
+    assert identifiers["1927-03-15"] == "(0010,0030) Patient's Birth Date"
+
+
+@pytest.mark.parametrize("name, content, location", [
+    ("report.csv", "key,note\nabc,seen BARTHOLOMEW quixley\n", "line 2"),
+    ("metrics.json", json.dumps({"born": "1927-03-15"}), "line 1"),
+    ("stage.log", "INFO ok\nINFO ok\nWARNING patient MRN-55501234 skipped\n", "line 3"),
+    ("page.html", "<td>Saint Elsewhere Hospital</td>", "line 1"),
+])
+def test_text_files_are_searched_line_by_line(tmp_path, identifiers, name, content, location):
+    (tmp_path / name).write_text(content)
+    (leak,) = scan_paths(identifiers, [tmp_path])
+    assert (leak.output, leak.location) == ((tmp_path / name).as_posix(), location)
+    assert NAME not in repr(leak) and PATIENT_ID not in repr(leak)  # a hit never quotes the value
+
+
+def test_parquet_cells_and_column_names_dicom_elements_and_model_zips(tmp_path, identifiers):
+    pd.DataFrame({"key": ["a"], "MRN-55501234": [1]}).to_parquet(tmp_path / "t.parquet")
+    pd.DataFrame({"note": ["by 15.03.1927"]}).to_parquet(tmp_path / "u.parquet")
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4"
+    item = Dataset()
+    item.PersonName = "Bartholomew^Quixley"
+    ds.ContentSequence = [item]
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as archive:
+        archive.writestr("config.json", json.dumps({"name": "saint elsewhere hospital model"}))
+        archive.writestr("model.weights.h5", b"\x00" * 64)
+    leaks = {(Path(leak.output).name, leak.location) for leak in scan_paths(identifiers, [tmp_path])}
+    assert leaks == {("t.parquet", "column names"), ("u.parquet", "column 'note'"),
+                     ("x.dcm", "(0040,A730) Content Sequence > (0040,A123) Person Name"),
+                     ("model.keras", "config.json line 1")}
+
+
+def test_clean_files_and_numeric_arrays_give_no_hits(tmp_path, identifiers):
+    (tmp_path / "ok.csv").write_text("key,label\n2.25.19270315000,1\nmrn,0\n")
+    np.save(tmp_path / "images.npy", np.frombuffer(PATIENT_ID.encode() * 4, dtype=np.uint8))
+    assert scan_paths(identifiers, [tmp_path]) == []
+
+
+def test_a_missing_path_is_an_error(tmp_path, identifiers):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        scan_paths(identifiers, [tmp_path / "absent"])
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A real MLflow SQLite store in a temporary folder."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("leaks")
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_run_params_tags_children_and_artifacts_are_searched(tmp_path, tracking, identifiers):
+    mlflow = tracking
+    report = tmp_path / "notes.txt"
+    report.write_text("reviewed for 1927-03-15\n")
+    with mlflow.start_run() as run:
+        mlflow.log_params({"train.lr": 0.01, "cohort": "Quixley"})
+        mlflow.log_metric("auc", 0.9)
+        with mlflow.start_run(nested=True):
+            mlflow.set_tag("operator", "saint elsewhere hospital")
+            mlflow.log_artifact(str(report), artifact_path="reports")
+    leaks = scan_mlflow_run(identifiers, run.info.run_id)
+    found = {(leak.output.split()[-1], leak.location, leak.source) for leak in leaks}
+    assert ("param 'cohort'", "(0010,0010) Patient's Name") in {(loc, src) for _, loc, src in found}
+    assert any(loc == "tag 'operator'" for _, loc, _ in found)
+    assert any(out == "reports/notes.txt" and loc == "line 1" for out, loc, _ in found)
+    assert len(leaks) == 3
+
+    with mlflow.start_run() as clean:
+        mlflow.log_params({"train.lr": 0.01})
+    assert scan_mlflow_run(identifiers, clean.info.run_id) == []
+
+
+@pytest.fixture
+def ingested(tmp_path, monkeypatch) -> Path:
+    """A project folder with one source file under data/ and its ingest index, as the working dir."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    ds = source_dataset()
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.99.10"
+    (tmp_path / "data").mkdir()
+    ds.save_as(tmp_path / "data" / "a.dcm", implicit_vr=False, little_endian=True)
+    (tmp_path / "outputs" / "ingest").mkdir(parents=True)
+    index = pd.DataFrame([{"source_path": "a.dcm", "patient_id": PATIENT_ID,
+                           "accession_number": None, "study_instance_uid": None,
+                           "series_instance_uid": None, "sop_instance_uid": ds.SOPInstanceUID}])
+    index.to_parquet(tmp_path / "outputs" / "ingest" / layout.INGEST_INDEX)
+    return tmp_path
+
+
+def test_command_reads_identifiers_at_ingest_and_exits_1_on_a_hit(ingested, capsys):
+    clean, dirty = ingested / "clean.csv", ingested / "dirty.log"
+    clean.write_text("image_key,label\nab12,1\n")
+    dirty.write_text("opened file of bartholomew\n")
+
+    assert deid_leaks.main([str(clean)]) == 0
+    assert deid_leaks.main([str(clean), str(dirty)]) == 1
+    printed = capsys.readouterr().out
+    assert "LEAK" in printed and "(0010,0010) Patient's Name" in printed
+    assert "bartholomew" not in printed.casefold()
+
+
+def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
+    from stages.cli import StageError
+    from stages.evaluate import check_run
+
+    mlflow = tracking
+    with mlflow.start_run() as clean:
+        mlflow.log_param("train.lr", 0.01)
+    check_run(clean.info.run_id, ingest_dir=ingested / "outputs" / "ingest", data_dir=ingested / "data")
+    with mlflow.start_run() as dirty:
+        mlflow.set_tag("note", "from saint elsewhere hospital")
+    with pytest.raises(StageError, match=r"\(0008,0080\) Institution Name value .* not registered"):
+        check_run(dirty.info.run_id, ingest_dir=ingested / "outputs" / "ingest",
+                  data_dir=ingested / "data")
