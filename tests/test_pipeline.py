@@ -106,7 +106,7 @@ def test_registered_champion_loads_and_predicts(repo, registry):
 
 
 def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
-    root, _ = repo
+    root, env = repo
     identifiers = set()
     for path in (root / "data").rglob("*"):
         try:
@@ -122,6 +122,12 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
         content = path.read_bytes()
         leaked = [value for value in identifiers if value.encode() in content]
         assert not leaked, f"{len(leaked)} identifying values in {path.relative_to(root)}"
+    # The project's own scanner (normalised names and dates too) over every downstream output and
+    # the champion's MLflow run, as a user runs it.
+    run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+    output = _run([sys.executable, "-m", "stages.deid_leaks", "outputs/deidentify", "outputs/split",
+                   "outputs/augment", "outputs/model", "reports", "--run", run_id], root, env)
+    assert output.strip().splitlines()[-1].startswith("0 hit(s) for ")
 
 
 def test_second_repro_runs_nothing(repo):
