@@ -83,3 +83,47 @@ def test_model_input_from_every_stored_layout():
 
     np.testing.assert_allclose(to_model_input(gray), [[[[0.0], [1.0]]]])
     assert to_model_input(rgb).shape == (1, 1, 2, 3) and to_model_input(rgb).dtype == np.float32
+
+
+class TestStrategies:
+    params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16,
+                         lr=0.003, seed=5)
+
+    def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
+        from stages.train import make_strategy
+
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        default = train_model(train_x, train_y, val_x, val_y, params=self.params, checkpoint=None)[1]
+        mirrored = make_strategy("mirrored")
+        assert mirrored.num_replicas_in_sync >= 1
+        history = train_model(train_x, train_y, val_x, val_y, params=self.params, checkpoint=None,
+                              strategy=mirrored)[1]
+        np.testing.assert_allclose(history["loss"], default["loss"], atol=1e-5)
+        np.testing.assert_allclose(history["val_auc"], default["val_auc"], atol=1e-5)
+
+    def test_multi_worker_without_tf_config_is_a_clear_error(self, monkeypatch):
+        from stages.train import make_strategy
+
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+        with pytest.raises(ValueError, match="'multi_worker' but TF_CONFIG is not set"):
+            make_strategy("multi_worker")
+
+    @pytest.mark.parametrize("cluster, task, chief", [
+        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True),
+        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, False),
+    ])
+    def test_only_the_chief_writes(self, monkeypatch, cluster, task, chief):
+        import json
+        from types import SimpleNamespace
+
+        import tensorflow as tf
+
+        from stages.train import is_chief
+
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        assert is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
+        assert is_chief(tf.distribute.get_strategy())
