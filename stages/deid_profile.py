@@ -321,20 +321,23 @@ class _Context:
     counts: Counter
     source: Dataset
     patient_id: str
+    texts: list[str] | None = None  # identifying_texts of the source, when read
     _pattern: re.Pattern[str] | None = None
     _pattern_built: bool = False
 
     def identifying(self) -> re.Pattern[str] | None:
         """The :func:`identifying_pattern` of the source's :func:`identifying_texts`, built once,
-        only when something is cleaned."""
+        only when something is cleaned (most files have nothing to clean)."""
         if not self._pattern_built:
-            self._pattern = identifying_pattern(identifying_texts(self.source, self.profile, self.options))
-            self._pattern_built = True
+            if self.texts is None:
+                self.texts = identifying_texts(self.source, self.profile, self.options)
+            self._pattern, self._pattern_built = identifying_pattern(self.texts), True
         return self._pattern
 
 
 def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
-                       options: DeidOptions = DeidOptions()) -> tuple[Dataset, Counter]:
+                       options: DeidOptions = DeidOptions(), in_place: bool = False,
+                       ) -> tuple[Dataset, Counter]:
     """Return a de-identified copy of ``ds`` and the number of actions applied by code.
 
     Parameters
@@ -347,6 +350,9 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
         HMAC key of every pseudonym, UID and date shift.
     options : DeidOptions
         Private tags and the PS3.15 options; the default is the Basic Profile alone.
+    in_place : bool, default=False
+        De-identify ``ds`` itself and return it: for a caller that reads each file only to write
+        it de-identified, the copy would cost about a third of the time.
 
     Returns
     -------
@@ -362,9 +368,14 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
     Media Storage SOP Instance UID is set to the new (0008,0018) SOP Instance UID; other optional
     file meta elements are dropped.
     """
-    out = copy.deepcopy(ds)
     patient_id = str(ds.get("PatientID", "") or "")
     ctx = _Context(profile, secret, options, Counter(dict.fromkeys(COUNT_KEYS, 0)), ds, patient_id)
+    if in_place:
+        out = ds
+        if len(options.codes()) > 1:  # an option's clean (C) needs the source values: keep them
+            ctx.texts = identifying_texts(ds, profile, options)
+    else:
+        out = copy.deepcopy(ds)
     _clean(out, ctx, dummy_unlisted=False)
     if patient_id and "PatientName" in out:
         out.PatientName = keyed_hex(secret, patient_id)

@@ -30,6 +30,8 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODE
                                  DeidOptions, Profile, age_in_years, deidentify_dataset, keyed_hex,
                                  load_profile)
 from stages.ingest import PixelSettings, read_image
+from stages.parallel import ordered_map, worker_count
 from stages.params import DeidentifyParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -209,73 +212,116 @@ def blank_regions(ds: pydicom.Dataset, regions: list[list[float]]) -> None:
     ds.set_pixel_data(pixels, photometric, int(ds.BitsStored))
 
 
-def deidentify_sources(index: pd.DataFrame, images: np.ndarray, *, data_dir: Path, dicom_dir: Path,
-                       profile: Profile, secret: bytes, params: DeidentifyParams,
-                       pixels: PixelSettings,
-                       ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray, np.ndarray]:
-    """De-identify each source file of the index into ``dicom_dir/<key>.dcm``, once per file.
+@dataclass(frozen=True)
+class FileSettings:
+    """What de-identifying one file needs besides the file (sent once to each worker process)."""
 
-    ``key`` is the keyed hash of the SOP Instance UID: the ``image_key`` of a single-frame image,
-    shared by every image of a multi-frame object. Files at risk of burned-in text
-    (:func:`burned_in_risk`) are left out or have ``params.burned_in_regions`` blanked, their
-    images then redone from the blanked file with the ingest settings ``pixels``.
+    data_dir: Path
+    dicom_dir: Path
+    profile: Profile
+    secret: bytes
+    params: DeidentifyParams
+    pixels: PixelSettings
 
-    Returns
-    -------
-    (DataFrame, dict, ndarray, ndarray)
-        The audit table (``AUDIT_COLUMNS``, one row per file); the identifying values of the
-        sources and the index (for :func:`find_leaks`); which index rows are kept (bool); the
-        images, blanked where the files were. Errors name the index row, not the path, which
-        holds an accession number.
-    """
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """One source file done: its audit row, the identifying values it held, whether it was left
+    out, its images redone after blanking (frame index -> pixels) and the pydicom warnings hidden."""
+
+    audit: dict
+    identifiers: dict[str, str]
+    excluded: bool = False
+    frames: dict[int, np.ndarray] | None = None
+    hidden_warnings: int = 0
+
+
+def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOutcome:
+    """De-identify one source file (``job``: path under ``data_dir``, its first index row, its
+    SOP Instance UID) into ``dicom_dir/<key>.dcm``, or leave it out for burned-in text."""
+    source, number, sop_uid = job
+    params = settings.params
+    with hidden_pydicom_messages() as hidden:
+        try:
+            ds = pydicom.dcmread(settings.data_dir / source)
+        except Exception as err:  # pydicom raises many types; its message may hold the path
+            raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
+                             f"({type(err).__name__}); re-run ingest") from None
+        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
+            raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
+                             "SOP Instance UID differs from the index; re-run ingest")
+        identifiers = collect_identifiers(ds)
+        image_key = keyed_hex(settings.secret, sop_uid, IMAGE_KEY_LENGTH)
+        risk, decision, frames = burned_in_risk(ds, params), "", None
+        if risk and params.burned_in_action == "blank":
+            try:
+                blank_regions(ds, params.burned_in_regions)
+                frames = {frame.index: frame.pixels
+                          for frame in read_image(_as_file(ds), settings.pixels)[1]}
+                decision = "blanked"
+            except Exception as err:  # a file whose pixels cannot be rewritten is left out
+                decision = f"excluded: blanking failed ({type(err).__name__})"
+        elif risk:
+            decision = "excluded"
+        counts = dict.fromkeys(COUNT_KEYS, 0)
+        excluded = decision.startswith("excluded")
+        if not excluded:
+            # The dataset was read for this alone: de-identified in place, not copied.
+            ds, counts = deidentify_dataset(ds, profile=settings.profile, secret=settings.secret,
+                                            options=deid_options(params), in_place=True)
+            ds.save_as(settings.dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
+    audit = {"image_key": image_key, **counts, "options": option_names(params), "burned_in": risk,
+             "burned_in_action": decision}
+    return FileOutcome(audit, identifiers, excluded, frames, len(hidden))
+
+
+def option_names(params: DeidentifyParams) -> str:
+    """The audit's ``options`` cell: the profile and the options in use, by name."""
     options = deid_options(params)
-    option_names = ";".join(
+    return ";".join(
         ["basic_profile"]
         + [name for name in ("retain_patient_characteristics", "retain_longitudinal_dates",
                              "clean_descriptors", "retain_device_identity") if getattr(options, name)]
         + ["remove_private_tags" if params.remove_private_tags else "keep_private_tags"])
+
+
+def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
+                       workers: int = 1,
+                       ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray, np.ndarray, int]:
+    """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
+    ``workers`` processes.
+
+    A file's ``key`` is the keyed hash of its SOP Instance UID: the ``image_key`` of a
+    single-frame image, shared by every image of a multi-frame object. Files at risk of burned-in
+    text (:func:`burned_in_risk`) are left out or have ``params.burned_in_regions`` blanked, their
+    images then redone from the blanked file with the ingest settings ``settings.pixels``.
+
+    Returns
+    -------
+    (DataFrame, dict, ndarray, ndarray, int)
+        The audit table (``AUDIT_COLUMNS``, one row per file, index order); the identifying values
+        of the sources and the index (for :func:`find_leaks`); which index rows are kept (bool);
+        the images, blanked where the files were; the number of pydicom warnings hidden. Errors
+        name the index row, not the path, which holds an accession number.
+    """
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
     rows_of = index.groupby("source_path", sort=False).indices
-    rows = []
-    for source, positions in rows_of.items():
-        number = int(positions[0])
-        try:
-            ds = pydicom.dcmread(data_dir / source)
-        except Exception as err:  # pydicom raises many types; its message may hold the path
-            raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
-                             f"({type(err).__name__}); re-run ingest") from err
-        sop_uid = index["sop_instance_uid"].iat[number]
-        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
-            raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
-                             "SOP Instance UID differs from the index; re-run ingest")
-        identifiers.update(collect_identifiers(ds))
-        image_key = keyed_hex(secret, sop_uid, IMAGE_KEY_LENGTH)
-        risk, decision = burned_in_risk(ds, params), ""
-        if risk and params.burned_in_action == "blank":
-            try:
-                blank_regions(ds, params.burned_in_regions)
-                _, frames = read_image(_as_file(ds), pixels)
-            except Exception as err:  # a file whose pixels cannot be rewritten is left out
-                decision = f"excluded: blanking failed ({type(err).__name__})"
-            else:
-                by_frame = {frame.index: frame.pixels for frame in frames}
-                for position in positions:
-                    frame = index["frame_index"].iat[position]
-                    images[position] = by_frame[0 if pd.isna(frame) else int(frame)]
-                decision = "blanked"
-        elif risk:
-            decision = "excluded"
-        counts = dict.fromkeys(COUNT_KEYS, 0)
-        if decision.startswith("excluded"):
+    jobs = [(source, int(rows[0]), index["sop_instance_uid"].iat[rows[0]])
+            for source, rows in rows_of.items()]
+    audit, hidden = [], 0
+    outcomes = ordered_map(partial(deidentify_file, settings=settings), jobs, workers=workers)
+    for positions, outcome in zip(rows_of.values(), outcomes):
+        identifiers.update(outcome.identifiers)
+        audit.append(outcome.audit)
+        hidden += outcome.hidden_warnings
+        if outcome.excluded:
             keep[positions] = False
-        else:
-            out, counts = deidentify_dataset(ds, profile=profile, secret=secret, options=options)
-            out.save_as(dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
-        rows.append({"image_key": image_key, **counts, "options": option_names,
-                     "burned_in": risk, "burned_in_action": decision})
-    return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), identifiers, keep, images
+        for position in positions if outcome.frames else ():
+            frame = index["frame_index"].iat[position]
+            images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
+    return pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers, keep, images, hidden
 
 
 def _as_file(ds: pydicom.Dataset) -> io.BytesIO:
@@ -344,14 +390,14 @@ def main() -> None:
     for stale in (out_dir, staging):
         shutil.rmtree(stale, ignore_errors=True)
     (staging / layout.DEID_DICOM_DIR).mkdir(parents=True)
-    with hidden_pydicom_messages() as hidden:
-        audit, identifiers, keep, images = deidentify_sources(
-            index, images, data_dir=Path(paths.data), dicom_dir=staging / layout.DEID_DICOM_DIR,
-            profile=profile, secret=secret, params=params, pixels=pixels)
+    settings = FileSettings(Path(paths.data), staging / layout.DEID_DICOM_DIR, profile, secret,
+                            params, pixels)
+    audit, identifiers, keep, images, hidden = deidentify_sources(
+        index, images, settings, workers=worker_count(params.workers))
     index, images = index[keep].reset_index(drop=True), images[keep]
     if hidden:
         logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
-                       len(hidden))
+                       hidden)
     metrics = summarise(audit)
     build_manifest(index, images, secret=secret,
                    retain_patient_characteristics=params.retain_patient_characteristics,

@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -51,6 +49,7 @@ from tqdm import tqdm
 
 from stages import layout
 from stages.cli import StageError, run_stage
+from stages.parallel import ordered_map, worker_count
 from stages.params import IngestParams, PathsParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -570,14 +569,8 @@ def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting:
 
 def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, workers: int) -> Iterator[FileResult]:
     """Results of :func:`ingest_file` in file order, from ``workers`` processes (1: this one)."""
-    work = partial(ingest_file, data_dir=data_dir, settings=settings)
-    if workers == 1:
-        yield from map(work, files)
-        return
-    # Chunks amortise the inter-process round trip; ordered imap keeps the output deterministic.
-    chunksize = max(1, min(32, len(files) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(work, files, chunksize=chunksize)
+    yield from ordered_map(partial(ingest_file, data_dir=data_dir, settings=settings), files,
+                           workers=workers)
 
 
 class ImageWriter:
@@ -629,11 +622,6 @@ class IndexWriter:
     def close(self) -> None:
         self._flush()  # also writes the schema when there are no rows at all
         self._writer.close()
-
-
-def worker_count(requested: int) -> int:
-    """``ingest.workers``: 0 means every core this process may use."""
-    return requested or len(os.sched_getaffinity(0))
 
 
 def main() -> None:

@@ -84,6 +84,7 @@ class DeidentifyParams:
     burned_in_image_types: list[str] | None
     burned_in_manufacturers: list[str] | None
     burned_in_regions: list[list[float]] | None
+    workers: int = field(metadata=_interval(0, 1024))
 
     def __post_init__(self) -> None:
         key = "params.yaml: 'deidentify.burned_in_regions'"

@@ -475,6 +475,17 @@ class TestOptions:
         basic = self.run(make_dataset())
         assert basic.get("DeviceSerialNumber") != "SN-00042" and basic.get("StationName") != "WS-CR-7"
 
+    @pytest.mark.parametrize("option_set", list(OPTION_SETS))
+    def test_in_place_gives_what_the_copy_gives(self, option_set):
+        ds = make_dataset()
+        ds.StudyDescription = "CXR of Quixley 2023-04-05"
+        copied, copied_counts = deidentify_dataset(ds, profile=load_profile(), secret=SECRET,
+                                                   options=OPTION_SETS[option_set])
+        assert ds.PatientID == PATIENT_ID  # the source is untouched
+        same, same_counts = deidentify_dataset(ds, profile=load_profile(), secret=SECRET,
+                                               options=OPTION_SETS[option_set], in_place=True)
+        assert same is ds and same == copied and same_counts == copied_counts
+
     def test_method_codes_name_every_option_used(self):
         out = self.run(make_dataset(), **dict.fromkeys(OPTION_COLUMNS, True))
         assert [item.CodeValue for item in out.DeidentificationMethodCodeSequence] == [
@@ -698,6 +709,16 @@ class TestMain:
                       SECRET.decode()):
             assert not [text for text in texts if value.encode() in text], value
         assert not (stage_dir / "outputs" / "deidentify.partial").exists()
+
+    def test_one_or_two_worker_processes_write_the_same_bytes(self, stage_dir):
+        written = []
+        for workers in (1, 2):
+            set_deid_params(stage_dir / "params.yaml", workers=workers)
+            deidentify.main()
+            out = stage_dir / "outputs" / "deidentify"
+            written.append({path.relative_to(out): path.read_bytes()
+                            for path in sorted(out.rglob("*")) if path.is_file()})
+        assert len(written[0]) == 3 + 3 and written[0] == written[1]
 
     def test_retain_off_leaves_sex_and_age_null(self, stage_dir):
         set_params(stage_dir / "params.yaml", retain_patient_characteristics=False)

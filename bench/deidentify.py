@@ -1,0 +1,168 @@
+"""Benchmark: the deidentify stage's throughput against dicognito's command-line tool.
+
+Times, side by side in one run over the same files (the embedded sample in ``data/`` copied under
+``copy-0001/``, ``copy-0002/``, ... until there are at least ``--files`` of them, as in
+``bench/ingest.py``, whose ``replicate`` and ``write_project`` this script imports):
+- ``deidentify stage``: ``python -m stages.deidentify`` as its users run it, in a temporary project
+  folder whose ``params.yaml`` is the project's with ``paths`` pointed at the replicated set and the
+  outputs kept inside that folder. ``python -m stages.ingest`` runs there once first, untimed, for
+  the index and images.npy the stage reads. The timed run is all of the stage: reading and
+  de-identifying every source file, writing ``dicom/``, the manifest, the audit and images.npy,
+  and the leak check that reads its outputs back;
+- ``dicognito``: ``python -m dicognito --output-directory OUT --seed SEED FILE ...`` (the
+  ``.venv/bin/dicognito`` console script of dicognito 0.19.0 fails with ``TypeError: main() missing
+  1 required positional argument``; ``-m`` runs the same ``main`` on the same arguments), run in
+  the replicated folder with exactly the files the ingest index lists (its distinct
+  ``source_path`` values, relative to ``paths.data``) named on its command line: no copies, so
+  both tools read the same bytes from the same page cache and the files ingest quarantined are
+  left out of both. It writes to a folder emptied (untimed) before each run, with a fixed seed.
+Both are subprocesses, so their wall time includes interpreter start-up and imports; the runs
+alternate, ``--repeat`` times each. Peak RSS is that of the whole process tree (see
+bench/ingest.py). The copies repeat the sample's SOP Instance UIDs and both tools name their
+outputs after (a function of) that UID, so each writes about as many distinct files as the sample
+has, overwriting the rest: the same for both, but the stage's leak check reads back only those
+distinct files. Target: the stage at least as fast as dicognito (files/s ratio ours/dicognito,
+medians, >= 1.0).
+
+    .venv/bin/python bench/deidentify.py [--files 5000] [--repeat 3] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# bench/ is not a package; this script's folder is sys.path[0] when it is run as a file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest import ROOT, measure, replicate, write_project  # noqa: E402
+
+TARGET_RATIO = 1.0
+SEED = "dicomflow-bench"  # fixed, so every dicognito run draws the same replacement values
+ARG_BYTES_LIMIT = 1_500_000  # below Linux's 2 MiB ARG_MAX for argv + environment
+
+
+def ensure_sample(work: Path) -> Path:
+    """The embedded sample: ``data/`` when present, else generated into ``work`` as
+    bench/ingest.py does (so that the benchmark never writes into the project's DVC data)."""
+    source = ROOT / "data"
+    if not (source / "labels.csv").is_file():
+        source = work / "sample"
+        if not (source / "labels.csv").is_file():
+            subprocess.run([sys.executable, "-m", "stages.sample_data", str(source)],
+                           cwd=ROOT, check=True)
+    return source
+
+
+def code_state() -> dict[str, int]:
+    """mtime (ns) of each stages/ source: edits made while the benchmark runs are reported, since
+    each timed run imports whatever is on disk when it starts."""
+    stages = ROOT / "stages"
+    return {str(p.relative_to(stages)): p.stat().st_mtime_ns for p in sorted(stages.rglob("*.py"))}
+
+
+def summary(seconds: list[float]) -> tuple[float, float, float]:
+    """min, median, max."""
+    return min(seconds), statistics.median(seconds), max(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=5000, help="at least this many files")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument("--workdir", type=Path, help="keep (and reuse) the replicated set here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+
+    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="bench-deid-"))
+    try:
+        start = time.perf_counter()
+        data = work / "data"
+        replicate(ensure_sample(work), data, args.files)
+        project = work / "project"
+        shutil.rmtree(project, ignore_errors=True)
+        write_project(project, data)
+        params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+        ingest_seconds, _ = measure([sys.executable, "-m", "stages.ingest"], cwd=project,
+                                    log=work / "ingest.log")
+        index = pd.read_parquet(Path(params["paths"]["ingest_dir"]) / "index.parquet")
+        # Distinct files: a multi-frame object has one index row per frame but is one file.
+        sources = list(dict.fromkeys(index["source_path"].astype(str)))
+        print(f"replicated set in {data}; ingest accepted {len(sources):,} files "
+              f"({len(index):,} images); prepared in {time.perf_counter() - start:.1f} s, "
+              f"of which ingest {ingest_seconds:.1f} s")
+
+        dicognito_out = work / "dicognito-out"
+        dicognito = [sys.executable, "-m", "dicognito", "--output-directory", str(dicognito_out),
+                     "--seed", SEED, *sources]
+        if sum(len(a) + 1 for a in dicognito) > ARG_BYTES_LIMIT:
+            sys.exit(f"{len(sources):,} paths are too long for one command line; use fewer --files")
+        deid_dir = Path(params["paths"]["deid_dir"])
+        commands = {  # name -> (command, working folder, log)
+            "deidentify stage (`python -m stages.deidentify`)":
+                ([sys.executable, "-m", "stages.deidentify"], project, work / "deidentify.log"),
+            # Relative paths from the data folder keep the command line short.
+            "dicognito (`python -m dicognito -o OUT --seed S FILES`)":
+                (dicognito, data, work / "dicognito.log"),
+        }
+        code_before = code_state()
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        peak = {name: 0.0 for name in commands}
+        for _ in range(args.repeat):
+            # Alternating, so that drift in the machine's state hits both alike.
+            for name, (command, cwd, log) in commands.items():
+                if command is dicognito:  # it adds to its folder; the stage replaces its own
+                    shutil.rmtree(dicognito_out, ignore_errors=True)
+                wall, mib = measure(command, cwd=cwd, log=log)
+                seconds[name].append(wall)
+                peak[name] = max(peak[name], mib)
+
+        # Both must have written something; their distinct outputs should agree (see docstring).
+        metrics = json.loads(Path(params["paths"]["deid_metrics"]).read_text(encoding="utf-8"))
+        written = {"stage": len(list((deid_dir / "dicom").glob("*.dcm"))),
+                   "dicognito": len(list(dicognito_out.glob("*.dcm")))}
+        print(f"dicognito: {sys.executable} -m dicognito --output-directory {dicognito_out} "
+              f"--seed {SEED} {' '.join(sources[:2])} ... ({len(sources):,} paths, cwd {data})")
+        print(f"CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
+        excluded = metrics.get("burned_in_excluded", 0)
+        audited = len(pd.read_csv(deid_dir / "audit.csv"))  # n_files counts distinct keys only
+        print(f"stage: {audited:,} files ({excluded:,} excluded for burned-in text), "
+              f"{written['stage']:,} distinct outputs, "
+              f"{metrics['identifiers_checked']:,} identifiers leak-checked; dicognito: "
+              f"{written['dicognito']:,} distinct outputs; {args.repeat} timed run(s) of each\n")
+        print(f"| tool | files | wall s min | wall s median | wall s max | files/s (median) | "
+              f"peak RSS (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        rates: dict[str, float] = {}
+        for name in commands:
+            low, mid, high = summary(seconds[name])
+            rates[name] = len(sources) / mid
+            print(f"| {name} | {len(sources):,} | {low:.2f} | {mid:.2f} | {high:.2f} | "
+                  f"{rates[name]:,.0f} | {peak[name]:,.0f} |")
+        ratio = rates[next(iter(commands))] / rates[list(commands)[1]]
+        changed = sorted(set(code_before.items()) ^ set(code_state().items()))
+        if changed:
+            names = ", ".join(sorted({name for name, _ in changed}))
+            print(f"\nWARNING: stages/ changed during the timed runs ({names}): they timed "
+                  "different code")
+        print(f"\nTarget: stage at least as fast as dicognito, files/s ours/dicognito >= "
+              f"{TARGET_RATIO:.1f}: {ratio:.2f} -> {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
+    finally:
+        if args.keep or args.workdir:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
