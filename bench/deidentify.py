@@ -140,8 +140,8 @@ def main() -> None:
               f"{written['stage']:,} distinct outputs, "
               f"{metrics['identifiers_checked']:,} identifiers leak-checked; dicognito: "
               f"{written['dicognito']:,} distinct outputs; {args.repeat} timed run(s) of each\n")
-        print(f"| tool | files | wall s min | wall s median | wall s max | files/s (median) | "
-              f"peak RSS (MiB) |")
+        print("| tool | files | wall s min | wall s median | wall s max | files/s (median) | "
+              "peak RSS (MiB) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         rates: dict[str, float] = {}
         for name in commands:

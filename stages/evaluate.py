@@ -1,8 +1,9 @@
 """Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
 Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images.
-Outputs: ``paths.eval_metrics`` (flat JSON, DVC metrics) and ``paths.eval_plots`` (ROC and
-confusion-matrix data for ``dvc plots show``, plus PNG renderings logged to MLflow).
+Outputs: ``paths.eval_metrics`` (flat JSON, DVC metrics) and ``paths.eval_plots`` (ROC,
+confusion-matrix, precision-recall and calibration data for ``dvc plots show``, plus PNG
+renderings; all logged to MLflow).
 Params: ``evaluate.*``.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
@@ -22,27 +23,91 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from stages import layout, tracking
 from stages.cli import StageError, run_stage
 from stages.deid_leaks import identifiers_at_ingest, scan_mlflow_run
+from stages.eval_plots import write_plot_data
 from stages.params import load_params, read_params_file
 
 logger = logging.getLogger(__name__)
 
 
-def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fixed: float) -> float:
-    """Operating threshold: Youden's J (max sensitivity + specificity - 1) or a fixed value."""
+THRESHOLD_METHODS = ("youden", "fixed", "target_sensitivity")
+
+
+def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fixed: float | None = None,
+                     target_sensitivity: float | None = None) -> float:
+    """Operating threshold, chosen on the validation split; an image is positive when score >= it.
+
+    Parameters
+    ----------
+    y_true, y_score : ndarray of shape (n,)
+        Validation labels (0 or 1) and predicted probabilities of class 1.
+    method : {"youden", "fixed", "target_sensitivity"}
+        ``youden``: maximise Youden's J (sensitivity + specificity - 1). ``fixed``: return
+        ``fixed``. ``target_sensitivity``: the highest threshold whose sensitivity on
+        ``(y_true, y_score)`` is at least ``target_sensitivity``.
+    fixed : float, default=None
+        The threshold for ``method="fixed"``; required there.
+    target_sensitivity : float in (0, 1], default=None
+        The sensitivity to reach for ``method="target_sensitivity"``; required there.
+
+    Returns
+    -------
+    float
+        In [0, 1] for ``youden`` (an infinite ROC threshold is clipped to 1); one of the
+        validation scores for ``target_sensitivity``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, or the option it needs missing or out of range.
+    StageError
+        The validation split holds one class only (``youden`` and ``target_sensitivity``).
+
+    Notes
+    -----
+    ``target_sensitivity`` takes the highest qualifying threshold because specificity only falls
+    as the threshold falls: it is the most specific threshold that meets the target. The target
+    is met on validation only; the test sensitivity can land below it, by more the fewer
+    validation positives there are (with 20 positives one positive is 0.05 of sensitivity).
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, THRESHOLD_METHODS))}; got {method!r}")
     if method == "fixed":
+        if fixed is None:
+            raise ValueError("fixed must be a float when method is 'fixed'; got None")
         return fixed
-    if method != "youden":
-        raise ValueError(f"method must be 'youden' or 'fixed'; got {method!r}")
+    if method == "target_sensitivity" and (target_sensitivity is None or not 0 < target_sensitivity <= 1):
+        raise ValueError("target_sensitivity must be a float in (0, 1] when method is "
+                         f"'target_sensitivity'; got {target_sensitivity!r}")
     if len(np.unique(y_true)) < 2:
         raise StageError("the validation split holds one class only; cannot choose a threshold")
-    fpr, tpr, thresholds = roc_curve(y_true, y_score)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
+    if method == "youden":
+        fpr, tpr, thresholds = roc_curve(y_true, y_score)
+        best = int(np.argmax(tpr - fpr))
+        return float(min(thresholds[best], 1.0))
+    return _sensitivity_threshold(y_true, y_score, target=target_sensitivity)
+
+
+def _sensitivity_threshold(y_true: np.ndarray, y_score: np.ndarray, *, target: float) -> float:
+    """Highest threshold whose sensitivity is >= ``target`` (both classes present, 0 < target <= 1)."""
+    # Every distinct score must stay a candidate: drop_intermediate would drop collinear ROC points
+    # and could skip the first threshold that reaches the target.
+    _, tpr, thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
+    # thresholds fall and tpr rises along the curve, ending at 1; tpr[0] = 0 at threshold inf, so
+    # the first index reaching target > 0 is a finite score.
+    return float(thresholds[int(np.argmax(tpr >= target))])
 
 
 def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resamples: int = 1000,
@@ -59,54 +124,70 @@ def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resampl
 
 
 def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float) -> dict[str, float]:
-    """ROC AUC with its 95 % CI, and accuracy, sensitivity, specificity at ``threshold``."""
+    """Test-split metrics: ranking, calibration, and the confusion counts at ``threshold``.
+
+    Parameters
+    ----------
+    y_true : ndarray of shape (n,)
+        Test labels, 0 or 1.
+    y_score : ndarray of shape (n,)
+        Predicted probability of class 1, in [0, 1].
+    threshold : float
+        Operating threshold; an image is called positive when its score is >= ``threshold``.
+
+    Returns
+    -------
+    dict
+        ``roc_auc`` with its 95 % bootstrap interval (``roc_auc_ci_low``, ``roc_auc_ci_high``);
+        ``average_precision`` (area under the precision-recall curve, scikit-learn's step sum);
+        ``brier`` (mean squared error of the probabilities: 0 is perfect, a constant 0.5 scores
+        0.25); at ``threshold``: ``accuracy``, ``sensitivity``, ``specificity``, ``ppv``
+        (precision), ``npv`` and ``f1``; and ``threshold``, ``n_test``, ``n_test_positive``.
+
+    Raises
+    ------
+    StageError
+        The test split holds one class only.
+
+    Notes
+    -----
+    PPV and NPV are never NaN: with no predicted positives PPV is 0.0, with no predicted
+    negatives NPV is 0.0 (scikit-learn's ``zero_division=0.0``), and a warning is logged, since
+    0.0 then stands for "undefined". F1 is defined whenever the split holds a positive. PPV and
+    NPV depend on prevalence: they hold at the test split's (``n_test_positive / n_test``).
+    """
     if len(np.unique(y_true)) < 2:
         raise StageError("the test split holds one class only; ROC AUC is undefined")
     y_pred = (y_score >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     low, high = bootstrap_auc_interval(y_true, y_score)
+    ppv, npv = _predictive_values(y_true, y_pred, threshold=threshold)
     return {
         "roc_auc": float(roc_auc_score(y_true, y_score)),
         "roc_auc_ci_low": low,
         "roc_auc_ci_high": high,
+        "average_precision": float(average_precision_score(y_true, y_score)),
+        "brier": float(brier_score_loss(y_true, y_score)),
         "accuracy": float((tp + tn) / len(y_true)),
         "sensitivity": float(tp / (tp + fn)),
         "specificity": float(tn / (tn + fp)),
+        "ppv": ppv,
+        "npv": npv,
+        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
         "threshold": float(threshold),
         "n_test": int(len(y_true)),
         "n_test_positive": int(y_true.sum()),
     }
 
 
-def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float, out_dir: Path) -> list[Path]:
-    """ROC points and per-image (actual, predicted) rows as CSV for ``dvc plots``, and PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fpr, tpr, thresholds = roc_curve(y_true, y_score)
-    pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thresholds, 1.0)}).to_csv(
-        out_dir / "roc.csv", index=False)
-    y_pred = (y_score >= threshold).astype(int)
-    pd.DataFrame({"actual": y_true, "predicted": y_pred}).to_csv(out_dir / "confusion.csv", index=False)
-
-    fig, (roc_ax, cm_ax) = plt.subplots(1, 2, figsize=(9, 4))
-    roc_ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y_true, y_score):.3f}")
-    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
-    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, test split")
-    roc_ax.legend(loc="lower right")
-    matrix = confusion_matrix(y_true, y_pred, labels=[0, 1])
-    cm_ax.imshow(matrix, cmap="Blues")
-    for (row, col), count in np.ndenumerate(matrix):
-        cm_ax.text(col, row, str(count), ha="center", va="center")
-    cm_ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="actual",
-              title=f"confusion at threshold {threshold:.2f}")
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc_confusion.png", dpi=100)
-    plt.close(fig)
-    return [out_dir / "roc.csv", out_dir / "confusion.csv", out_dir / "roc_confusion.png"]
+def _predictive_values(y_true: np.ndarray, y_pred: np.ndarray, *, threshold: float) -> tuple[float, float]:
+    """PPV and NPV as precision of class 1 and of class 0; 0.0 (with a warning) when undefined."""
+    for label, name in ((1, "PPV"), (0, "NPV")):
+        if not (y_pred == label).any():
+            logger.warning("no test image is predicted %s at threshold %.3f; %s reported as 0.0 "
+                           "(undefined)", "positive" if label else "negative", threshold, name)
+    return (float(precision_score(y_true, y_pred, pos_label=1, zero_division=0.0)),
+            float(precision_score(y_true, y_pred, pos_label=0, zero_division=0.0)))
 
 
 def should_promote(candidate: float, champion: float | None) -> bool:
@@ -173,7 +254,8 @@ def main() -> None:
     val_y, val_score = scores("val")
     test_y, test_score = scores("test")
     threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
-                                 fixed=params.fixed_threshold)
+                                 fixed=params.fixed_threshold,
+                                 target_sensitivity=params.target_sensitivity)
     metrics = compute_metrics(test_y, test_score, threshold=threshold)
     Path(paths.eval_metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.eval_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -181,6 +263,9 @@ def main() -> None:
     logger.info("test ROC AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f",
                 metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
                 metrics["sensitivity"], metrics["specificity"], threshold)
+    logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, Brier %.3f, average precision %.3f",
+                metrics["ppv"], metrics["npv"], metrics["f1"], metrics["brier"],
+                metrics["average_precision"])
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
     # stage alone, and MLflow forbids changing a param already logged on a run.

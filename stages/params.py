@@ -161,8 +161,9 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    threshold_method: str = field(metadata=_choices("youden", "fixed"))
+    threshold_method: str = field(metadata=_choices("youden", "fixed", "target_sensitivity"))
     fixed_threshold: float = field(metadata=_interval(0.0, 1.0))
+    target_sensitivity: float = field(metadata=_interval(0.0, 1.0, closed="right"))
     registered_model_name: str
     promotion_metric: str = field(
         metadata=_choices("roc_auc", "accuracy", "sensitivity", "specificity")

@@ -1,12 +1,17 @@
-"""Evaluate stage: threshold choice, metrics against hand counts, and champion/challenger aliases."""
+"""Evaluate stage: threshold choice, metrics against hand counts, plot data, champion/challenger aliases."""
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from stages.cli import StageError
+from stages.eval_plots import calibration_table, write_plot_data
 from stages.evaluate import (
     bootstrap_auc_interval,
     choose_threshold,
@@ -14,6 +19,12 @@ from stages.evaluate import (
     register_model,
     should_promote,
 )
+
+# Eight images, asymmetric on purpose so that PPV/NPV or sensitivity/PPV swapped would show.
+# At threshold 0.5 (score >= 0.5 is positive; 0.5 itself is a false positive):
+#   TP = 2 (0.9, 0.6), FN = 1 (0.4), FP = 2 (0.7, 0.5), TN = 3 (0.3, 0.2, 0.1)
+HAND_TRUE = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+HAND_SCORE = np.array([0.9, 0.6, 0.4, 0.7, 0.3, 0.2, 0.1, 0.5])
 
 
 @pytest.fixture
@@ -42,10 +53,49 @@ class TestChooseThreshold:
         assert choose_threshold(*scored, method="fixed", fixed=0.3) == 0.3
 
     def test_rejects_unknown_method_and_one_class(self, scored):
-        with pytest.raises(ValueError, match="'youden' or 'fixed'; got 'best'"):
+        with pytest.raises(ValueError, match="'youden', 'fixed', 'target_sensitivity'; got 'best'"):
             choose_threshold(*scored, method="best", fixed=0.5)
         with pytest.raises(StageError, match="one class only"):
             choose_threshold(np.ones(5), np.linspace(0, 1, 5), method="youden", fixed=0.5)
+        with pytest.raises(StageError, match="one class only"):
+            choose_threshold(np.ones(5), np.linspace(0, 1, 5), method="target_sensitivity",
+                             target_sensitivity=0.9)
+
+    def test_fixed_needs_its_value(self, scored):
+        with pytest.raises(ValueError, match="fixed must be a float when method is 'fixed'; got None"):
+            choose_threshold(*scored, method="fixed")
+
+    @pytest.mark.parametrize("target", [None, 0, -0.1, 1.5])
+    def test_target_sensitivity_must_be_in_zero_one(self, scored, target):
+        with pytest.raises(ValueError, match=r"target_sensitivity must be a float in \(0, 1\] .*; "
+                                             rf"got {target!r}"):
+            choose_threshold(*scored, method="target_sensitivity", target_sensitivity=target)
+
+    # Validation ranked by score: 1 1 0 1 0 1 0 0 (four positives). Reaching sensitivity k/4 needs
+    # the k-th positive's score. 0.25 -> 0.95 fails if collinear ROC points are dropped
+    # (roc_curve's default drops the 0.95 point, leaving 0.85 as the first with tpr >= 0.25).
+    @pytest.mark.parametrize(("target", "expected"),
+                             [(0.25, 0.95), (0.3, 0.85), (0.5, 0.85), (0.75, 0.65), (0.9, 0.45),
+                              (1.0, 0.45)])
+    def test_target_sensitivity_by_hand(self, target, expected):
+        y_true = np.array([1, 1, 0, 1, 0, 1, 0, 0])
+        y_score = np.array([0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25])
+        threshold = choose_threshold(y_true, y_score, method="target_sensitivity",
+                                     target_sensitivity=target)
+        assert threshold == expected
+
+    @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95, 1.0])
+    def test_target_sensitivity_is_the_highest_threshold_meeting_it(self, scored, target):
+        y_true, y_score = scored
+        threshold = choose_threshold(y_true, y_score, method="target_sensitivity",
+                                     target_sensitivity=target)
+
+        def sensitivity(t):
+            return (y_score[y_true == 1] >= t).mean()
+
+        assert sensitivity(threshold) >= target
+        higher = np.unique(y_score[y_score > threshold])
+        assert len(higher) > 0 and sensitivity(higher[0]) < target  # next higher score falls short
 
 
 class TestComputeMetrics:
@@ -60,6 +110,33 @@ class TestComputeMetrics:
         assert metrics["roc_auc"] == pytest.approx(roc_auc_score(y_true, y_score))
         assert (metrics["n_test"], metrics["n_test_positive"]) == (8, 4)
 
+    def test_new_metrics_match_hand_counts(self):
+        metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=0.5)
+        assert metrics["sensitivity"] == pytest.approx(2 / 3)
+        assert metrics["specificity"] == pytest.approx(3 / 5)
+        assert metrics["ppv"] == pytest.approx(2 / 4)  # TP / (TP + FP)
+        assert metrics["npv"] == pytest.approx(3 / 4)  # TN / (TN + FN)
+        assert metrics["f1"] == pytest.approx(4 / 7)  # 2 TP / (2 TP + FP + FN)
+        # Brier: (0.1² + 0.4² + 0.6²) for the positives + (0.7² + 0.3² + 0.2² + 0.1² + 0.5²)
+        # = 0.01 + 0.16 + 0.36 + 0.49 + 0.09 + 0.04 + 0.01 + 0.25 = 1.41, over 8 images
+        assert metrics["brier"] == pytest.approx(1.41 / 8)
+        # Average precision, by score: 0.9 (+) 0.7 (-) 0.6 (+) 0.5 (-) 0.4 (+); each positive adds
+        # 1/3 of recall times the precision there: 1/3 * (1/1 + 2/3 + 3/5) = 34/45
+        assert metrics["average_precision"] == pytest.approx(34 / 45)
+
+    @pytest.mark.parametrize(("threshold", "nobody", "zero", "other", "expected"),
+                             [(0.95, "positive", "ppv", "npv", 5 / 8),  # all negative: NPV = TN / n
+                              (0.0, "negative", "npv", "ppv", 3 / 8)])  # all positive: PPV = prevalence
+    def test_undefined_predictive_value_is_zero_with_a_warning(self, caplog, threshold, nobody, zero,
+                                                               other, expected):
+        with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
+            metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=threshold)
+        assert metrics[zero] == 0.0
+        assert metrics[other] == pytest.approx(expected)
+        assert all(math.isfinite(value) for value in metrics.values())
+        assert f"no test image is predicted {nobody}" in caplog.text
+        assert f"{zero.upper()} reported as 0.0" in caplog.text
+
     def test_confidence_interval_brackets_the_auc(self, scored):
         y_true, y_score = scored
         low, high = bootstrap_auc_interval(y_true, y_score, n_resamples=300)
@@ -67,6 +144,48 @@ class TestComputeMetrics:
         assert high - low < 0.2
         narrow = bootstrap_auc_interval(np.tile(y_true, 4), np.tile(y_score, 4), n_resamples=300)
         assert narrow[1] - narrow[0] < high - low
+
+
+class TestCalibrationTable:
+    def test_quantile_bins_by_hand(self):
+        # n_bins=4 on 8 scores: quartile edges 0.1, 0.275, 0.45, 0.625, 0.9 put two images in each
+        # bin: (0.1 -, 0.2 -), (0.3 -, 0.4 +), (0.5 -, 0.6 +), (0.7 -, 0.9 +)
+        table = calibration_table(HAND_TRUE, HAND_SCORE, n_bins=4)
+        assert list(table.columns) == ["mean_predicted", "fraction_positive", "count"]
+        np.testing.assert_allclose(table["mean_predicted"], [0.15, 0.35, 0.55, 0.8])
+        np.testing.assert_allclose(table["fraction_positive"], [0, 0.5, 0.5, 0.5])
+        assert table["count"].tolist() == [2, 2, 2, 2]
+
+    @pytest.mark.parametrize("tied", [False, True])
+    def test_counts_sum_to_n_and_match_the_fractions(self, scored, tied):
+        y_true, y_score = scored
+        if tied:  # a saturated sigmoid: many identical scores make quantile edges coincide
+            y_score = np.where(y_score > 0.6, 1.0, np.where(y_score < 0.2, 0.0, y_score))
+        table = calibration_table(y_true, y_score)
+        assert table["count"].sum() == len(y_true)
+        assert (table["count"] > 0).all() and len(table) <= 10
+        assert len(table) < 10 if tied else len(table) == 10
+        positives = table["fraction_positive"] * table["count"]
+        np.testing.assert_allclose(positives, np.round(positives), atol=1e-9)  # whole images per bin
+        assert round(positives.sum()) == y_true.sum()
+        assert table["mean_predicted"].is_monotonic_increasing
+
+
+def test_write_plot_data_writes_and_returns_every_file(tmp_path, scored):
+    y_true, y_score = scored
+    files = write_plot_data(y_true, y_score, threshold=0.5, out_dir=tmp_path / "plots")
+    assert {path.name for path in files} == {"roc.csv", "confusion.csv", "pr.csv", "calibration.csv",
+                                             "roc_confusion.png", "pr_calibration.png"}
+    assert all(path.stat().st_size > 0 for path in files)  # main logs this list to MLflow
+
+    pr = pd.read_csv(tmp_path / "plots" / "pr.csv")
+    assert list(pr.columns) == ["recall", "precision"]
+    assert (np.diff(pr["recall"]) <= 0).all()
+    assert (pr["recall"].iloc[0], pr["recall"].iloc[-1]) == (1.0, 0.0)
+    assert pr["precision"].between(0, 1).all()
+    calibration = pd.read_csv(tmp_path / "plots" / "calibration.csv")
+    assert list(calibration.columns) == ["mean_predicted", "fraction_positive", "count"]
+    assert calibration["count"].sum() == len(y_true)
 
 
 def test_should_promote():

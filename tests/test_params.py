@@ -169,7 +169,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "evaluate.threshold_method", "otsu", "evaluate",
-        r"'evaluate\.threshold_method' must be one of 'youden', 'fixed'; got 'otsu'",
+        r"'evaluate\.threshold_method' must be one of 'youden', 'fixed', 'target_sensitivity'; got 'otsu'",
         id="not-in-choices",
     ),
     pytest.param(

@@ -1,0 +1,123 @@
+"""The evaluate stage's plots: ROC, confusion matrix, precision-recall and calibration, as CSV
+data for ``dvc plots show`` and as PNG renderings (offline, ``dvc plots show`` lacks its Vega
+scripts). Pure functions of labels, scores and the operating threshold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix,
+                             precision_recall_curve, precision_score, recall_score, roc_auc_score,
+                             roc_curve)
+
+
+def calibration_table(y_true: np.ndarray, y_score: np.ndarray, *, n_bins: int = 10) -> pd.DataFrame:
+    """Reliability-diagram data in ``n_bins`` quantile bins, empty bins left out.
+
+    Parameters
+    ----------
+    y_true, y_score : ndarray of shape (n,)
+        Labels (0 or 1) and predicted probabilities of class 1, in [0, 1].
+    n_bins : int, default=10
+        Number of quantile bins before empty ones (from tied scores) are dropped.
+
+    Returns
+    -------
+    DataFrame
+        One row per non-empty bin, ordered by score: ``mean_predicted`` (mean probability),
+        ``fraction_positive`` and ``count`` (images in the bin; the counts sum to n).
+
+    Notes
+    -----
+    Quantile bins hold about n / n_bins images each, so every point rests on a similar number
+    of images. A sigmoid's scores pile up near 0 and 1, and uniform bins on a test split of a
+    hundred-odd images would leave the middle bins with a handful each, their fractions mostly
+    noise. The price: bin edges move between runs, so compare runs by the points, not by bin.
+    """
+    fraction, mean = calibration_curve(y_true, y_score, n_bins=n_bins, strategy="quantile")
+    # calibration_curve returns no counts: the same edges and searchsorted as scikit-learn's
+    # calibration_curve give them, row for row.
+    edges = np.percentile(y_score, np.linspace(0, 100, n_bins + 1))
+    counts = np.bincount(np.searchsorted(edges[1:-1], y_score), minlength=n_bins)
+    return pd.DataFrame({"mean_predicted": mean, "fraction_positive": fraction,
+                         "count": counts[counts > 0]})
+
+
+def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float, out_dir: Path) -> list[Path]:
+    """Plot data as CSV for ``dvc plots`` and two PNG renderings; returns every file written.
+
+    ``roc.csv`` (fpr, tpr, threshold), ``confusion.csv`` (actual, predicted per image),
+    ``pr.csv`` (recall, precision; recall falls from 1 to 0), ``calibration.csv`` (see
+    :func:`calibration_table`), ``roc_confusion.png`` and ``pr_calibration.png``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+    pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thresholds, 1.0)}).to_csv(
+        out_dir / "roc.csv", index=False)
+    y_pred = (y_score >= threshold).astype(int)
+    pd.DataFrame({"actual": y_true, "predicted": y_pred}).to_csv(out_dir / "confusion.csv", index=False)
+    precision, recall, _ = precision_recall_curve(y_true, y_score)
+    pr = pd.DataFrame({"recall": recall, "precision": precision})
+    pr.to_csv(out_dir / "pr.csv", index=False)
+    calibration = calibration_table(y_true, y_score)
+    calibration.to_csv(out_dir / "calibration.csv", index=False)
+
+    plt = _pyplot()
+    fig, (roc_ax, cm_ax) = plt.subplots(1, 2, figsize=(9, 4))
+    roc_ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y_true, y_score):.3f}")
+    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, test split")
+    roc_ax.legend(loc="lower right")
+    matrix = confusion_matrix(y_true, y_pred, labels=[0, 1])
+    cm_ax.imshow(matrix, cmap="Blues")
+    for (row, col), count in np.ndenumerate(matrix):
+        cm_ax.text(col, row, str(count), ha="center", va="center")
+    cm_ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="actual",
+              title=f"confusion at threshold {threshold:.2f}")
+    _save(fig, out_dir / "roc_confusion.png")
+    _draw_pr_calibration(y_true, y_score, y_pred, pr=pr, calibration=calibration,
+                         path=out_dir / "pr_calibration.png")
+    return [out_dir / name for name in ("roc.csv", "confusion.csv", "pr.csv", "calibration.csv",
+                                        "roc_confusion.png", "pr_calibration.png")]
+
+
+def _draw_pr_calibration(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.ndarray, *,
+                         pr: pd.DataFrame, calibration: pd.DataFrame, path: Path) -> None:
+    """Precision-recall curve with the operating point, and the reliability diagram, as one PNG."""
+    fig, (pr_ax, cal_ax) = _pyplot().subplots(1, 2, figsize=(9, 4))
+    pr_ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post",
+               label=f"AP {average_precision_score(y_true, y_score):.3f}")
+    pr_ax.axhline(y_true.mean(), linestyle="--", color="grey", label="prevalence")
+    pr_ax.plot(recall_score(y_true, y_pred), precision_score(y_true, y_pred, zero_division=0.0),
+               "o", color="black", label="operating point")
+    pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", ylim=(0, 1.02),
+              title="precision-recall, test split")
+    pr_ax.legend(loc="lower left")
+    cal_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    cal_ax.plot(calibration["mean_predicted"], calibration["fraction_positive"], marker="o",
+                label=f"Brier {brier_score_loss(y_true, y_score):.3f}")
+    cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", xlim=(-0.02, 1.02),
+               ylim=(-0.02, 1.02), title=f"calibration, {len(calibration)} quantile bins")
+    cal_ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display on CI or the device machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` as PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
