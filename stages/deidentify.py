@@ -214,7 +214,7 @@ def blank_regions(ds: pydicom.Dataset, regions: list[list[float]]) -> None:
 
 @dataclass(frozen=True)
 class FileSettings:
-    """What de-identifying one file needs besides the file (sent once to each worker process)."""
+    """What de-identifying one file needs besides the file (pickled with each chunk of work)."""
 
     data_dir: Path
     dicom_dir: Path
