@@ -156,6 +156,9 @@ class TrainParams:
     epochs: int = field(metadata=_interval(1, 10_000))
     batch_size: int = field(metadata=_interval(1, 65_536))
     lr: float = field(metadata=_interval(0.0, 1.0, closed="right"))
+    lr_schedule: str = field(metadata=_choices("constant", "cosine"))
+    class_weight: str = field(metadata=_choices("none", "balanced"))
+    early_stopping_patience: int = field(metadata=_interval(0, 10_000))
     seed: int
 
 

@@ -10,10 +10,14 @@ Params: ``train.*``; every param of ``params.yaml`` is logged to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,8 @@ def build_seed_cnn(input_shape: tuple[int, int, int]):
 
 
 ARCHITECTURES = {"seed_cnn": build_seed_cnn}
+# Beside paths.model_dir, not in it: DVC deletes a stage's outputs before running it again.
+RESUME_SUFFIX = ".resume"
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -102,7 +108,8 @@ def binary_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, fl
 
 def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
                 params: TrainParams, checkpoint: Path | None, strategy=None,
-                on_epoch_end: Callable[[int, dict[str, float]], None] | None = None):
+                on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+                resume_dir: Path | None = None):
     """Fit the configured architecture; returns the best-on-validation model and its history.
 
     The loop is ours rather than ``model.fit`` because Keras 3's ``fit`` cannot run under
@@ -118,7 +125,8 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     train_y, val_y : ndarray
         Binary labels (n,).
     params : TrainParams
-        Architecture, epochs, (global) batch size, learning rate and seed.
+        Architecture, epochs, (global) batch size, learning rate and its schedule, class weights,
+        early-stopping patience (on validation AUC) and seed.
     checkpoint : Path or None
         Where the best model (highest validation AUC) is saved as ``.keras``; None saves nothing
         (a multi-worker task other than the chief).
@@ -126,6 +134,10 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         From :func:`make_strategy`; the default strategy when None.
     on_epoch_end : callable, optional
         Called with the epoch number (from 1) and its history row (e.g. to log metrics).
+    resume_dir : Path, optional
+        Where the training state is saved after every epoch; a run that finds the state of the
+        same params and data there (a killed run) goes on after its last epoch, and gives what an
+        uninterrupted run gives. Removed when training ends.
 
     Returns
     -------
@@ -139,21 +151,28 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()
+    steps_per_epoch = -(-len(train_x) // params.batch_size)
+    learning_rate = params.lr
+    if params.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(params.lr, params.epochs * steps_per_epoch)
     with strategy.scope():
         model = ARCHITECTURES[params.architecture](train_x.shape[1:])
-        optimizer = keras.optimizers.Adam(learning_rate=params.lr)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+        optimizer.build(model.trainable_variables)
+    class_weights = tf.constant(class_weights_for(train_y, params.class_weight), tf.float32)
 
     options = tf.data.Options()
     # Every worker builds the same shuffled batches and keeps its share of each one.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((train_x, train_y.astype(np.float32)))
-        .shuffle(len(train_x), seed=params.seed, reshuffle_each_iteration=True)
-        .batch(params.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(options)
-    )
-    batches = strategy.experimental_distribute_dataset(train_ds)
+
+    def epoch_batches(epoch: int):
+        # One seed per epoch, not one reshuffling iterator: a resumed run sees the same batches.
+        dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y.astype(np.float32)))
+                   .shuffle(len(train_x), seed=params.seed + epoch, reshuffle_each_iteration=False)
+                   .batch(params.batch_size)
+                   .prefetch(tf.data.AUTOTUNE)
+                   .with_options(options))
+        return strategy.experimental_distribute_dataset(dataset)
 
     @tf.function
     def train_step(batch):
@@ -161,6 +180,7 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
                 per_image = keras.losses.binary_crossentropy(labels[:, None], probabilities)
+                per_image *= tf.gather(class_weights, tf.cast(labels, tf.int32))
                 loss = tf.nn.compute_average_loss(per_image)  # over the global batch
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
@@ -177,27 +197,102 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         return np.concatenate([predict_batch(images[i:i + 256]).numpy().ravel()
                                for i in range(0, len(images), 256)])
 
-    rows, best_auc, best_weights = [], -np.inf, None
-    for epoch in range(1, params.epochs + 1):
-        trained = [train_step(batch) for batch in batches]
+    resume = TrainingState.load(resume_dir, fingerprint(params, train_x, train_y, val_x, val_y))
+    if resume.epoch:
+        model.set_weights(resume.weights)
+        for variable, value in zip(optimizer.variables, resume.optimizer):
+            variable.assign(value)
+        logger.info("resuming after epoch %d from %s", resume.epoch, resume_dir)
+    state = resume
+    for epoch in range(resume.epoch + 1, params.epochs + 1):
+        trained = [train_step(batch) for batch in epoch_batches(epoch)]
         row = {"epoch": epoch, **binary_scores(np.concatenate([y.numpy() for _, y in trained]),
                                                np.concatenate([p.numpy() for p, _ in trained]))}
         row.update({f"val_{name}": value for name, value in binary_scores(val_y, predict(val_x)).items()})
-        rows.append(row)
         logger.info("epoch %d/%d: %s", epoch, params.epochs,
                     " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
-        if row["val_auc"] > best_auc:
-            best_auc, best_weights = row["val_auc"], model.get_weights()
+        state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables])
+        if resume_dir is not None:
+            state.save(resume_dir)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
-    if best_weights is not None:
-        model.set_weights(best_weights)
+        if 0 < params.early_stopping_patience <= epoch - state.best_epoch:
+            logger.info("early stop: no better validation AUC in %d epochs", epoch - state.best_epoch)
+            break
+    model.set_weights(state.best_weights or state.weights or model.get_weights())
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         model.save(checkpoint)
         # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
         model = keras.models.load_model(checkpoint)
-    return model, pd.DataFrame(rows)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the next run starts afresh
+    return model, pd.DataFrame(state.rows)
+
+
+def class_weights_for(labels: np.ndarray, method: str) -> list[float]:
+    """Loss weight of class 0 and class 1: 1 each, or ``n / (2 n_class)`` when ``balanced``."""
+    if method == "none":
+        return [1.0, 1.0]
+    counts = np.bincount(np.asarray(labels, int), minlength=2).astype(float)
+    return [float(len(labels) / (2 * count)) if count else 0.0 for count in counts]
+
+
+def fingerprint(params: TrainParams, *arrays: np.ndarray) -> str:
+    """What a saved training state belongs to: the params and the exact data."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Training as of the end of an epoch: enough to go on after the process was killed."""
+
+    fingerprint: str
+    epoch: int = 0
+    rows: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0
+    weights: list | None = None
+    optimizer: list | None = None
+    best_weights: list | None = None
+
+    def after_epoch(self, row: dict, weights: list, optimizer: list) -> TrainingState:
+        better = not self.rows or row["val_auc"] > max(r["val_auc"] for r in self.rows)
+        return dataclasses.replace(
+            self, epoch=row["epoch"], rows=[*self.rows, row], weights=weights, optimizer=optimizer,
+            best_epoch=row["epoch"] if better else self.best_epoch,
+            best_weights=weights if better else self.best_weights)
+
+    def save(self, folder: Path) -> None:
+        """Written beside and renamed into place, so a kill mid-write leaves the last good one."""
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name in ("weights", "optimizer", "best_weights"):
+            np.savez(partial / f"{name}.npz", *getattr(self, name))
+        (partial / "state.json").write_text(json.dumps(
+            {"fingerprint": self.fingerprint, "epoch": self.epoch, "best_epoch": self.best_epoch,
+             "rows": self.rows}))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+
+    @classmethod
+    def load(cls, folder: Path | None, fingerprint: str) -> TrainingState:
+        """The state saved in ``folder`` when it belongs to ``fingerprint``, else a fresh one."""
+        if folder is None or not (folder / "state.json").is_file():
+            return cls(fingerprint)
+        saved = json.loads((folder / "state.json").read_text())
+        if saved["fingerprint"] != fingerprint:
+            return cls(fingerprint)
+
+        def arrays(name: str) -> list:
+            with np.load(folder / f"{name}.npz") as stored:
+                return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+        return cls(fingerprint, saved["epoch"], saved["rows"], saved["best_epoch"],
+                   arrays("weights"), arrays("optimizer"), arrays("best_weights"))
 
 
 def _load_split(paths, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +327,22 @@ def main() -> None:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))
+        logged_epochs: set[int] = set()
+
+        def log_epoch(epoch: int, row: dict[str, float]) -> None:
+            mlflow.log_metrics({name: value for name, value in row.items() if name != "epoch"},
+                               step=epoch)
+            logged_epochs.add(epoch)
+
+        # A multi-worker run cannot resume: every worker would have to find the same state.
+        resume_dir = None if params.strategy == "multi_worker" else model_dir.with_name(
+            model_dir.name + RESUME_SUFFIX)
         model, history = train_model(
             train_x, train_y, val_x, val_y, params=params, checkpoint=model_dir / layout.MODEL_FILE,
-            strategy=strategy,
-            on_epoch_end=lambda epoch, row: mlflow.log_metrics(
-                {name: value for name, value in row.items() if name != "epoch"}, step=epoch),
-        )
+            strategy=strategy, on_epoch_end=log_epoch, resume_dir=resume_dir)
+        for row in history.to_dict("records"):  # epochs a killed run trained, into this run too
+            if int(row["epoch"]) not in logged_epochs:
+                log_epoch(int(row["epoch"]), row)
         Path(paths.train_history).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.train_history, index=False)
         best_epoch = int(history.loc[history["val_auc"].idxmax(), "epoch"])

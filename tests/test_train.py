@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from stages.params import TrainParams
 from stages.train import build_seed_cnn, to_model_input, train_model
 
 keras = pytest.importorskip("keras")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bright_square_images(n: int, *, seed: int, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +54,8 @@ def test_to_model_input_scales_and_adds_a_channel():
 
 
 class TestTrainModel:
-    params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003, seed=3)
+    params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003,
+                         lr_schedule="constant", class_weight="none", early_stopping_patience=0, seed=3)
 
     def test_learns_a_visible_finding_and_keeps_the_best_epoch(self, tmp_path):
         train_x, train_y = _bright_square_images(192, seed=0)
@@ -69,7 +73,8 @@ class TestTrainModel:
     def test_same_seed_gives_the_same_model(self, tmp_path):
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
-        params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16, lr=0.003, seed=5)
+        params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16, lr=0.003,
+                             lr_schedule="constant", class_weight="none", early_stopping_patience=0, seed=5)
         runs = [train_model(train_x, train_y, val_x, val_y, params=params,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
         np.testing.assert_allclose(runs[0]["val_loss"], runs[1]["val_loss"], atol=1e-6)
@@ -87,7 +92,8 @@ def test_model_input_from_every_stored_layout():
 
 class TestStrategies:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16,
-                         lr=0.003, seed=5)
+                         lr=0.003, lr_schedule="cosine", class_weight="balanced",
+                         early_stopping_patience=0, seed=5)
 
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
         from stages.train import make_strategy
@@ -127,3 +133,85 @@ class TestStrategies:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         assert is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
         assert is_chief(tf.distribute.get_strategy())
+
+
+class TestTrainingControls:
+    @staticmethod
+    def params(**changes) -> TrainParams:
+        base = dict(architecture="seed_cnn", strategy="default", epochs=4, batch_size=16, lr=0.003,
+                    lr_schedule="cosine", class_weight="balanced", early_stopping_patience=0, seed=5)
+        return TrainParams(**{**base, **changes})
+
+    def test_balanced_class_weights_give_each_class_half_the_loss(self):
+        from stages.train import class_weights_for
+
+        labels = np.array([0, 0, 0, 1])
+        weights = class_weights_for(labels, "balanced")
+        assert weights == pytest.approx([4 / 6, 2.0])
+        assert weights[0] * 3 == pytest.approx(weights[1] * 1)  # both classes weigh the same
+        assert class_weights_for(labels, "none") == [1.0, 1.0]
+
+    def test_early_stopping_ends_after_patience_epochs_without_improvement(self):
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        history = train_model(train_x, train_y, val_x, val_y, checkpoint=None,
+                              params=self.params(epochs=10, early_stopping_patience=2, lr=1e-7))[1]
+        # At this learning rate the model barely moves: validation AUC soon stops improving.
+        best = int(history.loc[history["val_auc"].idxmax(), "epoch"])
+        assert len(history) == best + 2 < 10
+
+    def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(self, tmp_path):
+        """A child process trains with a resume folder and is SIGKILLed after its second epoch's
+        state is saved; the stage run again goes on from epoch 3 and matches a clean run."""
+        import json
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        script = tmp_path / "train.py"
+        script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from test_train import TestTrainingControls, _bright_square_images
+from stages.train import train_model
+train_x, train_y = _bright_square_images(64, seed=0)
+val_x, val_y = _bright_square_images(32, seed=1)
+slow = lambda epoch, row: time.sleep(60 if epoch == 2 else 0)  # killed while it waits here
+train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=Path(sys.argv[1]),
+            params=TestTrainingControls.params(), on_epoch_end=slow)
+""")
+        resume = tmp_path / "resume"
+        child = subprocess.Popen([sys.executable, str(script), str(resume)])
+        deadline = time.monotonic() + 300
+        while not ((resume / "state.json").is_file()
+                   and json.loads((resume / "state.json").read_text())["epoch"] == 2):
+            assert child.poll() is None and time.monotonic() < deadline, "no state after epoch 2"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        epochs_run = []
+        resumed = train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=resume,
+                              params=self.params(),
+                              on_epoch_end=lambda epoch, row: epochs_run.append(epoch))[1]
+        clean = train_model(train_x, train_y, val_x, val_y, checkpoint=None, params=self.params())[1]
+        assert epochs_run == [3, 4] and list(resumed["epoch"]) == [1, 2, 3, 4]
+        np.testing.assert_allclose(resumed.drop(columns="epoch"), clean.drop(columns="epoch"),
+                                   atol=1e-6)
+        assert not resume.exists()  # finished: nothing left to resume from
+
+    def test_state_of_other_params_is_not_resumed(self, tmp_path):
+        from stages.train import TrainingState, fingerprint
+
+        train_x, train_y = _bright_square_images(32, seed=0)
+        state = TrainingState(fingerprint(self.params(), train_x, train_y)).after_epoch(
+            {"epoch": 1, "val_auc": 0.5}, [np.zeros(2)], [np.ones(1)])
+        state.save(tmp_path / "resume")
+        assert TrainingState.load(tmp_path / "resume", state.fingerprint).epoch == 1
+        other = fingerprint(self.params(lr=0.01), train_x, train_y)
+        assert TrainingState.load(tmp_path / "resume", other).epoch == 0
