@@ -323,7 +323,7 @@ def main() -> None:
         return
 
     tracking.configure_mlflow()
-    with mlflow.start_run(tags=tracking.run_tags()) as run:
+    with mlflow.start_run(run_name=tracking.run_name("train"), tags=tracking.run_tags()) as run:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))

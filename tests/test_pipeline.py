@@ -96,7 +96,7 @@ def test_registered_champion_loads_and_predicts(repo, registry):
     version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
     run = client.get_run(version.run_id)
     assert run.data.tags["data_version"] == yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
-    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["train.epochs"] == "3" and run.info.run_name.startswith("train-")
     assert "val_auc" in run.data.metrics and "test_roc_auc" in run.data.metrics
     model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
     images = np.load(root / "outputs" / "deidentify" / "images.npy")[:5]

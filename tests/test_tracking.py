@@ -33,3 +33,9 @@ def test_data_version_reads_the_hash_in_data_dvc(tmp_path):
 def test_flatten_params_uses_dvc_dotted_keys():
     nested = {"train": {"lr": 0.1, "epochs": 3}, "ingest": {"classes": [0, 1]}}
     assert tracking.flatten_params(nested) == {"train.lr": 0.1, "train.epochs": 3, "ingest.classes": [0, 1]}
+
+
+def test_run_names_hold_no_random_words():
+    import re
+
+    assert re.fullmatch(r"train-\d{8}-\d{6}", tracking.run_name("train"))
