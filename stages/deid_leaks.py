@@ -40,7 +40,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from stages.deid_profile import DUMMY_AGE, DUMMY_DATE, DUMMY_TEXT, DUMMY_TIME
+from stages.deid_profile import (DUMMY_AGE, DUMMY_DATE, DUMMY_TEXT, DUMMY_TIME, date_variants,
+                                 name_variants)
 
 MIN_LENGTH = 4  # shorter values ("M", "CR", initials) would match everywhere by chance
 NOT_IDENTIFYING = frozenset({
@@ -83,22 +84,6 @@ class Leak:
 def describe_tag(elem: DataElement) -> str:
     """``"(0010,0020) Patient ID"``: the tag and its name, as messages write attributes."""
     return f"({elem.tag.group:04X},{elem.tag.element:04X}) {elem.name}"
-
-
-def name_variants(name: str) -> list[str]:
-    """A PN value, its components and a normalised form: ``"Doe^John"`` -> ``Doe^John``, ``Doe``,
-    ``John``, ``Doe John``, ``John Doe``."""
-    parts = [part.strip() for part in re.split(r"[\^=]", name) if part.strip()]
-    return [name, *parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])]
-
-
-def date_variants(value: str) -> list[str]:
-    """A DA value (or a DT's date) as DICOM, ISO, US and European dates write it."""
-    if not re.fullmatch(r"\d{8}.*", value):
-        return [value]
-    y, m, d = value[:4], value[4:6], value[6:8]
-    return [value, value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
-            f"{d}.{m}.{y}"]
 
 
 def collect_identifiers(ds: Dataset) -> dict[str, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -261,6 +262,22 @@ def shift_date(value: str, days: int) -> str:
     return moved.strftime("%Y%m%d") + value[8:] if len(value) >= 8 and value[:8].isdigit() else ""
 
 
+def name_variants(name: str) -> list[str]:
+    """A PN value, its components and a normalised form: ``"Doe^John"`` -> ``Doe^John``, ``Doe``,
+    ``John``, ``Doe John``, ``John Doe``."""
+    parts = [part.strip() for part in re.split(r"[\^=]", name) if part.strip()]
+    return [name, *parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])]
+
+
+def date_variants(value: str) -> list[str]:
+    """A DA value (or a DT's date) as DICOM, ISO, US and European dates write it."""
+    if not re.fullmatch(r"\d{8}.*", value):
+        return [value]
+    y, m, d = value[:4], value[4:6], value[6:8]
+    return [value, value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
+            f"{d}.{m}.{y}"]
+
+
 def identifying_texts(ds: Dataset, profile: Profile, options: DeidOptions) -> list[str]:
     """The values that the profile removes or replaces anywhere in ``ds``, as they may appear in
     free text: names also by component and in both orders, dates also as ISO, US and European
@@ -275,17 +292,12 @@ def identifying_texts(ds: Dataset, profile: Profile, options: DeidOptions) -> li
         # stay on the list even when shifted: a real date in free text would undo the shift.
         if action == "K" or (action == "C" and elem.VR not in ("DA", "DT")):
             continue
+        if elem.VR in _NUMBER_VRS:
+            continue
+        variants = {"PN": name_variants, "DA": date_variants, "DT": date_variants}.get(
+            elem.VR, lambda value: [value])
         for value in _values(elem):
-            value = value.strip()
-            if elem.VR == "PN":
-                parts = [part for part in re.split(r"[\^=]+", value) if part.strip()]
-                found.update([*parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])])
-            elif elem.VR in ("DA", "DT") and re.fullmatch(r"\d{8}.*", value):
-                y, m, d = value[:4], value[4:6], value[6:8]
-                found.update([value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
-                              f"{d}.{m}.{y}"])
-            if elem.VR not in _NUMBER_VRS:
-                found.add(value)
+            found.update(variants(value.strip()))
     # Shorter values (initials, "M") would cut letters out of ordinary words.
     return sorted((v for v in found if len(v.strip()) >= 3), key=len, reverse=True)
 
@@ -322,17 +334,14 @@ class _Context:
     source: Dataset
     patient_id: str
     texts: list[str] | None = None  # identifying_texts of the source, when read
-    _pattern: re.Pattern[str] | None = None
-    _pattern_built: bool = False
 
+    @functools.cached_property
     def identifying(self) -> re.Pattern[str] | None:
         """The :func:`identifying_pattern` of the source's :func:`identifying_texts`, built once,
         only when something is cleaned (most files have nothing to clean)."""
-        if not self._pattern_built:
-            if self.texts is None:
-                self.texts = identifying_texts(self.source, self.profile, self.options)
-            self._pattern, self._pattern_built = identifying_pattern(self.texts), True
-        return self._pattern
+        if self.texts is None:
+            self.texts = identifying_texts(self.source, self.profile, self.options)
+        return identifying_pattern(self.texts)
 
 
 def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
@@ -452,9 +461,9 @@ def _clean_value(elem: DataElement, ctx: _Context) -> None:
             _clean(item, ctx, dummy_unlisted=False)
             for inner in item:
                 if inner.VR in _PSEUDONYM_VRS and ctx.profile.rule_for(inner.tag) is None:
-                    _set_values(inner, [clean_text(v, ctx.identifying()) for v in _values(inner)])
+                    _set_values(inner, [clean_text(v, ctx.identifying) for v in _values(inner)])
     elif elem.VR in _PSEUDONYM_VRS or elem.VR in ("CS", "UR"):
-        _set_values(elem, [clean_text(value, ctx.identifying()) for value in _values(elem)])
+        _set_values(elem, [clean_text(value, ctx.identifying) for value in _values(elem)])
     elif elem.VR == "UI":
         _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
                            keyed_uid(ctx.secret, uid) for uid in _values(elem)])
