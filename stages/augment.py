@@ -1,24 +1,27 @@
-"""Stage 5, augment: the training split plus ``augment.copies`` randomly transformed copies of it.
+"""Stage 5, augment: the augmentation policy, shown as a preview grid before anything trains on it.
 
 Inputs: ``paths.deid_dir``/images.npy and the split manifest (``paths.split_dir``).
-Outputs: ``paths.augment_dir``/train_images.npy and train_labels.npy (originals first, then each
-round of copies), and a preview grid ``paths.augment_preview`` so the policy can be seen.
+Outputs: ``paths.augment_preview``, a PNG grid: training images, each next to variants the policy
+draws for it.
 Params: every key of ``augment``.
 
-Each transform does one thing (in the manner of MONAI's transforms): its deterministic core is a
-plain function, and the random draw comes from the generator passed in, seeded by ``augment.seed``.
+The policy is applied on the fly, batch by batch, inside the train stage's ``tf.data`` pipeline
+(:func:`stages.train.training_batches`), so every epoch sees new variants and nothing is
+stored. Each transform does one thing (in the manner of MONAI's transforms) and draws its random
+values with TensorFlow's stateless ops from the seed it is given: the same seed gives the same
+pixels in any thread, on any number of workers, and again when a killed run resumes.
 Validation and test images are never augmented.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from stages import layout
 from stages.cli import run_stage
@@ -26,36 +29,52 @@ from stages.params import AugmentParams, load_params
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# images (batch, height, width, channels) float32 in [0, 1], seed int32 (2,) -> images
+Transform = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]  # noqa: F821
 
 
-def affine(image: np.ndarray, *, degrees: float = 0.0, scale: float = 1.0,
-           shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Rotate by ``degrees``, scale by ``scale`` about the centre and shift by ``shift`` pixels.
+def affine_transforms(degrees, scale, shift_rows, shift_cols, *, height: int, width: int):
+    """Per-image projective transforms (batch, 8) for ``ImageProjectiveTransformV3``.
 
-    A channels-last image (h, w, c) gets the same motion in every channel.
+    Rotation by ``degrees`` (positive turns clockwise on screen, since rows point down) and
+    scaling by ``scale`` about the image centre, then a shift by ``shift_rows``/``shift_cols``
+    pixels. The transform maps each output pixel back to where it samples the input.
     """
-    if image.ndim == 3:
-        return np.stack([affine(image[..., c], degrees=degrees, scale=scale, shift=shift)
-                         for c in range(image.shape[-1])], axis=-1)
-    theta = np.deg2rad(degrees)
-    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    matrix = rotation / scale  # maps output coordinates back into the input
-    centre = (np.array(image.shape) - 1) / 2
-    offset = centre - matrix @ (centre + np.asarray(shift))
-    return ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="constant", cval=0.0)
+    import tensorflow as tf
+
+    degrees, scale, shift_rows, shift_cols = (tf.cast(value, tf.float32)
+                                              for value in (degrees, scale, shift_rows, shift_cols))
+    theta = degrees * (math.pi / 180.0)
+    cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    moved_x, moved_y = centre_x + shift_cols, centre_y + shift_rows
+    zeros = tf.zeros_like(cos)
+    return tf.stack([cos, sin, centre_x - cos * moved_x - sin * moved_y,
+                     -sin, cos, centre_y + sin * moved_x - cos * moved_y, zeros, zeros], axis=1)
+
+
+def warp(images, transforms):
+    """Bilinear resampling of each image by its transform; outside the image is black."""
+    import tensorflow as tf
+
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
 class RandomFlip:
-    """Left-right flip with probability ``prob``."""
+    """Left-right flip of each image with probability ``prob``."""
 
     def __init__(self, prob: float = 0.5) -> None:
         if not 0 <= prob <= 1:
             raise ValueError(f"prob must be in [0, 1]; got {prob}")
         self.prob = prob
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return image[:, ::-1] if rng.random() < self.prob else image
+    def __call__(self, images, seed):
+        import tensorflow as tf
+
+        flip = tf.random.stateless_uniform(tf.shape(images)[:1], seed) < self.prob
+        return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
 class RandomAffine:
@@ -68,11 +87,20 @@ class RandomAffine:
             )
         self.degrees, self.zoom, self.shift = degrees, zoom, shift
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        degrees = rng.uniform(-self.degrees, self.degrees)
-        scale = rng.uniform(1 - self.zoom, 1 + self.zoom)
-        shift = rng.uniform(-self.shift, self.shift, size=2) * np.array(image.shape[:2])
-        return affine(image, degrees=degrees, scale=scale, shift=tuple(shift))
+    def __call__(self, images, seed):
+        import tensorflow as tf
+
+        n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+
+        def draw(i: int, low: float, high: float):
+            return tf.random.stateless_uniform([n], seeds[i], low, high)
+
+        transforms = affine_transforms(
+            draw(0, -self.degrees, self.degrees), draw(1, 1 - self.zoom, 1 + self.zoom),
+            draw(2, -self.shift, self.shift) * height, draw(3, -self.shift, self.shift) * width,
+            height=height, width=width)
+        return warp(images, transforms)
 
 
 class RandomIntensity:
@@ -83,10 +111,15 @@ class RandomIntensity:
             raise ValueError(f"need brightness >= 0 and contrast in [0, 1); got {brightness}, {contrast}")
         self.brightness, self.contrast = brightness, contrast
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        factor = rng.uniform(1 - self.contrast, 1 + self.contrast)
-        offset = rng.uniform(-self.brightness, self.brightness)
-        return np.clip((image - image.mean()) * factor + image.mean() + offset, 0.0, 1.0)
+    def __call__(self, images, seed):
+        import tensorflow as tf
+
+        shape = tf.concat([tf.shape(images)[:1], [1, 1, 1]], axis=0)
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        factor = tf.random.stateless_uniform(shape, seeds[0], 1 - self.contrast, 1 + self.contrast)
+        offset = tf.random.stateless_uniform(shape, seeds[1], -self.brightness, self.brightness)
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        return tf.clip_by_value((images - mean) * factor + mean + offset, 0.0, 1.0)
 
 
 class RandomNoise:
@@ -97,8 +130,11 @@ class RandomNoise:
             raise ValueError(f"std must be >= 0; got {std}")
         self.std = std
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.clip(image + rng.normal(0.0, self.std, image.shape), 0.0, 1.0)
+    def __call__(self, images, seed):
+        import tensorflow as tf
+
+        noise = tf.random.stateless_normal(tf.shape(images), seed, stddev=self.std)
+        return tf.clip_by_value(images + noise, 0.0, 1.0)
 
 
 def build_policy(params: AugmentParams) -> list[Transform]:
@@ -115,38 +151,48 @@ def build_policy(params: AugmentParams) -> list[Transform]:
     return policy
 
 
-def augment_images(images: np.ndarray, policy: Sequence[Transform], *, copies: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Originals followed by ``copies`` rounds of transformed images, in the input's stored dtype."""
-    rounds = [images]
-    for _ in range(copies):
-        transformed = np.empty_like(images)
-        for i, image in enumerate(images):
-            result = layout.unit_pixels(image)
-            for transform in policy:
-                result = transform(result, rng)
-            transformed[i] = layout.stored_pixels(result, images.dtype)
-        rounds.append(transformed)
-    return np.concatenate(rounds)
+def apply_policy(images, policy: Sequence[Transform], seed):
+    """Every transform of ``policy`` in turn, each with its own seed split from ``seed``.
+
+    Parameters
+    ----------
+    images : tf.Tensor or ndarray
+        float32 (batch, height, width, channels) in [0, 1].
+    policy : sequence of transforms
+        From :func:`build_policy`.
+    seed : tf.Tensor or sequence of two ints
+        The batch's seed; the same seed and images give the same result.
+    """
+    import tensorflow as tf
+
+    images = tf.convert_to_tensor(images, tf.float32)
+    if not policy:
+        return images
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(policy))
+    for transform, transform_seed in zip(policy, tf.unstack(seeds)):
+        images = transform(images, transform_seed)
+    return images
 
 
-def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *,
-                  rng: np.random.Generator, n_images: int = 6, n_variants: int = 5) -> None:
+def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *, seed: int,
+                  n_images: int = 6, n_variants: int = 5) -> None:
     """PNG grid: one row per image, the original first, then ``n_variants`` augmentations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = images[: min(n_images, len(images))]
+    chosen = layout.unit_pixels(images[: min(n_images, len(images))])
+    chosen = chosen[..., None] if chosen.ndim == 3 else chosen
+    variants = [apply_policy(chosen, policy, seed=[seed, i]).numpy() for i in range(n_variants)]
     fig, axes = plt.subplots(len(chosen), n_variants + 1, figsize=(1.6 * (n_variants + 1), 1.6 * len(chosen)),
                              squeeze=False)
     for row, image in enumerate(chosen):
-        variants = augment_images(image[None], policy, copies=n_variants, rng=rng)
-        for col, variant in enumerate(variants):
-            axes[row, col].imshow(layout.unit_pixels(variant), cmap="gray", vmin=0, vmax=1)
+        for col, shown in enumerate([image, *(variant[row] for variant in variants)]):
+            axes[row, col].imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown,
+                                  cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_axis_off()
-        axes[row, 0].set_title("original" if row == 0 else "", fontsize=8)
+    axes[0, 0].set_title("original", fontsize=8)
     fig.suptitle("augmentation policy preview", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,22 +203,11 @@ def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *
 def main() -> None:
     paths, params = load_params("paths"), load_params("augment")
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES)
-    is_train = (manifest["split"] == "train").to_numpy()
-    train_images, train_labels = images[is_train], manifest.loc[is_train, "label"].to_numpy()
-
+    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    train_rows = np.flatnonzero((manifest["split"] == "train").to_numpy())
     policy = build_policy(params)
-    rng = np.random.default_rng(params.seed)
-    augmented = augment_images(train_images, policy, copies=params.copies, rng=rng)
-    labels = np.tile(train_labels, params.copies + 1)
-
-    out_dir = Path(paths.augment_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / layout.AUGMENTED_IMAGES, augmented)
-    np.save(out_dir / layout.AUGMENTED_LABELS, labels)
-    write_preview(train_images, policy, Path(paths.augment_preview), rng=np.random.default_rng(params.seed))
-    logger.info("augmented %d training images into %d with %d transform(s)",
-                len(train_images), len(augmented), len(policy))
+    write_preview(np.asarray(images[train_rows[:6]]), policy, Path(paths.augment_preview), seed=params.seed)
+    logger.info("augmentation policy: %s", ", ".join(type(t).__name__ for t in policy) or "none")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,6 @@ DEID_AUDIT = "audit.csv"              # per-file actions applied, no PHI values
 # split -> augment, train, evaluate
 SPLIT_MANIFEST = "manifest.parquet"   # the de-identified manifest plus a `split` column
 
-# augment -> train
-AUGMENTED_IMAGES = "train_images.npy"
-AUGMENTED_LABELS = "train_labels.npy"
-
 # train -> evaluate
 MODEL_FILE = "model.keras"
 RUN_INFO = "mlflow_run.json"          # the MLflow run that evaluate continues

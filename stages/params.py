@@ -47,12 +47,12 @@ class PathsParams:
     data_profile: str
     split_dir: str
     split_counts: str
-    augment_dir: str
     augment_preview: str
     model_dir: str
     train_history: str
     eval_metrics: str
     eval_plots: str
+    eval_subgroups: str
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,6 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    copies: int = field(metadata=_interval(0, 20))
     seed: int
     flip: bool
     rotation_deg: float = field(metadata=_interval(0.0, 180.0))
@@ -149,7 +148,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    architecture: str = field(metadata=_choices("seed_cnn"))
+    architecture: str = field(metadata=_choices("seed_cnn", "resnet_small"))
     # tf.distribute strategy: default (one device), mirrored (every local GPU), multi_worker
     # (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG).
     strategy: str = field(metadata=_choices("default", "mirrored", "multi_worker"))
@@ -168,9 +167,10 @@ class EvaluateParams:
     fixed_threshold: float = field(metadata=_interval(0.0, 1.0))
     target_sensitivity: float = field(metadata=_interval(0.0, 1.0, closed="right"))
     registered_model_name: str
-    promotion_metric: str = field(
-        metadata=_choices("roc_auc", "accuracy", "sensitivity", "specificity")
-    )
+    # Multi-class runs compute roc_auc (macro) and accuracy only.
+    promotion_metric: str = field(metadata=_choices(
+        "roc_auc", "accuracy", "sensitivity", "specificity", "average_precision", "f1", "brier"))
+    promotion_min_gain: float = field(metadata=_interval(0.0, 1.0))
 
 
 SECTIONS: dict[str, type] = {

@@ -1,16 +1,19 @@
 """Stage 6, train: a Keras CNN on the augmented training split, chosen on validation AUC.
 
-Inputs: ``paths.augment_dir`` (training images and labels), ``paths.deid_dir``/images.npy with
-the split manifest (validation images), and the reports logged with the run.
+Inputs: ``paths.deid_dir``/images.npy with the split manifest (training and validation images),
+and the reports logged with the run.
 Outputs: ``paths.model_dir``/model.keras (the epoch with the best validation AUC),
 ``paths.model_dir``/mlflow_run.json (the run evaluate continues) and the per-epoch history
 ``paths.train_history`` (a DVC plot). Everything is also logged to one MLflow run.
-Params: ``train.*``; every param of ``params.yaml`` is logged to MLflow.
+Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``ingest.classes``
+(two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
+every param of ``params.yaml`` but ``evaluate.*`` is logged to MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,14 +27,16 @@ import numpy as np
 import pandas as pd
 
 from stages import layout, tracking
-from stages.cli import run_stage
-from stages.params import TrainParams, load_params, read_params_file
+from stages.cli import StageError, run_stage
+from stages.augment import apply_policy, build_policy
+from stages.params import AugmentParams, IngestParams, TrainParams, load_params, read_params_file
 
 logger = logging.getLogger(__name__)
 
 
-def build_seed_cnn(input_shape: tuple[int, int, int]):
-    """The seed's network, unchanged: two conv/pool blocks, a dense layer, a sigmoid output."""
+def build_seed_cnn(input_shape: tuple[int, int, int], n_classes: int = 2):
+    """The seed's network, unchanged: two conv/pool blocks, a dense layer, a sigmoid output
+    (a softmax over the classes when there are more than two)."""
     import keras
     from keras import layers
 
@@ -46,11 +51,54 @@ def build_seed_cnn(input_shape: tuple[int, int, int]):
     # Classifier head
     x = layers.Flatten()(x)
     x = layers.Dense(64, activation="relu")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="probability")(x)
-    return keras.Model(inputs, outputs, name="seed_cnn")
+    return keras.Model(inputs, _output_layer(n_classes)(x), name="seed_cnn")
 
 
-ARCHITECTURES = {"seed_cnn": build_seed_cnn}
+def build_resnet_small(input_shape: tuple[int, int, int], n_classes: int = 2, *,
+                       widths: tuple[int, ...] = (16, 32, 64), blocks_per_stage: int = 2):
+    """A small residual network for 28-128 pixel images, trained from scratch.
+
+    The CIFAR layout of He et al. (2016): a 3x3 stem, then stages of basic residual blocks
+    (two 3x3 convolutions with batch normalisation), each stage after the first halving the
+    resolution and doubling the width, then global average pooling. About 0.17 M weights with
+    the defaults: small enough for 2 CPU cores and a few hundred images, where ImageNet-sized
+    networks (``keras.applications``) overfit and there are no pretrained weights to start from.
+    """
+    import keras
+    from keras import layers
+
+    def conv_bn(x, filters: int, strides: int = 1):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                          kernel_initializer="he_normal")(x)
+        return layers.BatchNormalization()(x)
+
+    def residual_block(x, filters: int, strides: int):
+        shortcut = x
+        if strides != 1 or x.shape[-1] != filters:  # project the shortcut to the new shape
+            shortcut = layers.BatchNormalization()(
+                layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x))
+        y = layers.ReLU()(conv_bn(x, filters, strides))
+        y = conv_bn(y, filters)
+        return layers.ReLU()(layers.Add()([shortcut, y]))
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.ReLU()(conv_bn(inputs, widths[0]))
+    for stage, filters in enumerate(widths):
+        for block in range(blocks_per_stage):
+            x = residual_block(x, filters, strides=2 if stage and not block else 1)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _output_layer(n_classes)(x), name="resnet_small")
+
+
+def _output_layer(n_classes: int):
+    from keras import layers
+
+    if n_classes == 2:
+        return layers.Dense(1, activation="sigmoid", name="probability")
+    return layers.Dense(n_classes, activation="softmax", name="probability")
+
+
+ARCHITECTURES = {"seed_cnn": build_seed_cnn, "resnet_small": build_resnet_small}
 # Beside paths.model_dir, not in it: DVC deletes a stage's outputs before running it again.
 RESUME_SUFFIX = ".resume"
 
@@ -59,6 +107,30 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     """Stored images (n, h, w) or (n, h, w, c) -> float32 (n, h, w, c) in [0, 1], the model's input."""
     unit = layout.unit_pixels(images)
     return unit[..., None] if unit.ndim == 3 else unit
+
+
+def training_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, epoch: int, seed: int,
+                     augment: AugmentParams | None = None):
+    """One epoch of training batches as a ``tf.data`` pipeline, augmented on the fly.
+
+    Shuffled with a seed of its own per epoch (not one reshuffling iterator: a resumed run sees
+    the same batches), batched, then augmented batch by batch in parallel threads (a batched
+    transform costs one kernel call where per-image maps cost one per image) and prefetched, so
+    the model does not wait for its input. Each batch's augmentation seed is (``augment.seed``,
+    its place in the run): the same pixels whatever the parallelism, the worker count or a resume.
+    """
+    import tensorflow as tf
+
+    policy = build_policy(augment) if augment is not None else []
+    dataset = (tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+               .shuffle(len(images), seed=seed + epoch, reshuffle_each_iteration=False)
+               .batch(batch_size))
+    if policy:
+        first_batch = (epoch - 1) * -(-len(images) // batch_size)
+        dataset = dataset.enumerate(first_batch).map(
+            lambda index, batch: (apply_policy(batch[0], policy, seed=[augment.seed, index]), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def make_strategy(name: str):
@@ -94,20 +166,35 @@ def is_chief(strategy) -> bool:
             and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def binary_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Binary cross-entropy (Keras' clipping), ROC AUC (NaN for a single class) and accuracy at 0.5."""
+def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Cross-entropy (Keras' clipping), ROC AUC and accuracy of a model's outputs.
+
+    ``probabilities`` is (n,) or (n, 1) for two classes (the probability of class 1; accuracy at
+    0.5), or (n, k) for k > 2 (AUC is the macro average of one-vs-rest AUCs, accuracy is for the
+    most probable class). AUC is NaN when ``labels`` hold a single class.
+    """
     from sklearn.metrics import roc_auc_score
 
-    labels, probabilities = np.asarray(labels, float).ravel(), np.asarray(probabilities, float).ravel()
+    labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
     clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
-    auc = roc_auc_score(labels, probabilities) if len(np.unique(labels)) == 2 else float("nan")
-    return {"loss": float(loss), "auc": float(auc),
-            "accuracy": float(np.mean((probabilities >= 0.5) == labels))}
+    if probabilities.ndim == 1 or probabilities.shape[1] == 1:
+        probabilities, clipped = probabilities.ravel(), clipped.ravel()
+        loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+        auc = roc_auc_score(labels, probabilities) if len(np.unique(labels)) == 2 else float("nan")
+        predicted = (probabilities >= 0.5).astype(int)
+    else:
+        loss = -np.mean(np.log(clipped[np.arange(len(labels)), labels]))
+        present = np.unique(labels)
+        # Macro AUC over the classes present; a class absent from the labels has no ROC curve.
+        auc = (float(np.mean([roc_auc_score(labels == k, probabilities[:, k]) for k in present]))
+               if len(present) > 1 else float("nan"))
+        predicted = probabilities.argmax(axis=1)
+    return {"loss": float(loss), "auc": float(auc), "accuracy": float(np.mean(predicted == labels))}
 
 
 def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-                params: TrainParams, checkpoint: Path | None, strategy=None,
+                params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
+                augment: AugmentParams | None = None, strategy=None,
                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
                 resume_dir: Path | None = None):
     """Fit the configured architecture; returns the best-on-validation model and its history.
@@ -123,13 +210,17 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     train_x, val_x : ndarray
         float32 images (n, h, w, c) in [0, 1].
     train_y, val_y : ndarray
-        Binary labels (n,).
+        Class indices (n,), 0 to ``n_classes`` - 1.
     params : TrainParams
         Architecture, epochs, (global) batch size, learning rate and its schedule, class weights,
         early-stopping patience (on validation AUC) and seed.
     checkpoint : Path or None
         Where the best model (highest validation AUC) is saved as ``.keras``; None saves nothing
         (a multi-worker task other than the chief).
+    n_classes : int, default=2
+        Two: one sigmoid output, the probability of class 1. More: a softmax over the classes.
+    augment : AugmentParams, optional
+        The augmentation policy applied to the training batches (:func:`training_batches`).
     strategy : tf.distribute.Strategy, optional
         From :func:`make_strategy`; the default strategy when None.
     on_epoch_end : callable, optional
@@ -156,30 +247,28 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     if params.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(params.lr, params.epochs * steps_per_epoch)
     with strategy.scope():
-        model = ARCHITECTURES[params.architecture](train_x.shape[1:])
+        model = ARCHITECTURES[params.architecture](train_x.shape[1:], n_classes)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         optimizer.build(model.trainable_variables)
-    class_weights = tf.constant(class_weights_for(train_y, params.class_weight), tf.float32)
+    class_weights = tf.constant(class_weights_for(train_y, params.class_weight, n_classes), tf.float32)
+    loss_function = (keras.losses.binary_crossentropy if n_classes == 2
+                     else keras.losses.sparse_categorical_crossentropy)
 
     options = tf.data.Options()
     # Every worker builds the same shuffled batches and keeps its share of each one.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
     def epoch_batches(epoch: int):
-        # One seed per epoch, not one reshuffling iterator: a resumed run sees the same batches.
-        dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y.astype(np.float32)))
-                   .shuffle(len(train_x), seed=params.seed + epoch, reshuffle_each_iteration=False)
-                   .batch(params.batch_size)
-                   .prefetch(tf.data.AUTOTUNE)
-                   .with_options(options))
-        return strategy.experimental_distribute_dataset(dataset)
+        dataset = training_batches(train_x, train_y, batch_size=params.batch_size, epoch=epoch,
+                                   seed=params.seed, augment=augment)
+        return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
     @tf.function
     def train_step(batch):
         def replica_step(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
-                per_image = keras.losses.binary_crossentropy(labels[:, None], probabilities)
+                per_image = loss_function(labels[:, None], probabilities)
                 per_image *= tf.gather(class_weights, tf.cast(labels, tf.int32))
                 loss = tf.nn.compute_average_loss(per_image)  # over the global batch
             gradients = tape.gradient(loss, model.trainable_variables)
@@ -194,10 +283,10 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         return model(images, training=False)
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return np.concatenate([predict_batch(images[i:i + 256]).numpy().ravel()
+        return np.concatenate([predict_batch(images[i:i + 256]).numpy()
                                for i in range(0, len(images), 256)])
 
-    resume = TrainingState.load(resume_dir, fingerprint(params, train_x, train_y, val_x, val_y))
+    resume = TrainingState.load(resume_dir, fingerprint(params, augment, train_x, train_y, val_x, val_y))
     if resume.epoch:
         model.set_weights(resume.weights)
         for variable, value in zip(optimizer.variables, resume.optimizer):
@@ -206,9 +295,10 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     state = resume
     for epoch in range(resume.epoch + 1, params.epochs + 1):
         trained = [train_step(batch) for batch in epoch_batches(epoch)]
-        row = {"epoch": epoch, **binary_scores(np.concatenate([y.numpy() for _, y in trained]),
-                                               np.concatenate([p.numpy() for p, _ in trained]))}
-        row.update({f"val_{name}": value for name, value in binary_scores(val_y, predict(val_x)).items()})
+        row = {"epoch": epoch, **classification_scores(np.concatenate([y.numpy() for _, y in trained]),
+                                                       np.concatenate([p.numpy() for p, _ in trained]))}
+        row.update({f"val_{name}": value
+                    for name, value in classification_scores(val_y, predict(val_x)).items()})
         logger.info("epoch %d/%d: %s", epoch, params.epochs,
                     " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
         state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables])
@@ -230,17 +320,18 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     return model, pd.DataFrame(state.rows)
 
 
-def class_weights_for(labels: np.ndarray, method: str) -> list[float]:
-    """Loss weight of class 0 and class 1: 1 each, or ``n / (2 n_class)`` when ``balanced``."""
+def class_weights_for(labels: np.ndarray, method: str, n_classes: int = 2) -> list[float]:
+    """Loss weight of each class: 1 each, or ``n / (n_classes n_class)`` when ``balanced``."""
     if method == "none":
-        return [1.0, 1.0]
-    counts = np.bincount(np.asarray(labels, int), minlength=2).astype(float)
-    return [float(len(labels) / (2 * count)) if count else 0.0 for count in counts]
+        return [1.0] * n_classes
+    counts = np.bincount(np.asarray(labels, int), minlength=n_classes).astype(float)
+    return [float(len(labels) / (n_classes * count)) if count else 0.0 for count in counts]
 
 
-def fingerprint(params: TrainParams, *arrays: np.ndarray) -> str:
+def fingerprint(params: TrainParams, augment: AugmentParams | None, *arrays: np.ndarray) -> str:
     """What a saved training state belongs to: the params and the exact data."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    settings = {"train": dataclasses.asdict(params), "augment": augment and dataclasses.asdict(augment)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -295,11 +386,30 @@ class TrainingState:
                    arrays("weights"), arrays("optimizer"), arrays("best_weights"))
 
 
-def _load_split(paths, split: str) -> tuple[np.ndarray, np.ndarray]:
+def class_indices(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Labels as the model's class indices: the position of each label in ``ingest.classes``."""
+    order = np.argsort(classes)
+    positions = np.searchsorted(np.asarray(classes)[order], labels)
+    return order[np.clip(positions, 0, len(classes) - 1)]
+
+
+def load_split(paths, split: str, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One split's model input (float32 images) and class indices."""
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES)
-    chosen = (manifest["split"] == split).to_numpy()
-    return images[chosen], manifest.loc[chosen, "label"].to_numpy()
+    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
+    labels = manifest["label"].to_numpy()[chosen]
+    return to_model_input(np.asarray(images[chosen])), class_indices(labels, classes)
+
+
+def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
+    """The model's input is ``ingest.image_size`` square with ``ingest.channels``: say so when the
+    de-identified images are not (params changed without ingest rerunning)."""
+    expected = (ingest.image_size, ingest.image_size, ingest.channels)
+    if images.shape[1:] != expected:
+        raise StageError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
+                         f"ingest.image_size and ingest.channels ask for {'x'.join(map(str, expected))}: "
+                         "run the pipeline from ingest (dvc repro)")
 
 
 def main() -> None:
@@ -309,17 +419,19 @@ def main() -> None:
     from mlflow.models import infer_signature
 
     paths, params = load_params("paths"), load_params("train")
+    augment, ingest = load_params("augment"), load_params("ingest")
     strategy = make_strategy(params.strategy)
-    augment_dir, model_dir = Path(paths.augment_dir), Path(paths.model_dir)
-    train_x = to_model_input(np.load(augment_dir / layout.AUGMENTED_IMAGES))
-    train_y = np.load(augment_dir / layout.AUGMENTED_LABELS)
-    val_images, val_y = _load_split(paths, "val")
-    val_x = to_model_input(val_images)
-    logger.info("training %s on %s, validating on %s, %d replica(s)", params.architecture,
-                train_x.shape, val_x.shape, strategy.num_replicas_in_sync)
+    model_dir = Path(paths.model_dir)
+    train_x, train_y = load_split(paths, "train", ingest.classes)
+    val_x, val_y = load_split(paths, "val", ingest.classes)
+    check_input_shape(train_x, ingest)
+    fit = functools.partial(train_model, train_x, train_y, val_x, val_y, params=params,
+                            n_classes=len(ingest.classes), augment=augment, strategy=strategy)
+    logger.info("training %s on %s, validating on %s, %d classes, %d replica(s)", params.architecture,
+                train_x.shape, val_x.shape, len(ingest.classes), strategy.num_replicas_in_sync)
     if not is_chief(strategy):
         # A multi-worker task trains in step with the chief, which alone writes and logs.
-        train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=None, strategy=strategy)
+        fit(checkpoint=None)
         return
 
     tracking.configure_mlflow()
@@ -337,9 +449,8 @@ def main() -> None:
         # A multi-worker run cannot resume: every worker would have to find the same state.
         resume_dir = None if params.strategy == "multi_worker" else model_dir.with_name(
             model_dir.name + RESUME_SUFFIX)
-        model, history = train_model(
-            train_x, train_y, val_x, val_y, params=params, checkpoint=model_dir / layout.MODEL_FILE,
-            strategy=strategy, on_epoch_end=log_epoch, resume_dir=resume_dir)
+        model, history = fit(checkpoint=model_dir / layout.MODEL_FILE, on_epoch_end=log_epoch,
+                             resume_dir=resume_dir)
         for row in history.to_dict("records"):  # epochs a killed run trained, into this run too
             if int(row["epoch"]) not in logged_epochs:
                 log_epoch(int(row["epoch"]), row)

@@ -76,8 +76,8 @@ class TestLoadParamsConversions:
             ("ingest.image_size", 16),
             ("ingest.image_size", 1024),
             ("train.lr", 1.0),  # (0, 1] closed on the right
-            ("augment.copies", 0),
-            ("augment.copies", 20),
+            ("ingest.workers", 0),
+            ("ingest.workers", 256),
             ("split.seed", -3),  # no range on seeds
         ],
     )
@@ -153,9 +153,9 @@ BAD_VALUES = [
         id="open-left-end",
     ),
     pytest.param(
-        "augment.copies", 21, "augment",
-        r"'augment\.copies' must be an int in \[0, 20\]; got 21",
-        id="int-above-range",
+        "split.val_size", 1.5, "split",
+        r"'split\.val_size' must be a float in \(0\.0, 1\.0\); got 1\.5",
+        id="float-above-open-range",
     ),
     pytest.param(
         "ingest.image_size", 8, "ingest",

@@ -48,7 +48,6 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["epochs"] = 3
-    params["augment"]["copies"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")
 
@@ -126,7 +125,7 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
     # the champion's MLflow run, as a user runs it.
     run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
     output = _run([sys.executable, "-m", "stages.deid_leaks", "outputs/deidentify", "outputs/split",
-                   "outputs/augment", "outputs/model", "reports", "--run", run_id], root, env)
+                   "outputs/model", "reports", "--run", run_id], root, env)
     assert output.strip().splitlines()[-1].startswith("0 hit(s) for ")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.params import TrainParams
-from stages.train import build_seed_cnn, to_model_input, train_model
+from stages.params import AugmentParams, IngestParams, TrainParams
+from stages.train import build_resnet_small, build_seed_cnn, to_model_input, train_model
 
 keras = pytest.importorskip("keras")
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,39 @@ class TestBuildSeedCnn:
         assert build_seed_cnn((side, side, 1)).count_params() == conv1 + conv2 + dense + 65
 
 
+AUGMENT = AugmentParams(seed=7, flip=True, rotation_deg=8.0, zoom=0.08, shift=0.05, brightness=0.05,
+                        contrast=0.1, noise_std=0.01)
+
+
+def _three_class_images(n: int, *, seed: int, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images; class k carries a bright bar in row band k (0 top, 1 middle, 2 bottom)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.normal(0.4, 0.05, (n, size, size))
+    band = size // 3
+    for image, label in zip(images, labels):
+        row = label * band + rng.integers(1, band - 3)
+        image[row:row + 3, 3:-3] += 0.4
+    return np.clip(images, 0, 1).astype(np.float32)[..., None], labels
+
+
+class TestBuildResnetSmall:
+    @pytest.mark.parametrize("shape", [(28, 28, 1), (64, 64, 3)])
+    def test_residual_blocks_halve_the_size_twice_and_end_in_one_sigmoid(self, shape):
+        model = build_resnet_small(shape)
+        kinds = [type(layer).__name__ for layer in model.layers]
+        assert kinds.count("Add") == 6 and kinds[-2:] == ["GlobalAveragePooling2D", "Dense"]
+        last_feature_map = model.get_layer(index=-3).output.shape
+        assert tuple(last_feature_map[1:]) == (-(-shape[0] // 4), -(-shape[1] // 4), 64)
+        assert model.output_shape == (None, 1) and model.layers[-1].activation.__name__ == "sigmoid"
+        assert 150_000 < model.count_params() < 200_000
+
+    @pytest.mark.parametrize("build", [build_seed_cnn, build_resnet_small])
+    def test_more_than_two_classes_give_a_softmax(self, build):
+        model = build((32, 32, 1), 4)
+        assert model.output_shape == (None, 4) and model.layers[-1].activation.__name__ == "softmax"
+
+
 def test_to_model_input_scales_and_adds_a_channel():
     images = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)
     result = to_model_input(images)
@@ -70,14 +103,94 @@ class TestTrainModel:
         assert val_auc == pytest.approx(history["val_auc"].max(), abs=0.02)  # the best epoch came back
         assert val_auc > 0.9
 
-    def test_same_seed_gives_the_same_model(self, tmp_path):
+    @pytest.mark.parametrize("architecture", ["seed_cnn", "resnet_small"])
+    def test_same_seed_gives_the_same_model_with_augmentation_on(self, tmp_path, architecture):
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
-        params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16, lr=0.003,
-                             lr_schedule="constant", class_weight="none", early_stopping_patience=0, seed=5)
-        runs = [train_model(train_x, train_y, val_x, val_y, params=params,
+        params = TrainParams(architecture=architecture, strategy="default", epochs=2, batch_size=16,
+                             lr=0.003, lr_schedule="constant", class_weight="none",
+                             early_stopping_patience=0, seed=5)
+        runs = [train_model(train_x, train_y, val_x, val_y, params=params, augment=AUGMENT,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
-        np.testing.assert_allclose(runs[0]["val_loss"], runs[1]["val_loss"], atol=1e-6)
+        np.testing.assert_allclose(runs[0].drop(columns="epoch"), runs[1].drop(columns="epoch"), atol=1e-6)
+        other_seed = train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=None,
+                                 augment=AugmentParams(**{**AUGMENT.__dict__, "seed": 8}))[1]
+        assert not np.allclose(other_seed["loss"], runs[0]["loss"], atol=1e-6)  # augmentation is on
+
+    def test_three_classes_train_a_softmax_scored_by_macro_auc(self):
+        from sklearn.metrics import roc_auc_score
+
+        train_x, train_y = _three_class_images(240, seed=0)
+        val_x, val_y = _three_class_images(90, seed=1)
+        model, history = train_model(train_x, train_y, val_x, val_y, params=self.params, n_classes=3,
+                                     checkpoint=None)
+        probabilities = model.predict(val_x, verbose=0)
+        assert probabilities.shape == (90, 3)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        macro = roc_auc_score(val_y, probabilities, multi_class="ovr", average="macro")
+        assert history["val_auc"].max() == pytest.approx(macro, abs=1e-6)
+        assert macro > 0.9 and np.mean(probabilities.argmax(axis=1) == val_y) > 0.7
+
+
+class TestTrainingBatches:
+    def test_an_epoch_is_a_permutation_of_the_training_set_augmented_by_batch(self):
+        from stages.train import training_batches
+
+        images, labels = _bright_square_images(40, seed=0)
+        plain = list(training_batches(images, labels, batch_size=16, epoch=1, seed=3))
+        augmented = list(training_batches(images, labels, batch_size=16, epoch=1, seed=3, augment=AUGMENT))
+        assert [len(x) for x, _ in plain] == [16, 16, 8]
+        order = [np.flatnonzero((images == x).all(axis=(1, 2, 3)))[0] for batch, _ in plain for x in batch.numpy()]
+        assert sorted(order) == list(range(40)) and order != list(range(40))  # shuffled, none lost
+        for (x, y), (ax, ay) in zip(plain, augmented):
+            np.testing.assert_array_equal(y, ay)  # same images in the same order...
+            assert not np.allclose(x, ax)         # ...transformed
+        again = list(training_batches(images, labels, batch_size=16, epoch=1, seed=3, augment=AUGMENT))
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in again]),
+                                      np.concatenate([x for x, _ in augmented]))
+        next_epoch = list(training_batches(images, labels, batch_size=16, epoch=2, seed=3, augment=AUGMENT))
+        assert not np.array_equal(next_epoch[0][1], augmented[0][1]) or not np.allclose(
+            next_epoch[0][0], augmented[0][0])
+
+
+def test_classification_scores_for_two_and_three_classes():
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from stages.train import classification_scores
+
+    labels = np.array([0, 1, 1, 0, 1])
+    binary = np.array([0.2, 0.7, 0.4, 0.6, 0.9])
+    scores = classification_scores(labels, binary[:, None])
+    assert scores["auc"] == pytest.approx(roc_auc_score(labels, binary))
+    assert scores["loss"] == pytest.approx(log_loss(labels, binary))
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    three = np.array([0, 2, 1, 2])
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1], [0.1, 0.3, 0.6]])
+    scores = classification_scores(three, probabilities)
+    assert scores["auc"] == pytest.approx(roc_auc_score(three, probabilities, multi_class="ovr"))
+    assert scores["loss"] == pytest.approx(log_loss(three, probabilities))
+    assert scores["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_labels_become_class_indices_in_the_order_of_ingest_classes():
+    from stages.train import class_indices
+
+    np.testing.assert_array_equal(class_indices(np.array([0, 1, 1, 0]), [0, 1]), [0, 1, 1, 0])
+    np.testing.assert_array_equal(class_indices(np.array([9, 3, 5, 9]), [3, 5, 9]), [2, 0, 1, 2])
+    np.testing.assert_array_equal(class_indices(np.array([2, 1]), [2, 1]), [0, 1])
+
+
+def test_images_of_another_size_than_the_params_are_a_clear_error():
+    from stages.cli import StageError
+    from stages.train import check_input_shape
+
+    ingest = IngestParams(label_key="path", classes=[0, 1], image_size=64, channels=1, pixel_dtype="uint8",
+                          frames="first", voi_index=0, target_spacing_mm=None, workers=0,
+                          max_quarantine_fraction=0.1)
+    check_input_shape(np.zeros((2, 64, 64, 1), np.float32), ingest)
+    with pytest.raises(StageError, match="images are 32x32x1 but ingest.image_size and ingest.channels "
+                                         "ask for 64x64x1"):
+        check_input_shape(np.zeros((2, 32, 32, 1), np.float32), ingest)
 
 
 def test_model_input_from_every_stored_layout():
@@ -150,6 +263,8 @@ class TestTrainingControls:
         assert weights == pytest.approx([4 / 6, 2.0])
         assert weights[0] * 3 == pytest.approx(weights[1] * 1)  # both classes weigh the same
         assert class_weights_for(labels, "none") == [1.0, 1.0]
+        three = class_weights_for(np.array([0, 0, 1, 2, 2, 2]), "balanced", n_classes=3)
+        assert three == pytest.approx([1.0, 2.0, 2 / 3])  # n / (3 n_class): each class weighs n / 3
 
     def test_early_stopping_ends_after_patience_epochs_without_improvement(self):
         train_x, train_y = _bright_square_images(64, seed=0)
@@ -209,9 +324,9 @@ train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=Path(sys
         from stages.train import TrainingState, fingerprint
 
         train_x, train_y = _bright_square_images(32, seed=0)
-        state = TrainingState(fingerprint(self.params(), train_x, train_y)).after_epoch(
+        state = TrainingState(fingerprint(self.params(), None, train_x, train_y)).after_epoch(
             {"epoch": 1, "val_auc": 0.5}, [np.zeros(2)], [np.ones(1)])
         state.save(tmp_path / "resume")
         assert TrainingState.load(tmp_path / "resume", state.fingerprint).epoch == 1
-        other = fingerprint(self.params(lr=0.01), train_x, train_y)
+        other = fingerprint(self.params(lr=0.01), None, train_x, train_y)
         assert TrainingState.load(tmp_path / "resume", other).epoch == 0
