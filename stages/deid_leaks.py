@@ -30,7 +30,7 @@ import sys
 import tempfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,9 @@ INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
 # inside a longer alphanumeric run: the outputs are full of hex keys and decimal 2.25 UIDs where a
 # short number would otherwise turn up by chance.
 _HEX_LIKE = re.compile(r"[0-9a-f.\-/:_ ]+")
+# Likewise a value of letters only (a name component) counts as a word, not inside a longer run of
+# letters: "Omar" is in a file named omar_chest.dcm, not in the code word "fromarray".
+_LETTERS = re.compile(r"[^\W\d_]+")
 _BULK_GROUPS = (0x7FE0, 0x7FDF)  # pixel data and its variants: image bytes, not text
 
 
@@ -132,21 +135,23 @@ class _Matcher:
     """Finds any of many identifiers in a text; they are keyed by their last 4 characters."""
 
     def __init__(self, identifiers: Mapping[str, str]) -> None:
-        self._by_suffix: dict[str, list[tuple[str, str, bool]]] = defaultdict(list)
+        self._by_suffix: dict[str, list[tuple[str, str, Callable[[str], bool] | None]]] = defaultdict(list)
         for value, source in identifiers.items():
-            entry = (value, source, _HEX_LIKE.fullmatch(value) is not None)
-            self._by_suffix[value[-MIN_LENGTH:]].append(entry)
+            # What may not touch the value for it to count: None, anything may.
+            joins = (str.isalnum if _HEX_LIKE.fullmatch(value) else
+                     str.isalpha if _LETTERS.fullmatch(value) else None)
+            self._by_suffix[value[-MIN_LENGTH:]].append((value, source, joins))
 
     def first(self, text: str) -> str | None:
         """The source of the first identifier found in ``text``, or None."""
         folded = text.casefold()
         for end in range(MIN_LENGTH, len(folded) + 1):
-            for value, source, bounded in self._by_suffix.get(folded[end - MIN_LENGTH:end], ()):
+            for value, source, joins in self._by_suffix.get(folded[end - MIN_LENGTH:end], ()):
                 start = end - len(value)
                 if start < 0 or not folded.startswith(value, start):
                     continue
-                if bounded and ((start > 0 and folded[start - 1].isalnum())
-                                or (end < len(folded) and folded[end].isalnum())):
+                if joins and ((start > 0 and joins(folded[start - 1]))
+                              or (end < len(folded) and joins(folded[end]))):
                     continue
                 return source
         return None

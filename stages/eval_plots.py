@@ -66,7 +66,7 @@ def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
     calibration = calibration_table(y_true, y_score)
     calibration.to_csv(out_dir / "calibration.csv", index=False)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (roc_ax, cm_ax) = plt.subplots(1, 2, figsize=(9, 4))
     roc_ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y_true, y_score):.3f}")
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
@@ -78,17 +78,24 @@ def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
         cm_ax.text(col, row, str(count), ha="center", va="center")
     cm_ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="actual",
               title=f"confusion at threshold {threshold:.2f}")
-    _save(fig, out_dir / "roc_confusion.png")
+    save_figure(fig, out_dir / "roc_confusion.png")
     _draw_pr_calibration(y_true, y_score, y_pred, pr=pr, calibration=calibration,
                          path=out_dir / "pr_calibration.png")
     return [out_dir / name for name in ("roc.csv", "confusion.csv", "pr.csv", "calibration.csv",
                                         "roc_confusion.png", "pr_calibration.png")]
 
 
+def write_confusion_data(y_true: np.ndarray, y_pred: np.ndarray, *, out_dir: Path) -> list[Path]:
+    """``confusion.csv`` (actual, predicted class index per image) for more than two classes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": y_true, "predicted": y_pred}).to_csv(out_dir / "confusion.csv", index=False)
+    return [out_dir / "confusion.csv"]
+
+
 def _draw_pr_calibration(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.ndarray, *,
                          pr: pd.DataFrame, calibration: pd.DataFrame, path: Path) -> None:
     """Precision-recall curve with the operating point, and the reliability diagram, as one PNG."""
-    fig, (pr_ax, cal_ax) = _pyplot().subplots(1, 2, figsize=(9, 4))
+    fig, (pr_ax, cal_ax) = pyplot().subplots(1, 2, figsize=(9, 4))
     pr_ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post",
                label=f"AP {average_precision_score(y_true, y_score):.3f}")
     pr_ax.axhline(y_true.mean(), linestyle="--", color="grey", label="prevalence")
@@ -103,10 +110,10 @@ def _draw_pr_calibration(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.nda
     cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", xlim=(-0.02, 1.02),
                ylim=(-0.02, 1.02), title=f"calibration, {len(calibration)} quantile bins")
     cal_ax.legend(loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend (no display on CI or the device machines)."""
     import matplotlib
 
@@ -116,8 +123,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Write ``fig`` as PNG and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)

@@ -1,18 +1,23 @@
 """Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
 Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images.
-Outputs: ``paths.eval_metrics`` (flat JSON, DVC metrics) and ``paths.eval_plots`` (ROC,
-confusion-matrix, precision-recall and calibration data for ``dvc plots show``, plus PNG
-renderings; all logged to MLflow).
-Params: ``evaluate.*``.
+Outputs: ``paths.eval_metrics`` (flat JSON, DVC metrics), ``paths.eval_plots`` (ROC,
+confusion-matrix, precision-recall and calibration data for ``dvc plots show``, PNG renderings
+and a Grad-CAM grid) and ``paths.eval_subgroups`` (metrics by sex, age band, manufacturer and
+view position); all logged to MLflow.
+Params: ``evaluate.*``; ``ingest.classes`` (more than two: macro AUC and per-class metrics, each
+image called its most probable class) and the ``ingest`` pixel settings the registered model
+carries.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
-what a user of the model would see. Before the model is registered, the leak scanner searches the
-MLflow run (params, tags, metric names, artifacts, the model's files) for every identifying value
-of the ingested sources (``paths.ingest_dir`` and ``paths.data``, read for this check only); any
-hit fails the stage and nothing is registered. The model is registered under
+what a user of the model would see. The registered model is a pyfunc (:mod:`stages.serving`) that
+takes DICOM files and applies this threshold. Before it is registered, the leak scanner searches
+the MLflow run (params, tags, metric names, artifacts, the models' files) for every identifying
+value of the ingested sources (``paths.ingest_dir`` and ``paths.data``, read for this check
+only); any hit fails the stage and nothing is registered. The model is registered under
 ``evaluate.registered_model_name``; it takes the alias ``champion`` when it beats the current
-champion on ``evaluate.promotion_metric`` and ``challenger`` otherwise.
+champion on ``evaluate.promotion_metric`` by at least ``evaluate.promotion_min_gain``, and
+``challenger`` otherwise (a replaced champion keeps its version, as ``previous_champion``).
 """
 
 from __future__ import annotations
@@ -36,13 +41,17 @@ from sklearn.metrics import (
 from stages import layout, tracking
 from stages.cli import StageError, run_stage
 from stages.deid_leaks import identifiers_at_ingest, scan_mlflow_run
-from stages.eval_plots import write_plot_data
+from stages.eval_plots import write_confusion_data, write_plot_data
+from stages.explain import write_grad_cam_examples
+from stages.ingest import PixelSettings
 from stages.params import load_params, read_params_file
+from stages.serving import log_classifier
 
 logger = logging.getLogger(__name__)
 
 
 THRESHOLD_METHODS = ("youden", "fixed", "target_sensitivity")
+GRAD_CAM_FILE = "grad_cam.png"
 
 
 def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fixed: float | None = None,
@@ -110,15 +119,25 @@ def _sensitivity_threshold(y_true: np.ndarray, y_score: np.ndarray, *, target: f
     return float(thresholds[int(np.argmax(tpr >= target))])
 
 
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC AUC of binary scores (n,), or the macro average of one-vs-rest AUCs for (n, k) class
+    probabilities (each class present in ``y_true``, class indices 0..k-1)."""
+    if y_score.ndim == 1:
+        return float(roc_auc_score(y_true, y_score))
+    return float(np.mean([roc_auc_score(y_true == k, y_score[:, k]) for k in np.unique(y_true)]))
+
+
 def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resamples: int = 1000,
                            seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the ROC AUC (resamples missing a class skipped)."""
+    """Percentile bootstrap confidence interval of :func:`roc_auc` (resamples missing a class of
+    the split skipped)."""
     rng = np.random.default_rng(seed)
+    n_classes = len(np.unique(y_true))
     aucs = []
     for _ in range(n_resamples):
         idx = rng.integers(0, len(y_true), len(y_true))
-        if len(np.unique(y_true[idx])) == 2:
-            aucs.append(roc_auc_score(y_true[idx], y_score[idx]))
+        if len(np.unique(y_true[idx])) == n_classes:
+            aucs.append(roc_auc(y_true[idx], y_score[idx]))
     tail = (1 - level) / 2 * 100
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 
@@ -190,16 +209,134 @@ def _predictive_values(y_true: np.ndarray, y_pred: np.ndarray, *, threshold: flo
             float(precision_score(y_true, y_pred, pos_label=0, zero_division=0.0)))
 
 
-def should_promote(candidate: float, champion: float | None) -> bool:
-    """A candidate becomes champion when there is none or it scores strictly higher."""
-    return champion is None or candidate > champion
+def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
+                               classes: list[int]) -> dict[str, float]:
+    """Test-split metrics for more than two classes; each image is called its most probable class.
+
+    Parameters
+    ----------
+    y_true : ndarray of shape (n,)
+        Class indices, 0 to k - 1 (positions in ``classes``).
+    y_score : ndarray of shape (n, k)
+        Predicted class probabilities.
+    classes : list of int
+        The label of each class index, used in the per-class metric names.
+
+    Returns
+    -------
+    dict
+        ``roc_auc`` (macro average of one-vs-rest AUCs) with its bootstrap interval, ``accuracy``,
+        ``macro_f1``, ``n_test``; per class c (one-vs-rest): ``roc_auc_<c>``, ``sensitivity_<c>``,
+        ``specificity_<c>``, ``ppv_<c>``, ``f1_<c>``, ``n_test_<c>``.
+
+    Raises
+    ------
+    StageError
+        The test split lacks one of the classes: its AUC and sensitivity are undefined.
+    """
+    missing = sorted(set(range(len(classes))) - set(np.unique(y_true)))
+    if missing:
+        raise StageError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
+                         "per-class metrics are undefined")
+    y_pred = y_score.argmax(axis=1)
+    low, high = bootstrap_auc_interval(y_true, y_score)
+    metrics = {"roc_auc": roc_auc(y_true, y_score), "roc_auc_ci_low": low, "roc_auc_ci_high": high,
+               "accuracy": float(np.mean(y_pred == y_true)),
+               "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0.0)),
+               "n_test": int(len(y_true))}
+    for k, label in enumerate(classes):
+        actual, called = y_true == k, y_pred == k
+        metrics.update({
+            f"roc_auc_{label}": float(roc_auc_score(actual, y_score[:, k])),
+            f"sensitivity_{label}": float(np.mean(called[actual])),
+            f"specificity_{label}": float(np.mean(~called[~actual])),
+            f"ppv_{label}": float(np.mean(actual[called])) if called.any() else 0.0,
+            f"f1_{label}": float(f1_score(actual, called, zero_division=0.0)),
+            f"n_test_{label}": int(actual.sum()),
+        })
+    return metrics
 
 
-def register_model(model_uri: str, *, name: str, metric: str, value: float) -> tuple[str, str]:
+SUBGROUP_ATTRIBUTES = ("patient_sex", "age_band", "manufacturer", "view_position")
+AGE_BANDS = ((0, "0-17"), (18, "18-39"), (40, "40-64"), (65, "65+"))  # lower bound, name
+
+
+def age_band(years: float | None) -> str:
+    """The band of an age in years (``AGE_BANDS``), or "unknown"."""
+    if years is None or pd.isna(years):
+        return "unknown"
+    return next(name for low, name in reversed(AGE_BANDS) if years >= low)
+
+
+def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, *,
+                     threshold: float | None) -> pd.DataFrame:
+    """AUC, sensitivity and specificity within each sex, age band, manufacturer and view position.
+
+    Parameters
+    ----------
+    manifest : DataFrame
+        The test images' rows of the de-identified manifest (``patient_sex``,
+        ``patient_age_years``, ``manufacturer``, ``view_position``), in the order of ``y_true``.
+    y_true, y_score : ndarray
+        As for :func:`compute_metrics` (binary) or :func:`compute_multiclass_metrics`.
+    threshold : float or None
+        The operating threshold (binary); None for more than two classes (most probable class).
+
+    Returns
+    -------
+    DataFrame
+        One row per attribute and value (a missing value is its own group, "unknown"): ``n``,
+        ``n_positive`` (binary), ``roc_auc`` (NaN when the group lacks a class), ``sensitivity``
+        and ``specificity`` at the threshold (NaN without positives or negatives; binary), and
+        ``accuracy``. A group of a few images gives noisy figures: read them with ``n``.
+    """
+    groups = pd.DataFrame({
+        "patient_sex": manifest["patient_sex"].astype("object"),
+        "age_band": [age_band(years) for years in manifest["patient_age_years"]],
+        "manufacturer": manifest["manufacturer"].astype("object"),
+        "view_position": manifest["view_position"].astype("object"),
+    }).fillna("unknown").replace("", "unknown")
+    binary = y_score.ndim == 1
+    called = (y_score >= threshold).astype(int) if binary else y_score.argmax(axis=1)
+    rows = []
+    for attribute in SUBGROUP_ATTRIBUTES:
+        for value, members in groups.groupby(attribute, sort=True).groups.items():
+            idx = groups.index.get_indexer(members)
+            truth, scores, calls = y_true[idx], y_score[idx], called[idx]
+            full = len(np.unique(truth)) == (2 if binary else y_score.shape[1])
+            row = {"attribute": attribute, "group": value, "n": len(idx),
+                   "roc_auc": roc_auc(truth, scores) if full else float("nan"),
+                   "accuracy": float(np.mean(calls == truth))}
+            if binary:
+                positive = truth == 1
+                row.update(n_positive=int(positive.sum()),
+                           sensitivity=float(np.mean(calls[positive])) if positive.any() else float("nan"),
+                           specificity=float(np.mean(1 - calls[~positive])) if (~positive).any()
+                           else float("nan"))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+LOWER_IS_BETTER = ("brier",)
+
+
+def should_promote(candidate: float, champion: float | None, *, metric: str = "roc_auc",
+                   min_gain: float = 0.0) -> bool:
+    """A candidate becomes champion when there is none, or it beats the champion on ``metric``
+    strictly and by at least ``min_gain`` (lower is better for the Brier score)."""
+    if champion is None:
+        return True
+    gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
+    return gain > 0 and gain >= min_gain
+
+
+def register_model(model_uri: str, *, name: str, metric: str, value: float,
+                   min_gain: float = 0.0) -> tuple[str, str]:
     """Register ``model_uri`` and give it the alias champion or challenger; returns (version, alias).
 
     The test metric is stored as a tag on the model version, so a later candidate is compared
-    with the champion's own figure whatever run it came from.
+    with the champion's own figure whatever run it came from. Earlier versions stay registered;
+    a replaced champion keeps its version and tags and is found as ``previous_champion``.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -208,12 +345,16 @@ def register_model(model_uri: str, *, name: str, metric: str, value: float) -> t
     metric_tag = f"test_{metric}"
     try:
         current = client.get_model_version_by_alias(name, "champion")
-        champion_value = float(current.tags[metric_tag]) if metric_tag in current.tags else None
     except MlflowException:  # no registered model or no champion yet
-        champion_value = None
+        current = None
+    champion_value = (float(current.tags[metric_tag])
+                      if current is not None and metric_tag in current.tags else None)
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, metric_tag, str(value))
-    alias = "champion" if should_promote(value, champion_value) else "challenger"
+    alias = ("champion" if should_promote(value, champion_value, metric=metric, min_gain=min_gain)
+             else "challenger")
+    if alias == "champion" and current is not None:
+        client.set_registered_model_alias(name, "previous_champion", current.version)
     client.set_registered_model_alias(name, alias, version)
     logger.info("registered %s version %s as %s (%s %.4f vs champion %s)",
                 name, version, alias, metric, value, champion_value)
@@ -237,35 +378,58 @@ def main() -> None:
     import keras
     import mlflow
 
-    from stages.train import to_model_input
+    from stages.train import class_indices, to_model_input
 
-    paths, params = load_params("paths"), load_params("evaluate")
-    model_dir = Path(paths.model_dir)
+    paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
+    model_dir, plots_dir = Path(paths.model_dir), Path(paths.eval_plots)
     model = keras.models.load_model(model_dir / layout.MODEL_FILE)
     run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES)
+    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    binary = len(ingest.classes) == 2
 
-    def scores(split: str) -> tuple[np.ndarray, np.ndarray]:
-        chosen = (manifest["split"] == split).to_numpy()
-        predicted = model.predict(to_model_input(images[chosen]), verbose=0).ravel()
-        return manifest.loc[chosen, "label"].to_numpy().astype(int), predicted
+    def scores(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
+        inputs = to_model_input(np.asarray(images[chosen]))
+        predicted = model.predict(inputs, verbose=0)
+        labels = class_indices(manifest["label"].to_numpy()[chosen], ingest.classes)
+        return labels, predicted.ravel() if binary else predicted, inputs
 
-    val_y, val_score = scores("val")
-    test_y, test_score = scores("test")
-    threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
-                                 fixed=params.fixed_threshold,
-                                 target_sensitivity=params.target_sensitivity)
-    metrics = compute_metrics(test_y, test_score, threshold=threshold)
+    test_y, test_score, test_x = scores("test")
+    test_rows = manifest[(manifest["split"] == "test").to_numpy()]
+    if binary:
+        val_y, val_score, _ = scores("val")
+        threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
+                                     fixed=params.fixed_threshold,
+                                     target_sensitivity=params.target_sensitivity)
+        metrics = compute_metrics(test_y, test_score, threshold=threshold)
+        plot_files = write_plot_data(test_y, test_score, threshold=threshold, out_dir=plots_dir)
+        plot_files.append(write_grad_cam_examples(model, test_x, test_y, test_score, threshold=threshold,
+                                                  path=plots_dir / GRAD_CAM_FILE))
+        logger.info("test ROC AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f",
+                    metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
+                    metrics["sensitivity"], metrics["specificity"], threshold)
+        logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, Brier %.3f, average precision %.3f",
+                    metrics["ppv"], metrics["npv"], metrics["f1"], metrics["brier"],
+                    metrics["average_precision"])
+    else:
+        threshold = None
+        metrics = compute_multiclass_metrics(test_y, test_score, classes=ingest.classes)
+        plot_files = write_confusion_data(test_y, test_score.argmax(axis=1), out_dir=plots_dir)
+        logger.info("test macro ROC AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f, macro F1 %.3f",
+                    metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
+                    metrics["accuracy"], metrics["macro_f1"])
+    if params.promotion_metric not in metrics:
+        raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
+                         f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
     Path(paths.eval_metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.eval_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_files = write_plot_data(test_y, test_score, threshold=threshold, out_dir=Path(paths.eval_plots))
-    logger.info("test ROC AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f",
-                metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
-                metrics["sensitivity"], metrics["specificity"], threshold)
-    logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, Brier %.3f, average precision %.3f",
-                metrics["ppv"], metrics["npv"], metrics["f1"], metrics["brier"],
-                metrics["average_precision"])
+    subgroups = subgroup_metrics(test_rows, test_y, test_score, threshold=threshold)
+    subgroups.to_csv(paths.eval_subgroups, index=False, float_format="%.4f")
+    weakest = subgroups.dropna(subset=["roc_auc"]).nsmallest(1, "roc_auc")
+    for row in weakest.itertuples():
+        logger.info("weakest subgroup by AUC: %s = %s (n %d), AUC %.3f", row.attribute, row.group,
+                    row.n, row.roc_auc)
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
     # stage alone, and MLflow forbids changing a param already logged on a run.
@@ -276,14 +440,19 @@ def main() -> None:
         with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()):
             mlflow.log_params(tracking.flatten_params({"evaluate": read_params_file()["evaluate"]}))
             mlflow.log_metrics(test_metrics)
-            for path in [*plot_files, Path(paths.eval_metrics)]:
+            for path in [*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
+            # The registered model: DICOM in, probabilities and the label at this threshold out.
+            classifier = log_classifier(model_dir / layout.MODEL_FILE, threshold=threshold,
+                                        classes=ingest.classes, settings=PixelSettings.from_params(ingest))
             check_run(run_info["run_id"], ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
             version, alias = register_model(
-                run_info["model_uri"], name=params.registered_model_name,
+                classifier.model_uri, name=params.registered_model_name,
                 metric=params.promotion_metric, value=metrics[params.promotion_metric],
+                min_gain=params.promotion_min_gain,
             )
             mlflow.set_tags({"registered_version": version, "registered_alias": alias})
+
 
 if __name__ == "__main__":
     run_stage(main)

@@ -75,6 +75,18 @@ def test_clean_files_and_numeric_arrays_give_no_hits(tmp_path, identifiers):
     assert scan_paths(identifiers, [tmp_path]) == []
 
 
+@pytest.mark.parametrize("text, hit", [
+    ("quixley_chest.dcm", True),        # a name next to digits, underscores, punctuation counts
+    ("by Quixley2", True),
+    ("image.quixley", True),
+    ("Quixleyfied code words", False),  # inside a longer word of letters it is another word
+    ("unquixley", False),
+])
+def test_a_name_counts_as_a_word_not_inside_a_longer_one(tmp_path, identifiers, text, hit):
+    (tmp_path / "notes.txt").write_text(text)
+    assert bool(scan_paths(identifiers, [tmp_path])) is hit
+
+
 def test_a_missing_path_is_an_error(tmp_path, identifiers):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         scan_paths(identifiers, [tmp_path / "absent"])

@@ -13,11 +13,14 @@ from sklearn.metrics import roc_auc_score
 from stages.cli import StageError
 from stages.eval_plots import calibration_table, write_plot_data
 from stages.evaluate import (
+    age_band,
     bootstrap_auc_interval,
     choose_threshold,
     compute_metrics,
+    compute_multiclass_metrics,
     register_model,
     should_promote,
+    subgroup_metrics,
 )
 
 # Eight images, asymmetric on purpose so that PPV/NPV or sensitivity/PPV swapped would show.
@@ -195,6 +198,92 @@ def test_should_promote():
     assert not should_promote(0.7, 0.8)
 
 
+def test_should_promote_needs_the_minimum_gain_in_the_metric_s_direction():
+    assert should_promote(0.83, 0.8, min_gain=0.02)
+    assert not should_promote(0.81, 0.8, min_gain=0.02)
+    assert should_promote(0.10, 0.15, metric="brier", min_gain=0.02)  # lower Brier is better
+    assert not should_promote(0.15, 0.10, metric="brier")
+    assert not should_promote(0.14, 0.15, metric="brier", min_gain=0.02)
+
+
+class TestMulticlassMetrics:
+    # Six images, three classes; predicted = argmax: [0, 1, 1, 2, 2, 0]
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    scores = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1],
+                       [0.1, 0.3, 0.6], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
+
+    def test_matches_hand_counts(self):
+        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[0, 1, 2])
+
+        assert metrics["accuracy"] == pytest.approx(3 / 6)
+        # class 1: actual {2, 3}, called {1, 2}: sensitivity 1/2, specificity 3/4, PPV 1/2
+        assert metrics["sensitivity_1"] == pytest.approx(0.5)
+        assert metrics["specificity_1"] == pytest.approx(0.75)
+        assert metrics["ppv_1"] == pytest.approx(0.5)
+        per_class = [roc_auc_score(self.truth == k, self.scores[:, k]) for k in range(3)]
+        assert metrics["roc_auc_2"] == pytest.approx(per_class[2])
+        assert metrics["roc_auc"] == pytest.approx(np.mean(per_class))
+        assert metrics["roc_auc_ci_low"] <= metrics["roc_auc"] <= metrics["roc_auc_ci_high"]
+        assert metrics["n_test_0"] == 2 and metrics["n_test"] == 6
+
+    def test_class_names_come_from_the_labels(self):
+        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[3, 5, 9])
+
+        assert "sensitivity_9" in metrics and "sensitivity_2" not in metrics
+
+    def test_a_class_missing_from_test_is_a_clear_error(self):
+        with pytest.raises(StageError, match=r"no image of class\(es\) \[2\]"):
+            compute_multiclass_metrics(self.truth[:4], self.scores[:4], classes=[0, 1, 2])
+
+
+@pytest.mark.parametrize(("years", "band"), [(None, "unknown"), (math.nan, "unknown"), (0, "0-17"),
+                                             (17, "0-17"), (18, "18-39"), (64, "40-64"), (90, "65+")])
+def test_age_band(years, band):
+    assert age_band(years) == band
+
+
+class TestSubgroupMetrics:
+    def _manifest(self) -> pd.DataFrame:
+        return pd.DataFrame({
+            "patient_sex": pd.array(["F", "F", "F", "M", "M", None], dtype="string"),
+            "patient_age_years": pd.array([30, 70, 70, 50, None, 10], dtype="Int64"),
+            "manufacturer": ["A", "A", "B", "B", "B", "B"],
+            "view_position": ["PA", "PA", "PA", "AP", "AP", ""],
+        })
+
+    def test_counts_and_metrics_by_hand(self):
+        truth = np.array([1, 0, 1, 1, 0, 0])
+        scores = np.array([0.9, 0.2, 0.4, 0.8, 0.6, 0.1])  # called at 0.5: [1, 0, 0, 1, 1, 0]
+
+        table = subgroup_metrics(self._manifest(), truth, scores, threshold=0.5).set_index(
+            ["attribute", "group"])
+
+        female = table.loc[("patient_sex", "F")]
+        assert (female["n"], female["n_positive"]) == (3, 2)
+        assert female["sensitivity"] == pytest.approx(0.5) and female["specificity"] == pytest.approx(1.0)
+        assert female["roc_auc"] == pytest.approx(roc_auc_score([1, 0, 1], [0.9, 0.2, 0.4]))
+        male = table.loc[("patient_sex", "M")]
+        assert (male["sensitivity"], male["specificity"]) == (1.0, 0.0)
+        unknown_sex = table.loc[("patient_sex", "unknown")]
+        assert unknown_sex["n"] == 1 and math.isnan(unknown_sex["roc_auc"])
+        assert math.isnan(unknown_sex["sensitivity"])  # no positive in the group
+        assert table.loc[("age_band", "65+"), "n"] == 2
+        assert table.loc[("age_band", "unknown"), "n"] == 1
+        assert table.loc[("view_position", "unknown"), "n"] == 1  # empty text is unknown too
+        for attribute in ("patient_sex", "age_band", "manufacturer", "view_position"):
+            assert table.loc[attribute, "n"].sum() == 6
+
+    def test_multiclass_groups_report_accuracy_and_macro_auc(self):
+        truth = np.array([0, 1, 2, 0, 1, 2])
+        scores = np.eye(3)[[0, 1, 2, 1, 1, 2]] * 0.8 + 0.2 / 3
+
+        table = subgroup_metrics(self._manifest(), truth, scores, threshold=None).set_index(
+            ["attribute", "group"])
+
+        assert table.loc[("manufacturer", "B"), "accuracy"] == pytest.approx(3 / 4)
+        assert "sensitivity" not in table.columns
+
+
 def test_register_model_moves_champion_only_on_improvement(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.chdir(tmp_path)
@@ -218,5 +307,8 @@ def test_register_model_moves_champion_only_on_improvement(tmp_path, monkeypatch
         assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
         assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
         assert client.get_model_version("m", "1").tags["test_roc_auc"] == "0.8"  # old champion kept
+        assert str(client.get_model_version_by_alias("m", "previous_champion").version) == "1"
+        small = register_model(log_candidate(), name="m", metric="roc_auc", value=0.91, min_gain=0.02)
+        assert small == ("4", "challenger")  # better, but by less than the minimum gain
     finally:
         mlflow.set_tracking_uri(None)

@@ -1,0 +1,383 @@
+"""The registered model: an MLflow pyfunc that reads DICOM the way ingest does, then classifies.
+
+:class:`DicomClassifier` wraps the trained Keras model with everything prediction needs: the
+ingest pixel settings (``stages.ingest.PixelSettings``), the operating threshold chosen by
+evaluate and the class labels. Given DICOM files (paths or raw bytes) it makes the pixels with
+``stages.ingest.read_image``, exactly as the training images were made, so a served model and the
+pipeline cannot drift apart; given images already preprocessed it scales them as train does.
+
+:func:`log_classifier` logs it into the active MLflow run with a signature, pinned requirements
+and, as ``code_paths``, a copy of only the ``stages`` modules prediction imports
+(:func:`prediction_modules`): the model's files are searched by the leak scanner, and
+``stages/sample_data.py`` holds the fake names of the sample data set.
+
+Serving: ``mlflow models serve -m models:/<name>@champion --env-manager local`` answers
+``POST /invocations`` with ``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}``:
+the signature declares ``dicom`` as a binary column, which is what makes the scoring server
+base64-decode it (``path``, a string column, names files on the server's own disk).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import dataclasses
+import io
+import logging
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from stages import layout
+from stages.ingest import PixelSettings, Quarantined, read_image
+
+logger = logging.getLogger(__name__)
+
+KERAS_ARTIFACT = "keras_model"
+# Modules a logged model must never carry: the sample generator holds the sample's fake PHI.
+NEVER_SHIPPED = frozenset({"sample_data"})
+# What prediction needs installed (stages.ingest's imports included), pinned to what is installed.
+REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                "pylibjpeg-rle", "numpy", "pandas", "pyarrow", "pillow", "pyyaml", "tqdm")
+PREDICT_BATCH = 64  # images per Keras call
+
+
+class DicomClassifier(mlflow.pyfunc.PythonModel):
+    """A Keras image classifier behind ingest's DICOM reader; one output row per input row.
+
+    Parameters
+    ----------
+    settings : PixelSettings
+        The ``ingest`` params the model was trained with (size, channels, frames, VOI, spacing,
+        stored dtype).
+    threshold : float in [0, 1] or None
+        Operating threshold of a binary (single sigmoid output) model, required there: ``label``
+        is the second class when ``probability >= threshold``. A softmax model ignores it (None).
+    classes : list of int
+        Class labels in output order: two for a sigmoid output (its probability is that of
+        ``classes[1]``), one per output unit for a softmax output.
+
+    Notes
+    -----
+    Multi-frame files give the frame(s) ``settings.frames`` picks, as in ingest: the first or
+    middle frame, or with ``all`` every frame, each scored and the probabilities averaged (ingest
+    labels every frame with its file's label, so the mean is the model's estimate for the file).
+    """
+
+    def __init__(self, *, settings: PixelSettings, threshold: float | None, classes: list[int]) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a float in [0, 1] or None; got {threshold!r}")
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(f"classes must list at least two distinct labels; got {classes!r}")
+        self.settings = settings
+        self.threshold = None if threshold is None else float(threshold)
+        self.classes = [int(c) for c in classes]
+        self._model = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the Keras model from the model's artifacts and check it against classes and threshold."""
+        import keras
+
+        self._model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        check_output_width(self._width(), self.classes, threshold=self.threshold)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None}  # the Keras model travels as an artifact
+
+    @property
+    def binary(self) -> bool:
+        return self._width() == 1
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Class probabilities, label and error per input row.
+
+        Parameters
+        ----------
+        context : PythonModelContext
+            Unused (the model is loaded by :meth:`load_context`).
+        model_input : pandas.DataFrame or numpy.ndarray
+            A DataFrame with a ``dicom`` column (file content as bytes, or base64 text) and/or a
+            ``path`` column (file paths); a row uses its ``dicom`` value when it has one. Or
+            preprocessed images (n, h, w) or (n, h, w, c) of ``settings.image_shape``: uint8
+            0-255 or float in [0, 1]. (Annotated DataFrame, the form MLflow passes: its
+            signature describes the DataFrame, and a union would make MLflow warn at import.)
+        params : dict, optional
+            Unused.
+
+        Returns
+        -------
+        pandas.DataFrame
+            :func:`output_columns`, one row per input row (a DataFrame's index kept). A file that
+            cannot be used gets probability NaN, label -1 and ``error`` "<reason>: <detail>"
+            (ingest's quarantine reason codes, e.g. ``not_dicom``, ``truncated``); the other
+            rows are predicted. ``error`` is empty when fine.
+
+        Raises
+        ------
+        ValueError
+            A DataFrame without a ``path`` or ``dicom`` column; images of the wrong shape or range.
+        """
+        if isinstance(model_input, np.ndarray):
+            scores = self._score(self.prepare_images(model_input))
+            return self._frame(scores, [""] * len(model_input), index=pd.RangeIndex(len(model_input)))
+        if not isinstance(model_input, pd.DataFrame):
+            raise ValueError("model_input must be a pandas DataFrame (path or dicom column) or a numpy "
+                             f"array of images; got {type(model_input).__name__}")
+        if not {"path", "dicom"} & set(model_input.columns):
+            raise ValueError("model_input needs a 'path' column (DICOM file paths) or a 'dicom' column "
+                             f"(DICOM file bytes); got columns {list(model_input.columns)}")
+        images, owners, errors = self._read_all(_sources(model_input))
+        scores = _mean_by_row(self._score(images), owners, rows=len(model_input))
+        return self._frame(scores, errors, index=model_input.index)
+
+    def _read_all(self, sources: list[bytes | str | Quarantined]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Model input of every usable source, the row each image came from, and one error per row."""
+        images, owners, errors = [], [], []
+        for row, source in enumerate(sources):
+            try:
+                if isinstance(source, Quarantined):
+                    raise source
+                pixels = self.read_pixels(source)
+            except Quarantined as err:
+                errors.append(f"{err.reason}: {err}")
+                continue
+            except Exception as err:  # noqa: BLE001  one odd file must not fail the batch
+                errors.append(f"unreadable: {type(err).__name__}: {err}")
+                continue
+            errors.append("")
+            images.append(pixels)
+            owners.append(np.full(len(pixels), row))
+        if not images:
+            return np.empty((0, *self.settings.image_shape[:2], self.settings.channels), np.float32), \
+                np.empty(0, int), errors
+        return np.concatenate(images), np.concatenate(owners), errors
+
+    def read_pixels(self, source: bytes | str | Path) -> np.ndarray:
+        """One DICOM file (its bytes or path) to model input (frames, h, w, c), or raise Quarantined."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            stream = io.BytesIO(bytes(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise Quarantined("not_found", f"no file at {path}")
+            stream = io.BytesIO(path.read_bytes())
+        _, frames = read_image(stream, self.settings)
+        return self.prepare_images(np.stack([frame.pixels for frame in frames]))
+
+    def prepare_images(self, images: np.ndarray) -> np.ndarray:
+        """Stored or unit-range images -> float32 (n, h, w, c) in [0, 1], as train feeds the model."""
+        images = np.asarray(images)
+        expected = self.settings.image_shape
+        if self.settings.channels == 1 and images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
+        if images.shape[1:] != expected:
+            raise ValueError(f"images must be (n, {', '.join(map(str, expected))}) as ingest makes them "
+                             f"(ingest.image_size {self.settings.size}, ingest.channels "
+                             f"{self.settings.channels}); got {images.shape}")
+        if images.dtype != np.uint8:
+            if not np.issubdtype(images.dtype, np.floating):
+                raise ValueError(f"images must be uint8 (0-255) or float in [0, 1]; got {images.dtype}")
+            if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+                raise ValueError("float images must hold values in [0, 1]; got "
+                                 f"{np.nanmin(images):.3g} to {np.nanmax(images):.3g}")
+        unit = layout.unit_pixels(images)  # what stages.train.to_model_input does
+        return unit[..., None] if unit.ndim == 3 else unit
+
+    def _width(self) -> int:
+        return self._model.output_shape[-1]
+
+    def _score(self, images: np.ndarray) -> np.ndarray:
+        if not len(images):
+            return np.empty((0, self._width()))
+        return np.asarray(self._model.predict(images, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
+
+    def _frame(self, scores: np.ndarray, errors: list[str], *, index: pd.Index) -> pd.DataFrame:
+        """Probabilities (n, width) with NaN rows for errors -> the output DataFrame."""
+        ok = ~np.isnan(scores).any(axis=1)
+        if self.binary:
+            labels = np.where(scores[:, 0] >= self.threshold, self.classes[1], self.classes[0])
+            columns = {"probability": scores[:, 0]}
+        else:
+            labels = np.asarray(self.classes)[np.argmax(np.nan_to_num(scores, nan=-1.0), axis=1)]
+            columns = {f"probability_{c}": scores[:, i] for i, c in enumerate(self.classes)}
+        columns["label"] = np.where(ok, labels, -1).astype(np.int64)
+        columns["error"] = errors
+        return pd.DataFrame(columns, index=index)
+
+
+def _mean_by_row(scores: np.ndarray, owners: np.ndarray, *, rows: int) -> np.ndarray:
+    """Per input row, the mean of its images' scores (one image unless settings.frames is "all");
+    NaN for a row without images."""
+    sums = np.zeros((rows, scores.shape[1]))
+    np.add.at(sums, owners, scores)
+    counts = np.bincount(owners, minlength=rows)[:, None]
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _sources(frame: pd.DataFrame) -> list[bytes | str | Quarantined]:
+    """Per row: its ``dicom`` bytes (base64 text decoded) when it has them, else its ``path``;
+    a Quarantined error for a row with neither."""
+    sources: list[bytes | str | Quarantined] = []
+    for row in range(len(frame)):
+        content = frame["dicom"].iloc[row] if "dicom" in frame else None
+        path = frame["path"].iloc[row] if "path" in frame else None
+        if isinstance(content, str):  # JSON text that no signature decoded
+            try:
+                content = base64.b64decode(content)
+            except (binascii.Error, ValueError) as err:
+                sources.append(Quarantined("not_base64", f"the dicom value is text but not base64: {err}"))
+                continue
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            sources.append(bytes(content))
+        elif isinstance(path, (str, Path)) and str(path):
+            sources.append(str(path))
+        else:
+            sources.append(Quarantined("no_input", "the row has neither a dicom value nor a path"))
+    return sources
+
+
+def check_output_width(width: int, classes: list[int], *, threshold: float | None) -> None:
+    """A sigmoid output needs two classes and a threshold, a softmax output one class per unit;
+    else ValueError."""
+    expected = 2 if width == 1 else width
+    kind = "a single sigmoid output" if width == 1 else f"{width} softmax outputs"
+    if len(classes) != expected:
+        raise ValueError(f"the model has {kind}, so classes must list {expected} labels; got {classes!r}")
+    if width == 1 and threshold is None:
+        raise ValueError(f"the model has {kind}, so threshold must be a float in [0, 1]; got None")
+
+
+def output_columns(classes: list[int], *, binary: bool) -> list[str]:
+    """The prediction columns: ``probability`` or ``probability_<class>`` each, ``label``, ``error``."""
+    probabilities = ["probability"] if binary else [f"probability_{c}" for c in classes]
+    return [*probabilities, "label", "error"]
+
+
+def build_signature(classes: list[int], *, binary: bool) -> mlflow.models.ModelSignature:
+    """Input: optional ``path`` (string) and ``dicom`` (binary, base64 in JSON) columns; the output columns."""
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "dicom", required=False)])
+    outputs = Schema([ColSpec("double", name) for name in output_columns(classes, binary=binary)
+                      if name.startswith("probability")]
+                     + [ColSpec("long", "label"), ColSpec("string", "error")])
+    return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def prediction_modules(start: str = "serving") -> list[str]:
+    """The ``stages`` modules that ``stages.<start>`` imports, directly or not, itself included.
+
+    Read from the source (every ``import stages.x`` / ``from stages import x`` anywhere in a
+    module), so a new import in ingest is shipped with the model without anyone listing it.
+
+    Raises
+    ------
+    ValueError
+        The graph reaches a module of :data:`NEVER_SHIPPED`.
+    """
+    package = Path(__file__).resolve().parent
+    found: dict[str, str] = {}  # module -> the module that imports it
+    todo = [(start, start)]
+    while todo:
+        name, parent = todo.pop()
+        if name in found or not (package / f"{name}.py").is_file():
+            continue
+        if name in NEVER_SHIPPED:
+            raise ValueError(f"stages.{parent} imports stages.{name}, which must never be logged with "
+                             "a model (it holds the sample data's fake identifying values)")
+        found[name] = parent
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "stages":
+                todo += [(alias.name, name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stages."):
+                todo.append((node.module.split(".")[1], name))
+            elif isinstance(node, ast.Import):
+                todo += [(alias.name.split(".")[1], name) for alias in node.names
+                         if alias.name.startswith("stages.")]
+    return sorted(found)
+
+
+def write_code_package(folder: Path) -> Path:
+    """Copy ``stages/__init__.py`` and :func:`prediction_modules` into ``folder/stages``; returns it."""
+    package = Path(__file__).resolve().parent
+    target = folder / "stages"
+    target.mkdir(parents=True)
+    for name in ["__init__", *prediction_modules()]:
+        shutil.copyfile(package / f"{name}.py", target / f"{name}.py")
+    return target
+
+
+def pinned_requirements() -> list[str]:
+    """:data:`REQUIREMENTS` and TensorFlow pinned to the installed versions (as train pins them)."""
+    tensorflow = "tensorflow-cpu" if _installed("tensorflow-cpu") else "tensorflow"
+    return [f"{name}=={metadata.version(name)}" for name in (*REQUIREMENTS[:1], tensorflow, *REQUIREMENTS[1:])]
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: list[int], settings: PixelSettings,
+                   name: str = "classifier", input_example=None) -> mlflow.models.model.ModelInfo:
+    """Log ``keras_model_path`` as a :class:`DicomClassifier` pyfunc into the active MLflow run.
+
+    Parameters
+    ----------
+    keras_model_path : Path
+        The trained ``.keras`` model (sigmoid output (n, 1) or softmax (n, k)).
+    threshold : float or None
+        The operating threshold: required for a sigmoid model, None for a softmax one.
+    classes : list of int
+        Class labels in output order (``ingest.classes``).
+    settings : PixelSettings
+        ``PixelSettings.from_params(load_params("ingest"))``: how training images were made.
+    name : str, default="classifier"
+        The model's name in the run.
+    input_example : optional
+        Saved with the model and run through it by MLflow; a DataFrame of the signature's form.
+        Best left out in the pipeline: a DICOM file in base64 is random text that the leak
+        scanner may match against names by chance.
+
+    Returns
+    -------
+    mlflow.models.model.ModelInfo
+        ``model_uri`` is what ``mlflow.register_model`` takes.
+
+    Notes
+    -----
+    The model carries its code (``code/stages/``: only :func:`prediction_modules`) and pins
+    :func:`pinned_requirements`; its MLmodel metadata repeats the settings, threshold and classes
+    for people reading the registry.
+    """
+    import keras
+
+    width = keras.models.load_model(keras_model_path, compile=False).output_shape[-1]
+    check_output_width(width, classes, threshold=threshold)
+    classifier = DicomClassifier(settings=settings, threshold=threshold, classes=classes)
+    with tempfile.TemporaryDirectory() as folder:
+        code = write_code_package(Path(folder))
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=classifier,
+            artifacts={KERAS_ARTIFACT: str(keras_model_path)},
+            code_paths=[str(code)],
+            signature=build_signature(classes, binary=width == 1),
+            input_example=input_example,
+            pip_requirements=pinned_requirements(),
+            metadata={"pixel_settings": dataclasses.asdict(settings), "threshold": classifier.threshold,
+                      "classes": [int(c) for c in classes]},
+        )
+    logger.info("logged %s: %s, classes %s, threshold %s, images %s", name, info.model_uri,
+                classes, threshold, settings.image_shape)
+    return info

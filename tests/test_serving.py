@@ -1,0 +1,374 @@
+"""Serving: the DICOM-reading pyfunc (stages/serving.py), batch prediction (stages/predict.py) and
+``mlflow models serve`` on it, with real Keras models, real DICOM files and a temporary MLflow store."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from stages.ingest import PixelSettings, read_image
+
+keras = pytest.importorskip("keras")
+mlflow = pytest.importorskip("mlflow")
+
+from stages import serving  # noqa: E402  (imports mlflow)
+from stages.train import to_model_input  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = PixelSettings(size=32)
+MODEL_NAME = "serving-test-classifier"
+THRESHOLD = 0.3
+# Display pixels (window 128/256 below) of the test images, 0-255.
+BRIGHT, MID, DARK = 200, 115, 30
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:
+    """A minimal valid DICOM file (Explicit VR Little Endian), as tests/conftest.py's make_dicom writes.
+
+    A 3-D ``pixels`` array is stored as a multi-frame image.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "P0"
+    ds.Modality = "DX"
+    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    # A fixed window keeps dark images dark (without one ingest stretches each image's own range).
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _image(level: int, *, seed: int, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
+    """A noisy uint8 image around ``level``."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(level, 8, shape), 0, 255).astype(np.uint8)
+
+
+def _mean_intensity_model(units: int, weights: list[float], biases: list[float]):
+    """A real Keras model whose output depends on the mean pixel: dense on global average pooling."""
+    inputs = keras.Input(shape=(SETTINGS.size, SETTINGS.size, 1), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].set_weights([np.array([weights], np.float32), np.array(biases, np.float32)])
+    return model
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A temporary SQLite tracking store with its artifacts beside it; MLFLOW_TRACKING_URI points at it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
+        try:
+            yield {"root": root, "uri": uri, "experiment": experiment}
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def binary_keras(tmp_path_factory):
+    """Sigmoid(10 * mean - 5): about 0.02 for a dark image, 0.94 for a bright one."""
+    path = tmp_path_factory.mktemp("keras") / "binary.keras"
+    _mean_intensity_model(1, [10.0], [-5.0]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def registered(store, binary_keras):
+    """The binary classifier logged with log_classifier, registered, alias champion; its URI."""
+    with mlflow.start_run(experiment_id=store["experiment"]):
+        info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS)
+    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
+    return {"uri": f"models:/{MODEL_NAME}@champion", "info": info}
+
+
+@pytest.fixture(scope="module")
+def model(registered):
+    return mlflow.pyfunc.load_model(registered["uri"])
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory):
+    """bright, mid and dark images (one without extension, one in a subfolder), a truncated DICOM
+    file and a text file."""
+    folder = tmp_path_factory.mktemp("dicoms")
+    files = {
+        "bright": _write_dicom(folder / "a" / "bright.dcm", _image(BRIGHT, seed=1, shape=(64, 64))),
+        "mid": _write_dicom(folder / "mid", _image(MID, seed=2, shape=(64, 64))),
+        "dark": _write_dicom(folder / "dark.dcm", _image(DARK, seed=3, shape=(80, 40))),
+    }
+    content = files["bright"].read_bytes()
+    truncated = folder / "a" / "truncated.dcm"
+    truncated.write_bytes(content[:len(content) - 1500])  # cut inside Pixel Data
+    (folder / "README").write_text("not an image\n")
+    return {**files, "truncated": truncated, "text": folder / "README", "folder": folder}
+
+
+def _keras_on_ingest_pixels(keras_path: Path, files: list[Path]) -> np.ndarray:
+    """The Keras model on stages.ingest.read_image's pixels, through stages.train.to_model_input."""
+    pixels = np.stack([read_image(path, SETTINGS)[1][0].pixels for path in files])
+    return keras.models.load_model(keras_path).predict(to_model_input(pixels), verbose=0)
+
+
+GOOD = ("bright", "mid", "dark")
+
+
+class TestDicomClassifier:
+    def test_paths_bytes_and_arrays_give_the_keras_probabilities(self, model, dicoms, binary_keras):
+        files = [dicoms[name] for name in GOOD]
+        expected = _keras_on_ingest_pixels(binary_keras, files)[:, 0]
+
+        by_path = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+        by_bytes = model.predict(pd.DataFrame({"dicom": [path.read_bytes() for path in files]}))
+        stored = np.stack([read_image(path, SETTINGS)[1][0].pixels for path in files])  # uint8 (n, 32, 32)
+        classifier = model.unwrap_python_model()
+        by_uint8 = classifier.predict(None, stored)
+        by_float = classifier.predict(None, (stored / 255.0).astype(np.float32)[..., None])
+
+        for result in (by_path, by_bytes, by_uint8, by_float):
+            assert list(result.columns) == ["probability", "label", "error"]
+            np.testing.assert_allclose(result["probability"], expected, atol=1e-6)
+            assert list(result["error"]) == ["", "", ""]
+
+    def test_a_bright_image_scores_far_above_a_dark_one(self, model, dicoms):
+        result = model.predict(pd.DataFrame({"path": [str(dicoms["bright"]), str(dicoms["dark"])]}))
+        bright, dark = result["probability"]
+        assert bright > 0.9 and dark < 0.1
+        assert list(result["label"]) == [1, 0]
+
+    def test_bad_files_get_a_reason_and_the_others_are_predicted(self, model, dicoms):
+        names = ["bright", "truncated", "text", "dark"]
+        sources = [str(dicoms[name]) for name in names] + [str(dicoms["folder"] / "missing.dcm")]
+        result = model.predict(pd.DataFrame({"path": sources}))
+        errors = result["error"].tolist()
+        assert errors[0] == "" and errors[3] == ""
+        assert errors[1].startswith("truncated: ")
+        assert errors[2].startswith("not_dicom: ")
+        assert errors[4].startswith("not_found: ")
+        bad = result.iloc[[1, 2, 4]]
+        assert bad["probability"].isna().all() and (bad["label"] == -1).all()
+        assert result["probability"].iloc[[0, 3]].notna().all()
+
+        as_bytes = model.predict(pd.DataFrame({"dicom": [dicoms[name].read_bytes() for name in names]}))
+        assert [error.split(":")[0] for error in as_bytes["error"]] == ["", "truncated", "not_dicom", ""]
+
+    def test_label_follows_the_threshold(self, model, dicoms):
+        result = model.predict(pd.DataFrame({"path": [str(dicoms[name]) for name in GOOD]}))
+        mid = result["probability"].iloc[1]
+        assert THRESHOLD <= mid < 0.5  # positive at the logged threshold, negative at 0.5
+        np.testing.assert_array_equal(result["label"], (result["probability"] >= THRESHOLD).astype(int))
+        assert list(result["label"]) == [1, 1, 0]
+
+    def test_multi_class_gives_a_column_per_class_and_the_argmax(self, store, dicoms, tmp_path):
+        # Logits -20m + 8, 2, 20m - 12 for mean pixel m: dark -> 0, mid -> 1, bright -> 2.
+        path = tmp_path / "three.keras"
+        _mean_intensity_model(3, [-20.0, 0.0, 20.0], [8.0, 2.0, -12.0]).save(path)
+        with mlflow.start_run(experiment_id=store["experiment"]):
+            info = serving.log_classifier(path, threshold=None, classes=[0, 1, 2], settings=SETTINGS)
+        files = [dicoms[name] for name in ("dark", "mid", "bright", "text")]
+        result = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"path": [str(p) for p in files]}))
+
+        assert list(result.columns) == ["probability_0", "probability_1", "probability_2", "label", "error"]
+        expected = _keras_on_ingest_pixels(path, files[:3])
+        probabilities = result[["probability_0", "probability_1", "probability_2"]].to_numpy()
+        np.testing.assert_allclose(probabilities[:3], expected, atol=1e-6)
+        assert list(result["label"]) == [0, 1, 2, -1]
+        assert np.isnan(probabilities[3]).all() and result["error"].iloc[3].startswith("not_dicom: ")
+
+    def test_multi_frame_files_give_the_chosen_frame_or_the_mean_of_all(self, binary_keras, tmp_path):
+        frames = np.stack([_image(BRIGHT, seed=4, shape=(32, 32)), _image(DARK, seed=5, shape=(32, 32))])
+        path = _write_dicom(tmp_path / "two_frames.dcm", frames)
+        context = mlflow.pyfunc.PythonModelContext({serving.KERAS_ARTIFACT: str(binary_keras)}, None)
+        scores = {}
+        for choice in ("first", "all"):
+            classifier = serving.DicomClassifier(settings=PixelSettings(size=32, frames=choice),
+                                                 threshold=0.5, classes=[0, 1])
+            classifier.load_context(context)
+            scores[choice] = classifier.predict(None, pd.DataFrame({"path": [str(path)]}))["probability"].iloc[0]
+            per_frame = classifier.predict(None, frames)["probability"].to_numpy()
+        assert scores["first"] == pytest.approx(per_frame[0], abs=1e-6)
+        assert scores["all"] == pytest.approx(per_frame.mean(), abs=1e-6)
+
+    def test_wrong_input_is_a_clear_error(self, model):
+        classifier = model.unwrap_python_model()
+        with pytest.raises(ValueError, match=r"images must be \(n, 32, 32\) .*got \(2, 16, 16\)"):
+            classifier.predict(None, np.zeros((2, 16, 16), np.uint8))
+        with pytest.raises(ValueError, match="float images must hold values in"):
+            classifier.predict(None, np.full((1, 32, 32), 2.0, np.float32))
+        with pytest.raises(ValueError, match="needs a 'path' column"):
+            classifier.predict(None, pd.DataFrame({"file": ["x.dcm"]}))
+
+    def test_classes_must_match_the_model_output(self, binary_keras):
+        with pytest.raises(ValueError, match="single sigmoid output, so classes must list 2 labels"):
+            serving.log_classifier(binary_keras, threshold=0.5, classes=[0, 1, 2], settings=SETTINGS)
+        with pytest.raises(ValueError, match="single sigmoid output, so threshold must be a float in .* got None"):
+            serving.log_classifier(binary_keras, threshold=None, classes=[0, 1], settings=SETTINGS)
+        with pytest.raises(ValueError, match=r"threshold must be a float in \[0, 1\] or None; got 1.5"):
+            serving.DicomClassifier(settings=SETTINGS, threshold=1.5, classes=[0, 1])
+
+
+class TestLoggedModel:
+    def test_ships_only_the_modules_prediction_imports(self, registered, tmp_path):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
+                                                         dst_path=str(tmp_path)))
+        shipped = sorted(path.relative_to(local).as_posix() for path in local.rglob("*.py"))
+        assert shipped == [f"code/stages/{name}.py" for name in
+                           ("__init__", "cli", "ingest", "layout", "parallel", "params", "serving")]
+        assert not list(local.rglob("sample_data*"))
+        requirements = (local / "requirements.txt").read_text()
+        for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
+            assert package in requirements
+
+    def test_leak_scanner_finds_none_of_the_sample_names(self, registered, tmp_path):
+        from stages import sample_data
+        from stages.deid_leaks import MIN_LENGTH, scan_paths
+
+        names = [*sample_data.LAST, *sample_data.FIRST["M"], *sample_data.FIRST["F"], *sample_data.STREETS,
+                 *sample_data.CITIES, *(part for entry in sample_data.INSTITUTIONS for part in entry)]
+        for person in (*sample_data.PHYSICIANS, *sample_data.OPERATORS):
+            names += [person, *person.split("^")]
+        identifiers = {name.casefold(): "sample name" for name in names if len(name) >= MIN_LENGTH}
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
+                                                         dst_path=str(tmp_path)))
+        leaks = scan_paths(identifiers, [local])
+        assert [(Path(leak.output).relative_to(local).as_posix(), leak.location) for leak in leaks] == []
+
+    def test_never_ships_the_sample_generator(self, monkeypatch):
+        monkeypatch.setattr(serving, "NEVER_SHIPPED", frozenset({"layout"}))
+        with pytest.raises(ValueError, match=r"stages\.\w+ imports stages\.layout, which must never be logged"):
+            serving.prediction_modules()
+
+    def test_signature_declares_dicom_binary_and_path_string(self, registered):
+        signature = registered["info"].signature
+        assert {spec.name: (spec.type.name, spec.required) for spec in signature.inputs.inputs} == {
+            "path": ("string", False), "dicom": ("binary", False)}
+        assert signature.outputs.input_names() == ["probability", "label", "error"]
+
+
+def _run_env(store) -> dict[str, str]:
+    """This interpreter's bin first on PATH: ``mlflow models serve`` runs ``uvicorn`` from PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # the project's, naming the test model
+    params["evaluate"]["registered_model_name"] = MODEL_NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", str(dicoms["folder"]), "--output", "out.csv"],
+                            cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table.columns) == ["path", "probability", "label", "error"]
+    assert list(table["path"]) == ["README", "a/bright.dcm", "a/truncated.dcm", "dark.dcm", "mid"]
+    reasons = [error.split(":")[0] for error in table["error"]]
+    assert reasons == ["not_dicom", "", "truncated", "", ""]
+    assert list(table["label"]) == [-1, 1, -1, 0, 1]
+    assert "predicted 3 of 5 files" in result.stderr and "1 not_dicom" in result.stderr
+
+
+def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, tmp_path):
+    from stages.cli import StageError
+    from stages.predict import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(dicoms["text"], folder / "notes.txt")
+    with pytest.raises(StageError, match=r"none of the 1 files under .*in/ could be predicted \(1 not_dicom\)"):
+        main([str(folder), "--model", registered["uri"], "--output", str(tmp_path / "out.csv")])
+    assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
+
+
+def test_predict_cli_unknown_model_is_one_line(store):
+    from stages.cli import StageError
+    from stages.predict import load_model
+
+    with pytest.raises(StageError, match=f"cannot load model models:/{MODEL_NAME}-nope@champion from sqlite:"):
+        load_model(f"models:/{MODEL_NAME}-nope@champion")
+
+
+def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dicoms, tmp_path):
+    port, log = _free_port(), tmp_path / "server.log"
+    with open(log, "wb") as stream:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", registered["uri"], "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=_run_env(store), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server not up after {time.monotonic() - deadline + 120:.0f} s: "
+                            f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(1)
+        files = [dicoms["bright"], dicoms["text"]]
+        body = {"dataframe_split": {"columns": ["dicom"],
+                                    "data": [[base64.b64encode(path.read_bytes()).decode("ascii")] for path in files]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"])
+        local = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+        assert served["probability"].iloc[0] == pytest.approx(local["probability"].iloc[0], abs=1e-6)
+        assert served["label"].iloc[0] == 1 and served["error"].iloc[0] == ""
+        assert served["error"].iloc[1].startswith("not_dicom: ") and served["label"].iloc[1] == -1
+    finally:
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """End the server's process group (mlflow starts uvicorn as a child)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            break
+        try:
+            server.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
