@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data repro test ui mlflow-server lock clean
+.PHONY: install data repro test ui predict mlflow-server lock clean
 
 install: $(INSTALLED)
 
@@ -37,6 +37,11 @@ $(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json
 test: install $(TEST_TOOLS)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
+
+# The champion on every file under INPUT, to predictions.csv (bad files listed with their reason).
+INPUT ?= data
+predict: install
+	$(BIN)/python -m stages.predict $(INPUT) --output predictions.csv
 
 # The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
 ui: install

@@ -89,19 +89,38 @@ def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
         line.split(",")[1] for line in quarantine.splitlines()[1:]}
 
 
-def test_registered_champion_loads_and_predicts(repo, registry):
+def test_evaluation_reports_subgroups_and_grad_cam(repo):
     root, _ = repo
+    subgroups = pd.read_csv(root / "reports" / "subgroups.csv")
+    assert set(subgroups["attribute"]) == {"patient_sex", "age_band", "manufacturer", "view_position"}
+    n_test = yaml.safe_load((root / "reports" / "metrics.json").read_text())["n_test"]
+    assert (subgroups.groupby("attribute")["n"].sum() == n_test).all()
+    assert (root / "reports" / "plots" / "grad_cam.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_registered_champion_predicts_from_dicom_files(repo, registry):
+    root, env = repo
     mlflow, client = registry
     version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
-    run = client.get_run(version.run_id)
+    evaluation = client.get_run(version.run_id)  # the pyfunc is logged by the nested evaluate run
+    run = client.get_run(evaluation.data.tags["mlflow.parentRunId"])
     assert run.data.tags["data_version"] == yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
     assert run.data.params["train.epochs"] == "3" and run.info.run_name.startswith("train-")
     assert "val_auc" in run.data.metrics and "test_roc_auc" in run.data.metrics
+
     model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
-    images = np.load(root / "outputs" / "deidentify" / "images.npy")[:5]
-    probabilities = np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None]))
-    assert probabilities.shape[0] == 5
-    assert np.all((probabilities >= 0) & (probabilities <= 1))
+    files = sorted(path for path in (root / "data").rglob("*.dcm"))[:4]
+    predicted = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+    assert list(predicted.columns) == ["probability", "label", "error"]
+    assert predicted["probability"].between(0, 1).all() and (predicted["error"] == "").all()
+    threshold = yaml.safe_load((root / "reports" / "metrics.json").read_text())["threshold"]
+    assert ((predicted["probability"] >= threshold) == (predicted["label"] == 1)).all()
+
+    _run([sys.executable, "-m", "stages.predict", "data", "--output", "predictions.csv"], root, env)
+    predictions = pd.read_csv(root / "predictions.csv", keep_default_na=False)
+    reasons = {error.split(":")[0] for error in predictions["error"] if error}
+    assert {"not_dicom", "truncated"} <= reasons  # the sample's bad files, each with its reason
+    assert (predictions["error"] == "").sum() > 0.9 * len(predictions)
 
 
 def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
@@ -181,6 +200,42 @@ def test_two_workers_on_loopback_train_what_one_process_trains(repo, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{cluster / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("dicomflow").experiment_id])
     assert len(runs) == 1 and runs[0].data.params["train.strategy"] == "multi_worker"
+
+
+def test_three_classes_run_through_every_stage(repo, tmp_path):
+    root, env = repo
+    project = tmp_path / "three"
+    shutil.copytree(root, project, ignore=shutil.ignore_patterns(
+        ".git", ".dvc", "mlflow.db", "mlartifacts", "outputs", "reports", "*.resume"))
+    labels = pd.read_csv(project / "data" / "labels.csv", dtype=str)
+    # Half of the positive studies (by accession number) become class 2.
+    second_kind = (labels["label"] == "1") & labels["accession_number"].str[-1].isin(list("02468"))
+    labels.loc[second_kind, "label"] = "2"
+    labels.to_csv(project / "data" / "labels.csv", index=False)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ingest"]["classes"] = [0, 1, 2]
+    params["evaluate"]["registered_model_name"] = "three-classes"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    for stage in STAGES:
+        _run([sys.executable, "-m", f"stages.{stage}"], project, env)
+
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert {"roc_auc", "accuracy", "macro_f1", "sensitivity_2", "specificity_0", "n_test_1"} <= set(metrics)
+    assert "threshold" not in metrics and 0 <= metrics["roc_auc"] <= 1
+    assert set(pd.read_csv(project / "reports" / "subgroups.csv")["attribute"]) >= {"patient_sex"}
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model("models:/three-classes@champion")
+        files = sorted(str(path) for path in (project / "data").rglob("*.dcm"))[:3]
+        predicted = model.predict(pd.DataFrame({"path": files}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(predicted.columns) == ["probability_0", "probability_1", "probability_2", "label", "error"]
+    np.testing.assert_allclose(predicted.filter(like="probability").sum(axis=1), 1.0, atol=1e-5)
+    assert set(predicted["label"]) <= {0, 1, 2}
 
 
 def test_push_and_pull_round_trip_data_and_every_output_into_a_fresh_clone(repo, tmp_path):
@@ -335,14 +390,15 @@ def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, 
     try:
         client = mlflow.MlflowClient()
         version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
-        run = client.get_run(version.run_id)
+        run = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
         assert run.info.status == "FINISHED" and run.data.params["train.epochs"]
         assert "test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics
         reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
         assert "reports/validation.html" in reports
         _assert_complete_runs(client, rates)
         model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
-        images = np.load(root / "outputs" / "deidentify" / "images.npy")[:3]
-        assert np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None])).shape[0] == 3
+        files = sorted(str(path) for path in (root / "data").rglob("*.dcm"))[:3]
+        predicted = model.predict(pd.DataFrame({"path": files}))
+        assert predicted["probability"].between(0, 1).all() and len(predicted) == 3
     finally:
         mlflow.set_tracking_uri(None)

@@ -1,0 +1,680 @@
+"""Benchmark: the whole pipeline (`dvc repro`, de-identification included) on BreastMNIST.
+
+BreastMNIST (MedMNIST v2: breast ultrasound, 28x28 grayscale uint8; label 0 = malignant,
+1 = normal or benign; ``../shared/medmnist/breastmnist.npz``, see ``../shared/README.md``) is
+wrapped as one DICOM file per image, each with its own fake patient (name, ID, birth date,
+address, accession number, institution, physicians, dates, UIDs, a private tag repeating ID and
+name), modality US, written with pydicom and byte-for-byte deterministic. ``labels.csv`` carries
+the label and the official split in its ``split`` column, so that the model is trained on train,
+chosen on val and reported on test once, exactly as the npz splits the images.
+
+A throw-away project is built in a temporary folder: the project's files as they are on disk
+(``git ls-files --cached --others --exclude-standard``, without data, DVC metadata and pipeline
+outputs), ``git init``, ``dvc init``, the wrapped data set added with ``dvc add`` and committed,
+and ``params.yaml`` = the project's, read now, with :data:`OVERRIDES` and then every ``--set``
+applied on top. One ``dvc repro`` runs all stages there; each stage is timed from DVC's
+``Running stage`` lines, and the train run's own duration and its best validation AUC are read
+from MLflow. After the run, the project's leak scanner (``python -m stages.deid_leaks``) scans
+every downstream output and the MLflow run, and an independent byte search looks for the fake
+PHI this script wrote (full values of 6 characters or more) in the same places.
+
+Printed: the test ROC AUC and accuracy (``reports/metrics.json`` of the temporary project) beside
+the MedMNIST v2 paper's BreastMNIST rows, the validation AUC the model was chosen on, the training
+wall time, the stage timings, the data accounting, the validation warnings and the exact params
+used. Target (issue 7; 2 CPU cores): test AUC >= 0.92 and accuracy >= 0.87 with under 15 minutes
+of training. Exit status 1 when the pipeline fails, when images were lost on the way (the test set
+would not be the official one), or when PHI was found downstream.
+
+    .venv/bin/python bench/medmnist.py [--npz PATH] [--set KEY=VALUE ...] [--keep DIR]
+
+``--set`` takes dotted keys and YAML values, as ``dvc exp run -S`` does, e.g.
+``--set train.epochs=50 --set train.lr=3e-4 --set "augment.copies=0"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file: stages/ is importable from the project root
+from stages.sample_data import CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid  # noqa: E402
+
+DEFAULT_NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
+SPLITS = ("train", "val", "test")
+SEED = 2028  # of every fake value and UID; not a training seed
+
+# Params applied on top of the project's params.yaml (read at run time), before any --set.
+# A key that the project's params.yaml no longer has is skipped with a warning (the pipeline's
+# params loader would reject it); --set keys are applied as given.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "ingest": {
+        "image_size": 28,        # MedMNIST's own size: no resampling, pixels as published
+        "classes": [0, 1],       # 0 = malignant, 1 = normal or benign (the npz's labels)
+    },
+    "deidentify": {
+        # The defaults exclude every US image (and secondary captures) for the risk of burned-in
+        # text. MedMNIST images are crops of the scan area, without burned-in text (and these
+        # files are flagged (0028,0301) Burned In Annotation NO, ImageType DERIVED\PRIMARY):
+        # keep US, still exclude photographs and "other", and secondary captures by image type.
+        "burned_in_modalities": ["XC", "OT"],
+        "burned_in_image_types": ["SECONDARY"],
+    },
+    "validate": {
+        "modalities": ["US"],
+        "image_size_range": [28, 28],  # original rows/columns: every file is 28x28
+    },
+    "split": {
+        "method": "predefined",  # the labels file's `split` column: the official MedMNIST split
+    },
+    "train": {
+        # Chosen before looking at any result, after the MedMNIST v2 protocol (Adam, lr 0.001,
+        # batch 128, 100 epochs; the paper decays the rate 10x at epochs 50 and 75, cosine is the
+        # nearest schedule the stage has), with early stopping on validation AUC.
+        "epochs": 100,
+        "batch_size": 128,
+        "lr": 0.001,
+        "lr_schedule": "cosine",
+        "early_stopping_patience": 25,
+        "architecture": "resnet_small",
+    },
+    "evaluate": {
+        # The paper's ACC is at argmax (0.5 for one sigmoid). The first resnet_small run used
+        # Youden's J on the 78 validation images instead: it picked 0.966 and gave ACC 0.814.
+        "threshold_method": "fixed",
+        "fixed_threshold": 0.5,
+    },
+}
+
+# MedMNIST v2 (Yang et al., Scientific Data 10, 41, 2023), Table 3, BreastMNIST test AUC / ACC.
+PAPER_ROWS = (
+    ("ResNet-18 (28)", 0.901, 0.863),
+    ("ResNet-18 (224)", 0.891, 0.833),
+    ("ResNet-50 (28)", 0.857, 0.812),
+    ("ResNet-50 (224)", 0.866, 0.842),
+    ("auto-sklearn", 0.836, 0.803),
+    ("AutoKeras", 0.871, 0.831),
+    ("Google AutoML Vision", 0.919, 0.861),
+)
+TARGET_AUC, TARGET_ACCURACY, TARGET_TRAIN_SECONDS = 0.92, 0.87, 15 * 60
+
+# What a fake patient may be called and where imaged (the sample data's vocabulary for people).
+BREAST_CENTRES = (("Harborview Breast Imaging Centre", "2 Pier Rd, Riverton, WY 82501", "HBC"),
+                  ("St. Agnes Womens Health Clinic", "100 Hospital Way, Springfield, IL 62701", "SAW"),
+                  ("Lakewood Diagnostic Imaging", "4400 Union Blvd, Lakewood, CO 80226", "LDI"))
+US_VENDORS = (("Kestrel Imaging", "Kestrel Lumen 9", "3.1.4"),
+              ("Orion Systems", "OrionUS 700", "5.0.2"))
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+IMPLEMENTATION_CLASS_UID = "2.25.284137650921884729911603337218330521127"  # fixed: stable bytes
+IMPLEMENTATION_VERSION = "DICOMFLOW_BM_1"
+PRIVATE_CREATOR = "DICOMFLOW BENCH"
+LABEL_COLUMNS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path", "label",
+                 "split")
+PHI_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "StudyDate",
+                "PatientAddress", "AccessionNumber", "InstitutionName", "InstitutionAddress",
+                "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+MIN_PHI_LENGTH = 6  # shorter values could turn up by chance in binary outputs (as tests do)
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \S+ WARNING (.*)")  # run_stage's format
+DIGIT_RUN = re.compile(rb"(?<![0-9A-Za-z])[0-9]+(?![0-9A-Za-z])")
+YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+# --- The data set as DICOM -----------------------------------------------------------------------
+
+
+def _unique_number(role: str, index: int, digits: int, taken: set[str]) -> str:
+    """A hash-derived decimal identifier of ``digits`` digits, never one in ``taken``."""
+    salt = 0
+    while True:
+        h = int.from_bytes(hashlib.sha256(f"{SEED}|{role}|{index}|{salt}".encode()).digest()[:8], "big")
+        value = str(10 ** (digits - 1) + h % (9 * 10 ** (digits - 1)))
+        if value not in taken:
+            taken.add(value)
+            return value
+        salt += 1
+
+
+def build_us_dataset(pixels: np.ndarray, *, index: int, taken: set[str]) -> Dataset:
+    """One BreastMNIST image as an Ultrasound Image Storage data set with a fake patient.
+
+    Parameters
+    ----------
+    pixels : ndarray of shape (rows, cols), uint8
+        The image as the npz holds it; stored unchanged (MONOCHROME2, 8 bits).
+    index : int
+        Position in the whole set (train, then val, then test); seeds every fake value and UID.
+    taken : set of str
+        Identifiers already used (MRNs, other IDs, accession numbers); extended in place.
+
+    Returns
+    -------
+    pydicom.Dataset
+        Explicit VR Little Endian, file meta included. (0028,1050) Window Center 128 and
+        (0028,1051) Window Width 256 make a viewer (and ingest) show stored value v as v / 255,
+        so the pipeline sees the published pixels, not a per-image contrast stretch.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"pixels must be a 2-D uint8 image; got {pixels.dtype} {pixels.shape}")
+    rng = np.random.default_rng([SEED, index])
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    studied = dt.datetime(2018, 1, 2, 8) + dt.timedelta(  # BUSI was collected in 2018
+        days=int(rng.integers(360)), minutes=int(rng.integers(10 * 60)), seconds=int(rng.integers(60)))
+    birth = studied.date() - dt.timedelta(days=int(rng.integers(25 * 365, 76 * 365)))
+    years = studied.year - birth.year - ((studied.month, studied.day) < (birth.month, birth.day))
+    centre_name, centre_address, centre_code = pick(BREAST_CENTRES)
+    manufacturer, model, software = pick(US_VENDORS)
+    mrn = _unique_number("mrn", index, 8, taken)
+    other_id = "H" + _unique_number("other", index, 9, taken)
+    accession = "US" + _unique_number("acc", index, 8, taken)
+    name = f"{pick(LAST)}^{pick(FIRST['F'])}"
+    sop_uid = make_uid(SEED, "bm-sop", index)
+    laterality = pick(("L", "R"))
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = US_IMAGE_STORAGE, sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "PRIMARY"]  # a crop and resize of the scanner's image
+    ds.SOPClassUID, ds.SOPInstanceUID = US_IMAGE_STORAGE, sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = studied.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = studied.strftime("%H%M%S")
+    ds.AccessionNumber, ds.Modality = accession, "US"
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = manufacturer, model, software
+    ds.InstitutionName, ds.InstitutionAddress = centre_name, centre_address
+    ds.StationName = f"{centre_code}-US{1 + index % 3}"
+    ds.ReferringPhysicianName = pick(PHYSICIANS)
+    ds.PerformingPhysicianName = pick(PHYSICIANS)
+    ds.OperatorsName = pick(OPERATORS)
+    ds.StudyDescription = "US BREAST"
+    ds.SeriesDescription = f"BREAST {'LEFT' if laterality == 'L' else 'RIGHT'}"
+    ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = name, mrn, centre_code
+    ds.PatientBirthDate, ds.PatientSex, ds.PatientAge = birth.strftime("%Y%m%d"), "F", f"{years:03d}Y"
+    ds.PatientAddress = f"{int(rng.integers(1, 9999))} {pick(STREETS)}, {pick(CITIES)}"
+    ds.OtherPatientIDs = other_id
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = other_id, "HIE", "TEXT"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    request = Dataset()
+    request.AccessionNumber = accession
+    request.RequestedProcedureID = "RP" + accession[2:]
+    request.RequestedProcedureDescription = ds.StudyDescription
+    ds.RequestAttributesSequence = Sequence([request])
+    ds.BodyPartExamined, ds.ImageLaterality = "BREAST", laterality
+    ds.StudyInstanceUID = make_uid(SEED, "bm-study", index)
+    ds.SeriesInstanceUID = make_uid(SEED, "bm-series", index)
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = str(5000 + index), 1, 1
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = "128", "256"
+    ds.LossyImageCompression = "00"
+    block = ds.private_block(0x0011, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", f"MRN {mrn} {name}")
+    ds.add_new(0x7FE00010, "OB", np.ascontiguousarray(pixels).tobytes())
+    return ds
+
+
+def write_breastmnist(images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                      out_dir: Path) -> list[dict[str, str]]:
+    """Write every image as ``studies/<accession>/1.dcm`` under ``out_dir``, and ``labels.csv``.
+
+    Parameters
+    ----------
+    images, labels : dict of split name to ndarray
+        ``train``/``val``/``test`` images (n, rows, cols) uint8 and labels (n,) or (n, 1).
+    out_dir : Path
+        Created; must not hold a ``studies`` folder yet.
+
+    Returns
+    -------
+    list of dict
+        The labels rows (one per image, sorted by path), with each file's identifying values
+        under ``"phi"`` (not written to the CSV).
+    """
+    taken: set[str] = set()
+    rows, index = [], 0
+    for split in SPLITS:
+        for pixels, label in zip(images[split], np.asarray(labels[split]).reshape(-1)):
+            ds = build_us_dataset(pixels, index=index, taken=taken)
+            path = f"studies/{ds.AccessionNumber}/1.dcm"
+            target = out_dir / path
+            target.parent.mkdir(parents=True)
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            target.write_bytes(buffer.getvalue())
+            rows.append({"accession_number": ds.AccessionNumber,
+                         "study_instance_uid": ds.StudyInstanceUID,
+                         "sop_instance_uid": ds.SOPInstanceUID, "path": path,
+                         "label": str(int(label)), "split": split,
+                         "phi": [str(v) for v in _phi_values(ds)]})
+            index += 1
+    rows.sort(key=lambda row: row["path"])
+    with open(out_dir / "labels.csv", "w", encoding="ascii", newline="") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(LABEL_COLUMNS)
+        writer.writerows([row[column] for column in LABEL_COLUMNS] for row in rows)
+    return rows
+
+
+def _phi_values(ds: Dataset) -> list[str]:
+    """The identifying values written into ``ds`` (top level), names also in their parts."""
+    values = []
+    for keyword in PHI_KEYWORDS:
+        value = str(ds.get(keyword, ""))
+        values += [value, *value.split("^")] if "^" in value else [value]
+    return values
+
+
+def read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The images and labels of each split from a MedMNIST ``.npz``."""
+    with np.load(path) as data:
+        missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")
+                   if f"{s}_{kind}" not in data.files]
+        if missing:
+            raise SystemExit(f"{path}: missing array(s) {', '.join(missing)}; found {data.files}")
+        return ({s: data[f"{s}_images"] for s in SPLITS},
+                {s: data[f"{s}_labels"].reshape(-1) for s in SPLITS})
+
+
+# --- Params --------------------------------------------------------------------------------------
+
+
+def parse_sets(values: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", ...]`` -> ``{"train.lr": 0.0003, ...}``; values are parsed as YAML."""
+    parsed = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key or not all(key.split(".")):
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=50")
+        value = yaml.safe_load(text)
+        if isinstance(value, str) and YAML12_FLOAT.fullmatch(value):
+            value = float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string; DVC's -S does not
+        parsed[key] = value
+    return parsed
+
+
+def apply_overrides(params: dict, overrides: dict[str, dict[str, Any]], sets: dict[str, Any],
+                    ) -> tuple[dict, list[str]]:
+    """The project's params with ``overrides`` (only keys it has) and then ``sets`` (dotted keys,
+    created when absent) applied; returns the new dict and the overrides skipped."""
+    merged, skipped = copy.deepcopy(params), []
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if key in (merged.get(section) or {}):
+                merged[section][key] = copy.deepcopy(value)
+            else:
+                skipped.append(f"{section}.{key}")
+    for dotted, value in sets.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {dotted}: {part!r} is not a section of params.yaml")
+        node[leaf] = value
+    return merged, skipped
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --- The throw-away project ----------------------------------------------------------------------
+
+
+def project_files(params: dict) -> list[str]:
+    """The project's files on disk, tracked or not yet added (ignored ones left out), without
+    data, DVC metadata and every pipeline output named in ``paths``."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, check=True).stdout.decode().split("\0")
+    outputs = [v.rstrip("/") for k, v in params["paths"].items() if k not in ("data", "labels")]
+    excluded = ("data", "data.dvc", "dvc.lock", ".dvc", *outputs)
+    return sorted(name for name in listed if name and (ROOT / name).is_file()
+                  and not any(name == e or name.startswith(e + "/") for e in excluded))
+
+
+def subprocess_env(project: Path) -> dict[str, str]:
+    """The environment of every command in the temporary project: runs go to its own SQLite
+    store (no MLFLOW_TRACKING_URI), the demo secret (the PHI is fake), this venv's tools first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=str(project), PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="bench",
+               GIT_AUTHOR_EMAIL="bench@example.org", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="bench@example.org")
+    return env
+
+
+def run_quiet(args: list[str], *, cwd: Path, env: dict[str, str]) -> str:
+    """Run a setup command; exit with its output when it fails."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed (exit {result.returncode}):\n"
+                 f"{(result.stdout + result.stderr)[-3000:]}")
+    return result.stdout
+
+
+def build_project(project: Path, params: dict, npz: Path, env: dict[str, str]) -> list[dict]:
+    """Copy the project, write params and data, git + dvc init, dvc add, commit; return the labels
+    rows with their PHI values."""
+    for name in project_files(params):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, project / name)
+    (project / "params.yaml").write_text(
+        "# bench/medmnist.py: the project's params.yaml with OVERRIDES and --set applied\n"
+        + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    images, labels = read_npz(npz)
+    rows = write_breastmnist(images, labels, project / params["paths"]["data"])
+    run_quiet(["git", "init", "-q"], cwd=project, env=env)
+    run_quiet(["dvc", "init", "-q"], cwd=project, env=env)
+    # Every section checked now, by the copied loader: a bad --set fails in a second, not later.
+    run_quiet([sys.executable, "-c", "from stages.params import SECTIONS, load_params\n"
+               "for s in SECTIONS: load_params(s)"], cwd=project, env=env)
+    run_quiet(["dvc", "add", "-q", params["paths"]["data"]], cwd=project, env=env)
+    run_quiet(["git", "add", "-A"], cwd=project, env=env)
+    run_quiet(["git", "commit", "-qm", "BreastMNIST as DICOM (bench/medmnist.py)"], cwd=project, env=env)
+    return rows
+
+
+def run_repro(project: Path, env: dict[str, str], log_path: Path,
+              ) -> tuple[int, dict[str, float], list[str]]:
+    """``dvc repro`` in ``project``, its output to ``log_path``; the exit status, each stage's
+    wall seconds (from its ``Running stage`` line to the next one, or to the end) and the
+    warnings the stages logged ("stage: message")."""
+    starts: list[tuple[str, float]] = []
+    warnings: list[str] = []
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace")
+        for line in process.stdout:
+            log.write(line)
+            match = STAGE_LINE.match(line)
+            if match:
+                starts.append((match.group(1), time.perf_counter()))
+                print(f"  {time.strftime('%H:%M:%S')} stage {match.group(1)}", file=sys.stderr)
+            warning = WARNING_LINE.match(line)
+            if warning and starts:
+                warnings.append(f"{starts[-1][0]}: {warning.group(1).strip()}")
+        returncode = process.wait()
+    end = time.perf_counter()
+    bounds = [t for _, t in starts[1:]] + [end]
+    return returncode, {name: stop - start for (name, start), stop in zip(starts, bounds)}, warnings
+
+
+# --- Results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRun:
+    """What MLflow recorded of the train run."""
+
+    seconds: float  # from the run's start to the end of the training loop
+    best_val_auc: float
+    best_epoch: int
+    epochs: int
+
+
+def read_train_run(project: Path, params: dict) -> TrainRun:
+    """Training time, best validation AUC and epochs of the train stage's MLflow run."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    from stages import layout
+
+    paths = params["paths"]
+    run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    # Not the run's end time: evaluate logs into this run too and ends it again. best_val_auc is
+    # logged as soon as the training loop is over.
+    trained_at = client.get_metric_history(run_id, "best_val_auc")[0].timestamp
+    with open(project / paths["train_history"], encoding="utf-8") as stream:
+        history = list(csv.DictReader(stream))
+    return TrainRun(seconds=(trained_at - run.info.start_time) / 1000,
+                    best_val_auc=run.data.metrics["best_val_auc"],
+                    best_epoch=int(run.data.metrics["best_epoch"]), epochs=len(history))
+
+
+def scan_with_project_scanner(project: Path, params: dict, env: dict[str, str]) -> tuple[int, str]:
+    """``python -m stages.deid_leaks`` over every output after ingest and the train run (with its
+    evaluate child): exit status and last line."""
+    from stages import layout
+
+    paths = params["paths"]
+    run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
+    # Every output named in `paths` but ingest's (which holds PHI by design) and the raw data.
+    targets = sorted({value for key, value in paths.items()
+                      if key not in ("data", "labels", "ingest_dir", "ingest_metrics")
+                      and (project / value).exists()})
+    result = subprocess.run([sys.executable, "-m", "stages.deid_leaks", *targets, "--run", run_id],
+                            cwd=project, env=env, capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return result.returncode, lines[-1] if lines else ""
+
+
+def search_fake_phi(project: Path, params: dict, rows: list[dict]) -> dict[str, int]:
+    """Independent of the project's scanner: files downstream of de-identification (outputs but
+    ingest's, reports, MLflow's store and artifacts) holding the bytes of a fake PHI value
+    (:data:`MIN_PHI_LENGTH` characters or more), with the number of values found in each."""
+    # A value of digits (IDs, dates) counts only as a whole run of digits, as in the project's
+    # scanner: a new 2.25 UID of 39 digits holds some 8-digit MRN or date by chance.
+    values = {v for row in rows for v in row["phi"] if len(v) >= MIN_PHI_LENGTH}
+    numbers = {v.encode() for v in values if v.isdigit()}
+    texts = [v.casefold().encode() for v in values if not v.isdigit()]
+    ingest_dir = (project / params["paths"]["ingest_dir"]).resolve()
+    roots = [project / "outputs", project / "reports", project / "mlflow.db", project / "mlartifacts",
+             project / "mlruns"]
+    found = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            if path.resolve().is_relative_to(ingest_dir):  # holds PHI by design (README)
+                continue
+            content = path.read_bytes()
+            lowered = content.lower()
+            hits = len(numbers & set(DIGIT_RUN.findall(content))) + sum(t in lowered for t in texts)
+            if hits:
+                found[str(path.relative_to(project))] = hits
+    return found
+
+
+def data_accounting(project: Path, params: dict, rows: list[dict]) -> list[str]:
+    """Images written per split and label against what reached the split stage; problems listed."""
+    paths = params["paths"]
+    written: dict[tuple[str, str], int] = {}
+    for row in rows:
+        written[(row["split"], row["label"])] = written.get((row["split"], row["label"]), 0) + 1
+    reached = {(r["split"], r["label"]): int(r["images"])
+               for r in csv.DictReader(open(project / paths["split_counts"], encoding="utf-8"))}
+    return [f"{split} label {label}: {n} written, {reached.get((split, label), 0)} after split"
+            for (split, label), n in sorted(written.items()) if reached.get((split, label), 0) != n]
+
+
+def validation_notes(project: Path, params: dict) -> list[str]:
+    """The validate report's counts (the failed warnings are in the stage's log lines)."""
+    report = json.loads((project / params["paths"]["validation_metrics"]).read_text())
+    return [f"{report.get('passed')} of {report.get('expectations')} expectations passed, "
+            f"{report.get('failed_warning')} warning(s) failed, {report.get('failed_critical')} "
+            f"critical, {report.get('skipped')} skipped (drift checks skip a project's first "
+            "data set)"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def print_report(*, metrics: dict, train: TrainRun, timings: dict[str, float], total: float,
+                 setup: float, params: dict, project_params: dict, skipped: list[str],
+                 architecture: str, image_size: int, extra: list[str]) -> None:
+    """The results table, targets, timings and params, as Markdown on stdout."""
+    print(f"\n## BreastMNIST ({image_size}x{image_size}), official split, test set reported once\n")
+    print("| method | test AUC | test ACC |")
+    print("|---|---:|---:|")
+    ci = (f" (95 % CI of AUC {_fmt(metrics['roc_auc_ci_low'])}-{_fmt(metrics['roc_auc_ci_high'])})"
+          if {"roc_auc_ci_low", "roc_auc_ci_high"} <= set(metrics) else "")
+    print(f"| **dicomflow `{architecture}` ({image_size}), this run**{ci} | "
+          f"**{_fmt(metrics['roc_auc'])}** | **{_fmt(metrics['accuracy'])}** |")
+    for name, auc, acc in PAPER_ROWS:
+        print(f"| MedMNIST v2 paper: {name} | {auc:.3f} | {acc:.3f} |")
+    get = lambda key: metrics.get(key, float("nan"))  # noqa: E731
+    print(f"\nModel chosen on validation only: best val AUC {_fmt(train.best_val_auc)} at epoch "
+          f"{train.best_epoch} of {train.epochs} trained. Accuracy is at the operating threshold "
+          f"{get('threshold'):.3f} chosen on val by the evaluate stage "
+          f"({params['evaluate'].get('threshold_method')}); the paper's ACC is at argmax (0.5). "
+          f"Class 1 (normal/benign) is the positive class of the stage's metrics: sensitivity "
+          f"{_fmt(get('sensitivity'))}, specificity {_fmt(get('specificity'))} "
+          f"(malignant recall), n_test {metrics.get('n_test')} ({metrics.get('n_test_positive')} "
+          "class 1).")
+    print(f"\nTraining wall time: {timings.get('train', float('nan')):.0f} s for the train stage "
+          f"(DVC), of which {train.seconds:.0f} s from the start of its MLflow run to the end of the "
+          "training loop (imports and data loading excluded).")
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    print(f"Targets (issue 7, {os.cpu_count()} CPUs): test AUC >= {TARGET_AUC}: "
+          f"{met(metrics['roc_auc'] >= TARGET_AUC)}; test ACC >= {TARGET_ACCURACY}: "
+          f"{met(metrics['accuracy'] >= TARGET_ACCURACY)}; training < "
+          f"{TARGET_TRAIN_SECONDS // 60} min: {met(timings.get('train', 1e9) < TARGET_TRAIN_SECONDS)}")
+    print("\n| stage | wall s |\n|---|---:|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {seconds:.1f} |")
+    print(f"| (`dvc repro` total) | {sum(timings.values()):.1f} |")
+    print(f"| (data written, project built) | {setup:.1f} |")
+    print(f"| **total** | **{total:.1f}** |")
+    for line in extra:
+        print(line)
+    flat, base = flatten(params), flatten(project_params)
+    print("\nParams: the project's params.yaml with these changes (project -> used):")
+    for key, value in flat.items():
+        if key.startswith("paths."):
+            continue
+        if base.get(key, "<absent>") != value:
+            print(f"  {key}: {base.get(key, '<absent>')!r} -> {value!r}")
+    if skipped:
+        print(f"  overrides skipped, not in the project's params.yaml: {', '.join(skipped)}")
+    print("Params used (every section but paths):")
+    for section, values in params.items():
+        if section != "paths" and isinstance(values, dict):
+            print(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+
+
+def code_version() -> str:
+    """The project's commit and whether its files differ from it (read-only git)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return f"{head}{' with uncommitted changes' if dirty else ''}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="BreastMNIST .npz")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param (dotted key, YAML value); repeatable")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="build the project in DIR (must not exist) and keep it")
+    args = parser.parse_args()
+    if not args.npz.is_file():
+        sys.exit(f"{args.npz}: not found (see ../shared/README.md, medmnist section)")
+    if args.keep and args.keep.exists():
+        sys.exit(f"--keep {args.keep}: already exists; name a new folder")
+
+    start = time.perf_counter()
+    project_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params, skipped = apply_overrides(project_params, OVERRIDES, parse_sets(args.sets))
+    for key in skipped:
+        print(f"warning: override {key} skipped: the project's params.yaml has no such key",
+              file=sys.stderr)
+    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-medmnist-"))
+    project = work
+    failed: list[str] = []
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+        env = subprocess_env(project)
+        print(f"code: {ROOT} at {code_version()}; project copy: {project}", file=sys.stderr)
+        rows = build_project(project, params, args.npz, env)
+        setup = time.perf_counter() - start
+        print(f"wrote {len(rows)} DICOM files in {setup:.1f} s; running dvc repro", file=sys.stderr)
+        log_path = project / "repro.log"
+        returncode, timings, warnings = run_repro(project, env, log_path)
+        total = time.perf_counter() - start
+        if returncode != 0:
+            tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-40:])
+            stage = next(reversed(timings), "?")
+            sys.exit(f"dvc repro failed (exit {returncode}) in stage {stage} after {total:.0f} s; "
+                     f"log {log_path}{' (kept)' if args.keep else ''}:\n{tail}")
+
+        metrics = json.loads((project / params["paths"]["eval_metrics"]).read_text())
+        train = read_train_run(project, params)
+        extra = [f"\nData: {len(rows)} DICOM files (one fake patient each) from {args.npz.name}."]
+        for name in ("ingest_metrics", "deid_metrics"):
+            report = json.loads((project / params["paths"][name]).read_text())
+            extra.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+        lost = data_accounting(project, params, rows)
+        extra.append("  every image reached the split stage in its official split" if not lost
+                     else "  IMAGES LOST: " + "; ".join(lost))
+        extra += [f"  validate: {note}" for note in validation_notes(project, params)]
+        extra += [f"  warning logged by {line}" for line in warnings]
+        status, last = scan_with_project_scanner(project, params, env)
+        extra.append(f"  leak scanner (stages.deid_leaks over every output after ingest and the "
+                     f"MLflow run): exit {status}: {last}")
+        phi = search_fake_phi(project, params, rows)
+        extra.append("  byte search for the fake PHI written (values of >= "
+                     f"{MIN_PHI_LENGTH} characters) downstream of deidentify: "
+                     + ("none found" if not phi else "FOUND in " + ", ".join(
+                         f"{p} ({n})" for p, n in phi.items())))
+        extra.append(f"  code: {code_version()}")
+        print_report(metrics=metrics, train=train, timings=timings, total=total, setup=setup,
+                     params=params, project_params=project_params, skipped=skipped,
+                     architecture=str(params["train"].get("architecture")),
+                     image_size=int(params["ingest"]["image_size"]), extra=extra)
+        failed += [f"{len(lost)} split/label group(s) lost images"] if lost else []
+        failed += [f"the leak scanner exited {status}"] if status else []
+        failed += [f"fake PHI found in {len(phi)} file(s)"] if phi else []
+    finally:
+        if args.keep:
+            print(f"kept: {project}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        sys.exit("failed: " + "; ".join(failed))
+
+
+if __name__ == "__main__":
+    main()
