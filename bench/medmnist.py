@@ -90,15 +90,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "method": "predefined",  # the labels file's `split` column: the official MedMNIST split
     },
     "train": {
-        # Chosen before looking at any result, after the MedMNIST v2 protocol (Adam, lr 0.001,
-        # batch 128, 100 epochs; the paper decays the rate 10x at epochs 50 and 75, cosine is the
-        # nearest schedule the stage has), with early stopping on validation AUC.
+        # After the MedMNIST v2 protocol (Adam, lr 0.001, batch 128, 100 epochs; the paper decays
+        # the rate 10x at epochs 50 and 75, cosine is the nearest schedule the stage has). The
+        # last epoch is kept, not the best of 100 validation AUCs: with 78 validation images that
+        # pick is optimistic and noisy (a run keeping the best epoch, 52 of 77 with early stopping,
+        # had validation AUC 0.956 and test AUC 0.906), and cosine decay ends on its best weights.
+        "architecture": "resnet_small",
         "epochs": 100,
         "batch_size": 128,
         "lr": 0.001,
         "lr_schedule": "cosine",
-        "early_stopping_patience": 25,
-        "architecture": "resnet_small",
+        "early_stopping_patience": 0,
+        "keep": "last_epoch",
     },
     "evaluate": {
         # The paper's ACC is at argmax (0.5 for one sigmoid). The first resnet_small run used

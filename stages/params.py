@@ -158,6 +158,9 @@ class TrainParams:
     lr_schedule: str = field(metadata=_choices("constant", "cosine"))
     class_weight: str = field(metadata=_choices("none", "balanced"))
     early_stopping_patience: int = field(metadata=_interval(0, 10_000))
+    # Which weights the stage keeps: the epoch of best validation AUC, or the last one (a small
+    # validation split makes "best of many epochs" an optimistic, noisy pick).
+    keep: str = field(metadata=_choices("best_val_auc", "last_epoch"))
     seed: int
 
 

@@ -218,10 +218,10 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         Class indices (n,), 0 to ``n_classes`` - 1.
     params : TrainParams
         Architecture, epochs, (global) batch size, learning rate and its schedule, class weights,
-        early-stopping patience (on validation AUC) and seed.
+        early-stopping patience (on validation AUC), which epoch to keep, and seed.
     checkpoint : Path or None
-        Where the best model (highest validation AUC) is saved as ``.keras``; None saves nothing
-        (a multi-worker task other than the chief).
+        Where the kept model (``params.keep``: highest validation AUC, or the last epoch) is
+        saved as ``.keras``; None saves nothing (a multi-worker task other than the chief).
     n_classes : int, default=2
         Two: one sigmoid output, the probability of class 1. More: a softmax over the classes.
     augment : AugmentParams, optional
@@ -238,7 +238,7 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     Returns
     -------
     (keras.Model, pandas.DataFrame)
-        The best model and one history row per epoch: loss, auc, accuracy on the training batches
+        The kept model and one history row per epoch: loss, auc, accuracy on the training batches
         as they were trained, and the same on the validation split (``val_`` prefix).
     """
     import keras
@@ -314,7 +314,8 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         if 0 < params.early_stopping_patience <= epoch - state.best_epoch:
             logger.info("early stop: no better validation AUC in %d epochs", epoch - state.best_epoch)
             break
-    model.set_weights(state.best_weights or state.weights or model.get_weights())
+    kept = state.best_weights if params.keep == "best_val_auc" else state.weights
+    model.set_weights(kept or model.get_weights())
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         model.save(checkpoint)

@@ -88,7 +88,8 @@ def test_to_model_input_scales_and_adds_a_channel():
 
 class TestTrainModel:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003,
-                         lr_schedule="constant", class_weight="none", early_stopping_patience=0, seed=3)
+                         lr_schedule="constant", class_weight="none", early_stopping_patience=0, keep="best_val_auc",
+                         seed=3)
 
     def test_learns_a_visible_finding_and_keeps_the_best_epoch(self, tmp_path):
         train_x, train_y = _bright_square_images(192, seed=0)
@@ -109,7 +110,7 @@ class TestTrainModel:
         val_x, val_y = _bright_square_images(32, seed=1)
         params = TrainParams(architecture=architecture, strategy="default", epochs=2, batch_size=16,
                              lr=0.003, lr_schedule="constant", class_weight="none",
-                             early_stopping_patience=0, seed=5)
+                             early_stopping_patience=0, keep="best_val_auc", seed=5)
         runs = [train_model(train_x, train_y, val_x, val_y, params=params, augment=AUGMENT,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
         np.testing.assert_allclose(runs[0].drop(columns="epoch"), runs[1].drop(columns="epoch"), atol=1e-6)
@@ -206,7 +207,7 @@ def test_model_input_from_every_stored_layout():
 class TestStrategies:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16,
                          lr=0.003, lr_schedule="cosine", class_weight="balanced",
-                         early_stopping_patience=0, seed=5)
+                         early_stopping_patience=0, keep="best_val_auc", seed=5)
 
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
         from stages.train import make_strategy
@@ -252,7 +253,8 @@ class TestTrainingControls:
     @staticmethod
     def params(**changes) -> TrainParams:
         base = dict(architecture="seed_cnn", strategy="default", epochs=4, batch_size=16, lr=0.003,
-                    lr_schedule="cosine", class_weight="balanced", early_stopping_patience=0, seed=5)
+                    lr_schedule="cosine", class_weight="balanced", early_stopping_patience=0,
+                    keep="best_val_auc", seed=5)
         return TrainParams(**{**base, **changes})
 
     def test_balanced_class_weights_give_each_class_half_the_loss(self):
@@ -274,6 +276,19 @@ class TestTrainingControls:
         # At this learning rate the model barely moves: validation AUC soon stops improving.
         best = int(history.loc[history["val_auc"].idxmax(), "epoch"])
         assert len(history) == best + 2 < 10
+
+    @pytest.mark.parametrize("keep", ["best_val_auc", "last_epoch"])
+    def test_the_kept_weights_are_those_of_the_best_or_the_last_epoch(self, keep):
+        from sklearn.metrics import roc_auc_score
+
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        # A learning rate this high makes validation AUC jump about: the best epoch is not the last.
+        model, history = train_model(train_x, train_y, val_x, val_y, checkpoint=None,
+                                     params=self.params(epochs=4, lr=0.03, keep=keep))
+        assert history["val_auc"].idxmax() != len(history) - 1
+        kept = history["val_auc"].max() if keep == "best_val_auc" else history["val_auc"].iloc[-1]
+        assert roc_auc_score(val_y, model.predict(val_x, verbose=0).ravel()) == pytest.approx(kept, abs=1e-6)
 
     def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(self, tmp_path):
         """A child process trains with a resume folder and is SIGKILLed after its second epoch's
