@@ -188,11 +188,14 @@ def test_two_workers_on_loopback_train_what_one_process_trains(repo, tmp_path):
     assert [process.returncode for process in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "2 replica(s)" in logs[0] and "2 replica(s)" in logs[1]
 
-    # Each global batch is split across the workers and the loss averaged over all of it, so the
-    # chief's history follows the single process's epoch by epoch, not only at the end.
+    # Each global batch is split across the workers, the loss averaged over all of it and batch
+    # normalisation synchronised, so the chief's history follows the single process's epoch by
+    # epoch. The all-reduces sum in another order, and batch normalisation amplifies those
+    # rounding differences as training goes on (measured: 1e-5 after epoch 1, 2e-3 after epoch 3).
     single = pd.read_csv(root / "reports" / "train_history.csv")
     distributed = pd.read_csv(cluster / "reports" / "train_history.csv")
-    np.testing.assert_allclose(distributed["loss"], single["loss"], atol=1e-3)
+    assert abs(distributed["loss"].iloc[0] - single["loss"].iloc[0]) < 1e-4
+    np.testing.assert_allclose(distributed["loss"], single["loss"], atol=1e-2)
     assert abs(_test_auc(cluster) - _test_auc(root)) <= 0.03
     # Only the chief wrote and logged: one run in the copy's store.
     import mlflow
