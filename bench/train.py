@@ -1,0 +1,248 @@
+"""Benchmark: the train stage's training throughput against the seed's plain ``model.fit``.
+
+Times, side by side in one run on the same images, the same network and the same image size:
+- ``seed model.fit``: the seed's recipe, the network built by ``stages.train`` (``seed_cnn`` or
+  ``resnet_small``), ``model.compile(optimizer="adam", loss="binary_crossentropy",
+  metrics=["accuracy"])`` with Keras' defaults otherwise, then ``model.fit(x, y, batch_size=32,
+  epochs=..., verbose=0)`` on float32 NumPy arrays held in memory; no augmentation, no validation;
+- ``train stage``: ``stages.train.train_model`` as the stage calls it: the ``train`` section of
+  ``params.yaml`` (its batch size, learning rate, schedule, class weights, seed, strategy) with only
+  the architecture set to the network under test, early stopping off and as many epochs as timed,
+  ``augment`` from ``params.yaml`` (on-the-fly augmentation on), no checkpoint, no resume folder.
+  Every epoch of the stage also predicts the validation split and scores both splits; that time
+  counts against the stage, but images/s counts training images only.
+
+Each side runs in a fresh subprocess per repetition (no warm caches shared), baseline and stage
+alternating (A B A B ...), so load from other processes hits both alike. In each, a first epoch
+(graph tracing, thread pools, first allocations) is run and not timed; the clock runs from the end
+of that epoch to the end of the last, ``--epochs`` epochs later. Images/s = training images x timed
+epochs / those seconds; the table gives the median over ``--repeat`` repetitions with min-max, the
+stage's median over the baseline's, the same for images per CPU-second (the rate over the CPU cores
+the worker kept busy: what it did with the CPU it got, which other processes' load disturbs far
+less than the wall-clock rate), and the peak RSS of the worker process (``ru_maxrss``: Python,
+TensorFlow and the data included). The baseline imports TensorFlow before anything of this
+project, as the seed did, so it runs on the kernels TensorFlow picks by itself. Data: synthetic images (noise, a faint square on class 1) at
+``ingest.image_size`` x ``ingest.channels``, or with ``--data`` the project's de-identified images
+and split (``paths.deid_dir``/images.npy, ``paths.split_dir``/manifest.parquet: train and val).
+Target (issue 7; 2 CPU cores): the stage >= 1.3x the seed's images/s.
+
+    .venv/bin/python bench/train.py [--networks seed_cnn resnet_small] [--epochs 2] [--repeat 3]
+                                    [--train-images 512] [--val-images 64] [--data]
+
+About 5 minutes on 2 idle cores with the defaults, 10 when another process holds one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET_RATIO = 1.3
+SEED_BATCH_SIZE = 32
+SIDES = {"baseline": "seed model.fit", "stage": "train stage"}
+
+
+def synthetic_images(n: int, *, side: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 noise images (n, side, side, channels) in [0, 1]; class 1 carries a faint square."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.normal(0.4, 0.08, (n, side, side, channels)).astype(np.float32)
+    square = max(2, side // 8)
+    for image, label in zip(images, labels):
+        if label:
+            row, col = rng.integers(0, side - square, 2)
+            image[row:row + square, col:col + square] += 0.25
+    return np.clip(images, 0.0, 1.0), labels
+
+
+def project_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The de-identified training and validation images with their class indices, as the stage loads them."""
+    from stages.params import load_params
+    from stages.train import load_split
+
+    paths, ingest = load_params("paths"), load_params("ingest")
+    if len(ingest.classes) != 2:
+        sys.exit(f"--data: ingest.classes has {len(ingest.classes)} classes, but the seed's recipe "
+                 "(one sigmoid, binary_crossentropy) needs 2; run without --data for synthetic images")
+    for required in (Path(paths.deid_dir) / "images.npy", Path(paths.split_dir) / "manifest.parquet"):
+        if not required.is_file():
+            sys.exit(f"--data: {required} not found; run the pipeline up to split (dvc repro split) "
+                     "or leave out --data for synthetic images")
+    return (*load_split(paths, "train", ingest.classes), *load_split(paths, "val", ingest.classes))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def clock() -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (every thread, user and system), now."""
+    times = os.times()
+    return time.perf_counter(), times.user + times.system
+
+
+def run_baseline(data: dict, network: str, epochs: int) -> dict:
+    """The seed's recipe; returns the clock at the end of every epoch (the first one is warm-up)."""
+    # Keras (TensorFlow) before anything from stages: TensorFlow picks its kernels when it loads,
+    # and the seed's process loaded it with nothing of this project's imported yet.
+    import keras
+
+    from stages.train import ARCHITECTURES
+
+    ends: list[tuple[float, float]] = []
+
+    class EpochClock(keras.callbacks.Callback):
+        # on_epoch_end only: per-batch hooks would make Keras wait for every step's logs.
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(clock())
+
+    keras.utils.set_random_seed(0)
+    x, y = data["train_x"], data["train_y"].astype(np.float32)
+    model = ARCHITECTURES[network](x.shape[1:])
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=SEED_BATCH_SIZE, epochs=epochs + 1, verbose=0, callbacks=[EpochClock()])
+    return {"epoch_ends": ends, "batch_size": SEED_BATCH_SIZE}
+
+
+def run_stage(data: dict, network: str, epochs: int) -> dict:
+    """``train_model`` as the stage calls it; returns the clock at the end of every epoch."""
+    from stages.params import load_params  # stages first, TensorFlow after, as in `python -m stages.train`
+    from stages.train import make_strategy, train_model
+
+    params = dataclasses.replace(load_params("train"), architecture=network, epochs=epochs + 1,
+                                 early_stopping_patience=0)
+    ends: list[tuple[float, float]] = []
+    train_model(data["train_x"], data["train_y"], data["val_x"], data["val_y"], params=params,
+                checkpoint=None, augment=load_params("augment"), strategy=make_strategy(params.strategy),
+                on_epoch_end=lambda epoch, row: ends.append(clock()))
+    return {"epoch_ends": ends, "batch_size": params.batch_size}
+
+
+def worker(side: str, network: str, epochs: int, data_file: Path) -> None:
+    """One side, one repetition, in this (fresh) process: JSON on the last line of stdout."""
+    with np.load(data_file) as stored:
+        data = {name: stored[name] for name in stored.files}
+    result = (run_baseline if side == "baseline" else run_stage)(data, network, epochs)
+    ends = result.pop("epoch_ends")
+    if len(ends) != epochs + 1:
+        sys.exit(f"{side} ran {len(ends)} epochs, expected {epochs + 1}")
+    seconds, cpu_seconds = ends[-1][0] - ends[0][0], ends[-1][1] - ends[0][1]
+    print(json.dumps({**result, "seconds": seconds, "images_per_s": len(data["train_x"]) * epochs / seconds,
+                      "cores_busy": cpu_seconds / seconds, "peak_rss_mib": peak_rss_mib()}))
+
+
+def measure(side: str, network: str, epochs: int, data_file: Path) -> dict:
+    """Run one side in a fresh interpreter and return its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--network", network,
+               "--epochs", str(epochs), "--data-file", str(data_file)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "".join((done.stdout + done.stderr).splitlines(keepends=True)[-15:])
+        sys.exit(f"{side} worker for {network} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    if key == "per_cpu_s":  # images per CPU-second: what the process did with the CPU it got
+        return statistics.median(r["images_per_s"] / r["cores_busy"] for r in runs)
+    return statistics.median(r[key] for r in runs)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=["seed_cnn", "resnet_small"],
+                        choices=["seed_cnn", "resnet_small"])
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each side, alternating")
+    parser.add_argument("--train-images", type=int, default=512, help="synthetic training images")
+    parser.add_argument("--val-images", type=int, default=64, help="synthetic validation images")
+    parser.add_argument("--data", action="store_true",
+                        help="the project's de-identified train and val images instead of synthetic ones")
+    parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--network", help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.chdir(ROOT)  # params.yaml and the paths in it are relative to the project root, as DVC runs stages
+    if args.worker:
+        return worker(args.worker, args.network, args.epochs, args.data_file)
+    if args.epochs < 1 or args.repeat < 1:
+        parser.error(f"--epochs and --repeat must be >= 1; got {args.epochs} and {args.repeat}")
+
+    from stages.params import load_params
+
+    if args.data:
+        train_x, train_y, val_x, val_y = project_images()
+        source = "project data (outputs/deidentify/images.npy, split manifest)"
+    else:
+        ingest = load_params("ingest")
+        side, channels = ingest.image_size, ingest.channels
+        train_x, train_y = synthetic_images(args.train_images, side=side, channels=channels, seed=0)
+        val_x, val_y = synthetic_images(args.val_images, side=side, channels=channels, seed=1)
+        source = "synthetic"
+    train, augment = load_params("train"), load_params("augment")
+    print(f"data: {source}; train {train_x.shape}, val {val_x.shape}, float32")
+    print(f"stage params: train.batch_size={train.batch_size}, lr={train.lr}, lr_schedule={train.lr_schedule}, "
+          f"class_weight={train.class_weight}, strategy={train.strategy}; augmentation: "
+          + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(augment).items()))
+    print(f"timed: {args.epochs} epoch(s) after 1 warm-up epoch, {args.repeat} repetition(s) per side, "
+          "each in a fresh process, alternating")
+    print(f"CPUs: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}); "
+          f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        data_file = Path(folder) / "data.npz"
+        np.savez(data_file, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+        for network in args.networks:
+            for _ in range(args.repeat):
+                for side in SIDES:  # alternating, so that drift in the machine's load hits both
+                    results.setdefault((network, side), []).append(
+                        measure(side, network, args.epochs, data_file))
+
+    print("| side | network | batch size | images/s median (min-max) | speed-up | images per CPU-s | "
+          "speed-up per CPU-s | CPU cores busy | peak RSS (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    ratios, cpu_ratios = {}, {}
+    for network in args.networks:
+        base = {name: median_of(results[(network, "baseline")], name) for name in ("images_per_s", "per_cpu_s")}
+        for side, name in SIDES.items():
+            runs = results[(network, side)]
+            rate, per_cpu = median_of(runs, "images_per_s"), median_of(runs, "per_cpu_s")
+            ratios[network] = rate / base["images_per_s"]
+            cpu_ratios[network] = per_cpu / base["per_cpu_s"]
+            print(f"| {name} | {network} | {runs[0]['batch_size']} | {spread([r['images_per_s'] for r in runs])} | "
+                  f"{rate / base['images_per_s']:.2f}x | {per_cpu:,.0f} | {per_cpu / base['per_cpu_s']:.2f}x | "
+                  f"{median_of(runs, 'cores_busy'):.2f} | {max(r['peak_rss_mib'] for r in runs):,.0f} |")
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+          f"wall time {time.perf_counter() - start:.0f} s")
+    print("The stage's time includes its per-epoch validation pass and scoring; images/s counts "
+          "training images only. CPU cores busy = the worker's CPU seconds (all threads) over its wall "
+          "seconds; below 2 means the process waited, for other processes' load or for its own work.")
+    print(f"Target (2 cores): train stage >= {TARGET_RATIO}x the seed's model.fit: " + "; ".join(
+        f"{network} {'met' if ratio >= TARGET_RATIO else 'MISSED'} ({ratio:.2f}x; per CPU-second "
+        f"{cpu_ratios[network]:.2f}x)" for network, ratio in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
