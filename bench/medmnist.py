@@ -28,7 +28,7 @@ would not be the official one), or when PHI was found downstream.
     .venv/bin/python bench/medmnist.py [--npz PATH] [--set KEY=VALUE ...] [--keep DIR]
 
 ``--set`` takes dotted keys and YAML values, as ``dvc exp run -S`` does, e.g.
-``--set train.epochs=50 --set train.lr=3e-4 --set "augment.copies=0"``.
+``--set train.epochs=50 --set train.lr=3e-4 --set augment.noise_std=0``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import argparse
 import copy
 import csv
 import datetime as dt
-import hashlib
 import io
 import json
 import os
@@ -60,7 +59,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: stages/ is importable from the project root
-from stages.sample_data import CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid  # noqa: E402
+from stages.sample_data import (  # noqa: E402
+    CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid, unique_number)
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
 SPLITS = ("train", "val", "test")
@@ -149,18 +149,6 @@ YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
 # --- The data set as DICOM -----------------------------------------------------------------------
 
 
-def _unique_number(role: str, index: int, digits: int, taken: set[str]) -> str:
-    """A hash-derived decimal identifier of ``digits`` digits, never one in ``taken``."""
-    salt = 0
-    while True:
-        h = int.from_bytes(hashlib.sha256(f"{SEED}|{role}|{index}|{salt}".encode()).digest()[:8], "big")
-        value = str(10 ** (digits - 1) + h % (9 * 10 ** (digits - 1)))
-        if value not in taken:
-            taken.add(value)
-            return value
-        salt += 1
-
-
 def build_us_dataset(pixels: np.ndarray, *, index: int, taken: set[str]) -> Dataset:
     """One BreastMNIST image as an Ultrasound Image Storage data set with a fake patient.
 
@@ -190,9 +178,9 @@ def build_us_dataset(pixels: np.ndarray, *, index: int, taken: set[str]) -> Data
     years = studied.year - birth.year - ((studied.month, studied.day) < (birth.month, birth.day))
     centre_name, centre_address, centre_code = pick(BREAST_CENTRES)
     manufacturer, model, software = pick(US_VENDORS)
-    mrn = _unique_number("mrn", index, 8, taken)
-    other_id = "H" + _unique_number("other", index, 9, taken)
-    accession = "US" + _unique_number("acc", index, 8, taken)
+    mrn = unique_number(SEED, "mrn", index, 8, taken)
+    other_id = "H" + unique_number(SEED, "other", index, 9, taken)
+    accession = "US" + unique_number(SEED, "acc", index, 8, taken)
     name = f"{pick(LAST)}^{pick(FIRST['F'])}"
     sop_uid = make_uid(SEED, "bm-sop", index)
     laterality = pick(("L", "R"))

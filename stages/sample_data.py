@@ -334,8 +334,9 @@ class ImagePlan:
     rescale: tuple[float, float]  # slope, intercept
 
 
-def _unique_number(seed: int, role: str, index: int, digits: int, taken: set[str]) -> str:
-    """Hash-derived decimal identifier; re-hash on the (rare) collision."""
+def unique_number(seed: int, role: str, index: int, digits: int, taken: set[str]) -> str:
+    """A hash-derived decimal identifier of ``digits`` digits, never one in ``taken`` (which it
+    joins): re-hashed on the (rare) collision."""
     salt = 0
     while True:
         h = int.from_bytes(hashlib.sha256(f"{seed}|{role}|{index}|{salt}".encode()).digest()[:8], "big")
@@ -367,8 +368,8 @@ def _plan_patient(rng: np.random.Generator, seed: int, p: int, elderly: bool,
     age_days = int(rng.integers(low, high))
     patient = PatientPlan(
         name=f"{_pick(rng, LAST)}^{_pick(rng, FIRST[sex])}",
-        mrn=_unique_number(seed, "mrn", p, 8, taken),
-        other_id="H" + _unique_number(seed, "other", p, 9, taken), sex=sex,
+        mrn=unique_number(seed, "mrn", p, 8, taken),
+        other_id="H" + unique_number(seed, "other", p, 9, taken), sex=sex,
         birth=first_visit.date() - dt.timedelta(days=age_days),
         address=f"{int(rng.integers(1, 9999))} {_pick(rng, STREETS)}, {_pick(rng, CITIES)}",
         institution=_pick(rng, INSTITUTIONS))
@@ -428,7 +429,7 @@ def plan_sample(patients: int, seed: int) -> list[ImagePlan]:
                             v=rng.uniform(-0.7, 0.6), radius=rng.uniform(*NODULE_RADIUS),
                             contrast=rng.uniform(*NODULE_CONTRAST))
         studies.append(StudyPlan(
-            s, patient, "RX" + _unique_number(seed, "acc", s, 8, accessions),
+            s, patient, "RX" + unique_number(seed, "acc", s, 8, accessions),
             make_uid(seed, "study", s), when, views, labels[s], nodule, modalities[s],
             _pick(rng, VENDORS[modalities[s]]), photometrics[s], bits[s],
             (_pick(rng, PHYSICIANS), _pick(rng, PHYSICIANS), _pick(rng, OPERATORS))))

@@ -19,12 +19,12 @@ def repo_params_file() -> Path:
     return REPO_ROOT / "params.yaml"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a stateless factory: module-scoped fixtures may use it too
 def make_dicom() -> Callable[..., Path]:
     """Factory writing a minimal valid DICOM file (Explicit VR Little Endian) with pydicom.
 
     ``make_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **attributes)``
-    stores ``pixels`` (uint8, uint16 or int16, 2-D) and sets each keyword in ``attributes``
+    stores ``pixels`` (uint8, uint16 or int16; 2-D, or 3-D for a multi-frame image) and sets each keyword in ``attributes``
     (e.g. ``AccessionNumber="A1"``); returns ``path``.
     """
 

@@ -19,8 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from stages.ingest import PixelSettings, read_image
 
@@ -36,30 +34,8 @@ MODEL_NAME = "serving-test-classifier"
 THRESHOLD = 0.3
 # Display pixels (window 128/256 below) of the test images, 0-255.
 BRIGHT, MID, DARK = 200, 115, 30
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, **attributes: object) -> Path:
-    """A minimal valid DICOM file (Explicit VR Little Endian), as tests/conftest.py's make_dicom writes.
-
-    A 3-D ``pixels`` array is stored as a multi-frame image.
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "P0"
-    ds.Modality = "DX"
-    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
-    # A fixed window keeps dark images dark (without one ingest stretches each image's own range).
-    ds.WindowCenter, ds.WindowWidth = 128, 256
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+# A fixed window keeps dark images dark (without one ingest stretches each image's own range).
+WINDOW = {"WindowCenter": 128, "WindowWidth": 256}
 
 
 def _image(level: int, *, seed: int, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -125,14 +101,14 @@ def model(registered):
 
 
 @pytest.fixture(scope="module")
-def dicoms(tmp_path_factory):
+def dicoms(tmp_path_factory, make_dicom):
     """bright, mid and dark images (one without extension, one in a subfolder), a truncated DICOM
     file and a text file."""
     folder = tmp_path_factory.mktemp("dicoms")
     files = {
-        "bright": _write_dicom(folder / "a" / "bright.dcm", _image(BRIGHT, seed=1, shape=(64, 64))),
-        "mid": _write_dicom(folder / "mid", _image(MID, seed=2, shape=(64, 64))),
-        "dark": _write_dicom(folder / "dark.dcm", _image(DARK, seed=3, shape=(80, 40))),
+        "bright": make_dicom(folder / "a" / "bright.dcm", _image(BRIGHT, seed=1, shape=(64, 64)), **WINDOW),
+        "mid": make_dicom(folder / "mid", _image(MID, seed=2, shape=(64, 64)), **WINDOW),
+        "dark": make_dicom(folder / "dark.dcm", _image(DARK, seed=3, shape=(80, 40)), **WINDOW),
     }
     content = files["bright"].read_bytes()
     truncated = folder / "a" / "truncated.dcm"
@@ -212,9 +188,10 @@ class TestDicomClassifier:
         assert list(result["label"]) == [0, 1, 2, -1]
         assert np.isnan(probabilities[3]).all() and result["error"].iloc[3].startswith("not_dicom: ")
 
-    def test_multi_frame_files_give_the_chosen_frame_or_the_mean_of_all(self, binary_keras, tmp_path):
+    def test_multi_frame_files_give_the_chosen_frame_or_the_mean_of_all(self, binary_keras, tmp_path,
+                                                                       make_dicom):
         frames = np.stack([_image(BRIGHT, seed=4, shape=(32, 32)), _image(DARK, seed=5, shape=(32, 32))])
-        path = _write_dicom(tmp_path / "two_frames.dcm", frames)
+        path = make_dicom(tmp_path / "two_frames.dcm", frames, **WINDOW)
         context = mlflow.pyfunc.PythonModelContext({serving.KERAS_ARTIFACT: str(binary_keras)}, None)
         scores = {}
         for choice in ("first", "all"):
