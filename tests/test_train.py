@@ -154,6 +154,23 @@ class TestTrainingBatches:
             next_epoch[0][0], augmented[0][0])
 
 
+def test_batches_are_drawn_a_chunk_ahead_and_come_out_unchanged_in_order():
+    from stages.train import drawn_ahead
+
+    drawn: list[int] = []
+
+    def source():
+        for batch in range(7):
+            drawn.append(batch)
+            yield batch
+
+    seen = []
+    for batch in drawn_ahead(source(), 3):
+        seen.append((batch, len(drawn)))
+    # Each chunk of 3 is drawn before its first batch is handed out; the last chunk is short.
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 6), (4, 6), (5, 6), (6, 7)]
+
+
 def test_classification_scores_for_two_and_three_classes():
     from sklearn.metrics import log_loss, roc_auc_score
 
