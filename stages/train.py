@@ -153,13 +153,10 @@ def drawn_ahead(batches: Iterable, chunk_size: int) -> Iterator:
     larger than one chunk trains its earlier chunks beside a live iterator, at the slower speed.
     """
     iterator = iter(batches)
-    while True:
-        chunk = list(itertools.islice(iterator, chunk_size))
-        if len(chunk) < chunk_size:
-            del iterator  # released before the last chunk trains: see above
-            yield from chunk
-            return
+    while len(chunk := list(itertools.islice(iterator, chunk_size))) == chunk_size:
         yield from chunk
+    del iterator  # done: released before the last chunk trains (see above)
+    yield from chunk
 
 
 def make_strategy(name: str):
