@@ -128,3 +128,46 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
+
+
+def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, *,
+                              out_dir: Path, n_bins: int = 10) -> list[Path]:
+    """The reliability diagram of the test split in ``n_bins`` equal-width bins, with and without
+    the model's calibration: ``reliability.csv`` (one row per bin and version, with its image
+    count) and ``reliability.png`` (each point labelled with its count, a histogram of counts
+    below). Equal-width bins, unlike :func:`calibration_table`, put both versions on the same
+    bins: the ones ECE is computed on (:func:`stages.scoring.reliability_table`).
+    """
+    from stages.scoring import brier_score, expected_calibration_error, reliability_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    versions = {"calibrated": calibrated, "uncalibrated": uncalibrated}
+    table = pd.DataFrame([{"version": name, **row} for name, scores in versions.items()
+                          for row in reliability_table(y_true, scores, n_bins=n_bins)])
+    table.to_csv(out_dir / "reliability.csv", index=False, float_format="%.6g")
+
+    fig, (curve_ax, count_ax) = pyplot().subplots(2, 1, figsize=(5.5, 7), height_ratios=(3, 1.3), sharex=True)
+    curve_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    width = 1.0 / n_bins
+    for offset, (name, scores) in zip((-0.2, 0.2), versions.items()):
+        rows = table[(table["version"] == name) & (table["count"] > 0)]
+        line, = curve_ax.plot(rows["mean_predicted"], rows["observed"], marker="o",
+                              label=f"{name}: ECE {expected_calibration_error(y_true, scores):.3f}, "
+                                    f"Brier {brier_score(y_true, scores):.3f}")
+        for row in rows.itertuples():
+            curve_ax.annotate(str(row.count), (row.mean_predicted, row.observed), textcoords="offset points",
+                              xytext=(4, -10 if name == "uncalibrated" else 5), fontsize=7,
+                              color=line.get_color())
+        every = table[table["version"] == name]
+        count_ax.bar(every["low"] + width * (0.5 + offset), every["count"], width=width * 0.4,
+                     color=line.get_color(), label=name)
+    binary = np.asarray(calibrated).ndim == 1
+    curve_ax.set(ylabel="fraction positive" if binary else "top-label accuracy", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+                 title=f"reliability, test split ({len(y_true)} images, {n_bins} equal bins; "
+                       "numbers: images per bin)")
+    curve_ax.title.set_fontsize(9)
+    curve_ax.legend(loc="upper left", fontsize=8)
+    count_ax.set(xlabel="predicted probability" if binary else "top-label confidence", ylabel="images")
+    count_ax.set_yscale("symlog")
+    save_figure(fig, out_dir / "reliability.png")
+    return [out_dir / "reliability.csv", out_dir / "reliability.png"]

@@ -10,20 +10,34 @@ image called its most probable class) and the ``ingest`` pixel settings the regi
 carries.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
-what a user of the model would see. The registered model is a pyfunc (:mod:`stages.serving`) that
-takes DICOM files and applies this threshold. Before it is registered, the leak scanner searches
-the MLflow run (params, tags, metric names, artifacts, the models' files) for every identifying
-value of the ingested sources (``paths.ingest_dir`` and ``paths.data``, read for this check
-only); any hit fails the stage and nothing is registered. The model is registered under
-``evaluate.registered_model_name``; it takes the alias ``champion`` when it beats the current
-champion on ``evaluate.promotion_metric`` by at least ``evaluate.promotion_min_gain``, and
-``challenger`` otherwise (a replaced champion keeps its version, as ``previous_champion``).
+what a user of the model would see; test Brier and ECE are reported with and without the
+calibration the model carries, beside a reliability diagram. A model that is degenerate on the
+validation split (constant scores, every image called one class, a threshold outside [0.01,
+0.99]; :func:`stages.scoring.degeneracy`) gets its report, its runs marked FAILED in MLflow, and
+is never registered. Otherwise the registered model is a pyfunc (:mod:`stages.serving`) that takes
+DICOM files, applies this threshold and refuses files outside its training domain. Before it is
+registered, the leak scanner searches the MLflow run (params, tags, metric names, artifacts, the
+models' files) for every identifying value of the ingested sources (``paths.ingest_dir`` and
+``paths.data``, read for this check only); any hit fails the stage and nothing is registered.
+
+Promotion never looks at the test split: the candidate and the registry's current champion are
+both run, as registered, on the de-identified files of the validation split, in this run, and
+compared on ``evaluate.promotion_metric``; the candidate takes the alias ``champion`` when it beats
+the champion by at least ``evaluate.promotion_min_gain``, else ``challenger`` (a replaced champion
+keeps its version, as ``previous_champion``). The decision, both figures and the images they were
+measured on are tags of the new version.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +55,13 @@ from sklearn.metrics import (
 from stages import layout, tracking
 from stages.cli import StageError, run_stage
 from stages.deid_leaks import identifiers_at_ingest, scan_mlflow_run
-from stages.eval_plots import write_confusion_data, write_plot_data
+from stages.domain import TrainingDomain
+from stages.eval_plots import write_confusion_data, write_plot_data, write_reliability_diagram
 from stages.explain import write_grad_cam_examples
 from stages.ingest import PixelSettings
+from stages.models import class_indices, members_of, predict_probabilities, temperature_of, to_model_input
 from stages.params import load_params, read_params_file
+from stages.scoring import brier_score, degeneracy, expected_calibration_error
 from stages.serving import log_classifier
 
 logger = logging.getLogger(__name__)
@@ -63,7 +80,8 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fi
     y_true, y_score : ndarray of shape (n,)
         Validation labels (0 or 1) and predicted probabilities of class 1.
     method : {"youden", "fixed", "target_sensitivity"}
-        ``youden``: maximise Youden's J (sensitivity + specificity - 1). ``fixed``: return
+        ``youden``: maximise Youden's J (sensitivity + specificity - 1), midway between the
+        scores that bound the best cut. ``fixed``: return
         ``fixed``. ``target_sensitivity``: the highest threshold whose sensitivity on
         ``(y_true, y_score)`` is at least ``target_sensitivity``.
     fixed : float, default=None
@@ -103,8 +121,15 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fi
     if len(np.unique(y_true)) < 2:
         raise StageError("the validation split holds one class only; cannot choose a threshold")
     if method == "youden":
-        fpr, tpr, thresholds = roc_curve(y_true, y_score)
+        # Every distinct score a candidate, so that the next threshold is the next lower score.
+        fpr, tpr, thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
         best = int(np.argmax(tpr - fpr))
+        if best + 1 < len(thresholds):
+            # Every threshold in (next lower score, this score] calls the split alike: take the
+            # middle. The score itself, scikit-learn's point, is the lowest score of a positive
+            # called: on a split the model separates that is the edge of the positives (0.99999
+            # on the embedded sample), not a margin.
+            return float((min(thresholds[best], 1.0) + thresholds[best + 1]) / 2)
         return float(min(thresholds[best], 1.0))
     return _sensitivity_threshold(y_true, y_score, target=target_sensitivity)
 
@@ -318,6 +343,7 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
 
 
 LOWER_IS_BETTER = ("brier",)
+PROMOTION_SPLIT = "val"  # the images candidate and champion are compared on; never the test split
 
 
 def should_promote(candidate: float, champion: float | None, *, metric: str = "roc_auc",
@@ -330,34 +356,159 @@ def should_promote(candidate: float, champion: float | None, *, metric: str = "r
     return gain > 0 and gain >= min_gain
 
 
-def register_model(model_uri: str, *, name: str, metric: str, value: float,
-                   min_gain: float = 0.0) -> tuple[str, str]:
-    """Register ``model_uri`` and give it the alias champion or challenger; returns (version, alias).
+def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int]) -> float:
+    """``metric`` of one model's answers (``stages.serving`` output columns) against class indices.
 
-    The test metric is stored as a tag on the model version, so a later candidate is compared
-    with the champion's own figure whatever run it came from. Earlier versions stay registered;
-    a replaced champion keeps its version and tags and is found as ``previous_champion``.
+    Threshold-dependent metrics use the model's own ``label`` column, so each model is judged at
+    its own operating threshold, as it would be used.
     """
+    called = class_indices(predictions["label"].to_numpy(), classes)
+    if "probability" in predictions:
+        scores = predictions["probability"].to_numpy(float)
+        if metric == "roc_auc":
+            return float(roc_auc_score(labels, scores))
+        if metric == "average_precision":
+            return float(average_precision_score(labels, scores))
+        if metric == "brier":
+            return float(brier_score_loss(labels, scores))
+        if metric == "f1":
+            return float(f1_score(labels, called, zero_division=0.0))
+        if metric in ("sensitivity", "specificity"):
+            wanted = 1 if metric == "sensitivity" else 0
+            return float(np.mean(called[labels == wanted] == wanted))
+    elif metric == "roc_auc":
+        return roc_auc(labels, predictions[[f"probability_{c}" for c in classes]].to_numpy(float))
+    if metric == "accuracy":
+        return float(np.mean(called == labels))
+    raise StageError(f"evaluate.promotion_metric {metric!r} is not computed for {len(classes)} classes; "
+                     "use one of roc_auc, accuracy")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The candidate and the current champion, scored on the same images in the same run.
+
+    ``champion`` is None when there is no champion or it could not be scored (``reason`` says
+    why); ``images`` counts the files both models answered.
+    """
+
+    metric: str
+    candidate: float
+    champion: float | None
+    champion_version: str | None
+    images: int
+    data_version: str
+    reason: str = ""
+
+    def decide(self, *, min_gain: float) -> tuple[str, str]:
+        """The alias the candidate gets (champion or challenger) and the decision in words."""
+        on = (f"{self.metric} on {self.images} {PROMOTION_SPLIT} images of data {self.data_version[:12]}")
+        if self.champion_version is None:
+            return "champion", f"champion: no champion before ({on}: {self.candidate:.4f})"
+        if self.champion is None:
+            return "challenger", (f"challenger: champion version {self.champion_version} could not be "
+                                  f"scored ({self.reason}); compare them and move the alias by hand")
+        promote = should_promote(self.candidate, self.champion, metric=self.metric, min_gain=min_gain)
+        verdict = "champion" if promote else "challenger"
+        return verdict, (f"{verdict}: {on}, candidate {self.candidate:.4f} vs champion version "
+                         f"{self.champion_version} {self.champion:.4f} (minimum gain {min_gain:g})")
+
+
+def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
+    """A registered pyfunc's answers for ``files``, from a fresh ``python -m stages.predict``.
+
+    A fresh process, not this one: loading a model adds its own copy of ``stages`` (its
+    ``code_paths``) to the import path, and a champion logged by older code must run its own
+    code, not ours. Returns the CSV (a ``path`` column of file names), or raises StageError with
+    the command's last line.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "inputs"
+        inputs.mkdir()
+        for file in files:
+            try:  # a hard link costs nothing; a copy where the file system has none
+                os.link(file, inputs / file.name)
+            except OSError:
+                shutil.copyfile(file, inputs / file.name)
+        output = Path(folder) / "predictions.csv"
+        result = subprocess.run([sys.executable, "-m", "stages.predict", str(inputs), "--model", model_uri,
+                                 "--output", str(output)], capture_output=True, text=True)
+        if result.returncode != 0 and not output.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StageError(f"scoring {model_uri} failed: {last}")
+        return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
+
+
+def compare_with_champion(candidate_uri: str, *, name: str, metric: str, files: list[Path],
+                          labels: np.ndarray, classes: list[int]) -> Comparison:
+    """Score the candidate and the registry's current champion on ``files`` (class indices
+    ``labels``); the figure of each on the files both of them answered."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    metric_tag = f"test_{metric}"
+    data = tracking.data_version()
+    by_name = {file.name: label for file, label in zip(files, labels)}
+    candidate = score_registered(candidate_uri, files)
     try:
-        current = client.get_model_version_by_alias(name, "champion")
+        current = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
     except MlflowException:  # no registered model or no champion yet
         current = None
-    champion_value = (float(current.tags[metric_tag])
-                      if current is not None and metric_tag in current.tags else None)
+    answered = candidate["error"].isna()
+    if current is None:
+        value = promotion_score(metric, candidate_labels(candidate[answered], by_name), candidate[answered], classes)
+        return Comparison(metric, value, None, None, int(answered.sum()), data)
+    try:
+        champion = score_registered(f"models:/{name}/{current.version}", files)
+    except StageError as err:
+        champion, reason = None, str(err)
+    else:
+        reason = ""
+        if set(candidate.columns) != set(champion.columns):
+            reason = (f"its outputs {[c for c in champion.columns if c != 'path']} are not the "
+                      f"candidate's {[c for c in candidate.columns if c != 'path']}")
+        else:
+            champion = champion.set_index("path").loc[candidate["path"]].reset_index()
+            answered &= champion["error"].isna().to_numpy()
+            if not answered.any():
+                reason = f"it answered none of the {len(files)} files with a probability"
+    value = promotion_score(metric, candidate_labels(candidate[answered], by_name), candidate[answered], classes)
+    if reason:
+        return Comparison(metric, value, None, str(current.version), int(answered.sum()), data, reason)
+    champion_value = promotion_score(metric, candidate_labels(champion[answered], by_name),
+                                     champion[answered], classes)
+    return Comparison(metric, value, champion_value, str(current.version), int(answered.sum()), data)
+
+
+def candidate_labels(predictions: pd.DataFrame, by_name: dict[str, int]) -> np.ndarray:
+    """The class index of each answered file, in the order of ``predictions``."""
+    return np.array([by_name[Path(path).name] for path in predictions["path"]], dtype=int)
+
+
+def register_model(model_uri: str, *, name: str, comparison: Comparison, min_gain: float = 0.0,
+                   tags: dict[str, str] | None = None) -> tuple[str, str]:
+    """Register ``model_uri`` with the alias the comparison decides; returns (version, alias).
+
+    The decision, both figures and the images they were measured on are tags of the new version
+    (``promotion_*``), beside ``tags``. Earlier versions stay registered; a replaced champion
+    keeps its version and tags and is found as ``previous_champion``.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    alias, decision = comparison.decide(min_gain=min_gain)
     version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, metric_tag, str(value))
-    alias = ("champion" if should_promote(value, champion_value, metric=metric, min_gain=min_gain)
-             else "challenger")
-    if alias == "champion" and current is not None:
-        client.set_registered_model_alias(name, "previous_champion", current.version)
+    promotion = {"promotion_decision": decision, "promotion_metric": comparison.metric,
+                 "promotion_split": PROMOTION_SPLIT, "promotion_images": str(comparison.images),
+                 "promotion_data_version": comparison.data_version,
+                 "promotion_candidate": f"{comparison.candidate:.6g}",
+                 "promotion_champion": "" if comparison.champion is None else f"{comparison.champion:.6g}",
+                 "promotion_champion_version": comparison.champion_version or ""}
+    for key, value in {**promotion, **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
+    if alias == "champion" and comparison.champion_version is not None:
+        client.set_registered_model_alias(name, "previous_champion", comparison.champion_version)
     client.set_registered_model_alias(name, alias, version)
-    logger.info("registered %s version %s as %s (%s %.4f vs champion %s)",
-                name, version, alias, metric, value, champion_value)
+    logger.info("registered %s version %s: %s", name, version, decision)
     return str(version), alias
 
 
@@ -378,8 +529,6 @@ def main() -> None:
     import keras
     import mlflow
 
-    from stages.train import class_indices, to_model_input
-
     paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
     model_dir, plots_dir = Path(paths.model_dir), Path(paths.eval_plots)
     model = keras.models.load_model(model_dir / layout.MODEL_FILE)
@@ -388,17 +537,19 @@ def main() -> None:
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
     binary = len(ingest.classes) == 2
 
-    def scores(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def split_inputs(split: str) -> tuple[np.ndarray, np.ndarray]:
         chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
-        inputs = to_model_input(np.asarray(images[chosen]))
-        predicted = model.predict(inputs, verbose=0)
         labels = class_indices(manifest["label"].to_numpy()[chosen], ingest.classes)
-        return labels, predicted.ravel() if binary else predicted, inputs
+        return labels, to_model_input(np.asarray(images[chosen]))
 
-    test_y, test_score, test_x = scores("test")
+    val_y, val_x = split_inputs("val")
+    val_score = predict_probabilities(model, val_x)
+    # The test split is read here, once, to report: nothing below chooses anything on it.
+    test_y, test_x = split_inputs("test")
+    test_score = predict_probabilities(model, test_x)
+    test_uncalibrated = predict_probabilities(model, test_x, calibrated=False)
     test_rows = manifest[(manifest["split"] == "test").to_numpy()]
     if binary:
-        val_y, val_score, _ = scores("val")
         threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
                                      fixed=params.fixed_threshold,
                                      target_sensitivity=params.target_sensitivity)
@@ -409,9 +560,8 @@ def main() -> None:
         logger.info("test ROC AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f",
                     metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
                     metrics["sensitivity"], metrics["specificity"], threshold)
-        logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, Brier %.3f, average precision %.3f",
-                    metrics["ppv"], metrics["npv"], metrics["f1"], metrics["brier"],
-                    metrics["average_precision"])
+        logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, average precision %.3f", metrics["ppv"],
+                    metrics["npv"], metrics["f1"], metrics["average_precision"])
     else:
         threshold = None
         metrics = compute_multiclass_metrics(test_y, test_score, classes=ingest.classes)
@@ -419,6 +569,11 @@ def main() -> None:
         logger.info("test macro ROC AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f, macro F1 %.3f",
                     metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
                     metrics["accuracy"], metrics["macro_f1"])
+    metrics.update(calibration_metrics(test_y, test_score, test_uncalibrated,
+                                       temperatures=[temperature_of(m) for m in members_of(model)]))
+    plot_files += write_reliability_diagram(test_y, test_score, test_uncalibrated, out_dir=plots_dir)
+    logger.info("test Brier %.4f, ECE %.4f (uncalibrated: Brier %.4f, ECE %.4f)", metrics["brier"],
+                metrics["ece"], metrics["brier_uncalibrated"], metrics["ece_uncalibrated"])
     if params.promotion_metric not in metrics:
         raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
                          f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
@@ -430,28 +585,61 @@ def main() -> None:
     for row in weakest.itertuples():
         logger.info("weakest subgroup by AUC: %s = %s (n %d), AUC %.3f", row.attribute, row.group,
                     row.n, row.roc_auc)
+    problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
     # stage alone, and MLflow forbids changing a param already logged on a run.
-    tracking.configure_mlflow(experiment=None)
+    tracking.configure_mlflow()
     test_metrics = {f"test_{name}": value for name, value in metrics.items()}
     with mlflow.start_run(run_id=run_info["run_id"]):
         mlflow.log_metrics(test_metrics)
-        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()):
+        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()) as evaluation:
             mlflow.log_params(tracking.flatten_params({"evaluate": read_params_file()["evaluate"]}))
             mlflow.log_metrics(test_metrics)
             for path in [*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
-            # The registered model: DICOM in, probabilities and the label at this threshold out.
-            classifier = log_classifier(model_dir / layout.MODEL_FILE, threshold=threshold,
-                                        classes=ingest.classes, settings=PixelSettings.from_params(ingest))
-            check_run(run_info["run_id"], ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
-            version, alias = register_model(
-                classifier.model_uri, name=params.registered_model_name,
-                metric=params.promotion_metric, value=metrics[params.promotion_metric],
-                min_gain=params.promotion_min_gain,
-            )
-            mlflow.set_tags({"registered_version": version, "registered_alias": alias})
+            if not problems:
+                # The registered model: DICOM in, probabilities and the label at this threshold out.
+                classifier = log_classifier(
+                    model_dir / layout.MODEL_FILE, threshold=threshold, classes=ingest.classes,
+                    settings=PixelSettings.from_params(ingest),
+                    domain=TrainingDomain.from_manifest(manifest[(manifest["split"] == "train").to_numpy()]))
+                check_run(run_info["run_id"], ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
+                comparison = compare_with_champion(
+                    classifier.model_uri, name=params.registered_model_name, metric=params.promotion_metric,
+                    **promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes))
+                version, alias = register_model(
+                    classifier.model_uri, name=params.registered_model_name, comparison=comparison,
+                    min_gain=params.promotion_min_gain,
+                    tags={f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece")})
+                mlflow.set_tags({"registered_version": version, "registered_alias": alias})
+            else:
+                mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+    if problems:
+        client = mlflow.MlflowClient()
+        for run_id in (run_info["run_id"], evaluation.info.run_id):
+            client.set_terminated(run_id, status="FAILED")
+        raise StageError(f"the model is degenerate on the validation split: {'; '.join(problems)}. Its "
+                         f"runs are marked FAILED and it is not registered; the test report is in "
+                         f"{paths.eval_metrics}")
+
+
+def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int]) -> dict:
+    """The de-identified files of the promotion split and their class indices (one per file:
+    every frame of a file carries its label)."""
+    rows = manifest[(manifest["split"] == PROMOTION_SPLIT).to_numpy()].drop_duplicates("dicom_file")
+    return {"files": [deid_dir / name for name in rows["dicom_file"]],
+            "labels": class_indices(rows["label"].to_numpy(), classes), "classes": classes}
+
+
+def calibration_metrics(y_true: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, *,
+                        temperatures: list[float]) -> dict[str, float]:
+    """Brier score and ECE (10 bins) of the test probabilities with and without the calibration
+    the model carries, and its temperature (the mean over an ensemble's members)."""
+    return {"brier": brier_score(y_true, calibrated), "ece": expected_calibration_error(y_true, calibrated),
+            "brier_uncalibrated": brier_score(y_true, uncalibrated),
+            "ece_uncalibrated": expected_calibration_error(y_true, uncalibrated),
+            "temperature": float(np.mean(temperatures))}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.eval_plots import pyplot, save_figure
+from stages.models import members_of
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +276,17 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
             ax.imshow(heatmaps[index], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
             # An all-zero map means no positive evidence (or no gradient), not a rendering fault.
             empty = "" if heatmaps[index].any() else ", empty map"
-            ax.set_title(f"score {scores[index]:.3f}{empty}", fontsize=9)
+            ax.set_title(f"p {format_probability(scores[index])}{empty}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
     return path
+
+
+def format_probability(p: float) -> str:
+    """A probability with the digits that tell neighbours apart: 0.734, 1.2e-04, 1 - 3.1e-05."""
+    if 0.001 <= p <= 0.999:
+        return f"{p:.3f}"
+    return f"{p:.1e}" if p < 0.001 else f"1 - {1 - p:.1e}"
 
 
 def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray, *,
@@ -291,7 +299,8 @@ def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_sco
     """
     groups = pick_examples(y_true, y_score, threshold=threshold, per_group=per_group)
     chosen = np.concatenate([indices for indices in groups.values()]).astype(int)
-    heatmaps = grad_cam(model, images[chosen])
+    # An ensemble's map is the mean of its members' maps: each explains its share of the mean.
+    heatmaps = np.mean([grad_cam(member, images[chosen]) for member in members_of(model)], axis=0)
     # The grid indexes the chosen images only: group g's entries sit after the groups before it.
     ends = np.cumsum([len(indices) for indices in groups.values()])
     positions = {name: np.arange(end - len(indices), end)

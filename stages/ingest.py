@@ -432,6 +432,12 @@ def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target_
 def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydicom.Dataset, list[Frame]]:
     """Read one file: its dataset and the chosen frames, ready to store, or raise Quarantined."""
     ds = read_dataset(source)
+    return ds, image_frames(ds, settings)
+
+
+def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
+    """The chosen frames of a parsed file (:func:`read_dataset`), decoded and ready to store, or
+    raise Quarantined. Apart from read_image so that a header can be checked before decoding."""
     spacing = pixel_spacing(ds)
     if settings.target_spacing_mm is not None and spacing is None:
         raise Quarantined("no_pixel_spacing", "ingest.target_spacing_mm is set but the file has no "
@@ -453,7 +459,7 @@ def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydico
             fitted = pad_or_crop(resample_to_spacing(display, spacing, settings.target_spacing_mm),
                                  settings.size)
         frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype)))
-    return ds, frames
+    return frames
 
 
 def extreme_share(display: np.ndarray) -> float:

@@ -158,9 +158,14 @@ class TrainParams:
     lr_schedule: str = field(metadata=_choices("constant", "cosine"))
     class_weight: str = field(metadata=_choices("none", "balanced"))
     early_stopping_patience: int = field(metadata=_interval(0, 10_000))
-    # Which weights the stage keeps: the epoch of best validation AUC, or the last one (a small
-    # validation split makes "best of many epochs" an optimistic, noisy pick).
-    keep: str = field(metadata=_choices("best_val_auc", "last_epoch"))
+    # Which weights the stage keeps: the epoch of lowest validation loss (a proper score: AUC
+    # saturates at 1.0 on an easy split and then keeps the first epoch that reaches it), of best
+    # validation AUC, or the last one. Early stopping watches the same figure (the loss for last).
+    keep: str = field(metadata=_choices("best_val_loss", "best_val_auc", "last_epoch"))
+    # temperature: one temperature fitted on the validation split, folded into the saved model.
+    calibration: str = field(metadata=_choices("none", "temperature"))
+    # Networks trained with seeds seed, seed + 1, ...; the model averages their probabilities.
+    ensemble: int = field(metadata=_interval(1, 100))
     seed: int
 
 

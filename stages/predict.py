@@ -8,7 +8,8 @@ and an MLflow pyfunc model (``stages.serving.DicomClassifier``), by default
 (``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
 Outputs: the CSV, one row per file in path order: ``path`` (relative to ``INPUT_DIR``, with
 ``/``), the probability column(s), ``label`` and ``error`` (empty, or the reason a file could not
-be used: ``not_dicom: ...``, ``truncated: ...``).
+be used: ``not_dicom: ...``, ``truncated: ...``, ``out_of_domain: ...`` for a file unlike the
+model's training files).
 Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given).
 
 A bad file gets its reason in the CSV and never stops the run; the command fails (exit 1, one

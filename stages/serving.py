@@ -2,9 +2,12 @@
 
 :class:`DicomClassifier` wraps the trained Keras model with everything prediction needs: the
 ingest pixel settings (``stages.ingest.PixelSettings``), the operating threshold chosen by
-evaluate and the class labels. Given DICOM files (paths or raw bytes) it makes the pixels with
-``stages.ingest.read_image``, exactly as the training images were made, so a served model and the
+evaluate, the class labels and optionally the training domain. Given DICOM files (paths or raw
+bytes) it makes the pixels with ``stages.ingest`` (``read_dataset`` then ``image_frames``, what
+``read_image`` does), exactly as the training images were made, so a served model and the
 pipeline cannot drift apart; given images already preprocessed it scales them as train does.
+With a :class:`stages.domain.TrainingDomain` it refuses, from the header and before decoding, a
+file unlike those it was trained on (``out_of_domain``: an MR sent to a radiograph model).
 
 :func:`log_classifier` logs it into the active MLflow run with a signature, pinned requirements
 and, as ``code_paths``, a copy of only the ``stages`` modules prediction imports
@@ -36,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from stages import layout
-from stages.ingest import PixelSettings, Quarantined, read_image
+from stages.domain import TrainingDomain
+from stages.ingest import PixelSettings, Quarantined, image_frames, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,11 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     classes : list of int
         Class labels in output order: two for a sigmoid output (its probability is that of
         ``classes[1]``), one per output unit for a softmax output.
+    domain : TrainingDomain or None, default None
+        What the training files were. When set, every DICOM file (path or bytes) is checked
+        against it once its header is read, before its pixels are decoded: one outside gets the
+        error ``out_of_domain: <detail>`` and no probability. Preprocessed arrays carry no
+        header and are not checked.
 
     Notes
     -----
@@ -71,7 +80,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     labels every frame with its file's label, so the mean is the model's estimate for the file).
     """
 
-    def __init__(self, *, settings: PixelSettings, threshold: float | None, classes: list[int]) -> None:
+    def __init__(self, *, settings: PixelSettings, threshold: float | None, classes: list[int],
+                 domain: TrainingDomain | None = None) -> None:
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a float in [0, 1] or None; got {threshold!r}")
         if len(classes) < 2 or len(set(classes)) != len(classes):
@@ -79,6 +89,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.settings = settings
         self.threshold = None if threshold is None else float(threshold)
         self.classes = [int(c) for c in classes]
+        self.domain = domain
         self._model = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -116,8 +127,9 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         pandas.DataFrame
             :func:`output_columns`, one row per input row (a DataFrame's index kept). A file that
             cannot be used gets probability NaN, label -1 and ``error`` "<reason>: <detail>"
-            (ingest's quarantine reason codes, e.g. ``not_dicom``, ``truncated``); the other
-            rows are predicted. ``error`` is empty when fine.
+            (ingest's quarantine reason codes, e.g. ``not_dicom``, ``truncated``, or
+            ``out_of_domain`` for a file outside :attr:`domain`); the other rows are predicted.
+            ``error`` is empty when fine.
 
         Raises
         ------
@@ -160,7 +172,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate(images), np.concatenate(owners), errors
 
     def read_pixels(self, source: bytes | str | Path) -> np.ndarray:
-        """One DICOM file (its bytes or path) to model input (frames, h, w, c), or raise Quarantined."""
+        """One DICOM file (its bytes or path) to model input (frames, h, w, c), or raise Quarantined
+        (``out_of_domain`` included, before any pixel is decoded)."""
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream = io.BytesIO(bytes(source))
         else:
@@ -168,7 +181,12 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             if not path.is_file():
                 raise Quarantined("not_found", f"no file at {path}")
             stream = io.BytesIO(path.read_bytes())
-        _, frames = read_image(stream, self.settings)
+        ds = read_dataset(stream)
+        # Models pickled before the domain existed have no such attribute; they still predict.
+        domain = getattr(self, "domain", None)
+        if domain is not None:
+            domain.check(ds)
+        frames = image_frames(ds, self.settings)
         return self.prepare_images(np.stack([frame.pixels for frame in frames]))
 
     def prepare_images(self, images: np.ndarray) -> np.ndarray:
@@ -329,7 +347,8 @@ def _installed(name: str) -> bool:
 
 
 def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: list[int], settings: PixelSettings,
-                   name: str = "classifier", input_example=None) -> mlflow.models.model.ModelInfo:
+                   domain: TrainingDomain | None = None, name: str = "classifier",
+                   input_example=None) -> mlflow.models.model.ModelInfo:
     """Log ``keras_model_path`` as a :class:`DicomClassifier` pyfunc into the active MLflow run.
 
     Parameters
@@ -342,6 +361,9 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
         Class labels in output order (``ingest.classes``).
     settings : PixelSettings
         ``PixelSettings.from_params(load_params("ingest"))``: how training images were made.
+    domain : TrainingDomain or None, default None
+        ``TrainingDomain.from_manifest(<the train split's manifest rows>)``: the model then
+        answers ``out_of_domain`` for files unlike its training files. None: no check.
     name : str, default="classifier"
         The model's name in the run.
     input_example : optional
@@ -357,14 +379,19 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
     Notes
     -----
     The model carries its code (``code/stages/``: only :func:`prediction_modules`) and pins
-    :func:`pinned_requirements`; its MLmodel metadata repeats the settings, threshold and classes
-    for people reading the registry.
+    :func:`pinned_requirements`; its MLmodel metadata repeats the settings, threshold, classes and
+    (key ``training_domain``, :meth:`TrainingDomain.to_dict`) the domain for people reading the
+    registry.
     """
     import keras
 
     width = keras.models.load_model(keras_model_path, compile=False).output_shape[-1]
     check_output_width(width, classes, threshold=threshold)
-    classifier = DicomClassifier(settings=settings, threshold=threshold, classes=classes)
+    classifier = DicomClassifier(settings=settings, threshold=threshold, classes=classes, domain=domain)
+    metadata = {"pixel_settings": dataclasses.asdict(settings), "threshold": classifier.threshold,
+                "classes": [int(c) for c in classes]}
+    if domain is not None:
+        metadata["training_domain"] = domain.to_dict()
     with tempfile.TemporaryDirectory() as folder:
         code = write_code_package(Path(folder))
         info = mlflow.pyfunc.log_model(
@@ -375,9 +402,8 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
             signature=build_signature(classes, binary=width == 1),
             input_example=input_example,
             pip_requirements=pinned_requirements(),
-            metadata={"pixel_settings": dataclasses.asdict(settings), "threshold": classifier.threshold,
-                      "classes": [int(c) for c in classes]},
+            metadata=metadata,
         )
-    logger.info("logged %s: %s, classes %s, threshold %s, images %s", name, info.model_uri,
-                classes, threshold, settings.image_shape)
+    logger.info("logged %s: %s, classes %s, threshold %s, images %s, training domain: %s", name, info.model_uri,
+                classes, threshold, settings.image_shape, "not checked" if domain is None else domain.describe())
     return info

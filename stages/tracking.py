@@ -18,6 +18,8 @@ import yaml
 DEFAULT_TRACKING_DB = "mlflow.db"
 EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
+# Tag of a run whose model is degenerate (stages.scoring.degeneracy), with what was seen.
+DEGENERATE_TAG = "dicomflow.degenerate"
 
 
 # Where DVC runs queued experiments: a temporary copy of the repository under this folder.

@@ -1,13 +1,21 @@
-"""Stage 6, train: a Keras CNN on the augmented training split, chosen on validation AUC.
+"""Stage 6, train: a Keras CNN (or an ensemble of them) on the augmented training split, kept and
+calibrated on the validation split.
 
 Inputs: ``paths.deid_dir``/images.npy with the split manifest (training and validation images),
 and the reports logged with the run.
-Outputs: ``paths.model_dir``/model.keras (the epoch with the best validation AUC),
+Outputs: ``paths.model_dir``/model.keras (the kept epoch of each network, by ``train.keep``:
+lowest validation loss by default; its batch-normalisation statistics re-estimated over the
+training images; its temperature fitted on validation; ``train.ensemble`` networks averaged),
 ``paths.model_dir``/mlflow_run.json (the run evaluate continues) and the per-epoch history
-``paths.train_history`` (a DVC plot). Everything is also logged to one MLflow run.
+``paths.train_history`` (a DVC plot: loss, AUC, accuracy, Brier and ECE on training batches
+and on validation). Everything is also logged to one MLflow run.
 Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``ingest.classes``
 (two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
 every param of ``params.yaml`` but ``evaluate.*`` is logged to MLflow.
+
+A model that is degenerate on the validation split (constant scores, every image called one
+class: :func:`stages.scoring.degeneracy`) fails the stage: its run is marked FAILED and tagged
+with what was seen, and nothing downstream registers it.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import layout, tracking
+from stages import layout, models, scoring, tracking
 from stages.cli import StageError, run_stage
 from stages.augment import apply_policy, build_policy
 from stages.params import AugmentParams, IngestParams, TrainParams, load_params, read_params_file
@@ -35,87 +43,11 @@ from stages.params import AugmentParams, IngestParams, TrainParams, load_params,
 logger = logging.getLogger(__name__)
 
 
-def build_seed_cnn(input_shape: tuple[int, int, int], n_classes: int = 2):
-    """The seed's network, unchanged: two conv/pool blocks, a dense layer, a sigmoid output
-    (a softmax over the classes when there are more than two)."""
-    import keras
-    from keras import layers
-
-    inputs = keras.Input(shape=input_shape, name="image")
-
-    # Feature extractor
-    x = layers.Conv2D(32, (3, 3), activation="relu")(inputs)
-    x = layers.MaxPooling2D((2, 2))(x)
-    x = layers.Conv2D(64, (3, 3), activation="relu")(x)
-    x = layers.MaxPooling2D((2, 2))(x)
-
-    # Classifier head
-    x = layers.Flatten()(x)
-    x = layers.Dense(64, activation="relu")(x)
-    return keras.Model(inputs, _output_layer(n_classes)(x), name="seed_cnn")
-
-
-def build_resnet_small(input_shape: tuple[int, int, int], n_classes: int = 2, *,
-                       widths: tuple[int, ...] = (16, 32, 64), blocks_per_stage: int = 2):
-    """A small residual network for 28-128 pixel images, trained from scratch.
-
-    The CIFAR layout of He et al. (2016): a 3x3 stem, then stages of basic residual blocks
-    (two 3x3 convolutions with batch normalisation), each stage after the first halving the
-    resolution and doubling the width, then global average pooling. About 0.17 M weights with
-    the defaults: small enough for 2 CPU cores and a few hundred images, where ImageNet-sized
-    networks (``keras.applications``) overfit and there are no pretrained weights to start from.
-    """
-    import keras
-    from keras import layers
-
-    # Synchronised: under a multi-worker or mirrored strategy the batch statistics are those of
-    # the global batch, so several workers train what one process trains (local statistics of
-    # half a batch did not: the two-worker test drifted by 7e-3 in loss).
-    def batch_norm(x):
-        return layers.BatchNormalization(synchronized=True)(x)
-
-    def conv_bn(x, filters: int, strides: int = 1):
-        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
-                          kernel_initializer="he_normal")(x)
-        return batch_norm(x)
-
-    def residual_block(x, filters: int, strides: int):
-        shortcut = x
-        if strides != 1 or x.shape[-1] != filters:  # project the shortcut to the new shape
-            shortcut = batch_norm(layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x))
-        y = layers.ReLU()(conv_bn(x, filters, strides))
-        y = conv_bn(y, filters)
-        return layers.ReLU()(layers.Add()([shortcut, y]))
-
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.ReLU()(conv_bn(inputs, widths[0]))
-    for stage, filters in enumerate(widths):
-        for block in range(blocks_per_stage):
-            x = residual_block(x, filters, strides=2 if stage and not block else 1)
-    x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, _output_layer(n_classes)(x), name="resnet_small")
-
-
-def _output_layer(n_classes: int):
-    from keras import layers
-
-    if n_classes == 2:
-        return layers.Dense(1, activation="sigmoid", name="probability")
-    return layers.Dense(n_classes, activation="softmax", name="probability")
-
-
-ARCHITECTURES = {"seed_cnn": build_seed_cnn, "resnet_small": build_resnet_small}
 # Beside paths.model_dir, not in it: DVC deletes a stage's outputs before running it again.
 RESUME_SUFFIX = ".resume"
 # Training batches drawn ahead of the steps at most (see drawn_ahead): a bound on the memory that
 # drawing ahead costs, whatever the data set's size.
 DRAWN_AHEAD_BYTES = 512 * 2**20
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """Stored images (n, h, w) or (n, h, w, c) -> float32 (n, h, w, c) in [0, 1], the model's input."""
-    unit = layout.unit_pixels(images)
-    return unit[..., None] if unit.ndim == 3 else unit
 
 
 def training_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, epoch: int, seed: int,
@@ -192,30 +124,88 @@ def is_chief(strategy) -> bool:
             and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Cross-entropy (Keras' clipping), ROC AUC and accuracy of a model's outputs.
+class BatchNormStatistics:
+    """Sets each batch-normalisation layer's moving mean and variance to those of its input over
+    given images ("precise BN", Wu and Johnson, 2021), the network's weights as they are now.
 
-    ``probabilities`` is (n,) or (n, 1) for two classes (the probability of class 1; accuracy at
-    0.5), or (n, k) for k > 2 (AUC is the macro average of one-vs-rest AUCs, accuracy is for the
-    most probable class). AUC is NaN when ``labels`` hold a single class.
+    Why: Keras keeps moving statistics with momentum 0.99, an average over the last ~100 steps,
+    while the weights move at every step. On a few hundred images the stored statistics lag the
+    network that is saved; over 15 layers the small errors added up to validation logits of +7 to
+    +19 (every image above 0.999) for a network that, with batch statistics, scored validation
+    AUC 1.0. Re-estimated over a pass of the unaugmented training images in training mode (each
+    layer normalised by its batch, as in training), inside ``strategy`` so synchronised layers see
+    global batches; the per-batch means and variances are pooled in float64 into the mean and
+    variance of all the pass's pixels. Built once per model: its traced function is reused, since
+    tracing a new one per epoch cost as much as the pass itself.
     """
-    from sklearn.metrics import roc_auc_score
 
-    labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
-    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    if probabilities.ndim == 1 or probabilities.shape[1] == 1:
-        probabilities, clipped = probabilities.ravel(), clipped.ravel()
-        loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
-        auc = roc_auc_score(labels, probabilities) if len(np.unique(labels)) == 2 else float("nan")
-        predicted = (probabilities >= 0.5).astype(int)
-    else:
-        loss = -np.mean(np.log(clipped[np.arange(len(labels)), labels]))
-        present = np.unique(labels)
-        # Macro AUC over the classes present; a class absent from the labels has no ROC curve.
-        auc = (float(np.mean([roc_auc_score(labels == k, probabilities[:, k]) for k in present]))
-               if len(present) > 1 else float("nan"))
-        predicted = probabilities.argmax(axis=1)
-    return {"loss": float(loss), "auc": float(auc), "accuracy": float(np.mean(predicted == labels))}
+    def __init__(self, model, *, batch_size: int, strategy=None) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.batch_size = batch_size
+        self.norms = [layer for layer in model._flatten_layers(include_self=False)
+                      if isinstance(layer, keras.layers.BatchNormalization)]
+        probe = keras.Model(model.inputs, [norm.input for norm in self.norms]) if self.norms else None
+
+        def replica_moments(batch_images):
+            counts, sums, squares = [], [], []
+            for features in probe(batch_images, training=True):
+                mean, variance = tf.nn.moments(features, axes=list(range(len(features.shape) - 1)))
+                count = tf.cast(tf.reduce_prod(tf.shape(features)[:-1]), tf.float32)
+                counts.append(count)
+                sums.append(count * mean)
+                squares.append(count * (variance + tf.square(mean)))
+            return counts, sums, squares
+
+        @tf.function
+        def pooled_moments(batch):
+            per_replica = self.strategy.run(replica_moments, args=(batch,))
+            return tf.nest.map_structure(
+                lambda value: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica)
+
+        self._pooled_moments = pooled_moments
+
+    def __call__(self, images: np.ndarray) -> None:
+        """Re-estimate every layer's statistics over ``images`` (n, h, w, c)."""
+        import tensorflow as tf
+
+        if not self.norms:
+            return
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        batches = self.strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size).with_options(options))
+        totals = None
+        for batch in batches:
+            moments = tf.nest.map_structure(lambda value: value.numpy().astype(np.float64),
+                                            self._pooled_moments(batch))
+            totals = moments if totals is None else tf.nest.map_structure(np.add, totals, moments)
+        for norm, count, total, square in zip(self.norms, *totals):
+            mean = total / count
+            norm.moving_mean.assign(mean.astype(np.float32))
+            norm.moving_variance.assign(np.maximum(square / count - mean ** 2, 0.0).astype(np.float32))
+
+
+# Share of the training images the per-epoch statistics pass reads (at least one batch); the kept
+# weights get a pass over all of them before they are saved. Why not all, every epoch: a pass
+# in training mode costs about 40 % of a training epoch (resnet_small, 2 cores), and the
+# per-epoch figures only rank epochs.
+EPOCH_STATISTICS_SHARE = 1 / 8
+
+
+def statistics_subset(images: np.ndarray, *, seed: int, share: float = EPOCH_STATISTICS_SHARE,
+                      at_least: int = 32) -> np.ndarray:
+    """The same seeded random ``share`` of ``images`` every epoch (at least ``at_least``), in order."""
+    count = min(len(images), max(at_least, int(np.ceil(share * len(images)))))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), count, replace=False))
+    return images[chosen]
+
+
+# What train.keep compares epochs on: the history column and whether lower is better.
+KEEP_CRITERIA = {"best_val_loss": ("val_loss", True), "best_val_auc": ("val_auc", False),
+                 "last_epoch": ("val_loss", True)}  # last_epoch: early stopping still on the loss
 
 
 def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
@@ -223,13 +213,17 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
                 augment: AugmentParams | None = None, strategy=None,
                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
                 resume_dir: Path | None = None):
-    """Fit the configured architecture; returns the best-on-validation model and its history.
+    """Fit one network of the configured architecture; returns the kept, calibrated model and its
+    history.
 
     The loop is ours rather than ``model.fit`` because Keras 3's ``fit`` cannot run under
     ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585: it fails on ``PerReplica`` inputs).
     One loop for every strategy keeps the strategies interchangeable: each global batch is split
     evenly across the replicas and the loss averaged over the global batch, so two workers compute
-    what one process computes, up to float rounding.
+    what one process computes, up to float rounding. After every epoch the batch-normalisation
+    statistics are re-estimated (:class:`BatchNormStatistics`) before validation, so
+    the validation figures, the kept weights and the saved model are the network in inference
+    mode as it will be used.
 
     Parameters
     ----------
@@ -239,10 +233,11 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         Class indices (n,), 0 to ``n_classes`` - 1.
     params : TrainParams
         Architecture, epochs, (global) batch size, learning rate and its schedule, class weights,
-        early-stopping patience (on validation AUC), which epoch to keep, and seed.
+        early-stopping patience, which epoch to keep (``params.keep``: lowest validation loss,
+        highest validation AUC, or the last), calibration, and seed.
     checkpoint : Path or None
-        Where the kept model (``params.keep``: highest validation AUC, or the last epoch) is
-        saved as ``.keras``; None saves nothing (a multi-worker task other than the chief).
+        Where the returned model is saved as ``.keras``; None saves nothing (a multi-worker task
+        other than the chief, or an ensemble member the caller combines).
     n_classes : int, default=2
         Two: one sigmoid output, the probability of class 1. More: a softmax over the classes.
     augment : AugmentParams, optional
@@ -259,8 +254,10 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     Returns
     -------
     (keras.Model, pandas.DataFrame)
-        The kept model and one history row per epoch: loss, auc, accuracy on the training batches
-        as they were trained, and the same on the validation split (``val_`` prefix).
+        The kept model, with ``params.calibration: temperature`` its temperature fitted on the
+        validation split (:func:`stages.scoring.fit_temperature`), and one history row per
+        epoch: loss, auc, accuracy, brier, ece on the training batches as they were trained, and
+        the same on the validation split (``val_`` prefix) in inference mode, before calibration.
     """
     import keras
     import tensorflow as tf
@@ -273,7 +270,7 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     if params.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(params.lr, params.epochs * steps_per_epoch)
     with strategy.scope():
-        model = ARCHITECTURES[params.architecture](train_x.shape[1:], n_classes)
+        model = models.ARCHITECTURES[params.architecture](train_x.shape[1:], n_classes)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         optimizer.build(model.trainable_variables)
     class_weights = tf.constant(class_weights_for(train_y, params.class_weight, n_classes), tf.float32)
@@ -313,6 +310,8 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         return np.concatenate([predict_batch(images[i:i + 256]).numpy()
                                for i in range(0, len(images), 256)])
 
+    refresh_statistics = BatchNormStatistics(model, batch_size=params.batch_size, strategy=strategy)
+    epoch_statistics_images = statistics_subset(train_x, seed=params.seed)
     resume = TrainingState.load(resume_dir, fingerprint(params, augment, train_x, train_y, val_x, val_y))
     if resume.epoch:
         model.set_weights(resume.weights)
@@ -320,24 +319,32 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
             variable.assign(value)
         logger.info("resuming after epoch %d from %s", resume.epoch, resume_dir)
     state = resume
+    criterion, lower_is_better = KEEP_CRITERIA[params.keep]
     for epoch in range(resume.epoch + 1, params.epochs + 1):
         trained = [train_step(batch) for batch in epoch_batches(epoch)]
-        row = {"epoch": epoch, **classification_scores(np.concatenate([y.numpy() for _, y in trained]),
-                                                       np.concatenate([p.numpy() for p, _ in trained]))}
+        refresh_statistics(epoch_statistics_images)
+        row = {"epoch": epoch, **scoring.classification_scores(
+            np.concatenate([y.numpy() for _, y in trained]), np.concatenate([p.numpy() for p, _ in trained]))}
         row.update({f"val_{name}": value
-                    for name, value in classification_scores(val_y, predict(val_x)).items()})
+                    for name, value in scoring.classification_scores(val_y, predict(val_x)).items()})
         logger.info("epoch %d/%d: %s", epoch, params.epochs,
                     " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
-        state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables])
+        state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables],
+                                  criterion=criterion, lower_is_better=lower_is_better)
         if resume_dir is not None:
             state.save(resume_dir)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if 0 < params.early_stopping_patience <= epoch - state.best_epoch:
-            logger.info("early stop: no better validation AUC in %d epochs", epoch - state.best_epoch)
+            logger.info("early stop: no better %s in %d epochs", criterion, epoch - state.best_epoch)
             break
-    kept = state.best_weights if params.keep == "best_val_auc" else state.weights
+    kept = state.best_weights if params.keep != "last_epoch" else state.weights
     model.set_weights(kept or model.get_weights())
+    refresh_statistics(train_x)  # the saved network: statistics over every training image
+    if params.calibration == "temperature":
+        temperature = scoring.fit_temperature(val_y, models.logit_model(model).predict(val_x, verbose=0))
+        model = models.set_temperature(model, temperature)
+        logger.info("temperature %.3f fitted on the validation split", temperature)
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         model.save(checkpoint)
@@ -377,8 +384,12 @@ class TrainingState:
     optimizer: list | None = None
     best_weights: list | None = None
 
-    def after_epoch(self, row: dict, weights: list, optimizer: list) -> TrainingState:
-        better = not self.rows or row["val_auc"] > max(r["val_auc"] for r in self.rows)
+    def after_epoch(self, row: dict, weights: list, optimizer: list, *, criterion: str = "val_loss",
+                    lower_is_better: bool = True) -> TrainingState:
+        """The state after ``row``'s epoch; its weights become the best when ``row[criterion]``
+        beats every earlier epoch's (strictly: the first of equal epochs stays)."""
+        sign = 1.0 if lower_is_better else -1.0
+        better = not self.rows or sign * row[criterion] < min(sign * r[criterion] for r in self.rows)
         return dataclasses.replace(
             self, epoch=row["epoch"], rows=[*self.rows, row], weights=weights, optimizer=optimizer,
             best_epoch=row["epoch"] if better else self.best_epoch,
@@ -414,20 +425,13 @@ class TrainingState:
                    arrays("weights"), arrays("optimizer"), arrays("best_weights"))
 
 
-def class_indices(labels: np.ndarray, classes: list[int]) -> np.ndarray:
-    """Labels as the model's class indices: the position of each label in ``ingest.classes``."""
-    order = np.argsort(classes)
-    positions = np.searchsorted(np.asarray(classes)[order], labels)
-    return order[np.clip(positions, 0, len(classes) - 1)]
-
-
 def load_split(paths, split: str, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """One split's model input (float32 images) and class indices."""
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
     chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
     labels = manifest["label"].to_numpy()[chosen]
-    return to_model_input(np.asarray(images[chosen])), class_indices(labels, classes)
+    return models.to_model_input(np.asarray(images[chosen])), models.class_indices(labels, classes)
 
 
 def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
@@ -438,6 +442,53 @@ def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
         raise StageError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
                          f"ingest.image_size and ingest.channels ask for {'x'.join(map(str, expected))}: "
                          "run the pipeline from ingest (dvc repro)")
+
+
+def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
+                   params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
+                   augment: AugmentParams | None = None, strategy=None,
+                   on_epoch_end: Callable[[int, int, dict[str, float]], None] | None = None,
+                   resume_dir: Path | None = None):
+    """``params.ensemble`` networks by :func:`train_model`, member i with seed ``params.seed + i``,
+    combined by :func:`stages.models.ensemble_of` (one member: that network).
+
+    Returns the model (saved to ``checkpoint`` unless None) and every member's history, with a
+    ``member`` column; ``on_epoch_end`` is called with (member, epoch, row). Each member resumes
+    from its own folder under ``resume_dir``.
+    """
+    import keras
+
+    members, histories = [], []
+    for member in range(params.ensemble):
+        report = None if on_epoch_end is None else functools.partial(on_epoch_end, member)
+        network, history = train_model(
+            train_x, train_y, val_x, val_y, params=dataclasses.replace(params, seed=params.seed + member),
+            checkpoint=None, n_classes=n_classes, augment=augment, strategy=strategy,
+            on_epoch_end=report, resume_dir=None if resume_dir is None else resume_dir / f"member-{member}")
+        members.append(network)
+        histories.append(history.assign(member=member))
+    model = models.ensemble_of(members)
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
+        model = keras.models.load_model(checkpoint)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return model, pd.concat(histories, ignore_index=True)
+
+
+def kept_epochs(history: pd.DataFrame, keep: str) -> list[int]:
+    """The epoch each member kept, by the rule of ``train.keep``."""
+    criterion, lower_is_better = KEEP_CRITERIA[keep]
+    kept = []
+    for _, rows in history.groupby("member", sort=True):
+        if keep == "last_epoch":
+            kept.append(int(rows["epoch"].iloc[-1]))
+        else:
+            best = rows[criterion].idxmin() if lower_is_better else rows[criterion].idxmax()
+            kept.append(int(rows.loc[best, "epoch"]))
+    return kept
 
 
 def main() -> None:
@@ -453,10 +504,11 @@ def main() -> None:
     train_x, train_y = load_split(paths, "train", ingest.classes)
     val_x, val_y = load_split(paths, "val", ingest.classes)
     check_input_shape(train_x, ingest)
-    fit = functools.partial(train_model, train_x, train_y, val_x, val_y, params=params,
+    fit = functools.partial(train_ensemble, train_x, train_y, val_x, val_y, params=params,
                             n_classes=len(ingest.classes), augment=augment, strategy=strategy)
-    logger.info("training %s on %s, validating on %s, %d classes, %d replica(s)", params.architecture,
-                train_x.shape, val_x.shape, len(ingest.classes), strategy.num_replicas_in_sync)
+    logger.info("training %d x %s on %s, validating on %s, %d classes, %d replica(s)", params.ensemble,
+                params.architecture, train_x.shape, val_x.shape, len(ingest.classes),
+                strategy.num_replicas_in_sync)
     if not is_chief(strategy):
         # A multi-worker task trains in step with the chief, which alone writes and logs.
         fit(checkpoint=None)
@@ -467,12 +519,15 @@ def main() -> None:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))
-        logged_epochs: set[int] = set()
+        logged_epochs: set[tuple[int, int]] = set()
 
-        def log_epoch(epoch: int, row: dict[str, float]) -> None:
-            mlflow.log_metrics({name: value for name, value in row.items() if name != "epoch"},
-                               step=epoch)
-            logged_epochs.add(epoch)
+        def metric_name(member: int, name: str) -> str:
+            return name if params.ensemble == 1 else f"member_{member}_{name}"
+
+        def log_epoch(member: int, epoch: int, row: dict[str, float]) -> None:
+            mlflow.log_metrics({metric_name(member, name): value for name, value in row.items()
+                                if name not in ("epoch", "member")}, step=epoch)
+            logged_epochs.add((member, epoch))
 
         # A multi-worker run cannot resume: every worker would have to find the same state.
         resume_dir = None if params.strategy == "multi_worker" else model_dir.with_name(
@@ -480,12 +535,24 @@ def main() -> None:
         model, history = fit(checkpoint=model_dir / layout.MODEL_FILE, on_epoch_end=log_epoch,
                              resume_dir=resume_dir)
         for row in history.to_dict("records"):  # epochs a killed run trained, into this run too
-            if int(row["epoch"]) not in logged_epochs:
-                log_epoch(int(row["epoch"]), row)
+            if (int(row["member"]), int(row["epoch"])) not in logged_epochs:
+                log_epoch(int(row["member"]), int(row["epoch"]), row)
         Path(paths.train_history).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.train_history, index=False)
-        best_epoch = int(history.loc[history["val_auc"].idxmax(), "epoch"])
-        mlflow.log_metrics({"best_epoch": best_epoch, "best_val_auc": float(history["val_auc"].max())})
+
+        # The model as saved (kept epochs, calibrated, members averaged) on the validation split.
+        val_probabilities = models.predict_probabilities(model, val_x)
+        final = scoring.classification_scores(val_y, val_probabilities)
+        uncalibrated = scoring.classification_scores(
+            val_y, models.predict_probabilities(model, val_x, calibrated=False))
+        kept = kept_epochs(history, params.keep)
+        summary = {"best_epoch": kept[0], **{f"model_val_{name}": value for name, value in final.items()},
+                   "model_val_ece_uncalibrated": uncalibrated["ece"],
+                   "model_val_brier_uncalibrated": uncalibrated["brier"]}
+        for member, (network, epoch) in enumerate(zip(models.members_of(model), kept)):
+            summary[metric_name(member, "temperature")] = models.temperature_of(network)
+            summary[metric_name(member, "kept_epoch")] = epoch
+        mlflow.log_metrics(summary)
         for report in (paths.validation_report, paths.validation_metrics, paths.split_counts,
                        paths.augment_preview, paths.train_history):
             mlflow.log_artifact(report, artifact_path="reports")
@@ -500,11 +567,20 @@ def main() -> None:
             # The inferred list can name both tensorflow and tensorflow-cpu; state what was tested.
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
         )
-        (model_dir / layout.RUN_INFO).write_text(
-            json.dumps({"run_id": run.info.run_id, "model_uri": model_info.model_uri}, indent=2) + "\n"
-        )
-    logger.info("best validation AUC %.3f at epoch %d; MLflow run %s",
-                history["val_auc"].max(), best_epoch, run.info.run_id)
+        problems = scoring.degeneracy(val_y, val_probabilities)
+        (model_dir / layout.RUN_INFO).write_text(json.dumps(
+            {"run_id": run.info.run_id, "model_uri": model_info.model_uri, "degenerate": problems},
+            indent=2) + "\n")
+        if problems:
+            mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+    logger.info("validation (model as saved): AUC %.3f, loss %.3f, Brier %.4f, ECE %.4f (uncalibrated "
+                "%.4f); kept epoch(s) %s; MLflow run %s", final["auc"], final["loss"], final["brier"],
+                final["ece"], uncalibrated["ece"], kept, run.info.run_id)
+    if problems:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
+        raise StageError(f"the trained model is degenerate on the validation split: {'; '.join(problems)}. "
+                         f"The MLflow run {run.info.run_id} is marked FAILED and nothing will be "
+                         "registered; see the history in " + paths.train_history)
 
 
 if __name__ == "__main__":

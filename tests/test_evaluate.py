@@ -18,6 +18,8 @@ from stages.evaluate import (
     choose_threshold,
     compute_metrics,
     compute_multiclass_metrics,
+    Comparison,
+    promotion_score,
     register_model,
     should_promote,
     subgroup_metrics,
@@ -51,6 +53,12 @@ class TestChooseThreshold:
 
         best_by_search = max(youden(t) for t in np.unique(y_score))
         assert youden(threshold) == pytest.approx(best_by_search)
+
+    def test_youden_on_a_separated_split_sits_between_the_classes(self):
+        y_true = np.array([0, 0, 0, 1, 1, 1])
+        y_score = np.array([0.01, 0.2, 0.3, 0.99990, 0.99995, 0.99999])
+        # Any threshold in (0.3, 0.9999] separates them; the middle, not the positives' edge.
+        assert choose_threshold(y_true, y_score, method="youden") == pytest.approx((0.3 + 0.9999) / 2)
 
     def test_fixed_returns_the_param(self, scored):
         assert choose_threshold(*scored, method="fixed", fixed=0.3) == 0.3
@@ -284,8 +292,9 @@ class TestSubgroupMetrics:
         assert "sensitivity" not in table.columns
 
 
-def test_register_model_moves_champion_only_on_improvement(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+def test_register_model_follows_the_comparison_and_tags_it(tmp_path, monkeypatch):
+    import mlflow
+
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -298,17 +307,46 @@ def test_register_model_moves_champion_only_on_improvement(tmp_path, monkeypatch
             return mlflow.pyfunc.log_model(name="model", python_model=Constant(),
                                            pip_requirements=["numpy"]).model_uri
 
+    def versus(candidate, champion, version):
+        return Comparison("roc_auc", candidate, champion, version, images=114, data_version="ab12" * 8)
+
     try:
-        first = register_model(log_candidate(), name="m", metric="roc_auc", value=0.80)
-        worse = register_model(log_candidate(), name="m", metric="roc_auc", value=0.70)
-        better = register_model(log_candidate(), name="m", metric="roc_auc", value=0.90)
+        first = register_model(log_candidate(), name="m", comparison=versus(0.80, None, None))
+        worse = register_model(log_candidate(), name="m", comparison=versus(0.70, 0.80, "1"))
+        better = register_model(log_candidate(), name="m", comparison=versus(0.90, 0.79, "1"))
         client = mlflow.MlflowClient()
         assert (first, worse, better) == (("1", "champion"), ("2", "challenger"), ("3", "champion"))
         assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
         assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
-        assert client.get_model_version("m", "1").tags["test_roc_auc"] == "0.8"  # old champion kept
         assert str(client.get_model_version_by_alias("m", "previous_champion").version) == "1"
-        small = register_model(log_candidate(), name="m", metric="roc_auc", value=0.91, min_gain=0.02)
+        tags = client.get_model_version("m", "3").tags
+        assert tags["promotion_decision"] == ("champion: roc_auc on 114 val images of data ab12ab12ab12, "
+                                              "candidate 0.9000 vs champion version 1 0.7900 (minimum gain 0)")
+        assert (tags["promotion_candidate"], tags["promotion_champion"], tags["promotion_images"],
+                tags["promotion_split"]) == ("0.9", "0.79", "114", "val")
+        small = register_model(log_candidate(), name="m", comparison=versus(0.91, 0.90, "3"), min_gain=0.02)
         assert small == ("4", "challenger")  # better, but by less than the minimum gain
+        unscored = Comparison("roc_auc", 0.99, None, "3", images=114, data_version="x",
+                              reason="it answered none of the 114 files with a probability")
+        assert register_model(log_candidate(), name="m", comparison=unscored) == ("5", "challenger")
+        assert "could not be scored (it answered none" in client.get_model_version("m", "5").tags[
+            "promotion_decision"]
+        assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_promotion_scores_each_model_at_its_own_threshold():
+    labels = np.array([1, 1, 0, 0])
+    answers = pd.DataFrame({"probability": [0.9, 0.4, 0.35, 0.1], "label": [1, 1, 0, 0], "error": ""})
+    # The label column says this model's threshold sits below 0.4: every image is called right.
+    assert promotion_score("accuracy", labels, answers, [0, 1]) == 1.0
+    assert promotion_score("sensitivity", labels, answers, [0, 1]) == 1.0
+    assert promotion_score("roc_auc", labels, answers, [0, 1]) == 1.0
+    assert promotion_score("brier", labels, answers, [0, 1]) == pytest.approx(
+        (0.01 + 0.36 + 0.1225 + 0.01) / 4)
+    three = pd.DataFrame({"probability_3": [0.7, 0.2, 0.1], "probability_5": [0.2, 0.7, 0.1],
+                          "probability_9": [0.1, 0.1, 0.8], "label": [3, 5, 5], "error": ""})
+    assert promotion_score("accuracy", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx(2 / 3)
+    with pytest.raises(StageError, match="'brier' is not computed for 3 classes"):
+        promotion_score("brier", np.array([0, 1, 2]), three, [3, 5, 9])

@@ -14,7 +14,7 @@ from stages.explain import (
     write_grad_cam_examples,
     write_grad_cam_grid,
 )
-from stages.train import build_seed_cnn
+from stages.models import build_seed_cnn
 
 keras = pytest.importorskip("keras")
 layers = keras.layers

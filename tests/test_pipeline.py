@@ -159,7 +159,7 @@ def _test_auc(folder: Path) -> float:
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from stages.train import to_model_input
+    from stages.models import to_model_input
 
     manifest = pd.read_parquet(folder / "outputs" / "split" / "manifest.parquet")
     test = (manifest["split"] == "test").to_numpy()
@@ -261,18 +261,71 @@ def test_push_and_pull_round_trip_data_and_every_output_into_a_fresh_clone(repo,
     assert all((clone / path).read_bytes() == (root / path).read_bytes() for path in outputs)
 
 
+def _validation_files(root: Path) -> tuple[list[Path], np.ndarray]:
+    manifest = pd.read_parquet(root / "outputs" / "split" / "manifest.parquet")
+    rows = manifest[manifest["split"] == "val"].drop_duplicates("dicom_file")
+    return [root / "outputs" / "deidentify" / name for name in rows["dicom_file"]], rows["label"].to_numpy()
+
+
 def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
+    from sklearn.metrics import roc_auc_score
+
     root, env = repo
     output = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], root, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in output]
     assert ran == ["train", "evaluate"]
-    _, client = registry
+    mlflow, client = registry
     assert len(client.search_model_versions("name='dicomflow-classifier'")) == 2
     second = client.get_model_version("dicomflow-classifier", "2")
-    expected = "champion" if float(second.tags["test_roc_auc"]) > float(
-        client.get_model_version("dicomflow-classifier", "1").tags["test_roc_auc"]) else "challenger"
-    assert second.aliases == [expected]
+    # Both models scored again here, as registered, on the validation files: the figures the
+    # promotion decision says it compared.
+    files, labels = _validation_files(root)
+    figures = {}
+    for version in ("1", "2"):
+        model = mlflow.pyfunc.load_model(f"models:/dicomflow-classifier/{version}")
+        answers = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+        assert (answers["error"] == "").all()
+        figures[version] = roc_auc_score(labels, answers["probability"])
+    tags = second.tags
+    assert tags["promotion_split"] == "val" and tags["promotion_images"] == str(len(files))
+    assert float(tags["promotion_candidate"]) == pytest.approx(figures["2"], abs=1e-5)
+    assert float(tags["promotion_champion"]) == pytest.approx(figures["1"], abs=1e-5)
+    assert tags["promotion_champion_version"] == "1"
+    assert second.aliases == ["champion" if figures["2"] > figures["1"] else "challenger"]
     assert "train.epochs" in _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)
+
+
+def test_a_new_promotion_metric_compares_both_models_on_it(repo, registry):
+    """The issue's case: the champion had no figure for the new metric and lost to anything."""
+    root, env = repo
+    _, client = registry
+    before = client.get_model_version_by_alias("dicomflow-classifier", "champion").version
+    _run(["dvc", "exp", "run", "-S", "evaluate.promotion_metric=brier"], root, env)
+    newest = max(client.search_model_versions("name='dicomflow-classifier'"), key=lambda v: int(v.version))
+    assert newest.tags["promotion_metric"] == "brier" and newest.tags["promotion_champion"] != ""
+    assert newest.tags["promotion_champion_version"] == str(before)
+    candidate, champion = float(newest.tags["promotion_candidate"]), float(newest.tags["promotion_champion"])
+    assert newest.aliases == ["champion" if candidate < champion else "challenger"]
+
+
+def test_a_degenerate_operating_point_is_reported_failed_and_never_registered(repo, registry):
+    root, env = repo
+    _, client = registry
+    versions = len(client.search_model_versions("name='dicomflow-classifier'"))
+    params = (root / "params.yaml").read_text()
+    try:
+        result = subprocess.run(["dvc", "exp", "run", "-S", "evaluate.threshold_method=fixed",
+                                 "-S", "evaluate.fixed_threshold=0.995"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=900)
+    finally:  # a failed experiment leaves its params in the workspace
+        (root / "params.yaml").write_text(params)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "degenerate on the validation split: operating threshold 0.995 is outside [0.01, 0.99]" in output
+    assert len(client.search_model_versions("name='dicomflow-classifier'")) == versions
+    experiment = client.get_experiment_by_name("dicomflow").experiment_id
+    failed = client.search_runs([experiment], filter_string="attributes.status = 'FAILED'")
+    assert any("operating threshold 0.995" in run.data.tags.get("dicomflow.degenerate", "") for run in failed)
 
 
 def _run_queue(root: Path, env: dict[str, str], rates: list[str]) -> None:

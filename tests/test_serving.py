@@ -1,5 +1,9 @@
 """Serving: the DICOM-reading pyfunc (stages/serving.py), batch prediction (stages/predict.py) and
-``mlflow models serve`` on it, with real Keras models, real DICOM files and a temporary MLflow store."""
+``mlflow models serve`` on it, with real Keras models, real DICOM files and a temporary MLflow store.
+
+The registered model carries a training domain (DX/CR grayscale): files unlike it (pydicom's MR,
+ultrasound and RGB test files) get ``out_of_domain`` through all three, tested here beside the
+store and server; stages/domain.py's own tests are in tests/test_domain.py."""
 
 from __future__ import annotations
 
@@ -19,14 +23,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pydicom.data import get_testdata_file
 
+from stages.domain import TrainingDomain
 from stages.ingest import PixelSettings, read_image
 
 keras = pytest.importorskip("keras")
 mlflow = pytest.importorskip("mlflow")
 
 from stages import serving  # noqa: E402  (imports mlflow)
-from stages.train import to_model_input  # noqa: E402
+from stages.models import to_model_input  # noqa: E402  (stages.train moved it there)
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -36,6 +42,11 @@ THRESHOLD = 0.3
 BRIGHT, MID, DARK = 200, 115, 30
 # A fixed window keeps dark images dark (without one ingest stretches each image's own range).
 WINDOW = {"WindowCenter": 128, "WindowWidth": 256}
+# What the model was "trained on": the test images below are DX or CR, 40-80 pixels a side.
+DOMAIN = TrainingDomain(modalities={"CR", "DX"}, photometrics={"MONOCHROME2"}, channels={1},
+                        rows=(40, 80), columns=(40, 80))
+# pydicom's test files outside DOMAIN, by the name the dicoms fixture gives their copies.
+FOREIGN = {"mr": "MR_small.dcm", "us": "US1_J2KR.dcm", "rgb": "SC_rgb.dcm", "mr_truncated": "MR_truncated.dcm"}
 
 
 def _image(level: int, *, seed: int, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -87,9 +98,10 @@ def binary_keras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(store, binary_keras):
-    """The binary classifier logged with log_classifier, registered, alias champion; its URI."""
+    """The binary classifier logged with log_classifier and DOMAIN, registered, alias champion; its URI."""
     with mlflow.start_run(experiment_id=store["experiment"]):
-        info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS)
+        info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
+                                      domain=DOMAIN)
     version = mlflow.register_model(info.model_uri, MODEL_NAME).version
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
     return {"uri": f"models:/{MODEL_NAME}@champion", "info": info}
@@ -102,14 +114,18 @@ def model(registered):
 
 @pytest.fixture(scope="module")
 def dicoms(tmp_path_factory, make_dicom):
-    """bright, mid and dark images (one without extension, one in a subfolder), a truncated DICOM
-    file and a text file."""
+    """bright, mid and dark DX images (one without extension, one in a subfolder), a bright CR image,
+    a truncated DICOM file, a text file, and under other/ copies of the FOREIGN files."""
     folder = tmp_path_factory.mktemp("dicoms")
     files = {
         "bright": make_dicom(folder / "a" / "bright.dcm", _image(BRIGHT, seed=1, shape=(64, 64)), **WINDOW),
         "mid": make_dicom(folder / "mid", _image(MID, seed=2, shape=(64, 64)), **WINDOW),
         "dark": make_dicom(folder / "dark.dcm", _image(DARK, seed=3, shape=(80, 40)), **WINDOW),
+        "cr": make_dicom(folder / "cr.dcm", _image(BRIGHT, seed=6, shape=(50, 70)), Modality="CR", **WINDOW),
     }
+    (folder / "other").mkdir()
+    for name, test_file in FOREIGN.items():
+        files[name] = Path(shutil.copy(get_testdata_file(test_file), folder / "other" / f"{name}.dcm"))
     content = files["bright"].read_bytes()
     truncated = folder / "a" / "truncated.dcm"
     truncated.write_bytes(content[:len(content) - 1500])  # cut inside Pixel Data
@@ -221,13 +237,85 @@ class TestDicomClassifier:
             serving.DicomClassifier(settings=SETTINGS, threshold=1.5, classes=[0, 1])
 
 
+OUT_OF_DOMAIN = {  # what each FOREIGN file's error starts with, and holds
+    "mr": ("out_of_domain: Modality 'MR' is not one the model was trained on (CR, DX); ", "MR"),
+    "us": ("out_of_domain: Modality 'US' is not one the model was trained on (CR, DX); ",
+           "PhotometricInterpretation 'YBR_RCT' is colour (3 channels); the model was trained on grayscale "
+           "(1 channel) images (MONOCHROME2)"),
+    "rgb": ("out_of_domain: Modality 'OT' is not one the model was trained on (CR, DX); ",
+            "PhotometricInterpretation 'RGB' is colour (3 channels)"),
+}
+
+
+def _assert_out_of_domain(result: pd.DataFrame, names: list[str]) -> None:
+    """Rows of ``result`` (in ``names`` order): FOREIGN ones refused, the others predicted."""
+    for (_, row), name in zip(result.iterrows(), names):
+        if name in OUT_OF_DOMAIN:
+            start, holds = OUT_OF_DOMAIN[name]
+            assert row["error"].startswith(start) and holds in row["error"], (name, row["error"])
+            assert np.isnan(row["probability"]) and row["label"] == -1, name
+        else:
+            assert row["error"] == "" and 0 <= row["probability"] <= 1 and row["label"] in (0, 1), name
+
+
+class TestTrainingDomain:
+    def test_files_outside_it_get_no_probability_and_the_reason_naming_the_value(self, model, dicoms,
+                                                                                  binary_keras):
+        names = ["mr", "cr", "us", "rgb", "bright"]
+        by_path = model.predict(pd.DataFrame({"path": [str(dicoms[name]) for name in names]}))
+        by_bytes = model.predict(pd.DataFrame({"dicom": [dicoms[name].read_bytes() for name in names]}))
+        for result in (by_path, by_bytes):
+            _assert_out_of_domain(result, names)
+            expected = _keras_on_ingest_pixels(binary_keras, [dicoms["cr"], dicoms["bright"]])[:, 0]
+            np.testing.assert_allclose(result["probability"].iloc[[1, 4]], expected, atol=1e-6)
+        assert model.unwrap_python_model().domain == DOMAIN
+
+    def test_the_header_is_checked_before_the_pixels_are_decoded(self, model, dicoms, binary_keras):
+        # MR_truncated.dcm's pixel data is cut short: decoding it would say "truncated".
+        result = model.predict(pd.DataFrame({"path": [str(dicoms["mr_truncated"])]}))
+        assert result["error"].iloc[0].startswith("out_of_domain: Modality 'MR' is not one")
+        unchecked = serving.DicomClassifier(settings=SETTINGS, threshold=THRESHOLD, classes=[0, 1])
+        unchecked.load_context(mlflow.pyfunc.PythonModelContext({serving.KERAS_ARTIFACT: str(binary_keras)}, None))
+        assert unchecked.predict(None, pd.DataFrame({"path": [str(dicoms["mr_truncated"])]}))["error"].iloc[0] \
+            .startswith("truncated: ")
+
+    def test_preprocessed_arrays_are_not_checked(self, model, dicoms):
+        # They carry no header; the MR's pixels as ingest makes them are scored like any image.
+        pixels = read_image(dicoms["mr"], SETTINGS)[1][0].pixels[None]
+        result = model.unwrap_python_model().predict(None, pixels)
+        assert result["error"].iloc[0] == "" and 0 <= result["probability"].iloc[0] <= 1
+
+    def test_is_in_the_model_metadata(self, registered):
+        metadata = mlflow.models.get_model_info(registered["uri"]).metadata
+        assert metadata["training_domain"] == {
+            "modalities": ["CR", "DX"], "photometric_interpretations": ["MONOCHROME2"], "channels": [1],
+            "rows": [40, 80], "columns": [40, 80], "pixel_spacing_mm": None, "body_parts": [], "margin": 0.2}
+
+    def test_a_model_pickled_before_the_domain_existed_still_predicts(self, registered, dicoms, tmp_path):
+        """A champion registered before this change: its pickled classifier has no ``domain``."""
+        import cloudpickle
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
+                                                         dst_path=str(tmp_path)))
+        pickled = local / "python_model.pkl"
+        classifier = cloudpickle.loads(pickled.read_bytes())
+        del classifier.domain
+        pickled.write_bytes(cloudpickle.dumps(classifier))
+
+        old = mlflow.pyfunc.load_model(str(local))
+        assert not hasattr(old.unwrap_python_model(), "domain")
+        result = old.predict(pd.DataFrame({"path": [str(dicoms["mr"]), str(dicoms["bright"])]}))
+        assert list(result["error"]) == ["", ""]  # no domain, no check: the MR is scored too
+        assert result["probability"].notna().all() and result["label"].iloc[1] == 1
+
+
 class TestLoggedModel:
     def test_ships_only_the_modules_prediction_imports(self, registered, tmp_path):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
                                                          dst_path=str(tmp_path)))
         shipped = sorted(path.relative_to(local).as_posix() for path in local.rglob("*.py"))
         assert shipped == [f"code/stages/{name}.py" for name in
-                           ("__init__", "cli", "ingest", "layout", "parallel", "params", "serving")]
+                           ("__init__", "cli", "domain", "ingest", "layout", "parallel", "params", "serving")]
         assert not list(local.rglob("sample_data*"))
         requirements = (local / "requirements.txt").read_text()
         for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
@@ -275,11 +363,17 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert list(table.columns) == ["path", "probability", "label", "error"]
-    assert list(table["path"]) == ["README", "a/bright.dcm", "a/truncated.dcm", "dark.dcm", "mid"]
+    names = ["README", "a/bright.dcm", "a/truncated.dcm", "cr.dcm", "dark.dcm", "mid", "other/mr.dcm",
+             "other/mr_truncated.dcm", "other/rgb.dcm", "other/us.dcm"]
+    assert list(table["path"]) == names
     reasons = [error.split(":")[0] for error in table["error"]]
-    assert reasons == ["not_dicom", "", "truncated", "", ""]
-    assert list(table["label"]) == [-1, 1, -1, 0, 1]
-    assert "predicted 3 of 5 files" in result.stderr and "1 not_dicom" in result.stderr
+    assert reasons == ["not_dicom", "", "truncated", "", "", "", "out_of_domain", "out_of_domain", "out_of_domain",
+                       "out_of_domain"]
+    assert list(table["label"]) == [-1, 1, -1, 1, 0, 1, -1, -1, -1, -1]
+    scored = table.assign(probability=pd.to_numeric(table["probability"], errors="coerce"))  # "" -> NaN
+    _assert_out_of_domain(scored.iloc[[1, 3, 4, 5, 6, 8, 9]], ["bright", "cr", "dark", "mid", "mr", "rgb", "us"])
+    assert "predicted 4 of 10 files" in result.stderr
+    assert "6 files not predicted (4 out_of_domain, 1 not_dicom, 1 truncated)" in result.stderr
 
 
 def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, tmp_path):
@@ -322,7 +416,8 @@ def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dico
                 pytest.fail(f"server not up after {time.monotonic() - deadline + 120:.0f} s: "
                             f"{log.read_text(errors='replace')[-3000:]}")
             time.sleep(1)
-        files = [dicoms["bright"], dicoms["text"]]
+        names = ["bright", "text", "mr", "rgb", "cr"]
+        files = [dicoms[name] for name in names]
         body = {"dataframe_split": {"columns": ["dicom"],
                                     "data": [[base64.b64encode(path.read_bytes()).decode("ascii")] for path in files]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
@@ -330,9 +425,12 @@ def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dico
         with urllib.request.urlopen(request, timeout=60) as response:
             served = pd.DataFrame(json.loads(response.read())["predictions"])
         local = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
-        assert served["probability"].iloc[0] == pytest.approx(local["probability"].iloc[0], abs=1e-6)
+        for row in (0, 4):
+            assert served["probability"].iloc[row] == pytest.approx(local["probability"].iloc[row], abs=1e-6)
         assert served["label"].iloc[0] == 1 and served["error"].iloc[0] == ""
         assert served["error"].iloc[1].startswith("not_dicom: ") and served["label"].iloc[1] == -1
+        # The scoring server writes the refused rows' NaN as a bare NaN token (Python's json reads it).
+        _assert_out_of_domain(served.drop(index=1), ["bright", "mr", "rgb", "cr"])
     finally:
         _stop(server)
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
+from stages.models import build_resnet_small, build_seed_cnn, to_model_input
 from stages.params import AugmentParams, IngestParams, TrainParams
-from stages.train import build_resnet_small, build_seed_cnn, to_model_input, train_model
-
-keras = pytest.importorskip("keras")
+from stages.train import train_model
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,11 +32,14 @@ class TestBuildSeedCnn:
         model = build_seed_cnn((64, 64, 1))
         kinds = [type(layer).__name__ for layer in model.layers]
         assert kinds == ["InputLayer", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
-                         "Flatten", "Dense", "Dense"]
+                         "Flatten", "Dense", "Dense", "Rescaling", "Activation"]
         conv1, conv2 = model.layers[1], model.layers[3]
         assert (conv1.filters, conv1.kernel_size, conv1.activation.__name__) == (32, (3, 3), "relu")
         assert (conv2.filters, conv2.kernel_size, conv2.activation.__name__) == (64, (3, 3), "relu")
-        assert model.layers[6].units == 64 and model.layers[7].activation.__name__ == "sigmoid"
+        assert model.layers[6].units == 64 and model.layers[7].units == 1
+        # The seed's sigmoid Dense as logits, identity calibration, sigmoid: the same function.
+        assert model.layers[7].activation.__name__ == "linear" and model.layers[8].scale == 1.0
+        assert model.layers[9].activation.__name__ == "sigmoid"
 
     def test_parameter_count_matches_the_architecture(self):
         side = 64
@@ -67,8 +71,9 @@ class TestBuildResnetSmall:
     def test_residual_blocks_halve_the_size_twice_and_end_in_one_sigmoid(self, shape):
         model = build_resnet_small(shape)
         kinds = [type(layer).__name__ for layer in model.layers]
-        assert kinds.count("Add") == 6 and kinds[-2:] == ["GlobalAveragePooling2D", "Dense"]
-        last_feature_map = model.get_layer(index=-3).output.shape
+        assert kinds.count("Add") == 6
+        assert kinds[-4:] == ["GlobalAveragePooling2D", "Dense", "Rescaling", "Activation"]
+        last_feature_map = model.get_layer(index=-5).output.shape
         assert tuple(last_feature_map[1:]) == (-(-shape[0] // 4), -(-shape[1] // 4), 64)
         assert model.output_shape == (None, 1) and model.layers[-1].activation.__name__ == "sigmoid"
         assert 150_000 < model.count_params() < 200_000
@@ -89,7 +94,7 @@ def test_to_model_input_scales_and_adds_a_channel():
 class TestTrainModel:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003,
                          lr_schedule="constant", class_weight="none", early_stopping_patience=0, keep="best_val_auc",
-                         seed=3)
+                         calibration="none", ensemble=1, seed=3)
 
     def test_learns_a_visible_finding_and_keeps_the_best_epoch(self, tmp_path):
         train_x, train_y = _bright_square_images(192, seed=0)
@@ -110,7 +115,8 @@ class TestTrainModel:
         val_x, val_y = _bright_square_images(32, seed=1)
         params = TrainParams(architecture=architecture, strategy="default", epochs=2, batch_size=16,
                              lr=0.003, lr_schedule="constant", class_weight="none",
-                             early_stopping_patience=0, keep="best_val_auc", seed=5)
+                             early_stopping_patience=0, keep="best_val_auc", calibration="none",
+                             ensemble=1, seed=5)
         runs = [train_model(train_x, train_y, val_x, val_y, params=params, augment=AUGMENT,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
         np.testing.assert_allclose(runs[0].drop(columns="epoch"), runs[1].drop(columns="epoch"), atol=1e-6)
@@ -174,7 +180,7 @@ def test_batches_are_drawn_a_chunk_ahead_and_come_out_unchanged_in_order():
 def test_classification_scores_for_two_and_three_classes():
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from stages.train import classification_scores
+    from stages.scoring import classification_scores
 
     labels = np.array([0, 1, 1, 0, 1])
     binary = np.array([0.2, 0.7, 0.4, 0.6, 0.9])
@@ -191,7 +197,7 @@ def test_classification_scores_for_two_and_three_classes():
 
 
 def test_labels_become_class_indices_in_the_order_of_ingest_classes():
-    from stages.train import class_indices
+    from stages.models import class_indices
 
     np.testing.assert_array_equal(class_indices(np.array([0, 1, 1, 0]), [0, 1]), [0, 1, 1, 0])
     np.testing.assert_array_equal(class_indices(np.array([9, 3, 5, 9]), [3, 5, 9]), [2, 0, 1, 2])
@@ -212,7 +218,6 @@ def test_images_of_another_size_than_the_params_are_a_clear_error():
 
 
 def test_model_input_from_every_stored_layout():
-    from stages.train import to_model_input
 
     gray = np.array([[[0, 255]]], dtype=np.uint8)
     rgb = np.full((1, 1, 2, 3), 0.5, dtype=np.float16)
@@ -224,7 +229,8 @@ def test_model_input_from_every_stored_layout():
 class TestStrategies:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16,
                          lr=0.003, lr_schedule="cosine", class_weight="balanced",
-                         early_stopping_patience=0, keep="best_val_auc", seed=5)
+                         early_stopping_patience=0, keep="best_val_auc", calibration="none",
+                         ensemble=1, seed=5)
 
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
         from stages.train import make_strategy
@@ -271,7 +277,7 @@ class TestTrainingControls:
     def params(**changes) -> TrainParams:
         base = dict(architecture="seed_cnn", strategy="default", epochs=4, batch_size=16, lr=0.003,
                     lr_schedule="cosine", class_weight="balanced", early_stopping_patience=0,
-                    keep="best_val_auc", seed=5)
+                    keep="best_val_auc", calibration="none", ensemble=1, seed=5)
         return TrainParams(**{**base, **changes})
 
     def test_balanced_class_weights_give_each_class_half_the_loss(self):
@@ -321,6 +327,7 @@ class TestTrainingControls:
         script.write_text(f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+import dataclasses
 from pathlib import Path
 from test_train import TestTrainingControls, _bright_square_images
 from stages.train import train_model
@@ -362,3 +369,88 @@ train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=Path(sys
         assert TrainingState.load(tmp_path / "resume", state.fingerprint).epoch == 1
         other = fingerprint(self.params(lr=0.01), None, train_x, train_y)
         assert TrainingState.load(tmp_path / "resume", other).epoch == 0
+
+
+class TestInferenceModeMatchesTraining:
+    """The batch-normalisation statistics saved with the model are those of its training images."""
+
+    @staticmethod
+    def params(**changes) -> TrainParams:
+        base = dict(architecture="resnet_small", strategy="default", epochs=3, batch_size=16, lr=0.003,
+                    lr_schedule="constant", class_weight="none", early_stopping_patience=0,
+                    keep="last_epoch", calibration="none", ensemble=1, seed=5)
+        return TrainParams(**{**base, **changes})
+
+    def test_first_layer_statistics_are_those_of_its_input_over_the_training_images(self):
+        from stages.train import BatchNormStatistics
+
+        images, _ = _bright_square_images(40, seed=0)
+        model = build_resnet_small(images.shape[1:])
+        norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+        # The stem's convolution comes before any normalisation: its output over the 40 images,
+        # whatever the batches, is what the first layer must store.
+        stem = keras.Model(model.inputs, norm.input).predict(images, verbose=0).astype(np.float64)
+        BatchNormStatistics(model, batch_size=16)(images)
+        np.testing.assert_allclose(norm.moving_mean.numpy(), stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(norm.moving_variance.numpy(), stem.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6)
+
+    def test_inference_outputs_match_batch_statistics_on_the_training_images(self):
+        train_x, train_y = _bright_square_images(96, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        model, history = train_model(train_x, train_y, val_x, val_y, params=self.params(), checkpoint=None)
+        inference = model(train_x, training=False).numpy().ravel()
+        batch_statistics = model(train_x, training=True).numpy().ravel()  # one batch of all 96
+        # Keras' moving averages after 18 steps at momentum 0.99 would still be close to their
+        # initial 0 / 1: far from these.
+        assert np.max(np.abs(inference - batch_statistics)) < 0.02
+        assert {"val_loss", "val_auc", "val_accuracy", "val_brier", "val_ece"} <= set(history.columns)
+
+    def test_kept_epoch_has_the_lowest_validation_loss(self):
+        from stages.scoring import classification_scores
+
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        model, history = train_model(train_x, train_y, val_x, val_y, checkpoint=None,
+                                     params=self.params(architecture="seed_cnn", epochs=5, lr=0.03,
+                                                        keep="best_val_loss"))
+        assert history["val_loss"].idxmin() != len(history) - 1  # the lowest is not the last
+        kept = classification_scores(val_y, model.predict(val_x, verbose=0))
+        assert kept["loss"] == pytest.approx(history["val_loss"].min(), abs=1e-5)
+
+    def test_temperature_is_fitted_on_validation_and_saved_in_the_model(self, tmp_path):
+        from stages.models import logit_model, temperature_of
+        from stages.scoring import classification_scores
+
+        train_x, train_y = _bright_square_images(96, seed=0)
+        val_x, val_y = _bright_square_images(48, seed=1)
+        params = self.params(architecture="seed_cnn", epochs=6, lr=0.01)
+        plain, _ = train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=None)
+        calibrated, _ = train_model(train_x, train_y, val_x, val_y, checkpoint=tmp_path / "m.keras",
+                                    params=dataclasses.replace(params, calibration="temperature"))
+        temperature = temperature_of(calibrated)
+        assert temperature != pytest.approx(1.0, abs=0.05) and temperature_of(plain) == 1.0
+        logits = logit_model(plain).predict(val_x, verbose=0).ravel()
+        # The saved model's probabilities are the sigmoid of the plain network's logits over T.
+        reloaded = keras.models.load_model(tmp_path / "m.keras")
+        np.testing.assert_allclose(reloaded.predict(val_x, verbose=0).ravel(),
+                                   1 / (1 + np.exp(-logits / temperature)), atol=1e-5)
+        assert (classification_scores(val_y, reloaded.predict(val_x, verbose=0))["loss"]
+                < classification_scores(val_y, plain.predict(val_x, verbose=0))["loss"])
+
+    def test_an_ensemble_averages_members_of_different_seeds(self, tmp_path):
+        from stages.models import members_of
+        from stages.train import train_ensemble
+
+        train_x, train_y = _bright_square_images(64, seed=0)
+        val_x, val_y = _bright_square_images(32, seed=1)
+        params = self.params(architecture="seed_cnn", epochs=2, ensemble=2, seed=11)
+        model, history = train_ensemble(train_x, train_y, val_x, val_y, params=params,
+                                        checkpoint=tmp_path / "ensemble.keras")
+        single, _ = train_model(train_x, train_y, val_x, val_y, checkpoint=None,
+                                params=dataclasses.replace(params, seed=12))
+        members = members_of(keras.models.load_model(tmp_path / "ensemble.keras"))
+        outputs = [member.predict(val_x, verbose=0).ravel() for member in members]
+        assert len(members) == 2 and not np.allclose(outputs[0], outputs[1], atol=1e-3)
+        np.testing.assert_allclose(outputs[1], single.predict(val_x, verbose=0).ravel(), atol=1e-5)
+        np.testing.assert_allclose(model.predict(val_x, verbose=0).ravel(), np.mean(outputs, axis=0), atol=1e-6)
+        assert list(history["member"]) == [0, 0, 1, 1] and list(history["epoch"]) == [1, 2, 1, 2]
