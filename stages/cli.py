@@ -20,6 +20,9 @@ def run_stage(main: Callable[[], None]) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # TensorFlow's INFO lines (one per collective all-reduce it traces: hundreds per multi-worker
+    # run) bury the stage's own; its warnings still show.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         main()
     except (ParamsError, StageError) as err:

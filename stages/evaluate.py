@@ -62,7 +62,7 @@ from stages.ingest import PixelSettings
 from stages.models import class_indices, members_of, predict_probabilities, temperature_of, to_model_input
 from stages.params import load_params, read_params_file
 from stages.scoring import brier_score, degeneracy, expected_calibration_error
-from stages.serving import log_classifier
+from stages.serving import DicomClassifier, log_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -439,44 +439,43 @@ def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
         return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
 
 
-def compare_with_champion(candidate_uri: str, *, name: str, metric: str, files: list[Path],
+def compare_with_champion(candidate: pd.DataFrame, *, name: str, metric: str, files: list[Path],
                           labels: np.ndarray, classes: list[int]) -> Comparison:
-    """Score the candidate and the registry's current champion on ``files`` (class indices
-    ``labels``); the figure of each on the files both of them answered."""
+    """Score the registry's current champion on ``files`` (class indices ``labels``), beside the
+    candidate's answers for the same files (``candidate``, with a ``path`` column of file
+    names); each figure on the files both of them answered."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     data = tracking.data_version()
     by_name = {file.name: label for file, label in zip(files, labels)}
-    candidate = score_registered(candidate_uri, files)
     try:
         current = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
     except MlflowException:  # no registered model or no champion yet
         current = None
-    answered = candidate["error"].isna()
-    if current is None:
-        value = promotion_score(metric, candidate_labels(candidate[answered], by_name), candidate[answered], classes)
-        return Comparison(metric, value, None, None, int(answered.sum()), data)
-    try:
-        champion = score_registered(f"models:/{name}/{current.version}", files)
-    except StageError as err:
-        champion, reason = None, str(err)
-    else:
-        reason = ""
-        if set(candidate.columns) != set(champion.columns):
-            reason = (f"its outputs {[c for c in champion.columns if c != 'path']} are not the "
-                      f"candidate's {[c for c in candidate.columns if c != 'path']}")
+    answered = candidate["error"].isna().to_numpy() | (candidate["error"] == "").to_numpy()
+    reason, champion = "", None
+    if current is not None:
+        try:
+            champion = score_registered(f"models:/{name}/{current.version}", files)
+        except StageError as err:
+            reason = str(err)
         else:
-            champion = champion.set_index("path").loc[candidate["path"]].reset_index()
-            answered &= champion["error"].isna().to_numpy()
-            if not answered.any():
-                reason = f"it answered none of the {len(files)} files with a probability"
+            if set(candidate.columns) != set(champion.columns):
+                reason = (f"its outputs {[c for c in champion.columns if c != 'path']} are not the "
+                          f"candidate's {[c for c in candidate.columns if c != 'path']}")
+            else:
+                champion = champion.set_index("path").loc[candidate["path"]].reset_index()
+                answered &= champion["error"].isna().to_numpy()
+                if not answered.any():
+                    reason = f"it answered none of the {len(files)} files with a probability"
     value = promotion_score(metric, candidate_labels(candidate[answered], by_name), candidate[answered], classes)
-    if reason:
-        return Comparison(metric, value, None, str(current.version), int(answered.sum()), data, reason)
+    version = None if current is None else str(current.version)
+    if current is None or reason:
+        return Comparison(metric, value, None, version, int(answered.sum()), data, reason)
     champion_value = promotion_score(metric, candidate_labels(champion[answered], by_name),
                                      champion[answered], classes)
-    return Comparison(metric, value, champion_value, str(current.version), int(answered.sum()), data)
+    return Comparison(metric, value, champion_value, version, int(answered.sum()), data)
 
 
 def candidate_labels(predictions: pd.DataFrame, by_name: dict[str, int]) -> np.ndarray:
@@ -525,34 +524,13 @@ def check_run(run_id: str, *, ingest_dir: Path, data_dir: Path) -> None:
                 f"{len(identifiers):,}", run_id)
 
 
-def main() -> None:
-    import keras
-    import mlflow
-
-    paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
-    model_dir, plots_dir = Path(paths.model_dir), Path(paths.eval_plots)
-    model = keras.models.load_model(model_dir / layout.MODEL_FILE)
-    run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
-    manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
-    binary = len(ingest.classes) == 2
-
-    def split_inputs(split: str) -> tuple[np.ndarray, np.ndarray]:
-        chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
-        labels = class_indices(manifest["label"].to_numpy()[chosen], ingest.classes)
-        return labels, to_model_input(np.asarray(images[chosen]))
-
-    val_y, val_x = split_inputs("val")
-    val_score = predict_probabilities(model, val_x)
-    # The test split is read here, once, to report: nothing below chooses anything on it.
-    test_y, test_x = split_inputs("test")
+def report_test_split(model, test_y: np.ndarray, test_x: np.ndarray, test_rows: pd.DataFrame, *,
+                      threshold: float | None, classes: list[int], plots_dir: Path) -> tuple[dict, list[Path], pd.DataFrame]:
+    """Test metrics (calibration with and without the model's own included), plot files and the
+    subgroup table: the report, and the only use of the test split."""
     test_score = predict_probabilities(model, test_x)
-    test_uncalibrated = predict_probabilities(model, test_x, calibrated=False)
-    test_rows = manifest[(manifest["split"] == "test").to_numpy()]
-    if binary:
-        threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
-                                     fixed=params.fixed_threshold,
-                                     target_sensitivity=params.target_sensitivity)
+    uncalibrated = predict_probabilities(model, test_x, calibrated=False)
+    if threshold is not None:
         metrics = compute_metrics(test_y, test_score, threshold=threshold)
         plot_files = write_plot_data(test_y, test_score, threshold=threshold, out_dir=plots_dir)
         plot_files.append(write_grad_cam_examples(model, test_x, test_y, test_score, threshold=threshold,
@@ -563,28 +541,79 @@ def main() -> None:
         logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, average precision %.3f", metrics["ppv"],
                     metrics["npv"], metrics["f1"], metrics["average_precision"])
     else:
-        threshold = None
-        metrics = compute_multiclass_metrics(test_y, test_score, classes=ingest.classes)
+        metrics = compute_multiclass_metrics(test_y, test_score, classes=classes)
         plot_files = write_confusion_data(test_y, test_score.argmax(axis=1), out_dir=plots_dir)
         logger.info("test macro ROC AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f, macro F1 %.3f",
                     metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
                     metrics["accuracy"], metrics["macro_f1"])
-    metrics.update(calibration_metrics(test_y, test_score, test_uncalibrated,
+    metrics.update(calibration_metrics(test_y, test_score, uncalibrated,
                                        temperatures=[temperature_of(m) for m in members_of(model)]))
-    plot_files += write_reliability_diagram(test_y, test_score, test_uncalibrated, out_dir=plots_dir)
+    plot_files += write_reliability_diagram(test_y, test_score, uncalibrated, out_dir=plots_dir)
     logger.info("test Brier %.4f, ECE %.4f (uncalibrated: Brier %.4f, ECE %.4f)", metrics["brier"],
                 metrics["ece"], metrics["brier_uncalibrated"], metrics["ece_uncalibrated"])
+    subgroups = subgroup_metrics(test_rows, test_y, test_score, threshold=threshold)
+    for row in subgroups.dropna(subset=["roc_auc"]).nsmallest(1, "roc_auc").itertuples():
+        logger.info("weakest subgroup by AUC: %s = %s (n %d), AUC %.3f", row.attribute, row.group,
+                    row.n, row.roc_auc)
+    return metrics, plot_files, subgroups
+
+
+def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str, threshold: float | None,
+                         metrics: dict, paths, params, ingest) -> None:
+    """Log the DICOM pyfunc into the active run, leak-check the run, compare the candidate with the
+    champion on the promotion split and register it with the alias that decides."""
+    import mlflow
+
+    # The registered model: DICOM in, probabilities and the label at this threshold out.
+    registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
+                      domain=TrainingDomain.from_manifest(manifest[(manifest["split"] == "train").to_numpy()]))
+    classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered)
+    check_run(run_id, ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
+    promotion = promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes)
+    # The candidate as it was just logged, in this process; the champion in a process of its own.
+    local = DicomClassifier(**registered).load(model_dir / layout.MODEL_FILE)
+    candidate = local.predict(None, pd.DataFrame({"path": [str(file) for file in promotion["files"]]}))
+    candidate.insert(0, "path", [file.name for file in promotion["files"]])
+    comparison = compare_with_champion(candidate, name=params.registered_model_name,
+                                       metric=params.promotion_metric, **promotion)
+    version, alias = register_model(
+        classifier.model_uri, name=params.registered_model_name, comparison=comparison,
+        min_gain=params.promotion_min_gain,
+        tags={f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece")})
+    mlflow.set_tags({"registered_version": version, "registered_alias": alias})
+
+
+def main() -> None:
+    import keras
+    import mlflow
+
+    paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
+    model_dir = Path(paths.model_dir)
+    model = keras.models.load_model(model_dir / layout.MODEL_FILE)
+    run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
+    manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
+    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+
+    def split_inputs(split: str) -> tuple[np.ndarray, np.ndarray]:
+        chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
+        labels = class_indices(manifest["label"].to_numpy()[chosen], ingest.classes)
+        return labels, to_model_input(np.asarray(images[chosen]))
+
+    val_y, val_x = split_inputs("val")
+    val_score = predict_probabilities(model, val_x)
+    threshold = None
+    if len(ingest.classes) == 2:
+        threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
+                                     fixed=params.fixed_threshold, target_sensitivity=params.target_sensitivity)
+    metrics, plot_files, subgroups = report_test_split(
+        model, *split_inputs("test"), manifest[(manifest["split"] == "test").to_numpy()], threshold=threshold,
+        classes=ingest.classes, plots_dir=Path(paths.eval_plots))
     if params.promotion_metric not in metrics:
         raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
                          f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
     Path(paths.eval_metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.eval_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    subgroups = subgroup_metrics(test_rows, test_y, test_score, threshold=threshold)
     subgroups.to_csv(paths.eval_subgroups, index=False, float_format="%.4f")
-    weakest = subgroups.dropna(subset=["roc_auc"]).nsmallest(1, "roc_auc")
-    for row in weakest.itertuples():
-        logger.info("weakest subgroup by AUC: %s = %s (n %d), AUC %.3f", row.attribute, row.group,
-                    row.n, row.roc_auc)
     problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
@@ -598,30 +627,18 @@ def main() -> None:
             mlflow.log_metrics(test_metrics)
             for path in [*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
-            if not problems:
-                # The registered model: DICOM in, probabilities and the label at this threshold out.
-                classifier = log_classifier(
-                    model_dir / layout.MODEL_FILE, threshold=threshold, classes=ingest.classes,
-                    settings=PixelSettings.from_params(ingest),
-                    domain=TrainingDomain.from_manifest(manifest[(manifest["split"] == "train").to_numpy()]))
-                check_run(run_info["run_id"], ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
-                comparison = compare_with_champion(
-                    classifier.model_uri, name=params.registered_model_name, metric=params.promotion_metric,
-                    **promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes))
-                version, alias = register_model(
-                    classifier.model_uri, name=params.registered_model_name, comparison=comparison,
-                    min_gain=params.promotion_min_gain,
-                    tags={f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece")})
-                mlflow.set_tags({"registered_version": version, "registered_alias": alias})
-            else:
+            if problems:
                 mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+            else:
+                register_and_promote(model_dir, manifest, run_id=run_info["run_id"], threshold=threshold,
+                                     metrics=metrics, paths=paths, params=params, ingest=ingest)
     if problems:
         client = mlflow.MlflowClient()
         for run_id in (run_info["run_id"], evaluation.info.run_id):
             client.set_terminated(run_id, status="FAILED")
-        raise StageError(f"the model is degenerate on the validation split: {'; '.join(problems)}. Its "
-                         f"runs are marked FAILED and it is not registered; the test report is in "
-                         f"{paths.eval_metrics}")
+        raise StageError(f"the model is degenerate on the validation split (validation AUC "
+                         f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
+                         f"FAILED and it is not registered; the test report is in {paths.eval_metrics}")
 
 
 def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int]) -> dict:

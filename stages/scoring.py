@@ -151,23 +151,26 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
 def degeneracy(labels: np.ndarray, probabilities: np.ndarray, *, threshold: float | None = None) -> list[str]:
     """What makes a model's outputs on a split unusable, in words; empty when nothing does.
 
-    Looked for: constant scores; every image called the same class (at ``threshold`` for two
-    classes, else by the most probable class), so that accuracy is that class's share; and a
+    Looked for: constant scores; every image called the same class at the operating point (for
+    two classes at ``threshold``, only when one is given: a weak but calibrated model scores
+    every image near the prevalence, below 0.5, and is still usable at a threshold chosen for it;
+    for more classes by the most probable class), so that accuracy is that class's share; and a
     binary threshold outside :data:`THRESHOLD_RANGE`.
     """
     labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
+    binary = _binary(probabilities)
     problems = []
-    scores = probabilities.ravel() if _binary(probabilities) else probabilities.max(axis=1)
+    scores = probabilities.ravel() if binary else probabilities.max(axis=1)
     if np.ptp(scores) < CONSTANT_SPREAD:
         problems.append(f"constant predictions: every image scores {scores.min():.5f}-{scores.max():.5f}")
-    called = called_classes(probabilities, threshold=0.5 if threshold is None else threshold)
-    if len(np.unique(labels)) > 1 and len(np.unique(called)) == 1:
-        only = int(called[0])
-        at = f" at threshold {threshold:.5g}" if threshold is not None and _binary(probabilities) else ""
-        problems.append(f"every one of {len(labels)} images is called class index {only}{at}: accuracy "
-                        f"{np.mean(labels == only):.3f} is that class's share")
-    if threshold is not None and _binary(probabilities) and not (
-            THRESHOLD_RANGE[0] <= threshold <= THRESHOLD_RANGE[1]):
+    if not binary or threshold is not None:
+        called = called_classes(probabilities, threshold=threshold if binary else 0.5)
+        if len(np.unique(labels)) > 1 and len(np.unique(called)) == 1:
+            only = int(called[0])
+            at = f" at threshold {threshold:.5g}" if binary else ""
+            problems.append(f"every one of {len(labels)} images is called class index {only}{at}: "
+                            f"accuracy {np.mean(labels == only):.3f} is that class's share")
+    if threshold is not None and binary and not THRESHOLD_RANGE[0] <= threshold <= THRESHOLD_RANGE[1]:
         problems.append(f"operating threshold {threshold:.5g} is outside [{THRESHOLD_RANGE[0]}, "
                         f"{THRESHOLD_RANGE[1]}]: the scores are shifted to one end")
     return problems

@@ -94,10 +94,16 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the Keras model from the model's artifacts and check it against classes and threshold."""
+        self.load(context.artifacts[KERAS_ARTIFACT])
+
+    def load(self, keras_model_path: str | Path) -> DicomClassifier:
+        """Load the Keras model at ``keras_model_path`` (what MLflow does from the artifacts), check
+        it against classes and threshold, and return self: the classifier without MLflow."""
         import keras
 
-        self._model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        self._model = keras.models.load_model(keras_model_path, compile=False)
         check_output_width(self._width(), self.classes, threshold=self.threshold)
+        return self
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_model": None}  # the Keras model travels as an artifact

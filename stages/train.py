@@ -13,8 +13,9 @@ Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``i
 (two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
 every param of ``params.yaml`` but ``evaluate.*`` is logged to MLflow.
 
-A model that is degenerate on the validation split (constant scores, every image called one
-class: :func:`stages.scoring.degeneracy`) fails the stage: its run is marked FAILED and tagged
+A model that is degenerate on the validation split (constant scores; with more than two classes,
+every image called one class: :func:`stages.scoring.degeneracy`; the operating threshold of two
+classes is evaluate's to choose and check) fails the stage: its run is marked FAILED and tagged
 with what was seen, and nothing downstream registers it.
 """
 
@@ -257,7 +258,8 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         The kept model, with ``params.calibration: temperature`` its temperature fitted on the
         validation split (:func:`stages.scoring.fit_temperature`), and one history row per
         epoch: loss, auc, accuracy, brier, ece on the training batches as they were trained, and
-        the same on the validation split (``val_`` prefix) in inference mode, before calibration.
+        the same on the validation split (``val_`` prefix) in inference mode, before calibration,
+        and ``kept``, True on the epoch whose weights were kept.
     """
     import keras
     import tensorflow as tf
@@ -352,7 +354,9 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         model = keras.models.load_model(checkpoint)
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the next run starts afresh
-    return model, pd.DataFrame(state.rows)
+    history = pd.DataFrame(state.rows)
+    return model, history.assign(kept=history["epoch"] == (state.epoch if params.keep == "last_epoch"
+                                                           else state.best_epoch))
 
 
 def class_weights_for(labels: np.ndarray, method: str, n_classes: int = 2) -> list[float]:
@@ -478,19 +482,6 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     return model, pd.concat(histories, ignore_index=True)
 
 
-def kept_epochs(history: pd.DataFrame, keep: str) -> list[int]:
-    """The epoch each member kept, by the rule of ``train.keep``."""
-    criterion, lower_is_better = KEEP_CRITERIA[keep]
-    kept = []
-    for _, rows in history.groupby("member", sort=True):
-        if keep == "last_epoch":
-            kept.append(int(rows["epoch"].iloc[-1]))
-        else:
-            best = rows[criterion].idxmin() if lower_is_better else rows[criterion].idxmax()
-            kept.append(int(rows.loc[best, "epoch"]))
-    return kept
-
-
 def main() -> None:
     import keras
     import mlflow
@@ -526,7 +517,7 @@ def main() -> None:
 
         def log_epoch(member: int, epoch: int, row: dict[str, float]) -> None:
             mlflow.log_metrics({metric_name(member, name): value for name, value in row.items()
-                                if name not in ("epoch", "member")}, step=epoch)
+                                if name not in ("epoch", "member", "kept")}, step=epoch)
             logged_epochs.add((member, epoch))
 
         # A multi-worker run cannot resume: every worker would have to find the same state.
@@ -545,8 +536,8 @@ def main() -> None:
         final = scoring.classification_scores(val_y, val_probabilities)
         uncalibrated = scoring.classification_scores(
             val_y, models.predict_probabilities(model, val_x, calibrated=False))
-        kept = kept_epochs(history, params.keep)
-        summary = {"best_epoch": kept[0], **{f"model_val_{name}": value for name, value in final.items()},
+        kept = history.loc[history["kept"], "epoch"].astype(int).tolist()
+        summary = {**{f"model_val_{name}": value for name, value in final.items()},
                    "model_val_ece_uncalibrated": uncalibrated["ece"],
                    "model_val_brier_uncalibrated": uncalibrated["brier"]}
         for member, (network, epoch) in enumerate(zip(models.members_of(model), kept)):

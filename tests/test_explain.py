@@ -303,3 +303,11 @@ class TestWriteGradCamGrid:
         with pytest.raises(ValueError, match="at least one group"):
             write_grad_cam_grid(self.images, self.heatmaps, {}, self.scores, path)
         assert not path.exists()
+
+
+def test_tile_titles_tell_probabilities_near_the_ends_apart():
+    from stages.explain import format_probability
+
+    assert format_probability(0.73412) == "0.734"
+    assert format_probability(0.99996) == "1 - 4.0e-05" and format_probability(0.99999) == "1 - 1.0e-05"
+    assert format_probability(0.00012) == "1.2e-04"

@@ -66,9 +66,15 @@ class TestDegeneracy:
 
     def test_everything_called_positive_is_the_positive_share(self):
         scores = np.array([0.9991, 0.9999, 0.9995, 0.9998, 0.9992, 0.9994, 0.99995, 0.9993])
-        (problem,) = degeneracy(self.labels, scores)
-        assert problem == ("every one of 8 images is called class index 1: accuracy 0.375 is "
-                           "that class's share")
+        (problem,) = degeneracy(self.labels, scores, threshold=0.5)
+        assert problem == ("every one of 8 images is called class index 1 at threshold 0.5: accuracy "
+                           "0.375 is that class's share")
+
+    def test_without_a_threshold_a_calibrated_weak_model_is_not_degenerate(self):
+        # Every score below 0.5, near the prevalence, but ranked: usable at a threshold of its own.
+        scores = np.array([0.30, 0.42, 0.33, 0.41, 0.31, 0.36, 0.45, 0.29])
+        assert degeneracy(self.labels, scores) == []
+        assert degeneracy(self.labels, scores, threshold=0.39) == []
 
     def test_a_threshold_at_the_end_of_the_sigmoid(self):
         scores = np.array([0.9991, 0.99999, 0.9995, 0.99998, 0.9992, 0.9994, 0.99995, 0.9993])

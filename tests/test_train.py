@@ -119,7 +119,8 @@ class TestTrainModel:
                              ensemble=1, seed=5)
         runs = [train_model(train_x, train_y, val_x, val_y, params=params, augment=AUGMENT,
                             checkpoint=tmp_path / f"m{i}.keras")[1] for i in range(2)]
-        np.testing.assert_allclose(runs[0].drop(columns="epoch"), runs[1].drop(columns="epoch"), atol=1e-6)
+        np.testing.assert_allclose(runs[0].drop(columns="epoch").astype(float),
+                                   runs[1].drop(columns="epoch").astype(float), atol=1e-6)
         other_seed = train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=None,
                                  augment=AugmentParams(**{**AUGMENT.__dict__, "seed": 8}))[1]
         assert not np.allclose(other_seed["loss"], runs[0]["loss"], atol=1e-6)  # augmentation is on
@@ -355,7 +356,8 @@ train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=Path(sys
                               on_epoch_end=lambda epoch, row: epochs_run.append(epoch))[1]
         clean = train_model(train_x, train_y, val_x, val_y, checkpoint=None, params=self.params())[1]
         assert epochs_run == [3, 4] and list(resumed["epoch"]) == [1, 2, 3, 4]
-        np.testing.assert_allclose(resumed.drop(columns="epoch"), clean.drop(columns="epoch"),
+        np.testing.assert_allclose(resumed.drop(columns="epoch").astype(float),
+                                   clean.drop(columns="epoch").astype(float),
                                    atol=1e-6)
         assert not resume.exists()  # finished: nothing left to resume from
 
@@ -414,6 +416,7 @@ class TestInferenceModeMatchesTraining:
                                      params=self.params(architecture="seed_cnn", epochs=5, lr=0.03,
                                                         keep="best_val_loss"))
         assert history["val_loss"].idxmin() != len(history) - 1  # the lowest is not the last
+        assert history["kept"].tolist() == [i == history["val_loss"].idxmin() for i in range(len(history))]
         kept = classification_scores(val_y, model.predict(val_x, verbose=0))
         assert kept["loss"] == pytest.approx(history["val_loss"].min(), abs=1e-5)
 
@@ -454,3 +457,38 @@ class TestInferenceModeMatchesTraining:
         np.testing.assert_allclose(outputs[1], single.predict(val_x, verbose=0).ravel(), atol=1e-5)
         np.testing.assert_allclose(model.predict(val_x, verbose=0).ravel(), np.mean(outputs, axis=0), atol=1e-6)
         assert list(history["member"]) == [0, 0, 1, 1] and list(history["epoch"]) == [1, 2, 1, 2]
+
+
+def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
+    """The stage on images that are all the same: every validation image gets one score."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["image_size"] = 16
+    params["train"].update(architecture="seed_cnn", epochs=1, batch_size=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = params["paths"]
+    for folder in (paths["deid_dir"], paths["split_dir"], "reports"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    np.save(tmp_path / paths["deid_dir"] / "images.npy", np.full((40, 16, 16), 128, np.uint8))
+    pd.DataFrame({"split": ["train"] * 30 + ["val"] * 10, "label": [0, 1] * 20}).to_parquet(
+        tmp_path / paths["split_dir"] / "manifest.parquet")
+    for report in ("validation_report", "validation_metrics", "split_counts", "augment_preview"):
+        (tmp_path / paths[report]).write_text("{}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert "the trained model is degenerate on the validation split: constant predictions" in done.stderr
+    run_id = json.loads((tmp_path / paths["model_dir"] / "mlflow_run.json").read_text())["run_id"]
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dicomflow.degenerate"].startswith("constant predictions: every image scores")
