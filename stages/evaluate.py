@@ -346,14 +346,20 @@ LOWER_IS_BETTER = ("brier",)
 PROMOTION_SPLIT = "val"  # the images candidate and champion are compared on; never the test split
 
 
+# Gains below this are the float rounding of two processes scoring the same model, not a better
+# one (seen: a model re-registered unchanged "beat" itself on Brier by 1e-9).
+ROUNDING = 1e-6
+
+
 def should_promote(candidate: float, champion: float | None, *, metric: str = "roc_auc",
                    min_gain: float = 0.0) -> bool:
     """A candidate becomes champion when there is none, or it beats the champion on ``metric``
-    strictly and by at least ``min_gain`` (lower is better for the Brier score)."""
+    by more than :data:`ROUNDING` and by at least ``min_gain`` (lower is better for the Brier
+    score)."""
     if champion is None:
         return True
     gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
-    return gain > 0 and gain >= min_gain
+    return gain > ROUNDING and gain >= min_gain
 
 
 def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int]) -> float:
@@ -499,8 +505,8 @@ def register_model(model_uri: str, *, name: str, comparison: Comparison, min_gai
     promotion = {"promotion_decision": decision, "promotion_metric": comparison.metric,
                  "promotion_split": PROMOTION_SPLIT, "promotion_images": str(comparison.images),
                  "promotion_data_version": comparison.data_version,
-                 "promotion_candidate": f"{comparison.candidate:.6g}",
-                 "promotion_champion": "" if comparison.champion is None else f"{comparison.champion:.6g}",
+                 "promotion_candidate": f"{comparison.candidate:.10g}",
+                 "promotion_champion": "" if comparison.champion is None else f"{comparison.champion:.10g}",
                  "promotion_champion_version": comparison.champion_version or ""}
     for key, value in {**promotion, **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)

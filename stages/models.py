@@ -163,6 +163,16 @@ def ensemble_of(members: list):
     return keras.Model(inputs, outputs, name="ensemble")
 
 
+def infer(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """``model`` in inference mode on ``images``, batch by batch, as float64. A plain call rather
+    than ``model.predict``: Keras traces a new predict function for every model it is given, and
+    warns about retracing, for the throw-away logit models below."""
+    if not len(images):
+        return np.empty((0, *model.output_shape[1:]))
+    return np.concatenate([np.asarray(model(images[start:start + batch_size], training=False), float)
+                           for start in range(0, len(images), batch_size)])
+
+
 def predict_probabilities(model, images: np.ndarray, *, calibrated: bool = True,
                           batch_size: int = 256) -> np.ndarray:
     """The model's probabilities (n,) for one sigmoid output, (n, k) for a softmax; with
@@ -173,7 +183,6 @@ def predict_probabilities(model, images: np.ndarray, *, calibrated: bool = True,
         return values.ravel() if values.shape[-1] == 1 else values
 
     if calibrated:
-        return squeeze(np.asarray(model.predict(images, batch_size=batch_size, verbose=0), float))
-    return squeeze(np.mean([probabilities_from_logits(
-        np.asarray(logit_model(member).predict(images, batch_size=batch_size, verbose=0), float))
-        for member in members_of(model)], axis=0))
+        return squeeze(infer(model, images, batch_size=batch_size))
+    return squeeze(np.mean([probabilities_from_logits(infer(logit_model(member), images, batch_size=batch_size))
+                            for member in members_of(model)], axis=0))

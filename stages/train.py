@@ -344,7 +344,7 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     model.set_weights(kept or model.get_weights())
     refresh_statistics(train_x)  # the saved network: statistics over every training image
     if params.calibration == "temperature":
-        temperature = scoring.fit_temperature(val_y, models.logit_model(model).predict(val_x, verbose=0))
+        temperature = scoring.fit_temperature(val_y, models.infer(models.logit_model(model), val_x))
         model = models.set_temperature(model, temperature)
         logger.info("temperature %.3f fitted on the validation split", temperature)
     if checkpoint is not None:

@@ -203,6 +203,7 @@ def test_should_promote():
     assert should_promote(0.8, None)
     assert should_promote(0.81, 0.8)
     assert not should_promote(0.8, 0.8)
+    assert not should_promote(0.8 + 1e-9, 0.8)  # the same model scored in another process
     assert not should_promote(0.7, 0.8)
 
 

@@ -134,7 +134,7 @@ def dicoms(tmp_path_factory, make_dicom):
 
 
 def _keras_on_ingest_pixels(keras_path: Path, files: list[Path]) -> np.ndarray:
-    """The Keras model on stages.ingest.read_image's pixels, through stages.train.to_model_input."""
+    """The Keras model on stages.ingest.read_image's pixels, through stages.models.to_model_input."""
     pixels = np.stack([read_image(path, SETTINGS)[1][0].pixels for path in files])
     return keras.models.load_model(keras_path).predict(to_model_input(pixels), verbose=0)
 

@@ -246,6 +246,53 @@ class TestStrategies:
         np.testing.assert_allclose(history["loss"], default["loss"], atol=1e-5)
         np.testing.assert_allclose(history["val_auc"], default["val_auc"], atol=1e-5)
 
+    def test_two_workers_estimate_the_statistics_one_process_estimates(self, tmp_path):
+        """The statistics pass of two loopback workers (each half of every batch, synchronised
+        layers) stores what one process stores, on the same weights and images."""
+        import json
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        script = tmp_path / "statistics.py"
+        script.write_text(f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+import keras, numpy as np
+from stages.models import build_resnet_small
+from stages.train import BatchNormStatistics, make_strategy
+strategy = make_strategy(sys.argv[1])
+keras.utils.set_random_seed(3)
+images = np.random.default_rng(0).random((40, 24, 24, 1)).astype(np.float32)
+with strategy.scope():
+    model = build_resnet_small(images.shape[1:])
+BatchNormStatistics(model, batch_size=8, strategy=strategy)(images)
+norms = [layer for layer in model._flatten_layers(include_self=False)
+         if isinstance(layer, keras.layers.BatchNormalization)]
+json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] for n in norms],
+          open(sys.argv[2], "w"))
+""")
+        ports = []
+        for _ in range(2):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        subprocess.run([sys.executable, str(script), "default", str(tmp_path / "one.json")], env=env,
+                       check=True, capture_output=True, timeout=300)
+        workers = [subprocess.Popen(
+            [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                                 "task": {"type": "worker", "index": i}})}) for i in range(2)]
+        assert [worker.wait(timeout=300) for worker in workers] == [0, 0]
+        one = json.loads((tmp_path / "one.json").read_text())
+        for i in range(2):
+            for (mean, variance), (mean_1, variance_1) in zip(json.loads((tmp_path / f"worker{i}.json").read_text()), one):
+                np.testing.assert_allclose(mean, mean_1, atol=1e-5)
+                np.testing.assert_allclose(variance, variance_1, atol=1e-5)
+
     def test_multi_worker_without_tf_config_is_a_clear_error(self, monkeypatch):
         from stages.train import make_strategy
 
