@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.eval_plots import pyplot, save_figure
-from stages.models import members_of
+from stages.models import complement_probabilities, members_of
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def pick_examples(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float,
 
 
 def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[str, np.ndarray],
-                        scores: np.ndarray, path: Path) -> Path:
+                        scores: np.ndarray, path: Path, *, complements: np.ndarray | None = None) -> Path:
     """Draw each group's images with their heatmaps overlaid, one row per group, as a PNG.
 
     Parameters
@@ -235,6 +235,8 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
         the heatmap is all zero).
     path : Path
         The PNG to write; its folder is created.
+    complements : ndarray of shape (n,), optional
+        1 - score per image, computed exactly by the caller (:func:`format_probability`).
 
     Returns
     -------
@@ -276,17 +278,24 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
             ax.imshow(heatmaps[index], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
             # An all-zero map means no positive evidence (or no gradient), not a rendering fault.
             empty = "" if heatmaps[index].any() else ", empty map"
-            ax.set_title(f"p {format_probability(scores[index])}{empty}", fontsize=9)
+            complement = None if complements is None else complements[index]
+            ax.set_title(f"p {format_probability(scores[index], complement)}{empty}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
     return path
 
 
-def format_probability(p: float) -> str:
-    """A probability with the digits that tell neighbours apart: 0.734, 1.2e-04, 1 - 3.1e-05."""
+def format_probability(p: float, complement: float | None = None) -> str:
+    """A probability with the digits that tell neighbours apart: 0.734, 1.2e-04, 1 - 3.1e-05.
+
+    ``complement`` is 1 - p where the caller has it exactly (p rounds to 1.0 long before 1 - p
+    rounds to 0); else 1 - p is computed here.
+    """
     if 0.001 <= p <= 0.999:
         return f"{p:.3f}"
-    return f"{p:.1e}" if p < 0.001 else f"1 - {1 - p:.1e}"
+    if p < 0.001:
+        return f"{p:.1e}"
+    return f"1 - {1 - p if complement is None else complement:.1e}"
 
 
 def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray, *,
@@ -307,7 +316,9 @@ def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_sco
                  for (name, indices), end in zip(groups.items(), ends)}
     logger.info("Grad-CAM of %s", ", ".join(f"{len(indices)} {name.replace('_', ' ')}"
                                              for name, indices in groups.items()))
-    return write_grad_cam_grid(images[chosen], heatmaps, positions, np.asarray(y_score)[chosen], path)
+    complements = complement_probabilities(model, images[chosen]) if model.output_shape[-1] == 1 else None
+    return write_grad_cam_grid(images[chosen], heatmaps, positions, np.asarray(y_score)[chosen], path,
+                               complements=complements)
 
 
 def _model_input(model):

@@ -186,3 +186,17 @@ def predict_probabilities(model, images: np.ndarray, *, calibrated: bool = True,
         return squeeze(infer(model, images, batch_size=batch_size))
     return squeeze(np.mean([probabilities_from_logits(infer(logit_model(member), images, batch_size=batch_size))
                             for member in members_of(model)], axis=0))
+
+
+def complement_probabilities(model, images: np.ndarray) -> np.ndarray | None:
+    """1 - p for a model with one sigmoid output, from its members' logits in float64: exact where
+    p itself rounds to 1 (a calibrated logit beyond ~17 in float32, beyond ~37 in float64). None
+    for a model without this module's head (no ``logits`` layer)."""
+    from stages.scoring import probabilities_from_logits
+
+    members = members_of(model)
+    if not all(LOGITS in {layer.name for layer in member.layers} for member in members):
+        return None
+    return np.mean([probabilities_from_logits(-infer(logit_model(member), images),
+                                              temperature=temperature_of(member)).ravel()
+                    for member in members], axis=0)

@@ -311,3 +311,9 @@ def test_tile_titles_tell_probabilities_near_the_ends_apart():
     assert format_probability(0.73412) == "0.734"
     assert format_probability(0.99996) == "1 - 4.0e-05" and format_probability(0.99999) == "1 - 1.0e-05"
     assert format_probability(0.00012) == "1.2e-04"
+
+
+def test_a_saturated_probability_shows_its_exact_complement():
+    from stages.explain import format_probability
+
+    assert format_probability(1.0, 7.8e-20) == "1 - 7.8e-20"
