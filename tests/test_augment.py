@@ -23,7 +23,7 @@ from stages.augment import (
 )
 from stages.params import AugmentParams, load_params
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEED = tf.constant([7, 0], tf.int64)
 

@@ -54,7 +54,7 @@ from pydicom.tag import Tag
 
 from stages.deid_profile import DeidOptions, deidentify_dataset, load_profile
 
-dicognito_anonymizer = pytest.importorskip("dicognito.anonymizer")
+import dicognito.anonymizer as dicognito_anonymizer  # noqa: E402
 
 SECRET = b"test_deid_dicognito secret"
 DICOGNITO_SEED = "test_deid_dicognito"

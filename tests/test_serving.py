@@ -28,8 +28,8 @@ from pydicom.data import get_testdata_file
 from stages.domain import TrainingDomain
 from stages.ingest import PixelSettings, read_image
 
-keras = pytest.importorskip("keras")
-mlflow = pytest.importorskip("mlflow")
+import keras  # noqa: E402
+import mlflow  # noqa: E402
 
 from stages import serving  # noqa: E402  (imports mlflow)
 from stages.models import to_model_input  # noqa: E402  (stages.train moved it there)

@@ -425,10 +425,9 @@ class TestInferenceModeMatchesTraining:
 
     @staticmethod
     def params(**changes) -> TrainParams:
-        base = dict(architecture="resnet_small", strategy="default", epochs=3, batch_size=16, lr=0.003,
-                    lr_schedule="constant", class_weight="none", early_stopping_patience=0,
-                    keep="last_epoch", calibration="none", ensemble=1, seed=5)
-        return TrainParams(**{**base, **changes})
+        return TestTrainingControls.params(**{
+            "architecture": "resnet_small", "epochs": 3, "lr_schedule": "constant", "class_weight": "none",
+            "keep": "last_epoch", **changes})
 
     def test_first_layer_statistics_are_those_of_its_input_over_the_training_images(self):
         from stages.train import BatchNormStatistics
