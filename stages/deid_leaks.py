@@ -1,19 +1,23 @@
 """Leak scanner: the identifying values of the source files, searched in everything downstream.
 
-:func:`collect_identifiers` takes the values from a source dataset (names also split at ``^`` and
-normalised, IDs, birth date, addresses, accession number, institution, physicians and operators,
-study date, instance UIDs; dates also as ISO, US and European dates); :func:`identifiers_from_index`
-adds the ingest index's, and :func:`identifiers_at_ingest` gathers both for an ingested data set.
-The search is case-insensitive and runs over:
+The values come from :func:`stages.identifiers.collect_identifiers` (each source header, file meta
+included) and :func:`identifiers_from_index` (the ingest index); :func:`identifiers_at_ingest`
+gathers both for an ingested data set. The search reads like an attacker (see
+:mod:`stages.identifiers` for how values are matched: folded spellings, names by component and in
+any order, CJK names from two characters, written dates, telephone numbers by their digits), and
+reads every byte that could carry text, in UTF-8, Latin-1 and every character set of the sources,
+with JSON ``\\uXXXX`` escapes undone:
 
-* :func:`find_leaks`: every element (nested, private and file meta included) of de-identified DICOM
-  files and every non-numeric cell of tables (the deidentify stage, on its own outputs);
+* :func:`find_leaks`: the de-identified DICOM files (preamble, file meta, every element at any
+  depth, private ones included, read from their raw bytes; pixel data excepted) and every
+  non-numeric cell of tables (the deidentify stage, on its own outputs);
 * :func:`scan_paths`: any files and folders: DICOM, Parquet, text (CSV, JSON, YAML, HTML, logs),
   and the text members of zip containers such as ``.keras`` models;
 * :func:`scan_mlflow_run`: an MLflow run and its child runs: run names, params, tags, metric
   names and every artifact (the evaluate stage, before it registers a model).
 
-A hit names the output, the location and the kind of value, never the value itself. As a command:
+A hit names the output, the location and the kind of value, never the value itself;
+:func:`summarise_leaks` counts them by attribute and kind. As a command:
 
     python -m stages.deid_leaks [--run RUN_ID] [PATH ...]
 
@@ -24,39 +28,25 @@ on any hit.
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import re
 import sys
 import tempfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_description, dictionary_has_tag, dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
-from stages.deid_profile import (DUMMY_AGE, DUMMY_DATE, DUMMY_TEXT, DUMMY_TIME, date_variants,
-                                 name_variants)
+from stages.identifiers import Identifiers, collect_identifiers, source_encodings
+from stages.log_privacy import hidden_pydicom_messages
 
-MIN_LENGTH = 4  # shorter values ("M", "CR", initials) would match everywhere by chance
-NOT_IDENTIFYING = frozenset({
-    "chest", "anonymous", "anonymized", "unknown", "none", "null", "test", "patient", "male",
-    "female", "other", "dummy", DUMMY_DATE, DUMMY_TIME, DUMMY_DATE + DUMMY_TIME,
-    DUMMY_AGE.casefold(), DUMMY_TEXT.casefold(),
-})
-IDENTIFYING_KEYWORDS = frozenset({
-    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientID",
-    "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers",
-    "AccessionNumber", "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-    "PerformingPhysicianName", "PhysiciansOfRecord", "OperatorsName", "StudyDate",
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-    "ReferencedSOPInstanceUID",
-})
 INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
     "patient_id": "(0010,0020) Patient ID",
     "accession_number": "(0008,0050) Accession Number",
@@ -64,14 +54,14 @@ INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
     "series_instance_uid": "(0020,000E) Series Instance UID",
     "sop_instance_uid": "(0008,0018) SOP Instance UID",
 }
-# Values made of digits, hex letters and punctuation (numeric IDs, dates, UIDs) only count when not
-# inside a longer alphanumeric run: the outputs are full of hex keys and decimal 2.25 UIDs where a
-# short number would otherwise turn up by chance.
-_HEX_LIKE = re.compile(r"[0-9a-f.\-/:_ ]+")
-# Likewise a value of letters only (a name component) counts as a word, not inside a longer run of
-# letters: "Omar" is in a file named omar_chest.dcm, not in the code word "fromarray".
-_LETTERS = re.compile(r"[^\W\d_]+")
-_BULK_GROUPS = (0x7FE0, 0x7FDF)  # pixel data and its variants: image bytes, not text
+ALWAYS_READ = ("utf-8", "latin-1")  # besides the sources' own character sets
+_PIXEL_GROUPS = (0x7FE0, 0x7FDF)  # pixel data and its variants: image bytes, not text
+# Binary numbers: no text can hide in them. OB, OW and UN are read: they can.
+_NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "SV", "UV", "FL", "FD", "OF", "OD", "OL", "OV", "AT"})
+# Values the profile has replaced by construction: searched for names and IDs, not for dates
+# and telephone numbers (a shifted date may be another patient's real one by chance).
+_STRUCTURED_VRS = frozenset({"DA", "DT", "TM", "DS", "IS", "UI", "AS"})
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
 @dataclass(frozen=True)
@@ -84,88 +74,48 @@ class Leak:
     source: str
 
 
-def describe_tag(elem: DataElement) -> str:
-    """``"(0010,0020) Patient ID"``: the tag and its name, as messages write attributes."""
-    return f"({elem.tag.group:04X},{elem.tag.element:04X}) {elem.name}"
-
-
-def collect_identifiers(ds: Dataset) -> dict[str, str]:
-    """Identifying values of a source dataset, at any depth.
-
-    Parameters
-    ----------
-    ds : Dataset
-        A source (not yet de-identified) dataset.
-
-    Returns
-    -------
-    dict of str to str
-        Case-folded value -> the attribute it came from ("(0010,0010) Patient's Name"). Values
-        shorter than :data:`MIN_LENGTH` or in :data:`NOT_IDENTIFYING` are left out.
-    """
-    found: dict[str, str] = {}
-    for elem in ds.iterall():
-        if elem.keyword not in IDENTIFYING_KEYWORDS or elem.VR == "SQ":
-            continue
-        for value in _texts(elem):
-            variants = {"PN": name_variants, "DA": date_variants, "DT": date_variants}.get(
-                elem.VR, lambda v: [v])(value)
-            for variant in variants:
-                _add(found, variant, describe_tag(elem))
-    return found
-
-
-def identifiers_from_index(index: pd.DataFrame) -> dict[str, str]:
+def identifiers_from_index(index: pd.DataFrame) -> Identifiers:
     """Identifying values of the ingest index's ID and UID columns (:data:`INDEX_IDENTIFIERS`)."""
-    found: dict[str, str] = {}
+    found = Identifiers()
     for column, source in INDEX_IDENTIFIERS.items():
-        for value in index[column].dropna().astype(str):
-            _add(found, value, source)
+        for value in index[column].dropna().astype(str).unique():
+            found.add_text(value, source, uid=column.endswith("_uid"))
     return found
 
 
-def _add(found: dict[str, str], value: str, source: str) -> None:
-    """Record ``value`` (case-folded) unless it is too short or too common to identify anyone."""
-    folded = value.strip().casefold()
-    if len(folded) >= MIN_LENGTH and folded not in NOT_IDENTIFYING:
-        found.setdefault(folded, source)
+def identifiers_at_ingest(ingest_dir: Path, data_dir: Path) -> Identifiers:
+    """The identifying values of an ingested data set: the ingest index's, and every identifying
+    attribute of the indexed source files' headers (:func:`collect_identifiers`)."""
+    index = pd.read_parquet(ingest_dir / "index.parquet")
+    found = identifiers_from_index(index)
+    with hidden_pydicom_messages():  # source headers: pydicom's warnings quote their values
+        for source in index["source_path"].dropna().unique():
+            try:
+                ds = pydicom.dcmread(data_dir / source, stop_before_pixels=True, force=True)
+                found.update(collect_identifiers(ds))
+            except Exception:  # a source gone since ingest: its index values are still searched
+                continue
+    return found
 
 
-class _Matcher:
-    """Finds any of many identifiers in a text; they are keyed by their last 4 characters."""
-
-    def __init__(self, identifiers: Mapping[str, str]) -> None:
-        self._by_suffix: dict[str, list[tuple[str, str, Callable[[str], bool] | None]]] = defaultdict(list)
-        for value, source in identifiers.items():
-            # What may not touch the value for it to count: None, anything may.
-            joins = (str.isalnum if _HEX_LIKE.fullmatch(value) else
-                     str.isalpha if _LETTERS.fullmatch(value) else None)
-            self._by_suffix[value[-MIN_LENGTH:]].append((value, source, joins))
-
-    def first(self, text: str) -> str | None:
-        """The source of the first identifier found in ``text``, or None."""
-        folded = text.casefold()
-        for end in range(MIN_LENGTH, len(folded) + 1):
-            for value, source, joins in self._by_suffix.get(folded[end - MIN_LENGTH:end], ()):
-                start = end - len(value)
-                if start < 0 or not folded.startswith(value, start):
-                    continue
-                if joins and ((start > 0 and joins(folded[start - 1]))
-                              or (end < len(folded) and joins(folded[end]))):
-                    continue
-                return source
-        return None
+def summarise_leaks(leaks: Iterable[Leak]) -> list[str]:
+    """One line per (location, kind of value): ``"(0008,0070) Manufacturer: a (0010,0010)
+    Patient's Name value in 3 output(s)"``, most outputs first. Never a value."""
+    outputs: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for leak in leaks:
+        outputs[(leak.location, leak.source)].add(leak.output)
+    return [f"{location}: a {source} value in {len(found)} output(s)" for (location, source), found
+            in sorted(outputs.items(), key=lambda item: (-len(item[1]), item[0]))]
 
 
-def find_leaks(identifiers: Mapping[str, str], *, dicom_dir: Path,
-               tables: Mapping[str, pd.DataFrame]) -> list[Leak]:
+def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
+               tables: dict[str, pd.DataFrame]) -> list[Leak]:
     """Search every identifying value in every output.
 
     Parameters
     ----------
-    identifiers : mapping of str to str
-        Case-folded value -> its source attribute, from :func:`collect_identifiers` and
-        :func:`identifiers_from_index`.
+    identifiers : Identifiers
+        From :func:`collect_identifiers` and :func:`identifiers_from_index`.
     dicom_dir : Path
         Folder of de-identified ``*.dcm`` files (searched recursively), read back from disk.
     tables : mapping of str to DataFrame
@@ -176,40 +126,91 @@ def find_leaks(identifiers: Mapping[str, str], *, dicom_dir: Path,
     list of Leak
         One per element or cell holding an identifying value; empty when the outputs are clean.
     """
-    matcher = _Matcher(identifiers)
     leaks: list[Leak] = []
     for path in sorted(dicom_dir.rglob("*.dcm")):
-        ds = pydicom.dcmread(path)
         output = path.relative_to(dicom_dir.parent).as_posix()
-        meta = getattr(ds, "file_meta", None) or Dataset()
-        for location, text in [*_element_texts(meta, ""), *_element_texts(ds, "")]:
-            source = matcher.first(text)
-            if source is not None:
-                leaks.append(Leak(output, location, source))
+        leaks += _hits(identifiers, output, dicom_texts(path, identifiers.encodings))
     for name, table in tables.items():
-        leaks += [Leak(name, location, source) for location, text in _table_texts(table)
-                  if (source := matcher.first(text)) is not None]
+        leaks += _hits(identifiers, name, _table_texts(table))
     return leaks
 
 
-def _element_texts(ds: Dataset, prefix: str) -> Iterator[tuple[str, str]]:
-    """(tag path, text) for every element at any depth; binary values decoded as Latin-1."""
-    for elem in ds:
-        location = prefix + describe_tag(elem)
-        if elem.VR == "SQ":
-            for item in elem.value:
-                yield from _element_texts(item, location + " > ")
-        elif elem.tag.group not in _BULK_GROUPS:
-            yield location, "\\".join(_texts(elem))
+def _hits(identifiers: Identifiers, output: str,
+          texts: Iterable[tuple[str, str, bool]]) -> list[Leak]:
+    """A Leak for each (location, text, structured) whose text holds an identifier."""
+    return [Leak(output, location, source) for location, text, structured in texts
+            if (source := identifiers.first(text, dates_and_numbers=not structured)) is not None]
 
 
-def _texts(elem: DataElement) -> list[str]:
-    """The element's values as text (Latin-1 for bytes)."""
-    value = elem.value
-    if value is None:
-        return []
-    values = value if isinstance(value, (list, MultiValue)) else [value]
-    return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
+def decodings(raw: bytes, encodings: Iterable[str]) -> list[str]:
+    """``raw`` read in each of ``encodings`` and :data:`ALWAYS_READ` (one text when it is ASCII),
+    plus each reading with JSON ``\\uXXXX`` escapes undone."""
+    if raw.isascii() and b"\x1b" not in raw:  # ISO 2022 text is 7-bit, with escapes
+        texts = [raw.decode("ascii")]
+    else:
+        texts = list(dict.fromkeys(raw.decode(encoding, errors="replace")
+                                   for encoding in _codecs((*ALWAYS_READ, *encodings))))
+    return texts + [_unescape_json(text) for text in texts if "\\u" in text]
+
+
+def dicom_texts(path: Path, encodings: Iterable[str] = ()) -> Iterator[tuple[str, str, bool]]:
+    """(location, text, structured) for everything in a DICOM file that could carry text: the
+    preamble, the file meta and every element at any depth, read from their raw bytes in every
+    character set (the file's own, ``encodings``, :data:`ALWAYS_READ`), so an element whose bytes
+    are in another character set than the file declares is read too. Pixel data is skipped."""
+    ds = pydicom.dcmread(path, force=True)
+    encodings = {*encodings, *source_encodings(ds)}
+    for text in decodings(ds.preamble or b"", encodings):
+        yield "preamble", text, False
+    meta = getattr(ds, "file_meta", None)
+    for part in (meta, ds) if meta is not None else (ds,):
+        yield from _raw_texts(part, "", encodings)
+
+
+def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[str, str, bool]]:
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
+        location = prefix + _tag_name(tag)
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                yield from _raw_texts(item, location + " > ", encodings)
+            continue
+        if tag.group in _PIXEL_GROUPS or vr in _NUMBER_VRS:
+            continue
+        value = raw.value
+        if isinstance(value, bytes):
+            texts = decodings(value, encodings)
+        else:  # an element already converted (file meta): its text
+            values = value if isinstance(value, (list, tuple)) else [value]
+            texts = ["\\".join(v.decode("latin-1") if isinstance(v, bytes) else str(v)
+                                for v in values if v is not None)]
+        for text in texts:
+            yield location, text, vr in _STRUCTURED_VRS
+
+
+def _tag_name(tag) -> str:
+    """``"(0010,0020) Patient ID"``; private and unknown tags by number."""
+    name = (dictionary_description(tag) if dictionary_has_tag(tag) else
+            "private" if tag.group % 2 else "unknown")
+    return f"({tag.group:04X},{tag.element:04X}) {name}"
+
+
+def _codecs(encodings: Iterable[str]) -> list[str]:
+    """Python codec names, each once (``iso8859`` and ``latin-1`` are one)."""
+    found: dict[str, str] = {}
+    for encoding in encodings:
+        try:
+            found.setdefault(codecs.lookup(encoding).name, encoding)
+        except LookupError:
+            continue
+    return list(found.values())
+
+
+def _unescape_json(text: str) -> str:
+    """``text`` with JSON ``\\uXXXX`` escapes (surrogate pairs included) undone."""
+    unescaped = _JSON_ESCAPE.sub(lambda match: chr(int(match[1], 16)), text)
+    return unescaped.encode("utf-16", "surrogatepass").decode("utf-16", errors="replace")
 
 
 # Files that hold numbers only (pixel arrays, weights): searched for text they would match by chance.
@@ -218,53 +219,37 @@ ZIP_SUFFIXES = frozenset({".keras", ".zip"})
 TEXT_MEMBER_SUFFIXES = frozenset({".json", ".txt", ".yaml", ".yml", ".csv", ".md", ".html", ".py"})
 
 
-def identifiers_at_ingest(ingest_dir: Path, data_dir: Path) -> dict[str, str]:
-    """The identifying values of an ingested data set: the ingest index's, and every identifying
-    attribute of the indexed source files' headers (:func:`collect_identifiers`)."""
-    index = pd.read_parquet(ingest_dir / "index.parquet")
-    found = identifiers_from_index(index)
-    for source in index["source_path"].dropna().unique():
-        try:
-            ds = pydicom.dcmread(data_dir / source, stop_before_pixels=True, force=True)
-        except Exception:  # a source gone since ingest: its index values are still searched
-            continue
-        found.update(collect_identifiers(ds))
-    return found
-
-
-def scan_paths(identifiers: Mapping[str, str], paths: Iterable[Path]) -> list[Leak]:
+def scan_paths(identifiers: Identifiers, paths: Iterable[Path]) -> list[Leak]:
     """Search every file under ``paths`` (files or folders, recursively).
 
-    DICOM files (by their ``DICM`` marker) are searched element by element, Parquet tables cell by
-    cell with their column names, zip containers (``.keras`` models) member by member for their
-    text members, :data:`NUMERIC_SUFFIXES` files not at all, anything else line by line as text.
+    DICOM files (by their ``DICM`` marker) are searched as :func:`dicom_texts` reads them, Parquet
+    tables cell by cell with their column names, zip containers (``.keras`` models) member by
+    member for their text members, :data:`NUMERIC_SUFFIXES` files not at all, anything else (logs
+    included) line by line in every character set (:func:`decodings`).
     """
-    matcher = _Matcher(identifiers)
     leaks: list[Leak] = []
     for path in _files(paths):
         name = path.as_posix()
         if path.suffix.lower() in NUMERIC_SUFFIXES:
             continue
         if _is_dicom(path):
-            ds = pydicom.dcmread(path, force=True)
-            meta = getattr(ds, "file_meta", None) or Dataset()
-            texts = [*_element_texts(meta, ""), *_element_texts(ds, "")]
+            texts = dicom_texts(path, identifiers.encodings)
         elif path.suffix.lower() == ".parquet":
-            texts = list(_table_texts(pd.read_parquet(path)))
+            texts = _table_texts(pd.read_parquet(path))
         elif path.suffix.lower() in ZIP_SUFFIXES and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                texts = [(f"{member} line {number}", line)
+                texts = [(f"{member} {location}", text, False)
                          for member in archive.namelist()
                          if Path(member).suffix.lower() in TEXT_MEMBER_SUFFIXES
-                         for number, line in _lines(archive.read(member))]
+                         for location, text in _lines(archive.read(member), identifiers.encodings)]
         else:
-            texts = [(f"line {number}", line) for number, line in _lines(path.read_bytes())]
-        leaks += [Leak(name, location, source) for location, text in texts
-                  if (source := matcher.first(text)) is not None]
+            texts = ((location, text, False)
+                     for location, text in _lines(path.read_bytes(), identifiers.encodings))
+        leaks += _hits(identifiers, name, texts)
     return leaks
 
 
-def scan_mlflow_run(identifiers: Mapping[str, str], run_id: str, client=None) -> list[Leak]:
+def scan_mlflow_run(identifiers: Identifiers, run_id: str, client=None) -> list[Leak]:
     """Search an MLflow run and its child runs: names, params (keys and values), tags, metric
     names, every artifact and the files of every model they logged (downloaded to a temporary
     folder and searched with :func:`scan_paths`)."""
@@ -274,7 +259,6 @@ def scan_mlflow_run(identifiers: Mapping[str, str], run_id: str, client=None) ->
     run = client.get_run(run_id)
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-    matcher = _Matcher(identifiers)
     leaks: list[Leak] = []
     for each in (run, *children):
         output = f"MLflow run {each.info.run_id}"
@@ -283,8 +267,7 @@ def scan_mlflow_run(identifiers: Mapping[str, str], run_id: str, client=None) ->
         texts += [(f"tag {key!r}", f"{key} {value}") for key, value in each.data.tags.items()
                   if key != "mlflow.log-model.history"]  # MLflow's own JSON of model metadata
         texts += [("metric names", " ".join(each.data.metrics))]
-        leaks += [Leak(output, location, source) for location, text in texts
-                  if (source := matcher.first(text)) is not None]
+        leaks += _hits(identifiers, output, ((location, text, False) for location, text in texts))
         downloads = [("artifact", {"run_id": each.info.run_id})]
         downloads += [(f"model {logged.model_id}", {"artifact_uri": f"models:/{logged.model_id}"})
                       for logged in (each.outputs.model_outputs if each.outputs else [])]
@@ -312,18 +295,20 @@ def _is_dicom(path: Path) -> bool:
         return stream.read(132)[128:] == b"DICM"
 
 
-def _lines(content: bytes) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a text (UTF-8, undecodable bytes replaced)."""
-    yield from enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1)
+def _lines(content: bytes, encodings: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """("line N", text) for every line of ``content`` in every reading (:func:`decodings`)."""
+    for number, line in enumerate(content.splitlines(), start=1):
+        for text in decodings(line, encodings):
+            yield f"line {number}", text
 
 
-def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str]]:
-    yield "column names", " ".join(map(str, table.columns))
+def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str, bool]]:
+    yield "column names", " ".join(map(str, table.columns)), False
     for column in table.columns:
         if pd.api.types.is_numeric_dtype(table[column]):  # bools included
             continue
         for cell in table[column].dropna():
-            yield f"column {column!r}", str(cell)
+            yield f"column {column!r}", str(cell), False
 
 
 def main(argv: list[str] | None = None) -> int:

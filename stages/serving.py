@@ -41,6 +41,7 @@ import pandas as pd
 from stages import layout
 from stages.domain import TrainingDomain
 from stages.ingest import PixelSettings, Quarantined, image_frames, read_dataset
+from stages.log_privacy import hidden_pydicom_messages
 
 logger = logging.getLogger(__name__)
 
@@ -158,20 +159,21 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def _read_all(self, sources: list[bytes | str | Quarantined]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Model input of every usable source, the row each image came from, and one error per row."""
         images, owners, errors = [], [], []
-        for row, source in enumerate(sources):
-            try:
-                if isinstance(source, Quarantined):
-                    raise source
-                pixels = self.read_pixels(source)
-            except Quarantined as err:
-                errors.append(f"{err.reason}: {err}")
-                continue
-            except Exception as err:  # noqa: BLE001  one odd file must not fail the batch
-                errors.append(f"unreadable: {type(err).__name__}: {err}")
-                continue
-            errors.append("")
-            images.append(pixels)
-            owners.append(np.full(len(pixels), row))
+        with hidden_pydicom_messages():  # the server's log must not quote the clients' files
+            for row, source in enumerate(sources):
+                try:
+                    if isinstance(source, Quarantined):
+                        raise source
+                    pixels = self.read_pixels(source)
+                except Quarantined as err:
+                    errors.append(f"{err.reason}: {err}")
+                    continue
+                except Exception as err:  # noqa: BLE001  one odd file must not fail the batch
+                    errors.append(f"unreadable: {type(err).__name__}: {err}")
+                    continue
+                errors.append("")
+                images.append(pixels)
+                owners.append(np.full(len(pixels), row))
         if not images:
             return np.empty((0, *self.settings.image_shape[:2], self.settings.channels), np.float32), \
                 np.empty(0, int), errors

@@ -13,7 +13,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from stages import deid_leaks, layout
-from stages.deid_leaks import collect_identifiers, scan_mlflow_run, scan_paths
+from stages.deid_leaks import Leak, scan_mlflow_run, scan_paths, summarise_leaks
+from stages.identifiers import Identifiers, collect_identifiers
 
 NAME, PATIENT_ID, BIRTH_DATE = "Quixley^Bartholomew", "MRN-55501234", "19270315"
 
@@ -26,14 +27,70 @@ def source_dataset() -> Dataset:
 
 
 @pytest.fixture
-def identifiers() -> dict[str, str]:
+def identifiers() -> Identifiers:
     return collect_identifiers(source_dataset())
 
 
 def test_identifiers_are_normalised_names_and_dates(identifiers):
-    assert {"quixley", "bartholomew", "quixley bartholomew", "bartholomew quixley"} <= set(identifiers)
-    assert {"19270315", "1927-03-15", "15/03/1927", "03/15/1927", "15.03.1927"} <= set(identifiers)
-    assert identifiers["1927-03-15"] == "(0010,0030) Patient's Birth Date"
+    for text in ("quixley", "BARTHOLOMEW", "Quixley Bartholomew", "bartholomew quixley",
+                 "QUIXLEY, Bartholomew", "QuixleyBartholomew", "19270315", "1927-03-15",
+                 "15/03/1927", "03/15/1927", "15.03.1927", "15 March 1927", "Mar 15, 1927"):
+        assert identifiers.first(f"note: {text}") is not None, text
+    assert identifiers.first("born 1927-03-15") == "(0010,0030) Patient's Birth Date"
+
+
+def hospital_source() -> Dataset:
+    """Names as European and Asian exports write them (three component groups, two-character
+    CJK names), a telephone number."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds.OtherPatientNames = ["Müller^Jürgen", "王^小东", "Иванова^Анна"]
+    ds.PatientTelephoneNumbers = "+49 30 1234567"
+    ds.PatientID = "KNH4471123"
+    return ds
+
+
+@pytest.mark.parametrize("text", [
+    "allergic, told MUELLER Juergen", "Muller, Jurgen", "IVANOVA A.", "Иванова", "王小东 病人",
+    "小东", "山田太郎", "たろう", "tarou yamada", "call 030-1234567", "tel (030) 123 45 67",
+    "0049301234567", "record KNH4471123",
+])
+def test_scanner_reads_like_an_attacker(text):
+    assert collect_identifiers(hospital_source()).first(text) is not None
+
+
+@pytest.mark.parametrize("text", ["CHEST PA", "王", "Anne", "1234567890123456789012", "knh"])
+def test_scanner_ignores_what_identifies_no_one(text):
+    assert collect_identifiers(hospital_source()).first(text) is None
+
+
+@pytest.mark.parametrize("encoding, name, attribute", [
+    ("utf-8", "王小东", "(0010,1001) Other Patient Names"),
+    ("gb18030", "王小东", "(0010,1001) Other Patient Names"),
+    ("iso2022_jp", "山田太郎", "(0010,0010) Patient's Name"),
+    ("utf-16-le", "王小东", "(0010,1001) Other Patient Names"),
+    ("json", "王小东", "(0010,1001) Other Patient Names"),
+])
+def test_text_files_are_read_in_every_encoding_of_the_sources(tmp_path, encoding, name, attribute):
+    source = hospital_source()
+    source.SpecificCharacterSet = "GB18030"
+    identifiers = collect_identifiers(source)
+    identifiers.encodings |= {"iso2022_jp", "utf-16-le"}  # as if other sources declared them
+    line = f"WARNING {name} skipped\n"
+    content = (json.dumps({"note": line}).encode() if encoding == "json"
+               else line.encode(encoding))
+    (tmp_path / "stage.log").write_bytes(b"INFO ok\n" + content)
+    (leak,) = scan_paths(identifiers, [tmp_path])
+    assert leak.location.endswith("line 2") and leak.source == attribute
+
+
+def test_hits_are_summarised_by_attribute_and_file_count_without_values():
+    leaks = [Leak(f"dicom/{n}.dcm", "(0008,0070) Manufacturer", "(0010,0010) Patient's Name")
+             for n in range(3)] + [Leak("audit.csv", "column 'note'", "(0010,0020) Patient ID")]
+    assert summarise_leaks(leaks) == [
+        "(0008,0070) Manufacturer: a (0010,0010) Patient's Name value in 3 output(s)",
+        "column 'note': a (0010,0020) Patient ID value in 1 output(s)"]
 
 
 @pytest.mark.parametrize("name, content, location", [

@@ -1,0 +1,327 @@
+"""Identifying values of source files, and how to find them in any text the way an attacker reads it.
+
+:func:`collect_identifiers` gathers, from a source dataset at any depth (file meta included):
+
+* every person name (PN), by each component group (alphabetic, ideographic, phonetic), each
+  component, the family and given names in both orders and joined without a separator;
+* IDs, accession and request numbers, issuers, addresses, institutions, stations and AE titles;
+* instance UIDs; dates (every DA and DT value); telephone numbers (by their last digits).
+
+:class:`Identifiers` finds them in a text after :func:`fold` has put both in one spelling (case
+folded, accents stripped, ``ue``/``oe``/``ae`` as ``u``/``o``/``a``, Cyrillic transliterated,
+full-width forms narrowed), so "MUELLER Juergen" and "Müller^Jürgen" match, and "Иванова" matches
+"IVANOVA". Words must match whole words (so "Omar" is not found in "fromarray"); names in scripts
+written without spaces (Han, kana, Hangul, Thai) match anywhere from two characters; dates match in
+the common written forms (``2018-11-02``, ``02.11.2018``, ``11/02/2018``, ``2 Nov 2018``);
+telephone numbers by their last :data:`PHONE_DIGITS` digits, whatever the separators.
+
+Why not a library: the de-identification libraries (dicognito, deid, dicom-anonymizer) replace
+attributes but none searches their outputs for the values they removed; a leak check is the only
+way to know that nothing identifying got through an attribute no table lists.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pydicom.charset import convert_encodings
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+MIN_WORD = 3  # letters of a name component found alone ("Li" alone would be everywhere)
+MIN_ID = 4  # characters of an ID with letters; numbers alone need MIN_NUMBER digits
+MIN_NUMBER = 6  # digits: counts, sizes and years in logs have fewer
+MIN_UNSEGMENTED = 2  # characters of a name in a script without spaces (王小东: 小东)
+PHONE_DIGITS = 7  # a telephone number is matched by its last 7 digits, with or without a prefix
+DUMMY_DATES = frozenset({"19000101"})
+
+# Words that are names of no one, or common in outputs ("chest"), and name particles.
+NOT_IDENTIFYING = frozenset({
+    "anonymous", "anonymized", "anonymised", "unknown", "none", "null", "test", "patient",
+    "male", "female", "other", "dummy", "chest", "the", "and", "van", "von", "der", "den", "del",
+    "della", "des", "les", "bin", "ben", "ibn", "dos", "das", "mr", "mrs", "ms", "dr", "prof",
+})
+# Attributes whose values identify a patient, a site or a request (besides every PN and date).
+ID_KEYWORDS = frozenset({
+    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "MedicalRecordLocator",
+    "AccessionNumber", "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID",
+    "PerformedProcedureStepID", "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest", "AdmissionID", "IssuerOfAdmissionID",
+    "ServiceEpisodeID", "UniversalEntityID", "LocalNamespaceEntityID", "StationName",
+    "StationAETitle", "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle", "ImplementationVersionName", "DeviceSerialNumber",
+    "InstitutionName", "InstitutionalDepartmentName", "PatientInsurancePlanCodeSequence",
+    "MilitaryRank", "BranchOfService", "RegionOfResidence", "CurrentPatientLocation",
+    "PatientBirthName", "PatientMotherBirthName",
+})
+ADDRESS_KEYWORDS = frozenset({"PatientAddress", "InstitutionAddress", "PersonAddress",
+                              "ReferringPhysicianAddress"})
+PHONE_KEYWORDS = frozenset({"PatientTelephoneNumbers", "PersonTelephoneNumbers",
+                            "ReferringPhysicianTelephoneNumbers", "PatientTelecomInformation",
+                            "PersonTelecomInformation"})
+UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                          "MediaStorageSOPInstanceUID", "FrameOfReferenceUID",
+                          "ReferencedSOPInstanceUID", "ImplementationClassUID"})
+# Attributes that retain_device_identity keeps: not identifiers when that option is on.
+DEVICE_KEYWORDS = frozenset({"StationName", "StationAETitle", "DeviceSerialNumber"})
+
+_WORD = re.compile(r"\w+")
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
+# Han, kana, Hangul and Thai: written without spaces between words, so matched anywhere.
+_UNSEGMENTED = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                          "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]")
+_DIGRAPHS = re.compile(r"(?<=[aou])e")  # ü written ue, ö oe, ä ae
+_CYRILLIC = str.maketrans({
+    "а": "a", "б": "b", "в": "v", "г": "g", "д": "d", "е": "e", "ё": "e", "ж": "zh", "з": "z",
+    "и": "i", "й": "i", "к": "k", "л": "l", "м": "m", "н": "n", "о": "o", "п": "p", "р": "r",
+    "с": "s", "т": "t", "у": "u", "ф": "f", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh",
+    "щ": "shch", "ъ": "", "ы": "y", "ь": "", "э": "e", "ю": "yu", "я": "ya", "і": "i", "ї": "i",
+    "є": "e", "ґ": "g",
+})
+_MONTHS = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "mai": 5, "jun": 6, "jul": 7,
+           "aug": 8, "sep": 9, "oct": 10, "okt": 10, "nov": 11, "dec": 12, "dez": 12}
+_MONTH = "(" + "|".join(_MONTHS) + r")[a-z]*\.?"  # the group is the three letters
+_DATE_FORMS = (  # (pattern, group order) on folded text
+    (re.compile(r"(?<!\d)(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?!\d)"), "ymd"),
+    (re.compile(r"(?<!\d)(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})(?!\d)"), "dmy mdy"),
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)"), "ymd"),
+    (re.compile(r"(?<!\d)(\d{1,2})[ .\-]*" + _MONTH + r"[ ,.\-]*(\d{4})(?!\d)"), "dby"),
+    (re.compile(_MONTH + r"[ .\-]*(\d{1,2})(?:st|nd|rd|th)?,?[ .\-]*(\d{4})(?!\d)"), "bdy"),
+)
+# The same forms on original text, for cutting dates out of it.
+DATE_PATTERNS = tuple(re.compile(pattern.pattern, re.IGNORECASE) for pattern, _ in _DATE_FORMS)
+# A run of digits with single separators between groups, as numbers are written by hand.
+_DIGIT_RUN = re.compile(r"(?<![\w+])\+?\(?\d[\d()]*(?:[ \-./]\(?\d[\d()]*)*")
+
+
+def fold(text: str) -> str:
+    """``text`` in the one spelling that identifiers are compared in (see the module docstring)."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    text = unicodedata.normalize("NFC", "".join(c for c in text if not unicodedata.combining(c)))
+    return _DIGRAPHS.sub("", text.translate(_CYRILLIC))
+
+
+def is_unsegmented(text: str) -> bool:
+    """Whether ``text`` has characters of a script written without spaces between words."""
+    return _UNSEGMENTED.search(text) is not None
+
+
+def words(text: str) -> list[str]:
+    """The folded words of ``text``."""
+    return _WORD.findall(fold(text))
+
+
+def dates_in(folded: str) -> Iterator[str]:
+    """Every date written in ``folded`` text, as ``YYYYMMDD`` (both readings of ``01/02/2020``)."""
+    for pattern, orders in _DATE_FORMS:
+        for match in pattern.finditer(folded):
+            yield from _readings(match, orders)
+
+
+def cut_dates(text: str, replacement: str = " ") -> str:
+    """``text`` with every date in a written form (as :func:`dates_in` finds them) replaced."""
+    for (pattern, orders), cutter in zip(_DATE_FORMS, DATE_PATTERNS):
+        text = cutter.sub(lambda match: replacement if any(_readings(match, orders)) else match[0],
+                          text)
+    return text
+
+
+def _readings(match: re.Match, orders: str) -> Iterator[str]:
+    """The valid dates (``YYYYMMDD``, years 1800-2199) that a date pattern's match can be read as."""
+    for order in orders.split():
+        parts = dict(zip(order, match.groups()))
+        month = int(parts["m"]) if "m" in parts else _MONTHS[parts["b"].lower()[:3]]
+        if 1 <= month <= 12 and 1 <= int(parts["d"]) <= 31 and 1800 <= int(parts["y"]) < 2200:
+            yield f"{parts['y']}{month:02d}{int(parts['d']):02d}"
+
+
+def digit_runs(folded: str) -> Iterator[str]:
+    """The digits of every number written with separators (``+49 30 123-4567``) in ``folded``."""
+    for match in _DIGIT_RUN.finditer(folded):
+        digits = re.sub(r"\D", "", match[0])
+        if len(digits) >= PHONE_DIGITS:
+            yield digits
+
+
+@dataclass
+class Identifiers:
+    """Identifying values by how they are found, each mapped to the attribute it came from
+    (``"(0010,0010) Patient's Name"``), and the character sets of the sources they were read from.
+    Picklable and mergeable (:meth:`update`), so workers can collect and the stage can merge."""
+
+    words: dict[str, str] = field(default_factory=dict)
+    phrases: dict[tuple[str, ...], str] = field(default_factory=dict)
+    unsegmented: dict[str, str] = field(default_factory=dict)
+    dates: dict[str, str] = field(default_factory=dict)
+    phones: dict[str, str] = field(default_factory=dict)
+    encodings: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return (len(self.words) + len(self.phrases) + len(self.unsegmented) + len(self.dates)
+                + len(self.phones))
+
+    def update(self, other: Identifiers) -> None:
+        """Add ``other``'s values (the first source of a value is kept)."""
+        for name in ("words", "phrases", "unsegmented", "dates", "phones"):
+            mine = getattr(self, name)
+            for value, source in getattr(other, name).items():
+                mine.setdefault(value, source)
+        self.encodings |= other.encodings
+
+    def add_name(self, name: str, source: str) -> None:
+        """A PN value: each component group, its components, both orders, joined."""
+        for group in name.split("="):
+            components = [c.strip() for c in group.split("^")[:3] if c.strip()]
+            if not components:
+                continue
+            if any(is_unsegmented(c) for c in components):
+                family_given = [fold(c).replace(" ", "") for c in components[:2]]
+                for value in (*family_given, "".join(family_given), "".join(family_given[::-1])):
+                    if len(value) >= MIN_UNSEGMENTED:
+                        self.unsegmented.setdefault(value, source)
+                continue
+            tokens = [words(c) for c in components]
+            for token in (t for each in tokens for t in each):
+                self._add_word(token, source, MIN_WORD)
+            family, given = tokens[0], [t for each in tokens[1:] for t in each]
+            if given:
+                for phrase in (family + given, given + family):
+                    self.phrases.setdefault(tuple(phrase), source)
+                    self._add_word("".join(phrase), source, MIN_WORD)
+
+    def add_text(self, value: str, source: str, *, uid: bool = False) -> None:
+        """An ID, UID, institution or address: the whole value, and an address's parts."""
+        parts = [value, *re.split(r"[\^,;\n]", value)] if value.count("^") + value.count(",") else [value]
+        for part in parts:
+            if is_unsegmented(part):
+                folded = fold(part).replace(" ", "")
+                if len(folded) >= MIN_UNSEGMENTED:
+                    self.unsegmented.setdefault(folded, source)
+                continue
+            tokens = words(part)
+            if len(tokens) == 1:
+                self._add_word(tokens[0], source, MIN_ID)
+            elif len(tokens) > 1 and len("".join(tokens)) >= MIN_ID:
+                self.phrases.setdefault(tuple(tokens), source)
+                if not uid:  # "ACC-70707070" is also written "70707070"
+                    for token in tokens:
+                        if token.isdigit():
+                            self._add_word(token, source, MIN_NUMBER)
+
+    def add_date(self, value: str, source: str) -> None:
+        """A DA value, or the date of a DT value."""
+        if re.fullmatch(r"\d{8}", value[:8]) and value[:8] not in DUMMY_DATES:
+            self.dates.setdefault(value[:8], source)
+
+    def add_phone(self, value: str, source: str) -> None:
+        """A telephone number (or several, one per line or value)."""
+        for digits in digit_runs(fold(value)):
+            self.phones.setdefault(digits[-PHONE_DIGITS:], source)
+
+    def _add_word(self, token: str, source: str, min_length: int) -> None:
+        if token not in NOT_IDENTIFYING and len(token) >= (MIN_NUMBER if token.isdigit() else min_length):
+            self.words.setdefault(token, source)
+
+    def first(self, text: str, *, dates_and_numbers: bool = True) -> str | None:
+        """The source of the first identifier found in ``text``, or None.
+
+        ``dates_and_numbers`` False skips dates and telephone numbers (for DICOM date, time and
+        number elements, whose values the profile has already replaced)."""
+        folded = fold(text)
+        tokens = _WORD.findall(folded)
+        for position, token in enumerate(tokens):
+            if token in self.words:
+                return self.words[token]
+            for phrase, source in self._phrases_by_first.get(token, ()):
+                if tuple(tokens[position:position + len(phrase)]) == phrase:
+                    return source
+        # Names of 4 letters or more also where digits or underscores touch them
+        # ("quixley_chest.dcm", "Quixley2"); IDs only as whole words, so that a number is never
+        # found inside the hex keys and UIDs the outputs are full of.
+        for run in _LETTER_RUN.findall(folded):
+            if len(run) >= 4 and run in self.words:
+                return self.words[run]
+        if self.unsegmented and is_unsegmented(folded):
+            compact = folded.replace(" ", "")
+            for value, source in self.unsegmented.items():
+                if value in compact:
+                    return source
+        if dates_and_numbers:
+            for date in dates_in(folded) if self.dates else ():
+                if date in self.dates:
+                    return self.dates[date]
+            for digits in digit_runs(folded) if self.phones else ():
+                if digits[-PHONE_DIGITS:] in self.phones:
+                    return self.phones[digits[-PHONE_DIGITS:]]
+        return None
+
+    def phrases_starting(self, token: str) -> list[tuple[str, ...]]:
+        """The phrases (tuples of folded words) whose first word is ``token``."""
+        return [phrase for phrase, _ in self._phrases_by_first.get(token, ())]
+
+    @property
+    def _phrases_by_first(self) -> dict[str, list[tuple[tuple[str, ...], str]]]:
+        if getattr(self, "_index_size", None) != len(self.phrases):
+            index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+            for phrase, source in self.phrases.items():
+                index.setdefault(phrase[0], []).append((phrase, source))
+            self._index, self._index_size = index, len(self.phrases)
+        return self._index
+
+
+def describe_tag(elem) -> str:
+    """``"(0010,0020) Patient ID"``: the tag and its name, as messages write attributes."""
+    return f"({elem.tag.group:04X},{elem.tag.element:04X}) {elem.name}"
+
+
+def collect_identifiers(ds: Dataset, *, device_identity_kept: bool = False) -> Identifiers:
+    """The identifying values of a source dataset, at any depth, with its file meta.
+
+    ``device_identity_kept``: station names and serial numbers are kept by the Retain Device
+    Identity option, so they are not searched for.
+    """
+    found = Identifiers()
+    meta = getattr(ds, "file_meta", None)
+    for elem in (*(meta.iterall() if meta is not None else ()), *ds.iterall()):
+        keyword, source = elem.keyword, describe_tag(elem)
+        if elem.VR == "SQ" or (device_identity_kept and keyword in DEVICE_KEYWORDS):
+            continue
+        if keyword == "SpecificCharacterSet":
+            found.encodings.update(source_encodings(ds))
+        for value in _texts(elem):
+            if elem.VR == "PN":
+                found.add_name(value, source)
+            elif elem.VR in ("DA", "DT"):
+                found.add_date(value, source)
+            elif keyword in PHONE_KEYWORDS:
+                found.add_phone(value, source)
+            elif keyword in ID_KEYWORDS or keyword in ADDRESS_KEYWORDS or keyword in UID_KEYWORDS:
+                found.add_text(value, source, uid=elem.VR == "UI")
+    return found
+
+
+def source_encodings(ds: Dataset) -> set[str]:
+    """The Python codecs of ``ds``'s (0008,0005) Specific Character Set."""
+    charset = ds.get("SpecificCharacterSet") or "ISO_IR 6"
+    values = list(charset) if isinstance(charset, (list, MultiValue)) else [charset]
+    try:
+        return set(convert_encodings([str(v).strip() for v in values]))
+    except Exception:  # an unknown character set: the text is read as Latin-1 and UTF-8 anyway
+        return set()
+
+
+def _texts(elem) -> list[str]:
+    """The element's values as text (bytes as Latin-1)."""
+    value = elem.value
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, (list, MultiValue)) else [value]
+    return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def texts_of(values: Iterable[object]) -> list[str]:
+    """Non-empty string forms of ``values`` (for table columns)."""
+    return [str(v) for v in values if v is not None and str(v) != ""]
