@@ -1,7 +1,8 @@
 """Logs that never quote a source file: library warnings withheld, pydicom's messages hidden.
 
 pydicom's warnings and log records quote the values they read ("Invalid value for VR UI:
-'1.2.3.MRN4471123.20181102'"), and so may any library that decodes a file. CI keeps stage logs,
+'<the value>'": a legacy UID built from a record number and a date), and so may any library
+that decodes a file. CI keeps stage logs,
 so no stage, ``predict`` or served model may let them through:
 
 * :func:`withhold_library_messages` (called by every stage's ``run_stage``): a warning is shown as

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from hospital_exports import write_hospital_exports
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +63,23 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run(["dvc", "init", "-q"], root, env)
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's default remote
     _run([sys.executable, "-m", "stages.sample_data", "data", "--patients", "40"], root, env)
+    add_hospital_exports(root / "data")
     _run(["dvc", "add", "-q", "data"], root, env)
     _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny sample"], root, env)
-    _run(["dvc", "repro"], root, env)
+    _run(["git", "commit", "-qm", "tiny sample and hospital exports"], root, env)
+    (root.parent / "repro.log").write_text(_run(["dvc", "repro"], root, env))
     return root, env
+
+
+def add_hospital_exports(data: Path) -> None:
+    """The realistic exports of tests/hospital_exports.py (character sets, free text, TIFF
+    preambles, legacy UIDs that make pydicom warn) beside the sample, labelled in its labels.csv:
+    the whole pipeline must run on them with default params, and keep their values out of logs."""
+    write_hospital_exports(data / "exports")
+    exported = pd.read_csv(data / "exports" / "labels.csv", dtype=str)
+    (data / "exports" / "labels.csv").unlink()
+    labels = pd.read_csv(data / "labels.csv", dtype=str)
+    pd.concat([labels, exported], ignore_index=True).to_csv(data / "labels.csv", index=False)
 
 
 @pytest.fixture
@@ -146,8 +159,21 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
     # the champion's MLflow run, as a user runs it.
     run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
     output = _run([sys.executable, "-m", "stages.deid_leaks", "outputs/deidentify", "outputs/split",
-                   "outputs/model", "reports", "--run", run_id], root, env)
+                   "outputs/model", "reports", str(root.parent / "repro.log"), "--run", run_id],
+                  root, env)
     assert output.strip().splitlines()[-1].startswith("0 hit(s) for ")
+
+
+def test_the_logs_of_a_whole_repro_quote_no_source_value(repo):
+    """Every stage's stdout and stderr, as `dvc repro` printed them (CI keeps them): none of the
+    hospital exports' planted values in UTF-8, though pydicom warned about their legacy UIDs."""
+    root, _ = repo
+    log = (root.parent / "repro.log").read_text()
+    assert "message withheld" in log  # the exports' invalid UIDs did make pydicom warn
+    planted = write_hospital_exports(root.parent / "planted").identifiers
+    quoted = sorted({description for description, value in planted
+                     if (len(value) >= 6 or not value.isascii()) and value.casefold() in log.casefold()})
+    assert not quoted, f"{len(quoted)} planted value(s) in the repro log: {quoted[:5]}"
 
 
 def test_second_repro_runs_nothing(repo):

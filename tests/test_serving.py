@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -315,7 +316,8 @@ class TestLoggedModel:
                                                          dst_path=str(tmp_path)))
         shipped = sorted(path.relative_to(local).as_posix() for path in local.rglob("*.py"))
         assert shipped == [f"code/stages/{name}.py" for name in
-                           ("__init__", "cli", "domain", "ingest", "layout", "parallel", "params", "serving")]
+                           ("__init__", "cli", "domain", "ingest", "layout", "log_privacy", "parallel",
+                            "params", "serving")]
         assert not list(local.rglob("sample_data*"))
         requirements = (local / "requirements.txt").read_text()
         for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
@@ -323,13 +325,16 @@ class TestLoggedModel:
 
     def test_leak_scanner_finds_none_of_the_sample_names(self, registered, tmp_path):
         from stages import sample_data
-        from stages.deid_leaks import MIN_LENGTH, scan_paths
+        from stages.deid_leaks import scan_paths
+        from stages.identifiers import Identifiers
 
         names = [*sample_data.LAST, *sample_data.FIRST["M"], *sample_data.FIRST["F"], *sample_data.STREETS,
                  *sample_data.CITIES, *(part for entry in sample_data.INSTITUTIONS for part in entry)]
         for person in (*sample_data.PHYSICIANS, *sample_data.OPERATORS):
             names += [person, *person.split("^")]
-        identifiers = {name.casefold(): "sample name" for name in names if len(name) >= MIN_LENGTH}
+        identifiers = Identifiers()
+        for name in names:
+            identifiers.add_text(name, "sample name")
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
                                                          dst_path=str(tmp_path)))
         leaks = scan_paths(identifiers, [local])
@@ -374,6 +379,37 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
     _assert_out_of_domain(scored.iloc[[1, 3, 4, 5, 6, 8, 9]], ["bright", "cr", "dark", "mid", "mr", "rgb", "us"])
     assert "predicted 4 of 10 files" in result.stderr
     assert "6 files not predicted (4 out_of_domain, 1 not_dicom, 1 truncated)" in result.stderr
+
+
+LEGACY_UID = "1.2.3.MRN4471123.20181102.1"  # built from a record number and a date: invalid UI
+
+
+def _legacy_export(make_dicom, path: Path) -> Path:
+    """A file whose SOP Instance UID pydicom warns about, quoting it, whenever it is read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_dicom(path, _image(BRIGHT, seed=9, shape=(64, 64)), SOPInstanceUID=LEGACY_UID,
+                          **WINDOW)
+
+
+def test_the_served_model_lets_no_warning_quote_a_file(model, make_dicom, tmp_path):
+    path = _legacy_export(make_dicom, tmp_path / "legacy.dcm")
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        predicted = model.predict(pd.DataFrame({"dicom": [path.read_bytes()]}))
+    assert predicted["error"].tolist() == [""]
+    assert not [w for w in escaped if "MRN4471123" in str(w.message)]
+
+
+def test_predict_cli_logs_no_value_of_the_files(registered, store, make_dicom, tmp_path):
+    _legacy_export(make_dicom, tmp_path / "in" / "legacy.dcm")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["registered_model_name"] = MODEL_NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "in", "--output", "out.csv"],
+                            cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MRN4471123" not in result.stdout + result.stderr
 
 
 def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, tmp_path):
