@@ -55,12 +55,13 @@ INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
     "sop_instance_uid": "(0008,0018) SOP Instance UID",
 }
 ALWAYS_READ = ("utf-8", "latin-1")  # besides the sources' own character sets
-_PIXEL_GROUPS = (0x7FE0, 0x7FDF)  # pixel data and its variants: image bytes, not text
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # image bytes, not text
 # Binary numbers: no text can hide in them. OB, OW and UN are read: they can.
 _NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "SV", "UV", "FL", "FD", "OF", "OD", "OL", "OV", "AT"})
 # Values the profile has replaced by construction: searched for names and IDs, not for dates
 # and telephone numbers (a shifted date may be another patient's real one by chance).
 _STRUCTURED_VRS = frozenset({"DA", "DT", "TM", "DS", "IS", "UI", "AS"})
+_BINARY_VRS = frozenset({"OB", "OW", "UN"})
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
@@ -135,39 +136,48 @@ def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
     return leaks
 
 
-def _hits(identifiers: Identifiers, output: str,
-          texts: Iterable[tuple[str, str, bool]]) -> list[Leak]:
-    """A Leak for each (location, text, structured) whose text holds an identifier."""
-    return [Leak(output, location, source) for location, text, structured in texts
-            if (source := identifiers.first(text, dates_and_numbers=not structured)) is not None]
+def _hits(identifiers: Identifiers, output: str, texts: Iterable[tuple]) -> list[Leak]:
+    """A Leak for each (location, text[, vr]) whose text holds an identifier; a DICOM value's VR
+    says what to look for (no dates in DA values, which the profile rewrote; no surnames in
+    coded CS values such as PERFUSION)."""
+    leaks = []
+    for location, text, *vr in texts:
+        vr = vr[0] if vr else None
+        source = identifiers.first(text, dates_and_numbers=vr not in _STRUCTURED_VRS,
+                                   names=vr != "CS")
+        if source is not None:
+            leaks.append(Leak(output, location, source))
+    return leaks
 
 
-def decodings(raw: bytes, encodings: Iterable[str]) -> list[str]:
+def decodings(raw: bytes, encodings: Iterable[str], *, binary: bool = False) -> list[str]:
     """``raw`` read in each of ``encodings`` and :data:`ALWAYS_READ` (one text when it is ASCII),
-    plus each reading with JSON ``\\uXXXX`` escapes undone."""
-    if raw.isascii() and b"\x1b" not in raw:  # ISO 2022 text is 7-bit, with escapes
+    plus each reading with JSON ``\\uXXXX`` escapes undone; ``binary`` values (OB, OW, UN, the
+    preamble) also as UTF-16 both ways, as ICC profiles and waveforms store text."""
+    if raw.isascii() and b"\x1b" not in raw and b"\x00" not in raw:  # ISO 2022 is 7-bit
         texts = [raw.decode("ascii")]
     else:
+        extra = ("utf-16-le", "utf-16-be") if binary else ()
         texts = list(dict.fromkeys(raw.decode(encoding, errors="replace")
-                                   for encoding in _codecs((*ALWAYS_READ, *encodings))))
+                                   for encoding in _codecs((*ALWAYS_READ, *encodings, *extra))))
     return texts + [_unescape_json(text) for text in texts if "\\u" in text]
 
 
-def dicom_texts(path: Path, encodings: Iterable[str] = ()) -> Iterator[tuple[str, str, bool]]:
-    """(location, text, structured) for everything in a DICOM file that could carry text: the
+def dicom_texts(path: Path, encodings: Iterable[str] = ()) -> Iterator[tuple[str, str, str]]:
+    """(location, text, VR) for everything in a DICOM file that could carry text: the
     preamble, the file meta and every element at any depth, read from their raw bytes in every
     character set (the file's own, ``encodings``, :data:`ALWAYS_READ`), so an element whose bytes
     are in another character set than the file declares is read too. Pixel data is skipped."""
     ds = pydicom.dcmread(path, force=True)
     encodings = {*encodings, *source_encodings(ds)}
-    for text in decodings(ds.preamble or b"", encodings):
-        yield "preamble", text, False
+    for text in decodings(ds.preamble or b"", encodings, binary=True):
+        yield "preamble", text, "OB"
     meta = getattr(ds, "file_meta", None)
     for part in (meta, ds) if meta is not None else (ds,):
         yield from _raw_texts(part, "", encodings)
 
 
-def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[str, str, bool]]:
+def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[str, str, str]]:
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
         vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
@@ -176,17 +186,17 @@ def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[
             for item in ds[tag].value or ():
                 yield from _raw_texts(item, location + " > ", encodings)
             continue
-        if tag.group in _PIXEL_GROUPS or vr in _NUMBER_VRS:
+        if tag in PIXEL_TAGS or vr in _NUMBER_VRS:
             continue
         value = raw.value
         if isinstance(value, bytes):
-            texts = decodings(value, encodings)
+            texts = decodings(value, encodings, binary=vr in _BINARY_VRS)
         else:  # an element already converted (file meta): its text
             values = value if isinstance(value, (list, tuple)) else [value]
             texts = ["\\".join(v.decode("latin-1") if isinstance(v, bytes) else str(v)
                                 for v in values if v is not None)]
         for text in texts:
-            yield location, text, vr in _STRUCTURED_VRS
+            yield location, text, vr
 
 
 def _tag_name(tag) -> str:
@@ -238,13 +248,12 @@ def scan_paths(identifiers: Identifiers, paths: Iterable[Path]) -> list[Leak]:
             texts = _table_texts(pd.read_parquet(path))
         elif path.suffix.lower() in ZIP_SUFFIXES and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                texts = [(f"{member} {location}", text, False)
+                texts = [(f"{member} {location}", text)
                          for member in archive.namelist()
                          if Path(member).suffix.lower() in TEXT_MEMBER_SUFFIXES
                          for location, text in _lines(archive.read(member), identifiers.encodings)]
         else:
-            texts = ((location, text, False)
-                     for location, text in _lines(path.read_bytes(), identifiers.encodings))
+            texts = _lines(path.read_bytes(), identifiers.encodings)
         leaks += _hits(identifiers, name, texts)
     return leaks
 
@@ -267,7 +276,7 @@ def scan_mlflow_run(identifiers: Identifiers, run_id: str, client=None) -> list[
         texts += [(f"tag {key!r}", f"{key} {value}") for key, value in each.data.tags.items()
                   if key != "mlflow.log-model.history"]  # MLflow's own JSON of model metadata
         texts += [("metric names", " ".join(each.data.metrics))]
-        leaks += _hits(identifiers, output, ((location, text, False) for location, text in texts))
+        leaks += _hits(identifiers, output, texts)
         downloads = [("artifact", {"run_id": each.info.run_id})]
         downloads += [(f"model {logged.model_id}", {"artifact_uri": f"models:/{logged.model_id}"})
                       for logged in (each.outputs.model_outputs if each.outputs else [])]
@@ -302,13 +311,13 @@ def _lines(content: bytes, encodings: Iterable[str]) -> Iterator[tuple[str, str]
             yield f"line {number}", text
 
 
-def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str, bool]]:
-    yield "column names", " ".join(map(str, table.columns)), False
+def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str]]:
+    yield "column names", " ".join(map(str, table.columns))
     for column in table.columns:
         if pd.api.types.is_numeric_dtype(table[column]):  # bools included
             continue
         for cell in table[column].dropna():
-            yield f"column {column!r}", str(cell), False
+            yield f"column {column!r}", str(cell)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.datadict import dictionary_description, dictionary_has_tag
+from pydicom.datadict import dictionary_description, dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -94,6 +94,15 @@ KEPT_TEXT = {
     0x00281054: "Rescale Type (defined terms: HU, US, OD, ...)",
     0x00189005: "Pulse Sequence Name (the vendor's name of an MR technique)",
 }
+# Binary attributes kept where the table does not list them: what renders the pixels. Any other
+# binary value (ICC profiles, waveforms, offset tables, unknown VR) may hide text: removed.
+KEPT_BINARY = frozenset({
+    0x7FE00008, 0x7FE00009, 0x7FE00010,  # Float, Double Float and Pixel Data
+    0x00281201, 0x00281202, 0x00281203,  # Red, Green, Blue Palette Color LUT Data
+    0x00281221, 0x00281222, 0x00281223,  # their segmented forms
+    0x00283006,  # LUT Data (Modality and VOI LUT Sequences)
+})
+BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 # Type 2 sequences of image IODs that the table removes (X): emptied instead, the only way to
 # remove their content and keep the file conformant (dciodvfy: "Missing attribute Type 2").
 TYPE_2_SEQUENCES = frozenset({0x00400555})  # Acquisition Context Sequence
@@ -104,7 +113,6 @@ _DUMMY_BY_VR = {"DA": DUMMY_DATE, "TM": DUMMY_TIME, "DT": DUMMY_DATE + DUMMY_TIM
 _NUMBER_VRS = frozenset({"DS", "IS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
 _DUMMY_UNLISTED_VRS = FREE_TEXT_VRS | {"DA", "DT", "TM", "UI", "UR"}
 _OVERLAY_CURVE_GROUPS = (0x5000, 0x6000)  # (50xx,eeee) curves, (60xx,eeee) overlays
-_PIXEL_GROUPS = (0x7FE0, 0x7FDF)
 _AGE = re.compile(r"(\d{3})([DWMY])")
 _TAG = re.compile(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)")
 _LONG_NUMBER = re.compile(r"(?<!\w)\d(?:[ \-./]?\d){4,}(?!\w)")  # record and telephone numbers, with separators
@@ -301,21 +309,30 @@ def unlisted_action(elem: DataElement, *, inside_dummy: bool, shift_dates: bool)
       Type (Segment Label, LUT Label, Stack ID are Type 1 text). Code Meaning is replaced by the
       standard meaning of its code (:func:`standard_code_meaning`, counted D);
     * dates replaced (``D``), or shifted (``C``) under Retain Longitudinal Temporal Information;
-    * values of unknown VR (``UN``) removed: they may be text;
-    * codes (CS), numbers and binary data kept.
+    * binary values removed unless they render the pixels (:data:`KEPT_BINARY`): an ICC profile,
+      a waveform or an unknown VR may hide text;
+    * attributes the DICOM dictionary does not know, or written with another VR than the
+      dictionary's (a name stored as OB or CS under a known tag), removed: their content is
+      unknown;
+    * codes (CS) and numbers kept.
     """
     vr = elem.VR
+    if not dictionary_has_tag(elem.tag):
+        return "X"
+    expected = dictionary_VR(elem.tag)  # e.g. "OB or OW", also how pydicom leaves it unresolved
+    if vr not in (expected, "UN", *expected.split(" or ")):
+        return "X"
     if vr == "SQ":
         return "K"
-    if vr == "UI":  # inside a D sequence even class UIDs, unless well-known (kept by U)
-        return "U" if inside_dummy or not elem.keyword.endswith("ClassUID") else "K"
+    if vr == "UI":  # U keeps the well-known UIDs (1.2.840.10008.*) and keys any other
+        return "U"
     if elem.tag == CODE_MEANING:
         return "D"
     if vr in FREE_TEXT_VRS or vr == "UR":
         return "K" if elem.tag in KEPT_TEXT else "D"
     if vr in ("DA", "DT"):
         return "C" if shift_dates and not inside_dummy else "D"
-    if vr == "UN" and elem.tag.group not in _PIXEL_GROUPS:
+    if vr in BINARY_VRS and elem.tag not in KEPT_BINARY:
         return "X"
     if inside_dummy and vr in _DUMMY_UNLISTED_VRS:
         return "D"
@@ -412,9 +429,10 @@ def clean_text(text: str, identifiers: Identifiers) -> str:
     text = _LONG_NUMBER.sub(" ", cut_dates(text))
     pieces = re.split(r"(\w+)", text)  # odd positions: words
     folded = [fold(piece) for piece in pieces]
-    names = [word for word in identifiers.words if len(word) >= 4 and word.isalpha()]
+    names = [word for word in identifiers.names if len(word) >= 4]
     cut = {i for i in range(1, len(pieces), 2)
-           if folded[i] in identifiers.words or any(folded[i].startswith(n) for n in names)}
+           if folded[i] in identifiers.words or folded[i] in identifiers.names
+           or any(folded[i].startswith(n) for n in names)}
     word_positions = list(range(1, len(pieces), 2))
     for n, i in enumerate(word_positions):
         for phrase in identifiers.phrases_starting(folded[i]):
@@ -439,7 +457,8 @@ class _Context:
     def source_identifiers(self) -> Identifiers:
         """:func:`collect_identifiers` of the source, read once, only when something is cleaned."""
         if self.identifiers is None:
-            self.identifiers = collect_identifiers(self.source)
+            self.identifiers = collect_identifiers(
+                self.source, device_identity_kept=self.options.retain_device_identity)
         return self.identifiers
 
 
@@ -480,10 +499,9 @@ def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
     patient_id = str(ds.get("PatientID", "") or "")
     ctx = _Context(profile, secret, options, Counter(dict.fromkeys(COUNT_KEYS, 0)), ds, patient_id,
                    identifiers)
-    if in_place:
+    if in_place:  # kept text is checked against the source's values: read them first
         out = ds
-        if options.clean_descriptors:  # the cleaner needs the source values: read them first
-            ctx.source_identifiers()
+        ctx.source_identifiers()
     else:
         out = copy.deepcopy(ds)
     _clean(out, ctx, inside_dummy=False)
@@ -530,6 +548,10 @@ def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
             del ds[tag]
             ctx.counts["overlay_removed"] += 1
             continue
+        if tag.group == 0x0002:  # file meta inside the data set: the file meta is written anew
+            del ds[tag]
+            ctx.counts["X"] += 1
+            continue
         rule = ctx.profile.rule_for(tag)
         if rule is not None:
             _apply(ds, elem, action_for(rule, ctx.options, elem.VR), ctx, rule)
@@ -541,8 +563,20 @@ def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
                 elem.value = standard_code_meaning(ds)
             elif action == "K" and elem.VR == "SQ":
                 _clean_items(elem, ctx, inside_dummy=inside_dummy)
+            elif action == "K" and elem.VR in FREE_TEXT_VRS:
+                _keep_text(ds, elem, ctx)
             elif action != "K":
                 _apply(ds, elem, action, ctx)
+
+
+def _keep_text(ds: Dataset, elem: DataElement, ctx: _Context) -> None:
+    """Keep a text value (:data:`KEPT_TEXT`, or named by a retain option) unless it holds an
+    identifier of its own file (a manufacturer typed as the hospital, an ethnic group holding a
+    name): then it is replaced by its pseudonym, as unlisted text is."""
+    if any(ctx.source_identifiers().first(value) is not None for value in _values(elem) if value):
+        _apply(ds, elem, "D", ctx)
+    else:
+        ctx.counts["K"] += 1
 
 
 def _clean_items(elem: DataElement, ctx: _Context, *, inside_dummy: bool) -> None:
@@ -566,6 +600,9 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context,
     elif action == "K":  # an option keeps what it names, a sequence with its items, as it is
         if elem.VR == "AS":  # Retain Patient Characteristics: ages above 89 become 090Y
             _set_values(elem, [top_code_age(age) for age in _values(elem)])
+        elif elem.VR in FREE_TEXT_VRS:
+            ctx.counts["K"] -= 1  # counted by _keep_text
+            _keep_text(ds, elem, ctx)
     elif action == "C":
         _clean_value(elem, ctx)
     elif elem.VR == "SQ":  # U (X/Z/U*): keep, UIDs inside are replaced; D: replace all inside

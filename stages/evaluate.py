@@ -522,10 +522,10 @@ def check_run(run_id: str, *, ingest_dir: Path, data_dir: Path) -> None:
     identifiers = identifiers_at_ingest(ingest_dir, data_dir)
     leaks = scan_mlflow_run(identifiers, run_id)
     if leaks:
-        raise StageError(f"leak check: {len(leaks)} identifying value(s) in MLflow, the model is not "
-                         "registered. Where, and what kind of value (never the value): "
-                         + "; ".join(f"{leak.output} {leak.location}: a {leak.source} value"
-                                     for leak in leaks[:20]))
+        raise StageError(f"leak check: {len(leaks)} identifying value(s) in MLflow, where and what "
+                         "kind (never the value): "
+                         + "; ".join(f"a {leak.source} value at {leak.output} {leak.location}"
+                                     for leak in leaks[:20]) + "; the model is not registered")
     logger.info("leak check: none of %s identifying values found in MLflow run %s",
                 f"{len(identifiers):,}", run_id)
 

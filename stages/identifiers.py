@@ -32,7 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 MIN_WORD = 3  # letters of a name component found alone ("Li" alone would be everywhere)
-MIN_ID = 4  # characters of an ID with letters; numbers alone need MIN_NUMBER digits
+MIN_ID = 4  # characters of an ID with digits; numbers alone need MIN_NUMBER digits
+MIN_ID_LETTERS = 5  # an institution or station of one word ("Here" is a word of English)
 MIN_NUMBER = 6  # digits: counts, sizes and years in logs have fewer
 MIN_UNSEGMENTED = 2  # characters of a name in a script without spaces (王小东: 小东)
 PHONE_DIGITS = 7  # a telephone number is matched by its last 7 digits, with or without a prefix
@@ -66,7 +67,8 @@ UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceU
                           "MediaStorageSOPInstanceUID", "FrameOfReferenceUID",
                           "ReferencedSOPInstanceUID", "ImplementationClassUID"})
 # Attributes that retain_device_identity keeps: not identifiers when that option is on.
-DEVICE_KEYWORDS = frozenset({"StationName", "StationAETitle", "DeviceSerialNumber"})
+DEVICE_KEYWORDS = frozenset({"StationName", "StationAETitle", "SourceApplicationEntityTitle",
+                             "DeviceSerialNumber"})
 
 _WORD = re.compile(r"\w+")
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
@@ -98,9 +100,11 @@ _DIGIT_RUN = re.compile(r"(?<![\w+])\+?\(?\d[\d()]*(?:[ \-./]\(?\d[\d()]*)*")
 
 
 def fold(text: str) -> str:
-    """``text`` in the one spelling that identifiers are compared in (see the module docstring)."""
+    """``text`` in the one spelling that identifiers are compared in (see the module docstring);
+    invisible format characters (zero-width spaces, soft hyphens) are dropped."""
     text = unicodedata.normalize("NFKD", text.casefold())
-    text = unicodedata.normalize("NFC", "".join(c for c in text if not unicodedata.combining(c)))
+    text = unicodedata.normalize("NFC", "".join(
+        c for c in text if not unicodedata.combining(c) and unicodedata.category(c) != "Cf"))
     return _DIGRAPHS.sub("", text.translate(_CYRILLIC))
 
 
@@ -152,6 +156,7 @@ class Identifiers:
     (``"(0010,0010) Patient's Name"``), and the character sets of the sources they were read from.
     Picklable and mergeable (:meth:`update`), so workers can collect and the stage can merge."""
 
+    names: dict[str, str] = field(default_factory=dict)
     words: dict[str, str] = field(default_factory=dict)
     phrases: dict[tuple[str, ...], str] = field(default_factory=dict)
     unsegmented: dict[str, str] = field(default_factory=dict)
@@ -160,12 +165,12 @@ class Identifiers:
     encodings: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
-        return (len(self.words) + len(self.phrases) + len(self.unsegmented) + len(self.dates)
+        return (len(self.names) + len(self.words) + len(self.phrases) + len(self.unsegmented) + len(self.dates)
                 + len(self.phones))
 
     def update(self, other: Identifiers) -> None:
         """Add ``other``'s values (the first source of a value is kept)."""
-        for name in ("words", "phrases", "unsegmented", "dates", "phones"):
+        for name in ("names", "words", "phrases", "unsegmented", "dates", "phones"):
             mine = getattr(self, name)
             for value, source in getattr(other, name).items():
                 mine.setdefault(value, source)
@@ -185,12 +190,12 @@ class Identifiers:
                 continue
             tokens = [words(c) for c in components]
             for token in (t for each in tokens for t in each):
-                self._add_word(token, source, MIN_WORD)
+                self._add_name(token, source)
             family, given = tokens[0], [t for each in tokens[1:] for t in each]
             if given:
                 for phrase in (family + given, given + family):
                     self.phrases.setdefault(tuple(phrase), source)
-                    self._add_word("".join(phrase), source, MIN_WORD)
+                    self._add_name("".join(phrase), source)
 
     def add_text(self, value: str, source: str, *, uid: bool = False) -> None:
         """An ID, UID, institution or address: the whole value, and an address's parts."""
@@ -203,13 +208,13 @@ class Identifiers:
                 continue
             tokens = words(part)
             if len(tokens) == 1:
-                self._add_word(tokens[0], source, MIN_ID)
+                self._add_word(tokens[0], source)
             elif len(tokens) > 1 and len("".join(tokens)) >= MIN_ID:
                 self.phrases.setdefault(tuple(tokens), source)
-                if not uid:  # "ACC-70707070" is also written "70707070"
-                    for token in tokens:
-                        if token.isdigit():
-                            self._add_word(token, source, MIN_NUMBER)
+            if not uid:  # "ACC-70707070" is also written "ACC70707070" and "70707070"
+                self._add_word("".join(tokens), source)
+                for digits in re.findall(r"\d+", "".join(tokens)):
+                    self._add_word(digits, source)
 
     def add_date(self, value: str, source: str) -> None:
         """A DA value, or the date of a DT value."""
@@ -221,29 +226,38 @@ class Identifiers:
         for digits in digit_runs(fold(value)):
             self.phones.setdefault(digits[-PHONE_DIGITS:], source)
 
-    def _add_word(self, token: str, source: str, min_length: int) -> None:
-        if token not in NOT_IDENTIFYING and len(token) >= (MIN_NUMBER if token.isdigit() else min_length):
+    def _add_name(self, token: str, source: str) -> None:
+        if token not in NOT_IDENTIFYING and len(token) >= MIN_WORD and not token.isdigit():
+            self.names.setdefault(token, source)
+
+    def _add_word(self, token: str, source: str) -> None:
+        shortest = (MIN_NUMBER if token.isdigit() else MIN_ID_LETTERS if token.isalpha()
+                    else MIN_ID)
+        if token not in NOT_IDENTIFYING and len(token) >= shortest:
             self.words.setdefault(token, source)
 
-    def first(self, text: str, *, dates_and_numbers: bool = True) -> str | None:
+    def first(self, text: str, *, dates_and_numbers: bool = True, names: bool = True) -> str | None:
         """The source of the first identifier found in ``text``, or None.
 
         ``dates_and_numbers`` False skips dates and telephone numbers (for DICOM date, time and
-        number elements, whose values the profile has already replaced)."""
+        number elements, whose values the profile has already replaced); ``names`` False skips
+        single name words (for coded values: "PERFUSION" is an image type and a surname)."""
         folded = fold(text)
         tokens = _WORD.findall(folded)
         for position, token in enumerate(tokens):
             if token in self.words:
                 return self.words[token]
+            if names and token in self.names:
+                return self.names[token]
             for phrase, source in self._phrases_by_first.get(token, ()):
                 if tuple(tokens[position:position + len(phrase)]) == phrase:
                     return source
         # Names of 4 letters or more also where digits or underscores touch them
         # ("quixley_chest.dcm", "Quixley2"); IDs only as whole words, so that a number is never
         # found inside the hex keys and UIDs the outputs are full of.
-        for run in _LETTER_RUN.findall(folded):
-            if len(run) >= 4 and run in self.words:
-                return self.words[run]
+        for run in _LETTER_RUN.findall(folded) if names else ():
+            if len(run) >= 4 and run in self.names:
+                return self.names[run]
         if self.unsegmented and is_unsegmented(folded):
             compact = folded.replace(" ", "")
             for value, source in self.unsegmented.items():

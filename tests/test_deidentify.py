@@ -471,6 +471,59 @@ class TestDeidentifyDataset:
         assert top_code_age(age) == expected
 
 
+class TestHostilePlacements:
+    """Where a red team of our own hid a name the first default-deny let through."""
+
+    def test_binary_values_are_removed_unless_they_render_the_pixels(self):
+        ds = make_dataset()
+        ds.add_new(0x00282000, "OB", "QUIXLEY Bartholomew 19270315".encode("utf-16-be"))  # ICC
+        ds.add_new(0x7FE00001, "OV", b"QUIXLEY\x00")  # Extended Offset Table
+        out, _ = deid(ds)
+        assert "ICCProfile" not in out and 0x7FE00001 not in out
+        assert out.PixelData == ds.PixelData
+
+    def test_a_known_tag_under_another_vr_and_an_unknown_public_tag_are_removed(self):
+        ds = make_dataset()
+        ds.add_new(0x00540400, "OB", b"QUIXLEY^BARTHOLOMEW ")  # Image ID is SH
+        ds.add_new(0x00421000, "CS", "QUIXLEY")  # not in the DICOM dictionary
+        out, _ = deid(ds)
+        assert 0x00540400 not in out and 0x00421000 not in out
+
+    @pytest.mark.parametrize("typed", ["Quixley Bartholomew", "ＱＵＩＸＬＥＹ", "QUIX\u200bLEY",
+                                       "QUIX\xadLEY", "Quixleý"])
+    def test_kept_text_holding_the_files_own_name_is_replaced(self, typed):
+        ds = make_dataset()
+        ds.Manufacturer = typed
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = typed[:16], "99X", "x"
+        ds.ProcedureCodeSequence = [code]
+        out, _ = deid(ds)
+        assert out.Manufacturer == keyed_hex(SECRET, typed)
+        assert out.ProcedureCodeSequence[0].CodeValue == keyed_hex(SECRET, typed[:16])
+        assert deid(make_dataset())[0].Manufacturer == "Acme"  # the file's own, harmless value
+
+    def test_private_class_uids_are_keyed_and_file_meta_in_the_data_set_removed(self):
+        ds = make_dataset()
+        ds.SOPClassUID = "1.2.826.0.1.3680043.99.19270315"  # a private SOP class with a date
+        ds.add_new(0x00020016, "AE", "QUIXLEY")
+        out, _ = deid(ds)
+        assert out.SOPClassUID.startswith("2.25.") and 0x00020016 not in out
+        assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID
+
+    def test_the_scanner_sees_through_invisible_characters_utf16_and_skips_coded_values(self, tmp_path):
+        source = make_dataset()
+        source.OtherPatientNames = "Perfusion^Ada"
+        identifiers = collect_identifiers(source)
+        out, _ = deid(source)
+        out.SpecificCharacterSet = "ISO_IR 192"
+        out.Manufacturer = "QUIX\u200bLEY"
+        out.add_new(0x00282000, "OB", "Bartholomew".encode("utf-16-le"))
+        out.ImageType = ["DERIVED", "PERFUSION"]  # a defined term that is also a surname
+        dicom_dir = write_outputs(tmp_path, [out])
+        locations = {leak.location for leak in find_leaks(identifiers, dicom_dir=dicom_dir, tables={})}
+        assert locations == {"(0008,0070) Manufacturer", "(0028,2000) ICC Profile"}
+
+
 class TestOptions:
     @staticmethod
     def run(ds: Dataset, **options: bool) -> Dataset:
