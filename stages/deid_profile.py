@@ -52,7 +52,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from stages.identifiers import Identifiers, collect_identifiers, cut_dates, fold, is_unsegmented
+from stages.identifiers import (Identifiers, collect_identifiers, cut_dates, fold, is_unsegmented,
+                                vr_of)
 
 PROFILE_REVISION = "2026c"
 BASIC_PROFILE_MODULE = "dicomfields_2026c"  # in dicom-anonymizer's dicom_anonymization_databases
@@ -298,7 +299,7 @@ def basic_action(rule: Rule) -> str:
     return rule.basic.split("/")[-1].rstrip("*")
 
 
-def unlisted_action(elem: DataElement, *, inside_dummy: bool, shift_dates: bool) -> str:
+def unlisted_action(tag: BaseTag, vr: str, *, inside_dummy: bool, shift_dates: bool) -> str:
     """The action for an attribute that Table E.1-1 does not list: default-deny.
 
     * sequences are kept and their items de-identified (``K``); UIDs other than class UIDs keyed
@@ -316,23 +317,22 @@ def unlisted_action(elem: DataElement, *, inside_dummy: bool, shift_dates: bool)
       unknown;
     * codes (CS) and numbers kept.
     """
-    vr = elem.VR
-    if not dictionary_has_tag(elem.tag):
+    if not dictionary_has_tag(tag):
         return "X"
-    expected = dictionary_VR(elem.tag)  # e.g. "OB or OW", also how pydicom leaves it unresolved
+    expected = dictionary_VR(tag)  # e.g. "OB or OW", also how pydicom leaves it unresolved
     if vr not in (expected, "UN", *expected.split(" or ")):
         return "X"
     if vr == "SQ":
         return "K"
     if vr == "UI":  # U keeps the well-known UIDs (1.2.840.10008.*) and keys any other
         return "U"
-    if elem.tag == CODE_MEANING:
+    if tag == CODE_MEANING:
         return "D"
     if vr in FREE_TEXT_VRS or vr == "UR":
-        return "K" if elem.tag in KEPT_TEXT else "D"
+        return "K" if tag in KEPT_TEXT else "D"
     if vr in ("DA", "DT"):
         return "C" if shift_dates and not inside_dummy else "D"
-    if vr in BINARY_VRS and elem.tag not in KEPT_BINARY:
+    if vr in BINARY_VRS and tag not in KEPT_BINARY:
         return "X"
     if inside_dummy and vr in _DUMMY_UNLISTED_VRS:
         return "D"
@@ -536,9 +536,14 @@ def new_file_meta(ds: Dataset, source_meta: Dataset) -> FileMetaDataset:
 
 
 def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
-    """Apply the profile to every element of ``ds`` and of its nested items, in place."""
-    for elem in list(ds):
-        tag: BaseTag = elem.tag
+    """Apply the profile to every element of ``ds`` and of its nested items, in place.
+
+    The action is decided from the tag and VR of the raw element: an element kept as it is
+    (codes, numbers, pixel data) is never converted from its bytes, nor encoded again when the
+    file is written, which is most of the cost of a file.
+    """
+    for tag in list(ds.keys()):
+        vr = vr_of(ds, tag)
         if tag.is_private:
             if ctx.options.remove_private_tags:
                 del ds[tag]
@@ -554,19 +559,26 @@ def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
             continue
         rule = ctx.profile.rule_for(tag)
         if rule is not None:
-            _apply(ds, elem, action_for(rule, ctx.options, elem.VR), ctx, rule)
+            action = action_for(rule, ctx.options, vr)
+            if action == "K" and vr not in FREE_TEXT_VRS and vr not in ("AS", "SQ"):
+                ctx.counts["K"] += 1
+                continue
+            _apply(ds, ds[tag], action, ctx, rule)
+            continue
+        action = unlisted_action(tag, vr, inside_dummy=inside_dummy,
+                                 shift_dates=ctx.options.retain_longitudinal_dates)
+        if action == "K" and vr not in FREE_TEXT_VRS and vr != "SQ":
+            continue  # kept as read
+        elem = ds[tag]
+        if tag == CODE_MEANING:
+            ctx.counts["D"] += 1
+            elem.value = standard_code_meaning(ds)
+        elif action == "K" and elem.VR == "SQ":
+            _clean_items(elem, ctx, inside_dummy=inside_dummy)
+        elif action == "K":
+            _keep_text(ds, elem, ctx)
         else:
-            action = unlisted_action(elem, inside_dummy=inside_dummy,
-                                     shift_dates=ctx.options.retain_longitudinal_dates)
-            if tag == CODE_MEANING:
-                ctx.counts["D"] += 1
-                elem.value = standard_code_meaning(ds)
-            elif action == "K" and elem.VR == "SQ":
-                _clean_items(elem, ctx, inside_dummy=inside_dummy)
-            elif action == "K" and elem.VR in FREE_TEXT_VRS:
-                _keep_text(ds, elem, ctx)
-            elif action != "K":
-                _apply(ds, elem, action, ctx)
+            _apply(ds, elem, action, ctx)
 
 
 def _keep_text(ds: Dataset, elem: DataElement, ctx: _Context) -> None:

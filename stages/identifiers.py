@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -199,6 +200,11 @@ class Identifiers:
 
     def add_text(self, value: str, source: str, *, uid: bool = False) -> None:
         """An ID, UID, institution or address: the whole value, and an address's parts."""
+        if uid:  # digits and dots: no spelling to fold
+            parts = tuple(part for part in value.strip().casefold().split(".") if part)
+            if len(parts) > 1:
+                self.phrases.setdefault(parts, source)
+            return
         parts = [value, *re.split(r"[\^,;\n]", value)] if value.count("^") + value.count(",") else [value]
         for part in parts:
             if is_unsegmented(part):
@@ -244,14 +250,16 @@ class Identifiers:
         single name words (for coded values: "PERFUSION" is an image type and a surname)."""
         folded = fold(text)
         tokens = _WORD.findall(folded)
+        firsts, lengths = self._phrase_index
         for position, token in enumerate(tokens):
             if token in self.words:
                 return self.words[token]
             if names and token in self.names:
                 return self.names[token]
-            for phrase, source in self._phrases_by_first.get(token, ()):
-                if tuple(tokens[position:position + len(phrase)]) == phrase:
-                    return source
+            if token in firsts:
+                for length in lengths:
+                    if (source := self.phrases.get(tuple(tokens[position:position + length]))):
+                        return source
         # Names of 4 letters or more also where digits or underscores touch them
         # ("quixley_chest.dcm", "Quixley2"); IDs only as whole words, so that a number is never
         # found inside the hex keys and UIDs the outputs are full of.
@@ -274,16 +282,17 @@ class Identifiers:
 
     def phrases_starting(self, token: str) -> list[tuple[str, ...]]:
         """The phrases (tuples of folded words) whose first word is ``token``."""
-        return [phrase for phrase, _ in self._phrases_by_first.get(token, ())]
+        return [phrase for phrase in self.phrases if phrase[0] == token]
 
     @property
-    def _phrases_by_first(self) -> dict[str, list[tuple[tuple[str, ...], str]]]:
-        if getattr(self, "_index_size", None) != len(self.phrases):
-            index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-            for phrase, source in self.phrases.items():
-                index.setdefault(phrase[0], []).append((phrase, source))
-            self._index, self._index_size = index, len(self.phrases)
-        return self._index
+    def _phrase_index(self) -> tuple[frozenset[str], list[int]]:
+        """The first words of the phrases and their lengths, rebuilt when phrases were added: a
+        text's words are looked up, not compared with thousands of UIDs that start with "1"."""
+        if getattr(self, "_indexed", None) != len(self.phrases):
+            self._firsts = frozenset(phrase[0] for phrase in self.phrases)
+            self._lengths = sorted({len(phrase) for phrase in self.phrases})
+            self._indexed = len(self.phrases)
+        return self._firsts, self._lengths
 
 
 def describe_tag(elem) -> str:
@@ -295,26 +304,57 @@ def collect_identifiers(ds: Dataset, *, device_identity_kept: bool = False) -> I
     """The identifying values of a source dataset, at any depth, with its file meta.
 
     ``device_identity_kept``: station names and serial numbers are kept by the Retain Device
-    Identity option, so they are not searched for.
+    Identity option, so they are not searched for. Only the elements that can hold an
+    identifier are converted from their raw bytes (that conversion is most of the cost).
     """
-    found = Identifiers()
+    found = Identifiers(encodings=source_encodings(ds))
+    kinds = _DEVICE_KEPT_KINDS if device_identity_kept else _KINDS
     meta = getattr(ds, "file_meta", None)
-    for elem in (*(meta.iterall() if meta is not None else ()), *ds.iterall()):
-        keyword, source = elem.keyword, describe_tag(elem)
-        if elem.VR == "SQ" or (device_identity_kept and keyword in DEVICE_KEYWORDS):
-            continue
-        if keyword == "SpecificCharacterSet":
-            found.encodings.update(source_encodings(ds))
-        for value in _texts(elem):
-            if elem.VR == "PN":
-                found.add_name(value, source)
-            elif elem.VR in ("DA", "DT"):
-                found.add_date(value, source)
-            elif keyword in PHONE_KEYWORDS:
-                found.add_phone(value, source)
-            elif keyword in ID_KEYWORDS or keyword in ADDRESS_KEYWORDS or keyword in UID_KEYWORDS:
-                found.add_text(value, source, uid=elem.VR == "UI")
+    for part in (meta, ds) if meta is not None else (ds,):
+        _collect(part, kinds, found)
     return found
+
+
+def _tags(keywords: Iterable[str]) -> frozenset[int]:
+    return frozenset(tag for keyword in keywords if (tag := tag_for_keyword(keyword)) is not None)
+
+
+_KINDS = {**dict.fromkeys(_tags(PHONE_KEYWORDS), "phone"), **dict.fromkeys(_tags(UID_KEYWORDS), "uid"),
+          **dict.fromkeys(_tags(ID_KEYWORDS | ADDRESS_KEYWORDS), "text")}
+_DEVICE_KEPT_KINDS = {tag: kind for tag, kind in _KINDS.items() if tag not in _tags(DEVICE_KEYWORDS)}
+
+
+def vr_of(ds: Dataset, tag: int) -> str:
+    """The VR an element will have once converted, read without converting it: the file's, or the
+    dictionary's for an implicit or UN element of a known tag (pydicom's own rule), the first of
+    an ambiguous dictionary VR ("OB or OW": OB)."""
+    vr = ds.get_item(tag).VR
+    if vr in (None, "UN") and dictionary_has_tag(tag):
+        vr = dictionary_VR(tag)
+    return vr.split(" or ")[0] if vr else "UN"
+
+
+def _collect(ds: Dataset, kinds: dict[int, str], found: Identifiers) -> None:
+    for tag in list(ds.keys()):
+        vr = vr_of(ds, tag)
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                _collect(item, kinds, found)
+            continue
+        kind = "name" if vr == "PN" else "date" if vr in ("DA", "DT") else kinds.get(tag)
+        if kind is None:
+            continue
+        elem = ds[tag]
+        source = describe_tag(elem)
+        for value in _texts(elem):
+            if kind == "name":
+                found.add_name(value, source)
+            elif kind == "date":
+                found.add_date(value, source)
+            elif kind == "phone":
+                found.add_phone(value, source)
+            else:
+                found.add_text(value, source, uid=kind == "uid")
 
 
 def source_encodings(ds: Dataset) -> set[str]:
