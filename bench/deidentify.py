@@ -21,8 +21,8 @@ alternate, ``--repeat`` times each. Peak RSS is that of the whole process tree (
 bench/ingest.py). The copies repeat the sample's SOP Instance UIDs and both tools name their
 outputs after (a function of) that UID, so each writes about as many distinct files as the sample
 has, overwriting the rest: the same for both, but the stage's leak check reads back only those
-distinct files. Target: the stage at least as fast as dicognito (files/s ratio ours/dicognito,
-medians, >= 1.0).
+distinct files. Target: the stage at least 1.2x dicognito (files/s ratio ours/dicognito,
+medians, >= 1.2).
 
     .venv/bin/python bench/deidentify.py [--files 5000] [--repeat 3] [--workdir DIR] [--keep]
 """
@@ -47,7 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import ROOT, measure, replicate, write_project  # noqa: E402
 
-TARGET_RATIO = 1.0
+TARGET_RATIO = 1.2  # issue 15: the leak check and default-deny must not cost the lead
 SEED = "dicomflow-bench"  # fixed, so every dicognito run draws the same replacement values
 ARG_BYTES_LIMIT = 1_500_000  # below Linux's 2 MiB ARG_MAX for argv + environment
 
@@ -155,7 +155,7 @@ def main() -> None:
             names = ", ".join(sorted({name for name, _ in changed}))
             print(f"\nWARNING: stages/ changed during the timed runs ({names}): they timed "
                   "different code")
-        print(f"\nTarget: stage at least as fast as dicognito, files/s ours/dicognito >= "
+        print(f"\nTarget: files/s ours/dicognito >= "
               f"{TARGET_RATIO:.1f}: {ratio:.2f} -> {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
     finally:
         if args.keep or args.workdir:
