@@ -860,6 +860,18 @@ class TestMain:
         assert not (stage_dir / "outputs" / "deidentify").exists()
         assert not (stage_dir / "outputs" / "deidentify.partial").exists()
 
+    def test_a_failed_leak_check_lists_every_attribute_with_its_file_count(self, stage_dir):
+        """Another patient's name in kept text passes the per-file check, not the stage's net."""
+        rewrite_source(stage_dir, 1, OtherPatientNames="Zanzibar^Octavia")
+        rewrite_source(stage_dir, 2, Manufacturer="Zanzibar Imaging", ManufacturerModelName="Octavia")
+        with pytest.raises(StageError) as err:
+            deidentify.main()
+        message = str(err.value)
+        assert "(0008,0070) Manufacturer: a (0010,1001) Other Patient Names value in 1 output(s)" in message
+        assert "(0008,1090) Manufacturer's Model Name: a (0010,1001) Other Patient Names value" in message
+        assert "Zanzibar" not in message and "Octavia" not in message
+        assert "When the leak check fails" in message
+
     def test_source_file_changed_since_ingest_is_an_error(self, stage_dir):
         index_file = stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX
         index = pd.read_parquet(index_file)
