@@ -429,19 +429,20 @@ def clean_text(text: str, identifiers: Identifiers) -> str:
     text = _LONG_NUMBER.sub(" ", cut_dates(text))
     pieces = re.split(r"(\w+)", text)  # odd positions: words
     folded = [fold(piece) for piece in pieces]
-    names = [word for word in identifiers.names if len(word) >= 4]
     cut = {i for i in range(1, len(pieces), 2)
-           if folded[i] in identifiers.words or folded[i] in identifiers.names
-           or any(folded[i].startswith(n) for n in names)}
+           if folded[i] in identifiers.words or _begins_with_a_name(folded[i], identifiers.names)}
     word_positions = list(range(1, len(pieces), 2))
-    for n, i in enumerate(word_positions):
-        for phrase in identifiers.phrases_starting(folded[i]):
-            span = word_positions[n:n + len(phrase)]
-            if tuple(folded[j] for j in span) == phrase:
-                cut.update(span)
+    words = [folded[i] for i in word_positions]
+    for n in range(len(words)):
+        cut.update(word_positions[n:n + identifiers.phrase_at(words, n)])
     kept = "".join(piece for i, piece in enumerate(pieces) if i not in cut)
     cleaned = re.sub(r"\s*([,;:])(\s*[,;:])+", r"\1", re.sub(r"\s{2,}", " ", kept)).strip(" ,;:-")
     return "" if identifiers.first(cleaned) is not None else cleaned
+
+
+def _begins_with_a_name(word: str, names: dict[str, str]) -> bool:
+    """Whether ``word`` is a name or begins with one of at least 4 letters ("müllers")."""
+    return word in names or any(word[:end] in names for end in range(4, len(word)))
 
 
 @dataclass

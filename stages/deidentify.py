@@ -212,31 +212,58 @@ class FileSettings:
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """One source file done: its audit row, the identifying values it held, whether it was left
-    out, its images redone after blanking (frame index -> pixels) and the pydicom warnings hidden."""
+    """One source file done: its audit row, whether it was left out, its images redone after blanking (frame index -> pixels), the pydicom warnings hidden and
+    the Manufacturer written (the manifest's, so the two never differ)."""
 
     audit: dict
-    identifiers: Identifiers
     excluded: bool = False
     frames: dict[int, np.ndarray] | None = None
     hidden_warnings: int = 0
+    manufacturer: str | None = None  # as written to the file: kept, or its pseudonym
+
+
+_known = Identifiers()  # every source's identifying values, set once per worker by share_identifiers
+
+
+def share_identifiers(identifiers: Identifiers) -> None:
+    """Give this process the identifying values of all the sources (a process pool initializer:
+    sent once per worker, not with every chunk of files)."""
+    global _known
+    _known = identifiers
+
+
+def source_identifiers(job: tuple[str, int, str], settings: FileSettings) -> Identifiers:
+    """The identifying values of one source file's header (the first of the two passes)."""
+    with hidden_pydicom_messages():
+        return collect_identifiers(_read_source(job, settings, header_only=True),
+                                   device_identity_kept=settings.params.retain_device_identity)
+
+
+def _read_source(job: tuple[str, int, str], settings: FileSettings, *,
+                 header_only: bool = False) -> pydicom.Dataset:
+    """The source file of ``job``, read as ingest read it; StageError naming the index row."""
+    source, number, sop_uid = job
+    try:
+        ds = pydicom.dcmread(settings.data_dir / source, force=True, stop_before_pixels=header_only)
+    except Exception as err:  # pydicom raises many types; its message may hold the path
+        raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
+                         f"({type(err).__name__}); re-run ingest") from None
+    if str(ds.get("SOPInstanceUID", "")) != sop_uid:
+        raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
+                         "SOP Instance UID differs from the index; re-run ingest")
+    return ds
 
 
 def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOutcome:
     """De-identify one source file (``job``: path under ``data_dir``, its first index row, its
-    SOP Instance UID) into ``dicom_dir/<key>.dcm``, or leave it out for burned-in text."""
+    SOP Instance UID) into ``dicom_dir/<key>.dcm``, or leave it out for burned-in text. Kept text
+    is checked against the identifying values of every source (:func:`share_identifiers`), so a
+    manufacturer field typed with another patient's or the hospital's name is replaced here
+    rather than found by the leak check."""
     source, number, sop_uid = job
     params = settings.params
     with hidden_pydicom_messages() as hidden:
-        try:
-            ds = pydicom.dcmread(settings.data_dir / source, force=True)  # as ingest read it
-        except Exception as err:  # pydicom raises many types; its message may hold the path
-            raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
-                             f"({type(err).__name__}); re-run ingest") from None
-        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
-            raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
-                             "SOP Instance UID differs from the index; re-run ingest")
-        identifiers = collect_identifiers(ds, device_identity_kept=params.retain_device_identity)
+        ds = _read_source(job, settings)
         image_key = keyed_hex(settings.secret, sop_uid, IMAGE_KEY_LENGTH)
         risk, decision, frames = burned_in_risk(ds, params), "", None
         if risk and params.burned_in_action == "blank":
@@ -249,17 +276,18 @@ def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOu
                 decision = f"excluded: blanking failed ({type(err).__name__})"
         elif risk:
             decision = "excluded"
-        counts = dict.fromkeys(COUNT_KEYS, 0)
+        counts, manufacturer = dict.fromkeys(COUNT_KEYS, 0), None
         excluded = decision.startswith("excluded")
         if not excluded:
             # The dataset was read for this alone: de-identified in place, not copied.
             ds, counts = deidentify_dataset(ds, profile=settings.profile, secret=settings.secret,
                                             options=deid_options(params), in_place=True,
-                                            identifiers=identifiers)
+                                            identifiers=_known)
             ds.save_as(settings.dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
+            manufacturer = str(ds.get("Manufacturer", "") or "") or None
     audit = {"image_key": image_key, **counts, "options": option_names(params), "burned_in": risk,
              "burned_in_action": decision}
-    return FileOutcome(audit, identifiers, excluded, frames, len(hidden))
+    return FileOutcome(audit, excluded, frames, len(hidden), manufacturer)
 
 
 def option_names(params: DeidentifyParams) -> str:
@@ -274,9 +302,10 @@ def option_names(params: DeidentifyParams) -> str:
 
 def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
                        workers: int = 1,
-                       ) -> tuple[pd.DataFrame, Identifiers, np.ndarray, np.ndarray, int]:
+                       ) -> tuple[pd.DataFrame, Identifiers, pd.DataFrame, np.ndarray, int]:
     """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
-    ``workers`` processes.
+    ``workers`` processes, after a first pass that collects the identifying values of every
+    source header (:func:`source_identifiers`).
 
     A file's ``key`` is the keyed hash of its SOP Instance UID: the ``image_key`` of a
     single-frame image, shared by every image of a multi-frame object. Files at risk of burned-in
@@ -285,30 +314,37 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
 
     Returns
     -------
-    (DataFrame, dict, ndarray, ndarray, int)
+    (DataFrame, Identifiers, DataFrame, ndarray, int)
         The audit table (``AUDIT_COLUMNS``, one row per file, index order); the identifying values
-        of the sources and the index (for :func:`find_leaks`); which index rows are kept (bool);
-        the images, blanked where the files were; the number of pydicom warnings hidden. Errors
-        name the index row, not the path, which holds an accession number.
+        of the sources and the index (for :func:`find_leaks`); the index rows kept, their
+        ``manufacturer`` as written to the files (a value holding the file's own identifier is
+        replaced there); their images, blanked where the files were; the number of pydicom
+        warnings hidden. Errors name the index row, not the path, which holds an accession number.
     """
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
+    manufacturers = index["manufacturer"].astype(object).to_numpy(copy=True)
     rows_of = index.groupby("source_path", sort=False).indices
     jobs = [(source, int(rows[0]), index["sop_instance_uid"].iat[rows[0]])
             for source, rows in rows_of.items()]
+    for found in ordered_map(partial(source_identifiers, settings=settings), jobs, workers=workers):
+        identifiers.update(found)
     audit, hidden = [], 0
-    outcomes = ordered_map(partial(deidentify_file, settings=settings), jobs, workers=workers)
+    outcomes = ordered_map(partial(deidentify_file, settings=settings), jobs, workers=workers,
+                           initializer=share_identifiers, initargs=(identifiers,))
     for positions, outcome in zip(rows_of.values(), outcomes):
-        identifiers.update(outcome.identifiers)
         audit.append(outcome.audit)
         hidden += outcome.hidden_warnings
         if outcome.excluded:
             keep[positions] = False
+        manufacturers[positions] = outcome.manufacturer
         for position in positions if outcome.frames else ():
             frame = index["frame_index"].iat[position]
             images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
-    return pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers, keep, images, hidden
+    kept = index.assign(manufacturer=pd.array(manufacturers, dtype="string"))[keep]
+    return (pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
+            kept.reset_index(drop=True), images[keep], hidden)
 
 
 def _as_file(ds: pydicom.Dataset) -> io.BytesIO:
@@ -381,9 +417,8 @@ def main() -> None:
     (staging / layout.DEID_DICOM_DIR).mkdir(parents=True)
     settings = FileSettings(Path(paths.data), staging / layout.DEID_DICOM_DIR, profile, secret,
                             params, pixels)
-    audit, identifiers, keep, images, hidden = deidentify_sources(
+    audit, identifiers, index, images, hidden = deidentify_sources(
         index, images, settings, workers=worker_count(params.workers))
-    index, images = index[keep].reset_index(drop=True), images[keep]
     if hidden:
         logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
                        hidden)

@@ -250,16 +250,13 @@ class Identifiers:
         single name words (for coded values: "PERFUSION" is an image type and a surname)."""
         folded = fold(text)
         tokens = _WORD.findall(folded)
-        firsts, lengths = self._phrase_index
         for position, token in enumerate(tokens):
             if token in self.words:
                 return self.words[token]
             if names and token in self.names:
                 return self.names[token]
-            if token in firsts:
-                for length in lengths:
-                    if (source := self.phrases.get(tuple(tokens[position:position + length]))):
-                        return source
+            if length := self.phrase_at(tokens, position):
+                return self.phrases[tuple(tokens[position:position + length])]
         # Names of 4 letters or more also where digits or underscores touch them
         # ("quixley_chest.dcm", "Quixley2"); IDs only as whole words, so that a number is never
         # found inside the hex keys and UIDs the outputs are full of.
@@ -280,9 +277,13 @@ class Identifiers:
                     return self.phones[digits[-PHONE_DIGITS:]]
         return None
 
-    def phrases_starting(self, token: str) -> list[tuple[str, ...]]:
-        """The phrases (tuples of folded words) whose first word is ``token``."""
-        return [phrase for phrase in self.phrases if phrase[0] == token]
+    def phrase_at(self, tokens: list[str], position: int) -> int:
+        """The length of the longest phrase starting at ``tokens[position]`` (0 when none)."""
+        firsts, lengths = self._phrase_index
+        if tokens[position] not in firsts:
+            return 0
+        return max((length for length in lengths
+                    if tuple(tokens[position:position + length]) in self.phrases), default=0)
 
     @property
     def _phrase_index(self) -> tuple[frozenset[str], list[int]]:
