@@ -13,9 +13,12 @@ pixel params, to redo the images of files whose burned-in regions are blanked.
 Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE``; without either the
 demo secret :data:`DEMO_SECRET` is used (with a warning): fine for the embedded sample only.
 
-Nothing downstream reads ``data/`` or the ingest index again, so before the outputs are moved into
-place every identifying value of the sources is searched in them (:func:`find_leaks`); any hit
-deletes them and fails the stage. Logs and errors carry counts, tags and row numbers, never PHI
+A first pass reads every source header for its identifying values (:func:`source_identifiers`);
+the second de-identifies each file, replacing any kept text (manufacturer, codes, what an option
+keeps) that holds one of them, whichever file it came from. Nothing downstream reads ``data/`` or
+the ingest index again, so before the outputs are moved into place every identifying value of the
+sources is searched in them (:func:`find_leaks`): the safety net, which real exports do not trip;
+any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry counts, tags and row numbers, never PHI
 (not even source paths, which hold accession numbers).
 """
 
