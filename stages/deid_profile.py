@@ -58,7 +58,6 @@ from stages.identifiers import (Identifiers, collect_identifiers, cut_dates, fol
 PROFILE_REVISION = "2026c"
 BASIC_PROFILE_MODULE = "dicomfields_2026c"  # in dicom-anonymizer's dicom_anonymization_databases
 OPTIONS_FILE = Path(__file__).parent / "resources" / "confidentiality_profile_attributes.json"
-OPTIONS_REVISION = "2024e"
 
 ACTIONS = ("D", "Z", "X", "K", "C", "U")
 COUNT_KEYS = (*ACTIONS, "private_removed", "overlay_removed")
@@ -108,7 +107,6 @@ BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 # remove their content and keep the file conformant (dciodvfy: "Missing attribute Type 2").
 TYPE_2_SEQUENCES = frozenset({0x00400555})  # Acquisition Context Sequence
 CODE_MEANING = 0x00080104
-CODE_VALUE, CODING_SCHEME = 0x00080100, 0x00080102
 _DUMMY_BY_VR = {"DA": DUMMY_DATE, "TM": DUMMY_TIME, "DT": DUMMY_DATE + DUMMY_TIME, "AS": DUMMY_AGE,
                 "CS": DUMMY_TEXT, "UR": DUMMY_TEXT}
 _NUMBER_VRS = frozenset({"DS", "IS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
@@ -116,7 +114,8 @@ _DUMMY_UNLISTED_VRS = FREE_TEXT_VRS | {"DA", "DT", "TM", "UI", "UR"}
 _OVERLAY_CURVE_GROUPS = (0x5000, 0x6000)  # (50xx,eeee) curves, (60xx,eeee) overlays
 _AGE = re.compile(r"(\d{3})([DWMY])")
 _TAG = re.compile(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)")
-_LONG_NUMBER = re.compile(r"(?<!\w)\d(?:[ \-./]?\d){4,}(?!\w)")  # record and telephone numbers, with separators
+# Record and telephone numbers, with or without separators: cut from a description.
+_LONG_NUMBER = re.compile(r"(?<!\w)\d(?:[ \-./]?\d){4,}(?!\w)")
 
 # PS3.16 CID 7050 De-identification Method codes written to (0012,0064)
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")

@@ -375,8 +375,3 @@ def _texts(elem) -> list[str]:
         return []
     values = value if isinstance(value, (list, MultiValue)) else [value]
     return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values]
-
-
-def texts_of(values: Iterable[object]) -> list[str]:
-    """Non-empty string forms of ``values`` (for table columns)."""
-    return [str(v) for v in values if v is not None and str(v) != ""]

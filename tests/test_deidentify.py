@@ -471,6 +471,16 @@ class TestDeidentifyDataset:
         assert top_code_age(age) == expected
 
 
+def test_the_readme_lists_exactly_the_text_kept_where_the_table_is_silent():
+    from stages.deid_profile import KEPT_TEXT
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("What de-identification keeps as text"):]
+    table = table[:table.index("\n\n", table.index("|---|"))]
+    listed = {int(group + element, 16) for group, element in re.findall(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)", table)}
+    assert listed == set(KEPT_TEXT)
+
+
 class TestHostilePlacements:
     """Where a red team of our own hid a name the first default-deny let through."""
 
