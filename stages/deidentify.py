@@ -45,7 +45,7 @@ from stages.deid_leaks import find_leaks, identifiers_from_index, summarise_leak
 from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
                                  DeidOptions, Profile, age_in_years, deidentify_dataset, keyed_hex,
                                  load_profile)
-from stages.identifiers import Identifiers, collect_identifiers
+from stages.identifiers import Identifiers, collect_identifiers, project_words
 from stages.ingest import PixelSettings, read_image
 from stages.log_privacy import hidden_pydicom_messages
 from stages.parallel import ordered_map, worker_count
@@ -333,6 +333,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
             for source, rows in rows_of.items()]
     for found in ordered_map(partial(source_identifiers, settings=settings), jobs, workers=workers):
         identifiers.update(found)
+    project_words()  # read once here: the forked workers inherit it
     audit, hidden = [], 0
     outcomes = ordered_map(partial(deidentify_file, settings=settings), jobs, workers=workers,
                            initializer=share_identifiers, initargs=(identifiers,))
