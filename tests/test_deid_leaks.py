@@ -226,3 +226,19 @@ def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
     with pytest.raises(StageError, match=r"\(0008,0080\) Institution Name value .* not registered"):
         check_run(dirty.info.run_id, ingest_dir=ingested / "outputs" / "ingest",
                   data_dir=ingested / "data")
+
+
+def test_a_name_that_is_a_word_of_the_projects_code_counts_only_with_its_other_parts():
+    """"Max" is a given name and ``max()``: logs and shipped code say it without leaking anyone."""
+    ds = Dataset()
+    ds.PatientName = "Long^Max"
+    identifiers = collect_identifiers(ds)
+    assert identifiers.first("pixel_max = max(values) for long runs") is None
+    assert identifiers.first("seen: LONG Max") is not None and identifiers.first("Max Long") is not None
+
+
+def test_names_in_the_projects_docstrings_and_sample_generator_stay_searchable():
+    from stages.identifiers import project_words
+
+    assert {"max", "low"} <= project_words()
+    assert not {"muller", "ivanova", "quixley", "patel", "olga"} & project_words()
