@@ -177,6 +177,9 @@ def digit_runs(folded: str) -> Iterator[str]:
             yield digits
 
 
+_KINDS_OF_VALUE = ("names", "words", "phrases", "unsegmented", "dates", "phones")
+
+
 @dataclass
 class Identifiers:
     """Identifying values by how they are found, each mapped to the attribute it came from
@@ -192,14 +195,13 @@ class Identifiers:
     encodings: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
-        return (len(self.names) + len(self.words) + len(self.phrases) + len(self.unsegmented) + len(self.dates)
-                + len(self.phones))
+        return sum(len(getattr(self, kind)) for kind in _KINDS_OF_VALUE)
 
     def update(self, other: Identifiers) -> None:
         """Add ``other``'s values (the first source of a value is kept)."""
-        for name in ("names", "words", "phrases", "unsegmented", "dates", "phones"):
-            mine = getattr(self, name)
-            for value, source in getattr(other, name).items():
+        for kind in _KINDS_OF_VALUE:
+            mine = getattr(self, kind)
+            for value, source in getattr(other, kind).items():
                 mine.setdefault(value, source)
         self.encodings |= other.encodings
 
@@ -243,10 +245,10 @@ class Identifiers:
                 self._add_word(tokens[0], source)
             elif len(tokens) > 1 and len("".join(tokens)) >= MIN_ID:
                 self.phrases.setdefault(tuple(tokens), source)
-            if not uid:  # "ACC-70707070" is also written "ACC70707070" and "70707070"
-                self._add_word("".join(tokens), source)
-                for digits in re.findall(r"\d+", "".join(tokens)):
-                    self._add_word(digits, source)
+            # "ACC-70707070" is also written "ACC70707070" and "70707070"
+            self._add_word("".join(tokens), source)
+            for digits in re.findall(r"\d+", "".join(tokens)):
+                self._add_word(digits, source)
 
     def add_date(self, value: str, source: str) -> None:
         """A DA value, or the date of a DT value."""
