@@ -41,10 +41,10 @@ from pathlib import Path
 
 import pandas as pd
 import pydicom
-from pydicom.datadict import dictionary_description, dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataset import Dataset
 
-from stages.identifiers import Identifiers, collect_identifiers, source_encodings
+from stages.identifiers import Identifiers, collect_identifiers, describe_tag, source_encodings
 from stages.log_privacy import hidden_pydicom_messages
 
 INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
@@ -181,7 +181,7 @@ def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
         vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
-        location = prefix + _tag_name(tag)
+        location = prefix + describe_tag(tag)
         if vr == "SQ":
             for item in ds[tag].value or ():
                 yield from _raw_texts(item, location + " > ", encodings)
@@ -197,13 +197,6 @@ def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[
                                 for v in values if v is not None)]
         for text in texts:
             yield location, text, vr
-
-
-def _tag_name(tag) -> str:
-    """``"(0010,0020) Patient ID"``; private and unknown tags by number."""
-    name = (dictionary_description(tag) if dictionary_has_tag(tag) else
-            "private" if tag.group % 2 else "unknown")
-    return f"({tag.group:04X},{tag.element:04X}) {name}"
 
 
 def _codecs(encodings: Iterable[str]) -> list[str]:

@@ -52,8 +52,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from stages.identifiers import (Identifiers, collect_identifiers, cut_dates, fold, is_unsegmented,
-                                vr_of)
+from stages.identifiers import (Identifiers, collect_identifiers, cut_dates, describe_tag, fold,
+                                is_unsegmented, vr_of)
 
 PROFILE_REVISION = "2026c"
 BASIC_PROFILE_MODULE = "dicomfields_2026c"  # in dicom-anonymizer's dicom_anonymization_databases
@@ -462,6 +462,19 @@ class _Context:
         return self.identifiers
 
 
+class ElementError(Exception):
+    """An element the profile could not be applied to: its tag path (outermost first) and the
+    error's type, never its message, which can quote the value."""
+
+    def __init__(self, tags: list[BaseTag], error: str) -> None:
+        self.tags, self.error = tags, error
+        super().__init__(error)
+
+    def __str__(self) -> str:
+        path = " > ".join(describe_tag(tag) for tag in self.tags)
+        return f"{self.error} applying the profile to {path}"
+
+
 def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
                        options: DeidOptions = DeidOptions(), in_place: bool = False,
                        identifiers: Identifiers | None = None) -> tuple[Dataset, Counter]:
@@ -543,42 +556,53 @@ def _clean(ds: Dataset, ctx: _Context, *, inside_dummy: bool) -> None:
     file is written, which is most of the cost of a file.
     """
     for tag in list(ds.keys()):
-        vr = vr_of(ds, tag)
-        if tag.is_private:
-            if ctx.options.remove_private_tags:
-                del ds[tag]
-                ctx.counts["private_removed"] += 1
-            continue
-        if (tag.group & 0xFF00) in _OVERLAY_CURVE_GROUPS:
+        try:
+            _clean_element(ds, tag, ctx, inside_dummy=inside_dummy)
+        except ElementError as err:
+            err.tags.insert(0, tag)
+            raise
+        except Exception as err:  # noqa: BLE001  the message may quote the value: not kept
+            raise ElementError([tag], type(err).__name__) from None
+
+
+def _clean_element(ds: Dataset, tag: BaseTag, ctx: _Context, *, inside_dummy: bool) -> None:
+    """Apply the profile to the element ``tag`` of ``ds`` (and inside it, for a sequence)."""
+    vr = vr_of(ds, tag)
+    if tag.is_private:
+        if ctx.options.remove_private_tags:
             del ds[tag]
-            ctx.counts["overlay_removed"] += 1
-            continue
-        if tag.group == 0x0002:  # file meta inside the data set: the file meta is written anew
-            del ds[tag]
-            ctx.counts["X"] += 1
-            continue
-        rule = ctx.profile.rule_for(tag)
-        if rule is not None:
-            action = action_for(rule, ctx.options, vr)
-            if action == "K" and vr not in FREE_TEXT_VRS and vr not in ("AS", "SQ"):
-                ctx.counts["K"] += 1
-                continue
-            _apply(ds, ds[tag], action, ctx, rule)
-            continue
-        action = unlisted_action(tag, vr, inside_dummy=inside_dummy,
-                                 shift_dates=ctx.options.retain_longitudinal_dates)
-        if action == "K" and vr not in FREE_TEXT_VRS and vr != "SQ":
-            continue  # kept as read
-        elem = ds[tag]
-        if tag == CODE_MEANING:
-            ctx.counts["D"] += 1
-            elem.value = standard_code_meaning(ds)
-        elif action == "K" and elem.VR == "SQ":
-            _clean_items(elem, ctx, inside_dummy=inside_dummy)
-        elif action == "K":
-            _keep_text(ds, elem, ctx)
-        else:
-            _apply(ds, elem, action, ctx)
+            ctx.counts["private_removed"] += 1
+        return
+    if (tag.group & 0xFF00) in _OVERLAY_CURVE_GROUPS:
+        del ds[tag]
+        ctx.counts["overlay_removed"] += 1
+        return
+    if tag.group == 0x0002:  # file meta inside the data set: the file meta is written anew
+        del ds[tag]
+        ctx.counts["X"] += 1
+        return
+    rule = ctx.profile.rule_for(tag)
+    if rule is not None:
+        action = action_for(rule, ctx.options, vr)
+        if action == "K" and vr not in FREE_TEXT_VRS and vr not in ("AS", "SQ"):
+            ctx.counts["K"] += 1
+            return
+        _apply(ds, ds[tag], action, ctx, rule)
+        return
+    action = unlisted_action(tag, vr, inside_dummy=inside_dummy,
+                             shift_dates=ctx.options.retain_longitudinal_dates)
+    if action == "K" and vr not in FREE_TEXT_VRS and vr != "SQ":
+        return  # kept as read
+    elem = ds[tag]
+    if tag == CODE_MEANING:
+        ctx.counts["D"] += 1
+        elem.value = standard_code_meaning(ds)
+    elif action == "K" and elem.VR == "SQ":
+        _clean_items(elem, ctx, inside_dummy=inside_dummy)
+    elif action == "K":
+        _keep_text(ds, elem, ctx)
+    else:
+        _apply(ds, elem, action, ctx)
 
 
 def _keep_text(ds: Dataset, elem: DataElement, ctx: _Context) -> None:

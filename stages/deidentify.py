@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -43,12 +42,13 @@ from stages import layout
 from stages.cli import StageError, run_stage
 from stages.deid_leaks import find_leaks, identifiers_from_index, summarise_leaks
 from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
-                                 DeidOptions, Profile, age_in_years, deidentify_dataset, keyed_hex,
-                                 load_profile)
-from stages.identifiers import Identifiers, collect_identifiers, project_words
-from stages.ingest import PixelSettings, read_image
+                                 DeidOptions, ElementError, Profile, age_in_years,
+                                 deidentify_dataset, keyed_hex, load_profile)
+from stages.identifiers import Identifiers, collect_identifiers, describe_tag, project_words
+from stages.ingest import PixelSettings, Quarantined, read_image
 from stages.log_privacy import hidden_pydicom_messages
-from stages.parallel import ordered_map, worker_count
+from stages.outputs import out_of_space, staged_folder, write_json
+from stages.parallel import WorkFailure, ordered_map, worker_count
 from stages.params import DeidentifyParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ SECRET_FILE_ENV = "DICOMFLOW_SECRET_FILE"
 DEMO_SECRET = b"dicomflow demo secret: for the embedded sample data only, never for real data"
 IMAGE_KEY_LENGTH = 16  # hex characters of image_key; patient_key and study_key have 12
 AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "burned_in", "burned_in_action")
+# Files left out; ``index_row`` is the file's first row in the ingest index (its path holds PHI).
+QUARANTINE_COLUMNS = ("index_row", "reason", "detail")
 SEXES = ("M", "F", "O")
 
 
@@ -85,17 +87,13 @@ def read_secret(environ: Mapping[str, str]) -> tuple[bytes, bool]:
 
 
 def check_inputs(index: pd.DataFrame, images: np.ndarray) -> None:
-    """Raise StageError unless the index has its columns, one image per row and every SOP UID."""
+    """Raise StageError unless the index has its columns and one image per row."""
     missing = [c for c in layout.INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise StageError(f"{layout.INGEST_INDEX}: missing column(s) {', '.join(missing)}")
     if images.ndim not in (3, 4) or images.dtype not in (np.uint8, np.float16) or len(images) != len(index):
         raise StageError(f"{layout.IMAGES}: expected uint8 or float16 of shape ({len(index)}, size, size[, 3]) "
                          f"for {len(index)} index rows; got {images.dtype} {images.shape}")
-    empty = np.flatnonzero(index["sop_instance_uid"].fillna("").astype(str).str.strip() == "")
-    if len(empty):
-        raise StageError(f"{layout.INGEST_INDEX}: {len(empty)} row(s) have no (0008,0018) SOP "
-                         f"Instance UID, first row {empty[0]}; an image key needs it")
 
 
 def image_identity(sop_uid: str, number_of_frames: object, frame_index: object) -> str:
@@ -215,14 +213,17 @@ class FileSettings:
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """One source file done: its audit row, whether it was left out, its images redone after blanking (frame index -> pixels), the pydicom warnings hidden and
-    the Manufacturer written (the manifest's, so the two never differ)."""
+    """One source file done: its audit row, whether it was left out, its images redone after
+    blanking (frame index -> pixels), the pydicom warnings hidden and the Manufacturer written
+    (the manifest's, so the two never differ); or, for a file that could not be de-identified,
+    ``failure``: (reason code, detail free of values) for the quarantine."""
 
-    audit: dict
+    audit: dict | None
     excluded: bool = False
     frames: dict[int, np.ndarray] | None = None
     hidden_warnings: int = 0
     manufacturer: str | None = None  # as written to the file: kept, or its pseudonym
+    failure: tuple[str, str] | None = None
 
 
 _known = Identifiers()  # every source's identifying values, set once per worker by share_identifiers
@@ -235,34 +236,104 @@ def share_identifiers(identifiers: Identifiers) -> None:
     _known = identifiers
 
 
-def source_identifiers(job: tuple[str, int, str], settings: FileSettings) -> Identifiers:
-    """The identifying values of one source file's header (the first of the two passes)."""
-    with hidden_pydicom_messages():
-        return collect_identifiers(_read_source(job, settings, header_only=True),
-                                   device_identity_kept=settings.params.retain_device_identity)
+def source_identifiers(job: tuple[str, int, str], settings: FileSettings) -> Identifiers | tuple[str, str]:
+    """The identifying values of one source file's header (the first of the two passes), or
+    (reason, detail) when the file cannot be read again."""
+    try:
+        with hidden_pydicom_messages():
+            return collect_identifiers(_read_source(job, settings, header_only=True),
+                                       device_identity_kept=settings.params.retain_device_identity)
+    except Quarantined as err:
+        return err.reason, str(err)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  the message can quote a value: its type only
+        return "unreadable_source", f"reading the header's values failed ({type(err).__name__})"
 
 
 def _read_source(job: tuple[str, int, str], settings: FileSettings, *,
                  header_only: bool = False) -> pydicom.Dataset:
-    """The source file of ``job``, read as ingest read it; StageError naming the index row."""
-    source, number, sop_uid = job
+    """The source file of ``job``, read as ingest read it, or raise Quarantined (never quoting the
+    path, which holds an accession number, or pydicom's message, which can quote values)."""
+    source, _, sop_uid = job
     try:
         ds = pydicom.dcmread(settings.data_dir / source, force=True, stop_before_pixels=header_only)
-    except Exception as err:  # pydicom raises many types; its message may hold the path
-        raise StageError(f"{layout.INGEST_INDEX} row {number}: source file unreadable "
-                         f"({type(err).__name__}); re-run ingest") from None
+    except Exception as err:  # noqa: BLE001  pydicom raises many types
+        raise Quarantined("unreadable_source", "the source file cannot be read again "
+                          f"({type(err).__name__}); re-run ingest") from None
     if str(ds.get("SOPInstanceUID", "")) != sop_uid:
-        raise StageError(f"{layout.INGEST_INDEX} row {number}: the source file's (0008,0018) "
-                         "SOP Instance UID differs from the index; re-run ingest")
+        raise Quarantined("source_changed", "the source file's (0008,0018) SOP Instance UID "
+                          "differs from the index: it changed since ingest; re-run ingest")
     return ds
 
 
 def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOutcome:
     """De-identify one source file (``job``: path under ``data_dir``, its first index row, its
-    SOP Instance UID) into ``dicom_dir/<key>.dcm``, or leave it out for burned-in text. Kept text
-    is checked against the identifying values of every source (:func:`share_identifiers`), so a
-    manufacturer field typed with another patient's or the hospital's name is replaced here
-    rather than found by the leak check."""
+    SOP Instance UID) into ``dicom_dir/<key>.dcm``, or leave it out for burned-in text; never
+    raises. Kept text is checked against the identifying values of every source
+    (:func:`share_identifiers`), so a manufacturer field typed with another patient's or the
+    hospital's name is replaced here rather than found by the leak check.
+
+    A file that cannot be read, de-identified or written gets ``failure`` (:func:`failure_of`),
+    and nothing of it is left in ``dicom_dir``.
+    """
+    output = settings.dicom_dir / f"{keyed_hex(settings.secret, job[2], IMAGE_KEY_LENGTH)}.dcm"
+    try:
+        return _deidentify_file(job, settings, output)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  one file's failure is its own
+        output.unlink(missing_ok=True)
+        return FileOutcome(None, failure=failure_of(err))
+
+
+def failure_of(err: BaseException) -> tuple[str, str]:
+    """(reason, detail) of a file that could not be de-identified; the detail names the error
+    type and the attribute, never a value."""
+    if isinstance(err, Quarantined):
+        return err.reason, str(err)
+    if isinstance(err, ElementError):
+        return "deid_failed", str(err)
+    if isinstance(err, WriteError):
+        return "write_failed", str(err)
+    if cause := out_of_space(err):
+        return "no_space", cause.strerror or type(cause).__name__
+    return "deid_failed", f"{type(err).__name__} while de-identifying the file"
+
+
+class WriteError(Exception):
+    """The de-identified data set could not be encoded: the first attribute that fails, by tag."""
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> None:
+    """``ds.save_as(path)``, or WriteError naming the first top-level attribute pydicom cannot
+    encode (found by encoding each alone, only once the file as a whole has failed)."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001  pydicom's message can quote the value
+        path.unlink(missing_ok=True)
+        raise WriteError(f"{type(err).__name__} writing {_unwritable(ds) or 'the file'}") from None
+
+
+def _unwritable(ds: pydicom.Dataset) -> str:
+    """The first top-level element of ``ds`` that pydicom fails to encode, as a tag and name."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    syntax = pydicom.uid.UID(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian))
+    for elem in ds:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+        try:
+            write_data_element(buffer, elem)
+        except Exception:  # noqa: BLE001  this is the one
+            return describe_tag(elem.tag)
+    return ""
+
+
+def _deidentify_file(job: tuple[str, int, str], settings: FileSettings, output: Path) -> FileOutcome:
     source, number, sop_uid = job
     params = settings.params
     with hidden_pydicom_messages() as hidden:
@@ -286,7 +357,7 @@ def deidentify_file(job: tuple[str, int, str], settings: FileSettings) -> FileOu
             ds, counts = deidentify_dataset(ds, profile=settings.profile, secret=settings.secret,
                                             options=deid_options(params), in_place=True,
                                             identifiers=_known)
-            ds.save_as(settings.dicom_dir / f"{image_key}.dcm", enforce_file_format=True)
+            _write(ds, output)
             manufacturer = str(ds.get("Manufacturer", "") or "") or None
     audit = {"image_key": image_key, **counts, "options": option_names(params), "burned_in": risk,
              "burned_in_action": decision}
@@ -303,9 +374,29 @@ def option_names(params: DeidentifyParams) -> str:
         + ["remove_private_tags" if params.remove_private_tags else "keep_private_tags"])
 
 
+@dataclass(frozen=True)
+class Deidentified:
+    """What :func:`deidentify_sources` made.
+
+    ``audit``: ``AUDIT_COLUMNS``, one row per file de-identified, index order. ``identifiers``:
+    the identifying values of the sources and the index (for :func:`find_leaks`). ``index``: the
+    index rows kept, their ``manufacturer`` as written to the files (a value holding an
+    identifier is replaced there), and ``images`` theirs, blanked where the files were.
+    ``quarantine``: ``QUARANTINE_COLUMNS``, one row per source file left out because it could not
+    be de-identified (by its first row in the ingest index: paths hold accession numbers).
+    ``hidden_warnings``: pydicom warnings about source headers not shown.
+    """
+
+    audit: pd.DataFrame
+    identifiers: Identifiers
+    index: pd.DataFrame
+    images: np.ndarray
+    quarantine: pd.DataFrame
+    hidden_warnings: int
+
+
 def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
-                       workers: int = 1,
-                       ) -> tuple[pd.DataFrame, Identifiers, pd.DataFrame, np.ndarray, int]:
+                       workers: int = 1, timeout_s: float | None = None) -> Deidentified:
     """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
     ``workers`` processes, after a first pass that collects the identifying values of every
     source header (:func:`source_identifiers`).
@@ -315,29 +406,47 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     text (:func:`burned_in_risk`) are left out or have ``params.burned_in_regions`` blanked, their
     images then redone from the blanked file with the ingest settings ``settings.pixels``.
 
-    Returns
-    -------
-    (DataFrame, Identifiers, DataFrame, ndarray, int)
-        The audit table (``AUDIT_COLUMNS``, one row per file, index order); the identifying values
-        of the sources and the index (for :func:`find_leaks`); the index rows kept, their
-        ``manufacturer`` as written to the files (a value holding the file's own identifier is
-        replaced there); their images, blanked where the files were; the number of pydicom
-        warnings hidden. Errors name the index row, not the path, which holds an accession number.
+    One file never stops the others: a file without SOP Instance UID, a second file with the
+    UID of an earlier one (the first in index order is kept), a file that cannot be read,
+    de-identified or written, or whose worker dies or takes longer than ``timeout_s`` seconds,
+    is quarantined with its reason. A full disk raises StageError.
     """
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
     manufacturers = index["manufacturer"].astype(object).to_numpy(copy=True)
     rows_of = index.groupby("source_path", sort=False).indices
-    jobs = [(source, int(rows[0]), index["sop_instance_uid"].iat[rows[0]])
-            for source, rows in rows_of.items()]
-    for found in ordered_map(partial(source_identifiers, settings=settings), jobs, workers=workers):
-        identifiers.update(found)
+    failures: dict[int, tuple[str, str]] = {}
+    jobs = _jobs(index, rows_of, failures)
+
+    def worker_failure(_job: object, failure: WorkFailure) -> tuple[str, str]:
+        return failure.reason, f"the de-identifying process {failure.detail} on this file" \
+            if failure.reason == "worker_died" else failure.detail
+
+    readable = []
+    for job, found in zip(jobs, ordered_map(partial(source_identifiers, settings=settings), jobs,
+                                            workers=workers, timeout_s=timeout_s,
+                                            on_failure=worker_failure)):
+        if isinstance(found, Identifiers):
+            identifiers.update(found)
+            readable.append(job)
+        else:
+            failures[job[1]] = found
     project_words()  # read once here: the forked workers inherit it
     audit, hidden = [], 0
-    outcomes = ordered_map(partial(deidentify_file, settings=settings), jobs, workers=workers,
-                           initializer=share_identifiers, initargs=(identifiers,))
-    for positions, outcome in zip(rows_of.values(), outcomes):
+    outcomes = ordered_map(partial(deidentify_file, settings=settings), readable, workers=workers,
+                           timeout_s=timeout_s, initializer=share_identifiers,
+                           initargs=(identifiers,),
+                           on_failure=lambda job, why: FileOutcome(None, failure=worker_failure(job, why)))
+    for job, outcome in zip(readable, outcomes):
+        positions = rows_of[job[0]]
+        if outcome.failure is not None:
+            if outcome.failure[0] == "no_space":
+                raise StageError(f"{outcome.failure[1]} while writing the de-identified files to "
+                                 f"{settings.dicom_dir}: nothing half-written is left; free some "
+                                 "space and re-run")
+            failures[job[1]] = outcome.failure
+            continue
         audit.append(outcome.audit)
         hidden += outcome.hidden_warnings
         if outcome.excluded:
@@ -346,9 +455,36 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
         for position in positions if outcome.frames else ():
             frame = index["frame_index"].iat[position]
             images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
+    for source, positions in rows_of.items():
+        if int(positions[0]) in failures:
+            keep[positions] = False
     kept = index.assign(manufacturer=pd.array(manufacturers, dtype="string"))[keep]
-    return (pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
-            kept.reset_index(drop=True), images[keep], hidden)
+    quarantine = pd.DataFrame([(row, *failures[row]) for row in sorted(failures)],
+                              columns=list(QUARANTINE_COLUMNS))
+    return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
+                        kept.reset_index(drop=True), images[keep], quarantine, hidden)
+
+
+def _jobs(index: pd.DataFrame, rows_of: dict, failures: dict[int, tuple[str, str]]) -> list[tuple[str, int, str]]:
+    """One job per source file: (path, first index row, SOP Instance UID); a file without SOP
+    Instance UID, or with the UID of an earlier file, goes to ``failures`` instead."""
+    jobs: list[tuple[str, int, str]] = []
+    first_with: dict[str, int] = {}
+    for source, rows in rows_of.items():
+        row = int(rows[0])
+        uid = str(index["sop_instance_uid"].iat[row] or "").strip()
+        if not uid:
+            failures[row] = ("no_sop_instance_uid", "(0008,0018) SOP Instance UID is empty: the "
+                             "file has no identity to key its image by")
+        elif uid in first_with:
+            earlier = first_with[uid]
+            same = index["sha256"].iat[earlier] == index["sha256"].iat[row]
+            failures[row] = ("duplicate_sop_instance_uid", f"the (0008,0018) SOP Instance UID of "
+                             f"index row {earlier}, kept: {'an identical copy' if same else 'a different file'}")
+        else:
+            first_with[uid] = row
+            jobs.append((source, row, uid))
+    return jobs
 
 
 def _as_file(ds: pydicom.Dataset) -> io.BytesIO:
@@ -359,13 +495,17 @@ def _as_file(ds: pydicom.Dataset) -> io.BytesIO:
     return buffer
 
 
-def summarise(audit: pd.DataFrame) -> dict[str, int]:
-    """Flat metrics from the audit table (files, actions by code), logged as one line."""
+def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
+    """Flat metrics from the audit table (files, actions by code) and the quarantine (files left
+    out, by reason), logged as one line."""
     totals = {key: int(audit[key].sum()) for key in COUNT_KEYS}
     metrics = {"n_files": audit["image_key"].nunique(),
                **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()},
                "burned_in_excluded": int(audit["burned_in_action"].str.startswith("excluded").sum()),
-               "burned_in_blanked": int((audit["burned_in_action"] == "blanked").sum())}
+               "burned_in_blanked": int((audit["burned_in_action"] == "blanked").sum()),
+               "quarantined": len(quarantine),
+               **{f"quarantined_{reason}": int(count) for reason, count
+                  in sorted(quarantine["reason"].value_counts().items())}}
     logger.info("de-identified %s files: %s elements removed (X), %s replaced by dummies (D), "
                 "%s emptied (Z), %s UIDs replaced (U), %s cleaned (C), %s kept (K), %s private "
                 "and %s overlay/curve elements removed; burned-in text risk: %s files excluded, "
@@ -373,9 +513,6 @@ def summarise(audit: pd.DataFrame) -> dict[str, int]:
                     "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_C",
                     "actions_K", "private_removed", "overlay_removed", "burned_in_excluded",
                     "burned_in_blanked")))
-    if metrics["n_files"] < len(audit):
-        logger.warning("%d index rows share a SOP Instance UID with another row, hence one file",
-                       len(audit) - metrics["n_files"])
     return metrics
 
 
@@ -383,10 +520,11 @@ def check_outputs(identifiers: Identifiers, *, out_dir: Path) -> None:
     """Leak check of the written outputs; on any hit delete them and raise StageError naming every
     attribute involved and in how many outputs (never a value)."""
     tables = {layout.DEID_MANIFEST: pd.read_parquet(out_dir / layout.DEID_MANIFEST),
-              layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str)}
+              layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str),
+              layout.DEID_QUARANTINE: pd.read_csv(out_dir / layout.DEID_QUARANTINE, dtype=str)}
     leaks = find_leaks(identifiers, dicom_dir=out_dir / layout.DEID_DICOM_DIR, tables=tables)
     if leaks:
-        shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise StageError(
             f"leak check: {len(leaks)} identifying value(s) found in the outputs, outputs deleted. "
             "Where, and what kind of value (never the value): " + "; ".join(summarise_leaks(leaks))
@@ -415,31 +553,47 @@ def main() -> None:
     logger.info("read %d index rows and images %s; profile of %d attributes", len(index),
                 images.shape, len(profile))
 
-    staging = out_dir.with_name(out_dir.name + ".partial")  # moved into place only when clean
-    for stale in (out_dir, staging):
-        shutil.rmtree(stale, ignore_errors=True)
-    (staging / layout.DEID_DICOM_DIR).mkdir(parents=True)
-    settings = FileSettings(Path(paths.data), staging / layout.DEID_DICOM_DIR, profile, secret,
-                            params, pixels)
-    audit, identifiers, index, images, hidden = deidentify_sources(
-        index, images, settings, workers=worker_count(params.workers))
-    if hidden:
-        logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
-                       hidden)
-    metrics = summarise(audit)
-    build_manifest(index, images, secret=secret,
-                   retain_patient_characteristics=params.retain_patient_characteristics,
-                   ).to_parquet(staging / layout.DEID_MANIFEST, index=False)
-    audit.to_csv(staging / layout.DEID_AUDIT, index=False)
-    np.save(staging / layout.IMAGES, images)
-    check_outputs(identifiers, out_dir=staging)
+    # Moved into place only when complete and clean (no leak), removed otherwise.
+    with staged_folder(out_dir, what="the de-identified outputs") as staging:
+        (staging / layout.DEID_DICOM_DIR).mkdir()
+        settings = FileSettings(Path(paths.data), staging / layout.DEID_DICOM_DIR, profile, secret,
+                                params, pixels)
+        done = deidentify_sources(index, images, settings, workers=worker_count(params.workers),
+                                  timeout_s=params.file_timeout_s)
+        if done.hidden_warnings:
+            logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
+                           done.hidden_warnings)
+        metrics = summarise(done.audit, done.quarantine)
+        build_manifest(done.index, done.images, secret=secret,
+                       retain_patient_characteristics=params.retain_patient_characteristics,
+                       ).to_parquet(staging / layout.DEID_MANIFEST, index=False)
+        done.audit.to_csv(staging / layout.DEID_AUDIT, index=False)
+        done.quarantine.to_csv(staging / layout.DEID_QUARANTINE, index=False)
+        np.save(staging / layout.IMAGES, done.images)
+        check_outputs(done.identifiers, out_dir=staging)
 
-    staging.rename(out_dir)
-    metrics.update(identifiers_checked=len(identifiers), leak_hits=0, demo_secret=int(is_demo))
-    Path(paths.deid_metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(paths.deid_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    logger.info("wrote %d manifest rows, images %s and the audit to %s", len(index),
-                images.shape, out_dir)
+    metrics.update(identifiers_checked=len(done.identifiers), leak_hits=0, demo_secret=int(is_demo))
+    write_json(Path(paths.deid_metrics), metrics)
+    logger.info("wrote %d manifest rows, images %s and the audit to %s", len(done.index),
+                done.images.shape, out_dir)
+    check_quarantine(done.quarantine, files=metrics["n_files"] + len(done.quarantine),
+                     max_fraction=params.max_quarantine_fraction, out_dir=out_dir)
+
+
+def check_quarantine(quarantine: pd.DataFrame, *, files: int, max_fraction: float, out_dir: Path) -> None:
+    """Log the files left out by reason; raise StageError when their share of ``files`` passes
+    ``max_fraction`` (``deidentify.max_quarantine_fraction``)."""
+    if quarantine.empty:
+        return
+    reasons = quarantine["reason"].value_counts()
+    summary = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+    where = out_dir / layout.DEID_QUARANTINE
+    logger.warning("%d files quarantined (%s): see %s", len(quarantine), summary, where)
+    share = len(quarantine) / files
+    if share > max_fraction:
+        raise StageError(f"{len(quarantine)} of {files} files could not be de-identified "
+                         f"({share:.1%} > deidentify.max_quarantine_fraction {max_fraction:.1%}): "
+                         f"{summary}; see {where}")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_description, dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 MIN_WORD = 3  # letters of a name component found alone ("Li" alone would be everywhere)
 MIN_ID = 4  # characters of an ID with digits; numbers alone need MIN_NUMBER digits
@@ -324,9 +325,12 @@ class Identifiers:
         return self._firsts, self._lengths
 
 
-def describe_tag(elem) -> str:
-    """``"(0010,0020) Patient ID"``: the tag and its name, as messages write attributes."""
-    return f"({elem.tag.group:04X},{elem.tag.element:04X}) {elem.name}"
+def describe_tag(tag: BaseTag) -> str:
+    """``"(0010,0020) Patient ID"``: the tag and its name, as messages write attributes; private
+    and unknown tags by number."""
+    name = (dictionary_description(tag) if dictionary_has_tag(tag) else
+            "private" if tag.group % 2 else "unknown")
+    return f"({tag.group:04X},{tag.element:04X}) {name}"
 
 
 def collect_identifiers(ds: Dataset, *, device_identity_kept: bool = False) -> Identifiers:
@@ -374,7 +378,7 @@ def _collect(ds: Dataset, kinds: dict[int, str], found: Identifiers) -> None:
         if kind is None:
             continue
         elem = ds[tag]
-        source = describe_tag(elem)
+        source = describe_tag(elem.tag)
         for value in _texts(elem):
             if kind == "name":
                 found.add_name(value, source)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import shutil
+import struct
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,27 +50,53 @@ from tqdm import tqdm
 
 from stages import layout
 from stages.cli import StageError, run_stage
-from stages.parallel import ordered_map, worker_count
+from stages.log_privacy import hidden_pydicom_messages
+from stages.outputs import staged_folder, write_json
+from stages.parallel import WorkFailure, ordered_map, worker_count
 from stages.params import IngestParams, PathsParams, load_params
+from stages.source_files import SKIPPED_ENTRIES, list_sources
 
 logger = logging.getLogger(__name__)
 
 LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
-# Listed in the quarantine but not failures: these files were never meant to be images.
-SKIP_REASONS = ("dicomdir", "not_an_image")
+# Listed in the quarantine but not failures: these entries were never meant to be images.
+SKIP_REASONS = ("dicomdir", "not_an_image", *SKIPPED_ENTRIES)
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
+DETAIL_MAX_CHARS = 300  # a reader's message can quote the rest of a header: kept to a line
 EXTREME_MARGIN = 0.5 / 255  # see extreme_share
 INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is written
 
 
 class Quarantined(Exception):
-    """A file that cannot be used; ``reason`` is a short code, the message the detail."""
+    """A file that cannot be used; ``reason`` is a short code, the message the detail (at most
+    :data:`DETAIL_MAX_CHARS` characters)."""
 
     def __init__(self, reason: str, detail: str) -> None:
+        if len(detail) > DETAIL_MAX_CHARS:
+            detail = detail[:DETAIL_MAX_CHARS - 3] + "..."
         super().__init__(detail)
         self.reason = reason
+
+
+def failure_reason(err: BaseException, *, reading: str) -> Quarantined:
+    """The quarantine entry for an unexpected error while ``reading`` ("the header", "the pixel
+    data"): resource limits and decoder crashes get their own codes, not the damage they are not.
+
+    A Rust decoder's panic (``PanicException``) is a ``BaseException``, so callers catch that.
+    """
+    name = type(err).__name__
+    if isinstance(err, MemoryError):
+        return Quarantined("too_large", f"ran out of memory reading {reading} ({name})")
+    if isinstance(err, RecursionError):
+        return Quarantined("too_deep", f"{reading} nests sequences deeper than can be read ({name})")
+    if name == "PanicException":
+        return Quarantined("undecodable", f"the decoder crashed on {reading} ({name})")
+    if isinstance(err, (EOFError, struct.error)) and reading == "the header":
+        return Quarantined("truncated_header", f"the header ends inside an element ({name}: {err})")
+    code = {"the header": "corrupt_header", "the pixel data": "undecodable"}.get(reading, "unreadable")
+    return Quarantined(code, f"{reading} cannot be read ({name}: {err})")
 
 
 @dataclass(frozen=True)
@@ -82,12 +109,19 @@ class PixelSettings:
     voi_index: int = 0              # which VOI LUT or window when a file has several
     target_spacing_mm: float | None = None  # resample to this spacing, then pad or crop to size
     dtype: str = "uint8"            # uint8 (0-255) or float16 ([0, 1])
+    # Bound on what one file may cost: its size, its inflated size, its decoded frames. A default
+    # here also serves models pickled before the bound existed.
+    max_decoded_mib: int = 2048
 
     @classmethod
     def from_params(cls, params: IngestParams) -> PixelSettings:
         return cls(size=params.image_size, channels=params.channels, frames=params.frames,
                    voi_index=params.voi_index, target_spacing_mm=params.target_spacing_mm,
-                   dtype=params.pixel_dtype)
+                   dtype=params.pixel_dtype, max_decoded_mib=params.max_decoded_mib)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_decoded_mib << 20
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -113,24 +147,21 @@ class FileResult:
     detail: str = ""
 
 
-def find_candidate_files(data_dir: Path, *, exclude: set[Path]) -> list[Path]:
-    """Every regular, non-hidden file under ``data_dir`` (DICOM files often have no extension)."""
-    return sorted(
-        path
-        for path in data_dir.rglob("*")
-        if path.is_file()
-        and path.resolve() not in exclude
-        and not any(part.startswith(".") for part in path.relative_to(data_dir).parts)
-    )
-
-
-def read_dataset(source: Path | BinaryIO) -> pydicom.Dataset:
-    """Parse a DICOM file, or raise Quarantined (not_dicom, truncated, dicomdir, not_an_image, ...).
+def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> pydicom.Dataset:
+    """Parse a DICOM file, or raise Quarantined (not_dicom, truncated_header, dicomdir,
+    not_an_image, no_pixel_data, too_large, ...).
 
     A file without the 128-byte preamble and ``DICM`` prefix is read again with ``force=True`` and
     accepted only when that yields a SOP Class UID: forced parsing of arbitrary bytes "succeeds"
-    on text files too, with nonsense elements.
+    on text files too, with nonsense elements. With ``max_bytes``, a deflated data set that
+    would inflate past it is refused before pydicom inflates it whole.
     """
+    if max_bytes is not None:
+        if isinstance(source, Path):
+            with open(source, "rb") as stream:
+                check_inflated_size(stream, max_bytes)
+        else:
+            check_inflated_size(source, max_bytes)
     try:
         ds = pydicom.dcmread(source)
     except InvalidDicomError as err:
@@ -145,21 +176,80 @@ def read_dataset(source: Path | BinaryIO) -> pydicom.Dataset:
             raise Quarantined("not_dicom", str(err)) from err
         _record_detected_encoding(ds)
     except Exception as err:  # pydicom raises many types for damaged headers
-        raise Quarantined("truncated", f"header unreadable: {type(err).__name__}: {err}") from err
+        raise failure_reason(err, reading="the header") from err
     if len(ds) == 0:  # pydicom only warns when the data set ends early, inside its first element
-        raise Quarantined("truncated", "no data element could be read after the file meta information")
+        if _holds_pixel_data_tag(source):  # e.g. encapsulated pixel data without its delimiter
+            raise Quarantined("truncated_pixel_data", "the data set ends inside (7FE0,0010) Pixel "
+                              "Data, so no element of it could be read")
+        raise Quarantined("truncated_header", "no data element could be read after the file meta "
+                          "information")
     media_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
     if media_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         raise Quarantined("dicomdir", "a DICOMDIR (media directory), not an image")
     if "PixelData" not in ds and not ds.get("FloatPixelData") and not ds.get("DoubleFloatPixelData"):
-        sop_class = ds.get("SOPClassUID")
-        name = getattr(sop_class, "name", "") or str(sop_class or "no SOP Class UID")
-        if sop_class is not None and "Image" not in name:
-            raise Quarantined("not_an_image", f"{name}: not an image object")
+        if _ends_early(ds, source):
+            raise Quarantined("truncated_header", "the file ends inside an element of the header, "
+                              "before (7FE0,0010) Pixel Data")
+        sop_class = pydicom.uid.UID(str(ds.get("SOPClassUID", "") or ""))
+        if sop_class.type == "SOP Class" and "Image" not in sop_class.name and "Rows" not in ds:
+            raise Quarantined("not_an_image", f"{sop_class.name}: not an image object")
         raise Quarantined("no_pixel_data", "(7FE0,0010) Pixel Data is absent")
     if "PixelData" not in ds:
         raise Quarantined("unsupported_pixel_data", "float pixel data (parametric maps) is not supported")
     return ds
+
+
+def check_inflated_size(stream: BinaryIO, max_bytes: int) -> None:
+    """Raise Quarantined (too_large) when ``stream`` holds a deflated data set that inflates past
+    ``max_bytes``; leave ``stream`` where it was.
+
+    pydicom inflates a Deflated Explicit VR Little Endian data set whole, in one call: a few MB
+    can hold gigabytes of zeros. This inflates it in bounded pieces, keeping none, to measure it.
+    """
+    start = stream.tell()
+    try:
+        if stream.read(132)[128:] != b"DICM":
+            return
+        # pydicom's own meta reader (private, but the only one that takes an open stream).
+        meta = pydicom.filereader._read_file_meta_info(stream)
+        if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return
+        inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), stream.read(), 0
+        while pending and not inflater.eof:
+            inflated += len(inflater.decompress(pending, 1 << 24))
+            if inflated > max_bytes:
+                raise Quarantined("too_large", f"the deflated data set inflates to more than "
+                                  f"{max_bytes >> 20} MiB (ingest.max_decoded_mib)")
+            pending = inflater.unconsumed_tail
+    except (zlib.error, Exception) as err:
+        if isinstance(err, Quarantined):
+            raise
+        return  # damaged meta or stream: pydicom's reading says how
+    finally:
+        stream.seek(start)
+
+
+def _ends_early(ds: pydicom.Dataset, source: Path | BinaryIO) -> bool:
+    """Whether the last element read does not end where the file does: pydicom stops at the end
+    of a truncated file without a word, leaving a data set that looks complete."""
+    if getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return False  # positions are in the inflated data
+    last = ds.get_item(next(reversed(ds.keys())))  # still raw unless something read it
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return False
+    size = source.stat().st_size if isinstance(source, Path) else source.seek(0, io.SEEK_END)
+    return tell + length != size
+
+
+def _holds_pixel_data_tag(source: Path | BinaryIO) -> bool:
+    """Whether the bytes of (7FE0,0010), little endian, occur after the preamble."""
+    if isinstance(source, Path):
+        content = source.read_bytes()
+    else:
+        source.seek(0)
+        content = source.read()
+    return b"\xe0\x7f\x10\x00" in content[132:]
 
 
 def _record_detected_encoding(ds: pydicom.Dataset) -> None:
@@ -177,8 +267,24 @@ def _record_detected_encoding(ds: pydicom.Dataset) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def decode_frames(ds: pydicom.Dataset, *, frames: str) -> list[tuple[int, np.ndarray]]:
-    """Stored values of the chosen frame(s) as (frame number, array), or raise Quarantined."""
+def working_bytes(ds: pydicom.Dataset, frames: int) -> int | None:
+    """Memory ``frames`` decoded frames take in the display steps (float32, or the stored values
+    when wider), from the header alone; None when the header does not say."""
+    try:
+        rows, cols, allocated = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return rows * cols * samples * frames * max(4, allocated // 8)
+
+
+def decode_frames(ds: pydicom.Dataset, *, frames: str,
+                  max_bytes: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """Stored values of the chosen frame(s) as (frame number, array), or raise Quarantined.
+
+    With ``max_bytes``, frames whose decoded size (:func:`working_bytes`, from the header) is
+    larger are refused before any decoder allocates them.
+    """
     photometric = ds.get("PhotometricInterpretation")
     if photometric not in GRAYSCALE + COLOUR:
         found = "is absent" if photometric is None else f"is {photometric!r}"
@@ -190,6 +296,10 @@ def decode_frames(ds: pydicom.Dataset, *, frames: str) -> list[tuple[int, np.nda
                           "tables would be read with the wrong byte order")
     n_frames = number_of_frames(ds)
     wanted = {"first": 0, "middle": n_frames // 2}.get(frames)
+    needed = working_bytes(ds, n_frames if wanted is None else 1)
+    if max_bytes is not None and needed is not None and needed > max_bytes:
+        raise Quarantined("too_large", f"decoding would take {needed >> 20} MiB (Rows x Columns x "
+                          f"samples x frames), more than ingest.max_decoded_mib {max_bytes >> 20}")
     try:
         native = native_pixels(ds)
         if native is not None:
@@ -200,9 +310,11 @@ def decode_frames(ds: pydicom.Dataset, *, frames: str) -> list[tuple[int, np.nda
     except (ValueError, EOFError) as err:
         text = str(err)
         truncated = isinstance(err, EOFError) or "less than expected" in text or "truncat" in text.lower()
-        raise Quarantined("truncated" if truncated else "undecodable", text) from err
-    except Exception as err:  # a decoder plugin missing or failing
-        raise Quarantined("undecodable", f"{type(err).__name__}: {err}") from err
+        raise Quarantined("truncated_pixel_data" if truncated else "undecodable", text) from err
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # a decoder plugin missing, failing or panicking
+        raise failure_reason(err, reading="the pixel data") from err
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if n_frames > 1 and wanted is None:  # every frame: (frames, rows, cols[, samples])
         return list(enumerate(stored))
@@ -431,7 +543,7 @@ def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target_
 
 def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydicom.Dataset, list[Frame]]:
     """Read one file: its dataset and the chosen frames, ready to store, or raise Quarantined."""
-    ds = read_dataset(source)
+    ds = read_dataset(source, max_bytes=settings.max_bytes)
     return ds, image_frames(ds, settings)
 
 
@@ -443,7 +555,7 @@ def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
         raise Quarantined("no_pixel_spacing", "ingest.target_spacing_mm is set but the file has no "
                           "(0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing")
     frames = []
-    for index, stored in decode_frames(ds, frames=settings.frames):
+    for index, stored in decode_frames(ds, frames=settings.frames, max_bytes=settings.max_bytes):
         try:
             display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
         except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
@@ -514,7 +626,7 @@ def ingest_file(path: Path, *, data_dir: Path, settings: PixelSettings) -> FileR
     """
     relative = path.relative_to(data_dir).as_posix()
     try:
-        content = path.read_bytes()
+        content = read_file(path, max_bytes=settings.max_bytes)
         ds, frames = read_image(io.BytesIO(content), settings)
         sha256 = hashlib.sha256(content).hexdigest()
         return FileResult(relative, tuple(
@@ -522,8 +634,58 @@ def ingest_file(path: Path, *, data_dir: Path, settings: PixelSettings) -> FileR
             for frame in frames))
     except Quarantined as err:
         return FileResult(relative, reason=err.reason, detail=str(err))
-    except Exception as err:  # noqa: BLE001  one odd file must not sink a run of thousands
-        return FileResult(relative, reason="unreadable", detail=f"{type(err).__name__}: {err}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  one odd file must not sink a run of thousands
+        failure = failure_reason(err, reading="the file")
+        return FileResult(relative, reason=failure.reason, detail=str(failure))
+
+
+def read_file(path: Path, *, max_bytes: int) -> bytes:
+    """The bytes of ``path``, or raise Quarantined (too_large, unreadable) before reading a file
+    larger than ``max_bytes``."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise Quarantined("too_large", f"the file is {size >> 20} MiB, more than "
+                              f"ingest.max_decoded_mib {max_bytes >> 20}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise Quarantined("not_found", "no file there (it may have been moved during the run)") from None
+    except OSError as err:
+        raise Quarantined("unreadable", f"cannot read the file ({err.strerror})") from None
+
+
+def read_model_frames(source: bytes | str | Path, *, settings: PixelSettings,
+                      check: Callable[[pydicom.Dataset], None] | None = None) -> np.ndarray | tuple[str, str]:
+    """One file (its bytes or path) to its images as ingest stores them, stacked (frames, ...);
+    or, for a file that cannot be used, (reason, detail): never raises, never logs a value.
+
+    What the served model runs in its decoder processes. ``check(ds)`` may refuse the header
+    (raising Quarantined) before any pixel is decoded.
+    """
+    with hidden_pydicom_messages():
+        try:
+            content = (bytes(source) if isinstance(source, (bytes, bytearray, memoryview))
+                       else read_file(Path(source), max_bytes=settings.max_bytes))
+            ds = read_dataset(io.BytesIO(content), max_bytes=settings.max_bytes)
+            if check is not None:
+                check(ds)
+            return np.stack([frame.pixels for frame in image_frames(ds, settings)])
+        except Quarantined as err:
+            return err.reason, str(err)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001  one odd file must not fail the others
+            failure = failure_reason(err, reading="the file")
+            return failure.reason, str(failure)
+
+
+def quarantined_by_worker(path: Path, failure: WorkFailure, *, data_dir: Path) -> FileResult:
+    """The quarantine entry of a file whose worker process died or ran out of time on it."""
+    return FileResult(path.relative_to(data_dir).as_posix(), reason=failure.reason,
+                      detail=f"the reader process {failure.detail} on this file"
+                      if failure.reason == "worker_died" else failure.detail)
 
 
 def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[dict[str, str], set[str]]:
@@ -573,10 +735,14 @@ def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting:
     return by_text[labels[value]]
 
 
-def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, workers: int) -> Iterator[FileResult]:
-    """Results of :func:`ingest_file` in file order, from ``workers`` processes (1: this one)."""
+def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, workers: int,
+             timeout_s: float | None = None) -> Iterator[FileResult]:
+    """Results of :func:`ingest_file` in file order, from ``workers`` processes. A file whose
+    process dies on it (a decoder crash, the OOM killer) or takes longer than ``timeout_s`` is
+    quarantined (``worker_died``, ``timeout``) and costs nothing else."""
     yield from ordered_map(partial(ingest_file, data_dir=data_dir, settings=settings), files,
-                           workers=workers)
+                           workers=workers, timeout_s=timeout_s,
+                           on_failure=partial(quarantined_by_worker, data_dir=data_dir))
 
 
 class ImageWriter:
@@ -595,6 +761,19 @@ class ImageWriter:
     def append(self, pixels: np.ndarray) -> None:
         self._raw.write(np.ascontiguousarray(pixels, dtype=self.dtype).tobytes())
         self.count += 1
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        """Completes the file; after an error only lets go of it (it is a staged output)."""
+        if error_type is None:
+            self.close()
+            return
+        try:
+            self._raw.close()
+        except OSError:  # the same full disk, flushing
+            pass
 
     def close(self) -> None:
         self._raw.close()
@@ -629,6 +808,19 @@ class IndexWriter:
         self._flush()  # also writes the schema when there are no rows at all
         self._writer.close()
 
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        """Completes the file; after an error only lets go of it (it is a staged output)."""
+        if error_type is None:
+            self.close()
+            return
+        try:
+            self._writer.close()
+        except OSError:
+            pass
+
 
 def main() -> None:
     paths, params = load_params("paths"), load_params("ingest")
@@ -637,7 +829,8 @@ def main() -> None:
     if not labels_file.is_file():
         raise StageError(f"labels file {labels_file} not found (see README: bring your own data)")
 
-    files = find_candidate_files(data_dir, exclude={labels_file.resolve()})
+    listing = list_sources(data_dir, exclude={labels_file.resolve()})
+    files = listing.files
     if not files:
         raise StageError(f"no files found under {data_dir}/")
     labels, conflicting = read_labels(labels_file, key=params.label_key)
@@ -647,15 +840,19 @@ def main() -> None:
     settings = PixelSettings.from_params(params)
     workers = worker_count(params.workers)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = ImageWriter(out_dir / layout.IMAGES, settings.image_shape, settings.dtype)
-    index = IndexWriter(out_dir / layout.INGEST_INDEX)
     reasons: Counter[str] = Counter()
-    with open(out_dir / layout.INGEST_QUARANTINE, "w", newline="", encoding="utf-8") as stream:
+    with staged_folder(out_dir, what="the ingest outputs") as staging, \
+            open(staging / layout.INGEST_QUARANTINE, "w", newline="", encoding="utf-8") as stream, \
+            ImageWriter(staging / layout.IMAGES, settings.image_shape, settings.dtype) as images, \
+            IndexWriter(staging / layout.INGEST_INDEX) as index:
         quarantine = csv.writer(stream)
         quarantine.writerow(QUARANTINE_COLUMNS)
+        for entry in listing.unread:  # FIFOs, broken links, names that are not UTF-8, ...
+            quarantine.writerow(entry)
+            reasons[entry[1]] += 1
         # The bar shows counts and rates only: paths can hold accession numbers.
-        results = tqdm(read_all(files, data_dir=data_dir, settings=settings, workers=workers),
+        results = tqdm(read_all(files, data_dir=data_dir, settings=settings, workers=workers,
+                                timeout_s=params.file_timeout_s),
                        total=len(files), unit="file", desc="ingest", mininterval=2.0)
         for result in results:
             try:
@@ -673,10 +870,8 @@ def main() -> None:
             for pixels, record in rows:
                 images.append(pixels)
                 index.append(record)
-    images.close()
-    index.close()
-    report(files=len(files), images=images.count, reasons=reasons, params=params, paths=paths,
-           workers=workers, shape=settings.image_shape)
+    report(files=len(files) + len(listing.unread), images=images.count, reasons=reasons,
+           params=params, paths=paths, workers=workers, shape=settings.image_shape)
 
 
 def labelled(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str],
@@ -693,8 +888,7 @@ def report(*, files: int, images: int, reasons: Counter[str], params: IngestPara
     failed = sum(reasons.values()) - skipped
     metrics = {"files": files, "images": images, "quarantined": failed, "skipped_not_images": skipped,
                **{f"quarantined_{reason}": count for reason, count in sorted(reasons.items())}}
-    Path(paths.ingest_metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(paths.ingest_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(Path(paths.ingest_metrics), metrics)
     quarantine_file = Path(paths.ingest_dir) / layout.INGEST_QUARANTINE
     logger.info("ingested %d images of shape %s from %d files with %d worker(s)", images, shape, files, workers)
     summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())

@@ -17,6 +17,7 @@ IMAGES = "images.npy"                 # (n, size, size[, 3]) uint8 0-255 or floa
 DEID_MANIFEST = "manifest.parquet"    # one row per image, row i <-> IMAGES[i]
 DEID_DICOM_DIR = "dicom"              # de-identified DICOM files, named <image_key>.dcm
 DEID_AUDIT = "audit.csv"              # per-file actions applied, no PHI values
+DEID_QUARANTINE = "quarantine.csv"    # index_row, reason, detail: files left out, no PHI values
 
 # split -> augment, train, evaluate
 SPLIT_MANIFEST = "manifest.parquet"   # the de-identified manifest plus a `split` column

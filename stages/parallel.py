@@ -1,14 +1,36 @@
-"""Process pools for the stages that read thousands of files (ingest, deidentify)."""
+"""Per-file work in worker processes that may die: the stages that read thousands of files.
+
+:func:`ordered_map` is ``map`` over worker processes, in input order, where one item can cost
+only itself. A worker that dies on an item (a decoder that panics or aborts, a segfault, SIGKILL
+from the OOM killer) or runs past the per-item time limit is replaced, and that item's result is
+made by ``on_failure`` (the stages turn it into a quarantine row); the other items are done as
+if nothing happened, so the output is the same bytes for any number of workers.
+
+Written here rather than taken from ``multiprocessing.Pool`` or ``concurrent.futures``:
+``Pool.imap`` waits forever for the result of a worker that died, and ``ProcessPoolExecutor``
+marks every pending item of the pool as failed (``BrokenProcessPool``) without saying which item
+killed it. Each worker here reports every item as it finishes it, so the parent always knows
+which item a worker was on when it died or overran its time.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+CHUNK_MAX = 32          # items sent to a worker in one message
+CHUNKS_IN_FLIGHT = 2    # per worker: the next chunk is already there when one ends
+REORDER_WINDOW = 8      # chunks per worker that may be done ahead of the oldest unfinished item
 
 
 def worker_count(requested: int) -> int:
@@ -16,21 +38,240 @@ def worker_count(requested: int) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
+@dataclass(frozen=True)
+class WorkFailure:
+    """Why an item has no result: ``worker_died`` (with how), ``timeout`` or ``worker_error``.
+
+    ``detail`` names the exit signal or the exception type, never an exception's message (which
+    may quote a value read from the file).
+    """
+
+    reason: str
+    detail: str
+
+
+def exit_description(exitcode: int | None) -> str:
+    """A worker's end in words: ``killed by SIGKILL``, ``exited with status 3``."""
+    if exitcode is None:
+        return "ended without an exit status"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callable[..., None] | None,
+           initargs: tuple) -> None:
+    """A worker's life: run the initializer, then each item of each chunk, reporting every item.
+
+    Any exception an item raises (``BaseException`` too: a Rust decoder's panic is one) is sent
+    back by type name only; the worker then goes on with the next item.
+    """
+    if initializer is not None:
+        initializer(*initargs)
+    conn.send(("ready", -1, None))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        first, chunk = message
+        for seq, item in enumerate(chunk, start=first):
+            try:
+                reply = ("ok", seq, function(item))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
+                reply = ("error", seq, type(err).__name__)
+            try:
+                conn.send(reply)
+            except Exception as err:  # noqa: BLE001  a result that cannot be pickled
+                conn.send(("error", seq, f"result not transferable ({type(err).__name__})"))
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    broken: bool = False  # a send failed: it died, which its sentinel will tell
+    pending: deque = field(default_factory=deque)  # seqs sent and not reported, in work order
+    started: float = 0.0  # when the item at pending[0] began
+
+    @property
+    def chunks_in_flight(self) -> int:
+        return len(self.pending)
+
+
+class WorkerPool(Generic[T, R]):
+    """Worker processes running ``function`` on items; see :func:`ordered_map`.
+
+    Kept open across calls of :meth:`map` where workers are costly to start (the served model's
+    spawned decoders); ``close`` ends them.
+    """
+
+    def __init__(self, function: Callable[[T], R], *, workers: int, context: str = "fork",
+                 initializer: Callable[..., None] | None = None, initargs: tuple = (),
+                 timeout_s: float | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1; got {workers}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive or None; got {timeout_s}")
+        self.function, self.workers, self.timeout_s = function, workers, timeout_s
+        self._context = multiprocessing.get_context(context)
+        self._initializer, self._initargs = initializer, initargs
+        self._pool: list[_Worker] = []
+
+    def _start(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=_serve, daemon=True,
+                                        args=(child, self.function, self._initializer, self._initargs))
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _stop(self, worker: _Worker, *, wait_s: float = 0.0) -> None:
+        """End ``worker``; ``wait_s``: time for a dying one to finish dying on its own first."""
+        worker.process.join(timeout=wait_s)
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        worker.conn.close()
+
+    def close(self) -> None:
+        for worker in self._pool:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+            worker.process.join(timeout=1)
+            self._stop(worker)
+        self._pool = []
+
+    def __enter__(self) -> WorkerPool[T, R]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def map(self, items: Iterable[T], *, on_failure: Callable[[T, WorkFailure], R]) -> Iterator[R]:
+        """``function(item)`` for each item, in input order; ``on_failure(item, why)`` for an
+        item whose worker died, overran ``timeout_s`` or raised."""
+        items = list(items)
+        chunk = max(1, min(CHUNK_MAX, len(items) // (self.workers * 8)))
+        todo: deque[list[int]] = deque(
+            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk))
+        results: dict[int, tuple[bool, Any]] = {}
+        window = chunk * self.workers * REORDER_WINDOW
+        next_out = 0
+        try:
+            while len(self._pool) < min(self.workers, max(1, len(todo))):
+                self._pool.append(self._start())
+            while next_out < len(items):
+                self._dispatch(todo, items, limit=next_out + window)
+                self._collect(todo, results)
+                while next_out in results:
+                    ok, value = results.pop(next_out)
+                    yield value if ok else on_failure(items[next_out], value)
+                    next_out += 1
+        except BaseException:
+            for worker in self._pool:  # mid-run: their work is abandoned
+                self._stop(worker)
+            self._pool = []
+            raise
+
+    def _dispatch(self, todo: deque[list[int]], items: list[T], *, limit: int) -> None:
+        for worker in self._pool:
+            while (worker.ready and not worker.broken and todo
+                   and worker.chunks_in_flight < CHUNKS_IN_FLIGHT and todo[0][0] < limit):
+                seqs = todo.popleft()
+                try:
+                    worker.conn.send((seqs[0], [items[seq] for seq in seqs]))
+                except OSError:  # it died since the last look: this chunk never reached it
+                    todo.appendleft(seqs)
+                    worker.broken = True
+                    break
+                if not worker.pending:
+                    worker.started = time.monotonic()
+                worker.pending.append(deque(seqs))
+
+    def _collect(self, todo: deque[list[int]], results: dict[int, tuple[bool, Any]]) -> None:
+        """Wait for the next report of any worker; handle deaths and overruns."""
+        by_handle: dict[Any, _Worker] = {}
+        for worker in self._pool:
+            by_handle[worker.conn] = worker
+            by_handle[worker.process.sentinel] = worker
+        timeout = None
+        if self.timeout_s is not None:
+            busy = [w.started + self.timeout_s for w in self._pool if w.pending]
+            timeout = max(0.0, min(busy) - time.monotonic()) if busy else None
+        for handle in wait(list(by_handle), timeout=timeout):
+            worker = by_handle[handle]
+            if worker not in self._pool:
+                continue  # replaced while handling an earlier handle
+            if handle is worker.conn:
+                self._receive(worker, todo, results)
+            elif not worker.conn.poll():
+                self._replace(worker, todo, results, None)
+        if self.timeout_s is not None:
+            now = time.monotonic()
+            for worker in list(self._pool):
+                if worker.pending and now - worker.started > self.timeout_s:
+                    self._replace(worker, todo, results, WorkFailure(
+                        "timeout", f"still running after {self.timeout_s:g} s (the per-file time limit)"))
+
+    def _receive(self, worker: _Worker, todo: deque[list[int]], results: dict[int, tuple[bool, Any]]) -> None:
+        try:
+            kind, seq, value = worker.conn.recv()
+        except (EOFError, OSError):  # died
+            self._replace(worker, todo, results, None)
+            return
+        if kind == "ready":
+            worker.ready = True
+            return
+        current = worker.pending[0]
+        current.popleft()  # == seq: a worker reports its items in the order it was sent them
+        if not current:
+            worker.pending.popleft()
+        worker.started = time.monotonic()
+        results[seq] = (True, value) if kind == "ok" else (False, WorkFailure("worker_error", value))
+
+    def _replace(self, worker: _Worker, todo: deque[list[int]], results: dict[int, tuple[bool, Any]],
+                 failure: WorkFailure | None) -> None:
+        """End ``worker``: its current item fails with ``failure`` (None: it died, and how it
+        died is the failure), its other items go back first."""
+        self._stop(worker, wait_s=0 if failure else 10)
+        if failure is None:
+            failure = WorkFailure("worker_died", exit_description(worker.process.exitcode))
+        if not worker.ready:
+            raise RuntimeError(f"a worker process {failure.detail} before it could start work "
+                               "(its initializer failed)")
+        self._pool.remove(worker)
+        unfinished = [seq for seqs in worker.pending for seq in seqs]
+        if unfinished:
+            results[unfinished[0]] = (False, failure)
+            rest = unfinished[1:]
+            for start in range(len(rest) - 1, -1, -CHUNK_MAX):  # back at the front, in order
+                todo.appendleft(rest[max(0, start - CHUNK_MAX + 1):start + 1])
+        self._pool.append(self._start())
+
+
 def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
+                on_failure: Callable[[T, WorkFailure], R], timeout_s: float | None = None,
                 initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
-    """``map(function, items)`` over ``workers`` forked processes (1: this one), in input order.
+    """``map(function, items)`` over ``workers`` forked processes, in input order.
 
     Results come back as they are ready but in order, so outputs are the same bytes for any
     number of workers; chunks amortise the inter-process round trip. ``initializer(*initargs)``
     runs once in each process first: large shared read-only data travels that way, once per
-    worker, instead of with every chunk.
+    worker, instead of with every chunk. An item whose worker dies, runs past ``timeout_s``
+    seconds or raises gets ``on_failure(item, WorkFailure)`` instead; its worker is replaced.
+    Even with one worker the work runs in a child process, so this process survives any item.
     """
-    items = list(items)
-    if workers == 1 or len(items) < 2:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(function, items)
-        return
-    chunksize = max(1, min(32, len(items) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers, initializer, initargs) as pool:
-        yield from pool.imap(function, items, chunksize=chunksize)
+    with WorkerPool(function, workers=workers, initializer=initializer, initargs=initargs,
+                    timeout_s=timeout_s) as pool:
+        yield from pool.map(items, on_failure=on_failure)

@@ -68,6 +68,8 @@ class IngestParams:
     voi_index: int = field(metadata=_interval(0, None))
     target_spacing_mm: float | None = field(metadata=_interval(0.0, None, closed="neither"))
     workers: int = field(metadata=_interval(0, 1024))
+    file_timeout_s: float = field(metadata=_interval(0.0, None, closed="neither"))
+    max_decoded_mib: int = field(metadata=_interval(1, None))
     max_quarantine_fraction: float = field(metadata=_interval(0.0, 1.0))
 
 
@@ -85,6 +87,8 @@ class DeidentifyParams:
     burned_in_manufacturers: list[str] | None
     burned_in_regions: list[list[float]] | None
     workers: int = field(metadata=_interval(0, 1024))
+    file_timeout_s: float = field(metadata=_interval(0.0, None, closed="neither"))
+    max_quarantine_fraction: float = field(metadata=_interval(0.0, 1.0))
 
     def __post_init__(self) -> None:
         key = "params.yaml: 'deidentify.burned_in_regions'"

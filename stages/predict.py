@@ -8,7 +8,7 @@ and an MLflow pyfunc model (``stages.serving.DicomClassifier``), by default
 (``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
 Outputs: the CSV, one row per file in path order: ``path`` (relative to ``INPUT_DIR``, with
 ``/``), the probability column(s), ``label`` and ``error`` (empty, or the reason a file could not
-be used: ``not_dicom: ...``, ``truncated: ...``, ``out_of_domain: ...`` for a file unlike the
+be used: ``not_dicom: ...``, ``truncated_pixel_data: ...``, ``out_of_domain: ...`` for a file unlike the
 model's training files).
 Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given).
 
@@ -27,8 +27,9 @@ import pandas as pd
 
 from stages import tracking
 from stages.cli import StageError, run_stage
-from stages.ingest import find_candidate_files
+from stages.outputs import write_text
 from stages.params import load_params
+from stages.source_files import display_path, list_sources
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,21 @@ def predict_files(model, files: list[Path], *, root: Path, batch_files: int = BA
         batch = files[start:start + batch_files]
         predicted = model.predict(pd.DataFrame({"path": [str(path) for path in batch]}))
         predicted = predicted.reset_index(drop=True)
-        predicted.insert(0, "path", [path.relative_to(root).as_posix() for path in batch])
+        predicted.insert(0, "path", [display_path(path, root) for path in batch])
         parts.append(predicted)
     return pd.concat(parts, ignore_index=True)
+
+
+def with_unread(predictions: pd.DataFrame, unread: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """``predictions`` and a row for each entry that was not read (a FIFO, a broken link, a name
+    that is not UTF-8, ...) with its reason as the error, all in path order."""
+    if not unread:
+        return predictions
+    rows = pd.DataFrame({"path": [path for path, _, _ in unread],
+                         "label": -1, "error": [f"{reason}: {detail}" for _, reason, detail in unread]})
+    both = pd.concat([predictions, rows], ignore_index=True)
+    both["label"] = both["label"].astype("int64")
+    return both.sort_values("path", kind="stable", ignore_index=True)
 
 
 def error_counts(predictions: pd.DataFrame) -> Counter[str]:
@@ -74,25 +87,25 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.input_dir.is_dir():
         raise StageError(f"input folder {args.input_dir} not found")
-    files = find_candidate_files(args.input_dir, exclude={args.output.resolve()})
+    listing = list_sources(args.input_dir, exclude={args.output.resolve()})
+    files = listing.files
     if not files:
         raise StageError(f"no files found under {args.input_dir}/")
     uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
     tracking.configure_mlflow(experiment=None)
     model = load_model(uri)
 
-    predictions = predict_files(model, files, root=args.input_dir)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(args.output, index=False)
+    predictions = with_unread(predict_files(model, files, root=args.input_dir), listing.unread)
+    write_text(args.output, predictions.to_csv(index=False))
     failed = error_counts(predictions)
     # Counts only: paths and reader messages can carry PHI, so they stay in the CSV.
-    logger.info("predicted %d of %d files with %s; wrote %s", len(files) - sum(failed.values()),
-                len(files), uri, args.output)
+    logger.info("predicted %d of %d files with %s; wrote %s", len(predictions) - sum(failed.values()),
+                len(predictions), uri, args.output)
     if failed:
         logger.warning("%d files not predicted (%s): see the error column of %s", sum(failed.values()),
                        ", ".join(f"{count} {reason}" for reason, count in failed.most_common()), args.output)
-    if sum(failed.values()) == len(files):
-        raise StageError(f"none of the {len(files)} files under {args.input_dir}/ could be predicted "
+    if sum(failed.values()) == len(predictions):
+        raise StageError(f"none of the {len(predictions)} files under {args.input_dir}/ could be predicted "
                          f"({', '.join(f'{count} {reason}' for reason, count in failed.most_common())}); "
                          f"see {args.output}")
 

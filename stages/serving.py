@@ -26,10 +26,11 @@ import ast
 import base64
 import binascii
 import dataclasses
-import io
 import logging
 import shutil
 import tempfile
+import threading
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ import pandas as pd
 
 from stages import layout
 from stages.domain import TrainingDomain
-from stages.ingest import PixelSettings, Quarantined, image_frames, read_dataset
-from stages.log_privacy import hidden_pydicom_messages
+from stages.ingest import PixelSettings, Quarantined, read_model_frames
+from stages.parallel import WorkFailure, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ NEVER_SHIPPED = frozenset({"sample_data"})
 REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
                 "pylibjpeg-rle", "numpy", "pandas", "pyarrow", "pillow", "pyyaml", "tqdm")
 PREDICT_BATCH = 64  # images per Keras call
+DECODER_PROCESSES = 2  # files decoded at once, each in its own process
+DECODE_TIMEOUT_S = 120.0  # a file still decoding after this long is answered with "timeout"
 
 
 class DicomClassifier(mlflow.pyfunc.PythonModel):
@@ -107,7 +110,9 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         return self
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_model": None}  # the Keras model travels as an artifact
+        # The Keras model travels as an artifact; decoder processes and their lock are this
+        # process's own.
+        return {**self.__dict__, "_model": None, "_pool": None, "_lock": None}
 
     @property
     def binary(self) -> bool:
@@ -157,45 +162,55 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         return self._frame(scores, errors, index=model_input.index)
 
     def _read_all(self, sources: list[bytes | str | Quarantined]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Model input of every usable source, the row each image came from, and one error per row."""
-        images, owners, errors = [], [], []
-        with hidden_pydicom_messages():  # the server's log must not quote the clients' files
-            for row, source in enumerate(sources):
-                try:
-                    if isinstance(source, Quarantined):
-                        raise source
-                    pixels = self.read_pixels(source)
-                except Quarantined as err:
-                    errors.append(f"{err.reason}: {err}")
-                    continue
-                except Exception as err:  # noqa: BLE001  one odd file must not fail the batch
-                    errors.append(f"unreadable: {type(err).__name__}: {err}")
-                    continue
-                errors.append("")
-                images.append(pixels)
-                owners.append(np.full(len(pixels), row))
+        """Model input of every usable source, the row each image came from, and one error per row.
+
+        Files are decoded in separate processes (:meth:`_decoders`): a file that crashes a decoder
+        (a panic, an abort, a segfault) or runs past :data:`DECODE_TIMEOUT_S` costs only its row
+        (``worker_died``, ``timeout``), never the server or the other rows.
+        """
+        readable = [row for row, source in enumerate(sources) if not isinstance(source, Quarantined)]
+        errors = [f"{source.reason}: {source}" if isinstance(source, Quarantined) else ""
+                  for source in sources]
+        images, owners = [], []
+        with self._decoding_lock():
+            decoded = list(self._decoders().map([sources[row] for row in readable],
+                                                on_failure=_decoder_failure))
+        for row, result in zip(readable, decoded):
+            if isinstance(result, tuple):
+                errors[row] = f"{result[0]}: {result[1]}"
+                continue
+            images.append(self.prepare_images(result))
+            owners.append(np.full(len(result), row))
         if not images:
             return np.empty((0, *self.settings.image_shape[:2], self.settings.channels), np.float32), \
                 np.empty(0, int), errors
         return np.concatenate(images), np.concatenate(owners), errors
 
+    def _decoders(self) -> WorkerPool:
+        """The decoder processes, started on first use and kept for the model's life. Spawned,
+        not forked: the server process runs TensorFlow's threads, which a fork would copy mid-use."""
+        if getattr(self, "_pool", None) is None:
+            domain = getattr(self, "domain", None)  # absent from models pickled before it existed
+            self._pool = WorkerPool(
+                partial(read_model_frames, settings=self.settings,
+                        check=None if domain is None else domain.check),
+                workers=DECODER_PROCESSES, context="spawn", timeout_s=DECODE_TIMEOUT_S)
+        return self._pool
+
+    def _decoding_lock(self) -> threading.Lock:
+        if getattr(self, "_lock", None) is None:
+            self._lock = threading.Lock()
+        return self._lock
+
     def read_pixels(self, source: bytes | str | Path) -> np.ndarray:
-        """One DICOM file (its bytes or path) to model input (frames, h, w, c), or raise Quarantined
-        (``out_of_domain`` included, before any pixel is decoded)."""
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            stream = io.BytesIO(bytes(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise Quarantined("not_found", f"no file at {path}")
-            stream = io.BytesIO(path.read_bytes())
-        ds = read_dataset(stream)
-        # Models pickled before the domain existed have no such attribute; they still predict.
+        """One DICOM file (its bytes or path) to model input (frames, h, w, c), in this process,
+        or raise Quarantined (``out_of_domain`` included, before any pixel is decoded)."""
         domain = getattr(self, "domain", None)
-        if domain is not None:
-            domain.check(ds)
-        frames = image_frames(ds, self.settings)
-        return self.prepare_images(np.stack([frame.pixels for frame in frames]))
+        result = read_model_frames(source, settings=self.settings,
+                                   check=None if domain is None else domain.check)
+        if isinstance(result, tuple):
+            raise Quarantined(*result)
+        return self.prepare_images(result)
 
     def prepare_images(self, images: np.ndarray) -> np.ndarray:
         """Stored or unit-range images -> float32 (n, h, w, c) in [0, 1], as train feeds the model."""
@@ -236,6 +251,13 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         columns["label"] = np.where(ok, labels, -1).astype(np.int64)
         columns["error"] = errors
         return pd.DataFrame(columns, index=index)
+
+
+def _decoder_failure(_source: object, failure: WorkFailure) -> tuple[str, str]:
+    """The error of a row whose decoder process died or ran out of time on it."""
+    if failure.reason == "worker_died":
+        return failure.reason, f"the decoder process {failure.detail} on this file"
+    return failure.reason, failure.detail
 
 
 def _mean_by_row(scores: np.ndarray, owners: np.ndarray, *, rows: int) -> np.ndarray:

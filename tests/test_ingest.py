@@ -19,11 +19,11 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from stages import ingest, layout
 from stages.cli import StageError
+from stages.source_files import list_sources
 from stages.ingest import (
     PixelSettings,
     Quarantined,
     assign_label,
-    find_candidate_files,
     read_image,
     read_labels,
     resize_with_padding,
@@ -341,13 +341,13 @@ class TestReadImage:
         with pytest.raises(Quarantined, match="less than expected") as info:
             read_image(path, PixelSettings(size=32))
 
-        assert info.value.reason == "truncated"
+        assert info.value.reason == "truncated_pixel_data"
 
     def test_pydicom_truncated_test_file(self):
         with pytest.raises(Quarantined, match="less than expected") as info:
             read_image(Path(get_testdata_file("MR_truncated.dcm")), PixelSettings(size=32))
 
-        assert info.value.reason == "truncated"
+        assert info.value.reason == "truncated_pixel_data"
 
     def test_dataset_without_pixel_data(self, tmp_path):
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -571,7 +571,7 @@ class TestAssignLabel:
         assert info.value.reason == "conflicting_label"
 
 
-class TestFindCandidateFiles:
+class TestListSources:
     def test_finds_files_without_extension_and_skips_hidden_and_excluded(self, tmp_path):
         data = tmp_path / "data"
         for relative in ["IMG0001", "b/IMG0002", "b/c/scan.dcm", "labels.csv", ".DS_Store",
@@ -580,9 +580,12 @@ class TestFindCandidateFiles:
             (data / relative).write_bytes(b"x")
         (data / "empty_dir").mkdir()
 
-        found = find_candidate_files(data, exclude={(data / "labels.csv").resolve()})
+        found = list_sources(data, exclude={(data / "labels.csv").resolve()})
 
-        assert found == [data / "IMG0001", data / "b" / "IMG0002", data / "b" / "c" / "scan.dcm"]
+        assert found.files == [data / "IMG0001", data / "b" / "IMG0002", data / "b" / "c" / "scan.dcm"]
+        assert found.unread == [(".DS_Store", "hidden", "hidden entry (name starts with '.'), not read"),
+                                (".git", "hidden", "hidden entry (name starts with '.'), not read"),
+                                ("b/.hidden.dcm", "hidden", "hidden entry (name starts with '.'), not read")]
 
 
 def _levels(position: int, *, size: int = 64) -> np.ndarray:
@@ -612,7 +615,7 @@ class TestIngestMain:
               "ACC5,1\nACC6,0\nACC7,1\nACC9,2\n")
     USABLE = ["other/a.dcm", "other/b.dcm", "other/c.dcm", "other/d.dcm",
               "scans/IMG0001", "scans/IMG0002", "scans/IMG0003", "scans/sub/IMG0004"]  # sorted
-    QUARANTINED = {"notes.txt": "not_dicom", "scans/unlabelled": "no_label",
+    QUARANTINED = {".DS_Store": "hidden", "notes.txt": "not_dicom", "scans/unlabelled": "no_label",
                    "scans/wrong_class.dcm": "label_not_in_classes"}
 
     @pytest.fixture
@@ -681,7 +684,8 @@ class TestIngestMain:
         _, _, quarantine = self._outputs(workdir)
         assert "report,not_an_image," in quarantine and "DICOMDIR,dicomdir," in quarantine
         metrics = json.loads((workdir / "reports" / "ingest.json").read_text())
-        assert metrics["skipped_not_images"] == 2 and metrics["quarantined"] == 3
+        # the hidden .DS_Store is listed as skipped too
+        assert metrics["skipped_not_images"] == 3 and metrics["quarantined"] == 3
 
     def test_float16_rgb_output(self, workdir):
         self._set(workdir, pixel_dtype="float16", channels=3)
@@ -704,9 +708,9 @@ class TestIngestMain:
         assert list(index.columns) == list(layout.INDEX_COLUMNS)
         assert list(index["source_path"]) == self.USABLE
         assert dict(zip(quarantine["path"], quarantine["reason"])) == self.QUARANTINED
-        assert metrics == {"files": 11, "images": 8, "quarantined": 3, "skipped_not_images": 0,
-                           "quarantined_label_not_in_classes": 1, "quarantined_no_label": 1,
-                           "quarantined_not_dicom": 1}
+        assert metrics == {"files": 12, "images": 8, "quarantined": 3, "skipped_not_images": 1,
+                           "quarantined_hidden": 1, "quarantined_label_not_in_classes": 1,
+                           "quarantined_no_label": 1, "quarantined_not_dicom": 1}
 
     def test_rows_line_up_with_images(self, workdir):
         ingest.main()

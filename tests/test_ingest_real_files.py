@@ -28,7 +28,7 @@ from pydicom.uid import (
 from stages.ingest import PixelSettings, Quarantined, ingest_file, read_image
 
 # Every code the stage may give a file; "unreadable" (an unexpected exception) is deliberately absent.
-REASONS = {"", "not_dicom", "truncated", "dicomdir", "not_an_image", "no_pixel_data", "unsupported_pixel_data",
+REASONS = {"", "not_dicom", "truncated_header", "truncated_pixel_data", "dicomdir", "not_an_image", "no_pixel_data", "unsupported_pixel_data",
            "unsupported_photometric", "undecodable", "invalid_voi", "invalid_pixels", "blank",
            "no_pixel_spacing"}
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -46,7 +46,10 @@ ODD_FILES: dict[str, str] = {
     # delimiter is missing). pydicom only warns ("End of file reached before delimiter") and
     # returns a data set without a single element, so nothing in it says "image": this is a
     # truncated file, not a file that never had pixels.
-    "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated",
+    "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated_pixel_data",
+    # An RT plan cut inside its header: pydicom reads what is there without a word, and the
+    # data set looks like a complete non-image object.
+    "rtplan_truncated.dcm": "truncated_header",
 }
 
 # Data folders of the test-data packages (distribution name -> top-level module holding `data/`).
@@ -124,9 +127,9 @@ def _read_with_pydicom(path: Path) -> pydicom.Dataset | str:
                 ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                                   ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
         except Exception:  # noqa: BLE001  a damaged header
-            return "truncated"
+            return "truncated_header"
     if any("End of file reached" in str(warning.message) for warning in caught):
-        return "truncated"
+        return "truncated_header"
     return ds
 
 
@@ -191,7 +194,7 @@ def expected_outcome(path: Path) -> Expected:
         several = int(ds.get("NumberOfFrames", 1) or 1) > 1
         stored = pixel_array(ds, index=0) if several else ds.pixel_array
     except Exception as err:  # noqa: BLE001  pydicom cannot decode it
-        return Expected("truncated" if "less than expected" in str(err) else "undecodable")
+        return Expected("truncated_pixel_data" if "less than expected" in str(err) else "undecodable")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Applying a VOI LUT on a float input array"
         if photometric in GRAYSCALE:

@@ -98,7 +98,7 @@ def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
     assert {"roc_auc", "sensitivity", "specificity", "accuracy"} <= set(metrics)
     assert (root / "reports" / "validation.html").read_text().lower().count("<table") >= 1
     quarantine = (root / "outputs" / "ingest" / "quarantine.csv").read_text()
-    assert {"not_dicom", "truncated", "no_pixel_data", "no_label"} <= {
+    assert {"not_dicom", "truncated_pixel_data", "no_pixel_data", "no_label"} <= {
         line.split(",")[1] for line in quarantine.splitlines()[1:]}
 
 
@@ -132,7 +132,7 @@ def test_registered_champion_predicts_from_dicom_files(repo, registry):
     _run([sys.executable, "-m", "stages.predict", "data", "--output", "predictions.csv"], root, env)
     predictions = pd.read_csv(root / "predictions.csv", keep_default_na=False)
     reasons = {error.split(":")[0] for error in predictions["error"] if error}
-    assert {"not_dicom", "truncated"} <= reasons  # the sample's bad files, each with its reason
+    assert {"not_dicom", "truncated_pixel_data"} <= reasons  # the sample's bad files, each with its reason
     assert (predictions["error"] == "").sum() > 0.9 * len(predictions)
 
 

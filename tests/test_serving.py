@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from hostile_files import NON_UTF8_NAME, kill_the_child_stalled_on_a_fifo, panicking_rle
 from pydicom.data import get_testdata_file
 
 from stages.domain import TrainingDomain
@@ -172,7 +174,7 @@ class TestDicomClassifier:
         result = model.predict(pd.DataFrame({"path": sources}))
         errors = result["error"].tolist()
         assert errors[0] == "" and errors[3] == ""
-        assert errors[1].startswith("truncated: ")
+        assert errors[1].startswith("truncated_pixel_data: ")
         assert errors[2].startswith("not_dicom: ")
         assert errors[4].startswith("not_found: ")
         bad = result.iloc[[1, 2, 4]]
@@ -180,7 +182,7 @@ class TestDicomClassifier:
         assert result["probability"].iloc[[0, 3]].notna().all()
 
         as_bytes = model.predict(pd.DataFrame({"dicom": [dicoms[name].read_bytes() for name in names]}))
-        assert [error.split(":")[0] for error in as_bytes["error"]] == ["", "truncated", "not_dicom", ""]
+        assert [error.split(":")[0] for error in as_bytes["error"]] == ["", "truncated_pixel_data", "not_dicom", ""]
 
     def test_label_follows_the_threshold(self, model, dicoms):
         result = model.predict(pd.DataFrame({"path": [str(dicoms[name]) for name in GOOD]}))
@@ -272,13 +274,13 @@ class TestTrainingDomain:
         assert model.unwrap_python_model().domain == DOMAIN
 
     def test_the_header_is_checked_before_the_pixels_are_decoded(self, model, dicoms, binary_keras):
-        # MR_truncated.dcm's pixel data is cut short: decoding it would say "truncated".
+        # MR_truncated.dcm's pixel data is cut short: decoding it would say "truncated_pixel_data".
         result = model.predict(pd.DataFrame({"path": [str(dicoms["mr_truncated"])]}))
         assert result["error"].iloc[0].startswith("out_of_domain: Modality 'MR' is not one")
         unchecked = serving.DicomClassifier(settings=SETTINGS, threshold=THRESHOLD, classes=[0, 1])
         unchecked.load_context(mlflow.pyfunc.PythonModelContext({serving.KERAS_ARTIFACT: str(binary_keras)}, None))
         assert unchecked.predict(None, pd.DataFrame({"path": [str(dicoms["mr_truncated"])]}))["error"].iloc[0] \
-            .startswith("truncated: ")
+            .startswith("truncated_pixel_data: ")
 
     def test_preprocessed_arrays_are_not_checked(self, model, dicoms):
         # They carry no header; the MR's pixels as ingest makes them are scored like any image.
@@ -316,8 +318,8 @@ class TestLoggedModel:
                                                          dst_path=str(tmp_path)))
         shipped = sorted(path.relative_to(local).as_posix() for path in local.rglob("*.py"))
         assert shipped == [f"code/stages/{name}.py" for name in
-                           ("__init__", "cli", "domain", "ingest", "layout", "log_privacy", "parallel",
-                            "params", "serving")]
+                           ("__init__", "cli", "domain", "ingest", "layout", "log_privacy", "outputs",
+                            "parallel", "params", "serving", "source_files")]
         assert not list(local.rglob("sample_data*"))
         requirements = (local / "requirements.txt").read_text()
         for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
@@ -372,13 +374,13 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
              "other/mr_truncated.dcm", "other/rgb.dcm", "other/us.dcm"]
     assert list(table["path"]) == names
     reasons = [error.split(":")[0] for error in table["error"]]
-    assert reasons == ["not_dicom", "", "truncated", "", "", "", "out_of_domain", "out_of_domain", "out_of_domain",
+    assert reasons == ["not_dicom", "", "truncated_pixel_data", "", "", "", "out_of_domain", "out_of_domain", "out_of_domain",
                        "out_of_domain"]
     assert list(table["label"]) == [-1, 1, -1, 1, 0, 1, -1, -1, -1, -1]
     scored = table.assign(probability=pd.to_numeric(table["probability"], errors="coerce"))  # "" -> NaN
     _assert_out_of_domain(scored.iloc[[1, 3, 4, 5, 6, 8, 9]], ["bright", "cr", "dark", "mid", "mr", "rgb", "us"])
     assert "predicted 4 of 10 files" in result.stderr
-    assert "6 files not predicted (4 out_of_domain, 1 not_dicom, 1 truncated)" in result.stderr
+    assert "6 files not predicted (4 out_of_domain, 1 not_dicom, 1 truncated_pixel_data)" in result.stderr
 
 
 LEGACY_UID = "1.2.3.MRN4471123.20181102.1"  # built from a record number and a date: invalid UI
@@ -424,6 +426,42 @@ def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, t
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
 
 
+def test_predict_cli_survives_hostile_files(registered, store, make_dicom, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["registered_model_name"] = MODEL_NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    folder = tmp_path / "in"
+    bright = make_dicom(folder / "bright.dcm", _image(BRIGHT, seed=1, shape=(64, 64)), **WINDOW)
+    (folder / "panic.dcm").write_bytes(panicking_rle(modality="DX"))  # pylibjpeg-rle panics on it
+    os.mkfifo(folder / "fifo")
+    with open(os.path.join(os.fsencode(folder), NON_UTF8_NAME), "wb") as stream:
+        stream.write(bright.read_bytes())
+
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "in", "--output", "out.csv"],
+                            cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table["path"]) == ["bright.dcm", "caf\\xe9.dcm", "fifo", "panic.dcm"]
+    assert [error.split(":")[0] for error in table["error"]] == ["", "non_utf8_name", "not_a_file", "undecodable"]
+    assert list(table["label"]) == [1, -1, -1, -1]
+    assert "predicted 1 of 4 files" in result.stderr
+
+
+def test_a_decoder_killed_on_a_file_costs_its_row_and_the_model_goes_on(model, dicoms, tmp_path):
+    os.mkfifo(tmp_path / "stalled")  # a reader waits there as on a stalled network share
+    rows = pd.DataFrame({"path": [str(dicoms["bright"]), str(tmp_path / "stalled"), str(dicoms["dark"])]})
+    killer = threading.Thread(target=kill_the_child_stalled_on_a_fifo)
+    killer.start()
+    result = model.predict(rows)
+    killer.join()
+
+    assert list(result["error"]) == ["", "worker_died: the decoder process killed by SIGKILL on this file", ""]
+    assert list(result["label"]) == [1, -1, 0]
+    again = model.predict(rows.iloc[[0, 2]])  # a new decoder took the dead one's place
+    assert list(again["label"]) == [1, 0]
+
+
 def test_predict_cli_unknown_model_is_one_line(store):
     from stages.cli import StageError
     from stages.predict import load_model
@@ -454,8 +492,9 @@ def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dico
             time.sleep(1)
         names = ["bright", "text", "mr", "rgb", "cr"]
         files = [dicoms[name] for name in names]
+        contents = [path.read_bytes() for path in files] + [panicking_rle(modality="DX")]
         body = {"dataframe_split": {"columns": ["dicom"],
-                                    "data": [[base64.b64encode(path.read_bytes()).decode("ascii")] for path in files]}}
+                                    "data": [[base64.b64encode(content).decode("ascii")] for content in contents]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -465,8 +504,10 @@ def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dico
             assert served["probability"].iloc[row] == pytest.approx(local["probability"].iloc[row], abs=1e-6)
         assert served["label"].iloc[0] == 1 and served["error"].iloc[0] == ""
         assert served["error"].iloc[1].startswith("not_dicom: ") and served["label"].iloc[1] == -1
+        # A file that makes the decoder panic costs its row; the server answers the rest.
+        assert served["error"].iloc[5] == "undecodable: the decoder crashed on the pixel data (PanicException)"
         # The scoring server writes the refused rows' NaN as a bare NaN token (Python's json reads it).
-        _assert_out_of_domain(served.drop(index=1), ["bright", "mr", "rgb", "cr"])
+        _assert_out_of_domain(served.drop(index=[1, 5]), ["bright", "mr", "rgb", "cr"])
     finally:
         _stop(server)
 
