@@ -21,6 +21,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 # check that it is exactly the set data.dvc pins, and put it in DVC's cache.
 data: install
 	@if [ ! -d data ]; then $(BIN)/python -m stages.sample_data data; fi
+	@$(BIN)/python -m stages.source_files data  # names DVC cannot track (not UTF-8): listed, exit 1
 	@if $(BIN)/dvc status --json data.dvc | grep -qE '"(modified|deleted)"'; then \
 	  echo "data/ does not match data.dvc: regenerate it (rm -rf data; make data) or, for your own data, run: dvc add data" >&2; \
 	  exit 1; fi

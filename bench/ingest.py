@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 import yaml
+from ingest_memory import main as memory_table  # bench/ is on sys.path when this file runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.6
@@ -208,6 +209,8 @@ def main() -> None:
               f"{'met' if ratio >= TARGET_RATIO else 'MISSED'} ({ratio:.2f}x); stage peak RSS < "
               f"{TARGET_RSS_MIB:.0f} MiB: {'met' if peak[stage] < TARGET_RSS_MIB else 'MISSED'} "
               f"({peak[stage]:,.0f} MiB)")
+        print("\nWhat one large file costs a reader process (bench/ingest_memory.py):\n")
+        memory_table()
     finally:
         if args.keep or args.workdir:
             print(f"kept: {work}")

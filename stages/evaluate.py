@@ -54,6 +54,7 @@ from sklearn.metrics import (
 
 from stages import layout, tracking
 from stages.cli import StageError, run_stage
+from stages.outputs import write_json, write_text
 from stages.deid_leaks import identifiers_at_ingest, scan_mlflow_run
 from stages.domain import TrainingDomain
 from stages.eval_plots import write_confusion_data, write_plot_data, write_reliability_diagram
@@ -617,9 +618,8 @@ def main() -> None:
     if params.promotion_metric not in metrics:
         raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
                          f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
-    Path(paths.eval_metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(paths.eval_metrics).write_text(json.dumps(metrics, indent=2) + "\n")
-    subgroups.to_csv(paths.eval_subgroups, index=False, float_format="%.4f")
+    write_json(Path(paths.eval_metrics), metrics)
+    write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
     problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
     # Evaluation is a nested run of the training run: evaluate.* can change and rerun this

@@ -64,6 +64,7 @@ COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_
 # Listed in the quarantine but not failures: these entries were never meant to be images.
 SKIP_REASONS = ("dicomdir", "not_an_image", *SKIPPED_ENTRIES)
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
+DEFLATED_UID = pydicom.uid.DeflatedExplicitVRLittleEndian.encode("ascii")
 DETAIL_MAX_CHARS = 300  # a reader's message can quote the rest of a header: kept to a line
 EXTREME_MARGIN = 0.5 / 255  # see extreme_share
 INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is written
@@ -208,8 +209,12 @@ def check_inflated_size(stream: BinaryIO, max_bytes: int) -> None:
     """
     start = stream.tell()
     try:
-        if stream.read(132)[128:] != b"DICM":
+        head = stream.read(144)  # preamble, DICM, (0002,0000) File Meta Information Group Length
+        if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
             return
+        if DEFLATED_UID not in stream.read(int.from_bytes(head[140:144], "little")):
+            return  # most files: no need to parse the meta a second time
+        stream.seek(start + 132)
         # pydicom's own meta reader (private, but the only one that takes an open stream).
         meta = pydicom.filereader._read_file_meta_info(stream)
         if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:

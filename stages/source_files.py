@@ -54,6 +54,13 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
     through links are walked once each (a link back up the tree is a loop, not a hang)."""
     listing = SourceListing()
     seen_dirs: set[tuple[int, int]] = set()
+    excluded = set()
+    for path in exclude:
+        try:
+            info = os.stat(path)
+            excluded.add((info.st_dev, info.st_ino))
+        except OSError:
+            pass
 
     def note(path: Path, reason: str, detail: str) -> None:
         listing.unread.append((display_path(path, root), reason, detail))
@@ -75,8 +82,6 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
             return
         for entry in entries:
             path = folder / entry.name
-            if Path(os.path.realpath(path)) in exclude:
-                continue
             if entry.name.startswith("."):
                 note(path, "hidden", "hidden entry (name starts with '.'), not read")
                 continue
@@ -85,13 +90,16 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
                      "outputs cannot hold: rename it (README, 'File names')")
                 continue
             try:
-                mode = os.stat(path).st_mode  # follows links
+                info = os.stat(path)  # follows links
             except OSError as err:
                 is_link = entry.is_symlink()
                 reason = ("link_loop" if is_link and err.errno == errno.ELOOP else
                           "broken_link" if is_link else "unreadable")
                 note(path, reason, f"cannot be opened ({err.strerror})")
                 continue
+            if (info.st_dev, info.st_ino) in excluded:
+                continue
+            mode = info.st_mode
             if stat.S_ISDIR(mode):
                 walk(path)
             elif stat.S_ISREG(mode):

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from stages import layout
 from stages.cli import StageError, run_stage
+from stages.outputs import staged_folder, write_text
 from stages.params import load_params
 
 logger = logging.getLogger(__name__)
@@ -134,12 +135,9 @@ def main() -> None:
         if not (manifest["split"] == split).any():
             raise StageError(f"the {split} split is empty; add data or change split.* params")
 
-    out_dir = Path(paths.split_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(out_dir / layout.SPLIT_MANIFEST, index=False)
-    counts = count_by_split(manifest)
-    Path(paths.split_counts).parent.mkdir(parents=True, exist_ok=True)
-    counts.to_csv(paths.split_counts, index=False)
+    with staged_folder(Path(paths.split_dir), what="the split manifest") as staging:
+        manifest.to_parquet(staging / layout.SPLIT_MANIFEST, index=False)
+    write_text(Path(paths.split_counts), count_by_split(manifest).to_csv(index=False))
     shares = manifest["split"].value_counts(normalize=True)
     logger.info(
         "split %d images of %d patients: %s",

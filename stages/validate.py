@@ -26,6 +26,7 @@ import pandas as pd
 
 from stages import layout
 from stages.cli import StageError, run_stage
+from stages.outputs import write_json, write_text
 from stages.expectations import (
     COMPUTED_CHECKS, CRITICAL, WARNING, Check, CheckResult, build_checks, drift_results,
     find_text_columns, profile_manifest,
@@ -264,11 +265,9 @@ def main() -> None:
     )
     summary = summarise(results, n_rows=len(manifest))
 
-    for out in (paths.validation_report, paths.validation_metrics, paths.data_profile):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(paths.validation_report).write_text(
-        render_report(results, n_rows=len(manifest), source=str(manifest_path)), encoding="utf-8")
-    Path(paths.validation_metrics).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text(Path(paths.validation_report),
+               render_report(results, n_rows=len(manifest), source=str(manifest_path)))
+    write_json(Path(paths.validation_metrics), summary)
     logger.info("validated %d rows of %s: %d of %d expectations passed, report in %s",
                 len(manifest), manifest_path, summary["passed"], len(results), paths.validation_report)
     for line in format_failures(results, severity=WARNING).splitlines():
@@ -279,7 +278,7 @@ def main() -> None:
             f"(see {paths.validation_report}):\n" + format_failures(results)
         )
     # Only an accepted data set becomes the reference the next one's drift is measured against.
-    profile_path.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    write_json(profile_path, profile)
 
 
 if __name__ == "__main__":

@@ -844,7 +844,8 @@ class TestMain:
             out = stage_dir / "outputs" / "deidentify"
             written.append({path.relative_to(out): path.read_bytes()
                             for path in sorted(out.rglob("*")) if path.is_file()})
-        assert len(written[0]) == 3 + 3 and written[0] == written[1]
+        # 3 DICOM files; the manifest, images, audit and quarantine
+        assert len(written[0]) == 3 + 4 and written[0] == written[1]
 
     def test_retain_off_leaves_sex_and_age_null(self, stage_dir):
         set_params(stage_dir / "params.yaml", retain_patient_characteristics=False)
@@ -859,15 +860,16 @@ class TestMain:
         metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
         assert metrics["demo_secret"] == 1
 
-    def test_leak_fails_the_stage_and_deletes_outputs(self, stage_dir):
-        deidentify.main()  # outputs of an earlier, clean run must not survive a failed one
-        assert (stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST).exists()
+    def test_leak_fails_the_stage_and_deletes_its_outputs(self, stage_dir):
+        deidentify.main()  # an earlier, clean run: its outputs are replaced only by a clean one
+        out = stage_dir / "outputs" / "deidentify"
+        earlier = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
         set_params(stage_dir / "params.yaml", remove_private_tags=False)  # private block has PHI
         message = r"leak check: 3 identifying value\(s\).*\(0011,1001\)"
         with pytest.raises(StageError, match=message) as err:
             deidentify.main()
         assert PATIENT_ID not in str(err.value) and "Quixley" not in str(err.value)
-        assert not (stage_dir / "outputs" / "deidentify").exists()
+        assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == earlier
         assert not (stage_dir / "outputs" / "deidentify.partial").exists()
 
     def test_another_patients_name_in_kept_text_is_replaced_and_the_stage_completes(self, stage_dir):
@@ -908,20 +910,29 @@ class TestMain:
         written = pydicom.dcmread(stage_dir / "outputs" / "deidentify" / manifest["dicom_file"][1])
         assert written.Manufacturer == manifest["manufacturer"][1]
 
-    def test_source_file_changed_since_ingest_is_an_error(self, stage_dir):
+    def test_source_file_changed_since_ingest_is_quarantined(self, stage_dir):
         index_file = stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX
         index = pd.read_parquet(index_file)
         index.loc[1, "sop_instance_uid"] = "1.2.3.4"
         index.to_parquet(index_file)
-        message = r"row 1: the source file's \(0008,0018\) SOP Instance UID differs"
-        with pytest.raises(StageError, match=message):
+        with pytest.raises(StageError, match=r"1 of 3 files could not be de-identified .*: 1 source_changed"):
             deidentify.main()
+        quarantine = pd.read_csv(stage_dir / "outputs" / "deidentify" / layout.DEID_QUARANTINE)
+        assert quarantine.to_dict("records") == [{
+            "index_row": 1, "reason": "source_changed",
+            "detail": "the source file's (0008,0018) SOP Instance UID differs from the index: it changed "
+                      "since ingest; re-run ingest"}]
 
-    def test_unreadable_source_names_the_row_not_the_path(self, stage_dir):
+    def test_unreadable_source_is_quarantined_by_its_row_not_its_path(self, stage_dir):
         (stage_dir / "data" / "studies" / "ACC-70707070" / "2.dcm").unlink()
-        with pytest.raises(StageError, match=r"row 2: source file unreadable") as err:
-            deidentify.main()
-        assert "ACC-70707070" not in str(err.value)
+        set_deid_params(stage_dir / "params.yaml", max_quarantine_fraction=0.5)
+        deidentify.main()
+        out = stage_dir / "outputs" / "deidentify"
+        quarantine = pd.read_csv(out / layout.DEID_QUARANTINE)
+        assert quarantine.to_dict("records") == [{
+            "index_row": 2, "reason": "unreadable_source",
+            "detail": "the source file cannot be read again (FileNotFoundError); re-run ingest"}]
+        assert len(pd.read_parquet(out / layout.DEID_MANIFEST)) == 2
 
     def test_pydicom_messages_about_sources_are_not_shown(self, stage_dir, caplog):
         source = stage_dir / "data" / "studies" / "ACC-70707070" / "0.dcm"
