@@ -111,18 +111,22 @@ class WorkerPool(Generic[T, R]):
     """Worker processes running ``function`` on items; see :func:`ordered_map`.
 
     Kept open across calls of :meth:`map` where workers are costly to start (the served model's
-    spawned decoders); ``close`` ends them.
+    decoders); ``close`` ends them. ``context`` is a multiprocessing start method; with
+    ``forkserver``, workers fork from a fresh server process that imported ``preload`` (and not
+    the caller's ``__main__``, which for a stage or a server imports TensorFlow).
     """
 
     def __init__(self, function: Callable[[T], R], *, workers: int, context: str = "fork",
                  initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, preload: tuple[str, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1; got {workers}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive or None; got {timeout_s}")
         self.function, self.workers, self.timeout_s = function, workers, timeout_s
         self._context = multiprocessing.get_context(context)
+        if context == "forkserver":  # the server imports these, not the caller's __main__
+            self._context.set_forkserver_preload(list(preload))
         self._initializer, self._initargs = initializer, initargs
         self._pool: list[_Worker] = []
 

@@ -187,14 +187,16 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate(images), np.concatenate(owners), errors
 
     def _decoders(self) -> WorkerPool:
-        """The decoder processes, started on first use and kept for the model's life. Spawned,
-        not forked: the server process runs TensorFlow's threads, which a fork would copy mid-use."""
+        """The decoder processes, started on first use and kept for the model's life. Forked from a
+        fork server, not from this process: it runs TensorFlow's threads, which a fork would copy
+        mid-use, and a spawned process would import this process's main module (TensorFlow too)."""
         if getattr(self, "_pool", None) is None:
             domain = getattr(self, "domain", None)  # absent from models pickled before it existed
             self._pool = WorkerPool(
                 partial(read_model_frames, settings=self.settings,
                         check=None if domain is None else domain.check),
-                workers=DECODER_PROCESSES, context="spawn", timeout_s=DECODE_TIMEOUT_S)
+                workers=DECODER_PROCESSES, context="forkserver", preload=("stages.ingest",),
+                timeout_s=DECODE_TIMEOUT_S)
         return self._pool
 
     def _decoding_lock(self) -> threading.Lock:

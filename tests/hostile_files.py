@@ -97,18 +97,28 @@ def write_hostile_folder(folder: Path, *, inflated_mib: int) -> dict[str, str]:
 
 
 def kill_the_child_stalled_on_a_fifo(timeout: float = 60) -> None:
-    """SIGKILL the child process of this one that waits in open() for a FIFO's writer, as the OOM
-    killer would kill a reader; AssertionError when none does within ``timeout`` seconds."""
+    """SIGKILL the process descended from this one that waits in open() for a FIFO's writer, as
+    the OOM killer would kill a reader; AssertionError when none does within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 waiting = Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
             except OSError:
                 continue
-            if int(stat[1]) == os.getpid() and waiting:
+            if waiting and _descends_from_this_process(int(pid)):
                 os.kill(int(pid), signal.SIGKILL)
                 return
         time.sleep(0.05)
     raise AssertionError("no child process is waiting on the FIFO")
+
+
+def _descends_from_this_process(pid: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == os.getpid():
+            return True
+    return False
