@@ -109,7 +109,18 @@ def summarise_leaks(leaks: Iterable[Leak]) -> list[str]:
             in sorted(outputs.items(), key=lambda item: (-len(item[1]), item[0]))]
 
 
-def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
+def leaks_in_file(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
+    """The leaks in one de-identified DICOM file, read back from disk (named ``output``)."""
+    return _hits(identifiers, output, dicom_texts(path, identifiers.encodings))
+
+
+def leaks_in_values(identifiers: Identifiers, output: str, values: dict[str, str | None]) -> list[Leak]:
+    """The leaks in the table cells ``values`` (column -> text) of ``output``, searched as
+    :func:`find_leaks` searches a table."""
+    return _hits(identifiers, output, [(f"column {column!r}", text) for column, text in values.items() if text])
+
+
+def find_leaks(identifiers: Identifiers, *, dicom_dir: Path | None,
                tables: dict[str, pd.DataFrame]) -> list[Leak]:
     """Search every identifying value in every output.
 
@@ -117,8 +128,9 @@ def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
     ----------
     identifiers : Identifiers
         From :func:`collect_identifiers` and :func:`identifiers_from_index`.
-    dicom_dir : Path
-        Folder of de-identified ``*.dcm`` files (searched recursively), read back from disk.
+    dicom_dir : Path or None
+        Folder of de-identified ``*.dcm`` files (searched recursively), read back from disk;
+        None when each file was searched as it was written (:func:`leaks_in_file`).
     tables : mapping of str to DataFrame
         Output tables by file name; every string cell is searched.
 
@@ -128,7 +140,7 @@ def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
         One per element or cell holding an identifying value; empty when the outputs are clean.
     """
     leaks: list[Leak] = []
-    for path in sorted(dicom_dir.rglob("*.dcm")):
+    for path in sorted(dicom_dir.rglob("*.dcm")) if dicom_dir is not None else ():
         output = path.relative_to(dicom_dir.parent).as_posix()
         leaks += _hits(identifiers, output, dicom_texts(path, identifiers.encodings))
     for name, table in tables.items():
@@ -138,13 +150,12 @@ def find_leaks(identifiers: Identifiers, *, dicom_dir: Path,
 
 def _hits(identifiers: Identifiers, output: str, texts: Iterable[tuple]) -> list[Leak]:
     """A Leak for each (location, text[, vr]) whose text holds an identifier; a DICOM value's VR
-    says what to look for (no dates in DA values, which the profile rewrote; no surnames in
-    coded CS values such as PERFUSION)."""
+    says what to look for (no dates or numbers in DA values, which the profile rewrote, nor in
+    codes)."""
     leaks = []
     for location, text, *vr in texts:
         vr = vr[0] if vr else None
-        source = identifiers.first(text, dates_and_numbers=vr not in _STRUCTURED_VRS,
-                                   names=vr != "CS")
+        source = identifiers.first(text, dates_and_numbers=vr not in _STRUCTURED_VRS | {"CS"})
         if source is not None:
             leaks.append(Leak(output, location, source))
     return leaks

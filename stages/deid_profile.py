@@ -471,8 +471,10 @@ class ElementError(Exception):
         super().__init__(error)
 
     def __str__(self) -> str:
-        path = " > ".join(describe_tag(tag) for tag in self.tags)
-        return f"{self.error} applying the profile to {path}"
+        tags = [describe_tag(tag) for tag in self.tags]
+        if len(tags) > 4:  # a deep nesting: where it starts and where it failed
+            tags = [*tags[:2], f"... {len(tags) - 3} more ...", tags[-1]]
+        return f"{self.error} applying the profile to {' > '.join(tags)}"
 
 
 def deidentify_dataset(ds: Dataset, *, profile: Profile, secret: bytes,
@@ -584,6 +586,9 @@ def _clean_element(ds: Dataset, tag: BaseTag, ctx: _Context, *, inside_dummy: bo
     rule = ctx.profile.rule_for(tag)
     if rule is not None:
         action = action_for(rule, ctx.options, vr)
+        if action == "K" and vr == "CS":
+            _keep_code(ds[tag], ctx)
+            return
         if action == "K" and vr not in FREE_TEXT_VRS and vr not in ("AS", "SQ"):
             ctx.counts["K"] += 1
             return
@@ -591,6 +596,9 @@ def _clean_element(ds: Dataset, tag: BaseTag, ctx: _Context, *, inside_dummy: bo
         return
     action = unlisted_action(tag, vr, inside_dummy=inside_dummy,
                              shift_dates=ctx.options.retain_longitudinal_dates)
+    if action == "K" and vr == "CS":
+        _keep_code(ds[tag], ctx)
+        return
     if action == "K" and vr not in FREE_TEXT_VRS and vr != "SQ":
         return  # kept as read
     elem = ds[tag]
@@ -611,6 +619,21 @@ def _keep_text(ds: Dataset, elem: DataElement, ctx: _Context) -> None:
     name): then it is replaced by its pseudonym, as unlisted text is."""
     if any(ctx.source_identifiers().first(value) is not None for value in _values(elem) if value):
         _apply(ds, elem, "D", ctx)
+    else:
+        ctx.counts["K"] += 1
+
+
+def _keep_code(elem: DataElement, ctx: _Context) -> None:
+    """Keep a code string (CS: Patient Position, Laterality, Image Type, ...) unless one of its
+    values holds an identifier of a source (a name typed into a coded field): that value is
+    emptied, since no pseudonym is a valid code."""
+    found = ctx.source_identifiers()
+    values = _values(elem)
+    kept = ["" if value and found.first(value, dates_and_numbers=False) is not None else value
+            for value in values]
+    if kept != values:
+        _set_values(elem, kept)
+        ctx.counts["D"] += 1
     else:
         ctx.counts["K"] += 1
 

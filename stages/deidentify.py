@@ -40,12 +40,13 @@ import pydicom
 
 from stages import layout
 from stages.cli import StageError, run_stage
-from stages.deid_leaks import find_leaks, identifiers_from_index, summarise_leaks
+from stages.deid_leaks import (find_leaks, identifiers_from_index, leaks_in_file, leaks_in_values,
+                               summarise_leaks)
 from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODED_AGE_YEARS,
                                  DeidOptions, ElementError, Profile, age_in_years,
                                  deidentify_dataset, keyed_hex, load_profile)
 from stages.identifiers import Identifiers, collect_identifiers, describe_tag, project_words
-from stages.ingest import PixelSettings, Quarantined, read_image
+from stages.ingest import DETAIL_MAX_CHARS, PixelSettings, Quarantined, read_image
 from stages.log_privacy import hidden_pydicom_messages
 from stages.outputs import out_of_space, staged_folder, write_json
 from stages.parallel import WorkFailure, ordered_map, worker_count
@@ -61,6 +62,11 @@ AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "burned_in", "burned_in_ac
 # Files left out; ``index_row`` is the file's first row in the ingest index (its path holds PHI).
 QUARANTINE_COLUMNS = ("index_row", "reason", "detail")
 SEXES = ("M", "F", "O")
+# Manifest columns read from the header: the manifest takes them as written to the de-identified
+# file (a value holding an identifier is replaced there), never from ingest's index.
+WRITTEN_COLUMNS = {"modality": "Modality", "manufacturer": "Manufacturer",
+                   "body_part": "BodyPartExamined", "view_position": "ViewPosition",
+                   "photometric": "PhotometricInterpretation"}
 
 
 def read_secret(environ: Mapping[str, str]) -> tuple[bytes, bool]:
@@ -214,15 +220,15 @@ class FileSettings:
 @dataclass(frozen=True)
 class FileOutcome:
     """One source file done: its audit row, whether it was left out, its images redone after
-    blanking (frame index -> pixels), the pydicom warnings hidden and the Manufacturer written
-    (the manifest's, so the two never differ); or, for a file that could not be de-identified,
-    ``failure``: (reason code, detail free of values) for the quarantine."""
+    blanking (frame index -> pixels), the pydicom warnings hidden and the values of
+    :data:`WRITTEN_COLUMNS` as written (the manifest's, so the two never differ); or, for a file
+    that could not be de-identified, ``failure``: (reason code, detail free of values)."""
 
     audit: dict | None
     excluded: bool = False
     frames: dict[int, np.ndarray] | None = None
     hidden_warnings: int = 0
-    manufacturer: str | None = None  # as written to the file: kept, or its pseudonym
+    written: dict[str, str | None] | None = None
     failure: tuple[str, str] | None = None
 
 
@@ -293,12 +299,23 @@ def failure_of(err: BaseException) -> tuple[str, str]:
     if isinstance(err, Quarantined):
         return err.reason, str(err)
     if isinstance(err, ElementError):
-        return "deid_failed", str(err)
+        return ("too_deep" if err.error == "RecursionError" else "deid_failed"), str(err)
     if isinstance(err, WriteError):
         return "write_failed", str(err)
+    if isinstance(err, LeakFound):
+        return "leak_found", f"identifying values left after the profile (where, and what kind): {err}"
+    if isinstance(err, RecursionError):
+        return "too_deep", "sequences nest deeper than the profile can follow (RecursionError)"
     if cause := out_of_space(err):
         return "no_space", cause.strerror or type(cause).__name__
     return "deid_failed", f"{type(err).__name__} while de-identifying the file"
+
+
+class LeakFound(Exception):
+    """The written file (or its manifest values) still holds an identifying value of a source."""
+
+    def __init__(self, leaks: list) -> None:
+        super().__init__("; ".join(summarise_leaks(leaks)))
 
 
 class WriteError(Exception):
@@ -334,11 +351,9 @@ def _unwritable(ds: pydicom.Dataset) -> str:
 
 
 def _deidentify_file(job: tuple[str, int, str], settings: FileSettings, output: Path) -> FileOutcome:
-    source, number, sop_uid = job
     params = settings.params
     with hidden_pydicom_messages() as hidden:
         ds = _read_source(job, settings)
-        image_key = keyed_hex(settings.secret, sop_uid, IMAGE_KEY_LENGTH)
         risk, decision, frames = burned_in_risk(ds, params), "", None
         if risk and params.burned_in_action == "blank":
             try:
@@ -350,7 +365,7 @@ def _deidentify_file(job: tuple[str, int, str], settings: FileSettings, output: 
                 decision = f"excluded: blanking failed ({type(err).__name__})"
         elif risk:
             decision = "excluded"
-        counts, manufacturer = dict.fromkeys(COUNT_KEYS, 0), None
+        counts, written = dict.fromkeys(COUNT_KEYS, 0), None
         excluded = decision.startswith("excluded")
         if not excluded:
             # The dataset was read for this alone: de-identified in place, not copied.
@@ -358,10 +373,16 @@ def _deidentify_file(job: tuple[str, int, str], settings: FileSettings, output: 
                                             options=deid_options(params), in_place=True,
                                             identifiers=_known)
             _write(ds, output)
-            manufacturer = str(ds.get("Manufacturer", "") or "") or None
-    audit = {"image_key": image_key, **counts, "options": option_names(params), "burned_in": risk,
+            written = {column: str(ds.get(keyword, "") or "") for column, keyword in WRITTEN_COLUMNS.items()}
+            written["manufacturer"] = written["manufacturer"] or None
+            # The leak check of this file, read back, and of what the manifest takes from it.
+            leaks = (leaks_in_file(_known, output, output=output.name)
+                     + leaks_in_values(_known, layout.DEID_MANIFEST, written))
+            if leaks:
+                raise LeakFound(leaks)
+    audit = {"image_key": output.stem, **counts, "options": option_names(params), "burned_in": risk,
              "burned_in_action": decision}
-    return FileOutcome(audit, excluded, frames, len(hidden), manufacturer)
+    return FileOutcome(audit, excluded, frames, len(hidden), written)
 
 
 def option_names(params: DeidentifyParams) -> str:
@@ -380,7 +401,7 @@ class Deidentified:
 
     ``audit``: ``AUDIT_COLUMNS``, one row per file de-identified, index order. ``identifiers``:
     the identifying values of the sources and the index (for :func:`find_leaks`). ``index``: the
-    index rows kept, their ``manufacturer`` as written to the files (a value holding an
+    index rows kept, their :data:`WRITTEN_COLUMNS` as written to the files (a value holding an
     identifier is replaced there), and ``images`` theirs, blanked where the files were.
     ``quarantine``: ``QUARANTINE_COLUMNS``, one row per source file left out because it could not
     be de-identified (by its first row in the ingest index: paths hold accession numbers).
@@ -414,7 +435,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
-    manufacturers = index["manufacturer"].astype(object).to_numpy(copy=True)
+    written = {column: index[column].astype(object).to_numpy(copy=True) for column in WRITTEN_COLUMNS}
     rows_of = index.groupby("source_path", sort=False).indices
     failures: dict[int, tuple[str, str]] = {}
     jobs = _jobs(index, rows_of, failures)
@@ -451,38 +472,51 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
         hidden += outcome.hidden_warnings
         if outcome.excluded:
             keep[positions] = False
-        manufacturers[positions] = outcome.manufacturer
+        for column, value in (outcome.written or {}).items():
+            written[column][positions] = value
         for position in positions if outcome.frames else ():
             frame = index["frame_index"].iat[position]
             images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
     for source, positions in rows_of.items():
         if int(positions[0]) in failures:
             keep[positions] = False
-    kept = index.assign(manufacturer=pd.array(manufacturers, dtype="string"))[keep]
-    quarantine = pd.DataFrame([(row, *failures[row]) for row in sorted(failures)],
-                              columns=list(QUARANTINE_COLUMNS))
+    kept = index.assign(**{column: pd.array(values, dtype="string")
+                           for column, values in written.items()})[keep]
+    quarantine = pd.DataFrame([(row, reason, _capped(detail)) for row, (reason, detail)
+                               in sorted(failures.items())], columns=list(QUARANTINE_COLUMNS))
     return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
                         kept.reset_index(drop=True), images[keep], quarantine, hidden)
 
 
+def _capped(detail: str) -> str:
+    return detail if len(detail) <= DETAIL_MAX_CHARS else detail[:DETAIL_MAX_CHARS - 3] + "..."
+
+
 def _jobs(index: pd.DataFrame, rows_of: dict, failures: dict[int, tuple[str, str]]) -> list[tuple[str, int, str]]:
-    """One job per source file: (path, first index row, SOP Instance UID); a file without SOP
-    Instance UID, or with the UID of an earlier file, goes to ``failures`` instead."""
-    jobs: list[tuple[str, int, str]] = []
-    first_with: dict[str, int] = {}
-    for source, rows in rows_of.items():
-        row = int(rows[0])
-        uid = str(index["sop_instance_uid"].iat[row] or "").strip()
+    """One job per source file: (path, first index row, SOP Instance UID). A file without SOP
+    Instance UID goes to ``failures`` instead, and so do the files that share a UID: identical
+    copies after the first in index order; every one of them when they differ, since nothing
+    says which is the object the UID names (a corrupted or forged file could replace a good one)."""
+    first_rows = {source: int(rows[0]) for source, rows in rows_of.items()}
+    uids = {source: str(index["sop_instance_uid"].iat[row] or "").strip() for source, row in first_rows.items()}
+    sharing: dict[str, list[int]] = {}
+    for source, uid in uids.items():
+        sharing.setdefault(uid, []).append(first_rows[source])
+    jobs = []
+    for source, row in first_rows.items():
+        uid, rows = uids[source], sharing[uids[source]]
+        contents = {index["sha256"].iat[other] for other in rows}
         if not uid:
             failures[row] = ("no_sop_instance_uid", "(0008,0018) SOP Instance UID is empty: the "
                              "file has no identity to key its image by")
-        elif uid in first_with:
-            earlier = first_with[uid]
-            same = index["sha256"].iat[earlier] == index["sha256"].iat[row]
-            failures[row] = ("duplicate_sop_instance_uid", f"the (0008,0018) SOP Instance UID of "
-                             f"index row {earlier}, kept: {'an identical copy' if same else 'a different file'}")
+        elif len(contents) > 1:
+            others = ", ".join(str(other) for other in rows if other != row)
+            failures[row] = ("conflicting_sop_instance_uid", "other files carry this (0008,0018) SOP "
+                             f"Instance UID with different content (index rows {others}): none is kept")
+        elif row != rows[0]:
+            failures[row] = ("duplicate_sop_instance_uid", "an identical copy of the file at index "
+                             f"row {rows[0]}, which is kept")
         else:
-            first_with[uid] = row
             jobs.append((source, row, uid))
     return jobs
 
@@ -517,12 +551,13 @@ def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
 
 
 def check_outputs(identifiers: Identifiers, *, out_dir: Path) -> None:
-    """Leak check of the written outputs; on any hit delete them and raise StageError naming every
-    attribute involved and in how many outputs (never a value)."""
+    """Leak check of the output tables (each DICOM file was searched as it was written, and
+    quarantined on a hit: :func:`deidentify_file`); on any hit delete the outputs and raise
+    StageError naming every column involved and in how many tables (never a value)."""
     tables = {layout.DEID_MANIFEST: pd.read_parquet(out_dir / layout.DEID_MANIFEST),
               layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str),
               layout.DEID_QUARANTINE: pd.read_csv(out_dir / layout.DEID_QUARANTINE, dtype=str)}
-    leaks = find_leaks(identifiers, dicom_dir=out_dir / layout.DEID_DICOM_DIR, tables=tables)
+    leaks = find_leaks(identifiers, dicom_dir=None, tables=tables)
     if leaks:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise StageError(

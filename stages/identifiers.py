@@ -374,12 +374,14 @@ def _collect(ds: Dataset, kinds: dict[int, str], found: Identifiers) -> None:
             for item in ds[tag].value or ():
                 _collect(item, kinds, found)
             continue
-        kind = "name" if vr == "PN" else "date" if vr in ("DA", "DT") else kinds.get(tag)
+        # By the dictionary's VR too: a name written under another VR is still a name.
+        meant = dictionary_VR(tag) if dictionary_has_tag(tag) else ""
+        kind = ("name" if "PN" in (vr, meant) else "date" if {vr, meant} & {"DA", "DT"}
+                else kinds.get(tag))
         if kind is None:
             continue
-        elem = ds[tag]
-        source = describe_tag(elem.tag)
-        for value in _texts(elem):
+        source = describe_tag(BaseTag(tag))
+        for value in _element_texts(ds, tag):
             if kind == "name":
                 found.add_name(value, source)
             elif kind == "date":
@@ -398,6 +400,17 @@ def source_encodings(ds: Dataset) -> set[str]:
         return set(convert_encodings([str(v).strip() for v in values]))
     except Exception:  # an unknown character set: the text is read as Latin-1 and UTF-8 anyway
         return set()
+
+
+def _element_texts(ds: Dataset, tag: int) -> list[str]:
+    """The values of ``ds[tag]`` as text; for an element its VR cannot read (a name written as
+    FD), its raw bytes as Latin-1, split at backslashes."""
+    try:
+        return _texts(ds[tag])
+    except Exception:  # noqa: BLE001  pydicom raises many types for values that do not fit the VR
+        raw = ds.get_item(tag).value
+        return [part for part in raw.decode("latin-1").split("\\") if part.strip("\x00 ")] \
+            if isinstance(raw, bytes) else []
 
 
 def _texts(elem) -> list[str]:

@@ -210,10 +210,12 @@ def check_inflated_size(stream: BinaryIO, max_bytes: int) -> None:
     start = stream.tell()
     try:
         head = stream.read(144)  # preamble, DICM, (0002,0000) File Meta Information Group Length
-        if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        if head[128:132] != b"DICM":
             return
-        if DEFLATED_UID not in stream.read(int.from_bytes(head[140:144], "little")):
-            return  # most files: no need to parse the meta a second time
+        if head[132:138] == b"\x02\x00\x00\x00UL":  # the usual meta: its length says where it ends
+            meta_bytes = stream.read(int.from_bytes(head[140:144], "little") + 2)
+            if DEFLATED_UID not in meta_bytes and meta_bytes[-2:] != b"\x02\x00":
+                return  # most files: no need to parse the meta a second time
         stream.seek(start + 132)
         # pydicom's own meta reader (private, but the only one that takes an open stream).
         meta = pydicom.filereader._read_file_meta_info(stream)

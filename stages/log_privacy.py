@@ -65,6 +65,8 @@ class _WithholdPydicomRecords(logging.Filter):
             if _counts[origin] > 1:
                 return False
             record.msg, record.args = f"{origin} ({WITHHELD}; further ones counted)", ()
+            # LOGGER.exception attaches the exception, whose text quotes values too.
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 

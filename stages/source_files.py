@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Listed but not failures: entries that were never meant to be read.
-SKIPPED_ENTRIES = ("hidden",)
+SKIPPED_ENTRIES = ("hidden", "empty_folder", "excluded")
 
 
 @dataclass
@@ -50,11 +50,13 @@ def is_utf8(path: Path) -> bool:
 def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListing:
     """Walk ``root``: regular files (directly or through a link) are to be read; hidden entries
     (a name starting with ``.``), names that are not UTF-8, FIFOs, sockets, devices, broken or
-    looping links and unreadable folders are listed in ``unread`` with a reason. Folders reached
-    through links are walked once each (a link back up the tree is a loop, not a hang)."""
+    looping links, links to folders outside ``root``, empty and unreadable folders, and other
+    names of an ``exclude`` file are listed in ``unread`` with a reason. Folders reached through
+    links are walked once each (a link back up the tree is a loop, not a hang)."""
     listing = SourceListing()
     seen_dirs: set[tuple[int, int]] = set()
     excluded = set()
+    inside = os.path.realpath(root)
     for path in exclude:
         try:
             info = os.stat(path)
@@ -80,6 +82,8 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
         except OSError as err:
             note(folder, "unreadable", f"folder cannot be listed ({err.strerror})")
             return
+        if not entries and folder != root:
+            note(folder, "empty_folder", "an empty folder")
         for entry in entries:
             path = folder / entry.name
             if entry.name.startswith("."):
@@ -98,9 +102,13 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
                 note(path, reason, f"cannot be opened ({err.strerror})")
                 continue
             if (info.st_dev, info.st_ino) in excluded:
+                if entry.is_symlink():  # the labels file under another name
+                    note(path, "excluded", "a link to the labels file, not read as an image")
                 continue
             mode = info.st_mode
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(mode) and entry.is_symlink() and not _within(os.path.realpath(path), inside):
+                note(path, "link_outside", "a link to a folder outside the input folder, not followed")
+            elif stat.S_ISDIR(mode):
                 walk(path)
             elif stat.S_ISREG(mode):
                 listing.files.append(path)
@@ -113,6 +121,10 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
     listing.files.sort()
     listing.unread.sort()
     return listing
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,11 +88,14 @@ def write_hostile_folder(folder: Path, *, inflated_mib: int) -> dict[str, str]:
     (folder / "loop").symlink_to(folder / "loop")
     (folder / "up").mkdir()
     (folder / "up" / "again").symlink_to(folder)  # a folder link back up the tree
+    (folder / "outside").symlink_to(folder.parent.parent)  # out of the input folder
+    (folder / "empty").mkdir()
     with open(os.path.join(os.fsencode(folder), NON_UTF8_NAME), "wb") as stream:
         stream.write(pydicom_file("CT_small.dcm"))
     (folder / ".hidden.dcm").write_bytes(pydicom_file("CT_small.dcm"))
     expected.update({"fifo": "not_a_file", "broken_link": "broken_link", "loop": "link_loop",
-                     "up/again": "link_loop", "caf\\xe9.dcm": "non_utf8_name", ".hidden.dcm": "hidden"})
+                     "up/again": "link_loop", "caf\\xe9.dcm": "non_utf8_name", ".hidden.dcm": "hidden",
+                     "outside": "link_outside", "empty": "empty_folder"})
     return expected
 
 

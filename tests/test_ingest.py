@@ -585,7 +585,8 @@ class TestListSources:
         assert found.files == [data / "IMG0001", data / "b" / "IMG0002", data / "b" / "c" / "scan.dcm"]
         assert found.unread == [(".DS_Store", "hidden", "hidden entry (name starts with '.'), not read"),
                                 (".git", "hidden", "hidden entry (name starts with '.'), not read"),
-                                ("b/.hidden.dcm", "hidden", "hidden entry (name starts with '.'), not read")]
+                                ("b/.hidden.dcm", "hidden", "hidden entry (name starts with '.'), not read"),
+                                ("empty_dir", "empty_folder", "an empty folder")]
 
 
 def _levels(position: int, *, size: int = 64) -> np.ndarray:
