@@ -46,7 +46,7 @@ from stages.deid_profile import (ACTIONS, COUNT_KEYS, PSEUDONYM_LENGTH, TOP_CODE
                                  DeidOptions, ElementError, Profile, age_in_years,
                                  deidentify_dataset, keyed_hex, load_profile)
 from stages.identifiers import Identifiers, collect_identifiers, describe_tag, project_words
-from stages.ingest import DETAIL_MAX_CHARS, PixelSettings, Quarantined, read_image
+from stages.ingest import PixelSettings, Quarantined, quoted, read_image
 from stages.log_privacy import hidden_pydicom_messages
 from stages.outputs import out_of_space, staged_folder, write_json
 from stages.parallel import WorkFailure, ordered_map, worker_count
@@ -482,14 +482,10 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
             keep[positions] = False
     kept = index.assign(**{column: pd.array(values, dtype="string")
                            for column, values in written.items()})[keep]
-    quarantine = pd.DataFrame([(row, reason, _capped(detail)) for row, (reason, detail)
+    quarantine = pd.DataFrame([(row, reason, quoted(detail)) for row, (reason, detail)
                                in sorted(failures.items())], columns=list(QUARANTINE_COLUMNS))
     return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
                         kept.reset_index(drop=True), images[keep], quarantine, hidden)
-
-
-def _capped(detail: str) -> str:
-    return detail if len(detail) <= DETAIL_MAX_CHARS else detail[:DETAIL_MAX_CHARS - 3] + "..."
 
 
 def _jobs(index: pd.DataFrame, rows_of: dict, failures: dict[int, tuple[str, str]]) -> list[tuple[str, int, str]]:

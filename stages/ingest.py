@@ -71,14 +71,18 @@ INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is wri
 
 
 class Quarantined(Exception):
-    """A file that cannot be used; ``reason`` is a short code, the message the detail (at most
-    :data:`DETAIL_MAX_CHARS` characters)."""
+    """A file that cannot be used; ``reason`` is a short code, the message the detail."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        if len(detail) > DETAIL_MAX_CHARS:
-            detail = detail[:DETAIL_MAX_CHARS - 3] + "..."
         super().__init__(detail)
         self.reason = reason
+
+
+def quoted(err: BaseException | str) -> str:
+    """A library's message as a quarantine detail: at most :data:`DETAIL_MAX_CHARS` characters
+    (pydicom can quote the rest of a header in one message)."""
+    text = str(err)
+    return text if len(text) <= DETAIL_MAX_CHARS else text[:DETAIL_MAX_CHARS - 3] + "..."
 
 
 def failure_reason(err: BaseException, *, reading: str) -> Quarantined:
@@ -95,9 +99,9 @@ def failure_reason(err: BaseException, *, reading: str) -> Quarantined:
     if name == "PanicException":
         return Quarantined("undecodable", f"the decoder crashed on {reading} ({name})")
     if isinstance(err, (EOFError, struct.error)) and reading == "the header":
-        return Quarantined("truncated_header", f"the header ends inside an element ({name}: {err})")
+        return Quarantined("truncated_header", quoted(f"the header ends inside an element ({name}: {err})"))
     code = {"the header": "corrupt_header", "the pixel data": "undecodable"}.get(reading, "unreadable")
-    return Quarantined(code, f"{reading} cannot be read ({name}: {err})")
+    return Quarantined(code, quoted(f"{reading} cannot be read ({name}: {err})"))
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> py
         except Exception:  # noqa: BLE001  forced parsing of non-DICOM fails in many ways
             sop_class = None
         if not sop_class:
-            raise Quarantined("not_dicom", str(err)) from err
+            raise Quarantined("not_dicom", quoted(err)) from err
         _record_detected_encoding(ds)
     except Exception as err:  # pydicom raises many types for damaged headers
         raise failure_reason(err, reading="the header") from err
@@ -317,7 +321,7 @@ def decode_frames(ds: pydicom.Dataset, *, frames: str,
     except (ValueError, EOFError) as err:
         text = str(err)
         truncated = isinstance(err, EOFError) or "less than expected" in text or "truncat" in text.lower()
-        raise Quarantined("truncated_pixel_data" if truncated else "undecodable", text) from err
+        raise Quarantined("truncated_pixel_data" if truncated else "undecodable", quoted(text)) from err
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # a decoder plugin missing, failing or panicking
@@ -566,7 +570,7 @@ def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
         try:
             display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
         except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
-            raise Quarantined("invalid_voi", str(err)) from err
+            raise Quarantined("invalid_voi", quoted(err)) from err
         if not np.isfinite(display).all():
             raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
         if display.max() == display.min():

@@ -211,7 +211,7 @@ def test_images_of_another_size_than_the_params_are_a_clear_error():
 
     ingest = IngestParams(label_key="path", classes=[0, 1], image_size=64, channels=1, pixel_dtype="uint8",
                           frames="first", voi_index=0, target_spacing_mm=None, workers=0,
-                          max_quarantine_fraction=0.1)
+                          file_timeout_s=120, max_decoded_mib=2048, max_quarantine_fraction=0.1)
     check_input_shape(np.zeros((2, 64, 64, 1), np.float32), ingest)
     with pytest.raises(StageError, match="images are 32x32x1 but ingest.image_size and ingest.channels "
                                          "ask for 64x64x1"):
