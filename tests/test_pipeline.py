@@ -1,22 +1,17 @@
 """End to end: `dvc repro` on a tiny generated sample, in a temporary copy of the repository.
 
 Real git, real DVC, a real MLflow SQLite store, real TensorFlow training. The tests share one
-repository and run in file order (the Makefile keeps a file on one xdist worker).
+repository (tests/pipeline_repo.py) and run in file order (the Makefile keeps a file on one
+xdist worker); the queued experiments and the team server are in test_pipeline_queues.py, with
+a repository of their own, so that the two slowest groups run on different workers.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,50 +19,17 @@ import pandas as pd
 import pydicom
 import pytest
 from hospital_exports import write_hospital_exports
+from pipeline_repo import registry, repo  # noqa: F401  (fixtures)
+from pipeline_repo import free_port as _free_port
+from pipeline_repo import run as _run
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "deidentify", "validate", "split", "augment", "train", "evaluate"]
 PHI_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
             "InstitutionName", "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID",
             "SOPInstanceUID"]
 
 pytestmark = pytest.mark.slow
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("dicomflow")
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    # 80 steps of batch 8 on the tiny sample's ~70 training images: a model that learns (3 epochs
-    # of batch 32 gave validation AUC below 0.5, which evaluate rightly refuses to register).
-    params["train"].update(epochs=10, batch_size=8)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")
-
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's default remote
-    _run([sys.executable, "-m", "stages.sample_data", "data", "--patients", "40"], root, env)
-    _run(["dvc", "add", "-q", "data"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny sample"], root, env)
-    (root.parent / "repro.log").write_text(_run(["dvc", "repro"], root, env))
-    return root, env
 
 
 def add_hospital_exports(data: Path) -> None:
@@ -78,16 +40,6 @@ def add_hospital_exports(data: Path) -> None:
     (data / "exports" / "labels.csv").unlink()
     labels = pd.read_csv(data / "labels.csv", dtype=str)
     pd.concat([labels, exported], ignore_index=True).to_csv(data / "labels.csv", index=False)
-
-
-@pytest.fixture
-def registry(repo):
-    """MLflow pointed at the temporary repository's store, reset afterwards."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo[0] / 'mlflow.db'}")
-    yield mlflow, mlflow.MlflowClient()
-    mlflow.set_tracking_uri(None)
 
 
 def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
@@ -157,7 +109,7 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
     # the champion's MLflow run, as a user runs it.
     run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
     output = _run([sys.executable, "-m", "stages.deid_leaks", "outputs/deidentify", "outputs/split",
-                   "outputs/model", "reports", str(root.parent / "repro.log"), "--run", run_id],
+                   "outputs/model", "reports", str(root.parent / f"{root.name}-repro.log"), "--run", run_id],
                   root, env)
     assert output.strip().splitlines()[-1].startswith("0 hit(s) for ")
 
@@ -357,135 +309,3 @@ def test_a_degenerate_operating_point_is_reported_failed_and_never_registered(re
     experiment = client.get_experiment_by_name("dicomflow").experiment_id
     failed = client.search_runs([experiment], filter_string="attributes.status = 'FAILED'")
     assert any("operating threshold 0.995" in run.data.tags.get("dicomflow.degenerate", "") for run in failed)
-
-
-def _run_queue(root: Path, env: dict[str, str], rates: list[str]) -> None:
-    """Queue one experiment per learning rate, run them on two workers, assert all succeeded.
-
-    Workers sometimes exit with experiments still queued (treeverse/dvc#10562, e.g. on a shutdown
-    message left in the queue's broker by an earlier `dvc queue stop`); then, as the README says,
-    `dvc queue start` again picks up the rest.
-    """
-    done_before = _run(["dvc", "queue", "status"], root, env).count("Success")
-    for lr in rates:
-        _run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}"], root, env)
-    _run(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = _run(["dvc", "queue", "status"], root, env)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        if "Queued" in status and "0 active, 0 idle" in status:
-            _run(["dvc", "queue", "start", "-j", "2"], root, env)
-        time.sleep(5)
-    else:
-        _run(["dvc", "queue", "stop", "--kill"], root, env)
-    assert status.count("Success") == done_before + len(rates), status
-
-
-def _assert_complete_runs(client, rates: list[str]) -> None:
-    experiment = client.get_experiment_by_name("dicomflow").experiment_id
-    runs = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED'")
-    trained = [run for run in runs if run.data.params.get("train.lr") in rates]
-    assert sorted(run.data.params["train.lr"] for run in trained) == sorted(rates)
-    assert all("test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics for run in trained)
-
-
-def test_four_queued_experiments_on_two_workers_all_reach_the_store(repo, registry):
-    root, env = repo
-    rates = ["0.0005", "0.002", "0.003", "0.004"]
-    _run_queue(root, env, rates)
-    _assert_complete_runs(registry[1], rates)
-    assert not (root / ".dvc" / "tmp" / "exps").exists() or not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A throw-away PostgreSQL cluster on loopback (Debian's package); yields its MLflow database URI."""
-    initdbs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not initdbs:
-        message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
-        if os.environ.get("DICOMFLOW_REQUIRE_POSTGRES"):
-            pytest.fail(message + "; .ci/run installs it")
-        pytest.skip(message)
-    bin_dir = initdbs[-1].parent
-    # Not under pytest's tmp_path: that folder is private to the user running the tests.
-    folder = Path(tempfile.mkdtemp(prefix="dicomflow-postgres-"))
-    # PostgreSQL refuses to run as root: the package's own user runs the cluster then.
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_owner:
-        shutil.chown(folder, "postgres")
-    cluster, port = folder / "cluster", _free_port()
-    subprocess.run([*as_owner, bin_dir / "initdb", "-D", cluster, "-A", "trust", "-U", "dicomflow",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_owner, bin_dir / "pg_ctl", "-D", cluster, "-l", folder / "server.log", "-w",
-                    "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"], check=True, capture_output=True)
-    try:
-        subprocess.run([*as_owner, bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U",
-                        "dicomflow", "mlflow"], check=True, capture_output=True)
-        yield f"postgresql://dicomflow@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run([*as_owner, bin_dir / "pg_ctl", "-D", cluster, "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def team_server(postgres, tmp_path, repo):
-    """`make mlflow-server` on that database, as the README starts it; yields its URI."""
-    _, env = repo
-    port = _free_port()
-    server = subprocess.Popen(
-        ["make", "-s", "mlflow-server", f"MLFLOW_BACKEND_STORE_URI={postgres}",
-         f"MLFLOW_ARTIFACT_ROOT={tmp_path / 'artifacts'}", f"MLFLOW_PORT={port}"],
-        cwd=REPO, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: make, mlflow and its workers stop together
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, team_server):
-    import mlflow
-
-    root, env = repo
-    server_env = {**env, "MLFLOW_TRACKING_URI": team_server}
-    for stage in ("train", "evaluate"):
-        _run([sys.executable, "-m", f"stages.{stage}"], root, server_env)
-    rates = ["0.0006", "0.0007", "0.0008", "0.0009"]
-    _run_queue(root, server_env, rates)
-
-    mlflow.set_tracking_uri(team_server)
-    try:
-        client = mlflow.MlflowClient()
-        version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
-        run = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
-        assert run.info.status == "FINISHED" and run.data.params["train.epochs"]
-        assert "test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics
-        reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-        assert "reports/validation.html" in reports
-        _assert_complete_runs(client, rates)
-        model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
-        files = sorted(str(path) for path in (root / "data").rglob("*.dcm"))[:3]
-        predicted = model.predict(pd.DataFrame({"path": files}))
-        assert predicted["probability"].between(0, 1).all() and len(predicted) == 3
-    finally:
-        mlflow.set_tracking_uri(None)
