@@ -251,6 +251,8 @@ def source_identifiers(job: tuple[str, int, str], settings: FileSettings) -> Ide
                                        device_identity_kept=settings.params.retain_device_identity)
     except Quarantined as err:
         return err.reason, str(err)
+    except RecursionError:
+        return "too_deep", "sequences nest deeper than the header's values can be read (RecursionError)"
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # noqa: BLE001  the message can quote a value: its type only

@@ -183,9 +183,13 @@ def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> py
     except Exception as err:  # pydicom raises many types for damaged headers
         raise failure_reason(err, reading="the header") from err
     if len(ds) == 0:  # pydicom only warns when the data set ends early, inside its first element
-        if _holds_pixel_data_tag(source):  # e.g. encapsulated pixel data without its delimiter
+        state = _pixel_data_state(source)
+        if state == "cut":  # e.g. encapsulated pixel data without its delimiter
             raise Quarantined("truncated_pixel_data", "the data set ends inside (7FE0,0010) Pixel "
                               "Data, so no element of it could be read")
+        if state == "complete":
+            raise Quarantined("corrupt_header", "no data element could be read, though (7FE0,0010) "
+                              "Pixel Data is whole: the header before it is damaged")
         raise Quarantined("truncated_header", "no data element could be read after the file meta "
                           "information")
     media_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
@@ -253,14 +257,25 @@ def _ends_early(ds: pydicom.Dataset, source: Path | BinaryIO) -> bool:
     return tell + length != size
 
 
-def _holds_pixel_data_tag(source: Path | BinaryIO) -> bool:
-    """Whether the bytes of (7FE0,0010), little endian, occur after the preamble."""
+def _pixel_data_state(source: Path | BinaryIO) -> str:
+    """Where the bytes of (7FE0,0010), little endian, are after the preamble: ``absent``, or the
+    element ``complete`` (its length, or the sequence delimiter of encapsulated data, reaches no
+    further than the file) or ``cut``. For a file pydicom read no element of."""
     if isinstance(source, Path):
         content = source.read_bytes()
     else:
         source.seek(0)
         content = source.read()
-    return b"\xe0\x7f\x10\x00" in content[132:]
+    at = content.rfind(b"\xe0\x7f\x10\x00", 132)
+    if at < 0:
+        return "absent"
+    if content[at + 4:at + 6] in (b"OB", b"OW", b"OV", b"UN"):  # explicit VR: 2 reserved bytes
+        start, length = at + 12, int.from_bytes(content[at + 8:at + 12], "little")
+    else:  # implicit VR
+        start, length = at + 8, int.from_bytes(content[at + 4:at + 8], "little")
+    if length == 0xFFFFFFFF:
+        return "complete" if content.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00") else "cut"
+    return "complete" if start + length <= len(content) else "cut"
 
 
 def _record_detected_encoding(ds: pydicom.Dataset) -> None:

@@ -21,6 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 PANIC_SEED = 7  # of the bit flips below: one that makes pylibjpeg-rle panic (index out of bounds)
+HEADER_FLIP_SEED = 12  # of header_flipped: pydicom then reads no element, the pixel data is whole
 NON_UTF8_NAME = b"caf\xe9.dcm"  # Latin-1 "café.dcm", as an old Windows export writes it
 
 
@@ -67,6 +68,16 @@ def deflate_bomb(inflated_mib: int) -> bytes:
     return _saved(ds, enforce_file_format=True)
 
 
+def header_flipped(seed: int = HEADER_FLIP_SEED) -> bytes:
+    """SC_rgb_rle.dcm with 1 to 8 bits flipped between the preamble and Pixel Data, seeded."""
+    content = bytearray(pydicom_file("SC_rgb_rle.dcm"))
+    pixel_data = content.find(b"\xe0\x7f\x10\x00", 132)
+    rng = random.Random(seed)
+    for _ in range(rng.randint(1, 8)):
+        content[rng.randrange(132, pixel_data)] ^= 1 << rng.randrange(8)
+    return bytes(content)
+
+
 def truncated_header() -> bytes:
     """CT_small.dcm cut inside its header, long before Pixel Data."""
     return pydicom_file("CT_small.dcm")[:900]
@@ -79,7 +90,8 @@ def write_hostile_folder(folder: Path, *, inflated_mib: int) -> dict[str, str]:
     files = {"panic.dcm": (panicking_rle(), "undecodable"),
              "huge_claim.dcm": (huge_claim(), "too_large"),
              "deflate_bomb.dcm": (deflate_bomb(inflated_mib), "too_large"),
-             "cut_header.dcm": (truncated_header(), "truncated_header")}
+             "cut_header.dcm": (truncated_header(), "truncated_header"),
+             "flipped_header.dcm": (header_flipped(), "corrupt_header")}
     for name, (content, _) in files.items():
         (folder / name).write_bytes(content)
     expected = {name: reason for name, (_, reason) in files.items()}
