@@ -771,24 +771,7 @@ def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, work
                            on_failure=partial(quarantined_by_worker, data_dir=data_dir))
 
 
-class _StagedWriter:
-    """A writer used as a context: ``close()`` completes its file when the block succeeds; after
-    an error ``_release()`` only lets go of it (it is a staged output, removed with its folder)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error_type: type | None, *_: object) -> None:
-        if error_type is None:
-            self.close()
-            return
-        try:
-            self._release()
-        except OSError:  # the same full disk, flushing
-            pass
-
-
-class ImageWriter(_StagedWriter):
+class ImageWriter:
     """Appends images to an ``.npy`` file one by one, never holding them all in memory.
 
     The count is known only at the end (files are quarantined, multi-frame files give several
@@ -805,8 +788,18 @@ class ImageWriter(_StagedWriter):
         self._raw.write(np.ascontiguousarray(pixels, dtype=self.dtype).tobytes())
         self.count += 1
 
-    def _release(self) -> None:
-        self._raw.close()
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        """Completes the file; after an error only lets go of it (it is a staged output)."""
+        if error_type is None:
+            self.close()
+            return
+        try:
+            self._raw.close()
+        except OSError:  # the same full disk, flushing
+            pass
 
     def close(self) -> None:
         self._raw.close()
@@ -818,7 +811,7 @@ class ImageWriter(_StagedWriter):
         self._raw_path.unlink()
 
 
-class IndexWriter(_StagedWriter):
+class IndexWriter:
     """Writes index rows to Parquet in row groups of :data:`INDEX_BATCH_ROWS`, with a fixed schema."""
 
     _TYPES = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64()}
@@ -841,8 +834,18 @@ class IndexWriter(_StagedWriter):
         self._flush()  # also writes the schema when there are no rows at all
         self._writer.close()
 
-    def _release(self) -> None:
-        self._writer.close()
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        """Completes the file; after an error only lets go of it (it is a staged output)."""
+        if error_type is None:
+            self.close()
+            return
+        try:
+            self._writer.close()
+        except OSError:
+            pass
 
 
 def main() -> None:
