@@ -20,8 +20,8 @@ $(INSTALLED): pyproject.toml constraints.txt
 # Materialise the embedded sample in data/ (deterministic) unless data/ exists (your own data),
 # check that it is exactly the set data.dvc pins, and put it in DVC's cache.
 data: install
-	@if [ ! -d data ]; then $(BIN)/python -m stages.sample_data data; fi
-	@$(BIN)/python -m stages.source_files data  # names DVC cannot track (not UTF-8): listed, exit 1
+	@if [ ! -d data ]; then $(BIN)/dicomflow sample-data data; fi
+	@$(BIN)/dicomflow check-names data  # names DVC cannot track (not UTF-8): listed, exit 1
 	@if $(BIN)/dvc status --json data.dvc | grep -qE '"(modified|deleted)"'; then \
 	  echo "data/ does not match data.dvc: regenerate it (rm -rf data; make data) or, for your own data, run: dvc add data" >&2; \
 	  exit 1; fi
@@ -42,7 +42,7 @@ test: install $(TEST_TOOLS)
 # The champion on every file under INPUT, to predictions.csv (bad files listed with their reason).
 INPUT ?= data
 predict: install
-	$(BIN)/python -m stages.predict $(INPUT) --output predictions.csv
+	$(BIN)/dicomflow predict $(INPUT) --output predictions.csv
 
 # The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
 ui: install

@@ -59,7 +59,7 @@ def ensure_sample(work: Path) -> Path:
     if not (source / "labels.csv").is_file():
         source = work / "sample"
         if not (source / "labels.csv").is_file():
-            subprocess.run([sys.executable, "-m", "stages.sample_data", str(source)],
+            subprocess.run([sys.executable, "-m", "dicomflow", "sample-data", str(source)],
                            cwd=ROOT, check=True)
     return source
 

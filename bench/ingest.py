@@ -161,7 +161,7 @@ def main() -> None:
         if not (source / "labels.csv").is_file():
             source = work / "sample"
             if not (source / "labels.csv").is_file():
-                subprocess.run([sys.executable, "-m", "stages.sample_data", str(source)],
+                subprocess.run([sys.executable, "-m", "dicomflow", "sample-data", str(source)],
                                cwd=ROOT, check=True)
         start = time.perf_counter()
         files = replicate(source, work / "data", args.files)

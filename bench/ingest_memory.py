@@ -32,7 +32,8 @@ TARGET_MULTIPLE = 12.0
 MEASURE = """
 import resource, sys
 from pathlib import Path
-from stages.ingest import PixelSettings, ingest_file
+from dicomflow.dicom.display import PixelSettings
+from dicomflow.dicom.ingestion import ingest_file
 path, warm_up = Path(sys.argv[1]), Path(sys.argv[3])
 settings = PixelSettings(size=64, max_decoded_mib=int(sys.argv[2]))
 ingest_file(warm_up, data_dir=warm_up.parent, settings=settings)  # lazy imports, decoder set-up

@@ -14,7 +14,7 @@ outputs), ``git init``, ``dvc init``, the wrapped data set added with ``dvc add`
 and ``params.yaml`` = the project's, read now, with :data:`OVERRIDES` and then every ``--set``
 applied on top. One ``dvc repro`` runs all stages there; each stage is timed from DVC's
 ``Running stage`` lines, and the train run's own duration and its best validation AUC are read
-from MLflow. After the run, the project's leak scanner (``python -m stages.deid_leaks``) scans
+from MLflow. After the run, the project's leak scanner (``dicomflow scan-leaks``) scans
 every downstream output and the MLflow run, and an independent byte search looks for the fake
 PHI this script wrote (full values of 6 characters or more) in the same places.
 
@@ -60,8 +60,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: stages/ is importable from the project root
-from stages.sample_data import (  # noqa: E402
-    CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid, unique_number)
+from dicomflow.devtools.sample_data import (CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid, unique_number)
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
 SPLITS = ("train", "val", "test")
@@ -452,7 +451,7 @@ def read_train_run(project: Path, params: dict) -> TrainRun:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from stages import layout
+    from dicomflow.config import layout
 
     paths = params["paths"]
     run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
@@ -475,8 +474,8 @@ def member_test_figures(project: Path, params: dict) -> list[tuple[float, float]
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from stages import layout
-    from stages.models import members_of, to_model_input
+    from dicomflow.config import layout
+    from dicomflow.model.architectures import members_of, to_model_input
 
     paths = params["paths"]
     manifest = pd.read_parquet(project / paths["split_dir"] / layout.SPLIT_MANIFEST)
@@ -493,9 +492,9 @@ def member_test_figures(project: Path, params: dict) -> list[tuple[float, float]
 
 
 def scan_with_project_scanner(project: Path, params: dict, env: dict[str, str]) -> tuple[int, str]:
-    """``python -m stages.deid_leaks`` over every output after ingest and the train run (with its
+    """``dicomflow scan-leaks`` over every output after ingest and the train run (with its
     evaluate child): exit status and last line."""
-    from stages import layout
+    from dicomflow.config import layout
 
     paths = params["paths"]
     run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
@@ -503,7 +502,7 @@ def scan_with_project_scanner(project: Path, params: dict, env: dict[str, str]) 
     targets = sorted({value for key, value in paths.items()
                       if key not in ("data", "labels", "ingest_dir", "ingest_metrics")
                       and (project / value).exists()})
-    result = subprocess.run([sys.executable, "-m", "stages.deid_leaks", *targets, "--run", run_id],
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "scan-leaks", *targets, "--run", run_id],
                             cwd=project, env=env, capture_output=True, text=True)
     lines = (result.stdout + result.stderr).strip().splitlines()
     return result.returncode, lines[-1] if lines else ""
@@ -683,7 +682,7 @@ def main() -> None:
         extra += [f"  validate: {note}" for note in validation_notes(project, params)]
         extra += [f"  warning logged by {line}" for line in warnings]
         status, last = scan_with_project_scanner(project, params, env)
-        extra.append(f"  leak scanner (stages.deid_leaks over every output after ingest and the "
+        extra.append(f"  leak scanner (dicomflow scan-leaks over every output after ingest and the "
                      f"MLflow run): exit {status}: {last}")
         phi = search_fake_phi(project, params, rows)
         extra.append("  byte search for the fake PHI written (values of >= "

@@ -5,7 +5,7 @@ Times, side by side in one run on the same images, the same network and the same
   ``resnet_small``), ``model.compile(optimizer="adam", loss="binary_crossentropy",
   metrics=["accuracy"])`` with Keras' defaults otherwise, then ``model.fit(x, y, batch_size=32,
   epochs=..., verbose=0)`` on float32 NumPy arrays held in memory; no augmentation, no validation;
-- ``train stage``: ``stages.train.train_model`` as the stage calls it: the ``train`` section of
+- ``train stage``: ``dicomflow.model.training.train_model`` as the stage calls it: the ``train`` section of
   ``params.yaml`` (its batch size, learning rate, schedule, class weights, seed, strategy) with only
   the architecture set to the network under test, early stopping off and as many epochs as timed,
   ``augment`` from ``params.yaml`` (on-the-fly augmentation on), no checkpoint, no resume folder.
@@ -80,8 +80,8 @@ def synthetic_images(n: int, *, side: int, channels: int, seed: int) -> tuple[np
 
 def project_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The de-identified training and validation images with their class indices, as the stage loads them."""
-    from stages.params import load_params
-    from stages.train import load_split
+    from dicomflow.config.params import load_params
+    from dicomflow.model.training import load_split
 
     paths, ingest = load_params("paths"), load_params("ingest")
     if len(ingest.classes) != 2:
@@ -111,7 +111,7 @@ def run_baseline(data: dict, network: str, epochs: int) -> dict:
     # and the seed's process loaded it with nothing of this project's imported yet.
     import keras
 
-    from stages.models import ARCHITECTURES
+    from dicomflow.model.architectures import ARCHITECTURES
 
     ends: list[tuple[float, float]] = []
 
@@ -131,8 +131,8 @@ def run_baseline(data: dict, network: str, epochs: int) -> dict:
 def run_stage(data: dict, network: str, epochs: int) -> dict:
     """``train_model`` as the stage calls it; returns the clock at the end of every epoch and the
     wall seconds each batch-normalisation statistics pass took (start, end)."""
-    from stages import train  # stages first, TensorFlow after, as in `python -m stages.train`
-    from stages.params import load_params
+    from dicomflow.model import training as train
+    from dicomflow.config.params import load_params
 
     params = dataclasses.replace(load_params("train"), architecture=network, epochs=epochs + 1,
                                  early_stopping_patience=0)
@@ -161,8 +161,8 @@ def run_bound(data: dict, network: str, epochs: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from stages.params import load_params
-    from stages.models import ARCHITECTURES
+    from dicomflow.config.params import load_params
+    from dicomflow.model.architectures import ARCHITECTURES
 
     keras.utils.set_random_seed(0)
     batch_size = load_params("train").batch_size
@@ -247,7 +247,7 @@ def main() -> None:
     if args.epochs < 1 or args.repeat < 1:
         parser.error(f"--epochs and --repeat must be >= 1; got {args.epochs} and {args.repeat}")
 
-    from stages.params import load_params
+    from dicomflow.config.params import load_params
 
     if args.data:
         train_x, train_y, val_x, val_y = project_images()

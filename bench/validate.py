@@ -1,7 +1,7 @@
 """Benchmark: the validate stage's suite on a large de-identified manifest.
 
 Times, side by side in one run on the same synthetic manifests:
-- ``suite``: ``stages.validate.run_checks`` (every expectation through Great Expectations 1.x,
+- ``suite``: ``dicomflow.quality.report.run_checks`` (every expectation through Great Expectations 1.x,
   plus the computed checks) and the drift comparison, as the stage runs them;
 - ``pandas floor``: the same row-level conditions written directly in pandas, the least any
   implementation has to do, to show what GX's machinery costs on top.
@@ -24,10 +24,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.expectations import (  # noqa: E402
-    PHI_VALUE_PATTERNS, build_checks, drift_results, find_text_columns, profile_manifest,
-)
-from stages.validate import run_checks  # noqa: E402
+from dicomflow.quality.expectations import (PHI_VALUE_PATTERNS, build_checks, drift_results, find_text_columns, profile_manifest)
+from dicomflow.quality.report import run_checks
 
 TARGET_SECONDS = 30.0
 PARAMS = {"classes": [0, 1], "modalities": ["CR", "DX"], "min_class_fraction": 0.1,

@@ -28,7 +28,8 @@ def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("dicomflow")
     shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "dicomflow"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # 80 steps of batch 8 on the tiny sample's ~70 training images: a model that learns (3 epochs
     # of batch 32 gave validation AUC below 0.5, which evaluate rightly refuses to register).
@@ -44,7 +45,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     run(["git", "init", "-q"], root, env)
     run(["dvc", "init", "-q"], root, env)
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's default remote
-    run([sys.executable, "-m", "stages.sample_data", "data", "--patients", "40"], root, env)
+    run([sys.executable, "-m", "dicomflow", "sample-data", "data", "--patients", "40"], root, env)
     run(["dvc", "add", "-q", "data"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny sample"], root, env)

@@ -1,4 +1,4 @@
-"""Tests for stages/augment.py: the affine core, each random transform, the policy and the preview."""
+"""Tests for dicomflow/model/augment.py: the affine core, each random transform, the policy and the preview."""
 
 from __future__ import annotations
 
@@ -10,18 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.augment import (
-    RandomAffine,
-    RandomFlip,
-    RandomIntensity,
-    RandomNoise,
-    affine_transforms,
-    apply_policy,
-    build_policy,
-    warp,
-    write_preview,
-)
-from stages.params import AugmentParams, load_params
+from dicomflow.model.augment import (RandomAffine, RandomFlip, RandomIntensity, RandomNoise, affine_transforms, apply_policy, build_policy, warp, write_preview)
+from dicomflow.config.params import AugmentParams, load_params
 
 import tensorflow as tf  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -17,9 +17,10 @@ import pydicom
 import pytest
 import yaml
 
-from stages.deidentify import burned_in_risk
-from stages.ingest import PixelSettings, read_image, read_labels
-from stages.params import DeidentifyParams, build_section
+from dicomflow.deid.files import burned_in_risk
+from dicomflow.dicom.display import PixelSettings, read_image
+from dicomflow.dicom.labels import read_labels
+from dicomflow.config.params import DeidentifyParams, build_section
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "medmnist.py"
 

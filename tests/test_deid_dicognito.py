@@ -1,6 +1,6 @@
 """De-identification compared with dicognito's on the same real files.
 
-Requirement: every attribute that dicognito changes, our stage (``stages.deid_profile``, Basic
+Requirement: every attribute that dicognito changes, our stage (``dicomflow.deid.profile``, Basic
 Profile with private tags removed) changes or removes too. Ours may be stricter: attributes it
 changes and dicognito leaves alone are counted, not faulted.
 
@@ -52,7 +52,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from stages.deid_profile import DeidOptions, deidentify_dataset, load_profile
+from dicomflow.deid.profile import DeidOptions, deidentify_dataset, load_profile
 
 import dicognito.anonymizer as dicognito_anonymizer  # noqa: E402
 

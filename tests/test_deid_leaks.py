@@ -12,9 +12,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from stages import deid_leaks, layout
-from stages.deid_leaks import Leak, scan_mlflow_run, scan_paths, summarise_leaks
-from stages.identifiers import Identifiers, collect_identifiers
+from dicomflow import cli
+from dicomflow.deid import leaks as deid_leaks
+from dicomflow.config import layout
+from dicomflow.deid.leaks import Leak, scan_mlflow_run, scan_paths, summarise_leaks
+from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 NAME, PATIENT_ID, BIRTH_DATE = "Quixley^Bartholomew", "MRN-55501234", "19270315"
 
@@ -206,16 +208,16 @@ def test_command_reads_identifiers_at_ingest_and_exits_1_on_a_hit(ingested, caps
     clean.write_text("image_key,label\nab12,1\n")
     dirty.write_text("opened file of bartholomew\n")
 
-    assert deid_leaks.main([str(clean)]) == 0
-    assert deid_leaks.main([str(clean), str(dirty)]) == 1
+    assert cli.main(["scan-leaks", str(clean)]) == 0
+    assert cli.main(["scan-leaks", str(clean), str(dirty)]) == 1
     printed = capsys.readouterr().out
     assert "LEAK" in printed and "(0010,0010) Patient's Name" in printed
     assert "bartholomew" not in printed.casefold()
 
 
 def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
-    from stages.cli import StageError
-    from stages.evaluate import check_run
+    from dicomflow.runtime.stage import StageError
+    from dicomflow.evaluation.promotion import check_run
 
     mlflow = tracking
     with mlflow.start_run() as clean:
@@ -238,7 +240,7 @@ def test_a_name_that_is_a_word_of_the_projects_code_counts_only_with_its_other_p
 
 
 def test_names_in_the_projects_docstrings_and_sample_generator_stay_searchable():
-    from stages.identifiers import project_words
+    from dicomflow.deid.identifiers import project_words
 
     assert {"max", "low"} <= project_words()
     assert not {"muller", "ivanova", "quixley", "patel", "olga"} & project_words()

@@ -21,14 +21,15 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
-from stages import deidentify, layout
-from stages.cli import StageError
-from stages.ingest import PixelSettings, read_image
-from stages.params import ParamsError, load_params
-from stages.deid_leaks import Leak, find_leaks
-from stages.deid_profile import (OPTIONS_FILE, DeidOptions, date_shift_days, deidentify_dataset,
-                                 keyed_hex, load_profile, shift_date, top_code_age)
-from stages.identifiers import Identifiers, collect_identifiers
+from dicomflow.deid import files as deid_files
+from stages import deidentify
+from dicomflow.config import layout
+from dicomflow.runtime.stage import StageError
+from dicomflow.dicom.display import PixelSettings, read_image
+from dicomflow.config.params import ParamsError, load_params
+from dicomflow.deid.leaks import Leak, find_leaks
+from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, date_shift_days, deidentify_dataset, keyed_hex, load_profile, shift_date, top_code_age)
+from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"test secret, not the demo one"
@@ -472,7 +473,7 @@ class TestDeidentifyDataset:
 
 
 def test_the_readme_lists_exactly_the_text_kept_where_the_table_is_silent():
-    from stages.deid_profile import KEPT_TEXT
+    from dicomflow.deid.profile import KEPT_TEXT
 
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("What de-identification keeps as text"):]
@@ -723,7 +724,7 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
     """A fake ingest output (3 images, one RLE) and the repo's params.yaml, as the working dir."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    for name in (deidentify.SECRET_ENV, deidentify.SECRET_FILE_ENV):
+    for name in (deid_files.SECRET_ENV, deid_files.SECRET_FILE_ENV):
         monkeypatch.delenv(name, raising=False)
     data = tmp_path / "data" / "studies" / "ACC-70707070"
     data.mkdir(parents=True)
@@ -771,7 +772,7 @@ class TestBurnedIn:
         out = stage_dir / "outputs" / "deidentify"
         index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        excluded_key = keyed_hex(deidentify.DEMO_SECRET, index["sop_instance_uid"][1], 16)
+        excluded_key = keyed_hex(deid_files.DEMO_SECRET, index["sop_instance_uid"][1], 16)
         assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
         assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
         ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
@@ -818,7 +819,7 @@ class TestBurnedIn:
 
 class TestMain:
     def test_outputs(self, stage_dir, monkeypatch, caplog):
-        monkeypatch.setenv(deidentify.SECRET_ENV, SECRET.decode())
+        monkeypatch.setenv(deid_files.SECRET_ENV, SECRET.decode())
         with caplog.at_level(logging.INFO):
             deidentify.main()
         out = stage_dir / "outputs" / "deidentify"
@@ -837,7 +838,7 @@ class TestMain:
             ds = pydicom.dcmread(out / relative)
             assert relative == f"dicom/{key}.dcm" and ds.PatientIdentityRemoved == "YES"
         audit = pd.read_csv(out / layout.DEID_AUDIT)
-        assert list(audit.columns) == list(deidentify.AUDIT_COLUMNS)
+        assert list(audit.columns) == list(deid_files.AUDIT_COLUMNS)
         assert (audit["private_removed"] == 3).all() and (audit["overlay_removed"] == 9).all()
         metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
         assert metrics["n_files"] == 3 and metrics["leak_hits"] == 0 and metrics["demo_secret"] == 0
@@ -894,8 +895,8 @@ class TestMain:
         written = [pydicom.dcmread(path) for path in
                    sorted((stage_dir / "outputs" / "deidentify" / layout.DEID_DICOM_DIR).glob("*.dcm"))]
         assert sorted(str(ds.Manufacturer) for ds in written) == sorted(
-            ["Acme", "Acme", keyed_hex(deidentify.DEMO_SECRET, "Zanzibar Imaging")])
-        assert keyed_hex(deidentify.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
+            ["Acme", "Acme", keyed_hex(deid_files.DEMO_SECRET, "Zanzibar Imaging")])
+        assert keyed_hex(deid_files.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
                                                                 for ds in written if "ManufacturerModelName" in ds}
 
     def test_a_failed_leak_check_lists_every_attribute_with_its_file_count(self, stage_dir):
@@ -924,7 +925,7 @@ class TestMain:
         index.to_parquet(index_file)
         deidentify.main()  # completes: the per-file check replaced it before the net saw it
         manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
-        assert manifest["manufacturer"].tolist() == ["Acme", keyed_hex(deidentify.DEMO_SECRET, "Quixley Imaging"), "Acme"]
+        assert manifest["manufacturer"].tolist() == ["Acme", keyed_hex(deid_files.DEMO_SECRET, "Quixley Imaging"), "Acme"]
         written = pydicom.dcmread(stage_dir / "outputs" / "deidentify" / manifest["dicom_file"][1])
         assert written.Manufacturer == manifest["manufacturer"][1]
 
@@ -981,7 +982,7 @@ class TestMain:
         out = stage_dir / "outputs" / "deidentify"
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
         uid = index["sop_instance_uid"][0]
-        assert list(manifest["image_key"][:2]) == [keyed_hex(deidentify.DEMO_SECRET, f"{uid}#{i}", 16)
+        assert list(manifest["image_key"][:2]) == [keyed_hex(deid_files.DEMO_SECRET, f"{uid}#{i}", 16)
                                                   for i in (0, 1)]
         assert manifest["image_key"].is_unique
         assert manifest["dicom_file"][0] == manifest["dicom_file"][1] != manifest["dicom_file"][2]
@@ -998,16 +999,16 @@ class TestMain:
 class TestReadSecret:
     def test_environment_wins(self, tmp_path):
         (tmp_path / "s").write_text("from file\n")
-        env = {deidentify.SECRET_ENV: "from env", deidentify.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deidentify.read_secret(env) == (b"from env", False)
+        env = {deid_files.SECRET_ENV: "from env", deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deid_files.read_secret(env) == (b"from env", False)
 
     def test_file_content_stripped(self, tmp_path):
         (tmp_path / "s").write_text("from file\n")
-        env = {deidentify.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deidentify.read_secret(env) == (b"from file", False)
+        env = {deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deid_files.read_secret(env) == (b"from file", False)
 
     def test_demo_when_unset(self):
-        assert deidentify.read_secret({}) == (deidentify.DEMO_SECRET, True)
+        assert deid_files.read_secret({}) == (deid_files.DEMO_SECRET, True)
 
     @pytest.mark.parametrize("env, match", [
         ({"DICOMFLOW_SECRET": ""}, "DICOMFLOW_SECRET is set but empty"),
@@ -1015,4 +1016,4 @@ class TestReadSecret:
     ])
     def test_bad_secret_settings(self, env, match):
         with pytest.raises(StageError, match=match):
-            deidentify.read_secret(env)
+            deid_files.read_secret(env)

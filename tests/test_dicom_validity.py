@@ -1,11 +1,11 @@
 """De-identified files are still valid DICOM: ``dciodvfy`` finds no error in them that it does
 not find in their source.
 
-Sources: the embedded sample (the smallest set :func:`stages.sample_data.generate_sample` makes,
+Sources: the embedded sample (the smallest set :func:`dicomflow.devtools.sample_data.generate_sample` makes,
 which has every modality, transfer syntax, photometric and bit depth variant) and the files of
 ``pydicom.data.get_testdata_files()`` (pydicom's and pydicom-data's), each only if ingest accepts
 it with the repository's ``ingest`` params, i.e. if it can reach the deidentify stage. Each is
-de-identified as :func:`stages.deidentify.deidentify_file` does it; files the stage leaves out
+de-identified as :func:`dicomflow.deid.files.deidentify_file` does it; files the stage leaves out
 for burned-in text (the params' rules) are not written by it, so not checked here.
 
 ``dciodvfy`` (Debian's ``dicom3tools``; ``.ci/run`` installs it) checks each source and its output;
@@ -28,12 +28,13 @@ import pydicom.data
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from stages.deid_profile import deidentify_dataset, load_profile
-from stages.deidentify import burned_in_risk, deid_options
-from stages.log_privacy import hidden_pydicom_messages
-from stages.ingest import PixelSettings, ingest_file
-from stages.params import load_params
-from stages.sample_data import generate_sample
+from dicomflow.deid.profile import deidentify_dataset, load_profile
+from dicomflow.deid.files import burned_in_risk, deid_options
+from dicomflow.runtime.log_privacy import hidden_pydicom_messages
+from dicomflow.dicom.display import PixelSettings
+from dicomflow.dicom.ingestion import ingest_file
+from dicomflow.config.params import load_params
+from dicomflow.devtools.sample_data import generate_sample
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

@@ -1,7 +1,7 @@
-"""Tests for stages/domain.py: the training domain from manifest rows, its check on real DICOM
+"""Tests for dicomflow/serving/domain.py: the training domain from manifest rows, its check on real DICOM
 headers (pydicom's test files and files written with make_dicom), and its JSON form.
 
-The registered model refusing such files end to end (pyfunc, stages.predict, mlflow models serve)
+The registered model refusing such files end to end (pyfunc, dicomflow predict, mlflow models serve)
 is tested in tests/test_serving.py, beside the store, model and server it uses.
 """
 
@@ -16,8 +16,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from stages.domain import TrainingDomain
-from stages.ingest import Quarantined
+from dicomflow.serving.domain import TrainingDomain
+from dicomflow.dicom.reading import Quarantined
 
 # A chest radiograph model: what from_manifest makes of MANIFEST below, written out by hand.
 CHEST = TrainingDomain(modalities={"CR", "DX"}, photometrics={"MONOCHROME1", "MONOCHROME2"}, channels={1},

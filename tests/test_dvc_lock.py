@@ -7,7 +7,6 @@ committing dvc.lock and reports/ together with the code.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,38 @@ LOCK = yaml.safe_load((REPO / "dvc.lock").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
-CODE_DEPS = [(stage, dep["path"], dep["md5"]) for stage, entry in LOCK["stages"].items()
-             for dep in entry.get("deps", []) if (REPO / dep["path"]).is_file()
-             and dep["path"].startswith("stages/")]
+CODE_DEPS = [(stage, dep["path"]) for stage, entry in LOCK["stages"].items() for dep in entry.get("deps", [])
+             if dep["path"].split("/")[0] in ("stages", "dicomflow")]
 
 
 def test_every_stage_of_dvc_yaml_is_locked():
     assert set(LOCK["stages"]) == set(PIPELINE["stages"])
-    assert len(CODE_DEPS) >= len(PIPELINE["stages"])  # every stage has its own module at least
+    assert {stage for stage, path in CODE_DEPS if path == f"stages/{stage}.py"} == set(PIPELINE["stages"])
 
 
-@pytest.mark.parametrize(("stage", "path", "locked"), CODE_DEPS, ids=[f"{s}:{p}" for s, p, _ in CODE_DEPS])
-def test_locked_code_is_the_committed_code(stage, path, locked):
-    actual = hashlib.md5((REPO / path).read_bytes()).hexdigest()
-    assert actual == locked, (f"dvc.lock records another {path} for stage {stage!r} than the repository's: "
-                              "run `make repro` and commit dvc.lock and reports/ with the code")
+@pytest.fixture(scope="module")
+def changed_deps() -> dict[str, set[str]]:
+    """Per stage, the deps DVC itself finds changed against dvc.lock (DVC hashes the code
+    folders; on a fresh clone the data deps are missing and are left out here)."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        status = repo.status()
+    changed: dict[str, set[str]] = {}
+    for stage, entries in status.items():
+        for entry in entries:
+            if isinstance(entry, dict):
+                for path, state in entry.get("changed deps", {}).items():
+                    if state == "modified":
+                        changed.setdefault(stage.split(":")[-1], set()).add(path)
+    return changed
+
+
+@pytest.mark.parametrize(("stage", "path"), CODE_DEPS, ids=[f"{s}:{p}" for s, p in CODE_DEPS])
+def test_locked_code_is_the_committed_code(stage, path, changed_deps):
+    assert path not in changed_deps.get(stage, set()), (
+        f"dvc.lock records another {path} for stage {stage!r} than the repository's: "
+        "run `make repro` and commit dvc.lock and reports/ with the code")
 
 
 def _locked_params():

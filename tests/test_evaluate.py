@@ -10,20 +10,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from stages.cli import StageError
-from stages.eval_plots import calibration_table, write_plot_data
-from stages.evaluate import (
-    age_band,
-    bootstrap_auc_interval,
-    choose_threshold,
-    compute_metrics,
-    compute_multiclass_metrics,
-    Comparison,
-    promotion_score,
-    register_model,
-    should_promote,
-    subgroup_metrics,
-)
+from dicomflow.runtime.stage import StageError
+from dicomflow.evaluation.plots import calibration_table, write_plot_data
+from dicomflow.evaluation.metrics import (age_band, bootstrap_auc_interval, choose_threshold, compute_metrics, compute_multiclass_metrics, subgroup_metrics)
+from dicomflow.evaluation.promotion import Comparison, promotion_score, register_model, should_promote
 
 # Eight images, asymmetric on purpose so that PPV/NPV or sensitivity/PPV swapped would show.
 # At threshold 0.5 (score >= 0.5 is positive; 0.5 itself is a false positive):
@@ -298,6 +288,7 @@ def test_register_model_follows_the_comparison_and_tags_it(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("registry")  # not an experiment id an earlier test left active
 
     class Constant(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input, params=None):

@@ -7,14 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from stages.explain import (
-    grad_cam,
-    last_conv_layer,
-    pick_examples,
-    write_grad_cam_examples,
-    write_grad_cam_grid,
-)
-from stages.models import build_seed_cnn
+from dicomflow.evaluation.explain import (grad_cam, last_conv_layer, pick_examples, write_grad_cam_examples, write_grad_cam_grid)
+from dicomflow.model.architectures import build_seed_cnn
 
 import keras  # noqa: E402
 layers = keras.layers
@@ -306,7 +300,7 @@ class TestWriteGradCamGrid:
 
 
 def test_tile_titles_tell_probabilities_near_the_ends_apart():
-    from stages.explain import format_probability
+    from dicomflow.evaluation.explain import format_probability
 
     assert format_probability(0.73412) == "0.734"
     assert format_probability(0.99996) == "1 - 4.0e-05" and format_probability(0.99999) == "1 - 1.0e-05"
@@ -314,6 +308,6 @@ def test_tile_titles_tell_probabilities_near_the_ends_apart():
 
 
 def test_a_saturated_probability_shows_its_exact_complement():
-    from stages.explain import format_probability
+    from dicomflow.evaluation.explain import format_probability
 
     assert format_probability(1.0, 7.8e-20) == "1 - 7.8e-20"

@@ -4,7 +4,7 @@ The stages run as users and CI run them, ``python -m stages.<stage>`` in a proje
 repository's params.yaml, and their stdout and stderr are kept, as CI keeps them. The planted
 identifiers are then searched in every byte the de-identified outputs hold (preambles, file meta,
 pixel data, tables) and in those logs, by a search written here and not by the project's scanner
-(``stages.deid_leaks``): a scanner that shares the de-identifier's idea of what a name looks like
+(``dicomflow.deid.leaks``): a scanner that shares the de-identifier's idea of what a name looks like
 would miss what the de-identifier misses. Each value is searched as UTF-8, UTF-16-LE, in every
 character set the exports use (also as pydicom encodes ISO 2022 values and names), as JSON and
 Python escapes, case-insensitively where it is ASCII, with accents and umlauts folded, Cyrillic

@@ -1,4 +1,4 @@
-"""Tests for stages/ingest.py: display pixels, resizing, quarantine reasons, labels and main()."""
+"""Tests for the ingest stage and dicomflow/dicom: display pixels, resizing, quarantine reasons, labels and main()."""
 
 from __future__ import annotations
 
@@ -17,18 +17,14 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from stages import ingest, layout
-from stages.cli import StageError
-from stages.source_files import list_sources
-from stages.ingest import (
-    PixelSettings,
-    Quarantined,
-    assign_label,
-    read_image,
-    read_labels,
-    resize_with_padding,
-    to_display_pixels,
-)
+from dicomflow.dicom import display as pixel_display
+from stages import ingest
+from dicomflow.config import layout
+from dicomflow.runtime.stage import StageError
+from dicomflow.dicom.sources import list_sources
+from dicomflow.dicom.display import PixelSettings, read_image, resize_with_padding, to_display_pixels
+from dicomflow.dicom.reading import Quarantined
+from dicomflow.dicom.labels import assign_label, read_labels
 
 
 def _dataset(*, photometric: str = "MONOCHROME2", bits_stored: int = 8, signed: bool = False,
@@ -222,9 +218,9 @@ class TestNativePixels:
                                       "liver_1frame.dcm", "MR_small_implicit.dcm"])
     def test_equals_pydicom_pixel_array(self, name):
         ds = pydicom.dcmread(get_testdata_file(name))
-        native = ingest.native_pixels(ds)
+        native = pixel_display.native_pixels(ds)
         if native is None:  # multi-frame or 32-bit: must be pydicom's to decode
-            assert ingest.number_of_frames(ds) > 1 or ds.BitsAllocated not in (8, 16)
+            assert pixel_display.number_of_frames(ds) > 1 or ds.BitsAllocated not in (8, 16)
             return
         np.testing.assert_array_equal(native, ds.pixel_array)
         assert native.dtype == ds.pixel_array.dtype
@@ -239,11 +235,11 @@ class TestNativePixels:
         ds.save_as(path)
         ds = pydicom.dcmread(path)
 
-        np.testing.assert_array_equal(ingest.native_pixels(ds), pydicom.dcmread(path).pixel_array)
+        np.testing.assert_array_equal(pixel_display.native_pixels(ds), pydicom.dcmread(path).pixel_array)
 
     def test_compressed_and_short_data_go_to_pydicom(self, tmp_path):
-        assert ingest.native_pixels(pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))) is None
-        assert ingest.native_pixels(pydicom.dcmread(get_testdata_file("MR_truncated.dcm"))) is None
+        assert pixel_display.native_pixels(pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))) is None
+        assert pixel_display.native_pixels(pydicom.dcmread(get_testdata_file("MR_truncated.dcm"))) is None
 
 
 class TestResizeWithPadding:
@@ -784,4 +780,4 @@ class TestPredefinedSplitAndExtremeShare:
     def test_extreme_share_counts_clipped_pixels(self):
         # Within half an 8-bit step of an end counts, whatever rounding put it there.
         display = np.array([[0.0, 0.2, 1.0, 1 - 1e-9], [0.5, 1e-12, 0.7, 0.01]])
-        assert ingest.extreme_share(display) == pytest.approx(4 / 8)
+        assert pixel_display.extreme_share(display) == pytest.approx(4 / 8)

@@ -1,7 +1,7 @@
 """Every real file that pydicom, pydicom-data and deid-data ship, through the ingest stage.
 
 Each file either yields pixels equal to what pydicom's own decoders and LUT functions give, following
-the steps documented in ``stages.ingest.to_display_pixels`` (written out again here, not taken from
+the steps documented in ``dicomflow.dicom.display.to_display_pixels`` (written out again here, not taken from
 the stage), or lands in the quarantine with the reason the file deserves, derived here from what
 pydicom makes of it. No file may crash the stage (reason ``unreadable``) or be passed on as a blank,
 non-finite or out-of-range image.
@@ -25,7 +25,9 @@ from pydicom.uid import (
     ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage,
 )
 
-from stages.ingest import PixelSettings, Quarantined, ingest_file, read_image
+from dicomflow.dicom.display import PixelSettings, read_image
+from dicomflow.dicom.reading import Quarantined
+from dicomflow.dicom.ingestion import ingest_file
 
 # Every code the stage may give a file; "unreadable" (an unexpected exception) is deliberately absent.
 REASONS = {"", "not_dicom", "truncated_header", "truncated_pixel_data", "dicomdir", "not_an_image", "no_pixel_data", "unsupported_pixel_data",

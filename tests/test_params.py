@@ -1,4 +1,4 @@
-"""Tests for stages/params.py: the repository's params.yaml loads, and every bad value is one line."""
+"""Tests for dicomflow/config/params.py: the repository's params.yaml loads, and every bad value is one line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import SECTIONS, ParamsError, load_params, read_params_file
+from dicomflow.config.params import SECTIONS, ParamsError, load_params, read_params_file
 
 _DELETE = object()
 

@@ -81,7 +81,7 @@ def test_registered_champion_predicts_from_dicom_files(repo, registry):
     threshold = yaml.safe_load((root / "reports" / "metrics.json").read_text())["threshold"]
     assert ((predicted["probability"] >= threshold) == (predicted["label"] == 1)).all()
 
-    _run([sys.executable, "-m", "stages.predict", "data", "--output", "predictions.csv"], root, env)
+    _run([sys.executable, "-m", "dicomflow", "predict", "data", "--output", "predictions.csv"], root, env)
     predictions = pd.read_csv(root / "predictions.csv", keep_default_na=False)
     reasons = {error.split(":")[0] for error in predictions["error"] if error}
     assert {"not_dicom", "truncated_pixel_data"} <= reasons  # the sample's bad files, each with its reason
@@ -108,7 +108,7 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
     # The project's own scanner (normalised names and dates too) over every downstream output and
     # the champion's MLflow run, as a user runs it.
     run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
-    output = _run([sys.executable, "-m", "stages.deid_leaks", "outputs/deidentify", "outputs/split",
+    output = _run([sys.executable, "-m", "dicomflow", "scan-leaks", "outputs/deidentify", "outputs/split",
                    "outputs/model", "reports", str(root.parent / f"{root.name}-repro.log"), "--run", run_id],
                   root, env)
     assert output.strip().splitlines()[-1].startswith("0 hit(s) for ")

@@ -1,4 +1,4 @@
-"""Tests of the embedded sample data set generator (``stages.sample_data``).
+"""Tests of the embedded sample data set generator (``dicomflow.devtools.sample_data``).
 
 Everything is read back with pydicom from a small generated set, so the tests
 check what the files really contain, not what the generator meant to write.
@@ -18,8 +18,9 @@ import pytest
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from stages import sample_data
-from stages.sample_data import LABEL_COLUMNS, Nodule, generate_sample, render_chest_phantom
+from dicomflow import cli
+from dicomflow.devtools import sample_data
+from dicomflow.devtools.sample_data import LABEL_COLUMNS, Nodule, generate_sample, render_chest_phantom
 
 PATIENTS = 30
 SEED = 2026
@@ -234,9 +235,9 @@ def test_refuses_non_empty_directory_unless_forced(tmp_path: Path) -> None:
     (out / "stale.txt").write_text("old")
     with pytest.raises(FileExistsError):
         generate_sample(out, patients=20, seed=1)
-    assert sample_data.main([str(out), "--patients", "20", "--seed", "1"]) == 1
+    assert cli.main(["sample-data", str(out), "--patients", "20", "--seed", "1"]) == 1
     assert (out / "stale.txt").exists() and not (out / "labels.csv").exists()
-    assert sample_data.main([str(out), "--patients", "20", "--seed", "1", "--force"]) == 0
+    assert cli.main(["sample-data", str(out), "--patients", "20", "--seed", "1", "--force"]) == 0
     assert not (out / "stale.txt").exists() and (out / "labels.csv").exists()
 
 

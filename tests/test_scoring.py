@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.scoring import (
-    brier_score,
-    degeneracy,
-    expected_calibration_error,
-    fit_temperature,
-    probabilities_from_logits,
-    reliability_table,
-)
+from dicomflow.model.scoring import (brier_score, degeneracy, expected_calibration_error, fit_temperature, probabilities_from_logits, reliability_table)
 
 
 def test_brier_by_hand_for_two_and_three_classes():

@@ -1,9 +1,9 @@
-"""Serving: the DICOM-reading pyfunc (stages/serving.py), batch prediction (stages/predict.py) and
+"""Serving: the DICOM-reading pyfunc (dicomflow/serving/pyfunc.py), batch prediction (`dicomflow predict`) and
 ``mlflow models serve`` on it, with real Keras models, real DICOM files and a temporary MLflow store.
 
 The registered model carries a training domain (DX/CR grayscale): files unlike it (pydicom's MR,
 ultrasound and RGB test files) get ``out_of_domain`` through all three, tested here beside the
-store and server; stages/domain.py's own tests are in tests/test_domain.py."""
+store and server; dicomflow/serving/domain.py's own tests are in tests/test_domain.py."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ import yaml
 from hostile_files import NON_UTF8_NAME, kill_the_child_stalled_on_a_fifo, panicking_rle
 from pydicom.data import get_testdata_file
 
-from stages.domain import TrainingDomain
-from stages.ingest import PixelSettings, read_image
+from dicomflow.serving.domain import TrainingDomain
+from dicomflow.dicom.display import PixelSettings, read_image
 
 import keras  # noqa: E402
 import mlflow  # noqa: E402
 
-from stages import serving  # noqa: E402  (imports mlflow)
-from stages.models import to_model_input  # noqa: E402  (stages.train moved it there)
+from dicomflow.serving import pyfunc as serving
+from dicomflow.model.architectures import to_model_input
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -313,22 +313,42 @@ class TestTrainingDomain:
 
 
 class TestLoggedModel:
-    def test_ships_only_the_modules_prediction_imports(self, registered, tmp_path):
+    def test_ships_the_package_without_its_developer_tools(self, registered, tmp_path):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
                                                          dst_path=str(tmp_path)))
-        shipped = sorted(path.relative_to(local).as_posix() for path in local.rglob("*.py"))
-        assert shipped == [f"code/stages/{name}.py" for name in
-                           ("__init__", "cli", "domain", "ingest", "layout", "log_privacy", "outputs",
-                            "parallel", "params", "serving", "source_files")]
+        shipped = {path.relative_to(local / "code").as_posix() for path in local.rglob("*.py")}
+        assert {"dicomflow/__init__.py", "dicomflow/serving/pyfunc.py", "dicomflow/dicom/display.py",
+                "dicomflow/dicom/reading.py", "dicomflow/runtime/parallel.py"} <= shipped
+        assert not [name for name in shipped if "devtools" in name or not name.startswith("dicomflow/")]
         assert not list(local.rglob("sample_data*"))
         requirements = (local / "requirements.txt").read_text()
         for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
             assert package in requirements
 
+    def test_runs_on_the_code_it_ships(self, registered, dicoms, tmp_path):
+        """Loaded in a fresh process, the model predicts with its own copy of the package, and that
+        copy (which has no developer tools) is all it needs, the decoder processes included."""
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["info"].model_uri,
+                                                         dst_path=str(tmp_path)))
+        script = (
+            "import sys, mlflow, pandas as pd\n"
+            f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
+            f"print(model.predict(pd.DataFrame({{'path': [{str(dicoms['bright'])!r}]}}))['error'].tolist())\n"
+            "print(sorted({m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'dicomflow'}))\n")
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        errors, files = result.stdout.strip().splitlines()[-2:]
+        assert errors == "['']"
+        loaded = eval(files)  # noqa: S307  a list of paths printed by the child above
+        assert loaded and all(path.startswith(str(local / "code" / "dicomflow")) for path in loaded), loaded
+        assert not [path for path in loaded if "devtools" in path]
+
     def test_leak_scanner_finds_none_of_the_sample_names(self, registered, tmp_path):
-        from stages import sample_data
-        from stages.deid_leaks import scan_paths
-        from stages.identifiers import Identifiers
+        from dicomflow.devtools import sample_data
+        from dicomflow.deid.leaks import scan_paths
+        from dicomflow.deid.identifiers import Identifiers
 
         names = [*sample_data.LAST, *sample_data.FIRST["M"], *sample_data.FIRST["F"], *sample_data.STREETS,
                  *sample_data.CITIES, *(part for entry in sample_data.INSTITUTIONS for part in entry)]
@@ -341,11 +361,6 @@ class TestLoggedModel:
                                                          dst_path=str(tmp_path)))
         leaks = scan_paths(identifiers, [local])
         assert [(Path(leak.output).relative_to(local).as_posix(), leak.location) for leak in leaks] == []
-
-    def test_never_ships_the_sample_generator(self, monkeypatch):
-        monkeypatch.setattr(serving, "NEVER_SHIPPED", frozenset({"layout"}))
-        with pytest.raises(ValueError, match=r"stages\.\w+ imports stages\.layout, which must never be logged"):
-            serving.prediction_modules()
 
     def test_signature_declares_dicom_binary_and_path_string(self, registered):
         signature = registered["info"].signature
@@ -365,7 +380,7 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
     params = yaml.safe_load((REPO / "params.yaml").read_text())  # the project's, naming the test model
     params["evaluate"]["registered_model_name"] = MODEL_NAME
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.predict", str(dicoms["folder"]), "--output", "out.csv"],
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", str(dicoms["folder"]), "--output", "out.csv"],
                             cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
@@ -408,21 +423,22 @@ def test_predict_cli_logs_no_value_of_the_files(registered, store, make_dicom, t
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["registered_model_name"] = MODEL_NAME
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.predict", "in", "--output", "out.csv"],
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "in", "--output", "out.csv"],
                             cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MRN4471123" not in result.stdout + result.stderr
 
 
 def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, tmp_path):
-    from stages.cli import StageError
-    from stages.predict import main
+    from dicomflow.runtime.stage import StageError
+    from dicomflow.cli import parser, predict
 
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(dicoms["text"], folder / "notes.txt")
     with pytest.raises(StageError, match=r"none of the 1 files under .*in/ could be predicted \(1 not_dicom\)"):
-        main([str(folder), "--model", registered["uri"], "--output", str(tmp_path / "out.csv")])
+        predict(parser().parse_args(["predict", str(folder), "--model", registered["uri"],
+                                     "--output", str(tmp_path / "out.csv")]))
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
 
 
@@ -437,7 +453,7 @@ def test_predict_cli_survives_hostile_files(registered, store, make_dicom, tmp_p
     with open(os.path.join(os.fsencode(folder), NON_UTF8_NAME), "wb") as stream:
         stream.write(bright.read_bytes())
 
-    result = subprocess.run([sys.executable, "-m", "stages.predict", "in", "--output", "out.csv"],
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "in", "--output", "out.csv"],
                             cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
 
     assert result.returncode == 0, result.stderr
@@ -463,8 +479,8 @@ def test_a_decoder_killed_on_a_file_costs_its_row_and_the_model_goes_on(model, d
 
 
 def test_predict_cli_unknown_model_is_one_line(store):
-    from stages.cli import StageError
-    from stages.predict import load_model
+    from dicomflow.runtime.stage import StageError
+    from dicomflow.serving.predict import load_model
 
     with pytest.raises(StageError, match=f"cannot load model models:/{MODEL_NAME}-nope@champion from sqlite:"):
         load_model(f"models:/{MODEL_NAME}-nope@champion")

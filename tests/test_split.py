@@ -1,4 +1,4 @@
-"""Tests for stages/split.py: patient-level, label-stratified split and the counts table."""
+"""Tests for dicomflow/splitting.py: patient-level, label-stratified split and the counts table."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.cli import StageError
-from stages.split import SPLITS, count_by_split, split_by_patient
+from dicomflow.runtime.stage import StageError
+from dicomflow.splitting import SPLITS, count_by_split, split_by_patient
 
 
 def _manifest(n_patients: int = 80, *, seed: int = 0) -> pd.DataFrame:
@@ -140,7 +140,7 @@ class TestCountBySplit:
 
 class TestUsePredefinedSplit:
     def test_honours_a_patient_disjoint_split_column(self, manifest):
-        from stages.split import use_predefined_split
+        from dicomflow.splitting import use_predefined_split
 
         patient_number = manifest["patient_key"].str[-3:].astype(int)
         given = manifest.assign(predefined_split=np.array(SPLITS)[patient_number % 3])
@@ -148,7 +148,7 @@ class TestUsePredefinedSplit:
         assert (result == given["predefined_split"]).all()
 
     def test_rejects_missing_values_and_patients_in_two_splits(self, manifest):
-        from stages.split import use_predefined_split
+        from dicomflow.splitting import use_predefined_split
 
         incomplete = manifest.assign(predefined_split="train")
         incomplete.loc[3, "predefined_split"] = ""

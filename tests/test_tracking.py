@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages import tracking
+from dicomflow import tracking
 
 
 def test_tracking_uri_defaults_to_the_repository_sqlite_file(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from stages.models import build_resnet_small, build_seed_cnn, to_model_input
-from stages.params import AugmentParams, IngestParams, TrainParams
-from stages.train import train_model
+from dicomflow.model.architectures import build_resnet_small, build_seed_cnn, to_model_input
+from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
+from dicomflow.model.training import train_model
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -142,7 +142,7 @@ class TestTrainModel:
 
 class TestTrainingBatches:
     def test_an_epoch_is_a_permutation_of_the_training_set_augmented_by_batch(self):
-        from stages.train import training_batches
+        from dicomflow.model.training import training_batches
 
         images, labels = _bright_square_images(40, seed=0)
         plain = list(training_batches(images, labels, batch_size=16, epoch=1, seed=3))
@@ -162,7 +162,7 @@ class TestTrainingBatches:
 
 
 def test_batches_are_drawn_a_chunk_ahead_and_come_out_unchanged_in_order():
-    from stages.train import drawn_ahead
+    from dicomflow.model.training import drawn_ahead
 
     drawn: list[int] = []
 
@@ -181,7 +181,7 @@ def test_batches_are_drawn_a_chunk_ahead_and_come_out_unchanged_in_order():
 def test_classification_scores_for_two_and_three_classes():
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from stages.scoring import classification_scores
+    from dicomflow.model.scoring import classification_scores
 
     labels = np.array([0, 1, 1, 0, 1])
     binary = np.array([0.2, 0.7, 0.4, 0.6, 0.9])
@@ -198,7 +198,7 @@ def test_classification_scores_for_two_and_three_classes():
 
 
 def test_labels_become_class_indices_in_the_order_of_ingest_classes():
-    from stages.models import class_indices
+    from dicomflow.model.architectures import class_indices
 
     np.testing.assert_array_equal(class_indices(np.array([0, 1, 1, 0]), [0, 1]), [0, 1, 1, 0])
     np.testing.assert_array_equal(class_indices(np.array([9, 3, 5, 9]), [3, 5, 9]), [2, 0, 1, 2])
@@ -206,8 +206,8 @@ def test_labels_become_class_indices_in_the_order_of_ingest_classes():
 
 
 def test_images_of_another_size_than_the_params_are_a_clear_error():
-    from stages.cli import StageError
-    from stages.train import check_input_shape
+    from dicomflow.runtime.stage import StageError
+    from dicomflow.model.training import check_input_shape
 
     ingest = IngestParams(label_key="path", classes=[0, 1], image_size=64, channels=1, pixel_dtype="uint8",
                           frames="first", voi_index=0, target_spacing_mm=None, workers=0,
@@ -234,7 +234,7 @@ class TestStrategies:
                          ensemble=1, seed=5)
 
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
-        from stages.train import make_strategy
+        from dicomflow.model.training import make_strategy
 
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
@@ -260,8 +260,8 @@ class TestStrategies:
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 import keras, numpy as np
-from stages.models import build_resnet_small
-from stages.train import BatchNormStatistics, make_strategy
+from dicomflow.model.architectures import build_resnet_small
+from dicomflow.model.training import BatchNormStatistics, make_strategy
 strategy = make_strategy(sys.argv[1])
 keras.utils.set_random_seed(3)
 images = np.random.default_rng(0).random((40, 24, 24, 1)).astype(np.float32)
@@ -294,7 +294,7 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
 
     def test_multi_worker_without_tf_config_is_a_clear_error(self, monkeypatch):
-        from stages.train import make_strategy
+        from dicomflow.model.training import make_strategy
 
         monkeypatch.delenv("TF_CONFIG", raising=False)
         with pytest.raises(ValueError, match="'multi_worker' but TF_CONFIG is not set"):
@@ -312,7 +312,7 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
 
         import tensorflow as tf
 
-        from stages.train import is_chief
+        from dicomflow.model.training import is_chief
 
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -329,7 +329,7 @@ class TestTrainingControls:
         return TrainParams(**{**base, **changes})
 
     def test_balanced_class_weights_give_each_class_half_the_loss(self):
-        from stages.train import class_weights_for
+        from dicomflow.model.training import class_weights_for
 
         labels = np.array([0, 0, 0, 1])
         weights = class_weights_for(labels, "balanced")
@@ -378,7 +378,7 @@ sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent
 import dataclasses
 from pathlib import Path
 from test_train import TestTrainingControls, _bright_square_images
-from stages.train import train_model
+from dicomflow.model.training import train_model
 train_x, train_y = _bright_square_images(64, seed=0)
 val_x, val_y = _bright_square_images(32, seed=1)
 slow = lambda epoch, row: time.sleep(60 if epoch == 2 else 0)  # killed while it waits here
@@ -409,7 +409,7 @@ train_model(train_x, train_y, val_x, val_y, checkpoint=None, resume_dir=Path(sys
         assert not resume.exists()  # finished: nothing left to resume from
 
     def test_state_of_other_params_is_not_resumed(self, tmp_path):
-        from stages.train import TrainingState, fingerprint
+        from dicomflow.model.training import TrainingState, fingerprint
 
         train_x, train_y = _bright_square_images(32, seed=0)
         state = TrainingState(fingerprint(self.params(), None, train_x, train_y)).after_epoch(
@@ -430,7 +430,7 @@ class TestInferenceModeMatchesTraining:
             "keep": "last_epoch", **changes})
 
     def test_first_layer_statistics_are_those_of_its_input_over_the_training_images(self):
-        from stages.train import BatchNormStatistics
+        from dicomflow.model.training import BatchNormStatistics
 
         images, _ = _bright_square_images(40, seed=0)
         model = build_resnet_small(images.shape[1:])
@@ -454,7 +454,7 @@ class TestInferenceModeMatchesTraining:
         assert {"val_loss", "val_auc", "val_accuracy", "val_brier", "val_ece"} <= set(history.columns)
 
     def test_kept_epoch_has_the_lowest_validation_loss(self):
-        from stages.scoring import classification_scores
+        from dicomflow.model.scoring import classification_scores
 
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
@@ -467,8 +467,8 @@ class TestInferenceModeMatchesTraining:
         assert kept["loss"] == pytest.approx(history["val_loss"].min(), abs=1e-5)
 
     def test_temperature_is_fitted_on_validation_and_saved_in_the_model(self, tmp_path):
-        from stages.models import logit_model, temperature_of
-        from stages.scoring import classification_scores
+        from dicomflow.model.architectures import logit_model, temperature_of
+        from dicomflow.model.scoring import classification_scores
 
         train_x, train_y = _bright_square_images(96, seed=0)
         val_x, val_y = _bright_square_images(48, seed=1)
@@ -487,8 +487,8 @@ class TestInferenceModeMatchesTraining:
                 < classification_scores(val_y, plain.predict(val_x, verbose=0))["loss"])
 
     def test_an_ensemble_averages_members_of_different_seeds(self, tmp_path):
-        from stages.models import members_of
-        from stages.train import train_ensemble
+        from dicomflow.model.architectures import members_of
+        from dicomflow.model.training import train_ensemble
 
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)

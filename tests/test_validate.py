@@ -13,14 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import layout
-from stages.cli import StageError
-from stages.expectations import (
-    CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns,
-    find_text_columns, profile_manifest,
-)
-from stages.params import load_params
-from stages.validate import format_failures, main, render_report, run_checks, summarise
+from dicomflow.config import layout
+from dicomflow.runtime.stage import StageError
+from dicomflow.quality.expectations import (CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns, find_text_columns, profile_manifest)
+from dicomflow.config.params import load_params
+from dicomflow.quality.report import format_failures, render_report, run_checks, summarise
+from stages.validate import main
 
 PARAMS = {
     "classes": [0, 1], "modalities": ["CR", "DX"], "min_class_fraction": 0.2,

@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
 LINTER = REPO / "tests" / "tools" / "actionlint.cjs"
-PIPELINE_PATHS = {"params.yaml", "dvc.yaml", "stages/**", "data.dvc"}
+PIPELINE_PATHS = {"params.yaml", "dvc.yaml", "stages/**", "dicomflow/**", "data.dvc"}
 
 
 def actionlint(*files: Path) -> subprocess.CompletedProcess:

@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_description, dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.datadict import (
+    dictionary_description,
+    dictionary_has_tag,
+    dictionary_VR,
+    tag_for_keyword,
+)
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
@@ -112,9 +117,11 @@ def project_words() -> frozenset[str]:
     quote") alone is no evidence of a leak; such a name is still found with its other components,
     and the profile removes the text it could hide in whatever the scanner sees."""
     found: set[str] = set()
-    for path in Path(__file__).parent.glob("*.py"):
-        if path.stem == "sample_data":  # its names are fake patients', meant to be found
-            continue
+    package = Path(__file__).resolve().parents[1]
+    stages = package.parent / "stages"  # the pipeline's entry points, beside the package in the repository
+    for path in [*package.rglob("*.py"), *(stages.glob("*.py") if stages.is_dir() else [])]:
+        if "devtools" in path.relative_to(package.parent).parts:  # the sample generator's names are
+            continue                                                # fake patients', meant to be found
         tree = ast.parse(path.read_text(encoding="utf-8"))
         docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
         for node in ast.walk(tree):

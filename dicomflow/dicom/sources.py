@@ -1,6 +1,6 @@
 """What is under an input folder: the files to read, and every other entry with why it is not read.
 
-    python -m stages.source_files FOLDER   # lists names that are not UTF-8; exit 1 when any
+    dicomflow check-names FOLDER   # lists names that are not UTF-8; exit 1 when any
 
 Used by ingest (``data/``) and predict (any folder). A hospital export can hold more than
 DICOM files: FIFOs, sockets, links that point nowhere or at themselves, folders this process
@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,20 +124,3 @@ def list_sources(root: Path, *, exclude: set[Path] = frozenset()) -> SourceListi
 
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print every name under FOLDER that is not UTF-8; 1 when there is any."""
-    folder = Path((argv or sys.argv[1:] or ["data"])[0])
-    bad = [text for text, reason, _ in list_sources(folder).unread if reason == "non_utf8_name"]
-    for text in bad:
-        print(f"{folder}/{text}", file=sys.stderr)
-    if bad:
-        print(f"{len(bad)} name(s) under {folder}/ are not valid UTF-8 (shown with \\xNN for the "
-              "bytes that are not): DVC cannot track them. Rename them, e.g. with "
-              "`convmv -f latin1 -t utf8 -r --notest " + str(folder) + "`", file=sys.stderr)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

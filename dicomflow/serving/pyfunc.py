@@ -1,18 +1,18 @@
 """The registered model: an MLflow pyfunc that reads DICOM the way ingest does, then classifies.
 
 :class:`DicomClassifier` wraps the trained Keras model with everything prediction needs: the
-ingest pixel settings (``stages.ingest.PixelSettings``), the operating threshold chosen by
+ingest pixel settings (``dicomflow.dicom.display.PixelSettings``), the operating threshold chosen by
 evaluate, the class labels and optionally the training domain. Given DICOM files (paths or raw
-bytes) it makes the pixels with ``stages.ingest`` (``read_dataset`` then ``image_frames``, what
+bytes) it makes the pixels with ``dicomflow.dicom`` (``read_dataset`` then ``image_frames``, what
 ``read_image`` does), exactly as the training images were made, so a served model and the
 pipeline cannot drift apart; given images already preprocessed it scales them as train does.
-With a :class:`stages.domain.TrainingDomain` it refuses, from the header and before decoding, a
+With a :class:`dicomflow.serving.domain.TrainingDomain` it refuses, from the header and before decoding, a
 file unlike those it was trained on (``out_of_domain``: an MR sent to a radiograph model).
 
 :func:`log_classifier` logs it into the active MLflow run with a signature, pinned requirements
-and, as ``code_paths``, a copy of only the ``stages`` modules prediction imports
-(:func:`prediction_modules`): the model's files are searched by the leak scanner, and
-``stages/sample_data.py`` holds the fake names of the sample data set.
+and, as ``code_paths``, a copy of the parts of the ``dicomflow`` package that prediction needs
+(:data:`SHIPPED`, :func:`write_code_package`): the model's files are searched by the leak scanner, and
+``dicomflow/devtools/sample_data.py`` holds the fake names of the sample data set.
 
 Serving: ``mlflow models serve -m models:/<name>@champion --env-manager local`` answers
 ``POST /invocations`` with ``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}``:
@@ -22,7 +22,6 @@ base64-decode it (``path``, a string column, names files on the server's own dis
 
 from __future__ import annotations
 
-import ast
 import base64
 import binascii
 import dataclasses
@@ -39,17 +38,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from stages import layout
-from stages.domain import TrainingDomain
-from stages.ingest import PixelSettings, Quarantined, read_model_frames
-from stages.parallel import WorkFailure, WorkerPool
+from dicomflow.config import layout
+from dicomflow.dicom.display import PixelSettings, read_model_frames
+from dicomflow.dicom.reading import Quarantined
+from dicomflow.runtime.parallel import WorkerPool, WorkFailure
+from dicomflow.serving.domain import TrainingDomain
 
 logger = logging.getLogger(__name__)
 
 KERAS_ARTIFACT = "keras_model"
-# Modules a logged model must never carry: the sample generator holds the sample's fake PHI.
-NEVER_SHIPPED = frozenset({"sample_data"})
-# What prediction needs installed (stages.ingest's imports included), pinned to what is installed.
+# What of the package a logged model carries: prediction and what it imports (a test checks that
+# their imports stay inside this list). Never the developer tools: the sample generator holds the
+# sample's fake identifying values, and the leak scanner reads the models' files.
+SHIPPED = ("__init__.py", "config", "dicom", "runtime", "serving", "tracking.py")
+# What prediction needs installed (dicomflow.dicom's imports included), pinned to what is installed.
 REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
                 "pylibjpeg-rle", "numpy", "pandas", "pyarrow", "pillow", "pyyaml", "tqdm")
 PREDICT_BATCH = 64  # images per Keras call
@@ -195,7 +197,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             self._pool = WorkerPool(
                 partial(read_model_frames, settings=self.settings,
                         check=None if domain is None else domain.check),
-                workers=DECODER_PROCESSES, context="forkserver", preload=("stages.ingest",),
+                workers=DECODER_PROCESSES, context="forkserver", preload=("dicomflow.dicom.display",),
                 timeout_s=DECODE_TIMEOUT_S)
         return self._pool
 
@@ -230,7 +232,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
                 raise ValueError("float images must hold values in [0, 1]; got "
                                  f"{np.nanmin(images):.3g} to {np.nanmax(images):.3g}")
-        unit = layout.unit_pixels(images)  # what stages.models.to_model_input does
+        unit = layout.unit_pixels(images)  # what dicomflow.model.architectures.to_model_input does
         return unit[..., None] if unit.ndim == 3 else unit
 
     def _width(self) -> int:
@@ -321,46 +323,16 @@ def build_signature(classes: list[int], *, binary: bool) -> mlflow.models.ModelS
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def prediction_modules(start: str = "serving") -> list[str]:
-    """The ``stages`` modules that ``stages.<start>`` imports, directly or not, itself included.
-
-    Read from the source (every ``import stages.x`` / ``from stages import x`` anywhere in a
-    module), so a new import in ingest is shipped with the model without anyone listing it.
-
-    Raises
-    ------
-    ValueError
-        The graph reaches a module of :data:`NEVER_SHIPPED`.
-    """
-    package = Path(__file__).resolve().parent
-    found: dict[str, str] = {}  # module -> the module that imports it
-    todo = [(start, start)]
-    while todo:
-        name, parent = todo.pop()
-        if name in found or not (package / f"{name}.py").is_file():
-            continue
-        if name in NEVER_SHIPPED:
-            raise ValueError(f"stages.{parent} imports stages.{name}, which must never be logged with "
-                             "a model (it holds the sample data's fake identifying values)")
-        found[name] = parent
-        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "stages":
-                todo += [(alias.name, name) for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stages."):
-                todo.append((node.module.split(".")[1], name))
-            elif isinstance(node, ast.Import):
-                todo += [(alias.name.split(".")[1], name) for alias in node.names
-                         if alias.name.startswith("stages.")]
-    return sorted(found)
-
-
 def write_code_package(folder: Path) -> Path:
-    """Copy ``stages/__init__.py`` and :func:`prediction_modules` into ``folder/stages``; returns it."""
-    package = Path(__file__).resolve().parent
-    target = folder / "stages"
+    """Copy the :data:`SHIPPED` parts of the ``dicomflow`` package into ``folder/dicomflow``; returns it."""
+    package = Path(__file__).resolve().parents[1]
+    target = folder / package.name
     target.mkdir(parents=True)
-    for name in ["__init__", *prediction_modules()]:
-        shutil.copyfile(package / f"{name}.py", target / f"{name}.py")
+    for name in SHIPPED:
+        if (package / name).is_dir():
+            shutil.copytree(package / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(package / name, target / name)
     return target
 
 
@@ -410,7 +382,7 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
 
     Notes
     -----
-    The model carries its code (``code/stages/``: only :func:`prediction_modules`) and pins
+    The model carries its code (``code/dicomflow/``, :func:`write_code_package`) and pins
     :func:`pinned_requirements`; its MLmodel metadata repeats the settings, threshold, classes and
     (key ``training_domain``, :meth:`TrainingDomain.to_dict`) the domain for people reading the
     registry.

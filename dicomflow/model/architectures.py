@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages import layout
+from dicomflow.config import layout
 
 LOGITS, CALIBRATION, PROBABILITY = "logits", "calibration", "probability"
 
@@ -52,7 +52,7 @@ def build_resnet_small(input_shape: tuple[int, int, int], n_classes: int = 2, *,
     the defaults: small enough for 2 CPU cores and a few hundred images, where ImageNet-sized
     networks (``keras.applications``) overfit and there are no pretrained weights to start from.
     Its batch-normalisation statistics are re-estimated by the train stage after every epoch
-    (``stages.train.BatchNormStatistics``).
+    (``dicomflow.model.training.BatchNormStatistics``).
     """
     import keras
     from keras import layers
@@ -177,7 +177,7 @@ def predict_probabilities(model, images: np.ndarray, *, calibrated: bool = True,
                           batch_size: int = 256) -> np.ndarray:
     """The model's probabilities (n,) for one sigmoid output, (n, k) for a softmax; with
     ``calibrated=False`` those of its uncalibrated logits (an ensemble's members averaged)."""
-    from stages.scoring import probabilities_from_logits
+    from dicomflow.model.scoring import probabilities_from_logits
 
     def squeeze(values: np.ndarray) -> np.ndarray:
         return values.ravel() if values.shape[-1] == 1 else values
@@ -192,7 +192,7 @@ def complement_probabilities(model, images: np.ndarray) -> np.ndarray | None:
     """1 - p for a model with one sigmoid output, from its members' logits in float64: exact where
     p itself rounds to 1 (a calibrated logit beyond ~17 in float32, beyond ~37 in float64). None
     for a model without this module's head (no ``logits`` layer)."""
-    from stages.scoring import probabilities_from_logits
+    from dicomflow.model.scoring import probabilities_from_logits
 
     members = members_of(model)
     if not all(LOGITS in {layer.name for layer in member.layers} for member in members):

@@ -5,7 +5,7 @@ sent to a chest radiograph classifier still gets a probability, one that no vali
 :class:`TrainingDomain` records, from the de-identified manifest rows of the training images,
 what those files were (modality, photometric interpretation and so channels, matrix size, pixel
 spacing, body part), and :meth:`TrainingDomain.check` refuses a file outside it from its header
-alone, before any pixel is decoded. ``stages.serving`` logs it with the registered model.
+alone, before any pixel is decoded. ``dicomflow.serving.pyfunc`` logs it with the registered model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 import pydicom
 
-from stages.ingest import COLOUR, GRAYSCALE, Quarantined, pixel_spacing
+from dicomflow.dicom.display import COLOUR, GRAYSCALE, pixel_spacing
+from dicomflow.dicom.reading import Quarantined
 
 OUT_OF_DOMAIN = "out_of_domain"  # the Quarantined reason code
 # Sizes and spacings vary continuously between detectors, protocols and sites, and ingest fits

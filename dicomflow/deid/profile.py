@@ -50,10 +50,21 @@ from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
-from stages.identifiers import (Identifiers, collect_identifiers, cut_dates, describe_tag, fold,
-                                is_unsegmented, vr_of)
+from dicomflow.deid.identifiers import (
+    Identifiers,
+    collect_identifiers,
+    cut_dates,
+    describe_tag,
+    fold,
+    is_unsegmented,
+    vr_of,
+)
 
 PROFILE_REVISION = "2026c"
 BASIC_PROFILE_MODULE = "dicomfields_2026c"  # in dicom-anonymizer's dicom_anonymization_databases
@@ -201,7 +212,9 @@ def basic_profile_codes(module: str = BASIC_PROFILE_MODULE) -> dict[tuple[int, i
     ``(0x50000000, 0xFF000000)``. The private-attributes row is not in these lists (private tags are
     the ``remove_private_tags`` switch's).
     """
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+    from dicomanonymizer.dicomfields_selector import (
+        dicom_anonymization_database_selector,
+    )
 
     codes: dict[tuple[int, int], str] = {}
     for name, tags in dicom_anonymization_database_selector(module).items():
@@ -417,7 +430,7 @@ def clean_text(text: str, identifiers: Identifiers) -> str:
     cannot be sure (Clean Descriptors).
 
     Cut: every date in a written form and every number of 5 digits or more (record and telephone
-    numbers), then every word or run of words that, folded (:func:`stages.identifiers.fold`), is
+    numbers), then every word or run of words that, folded (:func:`dicomflow.deid.identifiers.fold`), is
     an identifier of ``identifiers`` or begins with a name of at least 4 letters (inflected names:
     "Müllers", "Иванова" for Иванов). The whole text is removed when it is written in a script
     without spaces between words (Han, kana, Hangul, Thai: no word boundary to cut on), or when

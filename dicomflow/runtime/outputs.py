@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.cli import StageError
+from dicomflow.runtime.stage import StageError
 
 STAGING_SUFFIX = ".partial"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

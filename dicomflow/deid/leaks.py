@@ -1,9 +1,9 @@
 """Leak scanner: the identifying values of the source files, searched in everything downstream.
 
-The values come from :func:`stages.identifiers.collect_identifiers` (each source header, file meta
+The values come from :func:`dicomflow.deid.identifiers.collect_identifiers` (each source header, file meta
 included) and :func:`identifiers_from_index` (the ingest index); :func:`identifiers_at_ingest`
 gathers both for an ingested data set. The search reads like an attacker (see
-:mod:`stages.identifiers` for how values are matched: folded spellings, names by component and in
+:mod:`dicomflow.deid.identifiers` for how values are matched: folded spellings, names by component and in
 any order, CJK names from two characters, written dates, telephone numbers by their digits), and
 reads every byte that could carry text, in UTF-8, Latin-1 and every character set of the sources,
 with JSON ``\\uXXXX`` escapes undone:
@@ -19,7 +19,7 @@ with JSON ``\\uXXXX`` escapes undone:
 A hit names the output, the location and the kind of value, never the value itself;
 :func:`summarise_leaks` counts them by attribute and kind. As a command:
 
-    python -m stages.deid_leaks [--run RUN_ID] [PATH ...]
+    dicomflow scan-leaks [--run RUN_ID] [PATH ...]
 
 reads the identifiers from ``paths.ingest_dir`` and the sources under ``paths.data`` and exits 1
 on any hit.
@@ -27,11 +27,8 @@ on any hit.
 
 from __future__ import annotations
 
-import argparse
 import codecs
-import logging
 import re
-import sys
 import tempfile
 import zipfile
 from collections import defaultdict
@@ -44,8 +41,13 @@ import pydicom
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataset import Dataset
 
-from stages.identifiers import Identifiers, collect_identifiers, describe_tag, source_encodings
-from stages.log_privacy import hidden_pydicom_messages
+from dicomflow.deid.identifiers import (
+    Identifiers,
+    collect_identifiers,
+    describe_tag,
+    source_encodings,
+)
+from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 
 INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
     "patient_id": "(0010,0020) Patient ID",
@@ -322,36 +324,3 @@ def _table_texts(table: pd.DataFrame) -> Iterator[tuple[str, str]]:
             continue
         for cell in table[column].dropna():
             yield f"column {column!r}", str(cell)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The leak scanner as a command; returns 1 on any hit, 0 when everything is clean."""
-    from stages.params import load_params
-    from stages.tracking import configure_mlflow
-
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.deid_leaks",
-        description="Search the identifying values of the ingested sources in files, folders and "
-                    "MLflow runs. Hits name the place and the kind of value, never the value.")
-    parser.add_argument("paths", nargs="*", type=Path, help="files or folders to search")
-    parser.add_argument("--run", action="append", default=[], metavar="RUN_ID",
-                        help="an MLflow run to search, with its child runs (repeatable)")
-    args = parser.parse_args(argv)
-    if not args.paths and not args.run:
-        parser.error("give at least one path or --run")
-    paths = load_params("paths")
-    identifiers = identifiers_at_ingest(Path(paths.ingest_dir), Path(paths.data))
-    leaks = scan_paths(identifiers, args.paths)
-    if args.run:
-        configure_mlflow(experiment=None)
-        for run_id in args.run:
-            leaks += scan_mlflow_run(identifiers, run_id)
-    for leak in leaks:
-        print(f"LEAK {leak.output}: {leak.location}: a {leak.source} value")
-    print(f"{len(leaks)} hit(s) for {len(identifiers):,} identifying values")
-    return 1 if leaks else 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())

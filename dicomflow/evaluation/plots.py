@@ -10,9 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix,
-                             precision_recall_curve, precision_score, recall_score, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 
 def calibration_table(y_true: np.ndarray, y_score: np.ndarray, *, n_bins: int = 10) -> pd.DataFrame:
@@ -136,9 +143,13 @@ def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncali
     the model's calibration: ``reliability.csv`` (one row per bin and version, with its image
     count) and ``reliability.png`` (each point labelled with its count, a histogram of counts
     below). Equal-width bins, unlike :func:`calibration_table`, put both versions on the same
-    bins: the ones ECE is computed on (:func:`stages.scoring.reliability_table`).
+    bins: the ones ECE is computed on (:func:`dicomflow.model.scoring.reliability_table`).
     """
-    from stages.scoring import brier_score, expected_calibration_error, reliability_table
+    from dicomflow.model.scoring import (
+        brier_score,
+        expected_calibration_error,
+        reliability_table,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = {"calibrated": calibrated, "uncalibrated": uncalibrated}

@@ -1,7 +1,7 @@
 """The validate stage's expectation suite, written as code (no Great Expectations import here).
 
 Each :class:`Check` names a Great Expectations 1.x expectation class and its keyword arguments;
-``stages.validate.run_checks`` turns them into GX expectations. The checks GX cannot express
+``dicomflow.quality.report.run_checks`` turns them into GX expectations. The checks GX cannot express
 (column kinds, identifying column *names*) are computed in pandas (:data:`COMPUTED_CHECKS`), and
 drift against the last accepted data set compares two profiles (:func:`profile_manifest`,
 :func:`drift_results`); all are reported in the same shape, a :class:`CheckResult`. Severity
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages import layout
+from dicomflow.config import layout
 
 CRITICAL, WARNING = "critical", "warning"
 

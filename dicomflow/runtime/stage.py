@@ -8,8 +8,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from stages.log_privacy import withheld_summary, withhold_library_messages
-from stages.params import ParamsError
+from dicomflow.config.params import ParamsError
+from dicomflow.runtime.log_privacy import withheld_summary, withhold_library_messages
 
 
 class StageError(RuntimeError):
@@ -37,7 +37,7 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main`` with logging on stderr; params and data errors exit 1 in one line,
     any other error with its traceback but not its message (:func:`value_free_traceback`).
 
-    Library warnings and pydicom's log records are withheld (:mod:`stages.log_privacy`): they
+    Library warnings and pydicom's log records are withheld (:mod:`dicomflow.runtime.log_privacy`): they
     quote values read from source files, and CI keeps these logs.
     """
     logging.basicConfig(

@@ -18,7 +18,7 @@ import yaml
 DEFAULT_TRACKING_DB = "mlflow.db"
 EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
-# Tag of a run whose model is degenerate (stages.scoring.degeneracy), with what was seen.
+# Tag of a run whose model is degenerate (dicomflow.model.scoring.degeneracy), with what was seen.
 DEGENERATE_TAG = "dicomflow.degenerate"
 
 

@@ -90,7 +90,7 @@ def withheld_summary() -> str:
 def _short(filename: str) -> str:
     """``pydicom/valuerep.py`` for a path inside site-packages; the file name otherwise."""
     parts = Path(filename).parts
-    for anchor in ("site-packages", "stages"):
+    for anchor in ("site-packages", "dicomflow", "stages"):
         if anchor in parts:
             return "/".join(parts[parts.index(anchor) + (anchor == "site-packages"):])
     return Path(filename).name

@@ -1,0 +1,1 @@
+"""dicomflow: DICOM studies to a de-identified data set, a trained CNN and a registered model."""

@@ -1,0 +1,143 @@
+"""The ``dicomflow`` command: what a user runs besides the pipeline's stages.
+
+    dicomflow predict INPUT_DIR [--output predictions.csv] [--model models:/NAME@champion]
+    dicomflow scan-leaks [PATH ...] [--run RUN_ID]
+    dicomflow sample-data OUT_DIR [--patients 240] [--seed 2026] [--force]
+    dicomflow check-names [FOLDER]
+
+Each subcommand is glue, like a stage's ``main()``: it reads ``params.yaml`` where it needs to
+and calls the library. Errors are one line (:func:`dicomflow.runtime.stage.run_stage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dicomflow.runtime.stage import StageError, run_stage
+
+logger = logging.getLogger("dicomflow.predict")
+
+
+def predict(args: argparse.Namespace) -> None:
+    """The registered model on every file under INPUT_DIR, to one CSV (bad files get their reason
+    in its ``error`` column and never stop the run); fails only when no file could be predicted."""
+    from dicomflow import tracking
+    from dicomflow.config.params import load_params
+    from dicomflow.dicom.sources import list_sources
+    from dicomflow.runtime.outputs import write_text
+    from dicomflow.serving.predict import error_counts, load_model, predict_files, with_unread
+
+    if not args.input_dir.is_dir():
+        raise StageError(f"input folder {args.input_dir} not found")
+    listing = list_sources(args.input_dir, exclude={args.output.resolve()})
+    if not listing.files:
+        raise StageError(f"no files found under {args.input_dir}/")
+    uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
+    tracking.configure_mlflow(experiment=None)
+    model = load_model(uri)
+
+    predictions = with_unread(predict_files(model, listing.files, root=args.input_dir), listing.unread)
+    write_text(args.output, predictions.to_csv(index=False))
+    failed = error_counts(predictions)
+    summary = ", ".join(f"{count} {reason}" for reason, count in failed.most_common())
+    # Counts only: paths and reader messages can carry PHI, so they stay in the CSV.
+    logger.info("predicted %d of %d files with %s; wrote %s", len(predictions) - sum(failed.values()),
+                len(predictions), uri, args.output)
+    if failed:
+        logger.warning("%d files not predicted (%s): see the error column of %s", sum(failed.values()),
+                       summary, args.output)
+    if sum(failed.values()) == len(predictions):
+        raise StageError(f"none of the {len(predictions)} files under {args.input_dir}/ could be predicted "
+                         f"({summary}); see {args.output}")
+
+
+def scan_leaks(args: argparse.Namespace) -> int:
+    """Search the identifying values of the ingested sources in files, folders and MLflow runs;
+    1 on any hit. Hits name the place and the kind of value, never the value."""
+    from dicomflow.config.params import load_params
+    from dicomflow.deid.leaks import identifiers_at_ingest, scan_mlflow_run, scan_paths
+    from dicomflow.tracking import configure_mlflow
+
+    paths = load_params("paths")
+    identifiers = identifiers_at_ingest(Path(paths.ingest_dir), Path(paths.data))
+    leaks = scan_paths(identifiers, args.paths)
+    if args.run:
+        configure_mlflow(experiment=None)
+        for run_id in args.run:
+            leaks += scan_mlflow_run(identifiers, run_id)
+    for leak in leaks:
+        print(f"LEAK {leak.output}: {leak.location}: a {leak.source} value")
+    print(f"{len(leaks)} hit(s) for {len(identifiers):,} identifying values")
+    return 1 if leaks else 0
+
+
+def sample_data(args: argparse.Namespace) -> int:
+    """Write the embedded sample (synthetic radiographs with fake PHI) to OUT_DIR."""
+    from dicomflow.devtools.sample_data import generate_sample
+
+    try:
+        generate_sample(args.out_dir, patients=args.patients, seed=args.seed, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        logger.error("%s", error)
+        return 1
+    return 0
+
+
+def check_names(args: argparse.Namespace) -> int:
+    """Print every name under FOLDER that is not UTF-8 (DVC cannot track them); 1 when there is any."""
+    from dicomflow.dicom.sources import list_sources
+
+    folder = args.folder
+    bad = [text for text, reason, _ in list_sources(folder).unread if reason == "non_utf8_name"]
+    for text in bad:
+        print(f"{folder}/{text}", file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} name(s) under {folder}/ are not valid UTF-8 (shown with \\xNN for the "
+              "bytes that are not): DVC cannot track them. Rename them, e.g. with "
+              f"`convmv -f latin1 -t utf8 -r --notest {folder}`", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dicomflow", description="dicomflow: what a user runs besides the pipeline's stages.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    command = commands.add_parser("predict", help="the registered model on a folder of DICOM files, to a CSV")
+    command.add_argument("input_dir", type=Path, help="folder of DICOM files (searched recursively)")
+    command.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
+    command.set_defaults(handler=predict)
+
+    command = commands.add_parser("scan-leaks", help="search the sources' identifying values in outputs and runs")
+    command.add_argument("paths", nargs="*", type=Path, help="files or folders to search")
+    command.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                         help="an MLflow run to search, with its child runs (repeatable)")
+    command.set_defaults(handler=scan_leaks)
+
+    command = commands.add_parser("sample-data", help="write the embedded sample data set (developer tool)")
+    command.add_argument("out_dir", type=Path, help="output directory (must be empty unless --force)")
+    command.add_argument("--patients", type=int, default=240, help="number of patients (default 240)")
+    command.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
+    command.add_argument("--force", action="store_true", help="remove existing content of OUT_DIR first")
+    command.set_defaults(handler=sample_data)
+
+    command = commands.add_parser("check-names", help="list the file names under FOLDER that are not UTF-8")
+    command.add_argument("folder", type=Path, nargs="?", default=Path("data"), help="default: data")
+    command.set_defaults(handler=check_names)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "scan-leaks" and not args.paths and not args.run:
+        parser().error("scan-leaks: give at least one path or --run")
+    status: list[int] = []
+    run_stage(lambda: status.append(args.handler(args) or 0))
+    return status[0] if status else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

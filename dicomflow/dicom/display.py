@@ -1,0 +1,412 @@
+"""Pixels as a radiologist's viewer shows them, fitted to the model's input size.
+
+Modality LUT, then the chosen VOI LUT or window, MONOCHROME1 inverted, colour (RGB, YBR,
+PALETTE COLOR) converted to the configured channels, then optionally resampled to a common pixel
+spacing, then fitted to the output size (:class:`PixelSettings`). Used by ingest and by the
+registered model, so training and serving make the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dicomflow.config import layout
+from dicomflow.config.params import IngestParams
+from dicomflow.dicom.reading import (
+    Quarantined,
+    failure_reason,
+    quoted,
+    read_dataset,
+    read_file,
+    working_bytes,
+)
+from dicomflow.runtime.log_privacy import hidden_pydicom_messages
+
+logger = logging.getLogger(__name__)
+
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+EXTREME_MARGIN = 0.5 / 255  # see extreme_share
+
+
+@dataclass(frozen=True)
+class PixelSettings:
+    """The ``ingest`` params that shape the pixels (what a worker process needs)."""
+
+    size: int
+    channels: int = 1               # 1: grayscale (colour to luminance); 3: RGB (grayscale repeated)
+    frames: str = "first"           # first | middle | all (one image per frame)
+    voi_index: int = 0              # which VOI LUT or window when a file has several
+    target_spacing_mm: float | None = None  # resample to this spacing, then pad or crop to size
+    dtype: str = "uint8"            # uint8 (0-255) or float16 ([0, 1])
+    # Bound on what one file may cost: its size, its inflated size, its decoded frames. A default
+    # here also serves models pickled before the bound existed.
+    max_decoded_mib: int = 2048
+
+    @classmethod
+    def from_params(cls, params: IngestParams) -> PixelSettings:
+        return cls(size=params.image_size, channels=params.channels, frames=params.frames,
+                   voi_index=params.voi_index, target_spacing_mm=params.target_spacing_mm,
+                   dtype=params.pixel_dtype, max_decoded_mib=params.max_decoded_mib)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_decoded_mib << 20
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (self.size, self.size) if self.channels == 1 else (self.size, self.size, 3)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of a file: its frame number, full-resolution display pixels and output pixels."""
+
+    index: int
+    display: np.ndarray  # float32 in [0, 1], (rows, cols) or (rows, cols, 3)
+    pixels: np.ndarray   # PixelSettings.image_shape in PixelSettings.dtype
+
+
+def decode_frames(ds: pydicom.Dataset, *, frames: str,
+                  max_bytes: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """Stored values of the chosen frame(s) as (frame number, array), or raise Quarantined.
+
+    With ``max_bytes``, frames whose decoded size (:func:`working_bytes`, from the header) is
+    larger are refused before any decoder allocates them.
+    """
+    photometric = ds.get("PhotometricInterpretation")
+    if photometric not in GRAYSCALE + COLOUR:
+        found = "is absent" if photometric is None else f"is {photometric!r}"
+        raise Quarantined("unsupported_photometric", f"(0028,0004) Photometric Interpretation {found}, "
+                          f"not one of {', '.join(GRAYSCALE + COLOUR)}")
+    if photometric == "PALETTE COLOR" and ds.file_meta.get("TransferSyntaxUID") == ExplicitVRBigEndian:
+        # pydicom's apply_color_lut reads the OW lookup tables as little endian: colours would be wrong.
+        raise Quarantined("unsupported_photometric", "PALETTE COLOR in a big-endian file: its lookup "
+                          "tables would be read with the wrong byte order")
+    n_frames = number_of_frames(ds)
+    wanted = {"first": 0, "middle": n_frames // 2}.get(frames)
+    needed = working_bytes(ds, n_frames if wanted is None else 1)
+    if max_bytes is not None and needed is not None and needed > max_bytes:
+        raise Quarantined("too_large", f"decoding would take {needed >> 20} MiB (Rows x Columns x "
+                          f"samples x frames), more than ingest.max_decoded_mib {max_bytes >> 20}")
+    try:
+        native = native_pixels(ds)
+        if native is not None:
+            return [(0, native)]
+        if wanted is not None and n_frames > 1:
+            ds.pixel_array_options(index=wanted)  # decode only that frame
+        stored = ds.pixel_array
+    except (ValueError, EOFError) as err:
+        text = str(err)
+        truncated = isinstance(err, EOFError) or "less than expected" in text or "truncat" in text.lower()
+        raise Quarantined("truncated_pixel_data" if truncated else "undecodable", quoted(text)) from err
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # a decoder plugin missing, failing or panicking
+        raise failure_reason(err, reading="the pixel data") from err
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if n_frames > 1 and wanted is None:  # every frame: (frames, rows, cols[, samples])
+        return list(enumerate(stored))
+    if stored.ndim == (3 if samples == 1 else 4):  # a decoder that ignored the frame index
+        stored = stored[wanted or 0]
+    return [(wanted or 0, stored)]
+
+
+def native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Stored values of an uncompressed little-endian single-frame grayscale image, else None.
+
+    The most common archive export. pydicom's ``pixel_array`` gets there through a decoder
+    framework that validates dozens of attributes per call, which for small images costs more
+    than reading the file (``bench/ingest.py``); this reads the bytes directly, with pydicom's
+    semantics: bits above (0028,0101) Bits Stored masked, signed values sign-extended. Anything
+    else (compressed, big endian, colour, multi-frame, short data) returns None and goes to pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        allocated, bits, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or allocated not in (8, 16) or not 1 <= bits <= allocated or number_of_frames(ds) != 1:
+        return None
+    data = ds.PixelData
+    if len(data) < rows * cols * allocated // 8:
+        return None  # pydicom says how it is truncated
+    values = np.frombuffer(data, dtype=f"<u{allocated // 8}", count=rows * cols).reshape(rows, cols)
+    if bits < allocated:
+        values = values & np.array((1 << bits) - 1, dtype=values.dtype)
+    if not signed:
+        return values
+    signed_values = values.astype(f"<i{allocated // 8}")
+    if bits < allocated:  # two's complement in `bits` bits
+        signed_values = np.where(values >= 1 << (bits - 1),
+                                 values.astype(np.int32) - (1 << bits), values).astype(signed_values.dtype)
+    return signed_values
+
+
+def number_of_frames(ds: pydicom.Dataset) -> int:
+    """(0028,0008) Number of Frames, 1 when absent or empty."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int = 0,
+                      channels: int = 1) -> np.ndarray:
+    """Stored values of one frame to float32 in [0, 1] as a viewer shows them.
+
+    Grayscale: modality LUT ((0028,1052) Rescale Intercept, (0028,1053) Rescale Slope or a
+    Modality LUT Sequence), then the VOI LUT or window number ``voi_index`` (the last one when the
+    file has fewer), then MONOCHROME1 inverted so that 1 is always bright; without any VOI
+    information the frame's own range is used. Colour: PALETTE COLOR through its lookup tables,
+    YBR already converted to RGB by pydicom's decoders, scaled by the stored bit depth.
+    ``channels`` 1 gives (rows, cols), colour reduced to luminance (ITU-R BT.601 weights);
+    3 gives (rows, cols, 3), grayscale repeated.
+    """
+    if ds.PhotometricInterpretation in GRAYSCALE:
+        gray = _grayscale_display(ds, stored, voi_index=voi_index)
+        return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    rgb = _colour_display(ds, stored)
+    if channels == 3:
+        return rgb
+    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
+
+
+def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray:
+    fast = _linear_display(ds, stored, voi_index=voi_index)
+    if fast is not None:
+        return fast
+    values = apply_modality_lut(stored, ds)
+    # Present but empty elements mean "no VOI", as pydicom's apply_voi_lut decides.
+    lut = ds.get("VOILUTSequence")
+    has_lut = bool(lut) and None not in (lut[0].get("LUTDescriptor"), lut[0].get("LUTData"))
+    has_window = None not in (ds.get("WindowCenter"), ds.get("WindowWidth"))
+    if not (has_lut or has_window):
+        return _min_max(values.astype(np.float64), ds)
+    if not has_lut:  # a VOI LUT indexes by the integer values; a window computes in floats
+        values = values.astype(np.float64)
+    index = min(voi_index, (len(lut) if has_lut else _multiplicity(ds.WindowCenter)) - 1)
+    values = apply_voi_lut(values, ds, index=index)
+    low, high = _voi_output_range(ds, lut=has_lut, index=index)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return _orient(np.clip(scaled, 0.0, 1.0), ds)
+
+
+def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray | None:
+    """The common case in closed form: rescale slope/intercept and a LINEAR window, else None.
+
+    pydicom's apply_modality_lut and apply_windowing produce values in the window's output range
+    that the caller scales back to [0, 1]; the composition is clip((x - c) / w + 0.5, 0, 1) with
+    x the rescaled value and, for LINEAR, c = centre - 0.5 and w = width - 1 (PS3.3 C.11.2.1.2.1).
+    Computing that directly halves the time per image (``bench/ingest.py``). LUT sequences, SIGMOID
+    and a LINEAR width of 1 or less (pydicom's errors and edge cases) go to pydicom.
+    """
+    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    has_window = centre is not None and width is not None
+    if function not in ("LINEAR", "LINEAR_EXACT") and has_window:
+        return None
+    try:
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slope, intercept = (1.0, 0.0) if slope is None or intercept is None else (float(slope), float(intercept))
+        if not has_window:
+            return _min_max(stored * slope + intercept, ds)
+        index = min(voi_index, _multiplicity(centre) - 1, _multiplicity(width) - 1)
+        c = float(centre[index] if _multiplicity(centre) > 1 else centre)
+        w = float(width[index] if _multiplicity(width) > 1 else width)
+    except (TypeError, ValueError):
+        return None
+    if function == "LINEAR":
+        c, w = c - 0.5, w - 1
+    if w <= 0:
+        return None
+    # One multiply-add and one clip: (x * slope + intercept - c) / w + 0.5, inverted for MONOCHROME1.
+    gain, offset = slope / w, (intercept - c) / w + 0.5
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        gain, offset = -gain, 1.0 - offset
+    scaled = stored.astype(np.float64) * gain + offset
+    return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32)
+
+
+def _min_max(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """No VOI information: the frame's own range to [0, 1] (a constant frame to 0)."""
+    low, high = float(values.min()), float(values.max())
+    return _orient((values - low) / (high - low) if high > low else np.zeros_like(values), ds)
+
+
+def _orient(scaled: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """MONOCHROME1 inverted so that 1 is always bright; float32."""
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return scaled.astype(np.float32)
+
+
+def _multiplicity(value: object) -> int:
+    return len(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else 1
+
+
+def _colour_display(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = apply_color_lut(stored, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:
+        rgb, bits = stored, int(ds.BitsStored)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise Quarantined("unsupported_photometric", f"colour pixels of shape {rgb.shape}, expected rows x cols x 3")
+    return np.clip(rgb.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
+
+
+def _voi_output_range(ds: pydicom.Dataset, *, lut: bool, index: int = 0) -> tuple[float, float]:
+    """Output range of pydicom's ``apply_voi_lut`` (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
+    if lut:
+        bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    bits = int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
+
+
+def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Area-averaging resize of a 2-D float image, or of each channel of a 3-D one.
+
+    PIL's box filter averages when shrinking, avoiding the aliasing of plain subsampling, which
+    would drop small findings such as nodules; when enlarging it repeats pixels.
+    """
+    if image.ndim == 3:
+        return np.stack([_resize(image[..., c], rows, cols) for c in range(image.shape[-1])], axis=-1)
+    return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(
+        (cols, rows), Image.Resampling.BOX))
+
+
+def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
+    """Fit ``image`` into ``size`` × ``size`` keeping its aspect ratio, centred, zero padded."""
+    rows, cols = image.shape[:2]
+    scale = size / max(rows, cols)
+    resized = _resize(image, max(1, round(rows * scale)), max(1, round(cols * scale)))
+    return pad_or_crop(resized, size)
+
+
+def pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre ``image`` in ``size`` × ``size``: zero padding where smaller, cropping where larger."""
+    out = np.zeros((size, size, *image.shape[2:]), dtype=np.float32)
+    rows, cols = image.shape[:2]
+    src_top, src_left = max(0, (rows - size) // 2), max(0, (cols - size) // 2)
+    dst_top, dst_left = max(0, (size - rows) // 2), max(0, (size - cols) // 2)
+    n_rows, n_cols = min(rows, size), min(cols, size)
+    out[dst_top:dst_top + n_rows, dst_left:dst_left + n_cols] = \
+        image[src_top:src_top + n_rows, src_left:src_left + n_cols]
+    return out
+
+
+def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from (0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        row, col = float(spacing[0]), float(spacing[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
+def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target_mm: float) -> np.ndarray:
+    """Resample so that one pixel covers ``target_mm`` in both directions."""
+    rows, cols = image.shape[:2]
+    return _resize(image, max(1, round(rows * spacing[0] / target_mm)),
+                   max(1, round(cols * spacing[1] / target_mm)))
+
+
+def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydicom.Dataset, list[Frame]]:
+    """Read one file: its dataset and the chosen frames, ready to store, or raise Quarantined."""
+    ds = read_dataset(source, max_bytes=settings.max_bytes)
+    return ds, image_frames(ds, settings)
+
+
+def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
+    """The chosen frames of a parsed file (:func:`read_dataset`), decoded and ready to store, or
+    raise Quarantined. Apart from read_image so that a header can be checked before decoding."""
+    spacing = pixel_spacing(ds)
+    if settings.target_spacing_mm is not None and spacing is None:
+        raise Quarantined("no_pixel_spacing", "ingest.target_spacing_mm is set but the file has no "
+                          "(0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing")
+    frames = []
+    for index, stored in decode_frames(ds, frames=settings.frames, max_bytes=settings.max_bytes):
+        try:
+            display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
+        except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
+            raise Quarantined("invalid_voi", quoted(err)) from err
+        if not np.isfinite(display).all():
+            raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
+        if display.max() == display.min():
+            raise Quarantined("blank", f"frame {index}: every pixel shows the same value once the "
+                              "modality and VOI steps are applied")
+        if settings.target_spacing_mm is None:
+            fitted = resize_with_padding(display, settings.size)
+        else:
+            fitted = pad_or_crop(resample_to_spacing(display, spacing, settings.target_spacing_mm),
+                                 settings.size)
+        frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype)))
+    return frames
+
+
+def extreme_share(display: np.ndarray) -> float:
+    """Share of pixels at the ends of the display range: high means saturated.
+
+    "At an end" is within half an 8-bit display step of 0 or 1, so that pixels a window clips
+    count the same whichever arithmetic computed them.
+    """
+    return float(np.mean((display < EXTREME_MARGIN) | (display > 1.0 - EXTREME_MARGIN)))
+
+
+def read_model_frames(source: bytes | str | Path, *, settings: PixelSettings,
+                      check: Callable[[pydicom.Dataset], None] | None = None) -> np.ndarray | tuple[str, str]:
+    """One file (its bytes or path) to its images as ingest stores them, stacked (frames, ...);
+    or, for a file that cannot be used, (reason, detail): never raises, never logs a value.
+
+    What the served model runs in its decoder processes. ``check(ds)`` may refuse the header
+    (raising Quarantined) before any pixel is decoded.
+    """
+    with hidden_pydicom_messages():
+        try:
+            content = (bytes(source) if isinstance(source, (bytes, bytearray, memoryview))
+                       else read_file(Path(source), max_bytes=settings.max_bytes))
+            ds = read_dataset(io.BytesIO(content), max_bytes=settings.max_bytes)
+            if check is not None:
+                check(ds)
+            return np.stack([frame.pixels for frame in image_frames(ds, settings)])
+        except Quarantined as err:
+            return err.reason, str(err)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001  one odd file must not fail the others
+            failure = failure_reason(err, reading="the file")
+            return failure.reason, str(failure)

@@ -1,0 +1,70 @@
+"""The labels file: one row per key (accession number, study, instance UID or path) with its class."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from dicomflow.dicom.reading import Quarantined
+from dicomflow.runtime.stage import StageError
+
+logger = logging.getLogger(__name__)
+
+
+LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
+
+
+def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[dict[str, str], set[str]]:
+    """Map each key value to its ``column`` value; keys whose rows contradict are returned apart.
+
+    Several rows may share a key (e.g. one accession number for all images of a study); they
+    must agree. ``column="split"`` reads the optional predefined split the same way.
+    """
+    if key not in LABEL_KEYS:
+        raise ValueError(f"label key must be one of {', '.join(LABEL_KEYS)}; got {key!r}")
+    labels = pd.read_csv(labels_file, dtype=str, keep_default_na=False)
+    missing = {key, column} - set(labels.columns)
+    if missing:
+        raise StageError(
+            f"{labels_file}: missing column(s) {', '.join(sorted(missing))}; "
+            f"found {', '.join(labels.columns)}"
+        )
+    labels = labels[(labels[key] != "") & (labels[column] != "")]
+    per_key = labels.groupby(key)[column].unique()
+    conflicting = {k for k, values in per_key.items() if len(values) > 1}
+    mapping = {k: values[0] for k, values in per_key.items() if k not in conflicting}
+    return mapping, conflicting
+
+
+def has_column(labels_file: Path, column: str) -> bool:
+    """Whether the labels file's header names ``column``."""
+    return column in pd.read_csv(labels_file, dtype=str, nrows=0).columns
+
+
+def _key_value(record: dict, key: str) -> str:
+    return record["source_path"] if key == "path" else record[key]
+
+
+def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str], classes: list[int]) -> int:
+    """The image's class from the labels table, or raise Quarantined (no_label, ...)."""
+    value = _key_value(record, key)
+    if value in conflicting:
+        raise Quarantined("conflicting_label", f"rows for this {key} disagree on the label")
+    if value not in labels:
+        raise Quarantined("no_label", f"no row in the labels file for this {key}")
+    by_text = {str(c): c for c in classes}
+    if labels[value] not in by_text:
+        raise Quarantined(
+            "label_not_in_classes",
+            f"label {labels[value]!r} is not one of ingest.classes {classes}",
+        )
+    return by_text[labels[value]]
+
+
+def labelled(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str],
+             classes: list[int], splits: dict[str, str]) -> dict:
+    """``record`` with its label and predefined split (empty when none), or raise Quarantined."""
+    label = assign_label(record, key=key, labels=labels, conflicting=conflicting, classes=classes)
+    return {**record, "label": label, "predefined_split": splits.get(_key_value(record, key), "")}

@@ -1,0 +1,511 @@
+"""Training: batches, distribution strategies, resumable training loop, kept epochs and ensembles."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dicomflow.config import layout
+from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
+from dicomflow.model import architectures as models
+from dicomflow.model import scoring
+from dicomflow.model.augment import apply_policy, build_policy
+from dicomflow.runtime.stage import StageError
+
+logger = logging.getLogger(__name__)
+
+
+# Beside paths.model_dir, not in it: DVC deletes a stage's outputs before running it again.
+RESUME_SUFFIX = ".resume"
+# Training batches drawn ahead of the steps at most (see drawn_ahead): a bound on the memory that
+# drawing ahead costs, whatever the data set's size.
+DRAWN_AHEAD_BYTES = 512 * 2**20
+
+
+def training_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, epoch: int, seed: int,
+                     augment: AugmentParams | None = None):
+    """One epoch of training batches as a ``tf.data`` pipeline, augmented on the fly.
+
+    Shuffled with a seed of its own per epoch (not one reshuffling iterator: a resumed run sees
+    the same batches), batched, then augmented batch by batch in parallel threads (a batched
+    transform costs one kernel call where per-image maps cost one per image) and prefetched, so
+    the model does not wait for its input. Each batch's augmentation seed is (``augment.seed``,
+    its place in the run): the same pixels whatever the parallelism, the worker count or a resume.
+    """
+    import tensorflow as tf
+
+    policy = build_policy(augment) if augment is not None else []
+    dataset = (tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+               .shuffle(len(images), seed=seed + epoch, reshuffle_each_iteration=False)
+               .batch(batch_size))
+    if policy:
+        first_batch = (epoch - 1) * -(-len(images) // batch_size)
+        dataset = dataset.enumerate(first_batch).map(
+            lambda index, batch: (apply_policy(batch[0], policy, seed=[augment.seed, index]), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def drawn_ahead(batches: Iterable, chunk_size: int) -> Iterator:
+    """The batches of ``batches``, drawn ``chunk_size`` at a time before any of them is yielded.
+
+    Why not step by step: while a ``tf.data`` iterator is alive, even one that has reached its
+    end, the train step's kernels often leave a core idle (resnet_small on 2 cores: 24-42
+    images/s from run to run, 1.0-1.8 cores busy). Drawn ahead, the augmentation runs on every
+    core at once; once the iterator is done and released, the steps run at the bare step's speed
+    (44-46 images/s, 1.83 cores busy; ``bench/train.py``). Same batches, same order. An epoch
+    larger than one chunk trains its earlier chunks beside a live iterator, at the slower speed.
+    """
+    iterator = iter(batches)
+    while len(chunk := list(itertools.islice(iterator, chunk_size))) == chunk_size:
+        yield from chunk
+    del iterator  # done: released before the last chunk trains (see above)
+    yield from chunk
+
+
+def make_strategy(name: str):
+    """The ``tf.distribute`` strategy that ``train.strategy`` names.
+
+    Call it before any other TensorFlow op: MultiWorkerMirroredStrategy sets up the runtime's
+    collective ops, and reads its cluster (every worker's host:port, and this process's task) from
+    ``TF_CONFIG``.
+    """
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("train.strategy is 'multi_worker' but TF_CONFIG is not set: give every "
+                             "worker the cluster and its own task, e.g. TF_CONFIG='{\"cluster\": "
+                             "{\"worker\": [\"host1:2222\", \"host2:2222\"]}, \"task\": "
+                             "{\"type\": \"worker\", \"index\": 0}}'")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes outputs and logs to MLflow: always, unless it is one task of a
+    multi-worker cluster that is neither the ``chief`` task nor, in a cluster without one, worker 0."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+class BatchNormStatistics:
+    """Sets each batch-normalisation layer's moving mean and variance to those of its input over
+    given images ("precise BN", Wu and Johnson, 2021), the network's weights as they are now.
+
+    Why: Keras keeps moving statistics with momentum 0.99, an average over the last ~100 steps,
+    while the weights move at every step. On a few hundred images the stored statistics lag the
+    network that is saved; over 15 layers the small errors added up to validation logits of +7 to
+    +19 (every image above 0.999) for a network that, with batch statistics, scored validation
+    AUC 1.0. Re-estimated over a pass of the unaugmented training images in training mode (each
+    layer normalised by its batch, as in training), inside ``strategy`` so synchronised layers see
+    global batches; the per-batch means and variances are pooled in float64 into the mean and
+    variance of all the pass's pixels. Built once per model: its traced function is reused, since
+    tracing a new one per epoch cost as much as the pass itself.
+    """
+
+    def __init__(self, model, *, batch_size: int, strategy=None) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.batch_size = batch_size
+        self.norms = [layer for layer in model._flatten_layers(include_self=False)
+                      if isinstance(layer, keras.layers.BatchNormalization)]
+        probe = keras.Model(model.inputs, [norm.input for norm in self.norms]) if self.norms else None
+
+        def replica_moments(batch_images):
+            counts, sums, squares = [], [], []
+            for features in probe(batch_images, training=True):
+                mean, variance = tf.nn.moments(features, axes=list(range(len(features.shape) - 1)))
+                count = tf.cast(tf.reduce_prod(tf.shape(features)[:-1]), tf.float32)
+                counts.append(count)
+                sums.append(count * mean)
+                squares.append(count * (variance + tf.square(mean)))
+            return counts, sums, squares
+
+        @tf.function
+        def pooled_moments(batch):
+            per_replica = self.strategy.run(replica_moments, args=(batch,))
+            return tf.nest.map_structure(
+                lambda value: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica)
+
+        self._pooled_moments = pooled_moments
+
+    def __call__(self, images: np.ndarray) -> None:
+        """Re-estimate every layer's statistics over ``images`` (n, h, w, c)."""
+        import tensorflow as tf
+
+        if not self.norms:
+            return
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        batches = self.strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size).with_options(options))
+        totals = None
+        for batch in batches:
+            moments = tf.nest.map_structure(lambda value: value.numpy().astype(np.float64),
+                                            self._pooled_moments(batch))
+            totals = moments if totals is None else tf.nest.map_structure(np.add, totals, moments)
+        for norm, count, total, square in zip(self.norms, *totals):
+            mean = total / count
+            norm.moving_mean.assign(mean.astype(np.float32))
+            norm.moving_variance.assign(np.maximum(square / count - mean ** 2, 0.0).astype(np.float32))
+
+
+# Share of the training images the per-epoch statistics pass reads (at least one batch); the kept
+# weights get a pass over all of them before they are saved. Why not all, every epoch: a pass
+# in training mode costs about 40 % of a training epoch (resnet_small, 2 cores), and the
+# per-epoch figures only rank epochs.
+EPOCH_STATISTICS_SHARE = 1 / 8
+
+
+def statistics_subset(images: np.ndarray, *, seed: int, share: float = EPOCH_STATISTICS_SHARE,
+                      at_least: int = 32) -> np.ndarray:
+    """The same seeded random ``share`` of ``images`` every epoch (at least ``at_least``), in order."""
+    count = min(len(images), max(at_least, int(np.ceil(share * len(images)))))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), count, replace=False))
+    return images[chosen]
+
+
+# What train.keep compares epochs on: the history column and whether lower is better.
+KEEP_CRITERIA = {"best_val_loss": ("val_loss", True), "best_val_auc": ("val_auc", False),
+                 "last_epoch": ("val_loss", True)}  # last_epoch: early stopping still on the loss
+
+
+def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
+                params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
+                augment: AugmentParams | None = None, strategy=None,
+                on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+                resume_dir: Path | None = None):
+    """Fit one network of the configured architecture; returns the kept, calibrated model and its
+    history.
+
+    The loop is ours rather than ``model.fit`` because Keras 3's ``fit`` cannot run under
+    ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585: it fails on ``PerReplica`` inputs).
+    One loop for every strategy keeps the strategies interchangeable: each global batch is split
+    evenly across the replicas and the loss averaged over the global batch, so two workers compute
+    what one process computes, up to float rounding. After every epoch the batch-normalisation
+    statistics are re-estimated (:class:`BatchNormStatistics`) before validation, so
+    the validation figures, the kept weights and the saved model are the network in inference
+    mode as it will be used.
+
+    Parameters
+    ----------
+    train_x, val_x : ndarray
+        float32 images (n, h, w, c) in [0, 1].
+    train_y, val_y : ndarray
+        Class indices (n,), 0 to ``n_classes`` - 1.
+    params : TrainParams
+        Architecture, epochs, (global) batch size, learning rate and its schedule, class weights,
+        early-stopping patience, which epoch to keep (``params.keep``: lowest validation loss,
+        highest validation AUC, or the last), calibration, and seed.
+    checkpoint : Path or None
+        Where the returned model is saved as ``.keras``; None saves nothing (a multi-worker task
+        other than the chief, or an ensemble member the caller combines).
+    n_classes : int, default=2
+        Two: one sigmoid output, the probability of class 1. More: a softmax over the classes.
+    augment : AugmentParams, optional
+        The augmentation policy applied to the training batches (:func:`training_batches`).
+    strategy : tf.distribute.Strategy, optional
+        From :func:`make_strategy`; the default strategy when None.
+    on_epoch_end : callable, optional
+        Called with the epoch number (from 1) and its history row (e.g. to log metrics).
+    resume_dir : Path, optional
+        Where the training state is saved after every epoch; a run that finds the state of the
+        same params and data there (a killed run) goes on after its last epoch, and gives what an
+        uninterrupted run gives. Removed when training ends.
+
+    Returns
+    -------
+    (keras.Model, pandas.DataFrame)
+        The kept model, with ``params.calibration: temperature`` its temperature fitted on the
+        validation split (:func:`dicomflow.model.scoring.fit_temperature`), and one history row per
+        epoch: loss, auc, accuracy, brier, ece on the training batches as they were trained, and
+        the same on the validation split (``val_`` prefix) in inference mode, before calibration,
+        and ``kept``, True on the epoch whose weights were kept.
+    """
+    import keras
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    keras.utils.set_random_seed(params.seed)
+    tf.config.experimental.enable_op_determinism()
+    model, optimizer = build_network(params, train_x.shape[1:], n_classes, strategy=strategy,
+                                     steps_per_epoch=-(-len(train_x) // params.batch_size))
+    train_step = distributed_train_step(model, optimizer, strategy=strategy, n_classes=n_classes,
+                                        class_weights=class_weights_for(train_y, params.class_weight, n_classes))
+    predict = batched_predictor(model)
+    options = tf.data.Options()
+    # Every worker builds the same shuffled batches and keeps its share of each one.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def epoch_batches(epoch: int):
+        dataset = training_batches(train_x, train_y, batch_size=params.batch_size, epoch=epoch,
+                                   seed=params.seed, augment=augment)
+        batches = strategy.experimental_distribute_dataset(dataset.with_options(options))
+        return drawn_ahead(batches, max(1, DRAWN_AHEAD_BYTES // (params.batch_size * train_x[0].nbytes)))
+
+    refresh_statistics = BatchNormStatistics(model, batch_size=params.batch_size, strategy=strategy)
+    epoch_statistics_images = statistics_subset(train_x, seed=params.seed)
+    state = TrainingState.load(resume_dir, fingerprint(params, augment, train_x, train_y, val_x, val_y))
+    if state.epoch:
+        state.restore(model, optimizer)
+        logger.info("resuming after epoch %d from %s", state.epoch, resume_dir)
+    criterion, lower_is_better = KEEP_CRITERIA[params.keep]
+    for epoch in range(state.epoch + 1, params.epochs + 1):
+        trained = [train_step(batch) for batch in epoch_batches(epoch)]
+        refresh_statistics(epoch_statistics_images)
+        row = {"epoch": epoch, **scoring.classification_scores(
+            np.concatenate([y.numpy() for _, y in trained]), np.concatenate([p.numpy() for p, _ in trained]))}
+        row.update({f"val_{name}": value
+                    for name, value in scoring.classification_scores(val_y, predict(val_x)).items()})
+        logger.info("epoch %d/%d: %s", epoch, params.epochs,
+                    " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
+        state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables],
+                                  criterion=criterion, lower_is_better=lower_is_better)
+        if resume_dir is not None:
+            state.save(resume_dir)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if 0 < params.early_stopping_patience <= epoch - state.best_epoch:
+            logger.info("early stop: no better %s in %d epochs", criterion, epoch - state.best_epoch)
+            break
+    model = finished_network(model, state, params=params, train_x=train_x, val_x=val_x, val_y=val_y,
+                             refresh_statistics=refresh_statistics, checkpoint=checkpoint)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the next run starts afresh
+    history = pd.DataFrame(state.rows)
+    return model, history.assign(kept=history["epoch"] == (state.epoch if params.keep == "last_epoch"
+                                                           else state.best_epoch))
+
+
+def build_network(params: TrainParams, input_shape: tuple[int, ...], n_classes: int, *, strategy,
+                  steps_per_epoch: int):
+    """The untrained network of ``params.architecture`` and its Adam optimizer (built, so that a
+    resumed run can restore its variables), both under ``strategy``'s scope."""
+    import keras
+
+    learning_rate = params.lr
+    if params.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(params.lr, params.epochs * steps_per_epoch)
+    with strategy.scope():
+        model = models.ARCHITECTURES[params.architecture](input_shape, n_classes)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def distributed_train_step(model, optimizer, *, strategy, n_classes: int, class_weights: list[float]):
+    """One optimisation step on a distributed global batch; returns its probabilities and labels
+    gathered from every replica. Each image's loss is weighted by its class and averaged over the
+    global batch, so any number of replicas computes what one does."""
+    import keras
+    import tensorflow as tf
+
+    weights = tf.constant(class_weights, tf.float32)
+    loss_function = (keras.losses.binary_crossentropy if n_classes == 2
+                     else keras.losses.sparse_categorical_crossentropy)
+
+    @tf.function
+    def train_step(batch):
+        def replica_step(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = model(images, training=True)
+                per_image = loss_function(labels[:, None], probabilities)
+                per_image *= tf.gather(weights, tf.cast(labels, tf.int32))
+                loss = tf.nn.compute_average_loss(per_image)  # over the global batch
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            return probabilities, labels
+
+        probabilities, labels = strategy.run(replica_step, args=batch)
+        return strategy.gather(probabilities, axis=0), strategy.gather(labels, axis=0)
+
+    return train_step
+
+
+def batched_predictor(model, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+    """``model`` in inference mode on images of any count, ``batch_size`` at a time."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def predict_batch(images):
+        return model(images, training=False)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([predict_batch(images[i:i + batch_size]).numpy()
+                               for i in range(0, len(images), batch_size)])
+
+    return predict
+
+
+def finished_network(model, state: TrainingState, *, params: TrainParams, train_x: np.ndarray,
+                     val_x: np.ndarray, val_y: np.ndarray, refresh_statistics: BatchNormStatistics,
+                     checkpoint: Path | None):
+    """The network as it is kept: the weights of the kept epoch, batch-norm statistics over every
+    training image, its temperature fitted on the validation split (``params.calibration``), and
+    saved to ``checkpoint`` (then reloaded outside any strategy's scope) when one is given."""
+    import keras
+
+    kept = state.best_weights if params.keep != "last_epoch" else state.weights
+    model.set_weights(kept or model.get_weights())
+    refresh_statistics(train_x)  # the saved network: statistics over every training image
+    if params.calibration == "temperature":
+        temperature = scoring.fit_temperature(val_y, models.infer(models.logit_model(model), val_x))
+        model = models.set_temperature(model, temperature)
+        logger.info("temperature %.3f fitted on the validation split", temperature)
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
+        model = keras.models.load_model(checkpoint)
+    return model
+
+
+def class_weights_for(labels: np.ndarray, method: str, n_classes: int = 2) -> list[float]:
+    """Loss weight of each class: 1 each, or ``n / (n_classes n_class)`` when ``balanced``."""
+    if method == "none":
+        return [1.0] * n_classes
+    counts = np.bincount(np.asarray(labels, int), minlength=n_classes).astype(float)
+    return [float(len(labels) / (n_classes * count)) if count else 0.0 for count in counts]
+
+
+def fingerprint(params: TrainParams, augment: AugmentParams | None, *arrays: np.ndarray) -> str:
+    """What a saved training state belongs to: the params and the exact data."""
+    settings = {"train": dataclasses.asdict(params), "augment": augment and dataclasses.asdict(augment)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Training as of the end of an epoch: enough to go on after the process was killed."""
+
+    fingerprint: str
+    epoch: int = 0
+    rows: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0
+    weights: list | None = None
+    optimizer: list | None = None
+    best_weights: list | None = None
+
+    def after_epoch(self, row: dict, weights: list, optimizer: list, *, criterion: str = "val_loss",
+                    lower_is_better: bool = True) -> TrainingState:
+        """The state after ``row``'s epoch; its weights become the best when ``row[criterion]``
+        beats every earlier epoch's (strictly: the first of equal epochs stays)."""
+        sign = 1.0 if lower_is_better else -1.0
+        better = not self.rows or sign * row[criterion] < min(sign * r[criterion] for r in self.rows)
+        return dataclasses.replace(
+            self, epoch=row["epoch"], rows=[*self.rows, row], weights=weights, optimizer=optimizer,
+            best_epoch=row["epoch"] if better else self.best_epoch,
+            best_weights=weights if better else self.best_weights)
+
+    def restore(self, model, optimizer) -> None:
+        """Put this state's weights into ``model`` and its optimizer variables into ``optimizer``."""
+        model.set_weights(self.weights)
+        for variable, value in zip(optimizer.variables, self.optimizer):
+            variable.assign(value)
+
+    def save(self, folder: Path) -> None:
+        """Written beside and renamed into place, so a kill mid-write leaves the last good one."""
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name in ("weights", "optimizer", "best_weights"):
+            np.savez(partial / f"{name}.npz", *getattr(self, name))
+        (partial / "state.json").write_text(json.dumps(
+            {"fingerprint": self.fingerprint, "epoch": self.epoch, "best_epoch": self.best_epoch,
+             "rows": self.rows}))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+
+    @classmethod
+    def load(cls, folder: Path | None, fingerprint: str) -> TrainingState:
+        """The state saved in ``folder`` when it belongs to ``fingerprint``, else a fresh one."""
+        if folder is None or not (folder / "state.json").is_file():
+            return cls(fingerprint)
+        saved = json.loads((folder / "state.json").read_text())
+        if saved["fingerprint"] != fingerprint:
+            return cls(fingerprint)
+
+        def arrays(name: str) -> list:
+            with np.load(folder / f"{name}.npz") as stored:
+                return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+        return cls(fingerprint, saved["epoch"], saved["rows"], saved["best_epoch"],
+                   arrays("weights"), arrays("optimizer"), arrays("best_weights"))
+
+
+def load_split(paths, split: str, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One split's model input (float32 images) and class indices."""
+    manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
+    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
+    labels = manifest["label"].to_numpy()[chosen]
+    return models.to_model_input(np.asarray(images[chosen])), models.class_indices(labels, classes)
+
+
+def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
+    """The model's input is ``ingest.image_size`` square with ``ingest.channels``: say so when the
+    de-identified images are not (params changed without ingest rerunning)."""
+    expected = (ingest.image_size, ingest.image_size, ingest.channels)
+    if images.shape[1:] != expected:
+        raise StageError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
+                         f"ingest.image_size and ingest.channels ask for {'x'.join(map(str, expected))}: "
+                         "run the pipeline from ingest (dvc repro)")
+
+
+def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
+                   params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
+                   augment: AugmentParams | None = None, strategy=None,
+                   on_epoch_end: Callable[[int, int, dict[str, float]], None] | None = None,
+                   resume_dir: Path | None = None):
+    """``params.ensemble`` networks by :func:`train_model`, member i with seed ``params.seed + i``,
+    combined by :func:`dicomflow.model.architectures.ensemble_of` (one member: that network).
+
+    Returns the model (saved to ``checkpoint`` unless None) and every member's history, with a
+    ``member`` column; ``on_epoch_end`` is called with (member, epoch, row). Each member resumes
+    from its own folder under ``resume_dir``.
+    """
+    import keras
+
+    members, histories = [], []
+    for member in range(params.ensemble):
+        report = None if on_epoch_end is None else functools.partial(on_epoch_end, member)
+        network, history = train_model(
+            train_x, train_y, val_x, val_y, params=dataclasses.replace(params, seed=params.seed + member),
+            checkpoint=None, n_classes=n_classes, augment=augment, strategy=strategy,
+            on_epoch_end=report, resume_dir=None if resume_dir is None else resume_dir / f"member-{member}")
+        members.append(network)
+        histories.append(history.assign(member=member))
+    model = models.ensemble_of(members)
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
+        model = keras.models.load_model(checkpoint)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return model, pd.concat(histories, ignore_index=True)
