@@ -81,7 +81,9 @@ def synthetic_images(n: int, *, side: int, channels: int, seed: int) -> tuple[np
 def project_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The de-identified training and validation images with their class indices, as the stage loads them."""
     from dicomflow.config.params import load_params
-    from dicomflow.model.training import load_split
+    import pandas as pd
+
+    from dicomflow.model.training import split_arrays
 
     paths, ingest = load_params("paths"), load_params("ingest")
     if len(ingest.classes) != 2:
@@ -91,7 +93,10 @@ def project_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not required.is_file():
             sys.exit(f"--data: {required} not found; run the pipeline up to split (dvc repro split) "
                      "or leave out --data for synthetic images")
-    return (*load_split(paths, "train", ingest.classes), *load_split(paths, "val", ingest.classes))
+    manifest = pd.read_parquet(Path(paths.split_dir) / "manifest.parquet")
+    images = np.load(Path(paths.deid_dir) / "images.npy", mmap_mode="r")
+    return (*split_arrays(manifest, images, "train", ingest.classes),
+            *split_arrays(manifest, images, "val", ingest.classes))
 
 
 def peak_rss_mib() -> float:

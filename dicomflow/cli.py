@@ -28,7 +28,12 @@ def predict(args: argparse.Namespace) -> None:
     from dicomflow.config.params import load_params
     from dicomflow.dicom.sources import list_sources
     from dicomflow.runtime.outputs import write_text
-    from dicomflow.serving.predict import error_counts, load_model, predict_files, with_unread
+    from dicomflow.serving.predict import (
+        error_counts,
+        load_model,
+        predict_files,
+        with_unread,
+    )
 
     if not args.input_dir.is_dir():
         raise StageError(f"input folder {args.input_dir} not found")

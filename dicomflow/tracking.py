@@ -98,3 +98,44 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+class EpochLogger:
+    """Logs each epoch's history row to the active run as step metrics (``member_<i>_`` before
+    the names of an ensemble's members), and afterwards the epochs it did not see: those a killed
+    run trained before this one resumed."""
+
+    def __init__(self, ensemble: int) -> None:
+        self.ensemble = ensemble
+        self.logged: set[tuple[int, int]] = set()
+
+    def metric_name(self, member: int, name: str) -> str:
+        return name if self.ensemble == 1 else f"member_{member}_{name}"
+
+    def __call__(self, member: int, epoch: int, row: dict[str, float]) -> None:
+        import mlflow
+
+        mlflow.log_metrics({self.metric_name(member, name): value for name, value in row.items()
+                            if name not in ("epoch", "member", "kept")}, step=epoch)
+        self.logged.add((member, epoch))
+
+    def log_missing(self, history) -> None:
+        for row in history.to_dict("records"):
+            if (int(row["member"]), int(row["epoch"])) not in self.logged:
+                self(int(row["member"]), int(row["epoch"]), row)
+
+
+def log_keras_model(model, example) -> Any:
+    """Log ``model`` into the active run with its signature and input example (``example``, a
+    few model inputs), pinned to the Keras and TensorFlow that trained it; returns its ModelInfo."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    # mlflow.keras.log_model (3.17) writes the input example before creating its folder.
+    return mlflow.tensorflow.log_model(
+        model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        # The inferred list can name both tensorflow and tensorflow-cpu; state what was tested.
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"])

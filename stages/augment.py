@@ -33,7 +33,7 @@ def main() -> None:
     paths, params = load_params("paths"), load_params("augment")
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
-    train_rows = np.flatnonzero((manifest["split"] == "train").to_numpy())
+    train_rows = layout.split_rows(manifest, "train")
     policy = build_policy(params)
     write_preview(np.asarray(images[train_rows[:6]]), policy, Path(paths.augment_preview), seed=params.seed)
     logger.info("augmentation policy: %s", ", ".join(type(t).__name__ for t in policy) or "none")

@@ -33,6 +33,7 @@ import pandas as pd
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
+from dicomflow.deid.digests import write_digests
 from dicomflow.deid.files import (
     SECRET_ENV,
     SECRET_FILE_ENV,
@@ -90,6 +91,8 @@ def main() -> None:
         done.quarantine.to_csv(staging / layout.DEID_QUARANTINE, index=False)
         np.save(staging / layout.IMAGES, done.images)
         check_outputs(done.identifiers, out_dir=staging)
+        # What later leak scans search for, as digests: no later stage may read the values.
+        write_digests(done.identifiers, secret, staging / layout.DEID_IDENTIFIER_DIGESTS)
 
     metrics.update(identifiers_checked=len(done.identifiers), leak_hits=0, demo_secret=int(is_demo))
     write_json(Path(paths.deid_metrics), metrics)

@@ -17,8 +17,9 @@ validation split (constant scores, every image called one class, a threshold out
 is never registered. Otherwise the registered model is a pyfunc (:mod:`dicomflow.serving.pyfunc`) that takes
 DICOM files, applies this threshold and refuses files outside its training domain. Before it is
 registered, the leak scanner searches the MLflow run (params, tags, metric names, artifacts, the
-models' files) for every identifying value of the ingested sources (``paths.ingest_dir`` and
-``paths.data``, read for this check only); any hit fails the stage and nothing is registered.
+models' files) for every identifying value of the ingested sources, through the keyed digests
+deidentify wrote (``identifier_digests.json``: this stage never reads ``data/`` or ingest's index);
+any hit fails the stage and nothing is registered.
 
 Promotion never looks at the test split: the candidate and the registry's current champion are
 both run, as registered, on the de-identified files of the validation split, in this run, and
@@ -41,14 +42,15 @@ from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import load_params, read_params_file
 from dicomflow.evaluation.metrics import choose_threshold, roc_auc
-from dicomflow.evaluation.promotion import register_and_promote
-from dicomflow.evaluation.reporting import report_test_split
-from dicomflow.model.architectures import (
-    class_indices,
-    predict_probabilities,
-    to_model_input,
+from dicomflow.evaluation.promotion import (
+    log_evaluation,
+    mark_failed,
+    register_and_promote,
 )
+from dicomflow.evaluation.reporting import report_test_split
+from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
+from dicomflow.model.training import split_arrays
 from dicomflow.runtime.outputs import write_json, write_text
 from dicomflow.runtime.stage import StageError, run_stage
 
@@ -57,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 def main() -> None:
     import keras
-    import mlflow
 
     paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
     model_dir = Path(paths.model_dir)
@@ -65,20 +66,16 @@ def main() -> None:
     run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
+    test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
 
-    def split_inputs(split: str) -> tuple[np.ndarray, np.ndarray]:
-        chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
-        labels = class_indices(manifest["label"].to_numpy()[chosen], ingest.classes)
-        return labels, to_model_input(np.asarray(images[chosen]))
-
-    val_y, val_x = split_inputs("val")
     val_score = predict_probabilities(model, val_x)
     threshold = None
     if len(ingest.classes) == 2:
         threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
                                      fixed=params.fixed_threshold, target_sensitivity=params.target_sensitivity)
     metrics, plot_files, subgroups = report_test_split(
-        model, *split_inputs("test"), manifest[(manifest["split"] == "test").to_numpy()], threshold=threshold,
+        model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
         classes=ingest.classes, plots_dir=Path(paths.eval_plots))
     if params.promotion_metric not in metrics:
         raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
@@ -87,26 +84,16 @@ def main() -> None:
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
     problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
-    # Evaluation is a nested run of the training run: evaluate.* can change and rerun this
-    # stage alone, and MLflow forbids changing a param already logged on a run.
+    def register() -> None:
+        register_and_promote(model_dir, manifest, run_id=run_info["run_id"], threshold=threshold,
+                             metrics=metrics, paths=paths, params=params, ingest=ingest)
+
     tracking.configure_mlflow()
-    test_metrics = {f"test_{name}": value for name, value in metrics.items()}
-    with mlflow.start_run(run_id=run_info["run_id"]):
-        mlflow.log_metrics(test_metrics)
-        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()) as evaluation:
-            mlflow.log_params(tracking.flatten_params({"evaluate": read_params_file()["evaluate"]}))
-            mlflow.log_metrics(test_metrics)
-            for path in [*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)]:
-                mlflow.log_artifact(str(path), artifact_path="evaluation")
-            if problems:
-                mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
-            else:
-                register_and_promote(model_dir, manifest, run_id=run_info["run_id"], threshold=threshold,
-                                     metrics=metrics, paths=paths, params=params, ingest=ingest)
+    run_ids = log_evaluation(run_info["run_id"], metrics, evaluate_params=read_params_file()["evaluate"],
+                             files=[*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)],
+                             problems=problems, register=register)
     if problems:
-        client = mlflow.MlflowClient()
-        for run_id in (run_info["run_id"], evaluation.info.run_id):
-            client.set_terminated(run_id, status="FAILED")
+        mark_failed(run_ids)
         raise StageError(f"the model is degenerate on the validation split (validation AUC "
                          f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
                          f"FAILED and it is not registered; the test report is in {paths.eval_metrics}")

@@ -18,6 +18,7 @@ DEID_MANIFEST = "manifest.parquet"    # one row per image, row i <-> IMAGES[i]
 DEID_DICOM_DIR = "dicom"              # de-identified DICOM files, named <image_key>.dcm
 DEID_AUDIT = "audit.csv"              # per-file actions applied, no PHI values
 DEID_QUARANTINE = "quarantine.csv"    # index_row, reason, detail: files left out, no PHI values
+DEID_IDENTIFIER_DIGESTS = "identifier_digests.json"  # keyed digests of the sources' identifying values
 
 # split -> augment, train, evaluate
 SPLIT_MANIFEST = "manifest.parquet"   # the de-identified manifest plus a `split` column
@@ -59,6 +60,17 @@ def unit_pixels(images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint8:
         return images.astype(np.float32) / 255.0
     return images.astype(np.float32)
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """Stored images (n, h, w) or (n, h, w, c) -> float32 (n, h, w, c) in [0, 1], the model's input."""
+    unit = unit_pixels(images)
+    return unit[..., None] if unit.ndim == 3 else unit
+
+
+def split_rows(manifest, split: str) -> np.ndarray:
+    """The positions of ``split``'s rows in a split manifest: also their rows of ``IMAGES``."""
+    return np.flatnonzero((manifest["split"] == split).to_numpy())
 
 
 def stored_pixels(unit: np.ndarray, dtype: np.dtype | str) -> np.ndarray:

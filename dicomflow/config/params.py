@@ -25,6 +25,11 @@ class ParamsError(ValueError):
     """A value in ``params.yaml`` is missing, unknown, of the wrong type or out of range."""
 
 
+# Choices the library checks too (it is called without params): declared here, once.
+LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
+THRESHOLD_METHODS = ("youden", "fixed", "target_sensitivity")
+
+
 def _choices(*allowed: str | int) -> dict[str, Any]:
     return {"choices": allowed}
 
@@ -57,9 +62,7 @@ class PathsParams:
 
 @dataclass(frozen=True)
 class IngestParams:
-    label_key: str = field(
-        metadata=_choices("accession_number", "study_instance_uid", "sop_instance_uid", "path")
-    )
+    label_key: str = field(metadata=_choices(*LABEL_KEYS))
     classes: list[int]
     image_size: int = field(metadata=_interval(16, 1024))
     channels: int = field(metadata=_choices(1, 3))
@@ -175,7 +178,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    threshold_method: str = field(metadata=_choices("youden", "fixed", "target_sensitivity"))
+    threshold_method: str = field(metadata=_choices(*THRESHOLD_METHODS))
     fixed_threshold: float = field(metadata=_interval(0.0, 1.0))
     target_sensitivity: float = field(metadata=_interval(0.0, 1.0, closed="right"))
     registered_model_name: str
@@ -211,6 +214,24 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
             f"{path}: unknown section {unknown[0]!r}; allowed sections: {', '.join(SECTIONS)}"
         )
     return raw
+
+
+@typing.overload
+def load_params(section: typing.Literal["paths"], path: Path = ...) -> PathsParams: ...
+@typing.overload
+def load_params(section: typing.Literal["ingest"], path: Path = ...) -> IngestParams: ...
+@typing.overload
+def load_params(section: typing.Literal["deidentify"], path: Path = ...) -> DeidentifyParams: ...
+@typing.overload
+def load_params(section: typing.Literal["validate"], path: Path = ...) -> ValidateParams: ...
+@typing.overload
+def load_params(section: typing.Literal["split"], path: Path = ...) -> SplitParams: ...
+@typing.overload
+def load_params(section: typing.Literal["augment"], path: Path = ...) -> AugmentParams: ...
+@typing.overload
+def load_params(section: typing.Literal["train"], path: Path = ...) -> TrainParams: ...
+@typing.overload
+def load_params(section: typing.Literal["evaluate"], path: Path = ...) -> EvaluateParams: ...
 
 
 def load_params(section: str, path: Path = PARAMS_FILE) -> Any:

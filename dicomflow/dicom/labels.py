@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from dicomflow.config.params import LABEL_KEYS
 from dicomflow.dicom.reading import Quarantined
 from dicomflow.runtime.stage import StageError
 
 logger = logging.getLogger(__name__)
-
-
-LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
 
 
 def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[dict[str, str], set[str]]:

@@ -83,7 +83,7 @@ def grad_cam(model, images: np.ndarray, *, layer_name: str | None = None, class_
         A built model with one output: ``(batch, 1)`` (a sigmoid, as the seed network has) or
         ``(batch, k)`` (a softmax over k classes).
     images : ndarray of shape (n, h, w, c)
-        float32 in [0, 1], as :func:`dicomflow.model.architectures.to_model_input` gives them.
+        float32 in [0, 1], as :func:`dicomflow.config.layout.to_model_input` gives them.
     layer_name : str, default=None
         The top-level layer whose output is explained; :func:`last_conv_layer` when None.
     class_index : int, default=None
@@ -121,7 +121,7 @@ def grad_cam(model, images: np.ndarray, *, layer_name: str | None = None, class_
     expected = tuple(_model_input(model).shape)
     if images.ndim != 4 or any(e not in (None, s) for e, s in zip(expected[1:], images.shape[1:])):
         raise ValueError(f"images must be (n, h, w, c) float32 in [0, 1] matching model {model.name!r}'s "
-                         f"input {expected}; got shape {images.shape} (dicomflow.model.architectures.to_model_input "
+                         f"input {expected}; got shape {images.shape} (dicomflow.config.layout.to_model_input "
                          "converts stored images)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")

@@ -18,13 +18,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from dicomflow.config.params import THRESHOLD_METHODS
 from dicomflow.model.scoring import brier_score, expected_calibration_error
 from dicomflow.runtime.stage import StageError
 
 logger = logging.getLogger(__name__)
-
-
-THRESHOLD_METHODS = ("youden", "fixed", "target_sensitivity")
 
 
 def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fixed: float | None = None,

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from sklearn.metrics import (
 
 from dicomflow import tracking
 from dicomflow.config import layout
-from dicomflow.deid.leaks import identifiers_at_ingest, scan_mlflow_run
+from dicomflow.deid.digests import read_digests
+from dicomflow.deid.files import read_secret
+from dicomflow.deid.leaks import scan_mlflow_run
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.evaluation.metrics import roc_auc
 from dicomflow.model.architectures import class_indices
@@ -210,9 +213,13 @@ def register_model(model_uri: str, *, name: str, comparison: Comparison, min_gai
     return str(version), alias
 
 
-def check_run(run_id: str, *, ingest_dir: Path, data_dir: Path) -> None:
-    """Leak scan of the MLflow run and its children; StageError (one line, no value) on any hit."""
-    identifiers = identifiers_at_ingest(ingest_dir, data_dir)
+def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:
+    """Leak scan of the MLflow run and its children against the identifying values' digests that
+    deidentify wrote (:mod:`dicomflow.deid.digests`); StageError (one line, no value) on any hit."""
+    try:
+        identifiers = read_digests(digests_file, secret)
+    except ValueError as err:
+        raise StageError(f"leak check: {err}; the model is not registered") from err
     leaks = scan_mlflow_run(identifiers, run_id)
     if leaks:
         raise StageError(f"leak check: {len(leaks)} identifying value(s) in MLflow, where and what "
@@ -231,9 +238,10 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
 
     # The registered model: DICOM in, probabilities and the label at this threshold out.
     registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
-                      domain=TrainingDomain.from_manifest(manifest[(manifest["split"] == "train").to_numpy()]))
+                      domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
     classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered)
-    check_run(run_id, ingest_dir=Path(paths.ingest_dir), data_dir=Path(paths.data))
+    check_run(run_id, digests_file=Path(paths.deid_dir) / layout.DEID_IDENTIFIER_DIGESTS,
+              secret=read_secret(os.environ)[0])
     promotion = promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes)
     # The candidate as it was just logged, in this process; the champion in a process of its own.
     local = DicomClassifier(**registered).load(model_dir / layout.MODEL_FILE)
@@ -251,6 +259,41 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
 def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int]) -> dict:
     """The de-identified files of the promotion split and their class indices (one per file:
     every frame of a file carries its label)."""
-    rows = manifest[(manifest["split"] == PROMOTION_SPLIT).to_numpy()].drop_duplicates("dicom_file")
+    rows = manifest.iloc[layout.split_rows(manifest, PROMOTION_SPLIT)].drop_duplicates("dicom_file")
     return {"files": [deid_dir / name for name in rows["dicom_file"]],
             "labels": class_indices(rows["label"].to_numpy(), classes), "classes": classes}
+
+
+def log_evaluation(train_run_id: str, metrics: dict[str, float], *, evaluate_params: dict, files: list[Path],
+                   problems: list[str], register: Callable[[], None]) -> tuple[str, str]:
+    """Log the test metrics to the training run and to its nested ``evaluate`` run, with the
+    evaluate params and the report files; then, unless the model is degenerate (``problems``,
+    tagged instead), call ``register`` inside the nested run. Returns both runs' ids.
+
+    Evaluation is a nested run of the training run: evaluate.* can change and rerun this stage
+    alone, and MLflow forbids changing a param already logged on a run.
+    """
+    import mlflow
+
+    test_metrics = {f"test_{name}": value for name, value in metrics.items()}
+    with mlflow.start_run(run_id=train_run_id):
+        mlflow.log_metrics(test_metrics)
+        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()) as evaluation:
+            mlflow.log_params(tracking.flatten_params({"evaluate": evaluate_params}))
+            mlflow.log_metrics(test_metrics)
+            for path in files:
+                mlflow.log_artifact(str(path), artifact_path="evaluation")
+            if problems:
+                mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+            else:
+                register()
+    return train_run_id, evaluation.info.run_id
+
+
+def mark_failed(run_ids: Iterable[str]) -> None:
+    """Mark each run FAILED (a degenerate model's: its report is kept, it is never registered)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        client.set_terminated(run_id, status="FAILED")

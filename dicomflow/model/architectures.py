@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicomflow.config import layout
+from dicomflow.config.layout import to_model_input  # noqa: F401  the model's input, defined with the images' layout
 
 LOGITS, CALIBRATION, PROBABILITY = "logits", "calibration", "probability"
 
@@ -95,12 +95,6 @@ def _head(features, n_classes: int):
 
 
 ARCHITECTURES = {"seed_cnn": build_seed_cnn, "resnet_small": build_resnet_small}
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """Stored images (n, h, w) or (n, h, w, c) -> float32 (n, h, w, c) in [0, 1], the model's input."""
-    unit = layout.unit_pixels(images)
-    return unit[..., None] if unit.ndim == 3 else unit
 
 
 def class_indices(labels: np.ndarray, classes: list[int]) -> np.ndarray:

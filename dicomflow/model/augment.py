@@ -169,8 +169,7 @@ def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = layout.unit_pixels(images[: min(n_images, len(images))])
-    chosen = chosen[..., None] if chosen.ndim == 3 else chosen
+    chosen = layout.to_model_input(images[: min(n_images, len(images))])
     variants = [apply_policy(chosen, policy, seed=[seed, i]).numpy() for i in range(n_variants)]
     fig, axes = plt.subplots(len(chosen), n_variants + 1, figsize=(1.6 * (n_variants + 1), 1.6 * len(chosen)),
                              squeeze=False)

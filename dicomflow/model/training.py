@@ -458,13 +458,29 @@ class TrainingState:
                    arrays("weights"), arrays("optimizer"), arrays("best_weights"))
 
 
-def load_split(paths, split: str, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One split's model input (float32 images) and class indices."""
-    manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
-    chosen = np.flatnonzero((manifest["split"] == split).to_numpy())
+def split_arrays(manifest: pd.DataFrame, images: np.ndarray, split: str,
+                 classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One split's model input (float32 images) and class indices, from the split manifest and
+    the de-identified images (a memory map is fine: only the split's rows are read)."""
+    chosen = layout.split_rows(manifest, split)
     labels = manifest["label"].to_numpy()[chosen]
     return models.to_model_input(np.asarray(images[chosen])), models.class_indices(labels, classes)
+
+
+def validation_summary(model, val_x: np.ndarray, val_y: np.ndarray, history: pd.DataFrame, *,
+                       metric_name: Callable[[int, str], str]) -> dict[str, float]:
+    """The saved model on the validation split (kept epochs, calibrated, members averaged), with
+    and without its calibration, and each member's temperature and kept epoch."""
+    final = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x))
+    uncalibrated = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x, calibrated=False))
+    summary = {**{f"model_val_{name}": value for name, value in final.items()},
+               "model_val_ece_uncalibrated": uncalibrated["ece"],
+               "model_val_brier_uncalibrated": uncalibrated["brier"]}
+    kept = history.loc[history["kept"], "epoch"].astype(int).tolist()
+    for member, (network, epoch) in enumerate(zip(models.members_of(model), kept)):
+        summary[metric_name(member, "temperature")] = models.temperature_of(network)
+        summary[metric_name(member, "kept_epoch")] = epoch
+    return summary
 
 
 def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:

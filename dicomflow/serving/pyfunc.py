@@ -232,8 +232,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
                 raise ValueError("float images must hold values in [0, 1]; got "
                                  f"{np.nanmin(images):.3g} to {np.nanmax(images):.3g}")
-        unit = layout.unit_pixels(images)  # what dicomflow.model.architectures.to_model_input does
-        return unit[..., None] if unit.ndim == 3 else unit
+        return layout.to_model_input(images)
 
     def _width(self) -> int:
         return self._model.output_shape[-1]
