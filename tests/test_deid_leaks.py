@@ -216,18 +216,23 @@ def test_command_reads_identifiers_at_ingest_and_exits_1_on_a_hit(ingested, caps
 
 
 def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
-    from dicomflow.runtime.stage import StageError
+    """Through the digests deidentify writes of what ingest read: evaluate sees no value."""
+    from dicomflow.deid.digests import write_digests
+    from dicomflow.deid.leaks import identifiers_at_ingest
     from dicomflow.evaluation.promotion import check_run
+    from dicomflow.runtime.stage import StageError
 
+    secret = b"a secret of the test"
+    digests = ingested / "identifier_digests.json"
+    write_digests(identifiers_at_ingest(ingested / "outputs" / "ingest", ingested / "data"), secret, digests)
     mlflow = tracking
     with mlflow.start_run() as clean:
         mlflow.log_param("train.lr", 0.01)
-    check_run(clean.info.run_id, ingest_dir=ingested / "outputs" / "ingest", data_dir=ingested / "data")
+    check_run(clean.info.run_id, digests_file=digests, secret=secret)
     with mlflow.start_run() as dirty:
         mlflow.set_tag("note", "from saint elsewhere hospital")
     with pytest.raises(StageError, match=r"\(0008,0080\) Institution Name value .* not registered"):
-        check_run(dirty.info.run_id, ingest_dir=ingested / "outputs" / "ingest",
-                  data_dir=ingested / "data")
+        check_run(dirty.info.run_id, digests_file=digests, secret=secret)
 
 
 def test_a_name_that_is_a_word_of_the_projects_code_counts_only_with_its_other_parts():

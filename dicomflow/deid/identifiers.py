@@ -26,7 +26,7 @@ import ast
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,9 +349,23 @@ def collect_identifiers(ds: Dataset, *, device_identity_kept: bool = False) -> I
     """
     found = Identifiers(encodings=source_encodings(ds))
     kinds = _DEVICE_KEPT_KINDS if device_identity_kept else _KINDS
-    meta = getattr(ds, "file_meta", None)
-    for part in (meta, ds) if meta is not None else (ds,):
-        _collect(part, kinds, found)
+    for _, parent, tag, vr in every_element(ds):
+        # By the dictionary's VR too: a name written under another VR is still a name.
+        meant = dictionary_VR(tag) if dictionary_has_tag(tag) else ""
+        kind = ("name" if "PN" in (vr, meant) else "date" if {vr, meant} & {"DA", "DT"}
+                else kinds.get(tag))
+        if kind is None:
+            continue
+        source = describe_tag(BaseTag(tag))
+        for value in _element_texts(parent, tag):
+            if kind == "name":
+                found.add_name(value, source)
+            elif kind == "date":
+                found.add_date(value, source)
+            elif kind == "phone":
+                found.add_phone(value, source)
+            else:
+                found.add_text(value, source, uid=kind == "uid")
     return found
 
 
@@ -374,29 +388,29 @@ def vr_of(ds: Dataset, tag: int) -> str:
     return vr.split(" or ")[0] if vr else "UN"
 
 
-def _collect(ds: Dataset, kinds: dict[int, str], found: Identifiers) -> None:
+def every_element(ds: Dataset, read_vr: Callable[[Dataset, int], str] = vr_of,
+                  ) -> Iterator[tuple[tuple[BaseTag, ...], Dataset, BaseTag, str]]:
+    """Every element of ``ds``'s file meta, then of ``ds``, that is not a sequence, and those of
+    every sequence item at any depth, in file order, as (the tags of the sequences it lies in,
+    outermost first; the dataset or item holding it; its tag; its VR by ``read_vr``).
+
+    Both the identifier collection and the leak scanner walk a dataset this way; they differ only
+    in which VR they trust (``read_vr``) and in what they read. Only sequences are converted from
+    their raw bytes here (to reach their items): the caller converts what it needs, if anything."""
+    meta = getattr(ds, "file_meta", None)
+    for part in (meta, ds) if meta is not None else (ds,):
+        yield from _elements_of(part, read_vr, ())
+
+
+def _elements_of(ds: Dataset, read_vr: Callable[[Dataset, int], str], sequences: tuple[BaseTag, ...],
+                 ) -> Iterator[tuple[tuple[BaseTag, ...], Dataset, BaseTag, str]]:
     for tag in list(ds.keys()):
-        vr = vr_of(ds, tag)
+        vr = read_vr(ds, tag)
         if vr == "SQ":
             for item in ds[tag].value or ():
-                _collect(item, kinds, found)
-            continue
-        # By the dictionary's VR too: a name written under another VR is still a name.
-        meant = dictionary_VR(tag) if dictionary_has_tag(tag) else ""
-        kind = ("name" if "PN" in (vr, meant) else "date" if {vr, meant} & {"DA", "DT"}
-                else kinds.get(tag))
-        if kind is None:
-            continue
-        source = describe_tag(BaseTag(tag))
-        for value in _element_texts(ds, tag):
-            if kind == "name":
-                found.add_name(value, source)
-            elif kind == "date":
-                found.add_date(value, source)
-            elif kind == "phone":
-                found.add_phone(value, source)
-            else:
-                found.add_text(value, source, uid=kind == "uid")
+                yield from _elements_of(item, read_vr, (*sequences, tag))
+        else:
+            yield sequences, ds, tag, vr
 
 
 def source_encodings(ds: Dataset) -> set[str]:

@@ -45,6 +45,7 @@ from dicomflow.deid.identifiers import (
     Identifiers,
     collect_identifiers,
     describe_tag,
+    every_element,
     source_encodings,
 )
 from dicomflow.runtime.log_privacy import hidden_pydicom_messages
@@ -185,23 +186,11 @@ def dicom_texts(path: Path, encodings: Iterable[str] = ()) -> Iterator[tuple[str
     encodings = {*encodings, *source_encodings(ds)}
     for text in decodings(ds.preamble or b"", encodings, binary=True):
         yield "preamble", text, "OB"
-    meta = getattr(ds, "file_meta", None)
-    for part in (meta, ds) if meta is not None else (ds,):
-        yield from _raw_texts(part, "", encodings)
-
-
-def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[str, str, str]]:
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
-        location = prefix + describe_tag(tag)
-        if vr == "SQ":
-            for item in ds[tag].value or ():
-                yield from _raw_texts(item, location + " > ", encodings)
-            continue
+    for sequences, parent, tag, vr in every_element(ds, _written_vr):
         if tag in PIXEL_TAGS or vr in _NUMBER_VRS:
             continue
-        value = raw.value
+        location = " > ".join(describe_tag(each) for each in (*sequences, tag))
+        value = parent.get_item(tag).value
         if isinstance(value, bytes):
             texts = decodings(value, encodings, binary=vr in _BINARY_VRS)
         else:  # an element already converted (file meta): its text
@@ -210,6 +199,13 @@ def _raw_texts(ds: Dataset, prefix: str, encodings: set[str]) -> Iterator[tuple[
                                 for v in values if v is not None)]
         for text in texts:
             yield location, text, vr
+
+
+def _written_vr(ds: Dataset, tag: int) -> str:
+    """The VR as the file wrote it (the dictionary's, unresolved, only where the file wrote none):
+    unlike :func:`dicomflow.deid.identifiers.vr_of`, UN stays UN, so an element is searched in
+    its raw bytes, UTF-16 readings included, whatever the dictionary says it should hold."""
+    return ds.get_item(tag).VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
 
 
 def _codecs(encodings: Iterable[str]) -> list[str]:

