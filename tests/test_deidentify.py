@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from dicomflow.runtime.stage import StageError
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.config.params import ParamsError, load_params
 from dicomflow.deid.leaks import Leak, find_leaks
-from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, date_shift_days, deidentify_dataset, keyed_hex, load_profile, shift_date, top_code_age)
+from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age)
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,42 @@ VALUE_BY_VR = {
     "UC": "Planted unlimited", "UT": "Planted unlimited text", "UR": "http://example.org/planted",
     "US": 3, "OB": b"\x01\x02", "UN": b"\x01\x02",
 }
+
+
+# Oracles of the keyed values, written here with hmac and hashlib (not by calling the code):
+# HMAC-SHA256 keyed by the secret over "<purpose>\0<value>", purposes "id", "date" and "uid".
+def pseudonym(secret: bytes, value: str, length: int = 12) -> str:
+    """A keyed pseudonym: the first ``length`` hex digits of the HMAC."""
+    return hmac.new(secret, b"id\x00" + value.encode(), hashlib.sha256).hexdigest()[:length]
+
+
+def date_shift(secret: bytes, patient_id: str, max_days: int = 3650) -> int:
+    """A patient's date shift: 1 + (the HMAC's first 8 bytes, big-endian) mod ``max_days``."""
+    digest = hmac.new(secret, b"date\x00" + patient_id.encode(), hashlib.sha256).digest()
+    return 1 + int.from_bytes(digest[:8], "big") % max_days
+
+
+def keyed_uid_of(secret: bytes, uid: str) -> str:
+    """A keyed UID: "2.25." + the HMAC's first 16 bytes as a version 8 UUID (RFC 9562 5.8)."""
+    octets = bytearray(hmac.new(secret, b"uid\x00" + uid.encode(), hashlib.sha256).digest()[:16])
+    octets[6] = (octets[6] & 0x0F) | 0x80  # version 8 in the high nibble of octet 6
+    octets[8] = (octets[8] & 0x3F) | 0x80  # variant 0b10 in the top bits of octet 8
+    return "2.25." + str(int.from_bytes(octets, "big"))
+
+
+def test_keyed_values_are_pinned_to_values_checked_by_hand():
+    """The code's keyed values equal the oracles' and literals checked once with openssl
+    (``printf 'id\\0ABC' | openssl dgst -sha256 -hmac secret``): a change re-keys every export."""
+    from dicomflow.deid.profile import date_shift_days, keyed_hex, keyed_uid
+
+    assert keyed_hex(b"secret", "ABC") == pseudonym(b"secret", "ABC") == "8ca56db0f0f2"
+    assert keyed_hex(b"secret", "ABC", 16) == pseudonym(b"secret", "ABC", 16) == "8ca56db0f0f2dff3"
+    # printf 'date\0ABC' | openssl dgst -sha256 -hmac secret: e7813a153a438dcf..., and
+    # 1 + 0xE7813A153A438DCF % 3650 == 2508, 1 + 0xE7813A153A438DCF % 7 == 5
+    assert date_shift_days(b"secret", "ABC", 3650) == date_shift(b"secret", "ABC") == 2508
+    assert date_shift_days(b"secret", "ABC", 7) == date_shift(b"secret", "ABC", 7) == 5
+    assert (keyed_uid(b"secret", "1.2.3.4") == keyed_uid_of(b"secret", "1.2.3.4")
+            == "2.25.20781661674455053869045580917724076764")  # UUID 0fa26707-0c51-82a0-8264-6cb5ee0edadc
 
 
 def _code_item(meaning: str) -> Dataset:
@@ -190,12 +227,64 @@ OPTION_SETS = {
     "patient": DeidOptions(retain_patient_characteristics=True),
     "all": DeidOptions(**dict.fromkeys(OPTION_COLUMNS, True)),
 }
-# Checked by hand against PS3.15 2026c Table E.1-1 (the standard's text, not the code).
-BY_HAND = {"(0010,0010)": "Z", "(0010,0030)": "Z", "(0010,0040)": "Z",
-           "(0010,1010)": "X", "(0008,0050)": "Z", "(0008,0020)": "Z", "(0008,0023)": "Z/D",
-           "(0008,0021)": "X/D", "(0008,0080)": "X/Z/D", "(0008,0090)": "Z", "(0020,000D)": "U",
-           "(0010,1040)": "X", "(0008,1030)": "X", "(0008,1010)": "X/Z/D", "(0018,1000)": "X/Z/D",
-           "(0010,2110)": "X", "(0008,1155)": "U", "(0020,4000)": "X"}
+# PS3.15 Table E.1-1 rows written out by hand from the standard's text: (keyword, tag, the Basic
+# Profile code, the one action dicomflow applies under the Basic Profile alone, the option
+# columns that name the row). Options: "patient" Retain Patient Characteristics, "device" Retain
+# Device Identity, "dates" Retain Longitudinal Temporal Information with Modified Dates, "clean"
+# Clean Descriptors (Retain Institution Identity, which keeps the institution rows, is not offered).
+# A combined code lets the application choose by the attribute's Type (E.1.1); dicomflow takes
+# its rightmost choice, valid for every Type, except X/Z on a (Type 3) sequence: removed.
+ANNEX_E = [
+    ("PatientName", 0x00100010, "Z", "Z", {}),
+    ("PatientID", 0x00100020, "Z/D", "D", {}),
+    ("PatientBirthDate", 0x00100030, "Z", "Z", {}),
+    ("PatientSex", 0x00100040, "Z", "Z", {"patient": "K"}),
+    ("PatientAge", 0x00101010, "X", "X", {"patient": "K"}),
+    ("PatientSize", 0x00101020, "X", "X", {"patient": "K"}),
+    ("PatientWeight", 0x00101030, "X", "X", {"patient": "K"}),
+    ("EthnicGroup", 0x00102160, "X", "X", {"patient": "K"}),
+    ("Allergies", 0x00102110, "X", "X", {"patient": "C", "clean": "C"}),
+    ("PatientComments", 0x00104000, "X", "X", {"clean": "C"}),
+    ("PatientAddress", 0x00101040, "X", "X", {}),
+    ("OtherPatientIDs", 0x00101000, "X", "X", {}),
+    ("StudyDate", 0x00080020, "Z", "Z", {"dates": "C"}),
+    ("StudyTime", 0x00080030, "Z", "Z", {"dates": "C"}),
+    ("SeriesDate", 0x00080021, "X/D", "D", {"dates": "C"}),
+    ("AcquisitionDate", 0x00080022, "X/Z", "Z", {"dates": "C"}),
+    ("ContentDate", 0x00080023, "Z/D", "D", {"dates": "C"}),
+    ("AcquisitionDateTime", 0x0008002A, "X/Z/D", "D", {"dates": "C"}),
+    ("AccessionNumber", 0x00080050, "Z", "Z", {}),
+    ("StudyID", 0x00200010, "Z", "Z", {}),
+    ("ReferringPhysicianName", 0x00080090, "Z", "Z", {}),
+    ("PerformingPhysicianName", 0x00081050, "X", "X", {}),
+    ("OperatorsName", 0x00081070, "X/Z/D", "D", {}),
+    ("InstitutionName", 0x00080080, "X/Z/D", "D", {}),
+    ("InstitutionAddress", 0x00080081, "X", "X", {}),
+    ("InstitutionalDepartmentName", 0x00081040, "X", "X", {}),
+    ("StationName", 0x00081010, "X/Z/D", "D", {"device": "K"}),
+    ("DeviceSerialNumber", 0x00181000, "X/Z/D", "D", {"device": "K"}),
+    ("DateOfLastCalibration", 0x00181200, "X", "X", {"device": "K", "dates": "C"}),
+    ("StudyDescription", 0x00081030, "X", "X", {"clean": "C"}),
+    ("SeriesDescription", 0x0008103E, "X", "X", {"clean": "C"}),
+    ("ProtocolName", 0x00181030, "X/D", "D", {"clean": "C"}),
+    ("ImageComments", 0x00204000, "X", "X", {"clean": "C"}),
+    ("SOPInstanceUID", 0x00080018, "U", "U", {}),
+    ("StudyInstanceUID", 0x0020000D, "U", "U", {}),
+    ("SeriesInstanceUID", 0x0020000E, "U", "U", {}),
+    ("FrameOfReferenceUID", 0x00200052, "U", "U", {}),
+    ("ReferencedSOPInstanceUID", 0x00081155, "U", "U", {}),
+    ("ReferencedStudySequence", 0x00081110, "X/Z", "X", {}),
+    ("ReferencedImageSequence", 0x00081140, "X/Z/U*", "U", {}),
+]
+# With every option on, a row two columns name: C (kept only cleaned) over K, as action_for documents.
+ALL_OPTIONS_BY_HAND = {"DateOfLastCalibration": "C", "Allergies": "C"}
+HAND_OPTIONS = {"basic": DeidOptions(), "patient": DeidOptions(retain_patient_characteristics=True),
+                "device": DeidOptions(retain_device_identity=True),
+                "dates": DeidOptions(retain_longitudinal_dates=True),
+                "clean": DeidOptions(clean_descriptors=True),
+                "all": DeidOptions(retain_patient_characteristics=True, retain_device_identity=True,
+                                   retain_longitudinal_dates=True, clean_descriptors=True)}
+BY_HAND = {f"({tag >> 16:04X},{tag & 0xFFFF:04X})": code for _, tag, code, _, _ in ANNEX_E}
 
 
 def allowed_actions(row: dict, options: DeidOptions) -> set[str]:
@@ -308,7 +397,11 @@ class TestTableActions:
         rows = {row["tag"]: row for row in table_rows()}
         assert len(rows) == 655
         assert {tag: rows[tag]["basicProfile"] for tag in BY_HAND} == BY_HAND
-        assert rows["(0010,2110)"]["rtnPatCharsOpt"] == "C"  # Allergies: C under the option
+        columns = {"patient": "rtnPatCharsOpt", "device": "rtnDevIdOpt", "dates": "rtnLongModifDatesOpt",
+                   "clean": "cleanDescOpt"}
+        for keyword, tag, _, _, named in ANNEX_E:  # the option columns of the shipped 2024e JSON
+            row = rows[f"({tag >> 16:04X},{tag & 0xFFFF:04X})"]
+            assert {option: row[column] for option, column in columns.items() if row.get(column)} == named, keyword
         profile = load_profile()
         assert len(profile) == 655 and profile.revision == "2026c"
         assert profile.rule_for(0x60023000).basic == "X"  # (60XX,3000) Overlay Data mask
@@ -321,7 +414,7 @@ class TestTableActions:
         options = OPTION_SETS[option_set]
         rows = exact_table_rows()
         assert len(rows) > 600
-        shift = date_shift_days(SECRET, str(source.PatientID), options.max_date_shift_days)
+        shift = date_shift(SECRET, str(source.PatientID), options.max_date_shift_days)
         wrong = []
         for tag, row in rows:
             allowed = allowed_actions(row, options)
@@ -347,6 +440,60 @@ class TestTableActions:
         assert find_leaks(planted, dicom_dir=folder, tables={}) == []
         assert not any(elem.tag.is_private for elem, _ in all_elements(out))
 
+    @pytest.mark.parametrize("option_set", list(HAND_OPTIONS))
+    def test_hand_written_annex_e_rows_get_their_action(self, option_set):
+        """Each hand-written Table E.1-1 row gets the action its Basic Profile code or the
+        chosen option's column gives it (literals above, not derived from the code)."""
+        for keyword, _, code, basic, _ in ANNEX_E:  # the literals themselves follow E.1.1
+            assert basic in code.rstrip("*").split("/"), keyword
+        profile = load_profile()
+        got, wanted = {}, {}
+        for keyword, tag, _, basic, named in ANNEX_E:
+            got[keyword] = action_for(profile.rule_for(tag), HAND_OPTIONS[option_set], dictionary_VR(tag))
+            if option_set == "all":
+                wanted[keyword] = ALL_OPTIONS_BY_HAND.get(keyword) or next(iter(named.values()), basic)
+            else:
+                wanted[keyword] = named.get(option_set, basic)
+        assert got == wanted
+
+    def test_basic_profile_values_by_hand(self):
+        """What the Basic Profile alone writes for a planted CR image, attribute by attribute."""
+        out, _ = deidentify_dataset(make_dataset(), profile=load_profile(), secret=SECRET)
+        for keyword in ("PatientAge", "PatientWeight", "PatientSize", "PatientAddress", "OtherPatientIDs",
+                        "PerformingPhysicianName", "InstitutionAddress", "StudyDescription",
+                        "ReferencedStudySequence", "OtherPatientIDsSequence"):
+            assert keyword not in out, keyword  # X
+        for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                        "ReferringPhysicianName", "StudyDate", "StudyTime"):
+            assert out[keyword].value in ("", None), keyword  # Z
+        # Z/D and X/Z/D: D, a keyed pseudonym for text; Patient's Name (Z) the Patient ID's
+        assert str(out.PatientName) == out.PatientID == pseudonym(SECRET, PATIENT_ID)
+        assert str(out.OperatorsName) == pseudonym(SECRET, "Osgood^Tilda")
+        assert out.InstitutionName == pseudonym(SECRET, "Saint Elsewhere Hospital")
+        assert (out.StationName, out.DeviceSerialNumber) == (pseudonym(SECRET, "WS-CR-7"),
+                                                             pseudonym(SECRET, "SN-00042"))
+        # X/D, Z/D, X/Z/D on dates: D, a fixed dummy date
+        assert (out.SeriesDate, out.ContentDate, out.AcquisitionDateTime) == (
+            "19000101", "19000101", "19000101000000")
+        # U: keyed UIDs
+        assert (out.StudyInstanceUID, out.SeriesInstanceUID, out.FrameOfReferenceUID, out.SOPInstanceUID) == (
+            keyed_uid_of(SECRET, STUDY_UID), keyed_uid_of(SECRET, SERIES_UID), keyed_uid_of(SECRET, FRAME_UID),
+            keyed_uid_of(SECRET, SOP_UID_A))
+
+    def test_every_option_values_by_hand(self):
+        """What the four options together write: characteristics and device identity kept, dates
+        moved back by the patient's keyed shift (times of day kept), the rest as in the Basic Profile."""
+        out, _ = deidentify_dataset(make_dataset(), profile=load_profile(), secret=SECRET,
+                                    options=HAND_OPTIONS["all"])
+        assert (out.PatientSex, out.PatientAge, out.PatientWeight, out.PatientSize) == ("F", "090Y", 61.5, 1.62)
+        assert (out.StationName, out.DeviceSerialNumber) == ("WS-CR-7", "SN-00042")
+        moved = (datetime.date(2023, 4, 5) - datetime.timedelta(days=date_shift(SECRET, PATIENT_ID))).strftime("%Y%m%d")
+        assert (out.StudyDate, out.SeriesDate, out.ContentDate) == (moved, moved, moved)
+        assert (out.AcquisitionDateTime, out.StudyTime) == (moved + "101112", "101112")
+        assert out.PatientBirthDate == "" and out.AccessionNumber == ""  # Z: no option names them
+        assert out.InstitutionName == pseudonym(SECRET, "Saint Elsewhere Hospital")
+        assert "PatientAddress" not in out and "ReferencedStudySequence" not in out
+
     def test_combined_actions_resolved_to_rightmost_option(self):
         profile = load_profile()
         ds = Dataset()
@@ -359,9 +506,9 @@ class TestTableActions:
         ds.ReferencedStudySequence = [referenced]  # X/Z on a Type 3 sequence: removed
         out, counts = deidentify_dataset(ds, profile=profile, secret=SECRET)
         assert out.AcquisitionDate == ""
-        assert out.InstitutionName == keyed_hex(SECRET, "Saint Elsewhere Hospital")
-        assert str(out.ContentCreatorName) == keyed_hex(SECRET, "Osgood^Tilda")
-        assert out.ProtocolName == keyed_hex(SECRET, "Chest protocol of Dr Hollis")
+        assert out.InstitutionName == pseudonym(SECRET, "Saint Elsewhere Hospital")
+        assert str(out.ContentCreatorName) == pseudonym(SECRET, "Osgood^Tilda")
+        assert out.ProtocolName == pseudonym(SECRET, "Chest protocol of Dr Hollis")
         assert "ReferencedStudySequence" not in out
         assert (counts["Z"], counts["D"], counts["X"]) == (1, 3, 1)
 
@@ -385,7 +532,7 @@ class TestDeidentifyDataset:
         out, _ = deidentify_dataset(ds, profile=load_profile(), secret=SECRET)
         first, second = out.ContentSequence
         assert first.ValueType == "PNAME" and first.ReferencedSOPClassUID == CR_STORAGE
-        assert str(first.PersonName) == keyed_hex(SECRET, "Osgood^Tilda")
+        assert str(first.PersonName) == pseudonym(SECRET, "Osgood^Tilda")
         assert second.ReferencedSOPClassUID.startswith("2.25.")
 
     def test_source_dataset_not_modified(self):
@@ -433,6 +580,8 @@ class TestDeidentifyDataset:
         nested = first.RadiopharmaceuticalInformationSequence[0].ReferencedImageSequence[0]
         assert nested.ReferencedSOPInstanceUID == second.SOPInstanceUID
         assert again.SOPInstanceUID == first.SOPInstanceUID
+        assert (first.StudyInstanceUID, first.SOPInstanceUID) == (keyed_uid_of(SECRET, STUDY_UID),
+                                                                  keyed_uid_of(SECRET, SOP_UID_A))
         for uid in (first.SOPInstanceUID, second.SOPInstanceUID, first.StudyInstanceUID):
             assert uid.startswith("2.25.") and len(uid) <= 64 and UID(uid).is_valid
 
@@ -444,7 +593,7 @@ class TestDeidentifyDataset:
 
     def test_patient_name_is_the_patient_id_pseudonym(self):
         out, _ = deid(make_dataset())
-        assert out.PatientID == keyed_hex(SECRET, PATIENT_ID)
+        assert out.PatientID == pseudonym(SECRET, PATIENT_ID)
         assert str(out.PatientName) == out.PatientID
 
     @pytest.mark.parametrize("rle", [False, True])
@@ -509,8 +658,8 @@ class TestHostilePlacements:
         code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = typed[:16], "99X", "x"
         ds.ProcedureCodeSequence = [code]
         out, _ = deid(ds)
-        assert out.Manufacturer == keyed_hex(SECRET, typed)
-        assert out.ProcedureCodeSequence[0].CodeValue == keyed_hex(SECRET, typed[:16])
+        assert out.Manufacturer == pseudonym(SECRET, typed)
+        assert out.ProcedureCodeSequence[0].CodeValue == pseudonym(SECRET, typed[:16])
         assert deid(make_dataset())[0].Manufacturer == "Acme"  # the file's own, harmless value
 
     def test_private_class_uids_are_keyed_and_file_meta_in_the_data_set_removed(self):
@@ -566,6 +715,8 @@ class TestOptions:
             return datetime.datetime.strptime(value[:8], "%Y%m%d").date()
 
         assert first.StudyDate != "20230405" and (day(second.StudyDate) - day(first.StudyDate)).days == 10
+        moved = datetime.date(2023, 4, 5) - datetime.timedelta(days=date_shift(SECRET, PATIENT_ID))
+        assert first.StudyDate == moved.strftime("%Y%m%d")  # back by this patient's keyed shift
         assert first.AcquisitionDateTime == first.StudyDate + "101112"  # DT: date moved, time kept
         assert first.StudyTime == "101112" and first.PatientBirthDate == ""  # birth date: Z
         assert stranger.StudyDate != first.StudyDate  # another patient, another shift
@@ -772,7 +923,7 @@ class TestBurnedIn:
         out = stage_dir / "outputs" / "deidentify"
         index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        excluded_key = keyed_hex(deid_files.DEMO_SECRET, index["sop_instance_uid"][1], 16)
+        excluded_key = pseudonym(deid_files.DEMO_SECRET, index["sop_instance_uid"][1], 16)
         assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
         assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
         ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
@@ -826,9 +977,9 @@ class TestMain:
         index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
         assert tuple(manifest.columns) == layout.MANIFEST_COLUMNS
-        assert list(manifest["image_key"]) == [keyed_hex(SECRET, uid, 16)
+        assert list(manifest["image_key"]) == [pseudonym(SECRET, uid, 16)
                                                for uid in index["sop_instance_uid"]]
-        assert list(manifest["patient_key"]) == [keyed_hex(SECRET, PATIENT_ID)] * 3
+        assert list(manifest["patient_key"]) == [pseudonym(SECRET, PATIENT_ID)] * 3
         assert list(manifest["patient_age_years"]) == [90, 45, 90]
         assert list(manifest["label"]) == [0, 1, 0]
         images = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
@@ -858,8 +1009,8 @@ class TestMain:
             out = stage_dir / "outputs" / "deidentify"
             written.append({path.relative_to(out): path.read_bytes()
                             for path in sorted(out.rglob("*")) if path.is_file()})
-        # 3 DICOM files; the manifest, images, audit and quarantine
-        assert len(written[0]) == 3 + 4 and written[0] == written[1]
+        # 3 DICOM files; the manifest, images, audit, quarantine and identifier digests
+        assert len(written[0]) == 3 + 5 and written[0] == written[1]
 
     def test_retain_off_leaves_sex_and_age_null(self, stage_dir):
         set_params(stage_dir / "params.yaml", retain_patient_characteristics=False)
@@ -895,8 +1046,8 @@ class TestMain:
         written = [pydicom.dcmread(path) for path in
                    sorted((stage_dir / "outputs" / "deidentify" / layout.DEID_DICOM_DIR).glob("*.dcm"))]
         assert sorted(str(ds.Manufacturer) for ds in written) == sorted(
-            ["Acme", "Acme", keyed_hex(deid_files.DEMO_SECRET, "Zanzibar Imaging")])
-        assert keyed_hex(deid_files.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
+            ["Acme", "Acme", pseudonym(deid_files.DEMO_SECRET, "Zanzibar Imaging")])
+        assert pseudonym(deid_files.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
                                                                 for ds in written if "ManufacturerModelName" in ds}
 
     def test_a_failed_leak_check_lists_every_attribute_with_its_file_count(self, stage_dir):
@@ -925,7 +1076,7 @@ class TestMain:
         index.to_parquet(index_file)
         deidentify.main()  # completes: the per-file check replaced it before the net saw it
         manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
-        assert manifest["manufacturer"].tolist() == ["Acme", keyed_hex(deid_files.DEMO_SECRET, "Quixley Imaging"), "Acme"]
+        assert manifest["manufacturer"].tolist() == ["Acme", pseudonym(deid_files.DEMO_SECRET, "Quixley Imaging"), "Acme"]
         written = pydicom.dcmread(stage_dir / "outputs" / "deidentify" / manifest["dicom_file"][1])
         assert written.Manufacturer == manifest["manufacturer"][1]
 
@@ -982,7 +1133,7 @@ class TestMain:
         out = stage_dir / "outputs" / "deidentify"
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
         uid = index["sop_instance_uid"][0]
-        assert list(manifest["image_key"][:2]) == [keyed_hex(deid_files.DEMO_SECRET, f"{uid}#{i}", 16)
+        assert list(manifest["image_key"][:2]) == [pseudonym(deid_files.DEMO_SECRET, f"{uid}#{i}", 16)
                                                   for i in (0, 1)]
         assert manifest["image_key"].is_unique
         assert manifest["dicom_file"][0] == manifest["dicom_file"][1] != manifest["dicom_file"][2]

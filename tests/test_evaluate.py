@@ -189,20 +189,49 @@ def test_write_plot_data_writes_and_returns_every_file(tmp_path, scored):
     assert calibration["count"].sum() == len(y_true)
 
 
-def test_should_promote():
-    assert should_promote(0.8, None)
-    assert should_promote(0.81, 0.8)
-    assert not should_promote(0.8, 0.8)
-    assert not should_promote(0.8 + 1e-9, 0.8)  # the same model scored in another process
-    assert not should_promote(0.7, 0.8)
+# (candidate, champion, metric, min_gain) -> promoted, each decided by hand from the rule the
+# evaluate stage documents: promote when there is no champion, or when the candidate beats it in
+# the metric's direction (lower Brier is better) by more than float rounding and by min_gain.
+PROMOTION_CASES = [
+    (0.80, None, "roc_auc", 0.0, True),            # no champion yet: the first model is champion
+    (0.10, None, "brier", 0.5, True),              # ...whatever the metric and the minimum gain
+    (0.81, 0.80, "roc_auc", 0.0, True),
+    (0.70, 0.80, "roc_auc", 0.0, False),
+    (0.80, 0.80, "roc_auc", 0.0, False),           # a tie is no gain
+    (0.80 + 1e-9, 0.80, "roc_auc", 0.0, False),    # the same model scored in another process
+    (0.80 + 1e-5, 0.80, "roc_auc", 0.0, True),     # a small but real gain
+    (0.83, 0.80, "roc_auc", 0.02, True),
+    (0.81, 0.80, "roc_auc", 0.02, False),          # better, by less than the minimum gain
+    (0.75, 0.50, "roc_auc", 0.25, True),           # exactly the minimum gain (exact in binary)
+    (0.82, 0.80, "roc_auc", 0.02, True),           # exactly the minimum gain, 0.01999... in floats
+    (0.70, 0.60, "accuracy", 0.05, True),
+    (0.60, 0.70, "f1", 0.0, False),
+    (0.10, 0.15, "brier", 0.02, True),             # lower Brier is better
+    (0.15, 0.10, "brier", 0.0, False),             # a higher Brier is worse
+    (0.14, 0.15, "brier", 0.02, False),            # better, by less than the minimum gain
+    (0.25, 0.50, "brier", 0.25, True),             # exactly the minimum gain
+    (0.10, 0.10, "brier", 0.0, False),             # a tie is no gain
+    (0.10 - 1e-9, 0.10, "brier", 0.0, False),      # rounding, in the lower-is-better direction
+]
 
 
-def test_should_promote_needs_the_minimum_gain_in_the_metric_s_direction():
-    assert should_promote(0.83, 0.8, min_gain=0.02)
-    assert not should_promote(0.81, 0.8, min_gain=0.02)
-    assert should_promote(0.10, 0.15, metric="brier", min_gain=0.02)  # lower Brier is better
-    assert not should_promote(0.15, 0.10, metric="brier")
-    assert not should_promote(0.14, 0.15, metric="brier", min_gain=0.02)
+@pytest.mark.parametrize("candidate, champion, metric, min_gain, promoted", PROMOTION_CASES)
+def test_should_promote_by_hand(candidate, champion, metric, min_gain, promoted):
+    """The promotion decision for hand-decided cases: ties, rounding, minimum gain, Brier."""
+    assert should_promote(candidate, champion, metric=metric, min_gain=min_gain) is promoted
+
+
+@pytest.mark.parametrize("candidate, champion, version, min_gain, alias", [
+    (0.70, None, None, 0.0, "champion"),   # nothing registered as champion before
+    (0.99, None, "3", 0.0, "challenger"),  # a champion that could not be scored is never replaced
+    (0.90, 0.80, "3", 0.0, "champion"),
+    (0.90, 0.80, "3", 0.2, "challenger"),
+    (0.80, 0.80, "3", 0.0, "challenger"),
+])
+def test_comparison_decides_the_alias_by_hand(candidate, champion, version, min_gain, alias):
+    """The alias a comparison gives the candidate, including an unscored and an absent champion."""
+    comparison = Comparison("roc_auc", candidate, champion, version, images=10, data_version="d" * 12)
+    assert comparison.decide(min_gain=min_gain)[0] == alias
 
 
 class TestMulticlassMetrics:

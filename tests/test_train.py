@@ -234,13 +234,25 @@ class TestStrategies:
                          ensemble=1, seed=5)
 
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
+        """"mirrored" is a MirroredStrategy with one replica per GPU TensorFlow sees (the one CPU
+        when it sees none), and training under it gives the default strategy's history."""
+        import tensorflow as tf
+
         from dicomflow.model.training import make_strategy
+
+        gpus = tf.config.list_logical_devices("GPU")
+        mirrored = make_strategy("mirrored")
+        assert isinstance(mirrored, tf.distribute.MirroredStrategy)
+        replica_devices = [tf.DeviceSpec.from_string(name).device_type
+                           for name in mirrored.extended.worker_devices]
+        assert replica_devices == (["GPU"] * len(gpus) or ["CPU"])
+        assert mirrored.num_replicas_in_sync == len(replica_devices)
+        plain = make_strategy("default")
+        assert plain is tf.distribute.get_strategy() and not isinstance(plain, tf.distribute.MirroredStrategy)
 
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
         default = train_model(train_x, train_y, val_x, val_y, params=self.params, checkpoint=None)[1]
-        mirrored = make_strategy("mirrored")
-        assert mirrored.num_replicas_in_sync >= 1
         history = train_model(train_x, train_y, val_x, val_y, params=self.params, checkpoint=None,
                               strategy=mirrored)[1]
         np.testing.assert_allclose(history["loss"], default["loss"], atol=1e-5)
@@ -300,24 +312,70 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
         with pytest.raises(ValueError, match="'multi_worker' but TF_CONFIG is not set"):
             make_strategy("multi_worker")
 
-    @pytest.mark.parametrize("cluster, task, chief", [
-        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True),
-        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False),
-        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
-        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, False),
-    ])
-    def test_only_the_chief_writes(self, monkeypatch, cluster, task, chief):
+    def test_a_single_process_strategy_is_the_chief(self, monkeypatch):
+        """Without a cluster (default or mirrored strategy) the one process writes, even with a
+        stray TF_CONFIG naming another task: only a multi-worker strategy reads it."""
         import json
-        from types import SimpleNamespace
 
         import tensorflow as tf
 
-        from dicomflow.model.training import is_chief
+        from dicomflow.model.training import is_chief, make_strategy
 
-        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        assert is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
-        assert is_chief(tf.distribute.get_strategy())
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                                                    "task": {"type": "worker", "index": 1}}))
+        for name in ("default", "mirrored"):
+            strategy = make_strategy(name)
+            assert strategy.cluster_resolver is None and is_chief(strategy), name
+        assert make_strategy("default") is tf.distribute.get_strategy()
+
+    @pytest.mark.parametrize("cluster, chief", [
+        ({"worker": 2}, "worker-0"),             # no chief task: worker 0 writes
+        ({"chief": 1, "worker": 1}, "chief-0"),  # a chief task: it writes, worker 0 does not
+    ], ids=["two-workers", "chief-and-worker"])
+    def test_only_the_chief_task_of_a_real_cluster_writes(self, tmp_path, cluster, chief):
+        """Every task of a real MultiWorkerMirroredStrategy cluster on loopback (TF_CONFIG as the
+        README gives it) writes its file only when is_chief says so: the chief's file alone exists."""
+        import json
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        script = tmp_path / "task.py"
+        script.write_text(f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+from dicomflow.model.training import is_chief, make_strategy
+strategy = make_strategy("multi_worker")
+assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync  # the cluster formed
+if is_chief(strategy):
+    Path(sys.argv[1]).write_text("written by the chief")
+""")
+        tasks = [(kind, index) for kind, count in cluster.items() for index in range(count)]
+        addresses = {}
+        for kind, count in cluster.items():
+            for _ in range(count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    addresses.setdefault(kind, []).append(f"127.0.0.1:{probe.getsockname()[1]}")
+        outputs = tmp_path / "outputs"
+        outputs.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        processes = [subprocess.Popen(
+            [sys.executable, str(script), str(outputs / f"{kind}-{index}")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**env, "TF_CONFIG": json.dumps({"cluster": addresses, "task": {"type": kind, "index": index}})})
+            for kind, index in tasks]
+        try:
+            errors = [process.communicate(timeout=300)[1].decode()[-2000:] for process in processes]
+        finally:
+            for process in processes:  # a task that failed leaves its peer waiting for it
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        assert [process.returncode for process in processes] == [0] * len(tasks), errors
+        assert sorted(path.name for path in outputs.iterdir()) == [chief]
 
 
 class TestTrainingControls:
@@ -523,10 +581,9 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     for folder in (paths["deid_dir"], paths["split_dir"], "reports"):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     np.save(tmp_path / paths["deid_dir"] / "images.npy", np.full((40, 16, 16), 128, np.uint8))
-    pd.DataFrame({"split": ["train"] * 30 + ["val"] * 10, "label": [0, 1] * 20}).to_parquet(
-        tmp_path / paths["split_dir"] / "manifest.parquet")
-    for report in ("validation_report", "validation_metrics", "split_counts", "augment_preview"):
-        (tmp_path / paths[report]).write_text("{}")
+    pd.DataFrame({"split": ["train"] * 30 + ["val"] * 10, "label": [0, 1] * 20,
+                  "image_key": [f"{i:016x}" for i in range(40)], "patient_key": [f"p{i // 2}" for i in range(40)],
+                  }).to_parquet(tmp_path / paths["split_dir"] / "manifest.parquet")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
            "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}

@@ -55,7 +55,7 @@ def should_promote(candidate: float, champion: float | None, *, metric: str = "r
     if champion is None:
         return True
     gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
-    return gain > ROUNDING and gain >= min_gain
+    return gain > ROUNDING and gain >= min_gain - ROUNDING  # 0.82 - 0.80 is 0.01999... in floats
 
 
 def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int]) -> float:
