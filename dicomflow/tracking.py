@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,54 @@ def run_name(stage: str) -> str:
     return f"{stage}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
 
 
+# What decides a run's outcome besides the data: a run made with these changed since the commit
+# (``dvc exp run -S ...`` changes params.yaml) is tagged, so git_commit alone does not mislead.
+PIPELINE_FILES = ("params.yaml", "dvc.yaml", "stages", "dicomflow")
+
+
+def workspace_modified() -> bool:
+    """Whether :data:`PIPELINE_FILES` differ from the commit being run (False outside git)."""
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *PIPELINE_FILES],
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return bool(result.stdout.strip())
+
+
+def source_name() -> str:
+    """The entry point as a path relative to the repository (MLflow records an absolute one)."""
+    entry = Path(sys.argv[0]).resolve()
+    try:
+        return entry.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return entry.name
+
+
 def run_tags() -> dict[str, str]:
-    """Tags every run carries, so it can be traced back to code and data."""
-    return {"git_commit": git_commit(), "data_version": data_version()}
+    """Tags every run carries, so it can be traced back to code and data: the commit, whether the
+    workspace differed from it, the data version and, under ``dvc exp run``, the experiment's name."""
+    tags = {"git_commit": git_commit(), "data_version": data_version(), "mlflow.source.name": source_name()}
+    if workspace_modified():
+        tags["workspace_modified"] = "true"
+    if experiment := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = experiment
+    return tags
+
+
+def log_dataset_inputs(manifest, *, source: str, contexts: dict[str, str]) -> None:
+    """Log each split of the (de-identified) split manifest as an MLflow dataset input of the
+    active run, in its context (``{"train": "training", ...}``), with the data version as its
+    digest: the runs table's Dataset column, and a way to find every run trained on a version."""
+    import mlflow
+
+    from dicomflow.config.layout import split_rows
+
+    version = data_version()
+    for split, context in contexts.items():
+        rows = manifest.iloc[split_rows(manifest, split)]
+        mlflow.log_input(mlflow.data.from_pandas(rows, source=source, name=f"dicomflow-{split}", digest=version),
+                         context=context)
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -91,7 +91,10 @@ def main() -> None:
     tracking.configure_mlflow()
     run_ids = log_evaluation(run_info["run_id"], metrics, evaluate_params=read_params_file()["evaluate"],
                              files=[*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)],
-                             problems=problems, register=register)
+                             problems=problems, register=register,
+                             log_inputs=lambda: tracking.log_dataset_inputs(
+                                 manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
+                                 contexts={"test": "testing", "val": "validation"}))
     if problems:
         mark_failed(run_ids)
         raise StageError(f"the model is degenerate on the validation split (validation AUC "

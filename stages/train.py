@@ -7,8 +7,8 @@ lowest validation loss by default; its batch-normalisation statistics re-estimat
 training images; its temperature fitted on validation; ``train.ensemble`` networks averaged),
 ``paths.model_dir``/mlflow_run.json (the run evaluate continues) and the per-epoch history
 ``paths.train_history`` (a DVC plot: loss, AUC, accuracy, Brier and ECE on training batches
-and on validation). Everything is also logged to one MLflow run, with the split counts of the
-images it trained and validated on (the data-quality reports are DVC's: ``reports/``, versioned
+and on validation) with its curves as a PNG, ``paths.train_curves``. Everything is also logged
+to one MLflow run, with the split counts of the images it trained and validated on (the data-quality reports are DVC's: ``reports/``, versioned
 with the data, so restyling one never retrains the model).
 Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``ingest.classes``
 (two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
@@ -34,6 +34,7 @@ from dicomflow.config import layout
 from dicomflow.config.params import load_params, read_params_file
 from dicomflow.model import architectures as models
 from dicomflow.model import scoring
+from dicomflow.model.curves import write_training_curves
 from dicomflow.model.training import (
     RESUME_SUFFIX,
     check_input_shape,
@@ -78,6 +79,8 @@ def main() -> None:
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))
         mlflow.log_text(count_by_split(manifest).to_csv(index=False), "data/split_counts.csv")
+        tracking.log_dataset_inputs(manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
+                                    contexts={"train": "training", "val": "validation"})
         log_epoch = tracking.EpochLogger(params.ensemble)
         # A multi-worker run cannot resume: every worker would have to find the same state.
         resume_dir = None if params.strategy == "multi_worker" else model_dir.with_name(
@@ -86,7 +89,9 @@ def main() -> None:
                              resume_dir=resume_dir)
         log_epoch.log_missing(history)
         write_text(Path(paths.train_history), history.to_csv(index=False))
-        mlflow.log_artifact(paths.train_history, artifact_path="reports")
+        write_training_curves(history, Path(paths.train_curves))
+        for report in (paths.train_history, paths.train_curves):
+            mlflow.log_artifact(report, artifact_path="reports")
         summary = validation_summary(model, val_x, val_y, history, metric_name=log_epoch.metric_name)
         mlflow.log_metrics(summary)
         model_info = tracking.log_keras_model(model, val_x[:2])

@@ -234,11 +234,6 @@ class TestLoadParamsErrors:
 
         assert "\n" not in str(info.value)
 
-    def test_other_sections_still_load_when_one_is_bad(self, tmp_path, repo_raw):
-        path = _write(tmp_path, _with(repo_raw, "train.epochs", "ten"))
-
-        assert load_params("split", path=path).seed == repo_raw["split"]["seed"]
-
     def test_unknown_section_name_is_rejected_before_reading(self, tmp_path):
         missing_file = tmp_path / "does-not-exist.yaml"
 
@@ -260,3 +255,11 @@ def test_split_sizes_that_leave_no_training_set_are_rejected(tmp_path, repo_raw)
     raw = _with(_with(repo_raw, "split.val_size", 0.5), "split.test_size", 0.5)
     with pytest.raises(ParamsError, match=r"'split\.val_size' \+ 'split\.test_size' must be below 1.*got 0\.5 \+ 0\.5"):
         load_params("split", path=_write(tmp_path, raw))
+
+
+def test_a_typo_in_any_section_stops_every_stage(tmp_path, repo_raw):
+    """DVC reruns a stage only for the keys it declares: the loader checks them all, every time."""
+    path = _write(tmp_path, _with(repo_raw, "split.sed", 7))
+    for section in ("ingest", "train", "evaluate"):
+        with pytest.raises(ParamsError, match=r"unknown key 'split\.sed'; allowed keys: method, "):
+            load_params(section, path)

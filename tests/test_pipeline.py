@@ -49,6 +49,8 @@ def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
     metrics = yaml.safe_load((root / "reports" / "metrics.json").read_text())
     assert {"roc_auc", "sensitivity", "specificity", "accuracy"} <= set(metrics)
     assert (root / "reports" / "validation.html").read_text().lower().count("<table") >= 1
+    assert (root / "reports" / "train_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert (root / "outputs" / "deidentify" / "identifier_digests.json").is_file()
     quarantine = (root / "outputs" / "ingest" / "quarantine.csv").read_text()
     assert {"not_dicom", "truncated_pixel_data", "no_pixel_data", "no_label"} <= {
         line.split(",")[1] for line in quarantine.splitlines()[1:]}
@@ -86,6 +88,23 @@ def test_registered_champion_predicts_from_dicom_files(repo, registry):
     reasons = {error.split(":")[0] for error in predictions["error"] if error}
     assert {"not_dicom", "truncated_pixel_data"} <= reasons  # the sample's bad files, each with its reason
     assert (predictions["error"] == "").sum() > 0.9 * len(predictions)
+
+
+def test_train_and_its_evaluation_share_one_experiment_and_log_their_datasets(repo, registry):
+    root, _ = repo
+    _, client = registry
+    experiment = client.get_experiment_by_name("dicomflow").experiment_id
+    evaluation = client.search_runs([experiment], filter_string="attributes.run_name = 'evaluate'")[-1]
+    training = client.get_run(evaluation.data.tags["mlflow.parentRunId"])
+    assert training.info.experiment_id == evaluation.info.experiment_id == experiment
+    version = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    for run, expected in ((training, {("dicomflow-train", "training"), ("dicomflow-val", "validation")}),
+                          (evaluation, {("dicomflow-test", "testing"), ("dicomflow-val", "validation")})):
+        inputs = run.inputs.dataset_inputs
+        assert {(each.dataset.name, each.tags[0].value) for each in inputs} == expected
+        assert {each.dataset.digest for each in inputs} == {version}
+    assert training.data.tags["mlflow.source.name"] == "stages/train.py"
+    assert evaluation.data.tags["mlflow.source.name"] == "stages/evaluate.py"
 
 
 def test_nothing_identifying_reaches_outputs_or_mlflow(repo):

@@ -55,6 +55,9 @@ def _assert_complete_runs(client, rates: list[str]) -> None:
     trained = [run for run in runs if run.data.params.get("train.lr") in rates]
     assert sorted(run.data.params["train.lr"] for run in trained) == sorted(rates)
     assert all("test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics for run in trained)
+    # Each named for its DVC experiment, and marked as made from params that differ from the commit.
+    assert all(run.data.tags.get("dvc_experiment") and run.data.tags.get("workspace_modified") == "true"
+               for run in trained)
 
 
 def test_queued_experiments_on_two_workers_all_reach_the_store(repo, registry):
@@ -137,7 +140,10 @@ def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, 
     try:
         client = mlflow.MlflowClient()
         version = client.get_model_version_by_alias("dicomflow-classifier", "champion")
-        run = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
+        evaluation = client.get_run(version.run_id)
+        run = client.get_run(evaluation.data.tags["mlflow.parentRunId"])
+        assert run.info.experiment_id == evaluation.info.experiment_id == client.get_experiment_by_name(
+            "dicomflow").experiment_id
         assert run.info.status == "FINISHED" and run.data.params["train.epochs"]
         assert "test_roc_auc" in run.data.metrics and "val_auc" in run.data.metrics
         logged = {a.path for folder in ("reports", "data") for a in client.list_artifacts(run.info.run_id, folder)}

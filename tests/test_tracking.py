@@ -39,3 +39,28 @@ def test_run_names_hold_no_random_words():
     import re
 
     assert re.fullmatch(r"train-\d{8}-\d{6}", tracking.run_name("train"))
+
+
+def test_run_tags_mark_a_workspace_that_differs_from_its_commit(tmp_path, monkeypatch):
+    """As `dvc exp run -S train.lr=...` leaves it: params changed, the experiment's name set."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
+                    ["git", "config", "user.name", "t"]):
+        subprocess.run(command, check=True)
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.001\n")
+    (tmp_path / "notes.txt").write_text("not part of the pipeline\n")
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run(["git", "commit", "-qm", "base"], check=True)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    (tmp_path / "notes.txt").write_text("edited, but not a pipeline file\n")
+    clean = tracking.run_tags()
+    assert "workspace_modified" not in clean and "dvc_experiment" not in clean
+    assert clean["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                 text=True).stdout.strip()
+
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.01\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "tangy-frog")
+    changed = tracking.run_tags()
+    assert changed["workspace_modified"] == "true" and changed["dvc_experiment"] == "tangy-frog"

@@ -595,3 +595,20 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["dicomflow.degenerate"].startswith("constant predictions: every image scores")
+
+
+def test_training_curves_are_drawn_for_every_member(tmp_path):
+    """The PNG that stands in for DVC's Vega plots offline: one validation line per member."""
+    import matplotlib.image
+    import pandas as pd
+
+    from dicomflow.model.curves import write_training_curves
+
+    rows = [{"epoch": epoch, "member": member, "kept": epoch == 2, **{f"{prefix}{name}": 0.5 / epoch
+                                                                     for prefix in ("", "val_")
+                                                                     for name in ("loss", "auc", "brier")}}
+            for member in (0, 1) for epoch in (1, 2, 3)]
+    write_training_curves(pd.DataFrame(rows), tmp_path / "curves.png")
+    picture = matplotlib.image.imread(tmp_path / "curves.png")
+    assert picture.shape[:2] == (340, 1260)
+    assert (picture[..., :3] < 0.9).any(axis=-1).mean() > 0.02  # something is drawn on the white

@@ -55,6 +55,7 @@ class PathsParams:
     augment_preview: str
     model_dir: str
     train_history: str
+    train_curves: str
     eval_metrics: str
     eval_plots: str
     eval_subgroups: str
@@ -256,7 +257,10 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     if section not in SECTIONS:
         raise ParamsError(f"unknown params section {section!r}; allowed: {', '.join(SECTIONS)}")
     raw = read_params_file(path)
-    return build_section(SECTIONS[section], section, raw.get(section))
+    # Every section, not only the one asked for: DVC reruns a stage only for the keys it declares,
+    # so a typo in another section ("split.sed") would otherwise never be reported.
+    built = {name: build_section(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
+    return built[section]
 
 
 def build_section(cls: type[T], section: str, raw: Any) -> T:

@@ -265,9 +265,11 @@ def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int
 
 
 def log_evaluation(train_run_id: str, metrics: dict[str, float], *, evaluate_params: dict, files: list[Path],
-                   problems: list[str], register: Callable[[], None]) -> tuple[str, str]:
-    """Log the test metrics to the training run and to its nested ``evaluate`` run, with the
-    evaluate params and the report files; then, unless the model is degenerate (``problems``,
+                   problems: list[str], register: Callable[[], None], log_inputs: Callable[[], None]
+                   ) -> tuple[str, str]:
+    """Log the test metrics to the training run and to its nested ``evaluate`` run (in the same
+    experiment), with the evaluate params, its dataset inputs (``log_inputs``) and the report
+    files; then, unless the model is degenerate (``problems``,
     tagged instead), call ``register`` inside the nested run. Returns both runs' ids.
 
     Evaluation is a nested run of the training run: evaluate.* can change and rerun this stage
@@ -276,10 +278,13 @@ def log_evaluation(train_run_id: str, metrics: dict[str, float], *, evaluate_par
     import mlflow
 
     test_metrics = {f"test_{name}": value for name, value in metrics.items()}
-    with mlflow.start_run(run_id=train_run_id):
+    with mlflow.start_run(run_id=train_run_id) as training:
         mlflow.log_metrics(test_metrics)
-        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags()) as evaluation:
+        # In the training run's experiment by name, whatever experiment is active in this process.
+        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags(),
+                              experiment_id=training.info.experiment_id) as evaluation:
             mlflow.log_params(tracking.flatten_params({"evaluate": evaluate_params}))
+            log_inputs()
             mlflow.log_metrics(test_metrics)
             for path in files:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
