@@ -18,7 +18,7 @@ from MLflow. After the run, the project's leak scanner (``dicomflow scan-leaks``
 every downstream output and the MLflow run, and an independent byte search looks for the fake
 PHI this script wrote (full values of 6 characters or more) in the same places.
 
-Printed: the test ROC AUC and accuracy (``reports/metrics.json`` of the temporary project) beside
+Printed: the test ROC AUC and accuracy (``reports/test_metrics.json`` of the temporary project) beside
 the MedMNIST v2 paper's BreastMNIST rows, the validation AUC the model was chosen on, the training
 wall time, the stage timings, the data accounting, the validation warnings and the exact params
 used. Target (issue 7; 2 CPU cores): test AUC >= 0.92 and accuracy >= 0.87 with under 15 minutes
@@ -670,7 +670,7 @@ def main() -> None:
             sys.exit(f"dvc repro failed (exit {returncode}) in stage {stage} after {total:.0f} s; "
                      f"log {log_path}{' (kept)' if args.keep else ''}:\n{tail}")
 
-        metrics = json.loads((project / params["paths"]["eval_metrics"]).read_text())
+        metrics = json.loads((project / params["paths"]["eval_report"]).read_text())
         train = read_train_run(project, params)
         extra = [f"\nData: {len(rows)} DICOM files (one fake patient each) from {args.npz.name}."]
         for name in ("ingest_metrics", "deid_metrics"):

@@ -1,7 +1,8 @@
 """Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
 Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images.
-Outputs: ``paths.eval_metrics`` (flat JSON, DVC metrics), ``paths.eval_plots`` (ROC,
+Outputs: ``paths.eval_metrics`` (the headline test metrics, DVC metrics), ``paths.eval_report``
+(every test metric, interval and count), ``paths.eval_plots`` (ROC,
 confusion-matrix, precision-recall and calibration data for ``dvc plots show``, PNG renderings
 and a Grad-CAM grid) and ``paths.eval_subgroups`` (metrics by sex, age band, manufacturer and
 view position); all logged to MLflow.
@@ -41,7 +42,7 @@ import pandas as pd
 from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import load_params, read_params_file
-from dicomflow.evaluation.metrics import choose_threshold, roc_auc
+from dicomflow.evaluation.metrics import choose_threshold, headline, roc_auc
 from dicomflow.evaluation.promotion import (
     log_evaluation,
     mark_failed,
@@ -80,7 +81,8 @@ def main() -> None:
     if params.promotion_metric not in metrics:
         raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
                          f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
-    write_json(Path(paths.eval_metrics), metrics)
+    write_json(Path(paths.eval_metrics), headline(metrics))
+    write_json(Path(paths.eval_report), metrics)
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
     problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
@@ -90,7 +92,7 @@ def main() -> None:
 
     tracking.configure_mlflow()
     run_ids = log_evaluation(run_info["run_id"], metrics, evaluate_params=read_params_file()["evaluate"],
-                             files=[*plot_files, Path(paths.eval_metrics), Path(paths.eval_subgroups)],
+                             files=[*plot_files, Path(paths.eval_report), Path(paths.eval_subgroups)],
                              problems=problems, register=register,
                              log_inputs=lambda: tracking.log_dataset_inputs(
                                  manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
@@ -99,7 +101,7 @@ def main() -> None:
         mark_failed(run_ids)
         raise StageError(f"the model is degenerate on the validation split (validation AUC "
                          f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
-                         f"FAILED and it is not registered; the test report is in {paths.eval_metrics}")
+                         f"FAILED and it is not registered; the test report is in {paths.eval_report}")
 
 
 if __name__ == "__main__":

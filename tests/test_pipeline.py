@@ -60,7 +60,7 @@ def test_evaluation_reports_subgroups_and_grad_cam(repo):
     root, _ = repo
     subgroups = pd.read_csv(root / "reports" / "subgroups.csv")
     assert set(subgroups["attribute"]) == {"patient_sex", "age_band", "manufacturer", "view_position"}
-    n_test = yaml.safe_load((root / "reports" / "metrics.json").read_text())["n_test"]
+    n_test = yaml.safe_load((root / "reports" / "test_metrics.json").read_text())["n_test"]
     assert (subgroups.groupby("attribute")["n"].sum() == n_test).all()
     assert (root / "reports" / "plots" / "grad_cam.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -80,7 +80,7 @@ def test_registered_champion_predicts_from_dicom_files(repo, registry):
     predicted = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
     assert list(predicted.columns) == ["probability", "label", "error"]
     assert predicted["probability"].between(0, 1).all() and (predicted["error"] == "").all()
-    threshold = yaml.safe_load((root / "reports" / "metrics.json").read_text())["threshold"]
+    threshold = yaml.safe_load((root / "reports" / "test_metrics.json").read_text())["threshold"]
     assert ((predicted["probability"] >= threshold) == (predicted["label"] == 1)).all()
 
     _run([sys.executable, "-m", "dicomflow", "predict", "data", "--output", "predictions.csv"], root, env)
@@ -223,8 +223,10 @@ def test_three_classes_run_through_every_stage(repo, tmp_path):
     for stage in STAGES:
         _run([sys.executable, "-m", f"stages.{stage}"], project, env)
 
-    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    metrics = json.loads((project / "reports" / "test_metrics.json").read_text())
     assert {"roc_auc", "accuracy", "macro_f1", "sensitivity_2", "specificity_0", "n_test_1"} <= set(metrics)
+    assert set(json.loads((project / "reports" / "metrics.json").read_text())) == {"roc_auc", "accuracy",
+                                                                                  "brier", "ece"}
     assert "threshold" not in metrics and 0 <= metrics["roc_auc"] <= 1
     assert set(pd.read_csv(project / "reports" / "subgroups.csv")["attribute"]) >= {"patient_sex"}
     import mlflow
@@ -293,6 +295,11 @@ def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
     assert tags["promotion_champion_version"] == "1"
     assert second.aliases == ["champion" if figures["2"] > figures["1"] + 1e-6 else "challenger"]
     assert "train.epochs" in _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)
+    # What a user sees in a 160-column terminal: the changed param and the headline metrics, whole.
+    table = _run(["dvc", "exp", "show", "--no-pager", "--only-changed"], root, {**env, "COLUMNS": "160"})
+    assert "…" not in table, table
+    for column in ("train.epochs", "roc_auc", "sensitivity", "specificity", "brier"):
+        assert column in table, table
 
 
 def test_a_new_promotion_metric_compares_both_models_on_it(repo, registry):

@@ -57,6 +57,7 @@ class PathsParams:
     train_history: str
     train_curves: str
     eval_metrics: str
+    eval_report: str
     eval_plots: str
     eval_subgroups: str
 

@@ -121,6 +121,16 @@ def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resampl
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 
 
+# What `dvc exp show` compares (its 160 columns hold these beside the params changed); every other
+# figure, intervals and counts included, is in the full test report.
+HEADLINE_METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "brier", "ece")
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The :data:`HEADLINE_METRICS` that ``metrics`` has (multi-class: no sensitivity or specificity)."""
+    return {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
+
+
 def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float) -> dict[str, float]:
     """Test-split metrics: ranking, calibration, and the confusion counts at ``threshold``.
 
