@@ -19,6 +19,11 @@ import yaml
 DEFAULT_TRACKING_DB = "mlflow.db"
 EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
+# The experiment tag MLflow 3's UI opens an experiment's view by (read from its JavaScript: the
+# values are "custom_model_development" and "genai_development"); without it an experiment
+# opens on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # Tag of a run whose model is degenerate (dicomflow.model.scoring.degeneracy), with what was seen.
 DEGENERATE_TAG = "dicomflow.degenerate"
 
@@ -57,7 +62,9 @@ def configure_mlflow(experiment: str | None = EXPERIMENT_NAME) -> None:
 
     mlflow.set_tracking_uri(tracking_uri())
     if experiment is not None:
-        mlflow.set_experiment(experiment)
+        found = mlflow.set_experiment(experiment)
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
 def git_commit() -> str:

@@ -64,3 +64,15 @@ def test_run_tags_mark_a_workspace_that_differs_from_its_commit(tmp_path, monkey
     monkeypatch.setenv("DVC_EXP_NAME", "tangy-frog")
     changed = tracking.run_tags()
     assert changed["workspace_modified"] == "true" and changed["dvc_experiment"] == "tangy-frog"
+
+
+def test_the_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        tracking.configure_mlflow()
+        experiment = mlflow.MlflowClient().get_experiment_by_name("dicomflow")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    finally:
+        mlflow.set_tracking_uri(None)
