@@ -88,7 +88,8 @@ def main() -> None:
 
     def register() -> None:
         register_and_promote(model_dir, manifest, run_id=run_info["run_id"], threshold=threshold,
-                             metrics=metrics, paths=paths, params=params, ingest=ingest)
+                             metrics=metrics, paths=paths, params=params, ingest=ingest,
+                             train=load_params("train"), augment=load_params("augment"))
 
     tracking.configure_mlflow()
     run_ids = log_evaluation(run_info["run_id"], metrics, evaluate_params=read_params_file()["evaluate"],

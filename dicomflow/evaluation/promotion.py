@@ -4,6 +4,7 @@ split (never the test split), with a minimum gain; and the leak check of the run
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -25,11 +26,13 @@ from sklearn.metrics import (
 
 from dicomflow import tracking
 from dicomflow.config import layout
+from dicomflow.config.params import AugmentParams, TrainParams
 from dicomflow.deid.digests import read_digests
 from dicomflow.deid.files import read_secret
-from dicomflow.deid.leaks import scan_mlflow_run
+from dicomflow.deid.leaks import scan_mlflow_run, scan_paths
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.evaluation.metrics import roc_auc
+from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.model.architectures import class_indices
 from dicomflow.runtime.stage import StageError
 from dicomflow.serving.domain import TrainingDomain
@@ -231,17 +234,26 @@ def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:
 
 
 def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str, threshold: float | None,
-                         metrics: dict, paths, params, ingest) -> None:
+                         metrics: dict, paths, params, ingest, train: TrainParams | None = None,
+                         augment: AugmentParams | None = None) -> None:
     """Log the DICOM pyfunc into the active run, leak-check the run, compare the candidate with the
-    champion on the promotion split and register it with the alias that decides."""
+    champion on the promotion split and register it with the alias that decides; then give the
+    version its model card (:func:`dicomflow.evaluation.model_card.model_card`): the active
+    (evaluation) run's ``model_card.md`` and the version's description.
+
+    ``train`` and ``augment`` are the params the model was trained with, for the card (None: "not
+    recorded"); the card's validation figures are the training run's ``model_val_*`` metrics and
+    its subgroup table ``paths.eval_subgroups``. The card is leak-checked before the version is
+    registered.
+    """
     import mlflow
 
     # The registered model: DICOM in, probabilities and the label at this threshold out.
     registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
                       domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
     classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered)
-    check_run(run_id, digests_file=Path(paths.deid_dir) / layout.DEID_IDENTIFIER_DIGESTS,
-              secret=read_secret(os.environ)[0])
+    digests_file, secret = Path(paths.deid_dir) / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
+    check_run(run_id, digests_file=digests_file, secret=secret)
     promotion = promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes)
     # The candidate as it was just logged, in this process; the champion in a process of its own.
     local = DicomClassifier(**registered).load(model_dir / layout.MODEL_FILE)
@@ -249,10 +261,38 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
     candidate.insert(0, "path", [file.name for file in promotion["files"]])
     comparison = compare_with_champion(candidate, name=params.registered_model_name,
                                        metric=params.promotion_metric, **promotion)
+
+    # The model card, from what this stage has; its version number is known once registered.
+    client = mlflow.MlflowClient()
+    subgroups_file = Path(paths.eval_subgroups)
+    subgroups = (pd.read_csv(subgroups_file, keep_default_na=False, na_values=[""], dtype={"group": str})
+                 if subgroups_file.is_file() else None)
+    validation = {key.removeprefix("model_val_"): value for key, value in client.get_run(run_id).data.metrics.items()
+                  if key.startswith("model_val_")}
+    alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
+    card = functools.partial(model_card, name=params.registered_model_name, decision=decision, manifest=manifest,
+                             data_version=comparison.data_version, metrics=metrics, subgroups=subgroups,
+                             domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
+                             train=train, augment=augment, validation=validation)
+    with tempfile.TemporaryDirectory() as folder:  # read as the scanner reads the logged artifact
+        draft = Path(folder) / CARD_FILE
+        draft.write_text(card(version=None, alias=alias), encoding="utf-8")
+        leaks = scan_paths(read_digests(digests_file, secret), [draft])
+    if leaks:
+        raise StageError(f"leak check: {len(leaks)} identifying value(s) in the model card, where and what "
+                         "kind (never the value): " + "; ".join(
+                             f"a {leak.source} value at {leak.location}" for leak in leaks[:20])
+                         + "; the model is not registered")
+
     version, alias = register_model(
         classifier.model_uri, name=params.registered_model_name, comparison=comparison,
         min_gain=params.promotion_min_gain,
         tags={f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece")})
+    text = card(version=version, alias=alias)
+    mlflow.log_text(text, CARD_FILE)
+    evaluation = mlflow.active_run().info.run_id
+    client.update_model_version(params.registered_model_name, version, description=registry_description(
+        text, where=f"the {CARD_FILE} artifact of run {evaluation}"))
     mlflow.set_tags({"registered_version": version, "registered_alias": alias})
 
 

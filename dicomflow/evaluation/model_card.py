@@ -1,0 +1,455 @@
+"""The model card of a registered version: what the model is for, what it was trained and tested
+on, how well it does, where it may be used and why it was promoted, in Markdown.
+
+:func:`model_card` builds it from what the evaluate stage already has (the split manifest, the
+test metrics, the subgroup table, the training domain, the params, the promotion decision), with
+no MLflow inside; :func:`dicomflow.evaluation.promotion.register_and_promote` logs it as the
+evaluation run's ``model_card.md`` and sets it as the version's description
+(:func:`registry_description` where the registry's limit is shorter than the card).
+
+The card prints counts and category names only (modalities, manufacturers, view positions, the
+subgroups' groups), never a row's value (keys, file names, ages), and the category names come
+from the de-identified manifest; the leak scanner still reads the card before the version is
+registered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:  # annotations only: the card takes plain values
+    from dicomflow.config.params import AugmentParams, EvaluateParams, IngestParams, TrainParams
+    from dicomflow.serving.domain import TrainingDomain
+
+CARD_FILE = "model_card.md"  # the artifact's name in the evaluation run
+# A model version's description is a VARCHAR(5000) in MLflow's SQL stores (PostgreSQL and MySQL
+# refuse a longer one; SQLite does not check).
+DESCRIPTION_LIMIT = 5000
+# Subgroups of fewer test images than this give figures too noisy to compare (an AUC on 10
+# images moves by 0.1 with one image); the card names them under the limitations.
+FEW_IMAGES = 30
+LISTED = 8  # subgroups named in a limitation; the table has them all
+# The card's sections in the order a description too long for the registry leaves them out.
+# Intended use ("not for diagnostic use") is never left out.
+SHORTENED_FIRST = ("Subgroups", "Domain", "Model", "Training data", "Performance", "Known limitations",
+                   "Promotion")
+SPLIT_ORDER = ("train", "val", "test")
+# The training split's composition on the card: manifest column -> its name in words.
+COMPOSITION = {"modality": "Modality", "manufacturer": "Manufacturer", "view_position": "View position"}
+Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
+NOT_AVAILABLE = "–"
+DECISION_LIMIT = 400  # characters of the promotion decision on the card (the version's tag has it whole)
+COUNT_COLUMNS = ("n", "n_positive")  # the subgroup table's counts
+SUBGROUP_HEADERS = {"n_positive": "n positive", "roc_auc": "AUC", "sensitivity": "sens.", "specificity": "spec.",
+                    "accuracy": "acc."}
+
+
+def card_title(name: str, version: str | None) -> str:
+    """The card's first line: ``# Model card: <name> version <version>``."""
+    return f"# Model card: {name} " + (f"version {version}" if version is not None else "(not yet registered)")
+
+
+def model_card(*, name: str, version: str | None, alias: str, decision: str, manifest: pd.DataFrame,
+               data_version: str, metrics: Mapping[str, float], subgroups: pd.DataFrame | None,
+               domain: TrainingDomain, threshold: float | None, ingest: IngestParams,
+               evaluate: EvaluateParams, train: TrainParams | None = None, augment: AugmentParams | None = None,
+               validation: Mapping[str, float] | None = None) -> str:
+    """The model card of one registered version, in Markdown.
+
+    Parameters
+    ----------
+    name, version : str
+        The registered model's name and the version (None before it is registered).
+    alias, decision : str
+        The alias the version got (champion or challenger) and the promotion decision in words
+        (:meth:`dicomflow.evaluation.promotion.Comparison.decide`).
+    manifest : DataFrame
+        The split manifest (``layout.MANIFEST_SCHEMA`` with ``split``): counted only.
+    data_version : str
+        :func:`dicomflow.tracking.data_version`.
+    metrics : mapping
+        The test metrics evaluate computed (:func:`~dicomflow.evaluation.metrics.compute_metrics`
+        or :func:`~dicomflow.evaluation.metrics.compute_multiclass_metrics`, with
+        :func:`~dicomflow.evaluation.metrics.calibration_metrics`).
+    subgroups : DataFrame or None
+        :func:`~dicomflow.evaluation.metrics.subgroup_metrics` (``paths.eval_subgroups``).
+    domain : TrainingDomain
+        What the registered model accepts.
+    threshold : float or None
+        The operating threshold (None for more than two classes).
+    ingest, evaluate, train, augment : params dataclasses
+        ``ingest.classes``, the input settings, the threshold method and promotion settings; the
+        training and augmentation settings (None: "not recorded").
+    validation : mapping or None
+        The saved model's figures on the validation split, as train logged them without the
+        ``model_val_`` prefix (``auc``, ``loss``, ``accuracy``, ``brier``, ``ece``,
+        ``brier_uncalibrated``, ``ece_uncalibrated``); None or empty: not recorded.
+
+    Returns
+    -------
+    str
+        Markdown, starting with :func:`card_title`; sections Intended use, Training data, Model,
+        Performance, Subgroups, Domain, Known limitations, Promotion.
+    """
+    classes = list(ingest.classes)
+    binary = len(classes) == 2
+    sections = [
+        card_title(name, version),
+        _intended_use(domain, classes),
+        _training_data(manifest, classes, data_version),
+        _model(ingest, evaluate, train, augment, metrics, threshold, binary, classes),
+        _performance(metrics, validation, classes, binary, threshold),
+        _subgroup_section(subgroups),
+        _domain(domain),
+        _limitations(manifest, metrics, subgroups, threshold, evaluate, classes, binary),
+        _promotion(name, version, alias, decision, evaluate),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def registry_description(card: str, *, where: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """``card`` as a model version's description: whole when it fits in ``limit`` characters; else
+    with the bodies of its sections replaced by a pointer to ``where`` (the whole card), in the
+    order of :data:`SHORTENED_FIRST` (the subgroup table first: it grows with the data), until it
+    fits, and a last line saying so."""
+    if len(card) <= limit:
+        return card
+    note = f"\n\n*Shortened to the registry's {limit} characters: the whole card is {where}.*\n"
+    head, *sections = card.rstrip("\n").split("\n\n## ")
+    titles = [section.split("\n", 1)[0] for section in sections]
+    for title in SHORTENED_FIRST:
+        if title in titles:
+            sections[titles.index(title)] = f"{title}\n\nIn the whole card."
+        text = "\n\n## ".join([head, *sections]) + note
+        if len(text) <= limit:
+            return text
+    return text[:limit - len(note)].rstrip() + note
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def _intended_use(domain: TrainingDomain, classes: list[int]) -> str:
+    kind = " ".join(part for part in (_text(_listed(sorted(domain.body_parts))).lower(),
+                                      _text("/".join(sorted(domain.modalities)))) if part) or "DICOM"
+    return ("## Intended use\n\n"
+            f"Research and pipeline demonstration: it calls {kind} images one of its training classes "
+            f"({_listed(classes)}), to compare models and settings.\n\n"
+            "**Not for diagnostic use.** It is not a medical device and is not clinically validated; "
+            "its output must not inform anyone's diagnosis or treatment. A human reads every image.")
+
+
+def _training_data(manifest: pd.DataFrame, classes: list[int], data_version: str) -> str:
+    splits = [s for s in SPLIT_ORDER if (manifest["split"] == s).any()]
+    splits += sorted(set(manifest["split"].dropna().astype(str)) - set(splits))
+    total = len(manifest)
+    header = ["Split", "Images", "Patients", *(f"Class {c}: images (patients)" for c in classes)]
+    rows = []
+    for split, rows_of in [*((s, manifest[manifest["split"] == s]) for s in splits), ("all", manifest)]:
+        cells = [split, f"{len(rows_of)} ({_share(len(rows_of), total)})", str(_patients(rows_of))]
+        for c in classes:
+            members = rows_of[rows_of["label"] == c]
+            cells.append(f"{len(members)} ({_patients(members)})")
+        rows.append(cells)
+    train = manifest[manifest["split"] == "train"]
+    composition = [f"- {title}: {_counts(train[column]) if column in train else 'not recorded'}"
+                   for column, title in COMPOSITION.items()]
+    return ("## Training data\n\n"
+            f"Data version `{data_version}` (DVC's hash of `data/`), split by patient; images (one per "
+            "frame kept) and distinct patients.\n\n"
+            + _table(header, rows)
+            + f"\n\nThe {len(train)} training images by header attribute:\n\n"
+            + "\n".join(composition))
+
+
+def _model(ingest: IngestParams, evaluate: EvaluateParams, train: TrainParams | None,
+           augment: AugmentParams | None, metrics: Mapping[str, float], threshold: float | None,
+           binary: bool, classes: list[int]) -> str:
+    size = f"{ingest.image_size} x {ingest.image_size} x {ingest.channels}"
+    output = (f"probability of class {classes[1]} (sigmoid)" if binary
+              else f"a probability for each of the {len(classes)} classes (softmax)")
+    lines = [f"- Input: {size} ({ingest.pixel_dtype}, scaled to [0, 1]); output: {output}."]
+    if train is None:
+        lines.append("- Architecture and training: not recorded.")
+    else:
+        lines += [
+            f"- Architecture: `{train.architecture}`, "
+            + (f"{train.ensemble} networks (seeds {train.seed}-{train.seed + train.ensemble - 1}) averaged."
+               if train.ensemble > 1 else f"one network (seed {train.seed})."),
+            f"- Training: up to {train.epochs} epochs, batch size {train.batch_size}, learning rate "
+            f"{train.lr:g} ({train.lr_schedule} schedule), class weights {train.class_weight}, early "
+            f"stopping patience {train.early_stopping_patience}, weights kept: `{train.keep}`.",
+            f"- Calibration: `{train.calibration}`"
+            + (" (fitted on validation)" if train.calibration == "temperature" else "")
+            + f", temperature {_f(metrics.get('temperature'))}.",
+        ]
+    lines.append(f"- Augmentation (training batches): {_augmentation(augment)}.")
+    lines.append(f"- Operating point: {_operating_point(evaluate, threshold, binary, classes)}.")
+    return "## Model\n\n" + "\n".join(lines)
+
+
+def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] | None, classes: list[int],
+                 binary: bool, threshold: float | None) -> str:
+    n_test = int(metrics.get("n_test", 0))
+    parts = ["## Performance",
+             f"Test split: {n_test} images, used for this report only."]
+    auc = ("ROC AUC", _with_interval(metrics.get("roc_auc"), metrics.get("roc_auc_ci_low"),
+                                     metrics.get("roc_auc_ci_high")))
+    if binary:
+        positives = int(metrics.get("n_test_positive", 0))
+        negatives = max(n_test - positives, 0)
+        tp = _count(metrics.get("sensitivity"), positives)
+        tn = _count(metrics.get("specificity"), negatives)
+        fp, fn = negatives - tn, positives - tp
+        rows = [auc,
+                ("Average precision", _f(metrics.get("average_precision"))),
+                ("Sensitivity", _proportion(metrics.get("sensitivity"), tp, positives)),
+                ("Specificity", _proportion(metrics.get("specificity"), tn, negatives)),
+                ("PPV", _proportion(metrics.get("ppv"), tp, tp + fp)),
+                ("NPV", _proportion(metrics.get("npv"), tn, tn + fn)),
+                ("F1", _f(metrics.get("f1"))),
+                ("Accuracy", _proportion(metrics.get("accuracy"), tp + tn, n_test))]
+        parts[1] = (f"Test split: {n_test} images, {positives} of class {classes[1]} (prevalence "
+                    f"{_share(positives, n_test)}), used for this report only; rates at threshold "
+                    f"{_f(threshold, 4)}.")
+    else:
+        correct = _count(metrics.get("accuracy"), n_test)
+        rows = [("Macro " + auc[0], auc[1]),
+                ("Accuracy (most probable class)", _proportion(metrics.get("accuracy"), correct, n_test)),
+                ("Macro F1", _f(metrics.get("macro_f1")))]
+    parts[1] += " 95% intervals: bootstrap (AUC), Wilson (proportions)."
+    parts.append(_table(["Test metric", "Value"], rows))
+    if not binary:
+        per_class = []
+        for c in classes:
+            n_c = int(metrics.get(f"n_test_{c}", 0))
+            sensitivity, specificity = metrics.get(f"sensitivity_{c}"), metrics.get(f"specificity_{c}")
+            per_class.append([str(c), str(n_c), _f(metrics.get(f"roc_auc_{c}")),
+                              _proportion(sensitivity, _count(sensitivity, n_c), n_c),
+                              _proportion(specificity, _count(specificity, n_test - n_c), n_test - n_c),
+                              _f(metrics.get(f"ppv_{c}")), _f(metrics.get(f"f1_{c}"))])
+        parts.append("Each class against the others:\n\n"
+                     + _table(["Class", "Images", "ROC AUC", "Sensitivity", "Specificity", "PPV", "F1"],
+                              per_class))
+    parts.append("Test calibration (ECE in 10 bins):\n\n"
+                 + _table(["Probabilities", "Brier", "ECE"],
+                          [("as registered (calibrated)", _f(metrics.get("brier"), 4), _f(metrics.get("ece"), 4)),
+                           ("without the calibration", _f(metrics.get("brier_uncalibrated"), 4),
+                            _f(metrics.get("ece_uncalibrated"), 4))]))
+    if validation:
+        at_half = "at 0.5" if binary else "most probable class"
+        parts.append(
+            "Validation (the saved model, from train): "
+            f"ROC AUC {_f(validation.get('auc'))}, loss {_f(validation.get('loss'), 4)}, accuracy "
+            f"({at_half}) {_f(validation.get('accuracy'))}, Brier {_f(validation.get('brier'), 4)} "
+            f"(uncalibrated {_f(validation.get('brier_uncalibrated'), 4)}), ECE "
+            f"{_f(validation.get('ece'), 4)} (uncalibrated {_f(validation.get('ece_uncalibrated'), 4)}).")
+    else:
+        parts.append("Validation split: not recorded in the training run.")
+    return "\n\n".join(parts)
+
+
+def _subgroup_section(subgroups: pd.DataFrame | None) -> str:
+    if subgroups is None or subgroups.empty:
+        return "## Subgroups\n\nNo subgroup table was computed."
+    first = ["attribute", "group", "n", "n_positive", "roc_auc", "sensitivity", "specificity", "accuracy"]
+    columns = [c for c in first if c in subgroups] + [c for c in subgroups if c not in first]
+    header = [SUBGROUP_HEADERS.get(c, c) for c in columns]
+    rows, previous = [], None
+    for row in subgroups[columns].itertuples(index=False):
+        cells = [_cell(c, value) for c, value in zip(columns, row)]
+        attribute = str(row[0])
+        cells[0] = "" if attribute == previous else _attribute(attribute)
+        rows.append(cells)
+        previous = attribute
+    return ("## Subgroups\n\n"
+            f"Test images by group (\"unknown\": not recorded; {NOT_AVAILABLE}: a class missing; sens. and "
+            "spec. at the threshold); read each figure with its n.\n\n"
+            + _table(header, rows))
+
+
+def _domain(domain: TrainingDomain) -> str:
+    return ("## Domain\n\n"
+            f"{domain.describe()}. A file whose header is outside it gets `out_of_domain`, no score (an "
+            "attribute a file lacks is not checked).")
+
+
+def _limitations(manifest: pd.DataFrame, metrics: Mapping[str, float], subgroups: pd.DataFrame | None,
+                 threshold: float | None, evaluate: EvaluateParams, classes: list[int], binary: bool) -> str:
+    train = manifest[manifest["split"] == "train"]
+    val = manifest[manifest["split"] == "val"]
+    items = [
+        f"Small data: {len(train)} training images of {_patients(train)} patients; by default a small "
+        "synthetic sample (`dicomflow sample-data`) that says nothing about real images.",
+        "Single site: validation and test come from the training data's source, so every figure is "
+        "internal; other sites, detectors and populations are untested.",
+        "The domain check reads headers only: a file inside the domain can still be unlike the "
+        "training images, and its score is then unvalidated.",
+    ]
+    if subgroups is not None and not subgroups.empty:
+        few = subgroups[subgroups["n"] < FEW_IMAGES]
+        no_auc = subgroups[subgroups["roc_auc"].isna()] if "roc_auc" in subgroups else subgroups.iloc[:0]
+        if few.empty:
+            items.append(f"Every subgroup has at least {FEW_IMAGES} test images; their figures are still "
+                         "less certain than the whole split's.")
+        else:
+            items.append(f"Noisy figures, under {FEW_IMAGES} test images: "
+                         + _some([f"{_attribute(r.attribute)} {_text(r.group)} (n {int(r.n)})"
+                                  for r in few.itertuples()]) + ".")
+        if not no_auc.empty:
+            items.append("No ROC AUC where a subgroup lacks a class: "
+                         + _some([f"{_attribute(r.attribute)} {_text(r.group)}" for r in no_auc.itertuples()]) + ".")
+    if binary:
+        positives = int((val["label"] == classes[1]).sum())
+        items.append(f"Threshold chosen on validation ({len(val)} images, {positives} of class {classes[1]}): "
+                     "sensitivity and specificity on new data can differ.")
+        items.append("PPV and NPV hold at the test prevalence "
+                     f"({_share(int(metrics.get('n_test_positive', 0)), int(metrics.get('n_test', 0)))}) only.")
+    else:
+        items.append("No threshold: each image is called its most probable class, which favours "
+                     "the classes frequent in training.")
+    items.append("Calibration was fitted on validation: its probabilities hold at this data set's class mix.")
+    return "## Known limitations\n\n" + "\n".join(f"- {item}" for item in items)
+
+
+def _promotion(name: str, version: str | None, alias: str, decision: str, evaluate: EvaluateParams) -> str:
+    registered = f"version {version}" if version is not None else "the version to be registered"
+    return ("## Promotion\n\n"
+            f"{registered.capitalize()}, alias `{alias}`; compared with the champion, both as registered, on "
+            f"the validation files (never test). Decision: {_text(_clipped(decision))}")
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+def _augmentation(augment: AugmentParams | None) -> str:
+    if augment is None:
+        return "not recorded"
+    steps = [text for on, text in (
+        (augment.flip, "left-right flip"),
+        (augment.rotation_deg > 0, f"rotation up to ±{augment.rotation_deg:g}°"),
+        (augment.zoom > 0, f"zoom ±{augment.zoom:.0%}"),
+        (augment.shift > 0, f"shift up to {augment.shift:.0%} of the side"),
+        (augment.brightness > 0, f"brightness ±{augment.brightness:g}"),
+        (augment.contrast > 0, f"contrast ±{augment.contrast:.0%}"),
+        (augment.noise_std > 0, f"Gaussian noise SD {augment.noise_std:g}"),
+    ) if on]
+    return ", ".join(steps) if steps else "none"
+
+
+def _operating_point(evaluate: EvaluateParams, threshold: float | None, binary: bool, classes: list[int]) -> str:
+    if not binary or threshold is None:
+        return "each image is called its most probable class (no threshold)"
+    how = {"youden": "Youden's J on the validation split",
+           "fixed": f"fixed at {evaluate.fixed_threshold:g} (`evaluate.fixed_threshold`)",
+           "target_sensitivity": f"the highest threshold reaching sensitivity {evaluate.target_sensitivity:g} "
+                                 "on the validation split"}.get(evaluate.threshold_method, evaluate.threshold_method)
+    return (f"threshold {_f(threshold, 4)}, `{evaluate.threshold_method}` ({how}); class {classes[1]} "
+            "when the probability is at least the threshold")
+
+
+def _some(items: list[str], *, limit: int = LISTED) -> str:
+    """The first ``limit`` of ``items`` joined, and how many more there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _patients(rows: pd.DataFrame) -> int:
+    return int(rows["patient_key"].nunique()) if "patient_key" in rows else 0
+
+
+def _counts(column: pd.Series) -> str:
+    """``CR 231, DX 225``: each category's count, most frequent first (missing: "not recorded")."""
+    values = column.astype("object").where(column.notna(), None)
+    values = values.map(lambda v: "not recorded" if v is None or not str(v).strip() else str(v).strip())
+    counts = values.value_counts()
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{_text(value)} {count}" for value, count in ordered) or "none"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(column: str, value: object) -> str:
+    """A subgroup table cell: counts whole, figures to 3 decimals, a missing figure as a dash."""
+    if isinstance(value, str):
+        return _text(value)
+    try:
+        missing = bool(pd.isna(value))
+    except (TypeError, ValueError):
+        missing = False
+    if missing:
+        return NOT_AVAILABLE
+    if column in COUNT_COLUMNS:
+        return str(int(value))
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+        return _f(float(value))
+    return _text(value)
+
+
+def _attribute(name: object) -> str:
+    """A subgroup attribute in words: ``view_position`` -> ``view position``."""
+    return _text(str(name).replace("_", " "))
+
+
+def _clipped(text: str, limit: int = DECISION_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters (a champion's scoring error can be long)."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def _text(value: object) -> str:
+    """A category name as Markdown text: one line, Markdown's special characters escaped."""
+    text = " ".join(str(value).split())
+    return "".join(f"\\{c}" if c in "\\`*_{}[]<>|#" else c for c in text)
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_AVAILABLE
+    return f"{value:.{digits}f}"
+
+
+def _n(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else str(int(value))
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return f"{_f(low)}-{_f(high)}"
+
+
+def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    return f"{_f(value)} ({_interval(low, high)})" if low is not None and high is not None else _f(value)
+
+
+def _count(fraction: float | None, n: int) -> int:
+    return 0 if fraction is None or n == 0 or math.isnan(fraction) else round(fraction * n)
+
+
+def _proportion(value: float | None, successes: int, n: int) -> str:
+    """``0.963 (0.874-0.990; 52/54)``: the figure, its Wilson interval and the counts behind it."""
+    if value is None or not 0 <= successes <= n or n == 0:
+        return _f(value)
+    low, high = wilson_interval(successes, n)
+    return f"{_f(value)} ({_interval(low, high)}; {successes}/{n})"
+
+
+def wilson_interval(successes: int, n: int, *, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (n > 0), 95 % by default."""
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else NOT_AVAILABLE
+
+
+def _listed(values: Sequence) -> str:
+    return ", ".join(map(str, values))

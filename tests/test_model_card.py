@@ -1,0 +1,300 @@
+"""The model card: each section and its figures for a small hand-made evaluation, no identifying
+value however the manifest's rows are keyed, and the description the registry can store."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomflow.config.params import AugmentParams, EvaluateParams, IngestParams, TrainParams
+from dicomflow.deid.identifiers import collect_identifiers
+from dicomflow.evaluation.model_card import (
+    DESCRIPTION_LIMIT,
+    card_title,
+    model_card,
+    registry_description,
+    wilson_interval,
+)
+from dicomflow.serving.domain import TrainingDomain
+
+SOURCE = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+
+# Ten images: train 6 (patients pA x2 and pB of class 0, pC x2 and pD of class 1), val 2, test 2.
+# Every row value that must never reach the card holds the source file's identifying values.
+SPLITS = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+LABELS = [0, 0, 0, 1, 1, 1, 0, 1, 0, 1]
+PATIENTS = ["pA", "pA", "pB", "pC", "pC", "pD", "pE", "pF", "pG", "pH"]
+MODALITIES = ["CR", "CR", "CR", "CR", "DX", "DX", "CR", "DX", "CR", "DX"]
+MANUFACTURERS = ["Orion Systems", "Orion Systems", "Kestrel Imaging", "Orion Systems", "Kestrel Imaging", None,
+                 "Orion Systems", "Orion Systems", "Kestrel Imaging", "Kestrel Imaging"]
+VIEWS = ["PA", "PA", "AP", "PA", "AP", "LL", "PA", "PA", "AP", "AP"]
+
+
+def hand_manifest() -> pd.DataFrame:
+    name, patient_id = str(SOURCE.PatientName), str(SOURCE.PatientID)
+    return pd.DataFrame({
+        "image_key": [f"{patient_id}-{i}" for i in range(10)],
+        "patient_key": [f"{name} {p}" for p in PATIENTS],
+        "study_key": [f"{SOURCE.StudyInstanceUID}.{i}" for i in range(10)],
+        "label": LABELS,
+        "modality": MODALITIES,
+        "manufacturer": pd.array(MANUFACTURERS, dtype="string"),
+        "body_part": "CHEST",
+        "view_position": VIEWS,
+        "patient_sex": "F",
+        "patient_age_years": pd.array([71, 72, 73, 74, 75, 76, 77, 78, 79, 80], dtype="Int64"),
+        "rows": 256, "columns": 256, "pixel_spacing_mm": 0.15, "bits_stored": 12,
+        "photometric": "MONOCHROME2", "predefined_split": "",
+        "pixel_sha256": [f"{SOURCE.SOPInstanceUID}{i}" for i in range(10)],
+        "dicom_file": [f"dicom/{name}_{i}.dcm" for i in range(10)],
+        "split": SPLITS,
+    })
+
+
+# Test figures as compute_metrics and calibration_metrics name them: 20 images, 8 positive; at the
+# threshold TP 6, FN 2, TN 10, FP 2.
+BINARY_METRICS = {
+    "roc_auc": 0.85, "roc_auc_ci_low": 0.7, "roc_auc_ci_high": 0.95, "average_precision": 0.8,
+    "brier": 0.15, "accuracy": 0.8, "sensitivity": 0.75, "specificity": 10 / 12, "ppv": 0.75,
+    "npv": 10 / 12, "f1": 0.75, "threshold": 0.42, "n_test": 20, "n_test_positive": 8,
+    "ece": 0.05, "brier_uncalibrated": 0.17, "ece_uncalibrated": 0.09, "temperature": 1.5,
+}
+VALIDATION = {"loss": 0.4321, "auc": 0.91, "accuracy": 0.85, "brier": 0.12, "ece": 0.04,
+              "ece_uncalibrated": 0.08, "brier_uncalibrated": 0.13}
+NAN = float("nan")
+SUBGROUPS = pd.DataFrame([
+    {"attribute": "patient_sex", "group": "F", "n": 12, "roc_auc": 0.9, "accuracy": 0.8333, "n_positive": 5,
+     "sensitivity": 0.8, "specificity": 0.8571},
+    {"attribute": "patient_sex", "group": "M", "n": 8, "roc_auc": NAN, "accuracy": 0.75, "n_positive": 0,
+     "sensitivity": NAN, "specificity": 0.75},
+    {"attribute": "manufacturer", "group": "Orion Systems", "n": 40, "roc_auc": 0.8, "accuracy": 0.775,
+     "n_positive": 16, "sensitivity": 0.75, "specificity": 0.7917},
+])
+DOMAIN = TrainingDomain(modalities=frozenset({"CR", "DX"}), photometrics=frozenset({"MONOCHROME2"}),
+                        channels=frozenset({1}), rows=(256, 512), columns=(256, 512), pixel_spacing_mm=(0.1, 0.2),
+                        body_parts=frozenset({"CHEST"}))
+INGEST = IngestParams(label_key="accession_number", classes=[0, 1], image_size=64, channels=1, pixel_dtype="uint8",
+                      frames="first", voi_index=0, target_spacing_mm=None, workers=0, file_timeout_s=120.0,
+                      max_decoded_mib=2048, max_quarantine_fraction=0.1)
+EVALUATE = EvaluateParams(threshold_method="youden", fixed_threshold=0.5, target_sensitivity=0.9,
+                          registered_model_name="dicomflow-classifier", promotion_metric="roc_auc",
+                          promotion_min_gain=0.01)
+TRAIN = TrainParams(architecture="seed_cnn", strategy="default", epochs=12, batch_size=16, lr=0.0005,
+                    lr_schedule="cosine", class_weight="balanced", early_stopping_patience=4, keep="best_val_auc",
+                    calibration="temperature", ensemble=3, seed=7)
+AUGMENT = AugmentParams(seed=7, flip=True, rotation_deg=8.0, zoom=0.0, shift=0.05, brightness=0.05, contrast=0.1,
+                        noise_std=0.0)
+DECISION = ("champion: roc_auc on 2 val images of data 6fae9174604f, candidate 0.9100 vs champion version 2 "
+            "0.8800 (minimum gain 0.01)")
+
+
+def binary_card(**changes) -> str:
+    arguments = dict(name="dicomflow-classifier", version="3", alias="champion", decision=DECISION,
+                     manifest=hand_manifest(), data_version="6fae9174604f8407817ccd77b4d5ebae.dir",
+                     metrics=BINARY_METRICS, subgroups=SUBGROUPS, domain=DOMAIN, threshold=0.42, ingest=INGEST,
+                     evaluate=EVALUATE, train=TRAIN, augment=AUGMENT, validation=VALIDATION)
+    return model_card(**{**arguments, **changes})
+
+
+def section(card: str, title: str) -> str:
+    """The text of ``## title`` up to the next section."""
+    start = card.index(f"\n## {title}\n")
+    end = card.find("\n## ", start + 1)
+    return card[start:end if end != -1 else len(card)]
+
+
+def test_the_card_has_every_section_in_order():
+    card = binary_card()
+    assert card.startswith(card_title("dicomflow-classifier", "3") + "\n")
+    assert card_title("dicomflow-classifier", "3") == "# Model card: dicomflow-classifier version 3"
+    titles = [line[3:] for line in card.splitlines() if line.startswith("## ")]
+    assert titles == ["Intended use", "Training data", "Model", "Performance", "Subgroups", "Domain",
+                      "Known limitations", "Promotion"]
+
+
+def test_intended_use_says_not_for_diagnostic_use():
+    use = section(binary_card(), "Intended use")
+    assert "**Not for diagnostic use.**" in use and "A human reads every image." in use
+    assert "Research and pipeline demonstration" in use
+    assert "chest CR/DX images" in use and "(0, 1)" in use
+
+
+def test_training_data_counts_images_and_patients_per_split_and_class():
+    data = section(binary_card(), "Training data")
+    assert "Data version `6fae9174604f8407817ccd77b4d5ebae.dir`" in data
+    assert "| Split | Images | Patients | Class 0: images (patients) | Class 1: images (patients) |" in data
+    assert "| train | 6 (60.0%) | 4 | 3 (2) | 3 (2) |" in data
+    assert "| val | 2 (20.0%) | 2 | 1 (1) | 1 (1) |" in data
+    assert "| test | 2 (20.0%) | 2 | 1 (1) | 1 (1) |" in data
+    assert "| all | 10 (100.0%) | 8 | 5 (4) | 5 (4) |" in data
+    assert "The 6 training images by header attribute:" in data
+    assert "- Modality: CR 4, DX 2" in data
+    assert "- Manufacturer: Orion Systems 3, Kestrel Imaging 2, not recorded 1" in data
+    assert "- View position: PA 3, AP 2, LL 1" in data
+
+
+def test_model_section_has_the_params_that_matter():
+    model = section(binary_card(), "Model")
+    assert "- Input: 64 x 64 x 1 (uint8, scaled to [0, 1]); output: probability of class 1 (sigmoid)." in model
+    assert "- Architecture: `seed_cnn`, 3 networks (seeds 7-9) averaged." in model
+    assert ("- Training: up to 12 epochs, batch size 16, learning rate 0.0005 (cosine schedule), class weights "
+            "balanced, early stopping patience 4, weights kept: `best_val_auc`.") in model
+    assert "- Calibration: `temperature` (fitted on validation), temperature 1.500." in model
+    assert ("- Augmentation (training batches): left-right flip, rotation up to ±8°, shift up to 5% of the side, "
+            "brightness ±0.05, contrast ±10%.") in model  # zoom and noise are 0: not listed
+    assert "- Operating point: threshold 0.4200, `youden` (Youden's J on the validation split)" in model
+
+
+def test_model_section_without_train_params_says_so():
+    model = section(binary_card(train=None, augment=None), "Model")
+    assert "- Architecture and training: not recorded." in model
+    assert "- Augmentation (training batches): not recorded." in model
+
+
+@pytest.mark.parametrize(("method", "words"), [
+    ("fixed", "fixed at 0.5 (`evaluate.fixed_threshold`)"),
+    ("target_sensitivity", "the highest threshold reaching sensitivity 0.9 on the validation split"),
+])
+def test_operating_point_names_the_method(method, words):
+    evaluate = EvaluateParams(**{**EVALUATE.__dict__, "threshold_method": method})
+    assert words in section(binary_card(evaluate=evaluate), "Model")
+
+
+def test_performance_has_test_figures_with_intervals_and_validation():
+    performance = section(binary_card(), "Performance")
+    assert ("Test split: 20 images, 8 of class 1 (prevalence 40.0%), used for this report only; rates at "
+            "threshold 0.4200. 95% intervals: bootstrap (AUC), Wilson (proportions).") in performance
+    # Wilson 95 % intervals of 6/8, 10/12 and 16/20, from tables: 0.409-0.929, 0.552-0.953, 0.584-0.919.
+    for row in ("| ROC AUC | 0.850 (0.700-0.950) |", "| Average precision | 0.800 |",
+                "| Sensitivity | 0.750 (0.409-0.929; 6/8) |", "| Specificity | 0.833 (0.552-0.953; 10/12) |",
+                "| PPV | 0.750 (0.409-0.929; 6/8) |", "| NPV | 0.833 (0.552-0.953; 10/12) |",
+                "| F1 | 0.750 |", "| Accuracy | 0.800 (0.584-0.919; 16/20) |",
+                "| as registered (calibrated) | 0.1500 | 0.0500 |", "| without the calibration | 0.1700 | 0.0900 |"):
+        assert row in performance, row
+    assert ("Validation (the saved model, from train): ROC AUC 0.910, loss 0.4321, accuracy (at 0.5) 0.850, "
+            "Brier 0.1200 (uncalibrated 0.1300), ECE 0.0400 (uncalibrated 0.0800).") in performance
+    assert "Validation split: not recorded" in section(binary_card(validation={}), "Performance")
+
+
+@pytest.mark.parametrize(("successes", "n", "low", "high"), [(6, 8, 0.4093, 0.9285), (16, 20, 0.5840, 0.9193),
+                                                               (0, 5, 0.0, 0.4345), (5, 5, 0.5655, 1.0)])
+def test_wilson_interval_by_hand(successes, n, low, high):
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_subgroup_table_is_the_evaluated_table_in_markdown():
+    subgroups = section(binary_card(), "Subgroups")
+    assert "| attribute | group | n | n positive | AUC | sens. | spec. | acc. |" in subgroups
+    assert "| patient sex | F | 12 | 5 | 0.900 | 0.800 | 0.857 | 0.833 |" in subgroups
+    assert "|  | M | 8 | 0 | – | – | 0.750 | 0.750 |" in subgroups  # no positive: no AUC, no sensitivity
+    assert "| manufacturer | Orion Systems | 40 | 16 | 0.800 | 0.750 | 0.792 | 0.775 |" in subgroups
+    assert "No subgroup table" in section(binary_card(subgroups=None), "Subgroups")
+
+
+def test_domain_is_what_the_model_accepts():
+    domain = section(binary_card(), "Domain")
+    assert DOMAIN.describe() in domain and "`out_of_domain`" in domain
+
+
+def test_limitations_name_the_small_subgroups_and_the_validation_threshold():
+    limitations = section(binary_card(), "Known limitations")
+    assert "Small data: 6 training images of 4 patients; by default a small synthetic sample" in limitations
+    assert "Single site:" in limitations and "The domain check reads headers only" in limitations
+    assert "Noisy figures, under 30 test images: patient sex F (n 12), patient sex M (n 8)." in limitations
+    assert "No ROC AUC where a subgroup lacks a class: patient sex M." in limitations
+    assert "Threshold chosen on validation (2 images, 1 of class 1)" in limitations
+    assert "PPV and NPV hold at the test prevalence (40.0%) only." in limitations
+    big = SUBGROUPS.assign(n=[30, 31, 40], roc_auc=[0.9, 0.7, 0.8])
+    assert "Every subgroup has at least 30 test images" in section(binary_card(subgroups=big), "Known limitations")
+
+
+def test_promotion_has_the_decision_alias_and_version():
+    promotion = section(binary_card(), "Promotion")
+    assert "Version 3, alias `champion`" in promotion
+    assert ("Decision: champion: roc\\_auc on 2 val images of data 6fae9174604f, candidate 0.9100 vs champion "
+            "version 2 0.8800 (minimum gain 0.01)") in promotion
+    draft = binary_card(version=None, alias="challenger")
+    assert draft.startswith("# Model card: dicomflow-classifier (not yet registered)")
+    assert "The version to be registered, alias `challenger`" in section(draft, "Promotion")
+
+
+def test_more_than_two_classes_report_macro_and_per_class_figures():
+    three = IngestParams(**{**INGEST.__dict__, "classes": [0, 1, 2]})
+    manifest = hand_manifest().assign(label=[0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    metrics = {"roc_auc": 0.8, "roc_auc_ci_low": 0.6, "roc_auc_ci_high": 0.9, "accuracy": 0.7, "macro_f1": 0.65,
+               "n_test": 10, "brier": 0.3, "ece": 0.1, "brier_uncalibrated": 0.35, "ece_uncalibrated": 0.2,
+               "temperature": 1.0}
+    for label, n, sensitivity, specificity in ((0, 4, 0.75, 5 / 6), (1, 3, 2 / 3, 6 / 7), (2, 3, 2 / 3, 1.0)):
+        metrics.update({f"roc_auc_{label}": 0.8, f"sensitivity_{label}": sensitivity,
+                        f"specificity_{label}": specificity, f"ppv_{label}": 0.7, f"f1_{label}": 0.6,
+                        f"n_test_{label}": n})
+    card = model_card(name="three", version="1", alias="champion", decision="champion: no champion before",
+                      manifest=manifest, data_version="v", metrics=metrics, subgroups=SUBGROUPS.drop(
+                          columns=["n_positive", "sensitivity", "specificity"]), domain=DOMAIN, threshold=None,
+                      ingest=three, evaluate=EVALUATE, train=TRAIN, augment=AUGMENT, validation=VALIDATION)
+    performance = section(card, "Performance")
+    assert "| Macro ROC AUC | 0.800 (0.600-0.900) |" in performance
+    assert "| Accuracy (most probable class) | 0.700 (0.397-0.892; 7/10) |" in performance
+    assert "| 0 | 4 | 0.800 | 0.750 (0.301-0.954; 3/4) | 0.833 (0.436-0.970; 5/6) | 0.700 | 0.600 |" in performance
+    assert "\n| Sensitivity |" not in performance and "accuracy (most probable class) 0.850" in performance
+    assert "probability for each of the 3 classes (softmax)" in section(card, "Model")
+    assert "most probable class (no threshold)" in section(card, "Model")
+    assert "| train | 6 (60.0%) | 4 | 2 (2) | 2 (2) | 2 (2) |" in section(card, "Training data")
+    assert "| attribute | group | n | AUC | acc. |" in section(card, "Subgroups")
+    assert "No threshold" in section(card, "Known limitations")
+
+
+def test_no_identifying_value_of_the_source_reaches_the_card():
+    identifiers = collect_identifiers(SOURCE)
+    manifest = hand_manifest()
+    # The manifest's row values do carry the source's name, ID and UIDs: the scanner finds them there.
+    assert identifiers.first(manifest.to_csv()) is not None
+    for card in (binary_card(), binary_card(version=None), binary_card(metrics={**BINARY_METRICS, "n_test": 0})):
+        assert identifiers.first(card) is None
+        for line in card.splitlines():
+            assert identifiers.first(line) is None, line
+    card = binary_card()
+    for value in (*manifest["image_key"], *manifest["patient_key"], *manifest["dicom_file"], *manifest["study_key"]):
+        assert value not in card
+
+
+def test_category_names_cannot_break_the_markdown():
+    manifest = hand_manifest()
+    manifest.loc[0, "manufacturer"] = "A|B_*C*"
+    subgroups = SUBGROUPS.assign(group=["F", "M", "A|B_*C*"])
+    card = binary_card(manifest=manifest, subgroups=subgroups)
+    assert ("- Manufacturer: Kestrel Imaging 2, Orion Systems 2, A\\|B\\_\\*C\\* 1, not recorded 1"
+            in section(card, "Training data"))
+    table = section(card, "Subgroups").split("\n\n")[2]
+    assert "| manufacturer | A\\|B\\_\\*C\\* | 40 |" in table
+    assert all(line.count("|") - line.count("\\|") == 9 for line in table.splitlines())
+
+
+def test_the_description_is_the_card_when_it_fits_and_shortened_else():
+    card = binary_card()
+    assert len(card) < DESCRIPTION_LIMIT and registry_description(card, where="x") == card
+    where = "the model_card.md artifact of run abc"
+    many = pd.concat([SUBGROUPS] * 60, ignore_index=True)  # a table far over the registry's limit
+    long = binary_card(subgroups=many)
+    assert "patient sex M (n 8) and 112 more." in section(long, "Known limitations")  # not the 120 groups
+    assert len(long) > DESCRIPTION_LIMIT
+    short = registry_description(long, where=where)
+    assert len(short) <= DESCRIPTION_LIMIT and short.startswith(card_title("dicomflow-classifier", "3"))
+    assert short.rstrip().endswith(f"the whole card is {where}.*")
+    assert "## Subgroups\n\nIn the whole card." in short
+    for title in ("Intended use", "Training data", "Model", "Performance", "Domain", "Known limitations", "Promotion"):
+        # only the subgroup table left out (the note follows the last section)
+        assert section(short, title).startswith(section(long, title).rstrip("\n")), title
+    tiny = registry_description(long, where=where, limit=1200)
+    assert len(tiny) <= 1200 and "**Not for diagnostic use.**" in tiny
+
+
+def test_figures_missing_from_the_metrics_show_as_a_dash():
+    metrics = {key: value for key, value in BINARY_METRICS.items() if key not in ("average_precision", "ppv")}
+    performance = section(binary_card(metrics={**metrics, "ece_uncalibrated": math.nan}), "Performance")
+    assert "| Average precision | – |" in performance and "| PPV | – |" in performance
+    assert "| without the calibration | 0.1700 | – |" in performance
