@@ -1,6 +1,7 @@
 """The ``dicomflow`` command: what a user runs besides the pipeline's stages.
 
-    dicomflow predict INPUT_DIR [--output predictions.csv] [--model models:/NAME@champion]
+    dicomflow predict INPUT... [--output predictions.csv] [--model models:/NAME@champion]
+    dicomflow request FILE... > request.json
     dicomflow scan-leaks [PATH ...] [--run RUN_ID]
     dicomflow sample-data OUT_DIR [--patients 240] [--seed 2026] [--force]
     dicomflow check-names [FOLDER]
@@ -22,29 +23,34 @@ logger = logging.getLogger("dicomflow.predict")
 
 
 def predict(args: argparse.Namespace) -> None:
-    """The registered model on every file under INPUT_DIR, to one CSV (bad files get their reason
-    in its ``error`` column and never stop the run); fails only when no file could be predicted."""
+    """The registered model on DICOM files and every file under folders, to one CSV (bad files get
+    their reason in its ``error`` column and never stop the run); fails only when an input does not
+    exist or no file could be predicted."""
+    from collections import Counter
+
     from dicomflow import tracking
     from dicomflow.config.params import load_params
-    from dicomflow.dicom.sources import list_sources
     from dicomflow.runtime.outputs import write_text
     from dicomflow.serving.predict import (
         error_counts,
+        list_inputs,
         load_model,
         predict_files,
         with_unread,
     )
 
-    if not args.input_dir.is_dir():
-        raise StageError(f"input folder {args.input_dir} not found")
-    listing = list_sources(args.input_dir, exclude={args.output.resolve()})
-    if not listing.files:
-        raise StageError(f"no files found under {args.input_dir}/")
+    inputs = list_inputs(args.inputs, exclude={args.output.resolve()})
+    named = " ".join(str(path) for path in args.inputs)
+    if not inputs.files:
+        skipped = Counter(reason for _, reason, _ in inputs.unread)  # reasons only: names can carry PHI
+        raise StageError(f"no files to predict in {named}"
+                         + (f" (not read: {', '.join(f'{n} {reason}' for reason, n in skipped.most_common())})"
+                            if skipped else ""))
     uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
     tracking.configure_mlflow(experiment=None)
     model = load_model(uri)
 
-    predictions = with_unread(predict_files(model, listing.files, root=args.input_dir), listing.unread)
+    predictions = with_unread(predict_files(model, inputs.files, names=inputs.names), inputs.unread)
     write_text(args.output, predictions.to_csv(index=False))
     failed = error_counts(predictions)
     summary = ", ".join(f"{count} {reason}" for reason, count in failed.most_common())
@@ -55,8 +61,20 @@ def predict(args: argparse.Namespace) -> None:
         logger.warning("%d files not predicted (%s): see the error column of %s", sum(failed.values()),
                        summary, args.output)
     if sum(failed.values()) == len(predictions):
-        raise StageError(f"none of the {len(predictions)} files under {args.input_dir}/ could be predicted "
+        raise StageError(f"none of the {len(predictions)} files in {named} could be predicted "
                          f"({summary}); see {args.output}")
+
+
+def request(args: argparse.Namespace) -> None:
+    """The JSON body for a served model's ``/invocations`` with FILE... (base64, ``dataframe_split``)
+    on stdout: ``dicomflow request IM0001.dcm > request.json; curl ... -d @request.json``."""
+    import json
+
+    from dicomflow.serving.predict import request_body
+
+    body = request_body(args.files)  # every file read before anything is written
+    json.dump(body, sys.stdout)
+    sys.stdout.write("\n")
 
 
 def scan_leaks(args: argparse.Namespace) -> int:
@@ -110,11 +128,16 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dicomflow", description="dicomflow: what a user runs besides the pipeline's stages.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    command = commands.add_parser("predict", help="the registered model on a folder of DICOM files, to a CSV")
-    command.add_argument("input_dir", type=Path, help="folder of DICOM files (searched recursively)")
+    command = commands.add_parser("predict", help="the registered model on DICOM files and folders, to a CSV")
+    command.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                         help="DICOM files, or folders of them (searched recursively)")
     command.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
     command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
     command.set_defaults(handler=predict)
+
+    command = commands.add_parser("request", help="the JSON body that sends DICOM files to a served model")
+    command.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")
+    command.set_defaults(handler=request)
 
     command = commands.add_parser("scan-leaks", help="search the sources' identifying values in outputs and runs")
     command.add_argument("paths", nargs="*", type=Path, help="files or folders to search")

@@ -19,6 +19,7 @@ import pandas as pd
 import pydicom
 import pytest
 from hospital_exports import write_hospital_exports
+from dicomflow.serving.pyfunc import serving_root
 from pipeline_repo import registry, repo  # noqa: F401  (fixtures)
 from pipeline_repo import free_port as _free_port
 from pipeline_repo import run as _run
@@ -77,7 +78,8 @@ def test_registered_champion_predicts_from_dicom_files(repo, registry):
 
     model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
     files = sorted(path for path in (root / "data").rglob("*.dcm"))[:4]
-    predicted = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+    with serving_root(root / "data"):  # a model loaded by MLflow reads paths only inside a root
+        predicted = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
     assert list(predicted.columns) == ["probability", "label", "error"]
     assert predicted["probability"].between(0, 1).all() and (predicted["error"] == "").all()
     threshold = yaml.safe_load((root / "reports" / "test_metrics.json").read_text())["threshold"]
@@ -235,7 +237,8 @@ def test_three_classes_run_through_every_stage(repo, tmp_path):
     try:
         model = mlflow.pyfunc.load_model("models:/three-classes@champion")
         files = sorted(str(path) for path in (project / "data").rglob("*.dcm"))[:3]
-        predicted = model.predict(pd.DataFrame({"path": files}))
+        with serving_root(project / "data"):
+            predicted = model.predict(pd.DataFrame({"path": files}))
     finally:
         mlflow.set_tracking_uri(None)
     assert list(predicted.columns) == ["probability_0", "probability_1", "probability_2", "label", "error"]
@@ -285,7 +288,8 @@ def test_changing_epochs_reruns_train_and_evaluate_only(repo, registry):
     figures = {}
     for version in ("1", "2"):
         model = mlflow.pyfunc.load_model(f"models:/dicomflow-classifier/{version}")
-        answers = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
+        with serving_root(root):
+            answers = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
         assert (answers["error"] == "").all()
         figures[version] = roc_auc_score(labels, answers["probability"])
     tags = second.tags

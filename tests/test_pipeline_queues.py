@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from dicomflow.serving.pyfunc import serving_root
 from pipeline_repo import REPO, registry, repo  # noqa: F401  (fixtures)
 from pipeline_repo import free_port as _free_port
 from pipeline_repo import run as _run
@@ -148,7 +149,8 @@ def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, 
         _assert_complete_runs(client, rates)
         model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
         files = sorted(str(path) for path in (root / "data").rglob("*.dcm"))[:3]
-        predicted = model.predict(pd.DataFrame({"path": files}))
+        with serving_root(root / "data"):
+            predicted = model.predict(pd.DataFrame({"path": files}))
         assert predicted["probability"].between(0, 1).all() and len(predicted) == 3
     finally:
         mlflow.set_tracking_uri(None)

@@ -1,6 +1,10 @@
 """Serving: the DICOM-reading pyfunc (dicomflow/serving/pyfunc.py), batch prediction (`dicomflow predict`) and
 ``mlflow models serve`` on it, with real Keras models, real DICOM files and a temporary MLflow store.
 
+The served model is tested as its users meet it: the README's lines run as written, every payload
+form it documents, answers read by a JSON client that refuses ``NaN``, and the ``path`` column
+refused unless DICOMFLOW_SERVING_ROOT is set, then held inside it (TestServedModel).
+
 The registered model carries a training domain (DX/CR grayscale): files unlike it (pydicom's MR,
 ultrasound and RGB test files) get ``out_of_domain`` through all three, tested here beside the
 store and server; dicomflow/serving/domain.py's own tests are in tests/test_domain.py."""
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -66,6 +71,14 @@ def _mean_intensity_model(units: int, weights: list[float], biases: list[float])
     model = keras.Model(inputs, outputs)
     model.layers[-1].set_weights([np.array([weights], np.float32), np.array(biases, np.float32)])
     return model
+
+
+@pytest.fixture(autouse=True)
+def paths_readable_under_the_test_folders(tmp_path_factory, monkeypatch):
+    """A model loaded by MLflow reads paths only under DICOMFLOW_SERVING_ROOT (serving.PathRule):
+    here, under pytest's temporary folder, where every test file is. The tests of the rule itself
+    unset or change it; _run_env leaves it out of the subprocesses, which set their own."""
+    monkeypatch.setenv(serving.SERVING_ROOT_ENV, str(tmp_path_factory.getbasetemp()))
 
 
 def _free_port() -> int:
@@ -228,8 +241,10 @@ class TestDicomClassifier:
             classifier.predict(None, np.zeros((2, 16, 16), np.uint8))
         with pytest.raises(ValueError, match="float images must hold values in"):
             classifier.predict(None, np.full((1, 32, 32), 2.0, np.float32))
-        with pytest.raises(ValueError, match="needs a 'path' column"):
+        with pytest.raises(serving.BadRequest, match=r"needs a 'dicom' column .* or a 'path' column .*; "
+                                                     r"got columns \['file'\]") as info:
             classifier.predict(None, pd.DataFrame({"file": ["x.dcm"]}))
+        assert isinstance(info.value, ValueError)
 
     def test_classes_must_match_the_model_output(self, binary_keras):
         with pytest.raises(ValueError, match="single sigmoid output, so classes must list 2 labels"):
@@ -372,7 +387,8 @@ class TestLoggedModel:
 def _run_env(store) -> dict[str, str]:
     """This interpreter's bin first on PATH: ``mlflow models serve`` runs ``uvicorn`` from PATH."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_DISABLE_TELEMETRY": "true",
+    inherited = {key: value for key, value in os.environ.items() if key != serving.SERVING_ROOT_ENV}
+    return {**inherited, "PATH": path, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
@@ -436,7 +452,7 @@ def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, t
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(dicoms["text"], folder / "notes.txt")
-    with pytest.raises(StageError, match=r"none of the 1 files under .*in/ could be predicted \(1 not_dicom\)"):
+    with pytest.raises(StageError, match=r"none of the 1 files in .*in could be predicted \(1 not_dicom\)"):
         predict(parser().parse_args(["predict", str(folder), "--model", registered["uri"],
                                      "--output", str(tmp_path / "out.csv")]))
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
@@ -486,46 +502,318 @@ def test_predict_cli_unknown_model_is_one_line(store):
         load_model(f"models:/{MODEL_NAME}-nope@champion")
 
 
-def test_mlflow_models_serve_decodes_base64_dicom(registered, store, model, dicoms, tmp_path):
-    port, log = _free_port(), tmp_path / "server.log"
+def _strict_json(text: str):
+    """``text`` parsed as strict JSON: a bare NaN or Infinity (Python's json writes and reads them) fails."""
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"not strict JSON: bare {token} in {text[:500]}"))
+
+
+def _post(url: str, body: dict | bytes) -> tuple[int, object]:
+    """POST ``body`` to ``url``/invocations; the status and the strictly parsed answer, errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, _strict_json(response.read().decode())
+    except urllib.error.HTTPError as err:
+        return err.code, _strict_json(err.read().decode())
+
+
+def _start_server(uri: str, store, log: Path, *, root: Path | None) -> tuple[subprocess.Popen, str]:
+    """``mlflow models serve`` on loopback, ``DICOMFLOW_SERVING_ROOT`` set to ``root`` or unset; once it
+    answers /ping, the process and its base URL."""
+    port = _free_port()
+    env = _run_env(store) | ({serving.SERVING_ROOT_ENV: str(root)} if root else {})
     with open(log, "wb") as stream:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", registered["uri"], "--env-manager", "local",
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(port)],
-            env=_run_env(store), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop(server)
+            pytest.fail(f"server not up: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def served(registered, store, tmp_path_factory):
+    """The champion served as the README says, without DICOMFLOW_SERVING_ROOT; its base URL."""
+    server, url = _start_server(registered["uri"], store, tmp_path_factory.mktemp("served") / "server.log", root=None)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server not up after {time.monotonic() - deadline + 120:.0f} s: "
-                            f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(1)
-        names = ["bright", "text", "mr", "rgb", "cr"]
-        files = [dicoms[name] for name in names]
-        contents = [path.read_bytes() for path in files] + [panicking_rle(modality="DX")]
-        body = {"dataframe_split": {"columns": ["dicom"],
-                                    "data": [[base64.b64encode(content).decode("ascii")] for content in contents]}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = pd.DataFrame(json.loads(response.read())["predictions"])
-        local = model.predict(pd.DataFrame({"path": [str(path) for path in files]}))
-        for row in (0, 4):
-            assert served["probability"].iloc[row] == pytest.approx(local["probability"].iloc[row], abs=1e-6)
-        assert served["label"].iloc[0] == 1 and served["error"].iloc[0] == ""
-        assert served["error"].iloc[1].startswith("not_dicom: ") and served["label"].iloc[1] == -1
-        # A file that makes the decoder panic costs its row; the server answers the rest.
-        assert served["error"].iloc[5] == "undecodable: the decoder crashed on the pixel data (PanicException)"
-        # The scoring server writes the refused rows' NaN as a bare NaN token (Python's json reads it).
-        _assert_out_of_domain(served.drop(index=[1, 5]), ["bright", "mr", "rgb", "cr"])
+        yield url
     finally:
         _stop(server)
+
+
+@pytest.fixture(scope="module")
+def served_root(dicoms, tmp_path_factory):
+    """The folder the second server may read: a DICOM file, a subfolder with another, a link to a
+    file outside (a DICOM file: readable, but not this server's to read) and one to /etc/passwd."""
+    root = tmp_path_factory.mktemp("served_root")
+    shutil.copy(dicoms["bright"], root / "bright.dcm")
+    (root / "sub").mkdir()
+    shutil.copy(dicoms["dark"], root / "sub" / "dark.dcm")
+    (root / "outside.dcm").symlink_to(dicoms["cr"])
+    (root / "passwd").symlink_to("/etc/passwd")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served_with_root(registered, store, served_root, tmp_path_factory):
+    """The champion served with DICOMFLOW_SERVING_ROOT=served_root; its base URL."""
+    server, url = _start_server(registered["uri"], store, tmp_path_factory.mktemp("served") / "server.log",
+                                root=served_root)
+    try:
+        yield url
+    finally:
+        _stop(server)
+
+
+def _readme_predicting() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Predicting\n")
+    return text[start:text.index("\n### ", start + 1)]
+
+
+def _big_in_domain_dicom(make_dicom, path: Path) -> Path:
+    """A bright DX file, 64 x 64 like those the model knows, of 200 frames (800 KiB): its base64 is
+    far past the 128 KiB the system lets one command-line argument be (MAX_ARG_STRLEN)."""
+    frames = np.stack([_image(BRIGHT, seed=10 + i, shape=(64, 64)) for i in range(200)])
+    return make_dicom(path, frames, **WINDOW)
+
+
+class TestServedModel:
+    """``mlflow models serve`` in a process of its own, spoken to over loopback."""
+
+    def test_the_readme_recipe_works_for_a_file_too_big_for_the_command_line(self, served, store, make_dicom,
+                                                                              model, tmp_path):
+        # The README's three lines, as written; only the port and the .venv location differ.
+        block = _readme_predicting().split("```bash\n", 1)[1].split("```", 1)[0]
+        lines = [line for line in block.splitlines() if " request " in line or line.startswith("curl ")]
+        assert [line.split()[0] for line in lines] == [".venv/bin/dicomflow", "curl"], block
+        assert "-d @request.json" in lines[1] and "> request.json" in lines[0]
+        assert "mlflow models serve -m models:/dicomflow-classifier@champion --env-manager local --port 5001" in block
+        big = _big_in_domain_dicom(make_dicom, tmp_path / "IM0001.dcm")
+        assert len(base64.b64encode(big.read_bytes())) > 4 * 128 * 1024
+        port = served.rsplit(":", 1)[1]
+        script = "\n".join(line.replace(".venv/bin/", f"{Path(sys.executable).parent}/").replace("5001", port)
+                           for line in lines)
+        if shutil.which("curl") is None:  # the body as curl would send it, by another real HTTP client
+            script = script.splitlines()[0]
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env=_run_env(store))
+        assert result.returncode == 0, result.stderr[-2000:]
+        if shutil.which("curl") is None:
+            answer = _post(served, (tmp_path / "request.json").read_bytes())[1]
+        else:
+            answer = _strict_json(result.stdout)
+        [row] = answer["predictions"]
+        local = model.predict(pd.DataFrame({"dicom": [big.read_bytes()]}))
+        assert row["error"] == "" and row["label"] == 1
+        assert row["probability"] == pytest.approx(local["probability"].iloc[0], abs=1e-6)
+
+    def test_every_documented_payload_form_delivers_the_file(self, served, model, dicoms):
+        names = ["bright", "dark", "cr"]
+        encoded = [base64.b64encode(dicoms[name].read_bytes()).decode("ascii") for name in names]
+        local = model.predict(pd.DataFrame({"dicom": [dicoms[name].read_bytes() for name in names]}))
+        forms = {
+            "dataframe_split": {"dataframe_split": {"columns": ["dicom"], "data": [[text] for text in encoded]}},
+            "dataframe_records": {"dataframe_records": [{"dicom": text} for text in encoded]},
+            "inputs": {"inputs": {"dicom": encoded}},
+            "instances": {"instances": [{"dicom": text} for text in encoded]},
+            # base64 as the base64 tool writes it without -w0: lines of 76 characters
+            "inputs, wrapped": {"inputs": {"dicom": [base64.encodebytes(dicoms[name].read_bytes()).decode()
+                                                     for name in names]}},
+        }
+        for form, body in forms.items():
+            status, answer = _post(served, body)
+            assert status == 200, (form, answer)
+            served_rows = pd.DataFrame(answer["predictions"])
+            assert list(served_rows["error"]) == ["", "", ""], form
+            assert list(served_rows["label"]) == list(local["label"]), form
+            np.testing.assert_allclose(served_rows["probability"], local["probability"], atol=1e-6, err_msg=form)
+
+    def test_text_that_is_not_base64_of_a_dicom_file_is_not_dicom(self, served, dicoms):
+        content = dicoms["bright"].read_bytes()
+        values = [base64.b64encode(content).decode() + "!",  # not base64 (strictly)
+                  base64.b64encode(content).decode()[:-3],  # base64 cut short
+                  base64.b64encode(b"patient list, not an image\n").decode(),  # base64, not DICOM
+                  "just text"]
+        status, answer = _post(served, {"inputs": {"dicom": values}})
+        assert status == 200
+        for row in answer["predictions"]:
+            assert row["error"].startswith("not_dicom: not a DICOM file: ") and row["label"] == -1, row
+            assert row["probability"] is None
+
+    def test_unreadable_rows_are_null_never_nan(self, served, dicoms):
+        contents = [dicoms[name].read_bytes() for name in ("bright", "text", "mr", "truncated")]
+        contents.append(panicking_rle(modality="DX"))
+        body = {"dataframe_split": {"columns": ["dicom"],
+                                    "data": [[base64.b64encode(content).decode("ascii")] for content in contents]}}
+        status, answer = _post(served, body)  # _post's parser fails on a bare NaN
+        assert status == 200
+        rows = answer["predictions"]
+        assert [row["probability"] is None for row in rows] == [False, True, True, True, True]
+        assert [row["error"].split(":")[0] for row in rows] == ["", "not_dicom", "out_of_domain",
+                                                                 "truncated_pixel_data", "undecodable"]
+        # A file that makes the decoder panic costs its row; the server answers the rest.
+        assert rows[4]["error"] == "undecodable: the decoder crashed on the pixel data (PanicException)"
+        assert "force" not in json.dumps(answer)  # the project's words, not pydicom's "Use force=True"
+
+    @pytest.mark.parametrize("body", [
+        {"dataframe_split": {"columns": ["file"], "data": [["x.dcm"]]}},
+        {"dataframe_records": [{"dicom_file": "AAAA"}]},
+        {"inputs": {"image": ["AAAA"]}},
+        {"inputs": ["AAAA"]},
+        {"dataframe_split": {"columns": [], "data": []}},
+    ], ids=["wrong name", "misspelt dicom", "inputs wrong name", "no column name", "no column"])
+    def test_a_request_without_the_columns_is_a_400_of_one_line(self, served, body):
+        status, answer = _post(served, body)
+        assert status == 400, answer
+        assert set(answer) >= {"error_code", "message"} and "stack_trace" not in answer
+        message = answer["message"]
+        assert "\n" not in message and "Traceback" not in message and len(message) < 600, message
+        assert message.startswith("the model needs a 'dicom' column (the DICOM file's bytes, base64 in JSON) "
+                                  "or a 'path' column (a file under DICOMFLOW_SERVING_ROOT"), message
+
+    def test_without_a_serving_root_no_path_is_read(self, served, dicoms):
+        paths = ["/etc/passwd", str(dicoms["bright"]), str(dicoms["folder"] / "missing.dcm"), "bright.dcm"]
+        status, answer = _post(served, {"dataframe_split": {"columns": ["path"], "data": [[p] for p in paths]}})
+        assert status == 200
+        for path, row in zip(paths, answer["predictions"]):
+            # The same answer whether the file exists, is DICOM or not: nothing was opened.
+            assert row["error"] == (f"path_refused: {path!r} not read: this model reads files by path only when "
+                                    "DICOMFLOW_SERVING_ROOT names the folder it may read on the machine that runs "
+                                    "it; send the file's content in the 'dicom' column instead"), row
+            assert row["probability"] is None and row["label"] == -1
+
+    def test_with_a_serving_root_only_paths_inside_it_are_read(self, served_with_root, served_root, model, dicoms):
+        paths = {
+            str(served_root / "bright.dcm"): "",  # absolute, inside
+            "sub/dark.dcm": "",  # relative: under the root
+            "sub/../bright.dcm": "",  # ".." that stays inside
+            "missing.dcm": "not_found",  # inside: the reader says what it is
+            "/etc/passwd": "path_refused",
+            "../" + served_root.name + "-elsewhere/x.dcm": "path_refused",  # ".." out of it
+            str(served_root / ".." / "x.dcm"): "path_refused",
+            "outside.dcm": "path_refused",  # a link inside to a DICOM file outside
+            "passwd": "path_refused",  # a link inside to /etc/passwd
+            str(dicoms["bright"]): "path_refused",  # a DICOM file outside
+        }
+        status, answer = _post(served_with_root,
+                               {"dataframe_split": {"columns": ["path"], "data": [[p] for p in paths]}})
+        assert status == 200
+        rows = answer["predictions"]
+        assert [row["error"].split(":")[0] for row in rows] == list(paths.values()), rows
+        expected = model.predict(pd.DataFrame({"dicom": [dicoms[name].read_bytes() for name in ("bright", "dark")]}))
+        np.testing.assert_allclose([row["probability"] for row in rows[:3]],
+                                   expected["probability"].iloc[[0, 1, 0]], atol=1e-6)
+        for path, row in zip(list(paths)[4:], rows[4:]):
+            assert row["error"].startswith(f"path_refused: {path!r} not read: it is not a file under "
+                                           f"DICOMFLOW_SERVING_ROOT ({served_root.resolve()}) once links"), row
+            assert row["probability"] is None and row["label"] == -1
+        # Where a link points is not said: that would describe the disk outside the root.
+        assert str(dicoms["cr"].resolve()) not in rows[7]["error"] and "/etc" not in rows[8]["error"]
+
+
+class TestPathRule:
+    """The same rule in this process: the model loaded by MLflow, and the classifier without it."""
+
+    def test_mlflow_loaded_model_refuses_paths_without_a_root(self, model, dicoms, monkeypatch):
+        monkeypatch.delenv(serving.SERVING_ROOT_ENV)
+        result = model.predict(pd.DataFrame({"path": ["/etc/passwd", str(dicoms["bright"])]}))
+        assert [error.split(":")[0] for error in result["error"]] == ["path_refused", "path_refused"]
+        assert result["probability"].isna().all()  # NaN outside the scoring server: float columns kept
+        assert result["probability"].dtype == np.float64
+
+    def test_a_root_that_is_not_a_folder_refuses_with_its_name(self, model, dicoms, monkeypatch):
+        monkeypatch.setenv(serving.SERVING_ROOT_ENV, str(dicoms["bright"]))
+        [error] = model.predict(pd.DataFrame({"path": [str(dicoms["bright"])]}))["error"]
+        assert error.startswith("path_refused: ") and f"DICOMFLOW_SERVING_ROOT {str(dicoms['bright'])!r} is not " \
+            "a folder" in error
+
+    def test_load_without_mlflow_reads_any_path_for_the_projects_own_code(self, binary_keras, dicoms, monkeypatch):
+        """evaluate scores the candidate so (dicomflow/evaluation/promotion.py)."""
+        monkeypatch.delenv(serving.SERVING_ROOT_ENV)
+        local = serving.DicomClassifier(settings=SETTINGS, threshold=THRESHOLD, classes=[0, 1], domain=DOMAIN)
+        local.load(binary_keras)
+        assert list(local.predict(None, pd.DataFrame({"path": [str(dicoms["bright"])]}))["error"]) == [""]
+        assert local.predict(None, pd.DataFrame({"path": ["/etc/passwd"]}))["error"].iloc[0].startswith("not_dicom")
+        # The right is this process's: a pickled copy (what MLflow logs) is back to the served rule.
+        import cloudpickle
+
+        copy = cloudpickle.loads(cloudpickle.dumps(local))
+        copy.load_context(mlflow.pyfunc.PythonModelContext({serving.KERAS_ARTIFACT: str(binary_keras)}, None))
+        assert copy.predict(None, pd.DataFrame({"path": [str(dicoms["bright"])]}))["error"].iloc[0] \
+            .startswith("path_refused: ")
+
+    def test_dicom_content_decodes_only_strict_base64(self, dicoms):
+        content = dicoms["bright"].read_bytes()
+        text = base64.b64encode(content)
+        assert serving.dicom_content(content) == content
+        assert serving.dicom_content(text) == content and serving.dicom_content(text.decode()) == content
+        assert serving.dicom_content(base64.encodebytes(content)) == content  # line breaks allowed
+        assert serving.dicom_content(text + b"!") == text + b"!"  # not base64: kept, read as not_dicom
+        assert serving.dicom_content(np.bytes_(text)) == content  # what MLflow's `inputs` form passes
+
+
+def test_predict_cli_takes_files_and_folders(registered, store, dicoms, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["registered_model_name"] = MODEL_NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(dicoms["folder"] / "other", tmp_path / "other")
+    shutil.copy(dicoms["bright"], tmp_path / "bright.dcm")
+    shutil.copy(dicoms["dark"], tmp_path / "dark.dcm")
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "bright.dcm", "other",
+                             str(tmp_path / "dark.dcm"), "--output", "out.csv"],
+                            cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table["path"]) == ["bright.dcm", "other/mr.dcm", "other/mr_truncated.dcm", "other/rgb.dcm",
+                                   "other/us.dcm", str(tmp_path / "dark.dcm")]
+    assert [error.split(":")[0] for error in table["error"]] == ["", *["out_of_domain"] * 4, ""]
+    assert list(table["label"]) == [1, -1, -1, -1, -1, 0]
+
+    missing = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "bright.dcm", "nope.dcm"],
+                             cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == ("error: input nope.dcm not found: give DICOM files or "
+                                                       "folders of them")
+
+
+def test_make_predict_line_on_one_file(registered, store, dicoms, tmp_path):
+    """The Makefile's predict recipe, run as make would run it with INPUT=<a file> (without make's
+    install step, which would touch the virtual environment)."""
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\npredict:", 1)[1].split("\n\t", 1)[1].split("\n", 1)[0]
+    assert recipe == "$(BIN)/dicomflow predict $(INPUT) --output predictions.csv"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["registered_model_name"] = MODEL_NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(dicoms["bright"], tmp_path / "IM0001.dcm")
+    command = recipe.replace("$(BIN)", str(Path(sys.executable).parent)).replace("$(INPUT)", "IM0001.dcm")
+    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=_run_env(store), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
+    assert list(table["path"]) == ["IM0001.dcm"] and list(table["error"]) == [""] and list(table["label"]) == [1]
+
+
+def test_request_cli_refuses_what_is_not_a_file(tmp_path):
+    from dicomflow.runtime.stage import StageError
+    from dicomflow.serving.predict import request_body
+
+    with pytest.raises(StageError, match=r"nope.dcm not found: give the DICOM files to send"):
+        request_body([tmp_path / "nope.dcm"])
+    with pytest.raises(StageError, match=r"is a folder: give the DICOM files to send"):
+        request_body([tmp_path])
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -540,3 +828,15 @@ def _stop(server: subprocess.Popen) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_evaluate_scores_the_champion_through_predict_with_its_paths(registered, dicoms, monkeypatch):
+    """promotion.score_registered: the champion, loaded by MLflow in a `dicomflow predict` process,
+    reads the files evaluate names there; no root is inherited, predict sets its own."""
+    from dicomflow.evaluation.promotion import score_registered
+
+    monkeypatch.delenv(serving.SERVING_ROOT_ENV)
+    scored = score_registered(registered["uri"], [dicoms["bright"], dicoms["dark"], dicoms["text"]])
+    assert list(scored["path"]) == ["README", "bright.dcm", "dark.dcm"]
+    assert scored["error"].isna().tolist() == [False, True, True]  # na_values=[""]: answered rows
+    assert list(scored["label"]) == [-1, 1, 0]

@@ -88,7 +88,10 @@ def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> py
         except Exception:  # noqa: BLE001  forced parsing of non-DICOM fails in many ways
             sop_class = None
         if not sop_class:
-            raise Quarantined("not_dicom", quoted(err)) from err
+            # Our words, not pydicom's: its message tells the user to "Use force=True", which
+            # was tried just above and which no user of ingest or a served model can pass.
+            raise Quarantined("not_dicom", "not a DICOM file: no 'DICM' marker after a 128-byte preamble "
+                              "and no SOP Class UID when read as a data set without one") from err
         _record_detected_encoding(ds)
     except Exception as err:  # pydicom raises many types for damaged headers
         raise failure_reason(err, reading="the header") from err

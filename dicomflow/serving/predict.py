@@ -1,36 +1,95 @@
-"""Batch prediction: the registered model on every file under a folder, to one CSV.
+"""Batch prediction: the registered model on DICOM files and folders, to one CSV; and the JSON body
+that sends files to a served model.
 
-    dicomflow predict INPUT_DIR [--output predictions.csv] [--model models:/NAME@champion]  (dicomflow/cli.py)
+    dicomflow predict INPUT... [--output predictions.csv] [--model models:/NAME@champion]  (dicomflow/cli.py)
+    dicomflow request FILE... > request.json   (then curl ... -d @request.json; README, "Predicting")
 
-Inputs: the files under ``INPUT_DIR`` (recursively; hidden files skipped, as ingest skips them)
-and an MLflow pyfunc model (``dicomflow.serving.pyfunc.DicomClassifier``), by default
+Inputs: files and folders (folders searched recursively; hidden files skipped, as ingest skips
+them) and an MLflow pyfunc model (``dicomflow.serving.pyfunc.DicomClassifier``), by default
 ``models:/<evaluate.registered_model_name>@champion`` in the project's tracking store
 (``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
-Outputs: the CSV, one row per file in path order: ``path`` (relative to ``INPUT_DIR``, with
-``/``), the probability column(s), ``label`` and ``error`` (empty, or the reason a file could not
+Outputs: the CSV, one row per file (inputs in the order given, a folder's files in path order):
+``path`` (relative to the folder when the one
+input is a folder, else as the command line names it: ``folder/relative`` for a file found under a
+folder), the probability column(s), ``label`` and ``error`` (empty, or the reason a file could not
 be used: ``not_dicom: ...``, ``truncated_pixel_data: ...``, ``out_of_domain: ...`` for a file unlike the
 model's training files).
 Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given).
 
 A bad file gets its reason in the CSV and never stops the run; the command fails (exit 1, one
-line) only when the model cannot be loaded or no file at all could be predicted.
+line) only when an input does not exist, the model cannot be loaded or no file at all could be
+predicted.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import stat
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from dicomflow import tracking
-from dicomflow.dicom.sources import display_path
+from dicomflow.dicom.sources import display_path, list_sources
 from dicomflow.runtime.stage import StageError
+from dicomflow.serving.pyfunc import common_folder, serving_root
 
 logger = logging.getLogger(__name__)
 
 BATCH_FILES = 256  # files per model call: bounds memory on large folders
+
+
+@dataclass
+class Inputs:
+    """The files to predict with the name each has in the CSV, and the entries not read
+    (name, reason code, detail), as :func:`dicomflow.dicom.sources.list_sources` gives them."""
+
+    files: list[Path] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    unread: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def list_inputs(inputs: list[Path], *, exclude: set[Path] = frozenset()) -> Inputs:
+    """The files named by ``inputs`` (files, and folders walked by ``list_sources``), or StageError
+    naming an input that does not exist. A file named on the command line is read even when
+    hidden (the user named it); one that is not a regular file (a FIFO, a device) is listed as
+    ``not_a_file``, never opened."""
+    found = Inputs()
+    one_folder = len(inputs) == 1 and inputs[0].is_dir()
+    for given in inputs:
+        if given.is_dir():
+            listing = list_sources(given, exclude=exclude)
+            # With one folder the CSV names files relative to it (as before); with several
+            # inputs each name keeps its folder, so that rows from two folders stay apart.
+            prefix = "" if one_folder else _as_given(given) + "/"
+            found.files += listing.files
+            found.names += [prefix + display_path(path, given) for path in listing.files]
+            found.unread += [(prefix + name, reason, detail) for name, reason, detail in listing.unread]
+            continue
+        try:
+            mode = given.stat().st_mode
+        except FileNotFoundError:
+            raise StageError(f"input {given} not found: give DICOM files or folders of them") from None
+        except OSError as err:
+            raise StageError(f"input {given} cannot be opened ({err.strerror})") from None
+        name = _as_given(given)
+        if stat.S_ISREG(mode):
+            found.files.append(given)
+            found.names.append(name)
+        else:
+            found.unread.append((name, "not_a_file", "not a regular file (a FIFO, socket or device), not read"))
+    return found
+
+
+def _as_given(path: Path) -> str:
+    """``path`` as the command line gave it, with ``/``, printable even when not UTF-8 (as
+    :func:`dicomflow.dicom.sources.display_path` shows names)."""
+    return os.fsencode(path.as_posix()).decode("utf-8", errors="backslashreplace")
 
 
 def load_model(uri: str):
@@ -45,15 +104,23 @@ def load_model(uri: str):
                          f"{type(err).__name__}: {first_line}") from err
 
 
-def predict_files(model, files: list[Path], *, root: Path, batch_files: int = BATCH_FILES) -> pd.DataFrame:
-    """The model's output for each file, with its ``path`` relative to ``root`` first, in ``files`` order."""
+def predict_files(model, files: list[Path], *, names: list[str], batch_files: int = BATCH_FILES) -> pd.DataFrame:
+    """The model's output for each file, with its name in ``names`` as the ``path`` column, in
+    ``files`` order.
+
+    A model loaded by MLflow reads paths only under ``DICOMFLOW_SERVING_ROOT``
+    (``dicomflow.serving.pyfunc.PathRule``): here, the files are the ones this command was given,
+    so the root is set, for these calls only, to the narrowest folder holding all of them, and the
+    model is given their resolved paths. Models registered before that rule ignore it.
+    """
+    resolved = [str(Path(path).resolve()) for path in files]
     parts = []
-    for start in range(0, len(files), batch_files):
-        batch = files[start:start + batch_files]
-        predicted = model.predict(pd.DataFrame({"path": [str(path) for path in batch]}))
-        predicted = predicted.reset_index(drop=True)
-        predicted.insert(0, "path", [display_path(path, root) for path in batch])
-        parts.append(predicted)
+    with serving_root(common_folder(resolved)):
+        for start in range(0, len(files), batch_files):
+            predicted = model.predict(pd.DataFrame({"path": resolved[start:start + batch_files]}))
+            predicted = predicted.reset_index(drop=True)
+            predicted.insert(0, "path", names[start:start + batch_files])
+            parts.append(predicted)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -73,3 +140,22 @@ def error_counts(predictions: pd.DataFrame) -> Counter[str]:
     """How many files failed, by reason code (the ``error`` text before its first colon)."""
     errors = predictions.loc[predictions["error"] != "", "error"]
     return Counter(error.split(":", 1)[0] for error in errors)
+
+
+def request_body(files: Iterable[Path]) -> dict:
+    """The JSON body of ``POST /invocations`` for ``files``: their bytes, base64, one row each in
+    the ``dicom`` column of ``dataframe_split``, the form the README documents. As a file given to
+    ``curl -d @request.json``, not a command-line argument: a DICOM file in base64 is longer than
+    the system lets one argument be ("Argument list too long")."""
+    rows = []
+    for file in files:
+        try:
+            rows.append([base64.b64encode(file.read_bytes()).decode("ascii")])
+        except FileNotFoundError:
+            raise StageError(f"{file} not found: give the DICOM files to send") from None
+        except IsADirectoryError:
+            raise StageError(f"{file} is a folder: give the DICOM files to send "
+                             f"(e.g. {os.path.join(str(file), '*.dcm')})") from None
+        except OSError as err:
+            raise StageError(f"{file} cannot be read ({err.strerror})") from None
+    return {"dataframe_split": {"columns": ["dicom"], "data": rows}}

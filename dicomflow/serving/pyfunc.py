@@ -15,20 +15,35 @@ and, as ``code_paths``, a copy of the parts of the ``dicomflow`` package that pr
 ``dicomflow/devtools/sample_data.py`` holds the fake names of the sample data set.
 
 Serving: ``mlflow models serve -m models:/<name>@champion --env-manager local`` answers
-``POST /invocations`` with ``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}``:
-the signature declares ``dicom`` as a binary column, which is what makes the scoring server
-base64-decode it (``path``, a string column, names files on the server's own disk).
+``POST /invocations`` with ``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}``
+(``dicomflow request FILE...`` writes it): the signature declares ``dicom`` as a binary column, which is
+what makes the scoring server base64-decode it for ``dataframe_split`` and ``dataframe_records``.
+For ``inputs`` and ``instances`` MLflow hands over the base64 *text* as bytes
+(mlflow/mlflow#11170), so :func:`dicom_content` recognises and decodes it. A request without a
+``dicom`` or ``path`` column is answered 400 with one line (:class:`BadRequest`); a file that could
+not be read gets ``null`` as its probability in the served JSON (``NaN`` in the DataFrame
+elsewhere, :func:`_in_mlflow_serving`).
+
+``path`` names a file on the disk of the machine that runs the model, so a model loaded by MLflow
+(served, or ``mlflow.pyfunc.load_model``) reads none unless :data:`SERVING_ROOT_ENV` names the
+folder it may read, and then only files inside it (:class:`PathRule`); the project's own code,
+which can read any file itself, uses :meth:`DicomClassifier.load` or :func:`serving_root`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
+import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -37,10 +52,12 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from dicomflow.config import layout
 from dicomflow.dicom.display import PixelSettings, read_model_frames
-from dicomflow.dicom.reading import Quarantined
+from dicomflow.dicom.reading import Quarantined, quoted
 from dicomflow.runtime.parallel import WorkerPool, WorkFailure
 from dicomflow.serving.domain import TrainingDomain
 
@@ -57,6 +74,102 @@ REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg
 PREDICT_BATCH = 64  # images per Keras call
 DECODER_PROCESSES = 2  # files decoded at once, each in its own process
 DECODE_TIMEOUT_S = 120.0  # a file still decoding after this long is answered with "timeout"
+# The folder a model loaded by MLflow may read ``path`` values under; unset: it reads no path.
+SERVING_ROOT_ENV = "DICOMFLOW_SERVING_ROOT"
+# What a request must hold, in the words of the 400 answer and of the errors that point to it.
+EXPECTED_COLUMNS = (f"a 'dicom' column (the DICOM file's bytes, base64 in JSON) or a 'path' column "
+                    f"(a file under {SERVING_ROOT_ENV} on the machine that runs the model)")
+# MLflow's scoring server sets this before it answers (mlflow/pyfunc/scoring_server/__init__.py,
+# init()); ``mlflow models predict`` sets it too. Private to MLflow: if it ever goes, served JSON
+# carries NaN again and tests/test_serving.py's strict JSON client fails.
+MLFLOW_SERVING_FLAG = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]*")
+
+
+class BadRequest(MlflowException, ValueError):
+    """A request the model cannot answer at all (no input column): HTTP 400 with this one line.
+
+    The scoring server prefixes the message of an MlflowException raised by a model with the
+    repr of the whole request (``Failed to predict data '<DataFrame>'``: many lines, base64
+    included); :meth:`serialize_as_json` is what it sends, so it answers the line written here.
+    A ValueError too, for callers of :meth:`DicomClassifier.predict` outside MLflow.
+    """
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line, error_code=BAD_REQUEST)
+        self.line = line
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.line})
+
+
+@dataclasses.dataclass(frozen=True)
+class PathRule:
+    """Which files the ``path`` values of a request may name.
+
+    ``anywhere``: any file (the project's own code in its own process, which could read the file
+    itself). Else only files inside ``root`` once ``..`` and links are resolved (a relative path
+    is taken under ``root``), and none when ``root`` is None: a served model would otherwise
+    read, or probe the existence of, any file its process can open for any client.
+    """
+
+    root: Path | None = None
+    anywhere: bool = False
+
+    @classmethod
+    def from_environment(cls) -> PathRule:
+        """The rule of a model loaded by MLflow: :data:`SERVING_ROOT_ENV` when set, else no path."""
+        root = os.environ.get(SERVING_ROOT_ENV, "")
+        return cls(root=Path(root) if root else None)
+
+    def check(self, value: str) -> str | Quarantined:
+        """The file to read for ``value``, or why it is not read (``path_refused``); never reads it."""
+        if self.anywhere:
+            return value
+        shown = quoted(repr(value))
+        if self.root is None:
+            return Quarantined("path_refused", f"{shown} not read: this model reads files by path only when "
+                               f"{SERVING_ROOT_ENV} names the folder it may read on the machine that runs it; "
+                               "send the file's content in the 'dicom' column instead")
+        try:
+            root = self.root.resolve(strict=True)
+            if not root.is_dir():
+                raise NotADirectoryError(str(self.root))
+        except (OSError, RuntimeError):
+            return Quarantined("path_refused", f"{shown} not read: {SERVING_ROOT_ENV} {str(self.root)!r} is not "
+                               "a folder on the machine that runs the model; set it to the folder the "
+                               "files are in")
+        try:
+            # resolve() follows every link and removes "..": what is checked is what is read.
+            target = (root / value).resolve()
+        except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte
+            target = None
+        if target is None or not target.is_relative_to(root):
+            # Where a link points is not said: that would describe the disk outside the root.
+            return Quarantined("path_refused", f"{shown} not read: it is not a file under {SERVING_ROOT_ENV} "
+                               f"({root}) once links and '..' are resolved; send a path inside it, or the "
+                               "file's content in the 'dicom' column")
+        return str(target)
+
+
+@contextlib.contextmanager
+def serving_root(folder: str | Path) -> Iterator[None]:
+    """:data:`SERVING_ROOT_ENV` set to ``folder`` for the block (restored after): how the
+    project's own commands let a model loaded by MLflow read the files they name."""
+    before = os.environ.get(SERVING_ROOT_ENV)
+    os.environ[SERVING_ROOT_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[SERVING_ROOT_ENV]
+        else:
+            os.environ[SERVING_ROOT_ENV] = before
+
+
+def common_folder(files: Iterable[str | Path]) -> Path:
+    """The narrowest folder that holds every one of ``files`` once links are resolved."""
+    return Path(os.path.commonpath([str(Path(file).resolve().parent) for file in files]))
 
 
 class DicomClassifier(mlflow.pyfunc.PythonModel):
@@ -99,22 +212,36 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self._model = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the Keras model from the model's artifacts and check it against classes and threshold."""
-        self.load(context.artifacts[KERAS_ARTIFACT])
+        """Load the Keras model from the model's artifacts and check it against classes and
+        threshold. Loaded this way (served, ``mlflow.pyfunc.load_model``) the model reads ``path``
+        values only under :data:`SERVING_ROOT_ENV`, as it is when each prediction starts."""
+        self.load(context.artifacts[KERAS_ARTIFACT], read_any_path=False)
 
-    def load(self, keras_model_path: str | Path) -> DicomClassifier:
+    def load(self, keras_model_path: str | Path, *, read_any_path: bool = True) -> DicomClassifier:
         """Load the Keras model at ``keras_model_path`` (what MLflow does from the artifacts), check
-        it against classes and threshold, and return self: the classifier without MLflow."""
+        it against classes and threshold, and return self: the classifier without MLflow.
+
+        ``read_any_path`` (default True): ``path`` values may name any file, for this process's
+        own code (evaluate scores the candidate so), which can read any file itself. False: only
+        under :data:`SERVING_ROOT_ENV` (:class:`PathRule`), as when MLflow loads it.
+        """
         import keras
 
         self._model = keras.models.load_model(keras_model_path, compile=False)
         check_output_width(self._width(), self.classes, threshold=self.threshold)
+        self._read_any_path = read_any_path
         return self
 
     def __getstate__(self) -> dict:
         # The Keras model travels as an artifact; decoder processes and their lock are this
-        # process's own.
-        return {**self.__dict__, "_model": None, "_pool": None, "_lock": None}
+        # process's own, and so is the right to read any path (load() grants it, never a pickle).
+        return {**self.__dict__, "_model": None, "_pool": None, "_lock": None, "_read_any_path": False}
+
+    def path_rule(self) -> PathRule:
+        """Which files ``path`` values may name now (:meth:`load`, :data:`SERVING_ROOT_ENV`)."""
+        if getattr(self, "_read_any_path", False):
+            return PathRule(anywhere=True)
+        return PathRule.from_environment()
 
     @property
     def binary(self) -> bool:
@@ -129,7 +256,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             Unused (the model is loaded by :meth:`load_context`).
         model_input : pandas.DataFrame or numpy.ndarray
             A DataFrame with a ``dicom`` column (file content as bytes, or base64 text) and/or a
-            ``path`` column (file paths); a row uses its ``dicom`` value when it has one. Or
+            ``path`` column (file paths, read as :meth:`path_rule` allows); a row uses its
+            ``dicom`` value when it has one. Or
             preprocessed images (n, h, w) or (n, h, w, c) of ``settings.image_shape``: uint8
             0-255 or float in [0, 1]. (Annotated DataFrame, the form MLflow passes: its
             signature describes the DataFrame, and a union would make MLflow warn at import.)
@@ -140,15 +268,18 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         -------
         pandas.DataFrame
             :func:`output_columns`, one row per input row (a DataFrame's index kept). A file that
-            cannot be used gets probability NaN, label -1 and ``error`` "<reason>: <detail>"
-            (ingest's quarantine reason codes, e.g. ``not_dicom``, ``truncated``, or
-            ``out_of_domain`` for a file outside :attr:`domain`); the other rows are predicted.
-            ``error`` is empty when fine.
+            cannot be used gets probability NaN (None in MLflow's scoring server, so that its
+            JSON says ``null``), label -1 and ``error`` "<reason>: <detail>" (ingest's
+            quarantine reason codes, e.g. ``not_dicom``, ``truncated``, ``out_of_domain`` for a
+            file outside :attr:`domain`, ``path_refused`` for a path :meth:`path_rule` does not
+            allow); the other rows are predicted. ``error`` is empty when fine.
 
         Raises
         ------
+        BadRequest
+            A DataFrame without a ``path`` or ``dicom`` column (a ValueError; 400 when served).
         ValueError
-            A DataFrame without a ``path`` or ``dicom`` column; images of the wrong shape or range.
+            Images of the wrong shape or range.
         """
         if isinstance(model_input, np.ndarray):
             scores = self._score(self.prepare_images(model_input))
@@ -157,9 +288,12 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError("model_input must be a pandas DataFrame (path or dicom column) or a numpy "
                              f"array of images; got {type(model_input).__name__}")
         if not {"path", "dicom"} & set(model_input.columns):
-            raise ValueError("model_input needs a 'path' column (DICOM file paths) or a 'dicom' column "
-                             f"(DICOM file bytes); got columns {list(model_input.columns)}")
-        images, owners, errors = self._read_all(_sources(model_input))
+            # Served, MLflow has already dropped the columns the signature does not name.
+            got = f"columns {list(model_input.columns)}" if len(model_input.columns) else "neither"
+            raise BadRequest(f"the model needs {EXPECTED_COLUMNS}; got {got} (columns of other names are "
+                             'ignored), e.g. {"dataframe_split": {"columns": ["dicom"], "data": '
+                             '[["<the file in base64>"]]}} as `dicomflow request FILE > request.json` writes it')
+        images, owners, errors = self._read_all(_sources(model_input, self.path_rule()))
         scores = _mean_by_row(self._score(images), owners, rows=len(model_input))
         return self._frame(scores, errors, index=model_input.index)
 
@@ -174,9 +308,11 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         errors = [f"{source.reason}: {source}" if isinstance(source, Quarantined) else ""
                   for source in sources]
         images, owners = [], []
-        with self._decoding_lock():
-            decoded = list(self._decoders().map([sources[row] for row in readable],
-                                                on_failure=_decoder_failure))
+        decoded = []
+        if readable:  # a request of refused rows only starts no decoder process
+            with self._decoding_lock():
+                decoded = list(self._decoders().map([sources[row] for row in readable],
+                                                    on_failure=_decoder_failure))
         for row, result in zip(readable, decoded):
             if isinstance(result, tuple):
                 errors[row] = f"{result[0]}: {result[1]}"
@@ -253,7 +389,20 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             columns = {f"probability_{c}": scores[:, i] for i, c in enumerate(self.classes)}
         columns["label"] = np.where(ok, labels, -1).astype(np.int64)
         columns["error"] = errors
-        return pd.DataFrame(columns, index=index)
+        frame = pd.DataFrame(columns, index=index)
+        if _in_mlflow_serving():
+            # The scoring server writes the frame with json.dump, which writes NaN as a bare NaN
+            # token that strict JSON parsers refuse; None is written null. Only there: callers
+            # in Python (evaluate, predict) keep float columns.
+            for name in frame.columns:
+                if name.startswith("probability"):
+                    frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+        return frame
+
+
+def _in_mlflow_serving() -> bool:
+    """Whether MLflow's scoring server (or ``mlflow models predict``) runs this model."""
+    return os.environ.get(MLFLOW_SERVING_FLAG, "").strip().lower() in ("true", "1")
 
 
 def _decoder_failure(_source: object, failure: WorkFailure) -> tuple[str, str]:
@@ -272,26 +421,40 @@ def _mean_by_row(scores: np.ndarray, owners: np.ndarray, *, rows: int) -> np.nda
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def _sources(frame: pd.DataFrame) -> list[bytes | str | Quarantined]:
-    """Per row: its ``dicom`` bytes (base64 text decoded) when it has them, else its ``path``;
-    a Quarantined error for a row with neither."""
+def _sources(frame: pd.DataFrame, rule: PathRule) -> list[bytes | str | Quarantined]:
+    """Per row: its ``dicom`` content (:func:`dicom_content`) when it has one, else its ``path``
+    as ``rule`` allows it; a Quarantined error for a row with neither or a path refused."""
     sources: list[bytes | str | Quarantined] = []
     for row in range(len(frame)):
         content = frame["dicom"].iloc[row] if "dicom" in frame else None
         path = frame["path"].iloc[row] if "path" in frame else None
-        if isinstance(content, str):  # JSON text that no signature decoded
-            try:
-                content = base64.b64decode(content)
-            except (binascii.Error, ValueError) as err:
-                sources.append(Quarantined("not_base64", f"the dicom value is text but not base64: {err}"))
-                continue
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            sources.append(bytes(content))
+        if isinstance(content, (str, bytes, bytearray, memoryview)):
+            sources.append(dicom_content(content))
         elif isinstance(path, (str, Path)) and str(path):
-            sources.append(str(path))
+            sources.append(rule.check(str(path)))
         else:
-            sources.append(Quarantined("no_input", "the row has neither a dicom value nor a path"))
+            sources.append(Quarantined("no_input", "the row has neither a dicom value nor a path; "
+                                       f"send {EXPECTED_COLUMNS}"))
     return sources
+
+
+def dicom_content(value: str | bytes | bytearray | memoryview) -> bytes:
+    """The file a ``dicom`` value holds: its bytes, or base64 text of them decoded.
+
+    JSON cannot hold bytes, so clients send base64 text; the scoring server decodes it for
+    ``dataframe_split`` and ``dataframe_records`` but passes ``inputs`` and ``instances`` on as the
+    text's own bytes (mlflow/mlflow#11170). A DICOM file is never base64 text (its preamble or
+    first tag is binary), so text that decodes strictly (base64 alphabet, line breaks allowed, as
+    ``base64`` writes them) is decoded; anything else is kept as it is, and the reader answers
+    ``not_dicom`` for it like for any other file that is not DICOM.
+    """
+    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if raw[128:132] == b"DICM" or not _BASE64_TEXT.fullmatch(raw):
+        return raw
+    try:
+        return base64.b64decode(re.sub(rb"\s", b"", raw), validate=True)
+    except (binascii.Error, ValueError):
+        return raw
 
 
 def check_output_width(width: int, classes: list[int], *, threshold: float | None) -> None:
