@@ -13,7 +13,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomflow import cli
-from dicomflow.deid import leaks as deid_leaks
 from dicomflow.config import layout
 from dicomflow.deid.leaks import Leak, scan_mlflow_run, scan_paths, summarise_leaks
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers
