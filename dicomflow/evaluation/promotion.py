@@ -36,7 +36,7 @@ from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_desc
 from dicomflow.model.architectures import class_indices
 from dicomflow.runtime.stage import StageError
 from dicomflow.serving.domain import TrainingDomain
-from dicomflow.serving.pyfunc import DicomClassifier, log_classifier
+from dicomflow.serving.pyfunc import PATH_EXAMPLE, DicomClassifier, log_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
     # The registered model: DICOM in, probabilities and the label at this threshold out.
     registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
                       domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
-    classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered)
+    classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered, input_example=PATH_EXAMPLE)
     digests_file, secret = Path(paths.deid_dir) / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
     check_run(run_id, digests_file=digests_file, secret=secret)
     promotion = promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes)

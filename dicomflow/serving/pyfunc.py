@@ -74,6 +74,8 @@ REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg
 PREDICT_BATCH = 64  # images per Keras call
 DECODER_PROCESSES = 2  # files decoded at once, each in its own process
 DECODE_TIMEOUT_S = 120.0  # a file still decoding after this long is answered with "timeout"
+# The input example logged with the registered model: the request's form, naming no real file.
+PATH_EXAMPLE = pd.DataFrame({"path": ["IM0001.dcm"]})
 # The folder a model loaded by MLflow may read ``path`` values under; unset: it reads no path.
 SERVING_ROOT_ENV = "DICOMFLOW_SERVING_ROOT"
 # What a request must hold, in the words of the 400 answer and of the errors that point to it.
@@ -534,8 +536,9 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
         The model's name in the run.
     input_example : optional
         Saved with the model and run through it by MLflow; a DataFrame of the signature's form.
-        Best left out in the pipeline: a DICOM file in base64 is random text that the leak
-        scanner may match against names by chance.
+        The pipeline gives :data:`PATH_EXAMPLE`: a DICOM file in base64 is random text that the
+        leak scanner may match against names by chance, and a real file's name could hold an
+        accession number.
 
     Returns
     -------
