@@ -125,7 +125,30 @@ def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, work
                            on_failure=partial(quarantined_by_worker, data_dir=data_dir))
 
 
-class ImageWriter:
+class _StagedWriter:
+    """A writer of one staged output file: ``with`` completes it, or after an error only lets go of
+    it (the staged folder it is in is removed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        if error_type is None:
+            self.close()
+            return
+        try:
+            self._release()
+        except OSError:  # the same full disk, flushing
+            pass
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class ImageWriter(_StagedWriter):
     """Appends images to an ``.npy`` file one by one, never holding them all in memory.
 
     The count is known only at the end (files are quarantined, multi-frame files give several
@@ -142,18 +165,8 @@ class ImageWriter:
         self._raw.write(np.ascontiguousarray(pixels, dtype=self.dtype).tobytes())
         self.count += 1
 
-    def __enter__(self) -> ImageWriter:
-        return self
-
-    def __exit__(self, error_type: type | None, *_: object) -> None:
-        """Completes the file; after an error only lets go of it (it is a staged output)."""
-        if error_type is None:
-            self.close()
-            return
-        try:
-            self._raw.close()
-        except OSError:  # the same full disk, flushing
-            pass
+    def _release(self) -> None:
+        self._raw.close()
 
     def close(self) -> None:
         self._raw.close()
@@ -165,7 +178,7 @@ class ImageWriter:
         self._raw_path.unlink()
 
 
-class IndexWriter:
+class IndexWriter(_StagedWriter):
     """Writes index rows to Parquet in row groups of :data:`INDEX_BATCH_ROWS`, with a fixed schema."""
 
     _TYPES = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64()}
@@ -188,15 +201,5 @@ class IndexWriter:
         self._flush()  # also writes the schema when there are no rows at all
         self._writer.close()
 
-    def __enter__(self) -> IndexWriter:
-        return self
-
-    def __exit__(self, error_type: type | None, *_: object) -> None:
-        """Completes the file; after an error only lets go of it (it is a staged output)."""
-        if error_type is None:
-            self.close()
-            return
-        try:
-            self._writer.close()
-        except OSError:
-            pass
+    def _release(self) -> None:
+        self._writer.close()
