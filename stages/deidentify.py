@@ -76,8 +76,9 @@ def main() -> None:
     # Moved into place only when complete and clean (no leak), removed otherwise.
     with staged_folder(out_dir, what="the de-identified outputs") as staging:
         (staging / layout.DEID_DICOM_DIR).mkdir()
-        settings = FileSettings(Path(paths.data), staging / layout.DEID_DICOM_DIR, profile, secret,
-                                params, pixels)
+        # Absolute, so that workers of a Dask cluster started in another folder find the files too.
+        settings = FileSettings(Path(paths.data).absolute(), (staging / layout.DEID_DICOM_DIR).absolute(),
+                                profile, secret, params, pixels)
         done = deidentify_sources(index, images, settings, workers=worker_count(params.workers),
                                   timeout_s=params.file_timeout_s)
         if done.hidden_warnings:

@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 def main() -> None:
     paths, params = load_params("paths"), load_params("ingest")
-    data_dir, labels_file = Path(paths.data), Path(paths.labels)
+    # Absolute, so that workers of a Dask cluster started in another folder find the files too.
+    data_dir, labels_file = Path(paths.data).absolute(), Path(paths.labels)
     out_dir = Path(paths.ingest_dir)
     if not labels_file.is_file():
         raise StageError(f"labels file {labels_file} not found (see README: bring your own data)")

@@ -275,7 +275,17 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
     worker, instead of with every chunk. An item whose worker dies, runs past ``timeout_s``
     seconds or raises gets ``on_failure(item, WorkFailure)`` instead; its worker is replaced.
     Even with one worker the work runs in a child process, so this process survives any item.
+
+    With ``DASK_SCHEDULER_ADDRESS`` set, the items run on that Dask cluster instead, under the
+    same contract (:mod:`dicomflow.runtime.cluster`), and ``workers`` is the cluster's business.
     """
+    from dicomflow.runtime.cluster import cluster_map, scheduler_address
+
+    address = scheduler_address()
+    if address is not None:
+        yield from cluster_map(function, items, address=address, on_failure=on_failure,
+                               timeout_s=timeout_s, initializer=initializer, initargs=initargs)
+        return
     with WorkerPool(function, workers=workers, initializer=initializer, initargs=initargs,
                     timeout_s=timeout_s) as pool:
         yield from pool.map(items, on_failure=on_failure)
