@@ -42,6 +42,7 @@ from dicomflow.dicom.ingestion import (
 from dicomflow.dicom.labels import has_column, labelled, read_labels
 from dicomflow.dicom.reading import Quarantined
 from dicomflow.dicom.sources import list_sources
+from dicomflow.runtime.cluster import scheduler_address
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
 from dicomflow.runtime.stage import StageError, run_stage
@@ -99,11 +100,13 @@ def main() -> None:
                 images.append(pixels)
                 index.append(record)
     report(files=len(files) + len(listing.unread), images=images.count, reasons=reasons,
-           params=params, paths=paths, workers=workers, shape=settings.image_shape)
+           params=params, paths=paths, shape=settings.image_shape,
+           where=f"on the Dask cluster at {address}" if (address := scheduler_address())
+           else f"with {workers} worker(s)")
 
 
 def report(*, files: int, images: int, reasons: Counter[str], params: IngestParams,
-           paths: PathsParams, workers: int, shape: tuple[int, ...]) -> None:
+           paths: PathsParams, where: str, shape: tuple[int, ...]) -> None:
     """Write the stage's metrics, log the summary, and fail when too many image files were unusable."""
     skipped = sum(reasons[r] for r in SKIP_REASONS)
     failed = sum(reasons.values()) - skipped
@@ -111,7 +114,7 @@ def report(*, files: int, images: int, reasons: Counter[str], params: IngestPara
                **{f"quarantined_{reason}": count for reason, count in sorted(reasons.items())}}
     write_json(Path(paths.ingest_metrics), metrics)
     quarantine_file = Path(paths.ingest_dir) / layout.INGEST_QUARANTINE
-    logger.info("ingested %d images of shape %s from %d files with %d worker(s)", images, shape, files, workers)
+    logger.info("ingested %d images of shape %s from %d files %s", images, shape, files, where)
     summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
     if reasons:
         logger.warning("%d files quarantined (%s): see %s", sum(reasons.values()), summary, quarantine_file)

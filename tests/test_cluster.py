@@ -106,7 +106,8 @@ def test_stages_on_the_cluster_write_the_bytes_a_local_run_writes(scheduler, tmp
     log = _run_stages(on_cluster, {**env, cluster.SCHEDULER_ENV: scheduler})
 
     assert f"on the Dask cluster at {scheduler} (2 worker(s), 2 thread(s))" in log
-    assert log.count("on the Dask cluster") == 3  # ingest; deidentify's two passes
+    assert log.count(f"items on the Dask cluster at {scheduler}") == 3  # ingest; deidentify's 2 passes
+    assert f"files on the Dask cluster at {scheduler}\n" in log  # ingest's summary
     assert "ingest: 100%" in log  # tqdm's bar, to the end
     local_files, cluster_files = _files(local), _files(on_cluster)
     assert any(name.endswith(".dcm") for name in local_files)
