@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
@@ -52,6 +54,11 @@ from dicomflow.runtime.parallel import worker_count
 from dicomflow.runtime.stage import StageError, run_stage
 
 logger = logging.getLogger(__name__)
+
+
+def progress_bar(results: Iterable, total: int, what: str) -> Iterable:
+    """Counts and rates only: paths can hold accession numbers."""
+    return tqdm(results, total=total, unit="file", desc=what, mininterval=2.0)
 
 
 def main() -> None:
@@ -80,7 +87,7 @@ def main() -> None:
         settings = FileSettings(Path(paths.data).absolute(), (staging / layout.DEID_DICOM_DIR).absolute(),
                                 profile, secret, params, pixels)
         done = deidentify_sources(index, images, settings, workers=worker_count(params.workers),
-                                  timeout_s=params.file_timeout_s)
+                                  timeout_s=params.file_timeout_s, progress=progress_bar)
         if done.hidden_warnings:
             logger.warning("%d pydicom warnings about source headers not shown (they quote values)",
                            done.hidden_warnings)

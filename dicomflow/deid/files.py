@@ -8,7 +8,7 @@ import hashlib
 import io
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -418,7 +418,8 @@ class Deidentified:
 
 
 def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
-                       workers: int = 1, timeout_s: float | None = None) -> Deidentified:
+                       workers: int = 1, timeout_s: float | None = None,
+                       progress: Callable[[Iterable, int, str], Iterable] | None = None) -> Deidentified:
     """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
     ``workers`` processes, after a first pass that collects the identifying values of every
     source header (:func:`source_identifiers`).
@@ -431,8 +432,10 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     One file never stops the others: a file without SOP Instance UID, a second file with the
     UID of an earlier one (the first in index order is kept), a file that cannot be read,
     de-identified or written, or whose worker dies or takes longer than ``timeout_s`` seconds,
-    is quarantined with its reason. A full disk raises StageError.
+    is quarantined with its reason. A full disk raises StageError. ``progress(results, total,
+    what)``, if given, wraps each pass's stream of results (a progress bar).
     """
+    progress = progress or (lambda results, _total, _what: results)
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
@@ -446,9 +449,9 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
             if failure.reason == "worker_died" else failure.detail
 
     readable = []
-    for job, found in zip(jobs, ordered_map(partial(source_identifiers, settings=settings), jobs,
-                                            workers=workers, timeout_s=timeout_s,
-                                            on_failure=worker_failure)):
+    found_in_headers = ordered_map(partial(source_identifiers, settings=settings), jobs,
+                                   workers=workers, timeout_s=timeout_s, on_failure=worker_failure)
+    for found, job in zip(progress(found_in_headers, len(jobs), "headers"), jobs):  # bar first: it ends
         if isinstance(found, Identifiers):
             identifiers.update(found)
             readable.append(job)
@@ -460,7 +463,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
                            timeout_s=timeout_s, initializer=share_identifiers,
                            initargs=(identifiers,),
                            on_failure=lambda job, why: FileOutcome(None, failure=worker_failure(job, why)))
-    for job, outcome in zip(readable, outcomes):
+    for outcome, job in zip(progress(outcomes, len(readable), "deidentify"), readable):
         positions = rows_of[job[0]]
         if outcome.failure is not None:
             if outcome.failure[0] == "no_space":
