@@ -34,7 +34,7 @@ def scheduler(tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("dask")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            # one death is enough to call an item a killer: the tests need not kill four workers
-           "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
+           "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
            # workers hold PHI (headers, the identifiers to scrub): never spilled to their disk
            "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
            "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
@@ -68,12 +68,14 @@ def scheduler(tmp_path_factory) -> str:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def _project(root: Path, env: dict[str, str]) -> Path:
-    root.mkdir()
-    shutil.copy(REPO / "params.yaml", root)
+def _projects(local: Path, on_cluster: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    """Two project folders holding the same small sample."""
+    local.mkdir()
+    shutil.copy(REPO / "params.yaml", local)
     subprocess.run([sys.executable, "-m", "dicomflow", "sample-data", "data", "--patients", "40"],
-                   cwd=root, env=env, check=True, capture_output=True)
-    return root
+                   cwd=local, env=env, check=True, capture_output=True)
+    shutil.copytree(local, on_cluster)
+    return local, on_cluster
 
 
 def _run_stages(root: Path, env: dict[str, str]) -> str:
@@ -100,7 +102,7 @@ def test_stages_on_the_cluster_write_the_bytes_a_local_run_writes(scheduler, tmp
     env = {key: value for key, value in os.environ.items() if not key.startswith("DICOMFLOW_")}
     env.pop(cluster.SCHEDULER_ENV, None)
     env["PYTHONPATH"] = str(REPO)  # the stages; the workers import dicomflow from the venv
-    local, on_cluster = _project(tmp_path / "local", env), _project(tmp_path / "cluster", env)
+    local, on_cluster = _projects(tmp_path / "local", tmp_path / "cluster", env)
 
     _run_stages(local, env)
     log = _run_stages(on_cluster, {**env, cluster.SCHEDULER_ENV: scheduler})
@@ -130,11 +132,11 @@ def _square_or_die(n: int) -> int:
 def test_a_killer_item_and_a_hanging_item_cost_only_themselves(scheduler, monkeypatch):
     monkeypatch.setenv(cluster.SCHEDULER_ENV, scheduler)
 
-    results = list(ordered_map(_square_or_die, range(40), workers=1, timeout_s=5,
+    results = list(ordered_map(_square_or_die, range(40), workers=1, timeout_s=2,
                                on_failure=lambda n, why: (n, why)))
 
     assert results[7] == (7, WorkFailure("worker_died", "killed every Dask worker that ran it (KilledWorker)"))
-    assert results[11] == (11, WorkFailure("timeout", "still running after 5 s (the per-file time limit)"))
+    assert results[11] == (11, WorkFailure("timeout", "still running after 2 s (the per-file time limit)"))
     assert results[13] == (13, WorkFailure("worker_error", "ValueError"))
     assert [r for n, r in enumerate(results) if n not in (7, 11, 13)] == [
         n * n for n in range(40) if n not in (7, 11, 13)]
