@@ -7,9 +7,16 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedGroupKFold
 
 from dicomflow.runtime.stage import StageError
-from dicomflow.splitting import SPLITS, count_by_split, split_by_patient
+from dicomflow.splitting import (
+    SPLITS,
+    _assign_group_folds,
+    _take_one_fold,
+    count_by_split,
+    split_by_patient,
+)
 
 
 def _manifest(n_patients: int = 80, *, seed: int = 0) -> pd.DataFrame:
@@ -106,6 +113,49 @@ class TestSplitByPatient:
 
         with pytest.raises(StageError, match=r"with [0-9]+ patients a 10% hold-out needs at least 10; "):
             split_by_patient(manifest, val_size=0.05, test_size=0.5, seed=0)
+
+
+class TestFoldsAsScikitLearn:
+    """The split's own fold assignment against scikit-learn's StratifiedGroupKFold, fold for fold."""
+
+    @pytest.mark.parametrize("n_splits", [2, 3, 5, 8, 13])
+    @pytest.mark.parametrize("n_classes", [2, 3, 9])
+    def test_every_fold_equals_stratified_group_kfold(self, n_splits, n_classes):
+        rng = np.random.default_rng(n_splits * 10 + n_classes)
+        # Few images per patient, so many patients share a count vector: ties decide folds too.
+        patients = rng.integers(0, 400, 1200)
+        groups = np.array([f"pat-{p:04d}" for p in patients], dtype=object)
+        labels = rng.integers(0, n_classes, len(groups))
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=11)
+        folds = [test for _, test in splitter.split(np.zeros(len(labels)), labels, groups)]
+
+        _, group_of_row = np.unique(groups, return_inverse=True)
+        fold_of_group = _assign_group_folds(labels, group_of_row, group_of_row.max() + 1,
+                                            n_splits=n_splits, seed=11)
+
+        for fold, test in enumerate(folds):
+            np.testing.assert_array_equal(np.flatnonzero(fold_of_group[group_of_row] == fold), test,
+                                          err_msg=f"fold {fold}")
+        first = np.zeros(len(labels), dtype=bool)
+        first[folds[0]] = True
+        np.testing.assert_array_equal(_take_one_fold(labels, groups, fraction=1 / n_splits, seed=11), first)
+
+    def test_split_equals_two_stratified_group_kfold_folds(self, manifest):
+        """split_by_patient: test = first fold of 1/test_size; val = first fold of the rest."""
+        split = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=42)
+
+        labels, groups = manifest["label"].to_numpy(), manifest["patient_key"].to_numpy()
+        _, test = next(StratifiedGroupKFold(5, shuffle=True, random_state=42).split(labels, labels, groups))
+        rest = np.setdiff1d(np.arange(len(manifest)), test)
+        _, val = next(StratifiedGroupKFold(round(1 / (0.15 / 0.8)), shuffle=True, random_state=43)
+                      .split(rest, labels[rest], groups[rest]))
+        expected = np.full(len(manifest), "train", dtype=object)
+        expected[test], expected[rest[val]] = "test", "val"
+        assert split.tolist() == expected.tolist()
+
+    def test_labels_that_are_not_classes_are_refused_as_scikit_learn_does(self):
+        with pytest.raises(ValueError, match=re.escape("Got 'continuous' instead.")):
+            _take_one_fold(np.linspace(0, 1, 20), np.arange(20), fraction=0.2, seed=0)
 
 
 class TestCountBySplit:
