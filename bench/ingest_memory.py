@@ -8,9 +8,10 @@ the decoded frame (Rows x Columns x samples x bytes) and as a multiple of it. Th
 large images of clinical archives, written here: radiographs of 2,048 and 4,096 pixels a side at
 16 bits, native and RLE (JPEG 2000 and JPEG lossless cost the same after decoding), an RGB
 secondary capture, and a deflated file. Target: every accepted file within 12x its decoded frame
-(the file's bytes and pydicom's parsed copy, 1x each, and the modality and VOI LUT steps, which
-pydicom computes in float64: 8 bytes a pixel twice over for a 2-byte pixel), and files beyond
-``ingest.max_decoded_mib`` refused before any allocation of their size.
+(the file's bytes and pydicom's parsed copy, 1x each, the stored values, the float32 display
+frame, 2x, and PIL's copy of it for the resize; the float64 modality and VOI steps run a
+megabyte at a time), and files beyond ``ingest.max_decoded_mib`` refused before any allocation
+of their size. Peaks are read from VmHWM (see ``MEASURE``).
 
     .venv/bin/python bench/ingest_memory.py
 """
@@ -24,22 +25,33 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, DigitalXRayImageStorageForPresentation,
-                         ExplicitVRLittleEndian, RLELossless, generate_uid)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MULTIPLE = 12.0
+# The peak is VmHWM of /proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss over
+# from the parent across fork and exec, so a child of a parent holding a 4096^2 image would start
+# with the parent's peak and hide any file that costs less than that.
 MEASURE = """
-import resource, sys
+import sys
 from pathlib import Path
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.dicom.ingestion import ingest_file
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 path, warm_up = Path(sys.argv[1]), Path(sys.argv[3])
 settings = PixelSettings(size=64, max_decoded_mib=int(sys.argv[2]))
 ingest_file(warm_up, data_dir=warm_up.parent, settings=settings)  # lazy imports, decoder set-up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 result = ingest_file(path, data_dir=path.parent, settings=settings)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 print(after - before, result.reason or "accepted")
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -468,7 +469,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
         if outcome.failure is not None:
             if outcome.failure[0] == "no_space":
                 raise StageError(f"{outcome.failure[1]} while writing the de-identified files to "
-                                 f"{settings.dicom_dir}: nothing half-written is left; free some "
+                                 f"{os.path.relpath(settings.dicom_dir)}: nothing half-written is left; free some "
                                  "space and re-run")
             failures[job[1]] = outcome.failure
             continue

@@ -116,22 +116,25 @@ def project_words() -> frozenset[str]:
     are written in them, so a name that is also one of them ("Max" of ``max()``, "May" of "may
     quote") alone is no evidence of a leak; such a name is still found with its other components,
     and the profile removes the text it could hide in whatever the scanner sees."""
-    found: set[str] = set()
+    texts: set[str] = set()  # folded once each below: names repeat across nodes and files
     package = Path(__file__).resolve().parents[1]
     stages = package.parent / "stages"  # the pipeline's entry points, beside the package in the repository
     for path in [*package.rglob("*.py"), *(stages.glob("*.py") if stages.is_dir() else [])]:
         if "devtools" in path.relative_to(package.parent).parts:  # the sample generator's names are
             continue                                                # fake patients', meant to be found
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        docstrings: set[int] = set()  # one walk: it visits an expression statement before its value
         for node in ast.walk(tree):
+            if isinstance(node, ast.Expr):
+                docstrings.add(id(node.value))
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 text = "" if id(node) in docstrings else node.value
             else:
                 text = " ".join(str(getattr(node, field)) for field in ("id", "attr", "arg", "name")
                                 if isinstance(getattr(node, field, None), str))
-            found.update(_WORD.findall(fold(text.replace("_", " "))))
-    return frozenset(found)
+            if text:
+                texts.add(text)
+    return frozenset(word for text in texts for word in _WORD.findall(fold(text.replace("_", " "))))
 
 
 def fold(text: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 EXTREME_MARGIN = 0.5 / 255  # see extreme_share
+_canvas = threading.local()  # _resize's PIL image, one per thread (served models decode in threads)
+_STEP_BLOCK_VALUES = 1 << 17  # values per block of _float64_steps: 1 MiB of float64, cache-sized
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) 
         slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
         slope, intercept = (1.0, 0.0) if slope is None or intercept is None else (float(slope), float(intercept))
         if not has_window:
-            return _min_max(stored * slope + intercept, ds)
+            return _rescaled_min_max(stored, slope, intercept, ds)
         index = min(voi_index, _multiplicity(centre) - 1, _multiplicity(width) - 1)
         c = float(centre[index] if _multiplicity(centre) > 1 else centre)
         w = float(width[index] if _multiplicity(width) > 1 else width)
@@ -245,8 +248,60 @@ def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) 
     gain, offset = slope / w, (intercept - c) / w + 0.5
     if ds.PhotometricInterpretation == "MONOCHROME1":
         gain, offset = -gain, 1.0 - offset
-    scaled = stored.astype(np.float64) * gain + offset
-    return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32)
+
+    def window(block: np.ndarray) -> None:
+        np.multiply(block, gain, out=block)
+        np.add(block, offset, out=block)
+        np.clip(block, 0.0, 1.0, out=block)
+
+    return _float64_steps(stored, window)
+
+
+def _float64_steps(stored: np.ndarray, steps: Callable[[np.ndarray], None]) -> np.ndarray:
+    """``steps`` (in-place float64 arithmetic) applied to ``stored`` as float64, as float32.
+
+    The same operations on the same float64 values as converting the whole frame first, so the
+    same float32 results bit for bit; but a few rows at a time, in one reused float64 buffer of
+    about a megabyte, instead of two frame-sized float64 arrays (8 bytes a pixel each, which for
+    a 2048 x 2500 radiograph are 40 MB each, fresh pages from the kernel on every file).
+    """
+    out = np.empty(stored.shape, dtype=np.float32)
+    if stored.size == 0:
+        return out
+    rows = max(1, _STEP_BLOCK_VALUES // max(1, stored[0].size))
+    buffer = np.empty((min(rows, len(stored)), *stored.shape[1:]), dtype=np.float64)
+    for start in range(0, len(stored), rows):
+        block = buffer[:len(stored[start:start + rows])]
+        block[...] = stored[start:start + rows]  # exact: stored values are integers (or floats)
+        steps(block)
+        out[start:start + rows] = block  # float64 to float32, rounded as astype rounds
+    return out
+
+
+def _rescaled_min_max(stored: np.ndarray, slope: float, intercept: float,
+                      ds: pydicom.Dataset) -> np.ndarray:
+    """:func:`_min_max` of ``stored * slope + intercept``, bit for bit, without the float64 frame.
+
+    x * slope + intercept is monotonic in x (each rounding is), so its extremes are those of the
+    stored extremes; a zero or non-finite slope or intercept goes the long way.
+    """
+    if not (slope != 0.0 and np.isfinite(slope) and np.isfinite(intercept)) or stored.size == 0:
+        return _min_max(stored * slope + intercept, ds)
+    ends = np.array([stored.min(), stored.max()], dtype=np.float64) * slope + intercept
+    low, high = float(ends.min()), float(ends.max())
+    if not high > low:
+        return _min_max(stored * slope + intercept, ds)
+    span, invert = high - low, ds.PhotometricInterpretation == "MONOCHROME1"
+
+    def scale(block: np.ndarray) -> None:
+        np.multiply(block, slope, out=block)
+        np.add(block, intercept, out=block)
+        np.subtract(block, low, out=block)
+        np.divide(block, span, out=block)
+        if invert:
+            np.subtract(1.0, block, out=block)
+
+    return _float64_steps(stored, scale)
 
 
 def _min_max(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
@@ -304,8 +359,15 @@ def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """
     if image.ndim == 3:
         return np.stack([_resize(image[..., c], rows, cols) for c in range(image.shape[-1])], axis=-1)
-    return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(
-        (cols, rows), Image.Resampling.BOX))
+    # What Image.fromarray(image, mode="F") does (a raw "F" decode into a new image), but into an
+    # image of this size kept from the last call: a new one is zero-filled first, which for a
+    # full radiograph costs as much again as the resize. No copy of the (float32) display either.
+    pixels = np.ascontiguousarray(image, dtype=np.float32)
+    canvas = getattr(_canvas, "image", None)
+    if canvas is None or canvas.size != (pixels.shape[1], pixels.shape[0]):
+        canvas = _canvas.image = Image.new("F", (pixels.shape[1], pixels.shape[0]), None)  # not filled
+    canvas.frombytes(pixels, "raw", "F", 0, 1)
+    return np.asarray(canvas.resize((cols, rows), Image.Resampling.BOX))
 
 
 def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
@@ -364,9 +426,12 @@ def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
             display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
         except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
             raise Quarantined("invalid_voi", quoted(err)) from err
-        if not np.isfinite(display).all():
+        # NaN propagates through min and max and an infinity is one of them: two passes over
+        # the frame check both finiteness and blankness.
+        lowest, highest = display.min(), display.max()
+        if not (np.isfinite(lowest) and np.isfinite(highest)):
             raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
-        if display.max() == display.min():
+        if highest == lowest:
             raise Quarantined("blank", f"frame {index}: every pixel shows the same value once the "
                               "modality and VOI steps are applied")
         if settings.target_spacing_mm is None:
@@ -384,7 +449,10 @@ def extreme_share(display: np.ndarray) -> float:
     "At an end" is within half an 8-bit display step of 0 or 1, so that pixels a window clips
     count the same whichever arithmetic computed them.
     """
-    return float(np.mean((display < EXTREME_MARGIN) | (display > 1.0 - EXTREME_MARGIN)))
+    # Counted, not np.mean of a mask: the same value (an exact count over the size, rounded
+    # once) without a float64 pass; the two ends are disjoint, so their counts add.
+    extreme = np.count_nonzero(display < EXTREME_MARGIN) + np.count_nonzero(display > 1.0 - EXTREME_MARGIN)
+    return float(np.float64(extreme) / np.float64(display.size)) if display.size else float("nan")
 
 
 def read_model_frames(source: bytes | str | Path, *, settings: PixelSettings,
