@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,15 +131,17 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-def measure(command: list[str], *, cwd: Path, log: Path) -> tuple[float, float]:
-    """Run ``command``; return its wall seconds and the peak RSS (MiB) of its process tree."""
+def run_sampled(command: list[str], *, cwd: Path, log: Path,
+                sample: Callable[[psutil.Process, float], None]) -> float:
+    """Run ``command`` (its output to ``log``), calling ``sample(process, seconds so far)`` every
+    ``SAMPLE_SECONDS``; return its wall seconds. A failed command ends the benchmark."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # so that `-m stages.ingest` imports
     with open(log, "w", encoding="utf-8") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(process.pid), 0
+        root = psutil.Process(process.pid)
         while True:
-            peak = max(peak, tree_rss(root))
+            sample(root, time.perf_counter() - start)
             try:
                 # Waiting instead of sleeping stops the clock as soon as the command ends.
                 process.wait(timeout=SAMPLE_SECONDS)
@@ -149,6 +152,18 @@ def measure(command: list[str], *, cwd: Path, log: Path) -> tuple[float, float]:
     if process.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         sys.exit(f"{' '.join(command)} failed (exit {process.returncode}):\n{tail}")
+    return seconds
+
+
+def measure(command: list[str], *, cwd: Path, log: Path) -> tuple[float, float]:
+    """Run ``command``; return its wall seconds and the peak RSS (MiB) of its process tree."""
+    peak = 0
+
+    def sample(root: psutil.Process, _seconds: float) -> None:
+        nonlocal peak
+        peak = max(peak, tree_rss(root))
+
+    seconds = run_sampled(command, cwd=cwd, log=log, sample=sample)
     return seconds, peak / 2**20
 
 

@@ -45,7 +45,7 @@ import yaml
 
 # bench/ is not a package; this script's folder is sys.path[0] when it is run as a file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import ROOT, SAMPLE_SECONDS, replicate, source_files, write_project
+from ingest import ROOT, replicate, run_sampled, source_files, write_project
 
 sys.path.insert(0, str(ROOT))
 from dicomflow.config import layout
@@ -98,25 +98,8 @@ class TreeMemory:
 
 def measure_tree(command: list[str], *, cwd: Path, log: Path) -> tuple[float, TreeMemory]:
     """Run ``command``; return its wall seconds and the RSS samples of its process tree."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # so that `-m stages.ingest` imports
     memory = TreeMemory()
-    with open(log, "w", encoding="utf-8") as out:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        root = psutil.Process(process.pid)
-        while True:
-            memory.sample(root, time.perf_counter() - start)
-            try:
-                # Waiting instead of sleeping stops the clock as soon as the command ends.
-                process.wait(timeout=SAMPLE_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-        seconds = time.perf_counter() - start
-    if process.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
-        sys.exit(f"{' '.join(command)} failed (exit {process.returncode}):\n{tail}")
-    return seconds, memory
+    return run_sampled(command, cwd=cwd, log=log, sample=memory.sample), memory
 
 
 def ensure_sample(work: Path) -> Path:
