@@ -17,7 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger("dicomflow.predict")
 
@@ -43,7 +44,7 @@ def predict(args: argparse.Namespace) -> None:
     named = " ".join(str(path) for path in args.inputs)
     if not inputs.files:
         skipped = Counter(reason for _, reason, _ in inputs.unread)  # reasons only: names can carry PHI
-        raise StageError(f"no files to predict in {named}"
+        raise DataError(f"no files to predict in {named}"
                          + (f" (not read: {', '.join(f'{n} {reason}' for reason, n in skipped.most_common())})"
                             if skipped else ""))
     uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
@@ -61,7 +62,7 @@ def predict(args: argparse.Namespace) -> None:
         logger.warning("%d files not predicted (%s): see the error column of %s", sum(failed.values()),
                        summary, args.output)
     if sum(failed.values()) == len(predictions):
-        raise StageError(f"none of the {len(predictions)} files in {named} could be predicted "
+        raise DataError(f"none of the {len(predictions)} files in {named} could be predicted "
                          f"({summary}); see {args.output}")
 
 

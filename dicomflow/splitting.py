@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.multiclass import type_of_target
 
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _take_one_fold(labels: np.ndarray, groups: np.ndarray, *, fraction: float, s
     _, group_of_row = np.unique(groups, return_inverse=True)
     n_groups = int(group_of_row.max()) + 1 if len(group_of_row) else 0
     if n_groups < n_splits:
-        raise StageError(
+        raise DataError(
             f"with {n_groups} patients a {fraction:.0%} hold-out needs at least {n_splits}; "
             "add data or raise split.val_size / split.test_size"
         )
@@ -140,13 +140,13 @@ def use_predefined_split(manifest: pd.DataFrame) -> pd.Series:
 
     Raises
     ------
-    StageError
+    DataError
         When an image has no or an unknown split, or a patient's images sit in two splits.
     """
     split = manifest["predefined_split"].fillna("").astype(str)
     invalid = manifest.loc[~split.isin(SPLITS), "image_key"]
     if len(invalid):
-        raise StageError(
+        raise DataError(
             f"split.method is predefined but {len(invalid)} image(s) have a split that is not one of "
             f"{', '.join(SPLITS)} (e.g. image_key {', '.join(invalid[:3])}); fill the labels file's "
             "`split` column or use split.method: patient_stratified"
@@ -154,7 +154,7 @@ def use_predefined_split(manifest: pd.DataFrame) -> pd.Series:
     per_patient = split.groupby(manifest["patient_key"]).nunique()
     leaking = per_patient[per_patient > 1].index
     if len(leaking):
-        raise StageError(
+        raise DataError(
             f"the predefined split puts {len(leaking)} patient(s) in more than one split "
             f"(e.g. patient_key {', '.join(leaking[:3])}); their images would leak between sets"
         )

@@ -51,7 +51,8 @@ from dicomflow.deid.profile import load_profile
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def main() -> None:
 
 
 def check_quarantine(quarantine: pd.DataFrame, *, files: int, max_fraction: float, out_dir: Path) -> None:
-    """Log the files left out by reason; raise StageError when their share of ``files`` passes
+    """Log the files left out by reason; raise DataError when their share of ``files`` passes
     ``max_fraction`` (``deidentify.max_quarantine_fraction``)."""
     if quarantine.empty:
         return
@@ -121,7 +122,7 @@ def check_quarantine(quarantine: pd.DataFrame, *, files: int, max_fraction: floa
     logger.warning("%d files quarantined (%s): see %s", len(quarantine), summary, where)
     share = len(quarantine) / files
     if share > max_fraction:
-        raise StageError(f"{len(quarantine)} of {files} files could not be de-identified "
+        raise DataError(f"{len(quarantine)} of {files} files could not be de-identified "
                          f"({share:.1%} > deidentify.max_quarantine_fraction {max_fraction:.1%}): "
                          f"{summary}; see {where}")
 

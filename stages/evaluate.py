@@ -53,7 +53,8 @@ from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
 from dicomflow.runtime.outputs import write_json, write_text
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def main() -> None:
         model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
         classes=ingest.classes, plots_dir=Path(paths.eval_plots))
     if params.promotion_metric not in metrics:
-        raise StageError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
+        raise DataError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
                          f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
     write_json(Path(paths.eval_metrics), headline(metrics))
     write_json(Path(paths.eval_report), metrics)
@@ -100,7 +101,7 @@ def main() -> None:
                                  contexts={"test": "testing", "val": "validation"}))
     if problems:
         mark_failed(run_ids)
-        raise StageError(f"the model is degenerate on the validation split (validation AUC "
+        raise DataError(f"the model is degenerate on the validation split (validation AUC "
                          f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
                          f"FAILED and it is not registered; the test report is in {paths.eval_report}")
 

@@ -45,7 +45,8 @@ from dicomflow.dicom.sources import list_sources
 from dicomflow.runtime.cluster import scheduler_address
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ def main() -> None:
     data_dir, labels_file = Path(paths.data).absolute(), Path(paths.labels)
     out_dir = Path(paths.ingest_dir)
     if not labels_file.is_file():
-        raise StageError(f"labels file {labels_file} not found (see README: bring your own data)")
+        raise DataError(f"labels file {labels_file} not found (see README: bring your own data)")
 
     listing = list_sources(data_dir, exclude={labels_file.resolve()})
     files = listing.files
     if not files:
-        raise StageError(f"no files found under {data_dir}/")
+        raise DataError(f"no files found under {data_dir}/")
     labels, conflicting = read_labels(labels_file, key=params.label_key)
     splits = {}
     if has_column(labels_file, "split"):
@@ -121,7 +122,7 @@ def report(*, files: int, images: int, reasons: Counter[str], params: IngestPara
     candidates = files - skipped
     share = failed / candidates if candidates else 1.0
     if share > params.max_quarantine_fraction:
-        raise StageError(
+        raise DataError(
             f"{failed} of {candidates} image files quarantined ({share:.1%} > "
             f"ingest.max_quarantine_fraction {params.max_quarantine_fraction:.1%}): {summary}; "
             f"see {quarantine_file}"

@@ -20,7 +20,8 @@ import pandas as pd
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
 from dicomflow.runtime.outputs import staged_folder, write_text
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 from dicomflow.splitting import (
     SPLITS,
     count_by_split,
@@ -42,7 +43,7 @@ def main() -> None:
         )
     for split in SPLITS:
         if not (manifest["split"] == split).any():
-            raise StageError(f"the {split} split is empty; add data or change split.* params")
+            raise DataError(f"the {split} split is empty; add data or change split.* params")
 
     with staged_folder(Path(paths.split_dir), what="the split manifest") as staging:
         manifest.to_parquet(staging / layout.SPLIT_MANIFEST, index=False)

@@ -45,7 +45,8 @@ from dicomflow.model.training import (
     validation_summary,
 )
 from dicomflow.runtime.outputs import write_json, write_text
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 from dicomflow.splitting import count_by_split
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def main() -> None:
                 history.loc[history["kept"], "epoch"].astype(int).tolist(), run.info.run_id)
     if problems:
         mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
-        raise StageError(f"the trained model is degenerate on the validation split: {'; '.join(problems)}. "
+        raise DataError(f"the trained model is degenerate on the validation split: {'; '.join(problems)}. "
                          f"The MLflow run {run.info.run_id} is marked FAILED and nothing will be "
                          "registered; see the history in " + paths.train_history)
 

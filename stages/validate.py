@@ -36,7 +36,8 @@ from dicomflow.quality.report import (
     summarise,
 )
 from dicomflow.runtime.outputs import write_json, write_text
-from dicomflow.runtime.stage import StageError, run_stage
+from dicomflow.errors import DataError
+from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def main() -> None:
     paths, params = load_params("paths"), load_params("validate")
     manifest_path = Path(paths.deid_dir) / layout.DEID_MANIFEST
     if not manifest_path.is_file():
-        raise StageError(f"{manifest_path} not found; run the deidentify stage first")
+        raise DataError(f"{manifest_path} not found; run the deidentify stage first")
     manifest = pd.read_parquet(manifest_path)
     checks = build_checks(
         classes=load_params("ingest").classes, modalities=params.modalities,
@@ -69,7 +70,7 @@ def main() -> None:
     for line in format_failures(results, severity=WARNING).splitlines():
         logger.warning(line)
     if summary["failed_critical"]:
-        raise StageError(
+        raise DataError(
             f"{summary['failed_critical']} critical expectation(s) failed on {manifest_path} "
             f"(see {paths.validation_report}):\n" + format_failures(results)
         )

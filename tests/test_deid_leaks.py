@@ -219,7 +219,7 @@ def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
     from dicomflow.deid.digests import write_digests
     from dicomflow.deid.leaks import identifiers_at_ingest
     from dicomflow.evaluation.promotion import check_run
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
 
     secret = b"a secret of the test"
     digests = ingested / "identifier_digests.json"
@@ -230,7 +230,7 @@ def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
     check_run(clean.info.run_id, digests_file=digests, secret=secret)
     with mlflow.start_run() as dirty:
         mlflow.set_tag("note", "from saint elsewhere hospital")
-    with pytest.raises(StageError, match=r"\(0008,0080\) Institution Name value .* not registered"):
+    with pytest.raises(DataError, match=r"\(0008,0080\) Institution Name value .* not registered"):
         check_run(dirty.info.run_id, digests_file=digests, secret=secret)
 
 

@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 from dicomflow.deid import files as deid_files
 from stages import deidentify
 from dicomflow.config import layout
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.config.params import ParamsError, load_params
 from dicomflow.deid.leaks import Leak, find_leaks
@@ -1031,7 +1031,7 @@ class TestMain:
         earlier = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
         set_params(stage_dir / "params.yaml", remove_private_tags=False)  # private block has PHI
         message = r"3 of 3 files could not be de-identified .*: 3 leak_found; see outputs/deidentify/quarantine.csv"
-        with pytest.raises(StageError, match=message) as err:
+        with pytest.raises(DataError, match=message) as err:
             deidentify.main()
         assert PATIENT_ID not in str(err.value) and "Quixley" not in str(err.value)
         assert not (stage_dir / "outputs" / "deidentify.partial").exists()
@@ -1085,7 +1085,7 @@ class TestMain:
         index = pd.read_parquet(index_file)
         index.loc[1, "sop_instance_uid"] = "1.2.3.4"
         index.to_parquet(index_file)
-        with pytest.raises(StageError, match=r"1 of 3 files could not be de-identified .*: 1 source_changed"):
+        with pytest.raises(DataError, match=r"1 of 3 files could not be de-identified .*: 1 source_changed"):
             deidentify.main()
         quarantine = pd.read_csv(stage_dir / "outputs" / "deidentify" / layout.DEID_QUARANTINE)
         assert quarantine.to_dict("records") == [{
@@ -1143,7 +1143,7 @@ class TestMain:
     def test_image_count_mismatch_is_an_error(self, stage_dir):
         np.save(stage_dir / "outputs" / "ingest" / layout.IMAGES, np.zeros((2, 8, 8), np.uint8))
         message = r"images.npy: expected uint8 or float16 of shape \(3, size, size\[, 3\]\)"
-        with pytest.raises(StageError, match=message):
+        with pytest.raises(DataError, match=message):
             deidentify.main()
 
 
@@ -1166,5 +1166,5 @@ class TestReadSecret:
         ({"DICOMFLOW_SECRET_FILE": "/nonexistent/secret"}, "cannot read the file"),
     ])
     def test_bad_secret_settings(self, env, match):
-        with pytest.raises(StageError, match=match):
+        with pytest.raises(DataError, match=match):
             deid_files.read_secret(env)

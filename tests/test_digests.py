@@ -68,7 +68,7 @@ def test_evaluates_leak_check_finds_a_value_in_the_run_from_the_digests(identifi
     import mlflow
 
     from dicomflow.evaluation.promotion import check_run
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
 
     write_digests(identifiers, SECRET, tmp_path / "digests.json")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -80,13 +80,13 @@ def test_evaluates_leak_check_finds_a_value_in_the_run_from_the_digests(identifi
             mlflow.log_params({"train.lr": 0.01, "cohort": f"{CT.PatientName.family_name} cohort"})
             with mlflow.start_run(nested=True):
                 mlflow.log_artifact(str(notes), artifact_path="reports")
-        with pytest.raises(StageError, match=r"leak check: 2 identifying value\(s\) in MLflow.*"
+        with pytest.raises(DataError, match=r"leak check: 2 identifying value\(s\) in MLflow.*"
                                              r"a \(0010,0010\) Patient's Name value at MLflow run"):
             check_run(run.info.run_id, digests_file=tmp_path / "digests.json", secret=SECRET)
         with mlflow.start_run() as clean:
             mlflow.log_params({"train.lr": 0.01})
         check_run(clean.info.run_id, digests_file=tmp_path / "digests.json", secret=SECRET)
-        with pytest.raises(StageError, match="another de-identification secret"):
+        with pytest.raises(DataError, match="another de-identification secret"):
             check_run(clean.info.run_id, digests_file=tmp_path / "digests.json", secret=b"other")
     finally:
         mlflow.set_tracking_uri(None)

@@ -116,6 +116,20 @@ def test_only_the_command_line_reaches_the_developer_tools():
     assert reaching == ["dicomflow/cli.py"]
 
 
+def test_no_library_module_knows_the_stage_runner(tmp_path):
+    """Library code raises :mod:`dicomflow.errors`; only the stages and the command line import
+    the runner, and the registered model's copy of the package leaves it out."""
+    from dicomflow.serving.pyfunc import write_code_package
+
+    runner = f"{PACKAGE}.runtime.stage"
+    importing = sorted(path.relative_to(REPO).as_posix() for path in REPO.joinpath(PACKAGE).rglob("*.py")
+                       if runner in imported_names(path))
+    assert importing == ["dicomflow/cli.py"]
+    shipped = write_code_package(tmp_path)
+    assert (shipped / "runtime" / "parallel.py").is_file()
+    assert not (shipped / "runtime" / "stage.py").exists()
+
+
 def test_the_models_code_imports_only_what_it_ships():
     """The registered model carries :data:`dicomflow.serving.pyfunc.SHIPPED`: every module in it
     must import only modules in it too, or the served model fails on a machine without the repo."""

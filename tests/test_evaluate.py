@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.evaluation.plots import calibration_table, write_plot_data
 from dicomflow.evaluation.metrics import (age_band, bootstrap_auc_interval, choose_threshold, compute_metrics, compute_multiclass_metrics, subgroup_metrics)
 from dicomflow.evaluation.promotion import Comparison, promotion_score, register_model, should_promote
@@ -56,9 +56,9 @@ class TestChooseThreshold:
     def test_rejects_unknown_method_and_one_class(self, scored):
         with pytest.raises(ValueError, match="'youden', 'fixed', 'target_sensitivity'; got 'best'"):
             choose_threshold(*scored, method="best", fixed=0.5)
-        with pytest.raises(StageError, match="one class only"):
+        with pytest.raises(DataError, match="one class only"):
             choose_threshold(np.ones(5), np.linspace(0, 1, 5), method="youden", fixed=0.5)
-        with pytest.raises(StageError, match="one class only"):
+        with pytest.raises(DataError, match="one class only"):
             choose_threshold(np.ones(5), np.linspace(0, 1, 5), method="target_sensitivity",
                              target_sensitivity=0.9)
 
@@ -260,7 +260,7 @@ class TestMulticlassMetrics:
         assert "sensitivity_9" in metrics and "sensitivity_2" not in metrics
 
     def test_a_class_missing_from_test_is_a_clear_error(self):
-        with pytest.raises(StageError, match=r"no image of class\(es\) \[2\]"):
+        with pytest.raises(DataError, match=r"no image of class\(es\) \[2\]"):
             compute_multiclass_metrics(self.truth[:4], self.scores[:4], classes=[0, 1, 2])
 
 
@@ -369,5 +369,5 @@ def test_promotion_scores_each_model_at_its_own_threshold():
     three = pd.DataFrame({"probability_3": [0.7, 0.2, 0.1], "probability_5": [0.2, 0.7, 0.1],
                           "probability_9": [0.1, 0.1, 0.8], "label": [3, 5, 5], "error": ""})
     assert promotion_score("accuracy", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx(2 / 3)
-    with pytest.raises(StageError, match="'brier' is not computed for 3 classes"):
+    with pytest.raises(DataError, match="'brier' is not computed for 3 classes"):
         promotion_score("brier", np.array([0, 1, 2]), three, [3, 5, 9])

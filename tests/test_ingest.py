@@ -20,7 +20,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from dicomflow.dicom import display as pixel_display
 from stages import ingest
 from dicomflow.config import layout
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.dicom.sources import list_sources
 from dicomflow.dicom.display import PixelSettings, read_image, resize_with_padding, to_display_pixels
 from dicomflow.dicom.reading import Quarantined
@@ -516,7 +516,7 @@ class TestReadLabels:
     def test_missing_column_names_the_column(self, tmp_path):
         path = _write_labels(tmp_path / "labels.csv", "study,label\nS1,0\n")
 
-        with pytest.raises(StageError, match=re.escape(
+        with pytest.raises(DataError, match=re.escape(
                 f"{path}: missing column(s) accession_number; found study, label")):
             read_labels(path, key="accession_number")
 
@@ -735,7 +735,7 @@ class TestIngestMain:
     def test_too_many_quarantined_files_fail_naming_counts_and_reasons(self, workdir):
         self._set_max_fraction(workdir, 0.2)
 
-        with pytest.raises(StageError, match=re.escape(
+        with pytest.raises(DataError, match=re.escape(
                 "3 of 11 image files quarantined (27.3% > ingest.max_quarantine_fraction 20.0%)")) as info:
             ingest.main()
 
@@ -747,7 +747,7 @@ class TestIngestMain:
     def test_missing_labels_file(self, workdir):
         (workdir / "data" / "labels.csv").unlink()
 
-        with pytest.raises(StageError, match=re.escape("labels file data/labels.csv not found")):
+        with pytest.raises(DataError, match=re.escape("labels file data/labels.csv not found")):
             ingest.main()
 
 

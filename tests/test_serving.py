@@ -446,13 +446,13 @@ def test_predict_cli_logs_no_value_of_the_files(registered, store, make_dicom, t
 
 
 def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, tmp_path):
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
     from dicomflow.cli import parser, predict
 
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(dicoms["text"], folder / "notes.txt")
-    with pytest.raises(StageError, match=r"none of the 1 files in .*in could be predicted \(1 not_dicom\)"):
+    with pytest.raises(DataError, match=r"none of the 1 files in .*in could be predicted \(1 not_dicom\)"):
         predict(parser().parse_args(["predict", str(folder), "--model", registered["uri"],
                                      "--output", str(tmp_path / "out.csv")]))
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
@@ -495,10 +495,10 @@ def test_a_decoder_killed_on_a_file_costs_its_row_and_the_model_goes_on(model, d
 
 
 def test_predict_cli_unknown_model_is_one_line(store):
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
     from dicomflow.serving.predict import load_model
 
-    with pytest.raises(StageError, match=f"cannot load model models:/{MODEL_NAME}-nope@champion from sqlite:"):
+    with pytest.raises(DataError, match=f"cannot load model models:/{MODEL_NAME}-nope@champion from sqlite:"):
         load_model(f"models:/{MODEL_NAME}-nope@champion")
 
 
@@ -807,12 +807,12 @@ def test_make_predict_line_on_one_file(registered, store, dicoms, tmp_path):
 
 
 def test_request_cli_refuses_what_is_not_a_file(tmp_path):
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
     from dicomflow.serving.predict import request_body
 
-    with pytest.raises(StageError, match=r"nope.dcm not found: give the DICOM files to send"):
+    with pytest.raises(DataError, match=r"nope.dcm not found: give the DICOM files to send"):
         request_body([tmp_path / "nope.dcm"])
-    with pytest.raises(StageError, match=r"is a folder: give the DICOM files to send"):
+    with pytest.raises(DataError, match=r"is a folder: give the DICOM files to send"):
         request_body([tmp_path])
 
 

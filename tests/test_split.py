@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.splitting import (
     SPLITS,
     _assign_group_folds,
@@ -102,7 +102,7 @@ class TestSplitByPatient:
     def test_too_few_patients_for_the_test_fold(self):
         manifest = _manifest(4)
 
-        with pytest.raises(StageError, match=re.escape(
+        with pytest.raises(DataError, match=re.escape(
                 "with 4 patients a 20% hold-out needs at least 5; "
                 "add data or raise split.val_size / split.test_size")):
             split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=0)
@@ -111,7 +111,7 @@ class TestSplitByPatient:
         # 12 patients: the test fold (1 in 2) keeps about 6; a val share of 0.05 / 0.5 = 10% needs 10.
         manifest = _manifest(12)
 
-        with pytest.raises(StageError, match=r"with [0-9]+ patients a 10% hold-out needs at least 10; "):
+        with pytest.raises(DataError, match=r"with [0-9]+ patients a 10% hold-out needs at least 10; "):
             split_by_patient(manifest, val_size=0.05, test_size=0.5, seed=0)
 
 
@@ -202,12 +202,12 @@ class TestUsePredefinedSplit:
 
         incomplete = manifest.assign(predefined_split="train")
         incomplete.loc[3, "predefined_split"] = ""
-        with pytest.raises(StageError, match=r"1 image\(s\) have a split that is not one of train, val, test"):
+        with pytest.raises(DataError, match=r"1 image\(s\) have a split that is not one of train, val, test"):
             use_predefined_split(incomplete)
 
         leaking = manifest.assign(predefined_split="train")
         images_per_patient = leaking["patient_key"].value_counts()
         patient = images_per_patient[images_per_patient >= 2].index[0]
         leaking.loc[leaking.index[leaking["patient_key"] == patient][-1], "predefined_split"] = "test"
-        with pytest.raises(StageError, match=r"puts 1 patient\(s\) in more than one split"):
+        with pytest.raises(DataError, match=r"puts 1 patient\(s\) in more than one split"):
             use_predefined_split(leaking)

@@ -206,14 +206,14 @@ def test_labels_become_class_indices_in_the_order_of_ingest_classes():
 
 
 def test_images_of_another_size_than_the_params_are_a_clear_error():
-    from dicomflow.runtime.stage import StageError
+    from dicomflow.errors import DataError
     from dicomflow.model.training import check_input_shape
 
     ingest = IngestParams(label_key="path", classes=[0, 1], image_size=64, channels=1, pixel_dtype="uint8",
                           frames="first", voi_index=0, target_spacing_mm=None, workers=0,
                           file_timeout_s=120, max_decoded_mib=2048, max_quarantine_fraction=0.1)
     check_input_shape(np.zeros((2, 64, 64, 1), np.float32), ingest)
-    with pytest.raises(StageError, match="images are 32x32x1 but ingest.image_size and ingest.channels "
+    with pytest.raises(DataError, match="images are 32x32x1 but ingest.image_size and ingest.channels "
                                          "ask for 64x64x1"):
         check_input_shape(np.zeros((2, 32, 32, 1), np.float32), ingest)
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from dicomflow.config import layout
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.quality.expectations import (CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns, find_text_columns, profile_manifest)
 from dicomflow.config.params import load_params
 from dicomflow.quality.report import format_failures, render_report, run_checks, summarise
@@ -314,7 +314,7 @@ class TestMain:
         manifest.loc[3, "label"] = 7
         manifest["patient_name"] = "DOE^JANE"
         write(manifest)
-        with pytest.raises(StageError, match=r"3 critical expectation\(s\) failed") as err:
+        with pytest.raises(DataError, match=r"3 critical expectation\(s\) failed") as err:
             main()
         lines = str(err.value).splitlines()[1:]
         assert [line.split(" ")[0] for line in lines] == [
@@ -341,12 +341,12 @@ class TestMain:
         rejected = make_manifest()
         rejected.loc[0, "modality"] = "CT"
         write(rejected)
-        with pytest.raises(StageError):
+        with pytest.raises(DataError):
             main()
         assert json.loads(Path(paths.data_profile).read_text()) == second
 
     def test_missing_manifest_names_the_file(self, project):
-        with pytest.raises(StageError, match=r"manifest.parquet not found; run the deidentify"):
+        with pytest.raises(DataError, match=r"manifest.parquet not found; run the deidentify"):
             main()
 
 

@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dicomflow.errors import SettingsError
+
 PARAMS_FILE = Path("params.yaml")
 
 
-class ParamsError(ValueError):
+class ParamsError(SettingsError):
     """A value in ``params.yaml`` is missing, unknown, of the wrong type or out of range."""
 
 

@@ -50,7 +50,7 @@ from dicomflow.dicom.reading import Quarantined, quoted
 from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 from dicomflow.runtime.outputs import out_of_space
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +73,32 @@ def read_secret(environ: Mapping[str, str]) -> tuple[bytes, bool]:
     """The HMAC key and whether it is the demo one.
 
     ``DICOMFLOW_SECRET`` wins over ``DICOMFLOW_SECRET_FILE`` (whose content is stripped of
-    surrounding whitespace). Raises StageError when either is set but empty or unreadable.
+    surrounding whitespace). Raises DataError when either is set but empty or unreadable.
     """
     if SECRET_ENV in environ:
         if not environ[SECRET_ENV]:
-            raise StageError(f"{SECRET_ENV} is set but empty; unset it or give a secret")
+            raise DataError(f"{SECRET_ENV} is set but empty; unset it or give a secret")
         return environ[SECRET_ENV].encode(), False
     if SECRET_FILE_ENV in environ:
         path = Path(environ[SECRET_FILE_ENV])
         try:
             secret = path.read_bytes().strip()
         except OSError as err:
-            raise StageError(
+            raise DataError(
                 f"{SECRET_FILE_ENV}={path}: cannot read the file ({err.strerror})") from err
         if not secret:
-            raise StageError(f"{SECRET_FILE_ENV}={path}: the file is empty")
+            raise DataError(f"{SECRET_FILE_ENV}={path}: the file is empty")
         return secret, False
     return DEMO_SECRET, True
 
 
 def check_inputs(index: pd.DataFrame, images: np.ndarray) -> None:
-    """Raise StageError unless the index has its columns and one image per row."""
+    """Raise DataError unless the index has its columns and one image per row."""
     missing = [c for c in layout.INDEX_COLUMNS if c not in index.columns]
     if missing:
-        raise StageError(f"{layout.INGEST_INDEX}: missing column(s) {', '.join(missing)}")
+        raise DataError(f"{layout.INGEST_INDEX}: missing column(s) {', '.join(missing)}")
     if images.ndim not in (3, 4) or images.dtype not in (np.uint8, np.float16) or len(images) != len(index):
-        raise StageError(f"{layout.IMAGES}: expected uint8 or float16 of shape ({len(index)}, size, size[, 3]) "
+        raise DataError(f"{layout.IMAGES}: expected uint8 or float16 of shape ({len(index)}, size, size[, 3]) "
                          f"for {len(index)} index rows; got {images.dtype} {images.shape}")
 
 
@@ -433,7 +433,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     One file never stops the others: a file without SOP Instance UID, a second file with the
     UID of an earlier one (the first in index order is kept), a file that cannot be read,
     de-identified or written, or whose worker dies or takes longer than ``timeout_s`` seconds,
-    is quarantined with its reason. A full disk raises StageError. ``progress(results, total,
+    is quarantined with its reason. A full disk raises DataError. ``progress(results, total,
     what)``, if given, wraps each pass's stream of results (a progress bar).
     """
     progress = progress or (lambda results, _total, _what: results)
@@ -468,7 +468,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
         positions = rows_of[job[0]]
         if outcome.failure is not None:
             if outcome.failure[0] == "no_space":
-                raise StageError(f"{outcome.failure[1]} while writing the de-identified files to "
+                raise DataError(f"{outcome.failure[1]} while writing the de-identified files to "
                                  f"{os.path.relpath(settings.dicom_dir)}: nothing half-written is left; free some "
                                  "space and re-run")
             failures[job[1]] = outcome.failure
@@ -554,14 +554,14 @@ def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
 def check_outputs(identifiers: Identifiers, *, out_dir: Path) -> None:
     """Leak check of the output tables (each DICOM file was searched as it was written, and
     quarantined on a hit: :func:`deidentify_file`); on any hit delete the outputs and raise
-    StageError naming every column involved and in how many tables (never a value)."""
+    DataError naming every column involved and in how many tables (never a value)."""
     tables = {layout.DEID_MANIFEST: pd.read_parquet(out_dir / layout.DEID_MANIFEST),
               layout.DEID_AUDIT: pd.read_csv(out_dir / layout.DEID_AUDIT, dtype=str),
               layout.DEID_QUARANTINE: pd.read_csv(out_dir / layout.DEID_QUARANTINE, dtype=str)}
     leaks = find_leaks(identifiers, dicom_dir=None, tables=tables)
     if leaks:
         shutil.rmtree(out_dir, ignore_errors=True)
-        raise StageError(
+        raise DataError(
             f"leak check: {len(leaks)} identifying value(s) found in the outputs, outputs deleted. "
             "Where, and what kind of value (never the value): " + "; ".join(summarise_leaks(leaks))
             + ". A kept attribute held a value that identifies someone: see the README, "

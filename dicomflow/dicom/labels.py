@@ -10,7 +10,7 @@ import pyarrow
 
 from dicomflow.config.params import LABEL_KEYS
 from dicomflow.dicom.reading import Quarantined
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[
     header = pd.read_csv(labels_file, dtype=str, nrows=0).columns
     missing = {key, column} - set(header)
     if missing:
-        raise StageError(
+        raise DataError(
             f"{labels_file}: missing column(s) {', '.join(sorted(missing))}; "
             f"found {', '.join(header)}"
         )

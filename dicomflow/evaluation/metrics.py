@@ -20,7 +20,7 @@ from sklearn.metrics import (
 
 from dicomflow.config.params import THRESHOLD_METHODS
 from dicomflow.model.scoring import brier_score, expected_calibration_error
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fi
     ------
     ValueError
         Unknown ``method``, or the option it needs missing or out of range.
-    StageError
+    DataError
         The validation split holds one class only (``youden`` and ``target_sensitivity``).
 
     Notes
@@ -73,7 +73,7 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, *, method: str, fi
         raise ValueError("target_sensitivity must be a float in (0, 1] when method is "
                          f"'target_sensitivity'; got {target_sensitivity!r}")
     if len(np.unique(y_true)) < 2:
-        raise StageError("the validation split holds one class only; cannot choose a threshold")
+        raise DataError("the validation split holds one class only; cannot choose a threshold")
     if method == "youden":
         # Every distinct score a candidate, so that the next threshold is the next lower score.
         fpr, tpr, thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
@@ -154,7 +154,7 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
 
     Raises
     ------
-    StageError
+    DataError
         The test split holds one class only.
 
     Notes
@@ -165,7 +165,7 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
     NPV depend on prevalence: they hold at the test split's (``n_test_positive / n_test``).
     """
     if len(np.unique(y_true)) < 2:
-        raise StageError("the test split holds one class only; ROC AUC is undefined")
+        raise DataError("the test split holds one class only; ROC AUC is undefined")
     y_pred = (y_score >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     low, high = bootstrap_auc_interval(y_true, y_score)
@@ -220,12 +220,12 @@ def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
 
     Raises
     ------
-    StageError
+    DataError
         The test split lacks one of the classes: its AUC and sensitivity are undefined.
     """
     missing = sorted(set(range(len(classes))) - set(np.unique(y_true)))
     if missing:
-        raise StageError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
+        raise DataError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
                          "per-class metrics are undefined")
     y_pred = y_score.argmax(axis=1)
     low, high = bootstrap_auc_interval(y_true, y_score)

@@ -34,7 +34,7 @@ from dicomflow.dicom.display import PixelSettings
 from dicomflow.evaluation.metrics import roc_auc
 from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.model.architectures import class_indices
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.serving.pyfunc import PATH_EXAMPLE, DicomClassifier, log_classifier
 
@@ -85,7 +85,7 @@ def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, 
         return roc_auc(labels, predictions[[f"probability_{c}" for c in classes]].to_numpy(float))
     if metric == "accuracy":
         return float(np.mean(called == labels))
-    raise StageError(f"evaluate.promotion_metric {metric!r} is not computed for {len(classes)} classes; "
+    raise DataError(f"evaluate.promotion_metric {metric!r} is not computed for {len(classes)} classes; "
                      "use one of roc_auc, accuracy")
 
 
@@ -124,7 +124,7 @@ def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
 
     A fresh process, not this one: loading a model adds its own copy of ``dicomflow`` (its
     ``code_paths``) to the import path, and a champion logged by older code must run its own
-    code, not ours. Returns the CSV (a ``path`` column of file names), or raises StageError with
+    code, not ours. Returns the CSV (a ``path`` column of file names), or raises DataError with
     the command's last line.
     """
     with tempfile.TemporaryDirectory() as folder:
@@ -140,7 +140,7 @@ def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
                                  "--output", str(output)], capture_output=True, text=True)
         if result.returncode != 0 and not output.is_file():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StageError(f"scoring {model_uri} failed: {last}")
+            raise DataError(f"scoring {model_uri} failed: {last}")
         return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
 
 
@@ -163,7 +163,7 @@ def compare_with_champion(candidate: pd.DataFrame, *, name: str, metric: str, fi
     if current is not None:
         try:
             champion = score_registered(f"models:/{name}/{current.version}", files)
-        except StageError as err:
+        except DataError as err:
             reason = str(err)
         else:
             if set(candidate.columns) != set(champion.columns):
@@ -218,14 +218,14 @@ def register_model(model_uri: str, *, name: str, comparison: Comparison, min_gai
 
 def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:
     """Leak scan of the MLflow run and its children against the identifying values' digests that
-    deidentify wrote (:mod:`dicomflow.deid.digests`); StageError (one line, no value) on any hit."""
+    deidentify wrote (:mod:`dicomflow.deid.digests`); DataError (one line, no value) on any hit."""
     try:
         identifiers = read_digests(digests_file, secret)
     except ValueError as err:
-        raise StageError(f"leak check: {err}; the model is not registered") from err
+        raise DataError(f"leak check: {err}; the model is not registered") from err
     leaks = scan_mlflow_run(identifiers, run_id)
     if leaks:
-        raise StageError(f"leak check: {len(leaks)} identifying value(s) in MLflow, where and what "
+        raise DataError(f"leak check: {len(leaks)} identifying value(s) in MLflow, where and what "
                          "kind (never the value): "
                          + "; ".join(f"a {leak.source} value at {leak.output} {leak.location}"
                                      for leak in leaks[:20]) + "; the model is not registered")
@@ -279,7 +279,7 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
         draft.write_text(card(version=None, alias=alias), encoding="utf-8")
         leaks = scan_paths(read_digests(digests_file, secret), [draft])
     if leaks:
-        raise StageError(f"leak check: {len(leaks)} identifying value(s) in the model card, where and what "
+        raise DataError(f"leak check: {len(leaks)} identifying value(s) in the model card, where and what "
                          "kind (never the value): " + "; ".join(
                              f"a {leak.source} value at {leak.location}" for leak in leaks[:20])
                          + "; the model is not registered")

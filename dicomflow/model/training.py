@@ -22,7 +22,7 @@ from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
 from dicomflow.model import architectures as models
 from dicomflow.model import scoring
 from dicomflow.model.augment import apply_policy, build_policy
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
     de-identified images are not (params changed without ingest rerunning)."""
     expected = (ingest.image_size, ingest.image_size, ingest.channels)
     if images.shape[1:] != expected:
-        raise StageError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
+        raise DataError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
                          f"ingest.image_size and ingest.channels ask for {'x'.join(map(str, expected))}: "
                          "run the pipeline from ingest (dvc repro)")
 

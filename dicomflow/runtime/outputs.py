@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 
 STAGING_SUFFIX = ".partial"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -32,9 +32,9 @@ def out_of_space(err: BaseException) -> OSError | None:
     return None
 
 
-def no_space_error(err: OSError, *, what: str, where: Path) -> StageError:
+def no_space_error(err: OSError, *, what: str, where: Path) -> DataError:
     """The one-line error for a write that ran out of space (``err.errno`` in :data:`NO_SPACE`)."""
-    return StageError(f"{err.strerror} while writing {what} to {err.filename or where}: nothing "
+    return DataError(f"{err.strerror} while writing {what} to {err.filename or where}: nothing "
                       "half-written is left; free some space (or raise the limit) and re-run")
 
 
@@ -42,7 +42,7 @@ def no_space_error(err: OSError, *, what: str, where: Path) -> StageError:
 def staged_folder(final: Path, *, what: str) -> Iterator[Path]:
     """A fresh folder beside ``final`` to write its new content into; it replaces ``final`` when
     the block ends, and is removed if the block raises. A write that finds no space raises
-    StageError (:func:`no_space_error`)."""
+    DataError (:func:`no_space_error`)."""
     staging = final.with_name(final.name + STAGING_SUFFIX)
     shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
     staging.mkdir(parents=True)

@@ -8,13 +8,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from dicomflow.config.params import ParamsError
+from dicomflow.errors import DicomflowError
 from dicomflow.runtime.log_privacy import withheld_summary, withhold_library_messages
-
-
-class StageError(RuntimeError):
-    """The input data cannot be used; the message says what and how many."""
-
 
 SHOW_TRACEBACKS_ENV = "DICOMFLOW_SHOW_TRACEBACKS"  # set it to see messages, on data you may log
 
@@ -34,7 +29,8 @@ def value_free_traceback(err: BaseException) -> str:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` with logging on stderr; params and data errors exit 1 in one line,
+    """Run a stage's ``main`` with logging on stderr; the library's errors
+    (:class:`dicomflow.errors.DicomflowError`: bad data, bad settings) exit 1 in one line,
     any other error with its traceback but not its message (:func:`value_free_traceback`).
 
     Library warnings and pydicom's log records are withheld (:mod:`dicomflow.runtime.log_privacy`): they
@@ -51,7 +47,7 @@ def run_stage(main: Callable[[], None]) -> None:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         main()
-    except (ParamsError, StageError) as err:
+    except DicomflowError as err:
         sys.exit(f"error: {err}")
     except Exception as err:
         if os.environ.get(SHOW_TRACEBACKS_ENV):

@@ -36,7 +36,7 @@ import pandas as pd
 
 from dicomflow import tracking
 from dicomflow.dicom.sources import display_path, list_sources
-from dicomflow.runtime.stage import StageError
+from dicomflow.errors import DataError
 from dicomflow.serving.pyfunc import common_folder, serving_root
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Inputs:
 
 
 def list_inputs(inputs: list[Path], *, exclude: set[Path] = frozenset()) -> Inputs:
-    """The files named by ``inputs`` (files, and folders walked by ``list_sources``), or StageError
+    """The files named by ``inputs`` (files, and folders walked by ``list_sources``), or DataError
     naming an input that does not exist. A file named on the command line is read even when
     hidden (the user named it); one that is not a regular file (a FIFO, a device) is listed as
     ``not_a_file``, never opened."""
@@ -74,9 +74,9 @@ def list_inputs(inputs: list[Path], *, exclude: set[Path] = frozenset()) -> Inpu
         try:
             mode = given.stat().st_mode
         except FileNotFoundError:
-            raise StageError(f"input {given} not found: give DICOM files or folders of them") from None
+            raise DataError(f"input {given} not found: give DICOM files or folders of them") from None
         except OSError as err:
-            raise StageError(f"input {given} cannot be opened ({err.strerror})") from None
+            raise DataError(f"input {given} cannot be opened ({err.strerror})") from None
         name = _as_given(given)
         if stat.S_ISREG(mode):
             found.files.append(given)
@@ -93,14 +93,14 @@ def _as_given(path: Path) -> str:
 
 
 def load_model(uri: str):
-    """The pyfunc model at ``uri``, or StageError naming the URI and why not."""
+    """The pyfunc model at ``uri``, or DataError naming the URI and why not."""
     import mlflow
 
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as err:  # noqa: BLE001  MLflow, I/O and unpickling errors all mean "cannot load"
         first_line = (str(err).strip().splitlines() or [""])[0]
-        raise StageError(f"cannot load model {uri} from {tracking.tracking_uri()}: "
+        raise DataError(f"cannot load model {uri} from {tracking.tracking_uri()}: "
                          f"{type(err).__name__}: {first_line}") from err
 
 
@@ -152,10 +152,10 @@ def request_body(files: Iterable[Path]) -> dict:
         try:
             rows.append([base64.b64encode(file.read_bytes()).decode("ascii")])
         except FileNotFoundError:
-            raise StageError(f"{file} not found: give the DICOM files to send") from None
+            raise DataError(f"{file} not found: give the DICOM files to send") from None
         except IsADirectoryError:
-            raise StageError(f"{file} is a folder: give the DICOM files to send "
+            raise DataError(f"{file} is a folder: give the DICOM files to send "
                              f"(e.g. {os.path.join(str(file), '*.dcm')})") from None
         except OSError as err:
-            raise StageError(f"{file} cannot be read ({err.strerror})") from None
+            raise DataError(f"{file} cannot be read ({err.strerror})") from None
     return {"dataframe_split": {"columns": ["dicom"], "data": rows}}

@@ -66,8 +66,10 @@ logger = logging.getLogger(__name__)
 KERAS_ARTIFACT = "keras_model"
 # What of the package a logged model carries: prediction and what it imports (a test checks that
 # their imports stay inside this list). Never the developer tools: the sample generator holds the
-# sample's fake identifying values, and the leak scanner reads the models' files.
-SHIPPED = ("__init__.py", "config", "dicom", "runtime", "serving", "tracking.py")
+# sample's fake identifying values, and the leak scanner reads the models' files. Nor the stage
+# runner (runtime/stage.py): a model is called by its server or by predict, never as a stage.
+SHIPPED = ("__init__.py", "errors.py", "config", "dicom", "runtime", "serving", "tracking.py")
+NOT_SHIPPED = ("__pycache__", "stage.py")
 # What prediction needs installed (dicomflow.dicom's imports included), pinned to what is installed.
 REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
                 "pylibjpeg-rle", "numpy", "pandas", "pyarrow", "pillow", "pyyaml", "tqdm")
@@ -494,7 +496,7 @@ def write_code_package(folder: Path) -> Path:
     target.mkdir(parents=True)
     for name in SHIPPED:
         if (package / name).is_dir():
-            shutil.copytree(package / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(package / name, target / name, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
         else:
             shutil.copyfile(package / name, target / name)
     return target
