@@ -19,6 +19,8 @@ DEID_DICOM_DIR = "dicom"              # de-identified DICOM files, named <image_
 DEID_AUDIT = "audit.csv"              # per-file actions applied, no PHI values
 DEID_QUARANTINE = "quarantine.csv"    # index_row, reason, detail: files left out, no PHI values
 DEID_IDENTIFIER_DIGESTS = "identifier_digests.json"  # keyed digests of the sources' identifying values
+# {"fingerprint": "<16 hex>", "demo": bool}: which secret made the pseudonyms (never the secret)
+DEID_SECRET_FINGERPRINT = "secret_fingerprint.json"
 
 # split -> augment, train, evaluate
 SPLIT_MANIFEST = "manifest.parquet"   # the de-identified manifest plus a `split` column
