@@ -23,17 +23,24 @@ deidentify wrote (``identifier_digests.json``: this stage never reads ``data/`` 
 any hit fails the stage and nothing is registered.
 
 Promotion never looks at the test split: the candidate and the registry's current champion are
-both run, as registered, on the de-identified files of the validation split, in this run, and
+both run, as registered, on the de-identified files of the validation split that the champion did
+not train on (the digests of its training images are in its signed ``training_data.json``), and
 compared on ``evaluate.promotion_metric``; the candidate takes the alias ``champion`` when it beats
 the champion by at least ``evaluate.promotion_min_gain``, else ``challenger`` (a replaced champion
-keeps its version, as ``previous_champion``). The decision, both figures and the images they were
-measured on are tags of the new version.
+keeps its version, as ``previous_champion``). The champion runs only from a copy whose signature
+verified, in a process without secrets; one that is unsigned, altered, cannot be scored, or leaves
+too few fair images makes the candidate ``challenger`` with the reason. The decision, both figures
+and the images they were measured on are tags of the new version, which is signed before an alias
+moves to it. The MLflow writes, in order, are the body of :func:`main`; their kill-safe order is
+described in :mod:`dicomflow.evaluation.registry`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,32 +49,44 @@ import pandas as pd
 from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import load_params, read_params_file
+from dicomflow.deid.files import read_secret
+from dicomflow.dicom.display import PixelSettings
+from dicomflow.errors import DataError
+from dicomflow.evaluation import registry
 from dicomflow.evaluation.metrics import choose_threshold, headline, roc_auc
+from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.evaluation.promotion import (
-    log_evaluation,
-    mark_failed,
-    register_and_promote,
+    check_card,
+    check_run,
+    compare_with_champion,
+    promotion_files,
+    read_secret_fingerprint,
+    score_candidate,
+    training_data_record,
 )
 from dicomflow.evaluation.reporting import report_test_split
 from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
 from dicomflow.runtime.outputs import write_json, write_text
-from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
+from dicomflow.serving.domain import TrainingDomain
+from dicomflow.serving.pyfunc import PATH_EXAMPLE
+from dicomflow.signing import signing_key_from_env, verify_key_from_env
 
 logger = logging.getLogger(__name__)
 
 
 def main() -> None:
     import keras
+    import mlflow
 
     paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
-    model_dir = Path(paths.model_dir)
+    model_dir, deid_dir = Path(paths.model_dir), Path(paths.deid_dir)
     model = keras.models.load_model(model_dir / layout.MODEL_FILE)
     run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
-    images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    images = np.load(deid_dir / layout.IMAGES, mmap_mode="r")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
 
@@ -87,23 +106,82 @@ def main() -> None:
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
     problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
 
-    def register() -> None:
-        register_and_promote(model_dir, manifest, run_id=run_info["run_id"], threshold=threshold,
-                             metrics=metrics, paths=paths, params=params, ingest=ingest,
-                             train=load_params("train"), augment=load_params("augment"))
-
+    # What the registered model is, what it trained on, and which secret made its data.
+    name, training_run = params.registered_model_name, run_info["run_id"]
+    registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
+                      domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
+    record = training_data_record(manifest, data_version=tracking.data_version(),
+                                  pixel_settings=dataclasses.asdict(registered["settings"]))
+    secret_tags = read_secret_fingerprint(deid_dir / layout.DEID_SECRET_FINGERPRINT)
+    key = registry.evaluation_key(training_run, read_params_file()["evaluate"])
+    test_metrics = {f"test_{metric}": value for metric, value in metrics.items()}
     tracking.configure_mlflow()
-    run_ids = log_evaluation(run_info["run_id"], metrics, evaluate_params=read_params_file()["evaluate"],
-                             files=[*plot_files, Path(paths.eval_report), Path(paths.eval_subgroups)],
-                             problems=problems, register=register,
-                             log_inputs=lambda: tracking.log_dataset_inputs(
-                                 manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
-                                 contexts={"test": "testing", "val": "validation"}))
+    client = mlflow.MlflowClient()
+    # The model card's content but for what registration decides (version, alias, decision).
+    card = dict(name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics,
+                subgroups=pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str}),
+                domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
+                train=load_params("train"), augment=load_params("augment"), secret=secret_tags,
+                validation=registry.training_validation_metrics(client, training_run))
+
+    # The MLflow writes, in order. The training run is never reopened (a failed evaluate cannot
+    # mark it FAILED); its evaluation is a run of its own, nested under it.
+    registry.end_stale_runs(client, training_run)
+    registry.log_training_run_metrics(client, training_run, test_metrics)
+    with mlflow.start_run(run_name="evaluate", parent_run_id=training_run,
+                          experiment_id=client.get_run(training_run).info.experiment_id,
+                          tags={**tracking.run_tags(), **secret_tags, registry.STAGE_TAG: "evaluate"}) as run:
+        mlflow.log_params(tracking.flatten_params({"evaluate": read_params_file()["evaluate"]}))
+        tracking.log_dataset_inputs(manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
+                                    contexts={"test": "testing", "val": "validation"})
+        mlflow.log_metrics(test_metrics)
+        registry.log_files([*plot_files, Path(paths.eval_report), Path(paths.eval_subgroups)],
+                           artifact_path="evaluation")
+        found = None if problems else registry.find_version(client, name, key)
+        if problems:
+            mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+        elif found is not None and registry.is_complete(found):
+            logger.info("this evaluation is registered already: %s version %s", name, found.version)
+            mlflow.set_tags({"registered_version": found.version, "registered_alias": found.tags[registry.ALIAS_TAG]})
+        else:
+            signing_key, verify_key = signing_key_from_env(os.environ), verify_key_from_env(os.environ)
+            if found is None:  # a new version: log, leak-check, compare (the decision, once), create
+                info = registry.log_candidate(model_dir / layout.MODEL_FILE, training_data=record, **registered,
+                                              input_example=PATH_EXAMPLE)
+                digests, secret = deid_dir / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
+                check_run(training_run, digests_file=digests, secret=secret)
+                promotion = promotion_files(manifest, deid_dir, classes=ingest.classes)
+                champion = registry.current_champion(client, name)
+                comparison = compare_with_champion(
+                    score_candidate(model_dir / layout.MODEL_FILE, promotion["files"], **registered),
+                    champion_version=champion, champion_uri=f"models:/{name}/{champion}", verify_key=verify_key,
+                    metric=params.promotion_metric, data_version=record["data_version"],
+                    pixel_settings=record["pixel_settings"], **promotion)
+                alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
+                check_card(model_card(**card, version=None, alias=alias, decision=decision,
+                                      excluded=comparison.excluded), digests_file=digests, secret=secret, name=CARD_FILE)
+                version = registry.create_version(client, name, info, run_id=run.info.run_id, tags=registry.version_tags(
+                    comparison, alias=alias, decision=decision, key=key, training_run_id=training_run,
+                    training_data=record, metrics=metrics, secret=secret_tags))
+                found = client.get_model_version(name, version)
+            # Complete the version, this run's or a killed run's, with the decision it was created with.
+            version, tags = str(found.version), found.tags
+            text = model_card(**card, version=version, alias=tags[registry.ALIAS_TAG],
+                              decision=tags["promotion_decision"], excluded=int(tags.get("promotion_excluded", 0)))
+            registry.log_text(text, CARD_FILE)
+            registry.describe_version(client, name, version, registry_description(
+                text, where=f"the {CARD_FILE} artifact of run {run.info.run_id}"))
+            registry.sign_version(name, version, key=signing_key)
+            registry.move_aliases(client, name, version, alias=tags[registry.ALIAS_TAG],
+                                  replaced=tags.get("promotion_champion_version") or None)
+            registry.mark_complete(client, name, version)
+            mlflow.set_tags({"registered_version": version, "registered_alias": tags[registry.ALIAS_TAG]})
     if problems:
-        mark_failed(run_ids)
+        registry.mark_failed(client, [training_run, run.info.run_id])
         raise DataError(f"the model is degenerate on the validation split (validation AUC "
                          f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
                          f"FAILED and it is not registered; the test report is in {paths.eval_report}")
+
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ on, how well it does, where it may be used and why it was promoted, in Markdown.
 
 :func:`model_card` builds it from what the evaluate stage already has (the split manifest, the
 test metrics, the subgroup table, the training domain, the params, the promotion decision), with
-no MLflow inside; :func:`dicomflow.evaluation.promotion.register_and_promote` logs it as the
-evaluation run's ``model_card.md`` and sets it as the version's description
+no MLflow inside; ``stages/evaluate.py`` logs it as the evaluation run's ``model_card.md`` and sets it as the
+version's description
 (:func:`registry_description` where the registry's limit is shorter than the card).
 
 The card prints counts and category names only (modalities, manufacturers, view positions, the
@@ -44,6 +44,10 @@ Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
 NOT_AVAILABLE = "–"
 DECISION_LIMIT = 400  # characters of the promotion decision on the card (the version's tag has it whole)
 COUNT_COLUMNS = ("n", "n_positive")  # the subgroup table's counts
+NOT_RECORDED = "not recorded"
+DEMO_WARNING = ("> **Warning: the demo de-identification secret made this data.** Its pseudonyms can be "
+                "reversed by anyone with dicomflow's source (the demo secret is public): this model and its "
+                "data are for the embedded sample only, never for real patients' data.")
 SUBGROUP_HEADERS = {"n_positive": "n positive", "roc_auc": "AUC", "sensitivity": "sens.", "specificity": "spec.",
                     "accuracy": "acc."}
 
@@ -57,7 +61,8 @@ def model_card(*, name: str, version: str | None, alias: str, decision: str, man
                data_version: str, metrics: Mapping[str, float], subgroups: pd.DataFrame | None,
                domain: TrainingDomain, threshold: float | None, ingest: IngestParams,
                evaluate: EvaluateParams, train: TrainParams | None = None, augment: AugmentParams | None = None,
-               validation: Mapping[str, float] | None = None) -> str:
+               validation: Mapping[str, float] | None = None, secret: Mapping[str, str] | None = None,
+               excluded: int = 0) -> str:
     """The model card of one registered version, in Markdown.
 
     Parameters
@@ -88,25 +93,36 @@ def model_card(*, name: str, version: str | None, alias: str, decision: str, man
         The saved model's figures on the validation split, as train logged them without the
         ``model_val_`` prefix (``auc``, ``loss``, ``accuracy``, ``brier``, ``ece``,
         ``brier_uncalibrated``, ``ece_uncalibrated``); None or empty: not recorded.
+    secret : mapping or None
+        Which de-identification secret made the data: ``deid_secret_fingerprint`` and
+        ``deid_demo_secret`` ("true", "false" or "not recorded";
+        :func:`dicomflow.evaluation.promotion.read_secret_fingerprint`). None: not recorded.
+    excluded : int
+        Validation images left out of the promotion comparison because the champion trained on
+        them.
 
     Returns
     -------
     str
-        Markdown, starting with :func:`card_title`; sections Intended use, Training data, Model,
-        Performance, Subgroups, Domain, Known limitations, Promotion.
+        Markdown, starting with :func:`card_title` (and a warning when the demo secret made the
+        data); sections Intended use, Training data, Model, Performance, Subgroups, Domain, Known
+        limitations, Promotion.
     """
     classes = list(ingest.classes)
     binary = len(classes) == 2
+    secret = dict(secret or {})
+    demo = secret.get("deid_demo_secret") == "true"
     sections = [
         card_title(name, version),
+        *([DEMO_WARNING] if demo else []),
         _intended_use(domain, classes),
-        _training_data(manifest, classes, data_version),
+        _training_data(manifest, classes, data_version, secret),
         _model(ingest, evaluate, train, augment, metrics, threshold, binary, classes),
         _performance(metrics, validation, classes, binary, threshold),
         _subgroup_section(subgroups),
         _domain(domain),
-        _limitations(manifest, metrics, subgroups, threshold, evaluate, classes, binary),
-        _promotion(name, version, alias, decision, evaluate),
+        _limitations(manifest, metrics, subgroups, threshold, evaluate, classes, binary, demo),
+        _promotion(name, version, alias, decision, evaluate, excluded),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -142,7 +158,7 @@ def _intended_use(domain: TrainingDomain, classes: list[int]) -> str:
             "its output must not inform anyone's diagnosis or treatment. A human reads every image.")
 
 
-def _training_data(manifest: pd.DataFrame, classes: list[int], data_version: str) -> str:
+def _training_data(manifest: pd.DataFrame, classes: list[int], data_version: str, secret: Mapping[str, str]) -> str:
     splits = [s for s in SPLIT_ORDER if (manifest["split"] == s).any()]
     splits += sorted(set(manifest["split"].dropna().astype(str)) - set(splits))
     total = len(manifest)
@@ -159,10 +175,19 @@ def _training_data(manifest: pd.DataFrame, classes: list[int], data_version: str
                    for column, title in COMPOSITION.items()]
     return ("## Training data\n\n"
             f"Data version `{data_version}` (DVC's hash of `data/`), split by patient; images (one per "
-            "frame kept) and distinct patients.\n\n"
+            "frame kept) and distinct patients. " + _secret_line(secret) + "\n\n"
             + _table(header, rows)
             + f"\n\nThe {len(train)} training images by header attribute:\n\n"
             + "\n".join(composition))
+
+
+def _secret_line(secret: Mapping[str, str]) -> str:
+    fingerprint = secret.get("deid_secret_fingerprint", NOT_RECORDED)
+    if fingerprint == NOT_RECORDED:
+        return "De-identification secret: not recorded (outputs of an older deidentify)."
+    kind = {"true": "the **demo secret** (public: for the embedded sample only)",
+            "false": "a site secret"}.get(secret.get("deid_demo_secret", ""), "a secret of unrecorded kind")
+    return f"De-identification secret: {kind}, fingerprint `{_text(fingerprint)}`."
 
 
 def _model(ingest: IngestParams, evaluate: EvaluateParams, train: TrainParams | None,
@@ -278,10 +303,13 @@ def _domain(domain: TrainingDomain) -> str:
 
 
 def _limitations(manifest: pd.DataFrame, metrics: Mapping[str, float], subgroups: pd.DataFrame | None,
-                 threshold: float | None, evaluate: EvaluateParams, classes: list[int], binary: bool) -> str:
+                 threshold: float | None, evaluate: EvaluateParams, classes: list[int], binary: bool,
+                 demo: bool = False) -> str:
     train = manifest[manifest["split"] == "train"]
     val = manifest[manifest["split"] == "val"]
-    items = [
+    items = ["Made with the demo de-identification secret: its pseudonyms are reversible; never use "
+             "this model or its data with real patients' data."] if demo else []
+    items += [
         f"Small data: {len(train)} training images of {_patients(train)} patients; by default a small "
         "synthetic sample (`dicomflow sample-data`) that says nothing about real images.",
         "Single site: validation and test come from the training data's source, so every figure is "
@@ -315,11 +343,14 @@ def _limitations(manifest: pd.DataFrame, metrics: Mapping[str, float], subgroups
     return "## Known limitations\n\n" + "\n".join(f"- {item}" for item in items)
 
 
-def _promotion(name: str, version: str | None, alias: str, decision: str, evaluate: EvaluateParams) -> str:
+def _promotion(name: str, version: str | None, alias: str, decision: str, evaluate: EvaluateParams,
+               excluded: int = 0) -> str:
     registered = f"version {version}" if version is not None else "the version to be registered"
+    left_out = (f" {excluded} of them were left out because the champion trained on them." if excluded else "")
     return ("## Promotion\n\n"
-            f"{registered.capitalize()}, alias `{alias}`; compared with the champion, both as registered, on "
-            f"the validation files (never test). Decision: {_text(_clipped(decision))}")
+            f"{registered.capitalize()}, alias `{alias}`; compared with the champion, both as registered (the "
+            "champion only from a copy whose signature verified), on the validation files that neither trained "
+            f"on (never test).{left_out} Decision: {_text(_clipped(decision))}")
 
 
 # --- pieces -----------------------------------------------------------------------------------

@@ -1,17 +1,25 @@
-"""Registering a model and deciding its alias: candidate and champion compared on the validation
-split (never the test split), with a minimum gain; and the leak check of the run first.
+"""Deciding a candidate's alias: the candidate and the registry's champion compared on the
+validation split (never the test split), on the images neither trained on, with a minimum gain;
+and the leak checks a version must pass before it is registered.
+
+Nothing here writes to MLflow (that is :mod:`dicomflow.evaluation.registry`). The champion is
+never loaded in this process: its files are downloaded and their signature verified
+(:func:`dicomflow.signing.download_verified`), and only that verified copy runs, in a child
+process whose environment is built from :data:`CHILD_ENVIRONMENT` (no secret, no key, no
+credentials). A champion that is unsigned or altered, trained on the comparison's images, or
+that cannot be scored makes the candidate ``challenger`` with the reason; evaluate goes on.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +32,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from dicomflow import tracking
 from dicomflow.config import layout
-from dicomflow.config.params import AugmentParams, TrainParams
 from dicomflow.deid.digests import read_digests
-from dicomflow.deid.files import read_secret
 from dicomflow.deid.leaks import scan_mlflow_run, scan_paths
-from dicomflow.dicom.display import PixelSettings
-from dicomflow.evaluation.metrics import roc_auc
-from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
-from dicomflow.model.architectures import class_indices
 from dicomflow.errors import DataError
-from dicomflow.serving.domain import TrainingDomain
-from dicomflow.serving.pyfunc import PATH_EXAMPLE, DicomClassifier, log_classifier
+from dicomflow.evaluation.metrics import roc_auc
+from dicomflow.model.architectures import class_indices
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,52 @@ def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, 
                      "use one of roc_auc, accuracy")
 
 
+
+# A comparison needs this many validation images that neither model trained on and both
+# answered, with every class among them: below it one image moves an accuracy by 10 points or
+# more and an AUC by as much, more than any gain evaluate.promotion_min_gain would sensibly ask
+# for; above it, promotion_min_gain is the user's guard against noise.
+MIN_COMPARED_IMAGES = 10
+TRAINING_DATA_FILE = "training_data.json"  # beside the model's MLmodel; dicomflow.evaluation.registry logs it
+TRAINING_DATA_FORMAT = "dicomflow-training-data/1"
+
+# What the champion's process may see of this one's environment: what Python, TensorFlow and the
+# locale need, nothing else. Names, not prefixes, except the locale's LC_*: a new secret variable
+# (DICOMFLOW_SECRET*, a signing key, MLFLOW_TRACKING_PASSWORD/TOKEN, AWS_*, a cloud's key) stays out
+# without anyone having to remember it here.
+CHILD_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "SYSTEMROOT",
+                     "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                     "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES")
+SERVING_ROOT_ENV = "DICOMFLOW_SERVING_ROOT"  # dicomflow.serving.pyfunc's: the folder a model may read
+BATCH_FILES = 64  # files per predict call in the champion's process
+
+# The champion's process: a verified model folder, a folder of inputs, an output CSV. It imports
+# no dicomflow itself: the model brings its own code (its code_paths), as it was registered.
+_SCORING_SCRIPT = """
+import os, sys
+import pandas as pd
+import mlflow.pyfunc
+folder, inputs, output, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+model = mlflow.pyfunc.load_model(folder)
+names = sorted(os.listdir(inputs))
+parts = []
+for start in range(0, len(names), batch):
+    chunk = names[start:start + batch]
+    answers = model.predict(pd.DataFrame({"path": [os.path.join(inputs, n) for n in chunk]}))
+    answers = answers.reset_index(drop=True)
+    answers.insert(0, "path", chunk)
+    parts.append(answers)
+pd.concat(parts, ignore_index=True).to_csv(output, index=False)
+"""
+
+
 @dataclass(frozen=True)
 class Comparison:
     """The candidate and the current champion, scored on the same images in the same run.
 
-    ``champion`` is None when there is no champion or it could not be scored (``reason`` says
-    why); ``images`` counts the files both models answered.
+    ``champion`` is None when there is no champion or it could not be compared (``reason`` says
+    why); ``images`` counts the files both models answered (the candidate's own when there is no
+    comparison); ``excluded`` the validation files left out because the champion trained on them.
     """
 
     metric: str
@@ -104,34 +145,92 @@ class Comparison:
     images: int
     data_version: str
     reason: str = ""
+    excluded: int = 0
 
     def decide(self, *, min_gain: float) -> tuple[str, str]:
         """The alias the candidate gets (champion or challenger) and the decision in words."""
-        on = (f"{self.metric} on {self.images} {PROMOTION_SPLIT} images of data {self.data_version[:12]}")
+        left_out = f" ({self.excluded} left out: the champion trained on them)" if self.excluded else ""
+        on = f"{self.metric} on {self.images} {PROMOTION_SPLIT} images{left_out} of data {self.data_version[:12]}"
         if self.champion_version is None:
             return "champion", f"champion: no champion before ({on}: {self.candidate:.4f})"
         if self.champion is None:
             return "challenger", (f"challenger: champion version {self.champion_version} could not be "
-                                  f"scored ({self.reason}); compare them and move the alias by hand")
+                                  f"compared ({self.reason}); compare them and move the alias by hand")
         promote = should_promote(self.candidate, self.champion, metric=self.metric, min_gain=min_gain)
         verdict = "champion" if promote else "challenger"
         return verdict, (f"{verdict}: {on}, candidate {self.candidate:.4f} vs champion version "
                          f"{self.champion_version} {self.champion:.4f} (minimum gain {min_gain:g})")
 
 
-def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
-    """A registered pyfunc's answers for ``files``, from a fresh ``dicomflow predict``.
+def training_data_record(manifest: pd.DataFrame, *, data_version: str, pixel_settings: Mapping) -> dict:
+    """What a model trained on, as its :data:`TRAINING_DATA_FILE` records it: the data version,
+    the pixel settings, and the sorted digests of its training images (the split manifest's
+    ``pixel_sha256``: SHA-256 of each image as the model saw it, after de-identification; it does
+    not depend on the de-identification secret, but it does on the pixel settings)."""
+    train = manifest.iloc[layout.split_rows(manifest, "train")]
+    return {"format": TRAINING_DATA_FORMAT, "data_version": data_version, "pixel_settings": _plain(pixel_settings),
+            "images": len(train), "pixel_sha256": sorted(set(train["pixel_sha256"].astype(str)))}
 
-    A fresh process, not this one: loading a model adds its own copy of ``dicomflow`` (its
-    ``code_paths``) to the import path, and a champion logged by older code must run its own
-    code, not ours. Returns the CSV (a ``path`` column of file names), or raises DataError with
-    the command's last line.
+
+def training_data_digest(record: Mapping) -> str:
+    """A short digest of a record's training images, for the version's tag."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(record["pixel_sha256"]).encode()).hexdigest()[:16]
+
+
+def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int]) -> dict:
+    """The de-identified files of the promotion split, their class indices (one per file: every
+    frame of a file carries its label) and each file's image digests (one per frame)."""
+    rows = manifest.iloc[layout.split_rows(manifest, PROMOTION_SPLIT)]
+    first = rows.drop_duplicates("dicom_file")
+    digests = rows.groupby("dicom_file", sort=False)["pixel_sha256"].agg(lambda d: frozenset(d.astype(str)))
+    return {"files": [deid_dir / name for name in first["dicom_file"]],
+            "labels": class_indices(first["label"].to_numpy(), classes), "classes": classes,
+            "digests": [digests[name] for name in first["dicom_file"]]}
+
+
+def child_environment(environ: Mapping[str, str], **extra: str) -> dict[str, str]:
+    """The champion's process environment: the names of :data:`CHILD_ENVIRONMENT` and ``LC_*``
+    found in ``environ``, MLflow's telemetry off, and ``extra``."""
+    kept = {name: value for name, value in environ.items() if name in CHILD_ENVIRONMENT or name.startswith("LC_")}
+    return {**kept, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+def score_model_folder(folder: Path, files: list[Path], *, environ: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """A verified local model folder's answers for ``files``, from a child process.
+
+    The child runs ``python -I`` (no PYTHONPATH, no user site, not the working folder) in a
+    fresh folder, with :func:`child_environment`; the model may read only the copied inputs
+    (its serving root). Returns the CSV (a ``path`` column of file names), or raises DataError
+    with the child's last line.
     """
+    with tempfile.TemporaryDirectory(prefix="dicomflow-champion-") as work:
+        inputs = Path(work) / "inputs"
+        inputs.mkdir()
+        for file in files:
+            try:  # a hard link costs nothing; a copy where the file system has none
+                os.link(file, inputs / file.name)
+            except OSError:
+                shutil.copyfile(file, inputs / file.name)
+        output = Path(work) / "predictions.csv"
+        env = child_environment(os.environ if environ is None else environ, **{SERVING_ROOT_ENV: str(inputs)})
+        result = subprocess.run([sys.executable, "-I", "-c", _SCORING_SCRIPT, str(folder), str(inputs),
+                                 str(output), str(BATCH_FILES)], cwd=work, env=env, capture_output=True, text=True)
+        if result.returncode != 0 or not output.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"scoring it failed: {last[:300]}")
+        return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
+
+
+def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
+    """A registered pyfunc's answers for ``files``, from a fresh ``dicomflow predict`` (which
+    verifies it). Not what evaluate uses for the champion (:func:`compare_with_champion`)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder) / "inputs"
         inputs.mkdir()
         for file in files:
-            try:  # a hard link costs nothing; a copy where the file system has none
+            try:
                 os.link(file, inputs / file.name)
             except OSError:
                 shutil.copyfile(file, inputs / file.name)
@@ -144,76 +243,129 @@ def score_registered(model_uri: str, files: list[Path]) -> pd.DataFrame:
         return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
 
 
-def compare_with_champion(candidate: pd.DataFrame, *, name: str, metric: str, files: list[Path],
-                          labels: np.ndarray, classes: list[int]) -> Comparison:
-    """Score the registry's current champion on ``files`` (class indices ``labels``), beside the
-    candidate's answers for the same files (``candidate``, with a ``path`` column of file
-    names); each figure on the files both of them answered."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def score_candidate(keras_model_path: Path, files: list[Path], **registered) -> pd.DataFrame:
+    """The candidate's answers for ``files``, as the registered pyfunc gives them
+    (:class:`dicomflow.serving.pyfunc.DicomClassifier` with ``registered``, the arguments it is
+    logged with), in this process: it is this run's own model; a ``path`` column of file names."""
+    from dicomflow.serving.pyfunc import DicomClassifier
 
-    data = tracking.data_version()
-    by_name = {file.name: label for file, label in zip(files, labels)}
-    try:
-        current = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
-    except MlflowException:  # no registered model or no champion yet
-        current = None
-    answered = candidate["error"].isna().to_numpy() | (candidate["error"] == "").to_numpy()
-    reason, champion = "", None
-    if current is not None:
-        try:
-            champion = score_registered(f"models:/{name}/{current.version}", files)
-        except DataError as err:
-            reason = str(err)
-        else:
-            if set(candidate.columns) != set(champion.columns):
-                reason = (f"its outputs {[c for c in champion.columns if c != 'path']} are not the "
-                          f"candidate's {[c for c in candidate.columns if c != 'path']}")
-            else:
-                champion = champion.set_index("path").loc[candidate["path"]].reset_index()
-                answered &= champion["error"].isna().to_numpy()
-                if not answered.any():
-                    reason = f"it answered none of the {len(files)} files with a probability"
-    value = promotion_score(metric, candidate_labels(candidate[answered], by_name), candidate[answered], classes)
-    version = None if current is None else str(current.version)
-    if current is None or reason:
-        return Comparison(metric, value, None, version, int(answered.sum()), data, reason)
-    champion_value = promotion_score(metric, candidate_labels(champion[answered], by_name),
-                                     champion[answered], classes)
-    return Comparison(metric, value, champion_value, version, int(answered.sum()), data)
+    local = DicomClassifier(**registered).load(keras_model_path)
+    answers = local.predict(None, pd.DataFrame({"path": [str(file) for file in files]}))
+    answers = answers.reset_index(drop=True)
+    answers.insert(0, "path", [file.name for file in files])
+    return answers
 
 
-def candidate_labels(predictions: pd.DataFrame, by_name: dict[str, int]) -> np.ndarray:
-    """The class index of each answered file, in the order of ``predictions``."""
-    return np.array([by_name[Path(path).name] for path in predictions["path"]], dtype=int)
+def _answered(predictions: pd.DataFrame) -> np.ndarray:
+    errors = predictions["error"]
+    return (errors.isna() | (errors.astype(str) == "")).to_numpy()
 
 
-def register_model(model_uri: str, *, name: str, comparison: Comparison, min_gain: float = 0.0,
-                   tags: dict[str, str] | None = None) -> tuple[str, str]:
-    """Register ``model_uri`` with the alias the comparison decides; returns (version, alias).
+def _enough(labels: np.ndarray, classes: list[int]) -> bool:
+    return len(labels) >= MIN_COMPARED_IMAGES and set(range(len(classes))) <= set(labels.tolist())
 
-    The decision, both figures and the images they were measured on are tags of the new version
-    (``promotion_*``), beside ``tags``. Earlier versions stay registered; a replaced champion
-    keeps its version and tags and is found as ``previous_champion``.
+
+def _too_few(kept: int, labels: np.ndarray, classes: list[int], *, after: str) -> str:
+    present = sorted({classes[i] for i in labels.tolist()})
+    return (f"{kept} {PROMOTION_SPLIT} images {after} (classes {present}); a fair comparison needs at "
+            f"least {MIN_COMPARED_IMAGES} with every class")
+
+
+def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | None, champion_uri: str,
+                          verify_key, metric: str, files: list[Path], labels: np.ndarray, classes: list[int],
+                          digests: list[frozenset], data_version: str,
+                          pixel_settings: Mapping) -> Comparison:
+    """Compare the candidate's answers (``candidate``, a ``path`` column of file names, in
+    ``files`` order) with the champion's, on the files neither model trained on.
+
+    Parameters
+    ----------
+    champion_version, champion_uri : str or None, str
+        The registry's current champion (None: there is none) and its URI.
+    verify_key
+        :func:`dicomflow.signing.verify_key_from_env`.
+    files, labels, classes, digests
+        :func:`promotion_files`.
+    data_version, pixel_settings
+        The candidate's data version and pixel settings (:func:`training_data_record`).
+
+    Returns
+    -------
+    Comparison
+        ``champion`` None with ``reason`` when the champion cannot be compared: its signature does
+        not verify, it records no training images or records them at other pixel settings, fewer
+        than :data:`MIN_COMPARED_IMAGES` images (or not every class) remain without its training
+        images or among the files it answered, it cannot be loaded or scored, or its outputs are
+        not the candidate's.
     """
-    import mlflow
+    from dicomflow.signing import SignatureError, download_verified
 
-    client = mlflow.MlflowClient()
-    alias, decision = comparison.decide(min_gain=min_gain)
-    version = mlflow.register_model(model_uri, name).version
-    promotion = {"promotion_decision": decision, "promotion_metric": comparison.metric,
-                 "promotion_split": PROMOTION_SPLIT, "promotion_images": str(comparison.images),
-                 "promotion_data_version": comparison.data_version,
-                 "promotion_candidate": f"{comparison.candidate:.10g}",
-                 "promotion_champion": "" if comparison.champion is None else f"{comparison.champion:.10g}",
-                 "promotion_champion_version": comparison.champion_version or ""}
-    for key, value in {**promotion, **(tags or {})}.items():
-        client.set_model_version_tag(name, version, key, value)
-    if alias == "champion" and comparison.champion_version is not None:
-        client.set_registered_model_alias(name, "previous_champion", comparison.champion_version)
-    client.set_registered_model_alias(name, alias, version)
-    logger.info("registered %s version %s: %s", name, version, decision)
-    return str(version), alias
+    answered = _answered(candidate)
+    if not answered.any():
+        raise DataError(f"the candidate answered none of the {len(files)} {PROMOTION_SPLIT} files (first error: "
+                        f"{str(candidate['error'].iloc[0])[:200]}); it is not registered")
+    own = promotion_score(metric, labels[answered], candidate[answered], classes)
+    if champion_version is None:
+        return Comparison(metric, own, None, None, int(answered.sum()), data_version)
+
+    def unfair(reason: str, excluded: int = 0) -> Comparison:
+        return Comparison(metric, own, None, champion_version, int(answered.sum()), data_version, reason, excluded)
+
+    with tempfile.TemporaryDirectory(prefix="dicomflow-verified-") as work:
+        try:
+            folder = download_verified(champion_uri, Path(work), key=verify_key)
+        except SignatureError as err:
+            return unfair(f"its signature does not verify: {err}")
+        except DataError as err:
+            return unfair(f"it cannot be downloaded: {err}")
+        record = _training_record(Path(folder))
+        if record is None:
+            return unfair(f"it records no training images ({TRAINING_DATA_FILE}), so a comparison "
+                          "cannot leave them out")
+        if record.get("pixel_settings") != _plain(pixel_settings):
+            return unfair("it records its training images at other pixel settings, so they cannot be "
+                          "recognised among the comparison's")
+        seen = set(record["pixel_sha256"])
+        fair = np.array([not (digest & seen) for digest in digests], dtype=bool)
+        excluded = int((~fair).sum())
+        if not _enough(labels[fair], classes):
+            return unfair(_too_few(int(fair.sum()), labels[fair], classes,
+                                   after="remain that it did not train on"), excluded)
+        kept = [file for file, keep in zip(files, fair) if keep]
+        try:
+            theirs = score_model_folder(Path(folder), kept)
+        except DataError as err:
+            return unfair(str(err), excluded)
+    if set(candidate.columns) != set(theirs.columns):
+        return unfair(f"its outputs {[c for c in theirs.columns if c != 'path']} are not the "
+                      f"candidate's {[c for c in candidate.columns if c != 'path']}", excluded)
+    mine = candidate[fair].reset_index(drop=True)
+    theirs = theirs.set_index("path").reindex(mine["path"]).reset_index()
+    both = _answered(mine) & _answered(theirs)
+    if not _enough(labels[fair][both], classes):
+        return unfair(_too_few(int(both.sum()), labels[fair][both], classes,
+                               after="answered by both (it answered " + str(int(_answered(theirs).sum())) + ")"),
+                      excluded)
+    compared = labels[fair][both]
+    return Comparison(metric, promotion_score(metric, compared, mine[both], classes),
+                      promotion_score(metric, compared, theirs[both], classes), champion_version,
+                      int(both.sum()), data_version, excluded=excluded)
+
+
+def _plain(settings: Mapping) -> dict:
+    """The pixel settings that shape an image (not the decoder's memory bound), as their JSON
+    reads back (tuples as lists), so two records compare equal."""
+    return json.loads(json.dumps({k: v for k, v in dict(settings).items() if k != "max_decoded_mib"}))
+
+
+def _training_record(folder: Path) -> dict | None:
+    """The verified copy's :data:`TRAINING_DATA_FILE`, or None (registered before it existed)."""
+    path = folder / TRAINING_DATA_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("pixel_sha256"), list) else None
 
 
 def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:
@@ -233,50 +385,12 @@ def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:
                 f"{len(identifiers):,}", run_id)
 
 
-def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str, threshold: float | None,
-                         metrics: dict, paths, params, ingest, train: TrainParams | None = None,
-                         augment: AugmentParams | None = None) -> None:
-    """Log the DICOM pyfunc into the active run, leak-check the run, compare the candidate with the
-    champion on the promotion split and register it with the alias that decides; then give the
-    version its model card (:func:`dicomflow.evaluation.model_card.model_card`): the active
-    (evaluation) run's ``model_card.md`` and the version's description.
-
-    ``train`` and ``augment`` are the params the model was trained with, for the card (None: "not
-    recorded"); the card's validation figures are the training run's ``model_val_*`` metrics and
-    its subgroup table ``paths.eval_subgroups``. The card is leak-checked before the version is
-    registered.
-    """
-    import mlflow
-
-    # The registered model: DICOM in, probabilities and the label at this threshold out.
-    registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
-                      domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
-    classifier = log_classifier(model_dir / layout.MODEL_FILE, **registered, input_example=PATH_EXAMPLE)
-    digests_file, secret = Path(paths.deid_dir) / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
-    check_run(run_id, digests_file=digests_file, secret=secret)
-    promotion = promotion_files(manifest, Path(paths.deid_dir), classes=ingest.classes)
-    # The candidate as it was just logged, in this process; the champion in a process of its own.
-    local = DicomClassifier(**registered).load(model_dir / layout.MODEL_FILE)
-    candidate = local.predict(None, pd.DataFrame({"path": [str(file) for file in promotion["files"]]}))
-    candidate.insert(0, "path", [file.name for file in promotion["files"]])
-    comparison = compare_with_champion(candidate, name=params.registered_model_name,
-                                       metric=params.promotion_metric, **promotion)
-
-    # The model card, from what this stage has; its version number is known once registered.
-    client = mlflow.MlflowClient()
-    subgroups_file = Path(paths.eval_subgroups)
-    subgroups = (pd.read_csv(subgroups_file, keep_default_na=False, na_values=[""], dtype={"group": str})
-                 if subgroups_file.is_file() else None)
-    validation = {key.removeprefix("model_val_"): value for key, value in client.get_run(run_id).data.metrics.items()
-                  if key.startswith("model_val_")}
-    alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
-    card = functools.partial(model_card, name=params.registered_model_name, decision=decision, manifest=manifest,
-                             data_version=comparison.data_version, metrics=metrics, subgroups=subgroups,
-                             domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
-                             train=train, augment=augment, validation=validation)
-    with tempfile.TemporaryDirectory() as folder:  # read as the scanner reads the logged artifact
-        draft = Path(folder) / CARD_FILE
-        draft.write_text(card(version=None, alias=alias), encoding="utf-8")
+def check_card(card: str, *, digests_file: Path, secret: bytes, name: str) -> None:
+    """Leak scan of a model card as the scanner reads the logged artifact (a file ``name``);
+    DataError (one line, where and what kind, never the value) on any hit."""
+    with tempfile.TemporaryDirectory() as folder:
+        draft = Path(folder) / name
+        draft.write_text(card, encoding="utf-8")
         leaks = scan_paths(read_digests(digests_file, secret), [draft])
     if leaks:
         raise DataError(f"leak check: {len(leaks)} identifying value(s) in the model card, where and what "
@@ -284,61 +398,20 @@ def register_and_promote(model_dir: Path, manifest: pd.DataFrame, *, run_id: str
                              f"a {leak.source} value at {leak.location}" for leak in leaks[:20])
                          + "; the model is not registered")
 
-    version, alias = register_model(
-        classifier.model_uri, name=params.registered_model_name, comparison=comparison,
-        min_gain=params.promotion_min_gain,
-        tags={f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece")})
-    text = card(version=version, alias=alias)
-    mlflow.log_text(text, CARD_FILE)
-    evaluation = mlflow.active_run().info.run_id
-    client.update_model_version(params.registered_model_name, version, description=registry_description(
-        text, where=f"the {CARD_FILE} artifact of run {evaluation}"))
-    mlflow.set_tags({"registered_version": version, "registered_alias": alias})
 
-
-def promotion_files(manifest: pd.DataFrame, deid_dir: Path, *, classes: list[int]) -> dict:
-    """The de-identified files of the promotion split and their class indices (one per file:
-    every frame of a file carries its label)."""
-    rows = manifest.iloc[layout.split_rows(manifest, PROMOTION_SPLIT)].drop_duplicates("dicom_file")
-    return {"files": [deid_dir / name for name in rows["dicom_file"]],
-            "labels": class_indices(rows["label"].to_numpy(), classes), "classes": classes}
-
-
-def log_evaluation(train_run_id: str, metrics: dict[str, float], *, evaluate_params: dict, files: list[Path],
-                   problems: list[str], register: Callable[[], None], log_inputs: Callable[[], None]
-                   ) -> tuple[str, str]:
-    """Log the test metrics to the training run and to its nested ``evaluate`` run (in the same
-    experiment), with the evaluate params, its dataset inputs (``log_inputs``) and the report
-    files; then, unless the model is degenerate (``problems``,
-    tagged instead), call ``register`` inside the nested run. Returns both runs' ids.
-
-    Evaluation is a nested run of the training run: evaluate.* can change and rerun this stage
-    alone, and MLflow forbids changing a param already logged on a run.
-    """
-    import mlflow
-
-    test_metrics = {f"test_{name}": value for name, value in metrics.items()}
-    with mlflow.start_run(run_id=train_run_id) as training:
-        mlflow.log_metrics(test_metrics)
-        # In the training run's experiment by name, whatever experiment is active in this process.
-        with mlflow.start_run(run_name="evaluate", nested=True, tags=tracking.run_tags(),
-                              experiment_id=training.info.experiment_id) as evaluation:
-            mlflow.log_params(tracking.flatten_params({"evaluate": evaluate_params}))
-            log_inputs()
-            mlflow.log_metrics(test_metrics)
-            for path in files:
-                mlflow.log_artifact(str(path), artifact_path="evaluation")
-            if problems:
-                mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
-            else:
-                register()
-    return train_run_id, evaluation.info.run_id
-
-
-def mark_failed(run_ids: Iterable[str]) -> None:
-    """Mark each run FAILED (a degenerate model's: its report is kept, it is never registered)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for run_id in run_ids:
-        client.set_terminated(run_id, status="FAILED")
+def read_secret_fingerprint(path: Path) -> dict[str, str]:
+    """``{"deid_secret_fingerprint": ..., "deid_demo_secret": "true"|"false"}`` from deidentify's
+    ``secret_fingerprint.json`` (:data:`dicomflow.config.layout.DEID_SECRET_FINGERPRINT`), both
+    "not recorded" when the file is absent (outputs of an older deidentify)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"deid_secret_fingerprint": "not recorded", "deid_demo_secret": "not recorded"}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not the JSON deidentify writes ({type(err).__name__}); rerun "
+                        "deidentify (dvc repro deidentify)") from None
+    fingerprint = str(content.get("fingerprint", ""))
+    if len(fingerprint) != 16 or any(c not in "0123456789abcdef" for c in fingerprint) \
+            or not isinstance(content.get("demo"), bool):
+        raise DataError(f"{path} holds no 16-hex fingerprint and demo flag; rerun deidentify (dvc repro deidentify)")
+    return {"deid_secret_fingerprint": fingerprint, "deid_demo_secret": "true" if content["demo"] else "false"}
