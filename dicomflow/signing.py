@@ -44,10 +44,11 @@ Keys
 ``DICOMFLOW_SIGNING_KEY`` (PEM text) or ``DICOMFLOW_SIGNING_KEY_FILE`` (a PEM file that only its
 owner may read) sign; ``DICOMFLOW_VERIFY_KEY`` or ``DICOMFLOW_VERIFY_KEY_FILE`` (the public key)
 verify; the text wins over the file, as for ``DICOMFLOW_SECRET``. With none of them and a local
-tracking store, a key pair of this clone is made on first use in ``.dicomflow/keys/`` (git-ignored,
-folder 0700, private key 0600), so that a fresh clone's ``make repro`` and tests sign and verify
-without set-up: a model signed there is trusted by that clone only. With a team server
-(``MLFLOW_TRACKING_URI`` ``http(s)://``) the keys must be given: a clone-local key would sign
+tracking store (``MLFLOW_TRACKING_URI`` unset, ``sqlite:`` or ``file:``), a key pair of this clone is
+made on first use in ``.dicomflow/keys/`` (git-ignored, folder 0700, private key 0600), so that a
+fresh clone's ``make repro`` and tests sign and verify without set-up: a model signed there is
+trusted by that clone only. With a team server (``http(s)://``, or a shared database such as
+``postgresql://``) the keys must be given: a clone-local key would sign
 versions that nobody else can verify, and a machine that makes its own key trusts whatever it signs.
 ``dicomflow keygen`` writes a key pair.
 """
@@ -80,8 +81,10 @@ VERIFY_KEY_ENV = "DICOMFLOW_VERIFY_KEY"
 VERIFY_KEY_FILE_ENV = "DICOMFLOW_VERIFY_KEY_FILE"
 # The clone's own key pair, relative to the repository root (git-ignored).
 LOCAL_KEY_FOLDER = Path(".dicomflow") / "keys"
+LOCAL_STORE_SCHEMES = ("", "sqlite", "file")  # MLFLOW_TRACKING_URI schemes that get the clone's own key
 PRIVATE_KEY_NAME = "signing.pem"
 PUBLIC_KEY_NAME = "verify.pub"
+MAX_TAG_LENGTH = 100_000  # MLflow's MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH (3.17)
 KEY_ID_LENGTH = 16  # hex characters of the SHA-256 of the raw public key shown as its id
 _CHUNK = 1 << 20
 
@@ -245,12 +248,14 @@ def _local_key_folder() -> Path:
 
 
 def _refuse_in_team_mode(environ: Mapping[str, str], text_env: str, file_env: str, action: str) -> None:
-    """SettingsError when the tracking store is a team server: keys must then be given."""
+    """SettingsError unless the tracking store is local (unset, ``sqlite:``, ``file:`` or a
+    path): with a team server (``http(s)://``, or a shared database) keys must be given."""
     uri = environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.lower().startswith(("http://", "https://")):
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri and not uri.startswith(("/", ".")) else ""
+    if scheme not in LOCAL_STORE_SCHEMES:
         raise SettingsError(f"no key to {action} models with: set {file_env} (or {text_env}) when "
-                            f"MLFLOW_TRACKING_URI is a team server; a clone's own key is for a local store only "
-                            "(see docs/security/signed-models.md)")
+                            f"MLFLOW_TRACKING_URI is a team server ({scheme}:); a clone's own key is for a local "
+                            "store only (see docs/security/signed-models.md)")
 
 
 def _read_file(path: Path, where: str) -> bytes:
@@ -261,15 +266,17 @@ def _read_file(path: Path, where: str) -> bytes:
 
 
 def _read_private_file(path: Path, where: str) -> bytes:
-    """The file's bytes, or SettingsError when group or others may read or write it."""
+    """The file's bytes, or SettingsError when group or others may read or write it (the mode of
+    the file as opened, so that it cannot change between the check and the read)."""
     try:
-        mode = path.stat().st_mode
+        with open(path, "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
+            if mode & 0o077:
+                raise SettingsError(f"{where}: the private key is open to group or others (mode "
+                                    f"{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`")
+            return stream.read()
     except OSError as err:
         raise SettingsError(f"{where}: cannot read the key file ({err.strerror})") from None
-    if mode & 0o077:
-        raise SettingsError(f"{where}: the private key is open to group or others (mode "
-                            f"{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`")
-    return _read_file(path, where)
 
 
 def _load_private(pem: bytes, where: str):
@@ -455,27 +462,37 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
 
 def download_version(name: str, version: str, destination: Path) -> Path:
     """The files of ``name`` version ``version`` exactly as stored, copied into a new folder under
-    ``destination`` (mode 0700); MLflow's ``models:/`` download would add a
-    ``registered_model_meta`` file of its own, so the version's storage location is read instead."""
+    ``destination`` (mode 0700); its path.
+
+    MLflow's ``models:/`` download would add a ``registered_model_meta`` file of its own, so the
+    version's storage location is read instead. DataError when the download fails (MLflow
+    refuses, for one, a link that leads out of the artifact store).
+    """
+    return _download_version(name, version, destination)[1]
+
+
+def _download_version(name: str, version: str, destination: Path) -> tuple[Path, Path]:
+    """The new folder under ``destination`` and the model's folder in it."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    local = Path(tempfile.mkdtemp(prefix="model-", dir=destination))  # 0700: no one else writes to it
+    holder = Path(tempfile.mkdtemp(prefix="model-", dir=destination))  # 0700: no one else writes to it
     source = MlflowClient().get_model_version_download_uri(name, version)
     # With dst_path a local store is copied as well, never handed back in place: verifying the
     # store's files and then loading them could read files changed in between.
     try:
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(local)))
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(holder)))
     except (MlflowException, OSError) as err:
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise DataError(f"cannot download models:/{name}/{version}: {type(err).__name__}: {first_line}") from None
-    if downloaded.resolve() != local.resolve() and local.resolve() not in downloaded.resolve().parents:
-        raise SignatureError(f"models:/{name}/{version}: the download did not land in {local}")
-    return downloaded
+    if holder.resolve() not in (downloaded.resolve(), *downloaded.resolve().parents):
+        shutil.rmtree(holder, ignore_errors=True)
+        raise SignatureError(f"models:/{name}/{version}: the download did not land in {holder}")
+    return holder, downloaded
 
 
 def sign_model_version(name: str, version: str, *, key: SigningKey) -> None:
@@ -490,6 +507,10 @@ def sign_model_version(name: str, version: str, *, key: SigningKey) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         local = download_version(name, version, Path(scratch))
         value = sign_folder(local, key=key)
+    if len(value) > MAX_TAG_LENGTH:
+        raise DataError(f"models:/{name}/{version}: its {len(json.loads(value)['files'])} files make a signature of "
+                        f"{len(value):,} characters, over the {MAX_TAG_LENGTH:,} a registry tag holds; "
+                        "log fewer files (e.g. one archive of the code)")
     MlflowClient().set_model_version_tag(name, version, SIGNATURE_TAG, value)
     logger.info("signed %s version %s (%d files) with key %s", name, version,
                 len(json.loads(value)["files"]), key.key_id)
@@ -525,11 +546,11 @@ def download_verified(model_uri: str, destination: Path, *, key: VerifyKey) -> P
     """
     name, version = resolve_version(model_uri)
     signature = _version_tag(name, version)  # read before the download: verified against these bytes
-    local = download_version(name, version, destination)
+    holder, local = _download_version(name, version, destination)
     try:
         check_folder(local, signature, key=key)
     except SignatureError as err:
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)  # nothing refused stays where it could be loaded
         shown = model_uri if model_uri.endswith(f"/{version}") else f"{model_uri} (version {version})"
         raise SignatureError(f"refused {shown}: {err}; {_what_to_do(str(err))}") from None
     logger.info("verified %s version %s: %d files signed with key %s", name, version,

@@ -194,7 +194,7 @@ class TestDownloadVerified:
         with pytest.raises(SignatureError, match=rf"^refused models:/{NAME}/{version}: not signed \(no "
                                                  r"dicomflow.signature tag\); [^\n]*$"):
             download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
-        assert not list((tmp_path / "dl").rglob("MLmodel"))  # the refused copy is gone
+        assert not list((tmp_path / "dl").iterdir())  # the refused copy is gone
 
     def test_one_byte_changed_in_any_file_is_refused_naming_the_file(self, store, keys, tmp_path):
         version = _fresh_signed(store, keys, tmp_path, "bytes")
@@ -386,12 +386,19 @@ class TestKeys:
         assert signing_key_from_env({}).key_id == private.key_id  # the same pair next time
 
     @pytest.mark.parametrize("function", [signing_key_from_env, verify_key_from_env])
-    def test_a_team_server_needs_keys_given_explicitly(self, function, tmp_path, monkeypatch):
+    @pytest.mark.parametrize("uri", ["https://mlflow.example.org", "http://127.0.0.1:5000",
+                                     "postgresql://dicomflow@db/mlflow"])
+    def test_a_team_server_needs_keys_given_explicitly(self, function, uri, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         with pytest.raises(SettingsError, match=r"set DICOMFLOW_\w+_KEY_FILE \(or DICOMFLOW_\w+_KEY\) when "
-                                                r"MLFLOW_TRACKING_URI is a team server"):
-            function({"MLFLOW_TRACKING_URI": "https://mlflow.example.org"})
+                                                r"MLFLOW_TRACKING_URI is a team server \((https?|postgresql):\)"):
+            function({"MLFLOW_TRACKING_URI": uri})
         assert not (tmp_path / ".dicomflow").exists()
+
+    @pytest.mark.parametrize("uri", ["", "sqlite:///mlflow.db", "file:///tmp/mlruns", "./mlruns"])
+    def test_a_local_store_needs_no_keys_given(self, uri, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        assert verify_key_from_env({"MLFLOW_TRACKING_URI": uri}).key_id == signing_key_from_env({}).key_id
 
 
 def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
