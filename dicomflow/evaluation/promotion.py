@@ -218,8 +218,7 @@ def score_model_folder(folder: Path, files: list[Path], *, environ: Mapping[str,
         result = subprocess.run([sys.executable, "-I", "-c", _SCORING_SCRIPT, str(folder), str(inputs),
                                  str(output), str(BATCH_FILES)], cwd=work, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not output.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"scoring it failed: {last[:300]}")
+            raise DataError(f"scoring it failed: {_exception_line(result.stderr)[:300]}")
         return pd.read_csv(output, keep_default_na=False, na_values=[""], dtype={"error": str})
 
 
@@ -258,6 +257,16 @@ def score_candidate(keras_model_path: Path, files: list[Path], **registered) -> 
     answers = answers.reset_index(drop=True)
     answers.insert(0, "path", [file.name for file in files])
     return answers
+
+
+def _exception_line(stderr: str) -> str:
+    """The exception's own line of a traceback (``SomeError: ...``), else the last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head and " " not in head and head.endswith(("Error", "Exception", "Exit")):
+            return line.strip()
+    return lines[-1].strip()
 
 
 def _answered(predictions: pd.DataFrame) -> np.ndarray:

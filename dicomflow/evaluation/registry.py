@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from dicomflow.evaluation.promotion import TRAINING_DATA_FILE
-from dicomflow.runtime.outputs import no_space_error, out_of_space
+from dicomflow.errors import DataError
+from dicomflow.runtime.outputs import out_of_space
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,17 @@ def _step(name: str) -> None:
 
 @contextlib.contextmanager
 def artifact_space(what: str, where: str) -> Iterator[None]:
-    """A full disk or quota while logging ``what`` becomes the one-line DataError naming ``where``
-    (:func:`dicomflow.runtime.outputs.no_space_error`) instead of a traceback."""
+    """A full disk or quota while logging ``what`` to the artifact store ``where`` becomes one
+    line naming the store (not the temporary file MLflow was copying from, which an OSError from
+    a copy names) instead of a traceback; the run is then marked FAILED and nothing registered."""
     try:
         yield
     except Exception as err:  # MLflow wraps some OSErrors: look for the errno along the causes
         if cause := out_of_space(err):
-            raise no_space_error(cause, what=what, where=Path(where)) from None
+            place = where.removeprefix("file://")
+            raise DataError(f"{cause.strerror or 'no space'} while logging {what} to {place}: this evaluation is "
+                            "marked FAILED and nothing is registered; free some space there (or raise the "
+                            "quota) and re-run") from None
         raise
 
 
