@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from dicomflow.errors import DataError
 from dicomflow.evaluation.plots import calibration_table, write_plot_data
 from dicomflow.evaluation.metrics import (age_band, bootstrap_auc_interval, choose_threshold, compute_metrics, compute_multiclass_metrics, subgroup_metrics)
-from dicomflow.evaluation.promotion import Comparison, promotion_score, register_model, should_promote
+from dicomflow.evaluation.promotion import Comparison, promotion_score, should_promote
 
 # Eight images, asymmetric on purpose so that PPV/NPV or sensitivity/PPV swapped would show.
 # At threshold 0.5 (score >= 0.5 is positive; 0.5 itself is a false positive):
@@ -234,6 +234,25 @@ def test_comparison_decides_the_alias_by_hand(candidate, champion, version, min_
     assert comparison.decide(min_gain=min_gain)[0] == alias
 
 
+def test_the_decision_in_words_by_hand():
+    """The promotion_decision tag and the card's Decision line, written out by hand."""
+    beaten = Comparison("roc_auc", 0.9, 0.79, "1", images=114, data_version="ab12" * 8)
+    assert beaten.decide(min_gain=0.0) == ("champion", "champion: roc_auc on 114 val images of data ab12ab12ab12, "
+                                           "candidate 0.9000 vs champion version 1 0.7900 (minimum gain 0)")
+    fair = Comparison("brier", 0.1, 0.2, "4", images=30, data_version="ab12" * 8, excluded=7)
+    assert fair.decide(min_gain=0.01) == ("champion", "champion: brier on 30 val images (7 left out: the champion "
+                                          "trained on them) of data ab12ab12ab12, candidate 0.1000 vs champion "
+                                          "version 4 0.2000 (minimum gain 0.01)")
+    unscored = Comparison("roc_auc", 0.99, None, "3", images=114, data_version="x",
+                          reason="it answered none of the 114 files with a probability")
+    assert unscored.decide(min_gain=0.0) == (
+        "challenger", "challenger: champion version 3 could not be compared (it answered none of the 114 files "
+                      "with a probability); compare them and move the alias by hand")
+    first = Comparison("roc_auc", 0.7, None, None, images=20, data_version="cd" * 16)
+    assert first.decide(min_gain=0.5) == ("champion", "champion: no champion before (roc_auc on 20 val images of "
+                                          "data cdcdcdcdcdcd: 0.7000)")
+
+
 class TestMulticlassMetrics:
     # Six images, three classes; predicted = argmax: [0, 1, 1, 2, 2, 0]
     truth = np.array([0, 0, 1, 1, 2, 2])
@@ -310,51 +329,6 @@ class TestSubgroupMetrics:
 
         assert table.loc[("manufacturer", "B"), "accuracy"] == pytest.approx(3 / 4)
         assert "sensitivity" not in table.columns
-
-
-def test_register_model_follows_the_comparison_and_tags_it(tmp_path, monkeypatch):
-    import mlflow
-
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("registry")  # not an experiment id an earlier test left active
-
-    class Constant(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            return np.zeros(len(model_input))
-
-    def log_candidate() -> str:
-        with mlflow.start_run():
-            return mlflow.pyfunc.log_model(name="model", python_model=Constant(),
-                                           pip_requirements=["numpy"]).model_uri
-
-    def versus(candidate, champion, version):
-        return Comparison("roc_auc", candidate, champion, version, images=114, data_version="ab12" * 8)
-
-    try:
-        first = register_model(log_candidate(), name="m", comparison=versus(0.80, None, None))
-        worse = register_model(log_candidate(), name="m", comparison=versus(0.70, 0.80, "1"))
-        better = register_model(log_candidate(), name="m", comparison=versus(0.90, 0.79, "1"))
-        client = mlflow.MlflowClient()
-        assert (first, worse, better) == (("1", "champion"), ("2", "challenger"), ("3", "champion"))
-        assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
-        assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
-        assert str(client.get_model_version_by_alias("m", "previous_champion").version) == "1"
-        tags = client.get_model_version("m", "3").tags
-        assert tags["promotion_decision"] == ("champion: roc_auc on 114 val images of data ab12ab12ab12, "
-                                              "candidate 0.9000 vs champion version 1 0.7900 (minimum gain 0)")
-        assert (tags["promotion_candidate"], tags["promotion_champion"], tags["promotion_images"],
-                tags["promotion_split"]) == ("0.9", "0.79", "114", "val")
-        small = register_model(log_candidate(), name="m", comparison=versus(0.91, 0.90, "3"), min_gain=0.02)
-        assert small == ("4", "challenger")  # better, but by less than the minimum gain
-        unscored = Comparison("roc_auc", 0.99, None, "3", images=114, data_version="x",
-                              reason="it answered none of the 114 files with a probability")
-        assert register_model(log_candidate(), name="m", comparison=unscored) == ("5", "challenger")
-        assert "could not be scored (it answered none" in client.get_model_version("m", "5").tags[
-            "promotion_decision"]
-        assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_promotion_scores_each_model_at_its_own_threshold():

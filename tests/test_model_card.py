@@ -298,3 +298,40 @@ def test_figures_missing_from_the_metrics_show_as_a_dash():
     performance = section(binary_card(metrics={**metrics, "ece_uncalibrated": math.nan}), "Performance")
     assert "| Average precision | – |" in performance and "| PPV | – |" in performance
     assert "| without the calibration | 0.1700 | – |" in performance
+
+
+class TestSecretFingerprint:
+    """The card says which de-identification secret made the data, and warns when it was the demo one."""
+
+    def test_a_site_secret_is_named_by_its_fingerprint(self):
+        card = binary_card(secret={"deid_secret_fingerprint": "0123456789abcdef", "deid_demo_secret": "false"})
+        assert "De-identification secret: a site secret, fingerprint `0123456789abcdef`." in section(card,
+                                                                                                   "Training data")
+        assert "demo secret" not in card and "Warning" not in card
+
+    def test_the_demo_secret_is_warned_about_first_and_in_the_limitations(self):
+        card = binary_card(secret={"deid_secret_fingerprint": "fedcba9876543210", "deid_demo_secret": "true"})
+        title, warning = card.split("\n\n")[:2]
+        assert title == "# Model card: dicomflow-classifier version 3"
+        assert warning.startswith("> **Warning: the demo de-identification secret made this data.**")
+        assert "never for real patients' data" in warning
+        assert "the **demo secret** (public: for the embedded sample only), fingerprint `fedcba9876543210`" in card
+        assert "- Made with the demo de-identification secret: its pseudonyms are reversible" in section(
+            card, "Known limitations")
+        # The registry's shortened description keeps the warning: it is never a section that goes.
+        short = registry_description(card + "x" * 6000, where="the run", limit=5000)
+        assert "> **Warning: the demo de-identification secret made this data.**" in short
+
+    @pytest.mark.parametrize("secret", [None, {"deid_secret_fingerprint": "not recorded",
+                                               "deid_demo_secret": "not recorded"}])
+    def test_an_older_deidentify_is_not_recorded(self, secret):
+        card = binary_card(secret=secret)
+        assert "De-identification secret: not recorded (outputs of an older deidentify)." in section(
+            card, "Training data")
+        assert "Warning" not in card
+
+
+def test_promotion_says_how_many_images_were_left_out():
+    promotion = section(binary_card(excluded=7), "Promotion")
+    assert "7 of them were left out because the champion trained on them." in promotion
+    assert "left out" not in section(binary_card(), "Promotion")
