@@ -118,8 +118,8 @@ def main() -> None:
     tracking.configure_mlflow()
     client = mlflow.MlflowClient()
     # The model card's content but for what registration decides (version, alias, decision).
-    card = dict(name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics,
-                subgroups=pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str}),
+    subgroups = pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str})
+    card = dict(name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics, subgroups=subgroups,
                 domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
                 train=load_params("train"), augment=load_params("augment"), secret=secret_tags,
                 validation=registry.training_validation_metrics(client, training_run))
@@ -158,11 +158,12 @@ def main() -> None:
                     metric=params.promotion_metric, data_version=record["data_version"],
                     pixel_settings=record["pixel_settings"], **promotion)
                 alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
-                check_card(model_card(**card, version=None, alias=alias, decision=decision,
-                                      excluded=comparison.excluded), digests_file=digests, secret=secret, name=CARD_FILE)
-                version = registry.create_version(client, name, info, run_id=run.info.run_id, tags=registry.version_tags(
-                    comparison, alias=alias, decision=decision, key=key, training_run_id=training_run,
-                    training_data=record, metrics=metrics, secret=secret_tags))
+                draft = model_card(**card, version=None, alias=alias, decision=decision, excluded=comparison.excluded)
+                check_card(draft, digests_file=digests, secret=secret, name=CARD_FILE)
+                tags = registry.version_tags(comparison, alias=alias, decision=decision, key=key,
+                                             training_run_id=training_run, training_data=record, metrics=metrics,
+                                             secret=secret_tags)
+                version = registry.create_version(client, name, info, run_id=run.info.run_id, tags=tags)
                 found = client.get_model_version(name, version)
             # Complete the version, this run's or a killed run's, with the decision it was created with.
             version, tags = str(found.version), found.tags

@@ -12,7 +12,14 @@ from sklearn.metrics import roc_auc_score
 
 from dicomflow.errors import DataError
 from dicomflow.evaluation.plots import calibration_table, write_plot_data
-from dicomflow.evaluation.metrics import (age_band, bootstrap_auc_interval, choose_threshold, compute_metrics, compute_multiclass_metrics, subgroup_metrics)
+from dicomflow.evaluation.metrics import (
+    age_band,
+    bootstrap_auc_interval,
+    choose_threshold,
+    compute_metrics,
+    compute_multiclass_metrics,
+    subgroup_metrics,
+)
 from dicomflow.evaluation.promotion import Comparison, promotion_score, should_promote
 
 # Eight images, asymmetric on purpose so that PPV/NPV or sensitivity/PPV swapped would show.

@@ -75,9 +75,10 @@ def store(tmp_path_factory):
     signing, verify = write_key_pair(root / "keys")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-                            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                            "DICOMFLOW_SIGNING_KEY_FILE": str(signing), "DICOMFLOW_VERIFY_KEY_FILE": str(verify)}.items():
+        settings = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                    "DICOMFLOW_SIGNING_KEY_FILE": str(signing), "DICOMFLOW_VERIFY_KEY_FILE": str(verify)}
+        for name, value in settings.items():
             patch.setenv(name, value)
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("registry", artifact_location=(root / "artifacts").as_uri())
@@ -301,9 +302,12 @@ class TestRegistrationWrites:
         tags = registry.version_tags(comparison, alias="champion", decision="champion: ...", key="k",
                                      training_run_id="r1", training_data=record,
                                      metrics={"roc_auc": 0.91, "brier": 0.1, "ece": 0.02},
-                                     secret={"deid_secret_fingerprint": "0123456789abcdef", "deid_demo_secret": "false"})
-        assert (tags["promotion_alias"], tags["promotion_excluded"], tags["promotion_images"]) == ("champion", "3", "11")
-        assert (tags["training_run_id"], tags["training_images"], tags["training_data_version"]) == ("r1", "3", "d" * 32)
+                                     secret={"deid_secret_fingerprint": "0123456789abcdef",
+                                             "deid_demo_secret": "false"})
+        assert (tags["promotion_alias"], tags["promotion_excluded"], tags["promotion_images"]) == (
+            "champion", "3", "11")
+        assert (tags["training_run_id"], tags["training_images"], tags["training_data_version"]) == (
+            "r1", "3", "d" * 32)
         assert tags["deid_secret_fingerprint"] == "0123456789abcdef" and tags["deid_demo_secret"] == "false"
         assert all(isinstance(value, str) for value in tags.values())
 
@@ -371,10 +375,10 @@ def test_a_full_disk_while_logging_the_model_is_one_line_and_registers_nothing(s
     training = client.create_run(experiment)
     client.set_terminated(training.info.run_id, status="FINISHED")
     (tiny_disk / "filler").write_bytes(b"\0" * ((2048 - 24) * 1024))  # 24 KiB left: less than the model
-    with pytest.raises(DataError) as caught:
-        with mlflow.start_run(experiment_id=experiment, parent_run_id=training.info.run_id) as run:
-            registry.log_candidate(keras_models["good"], training_data=_record([]), threshold=0.5, classes=[0, 1],
-                                   settings=SETTINGS, domain=DX)
+    with pytest.raises(DataError) as caught, \
+            mlflow.start_run(experiment_id=experiment, parent_run_id=training.info.run_id) as run:
+        registry.log_candidate(keras_models["good"], training_data=_record([]), threshold=0.5, classes=[0, 1],
+                               settings=SETTINGS, domain=DX)
     message = str(caught.value)
     assert "\n" not in message and f"No space left on device while logging the model to {tiny_disk}/" in message
     assert "nothing is registered; free some space there" in message
