@@ -456,3 +456,48 @@ def test_a_kill_at_any_registration_step_leaves_one_complete_version(trained):
         assert str(client.get_model_version_by_alias("dicomflow-classifier", "champion").version) == "1"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_a_full_artifact_disk_fails_evaluate_in_one_line_and_keeps_the_training_run(trained, tmp_path):
+    """The real stage with its experiment's artifact folder on a nearly full tmpfs (root only)."""
+    import mlflow
+
+    root, env = trained
+    artifacts = next((root / "mlruns").iterdir())  # the experiment's folder (the store's default root)
+    aside = tmp_path / "aside"
+    shutil.move(artifacts, aside)
+    artifacts.mkdir()
+    used = sum(path.stat().st_size for path in aside.rglob("*") if path.is_file())
+    size = used + 4 * 1024 * 1024  # 4 MiB more than it holds: the plots fit, the model does not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(artifacts)]).returncode != 0:
+        shutil.rmtree(artifacts)
+        shutil.move(aside, artifacts)
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        shutil.copytree(aside, artifacts, dirs_exist_ok=True)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["evaluate"]["promotion_min_gain"] = 0.5  # a new evaluation: it would register a version
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        client = mlflow.MlflowClient()
+        before = len(client.search_model_versions("name = 'dicomflow-classifier'"))
+        # 1 MiB left when evaluate starts: less than the model it logs (about 1.2 MB with its code)
+        free = os.statvfs(artifacts).f_bavail * os.statvfs(artifacts).f_frsize
+        (artifacts / "filler").write_bytes(b"\0" * max(free - 1024 * 1024, 0))
+        result = _evaluate(root, env)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert len(errors) == 1 and "No space left on device while logging" in errors[0], result.stderr[-3000:]
+        assert f" to {artifacts}/" in errors[0] and "nothing is registered" in errors[0]
+        assert len(client.search_model_versions("name = 'dicomflow-classifier'")) == before
+        training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+        assert client.get_run(training_run).info.status == "FINISHED"
+        newest = client.search_runs([client.get_run(training_run).info.experiment_id],
+                                    filter_string="attributes.run_name = 'evaluate'", order_by=["start_time DESC"])[0]
+        assert newest.info.status == "FAILED"
+    finally:
+        mlflow.set_tracking_uri(None)
+        subprocess.run(["umount", "-l", str(artifacts)], check=False)
+        shutil.rmtree(artifacts, ignore_errors=True)
+        shutil.move(aside, artifacts)
