@@ -415,3 +415,36 @@ def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
     assert again.returncode == 1
     assert _error_lines(again) == [f"error: {private} exists: a key is never overwritten (versions signed with it "
                                    "would no longer verify); choose another folder or remove it yourself"]
+
+
+def test_the_pipelines_dicom_classifier_verifies_and_predicts(store, keys, make_dicom, tmp_path, monkeypatch):
+    """A real DicomClassifier (a Keras model, the dicomflow code it ships), logged as evaluate logs it."""
+    import keras
+    import numpy as np
+
+    from dicomflow.dicom.display import PixelSettings
+    from dicomflow.serving import pyfunc as serving
+
+    inputs = keras.Input(shape=(32, 32, 1), name="image")
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+    network = keras.Model(inputs, outputs)
+    network.save(tmp_path / "net.keras")
+    with mlflow.start_run(experiment_id=store["experiment"]):
+        info = serving.log_classifier(tmp_path / "net.keras", threshold=0.5, classes=[0, 1],
+                                      settings=PixelSettings(size=32))
+    version = str(mlflow.register_model(info.model_uri, "signing-test-dicom").version)
+    sign_model_version("signing-test-dicom", version, key=keys["sign"])
+    files = json.loads(MlflowClient().get_model_version("signing-test-dicom", version).tags[SIGNATURE_TAG])["files"]
+    assert "artifacts/net.keras" in files and "code/dicomflow/serving/pyfunc.py" in files
+
+    pixels = np.random.default_rng(0).integers(60, 200, (40, 40), dtype=np.uint8)  # not blank
+    make_dicom(tmp_path / "in" / "a.dcm", pixels)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store["uri"],
+           VERIFY_KEY_FILE_ENV: str(keys["team"][1]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "in", "--model",
+                             f"models:/signing-test-dicom/{version}", "--output", "out.csv"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"verified signing-test-dicom version {version}: {len(files)} files signed with key " in result.stderr
+    row = (tmp_path / "out.csv").read_text().splitlines()[1].split(",")
+    assert row[0] == "a.dcm" and row[-1] == "" and 0 < float(row[1]) < 1
