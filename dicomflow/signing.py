@@ -228,17 +228,30 @@ def write_key_pair(folder: Path) -> tuple[Path, Path]:
 
 
 def ensure_local_key_pair(folder: Path) -> tuple[Path, Path]:
-    """The clone's key pair in ``folder``, written on first use (:func:`write_key_pair`)."""
+    """The clone's key pair in ``folder``, written on first use (:func:`write_key_pair`).
+
+    Processes that start at once (queued experiments, parallel tests) agree on one pair: each
+    writes its pair into a folder of its own and renames it into place, and a rename onto a
+    folder that another process put there first fails, so the loser uses the winner's pair.
+    """
+    folder = Path(folder)
     private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
-    if private_path.exists() or public_path.exists():
-        if not (private_path.exists() and public_path.exists()):
-            missing = public_path if private_path.exists() else private_path
-            raise SettingsError(f"{missing} is missing beside its pair: remove {folder} to make a new key pair "
-                                "(versions signed with the old one will then be refused)")
-        return private_path, public_path
-    logger.info("made this clone's model signing key pair in %s (local store only; see "
-                "docs/security/signed-models.md)", folder)
-    return write_key_pair(folder)
+    if not folder.exists():
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".keys-", dir=folder.parent))
+        write_key_pair(scratch)
+        try:
+            os.rename(scratch, folder)
+        except OSError:  # another process made the pair first
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            logger.info("made this clone's model signing key pair in %s (local store only; see "
+                        "docs/security/signed-models.md)", folder)
+    if not (private_path.is_file() and public_path.is_file()):
+        missing = public_path if private_path.is_file() else private_path
+        raise SettingsError(f"{missing} is missing: remove {folder} to make a new key pair "
+                            "(versions signed with the old one will then be refused)")
+    return private_path, public_path
 
 
 def _local_key_folder() -> Path:

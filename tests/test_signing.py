@@ -385,6 +385,19 @@ class TestKeys:
         assert stat.S_IMODE((folder / "signing.pem").stat().st_mode) == 0o600
         assert signing_key_from_env({}).key_id == private.key_id  # the same pair next time
 
+    def test_processes_starting_at_once_agree_on_one_clone_key_pair(self, tmp_path):
+        code = ("from dicomflow.signing import signing_key_from_env, verify_key_from_env\n"
+                "print(signing_key_from_env({}).key_id, verify_key_from_env({}).key_id)")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        started = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        answers = [process.communicate(timeout=120) for process in started]
+        assert [process.returncode for process in started] == [0] * 6, [err for _, err in answers]
+        ids = {word for out, _ in answers for word in out.split()}
+        assert len(ids) == 1
+        assert sorted(path.name for path in (tmp_path / ".dicomflow").iterdir()) == ["keys"]
+
     @pytest.mark.parametrize("function", [signing_key_from_env, verify_key_from_env])
     @pytest.mark.parametrize("uri", ["https://mlflow.example.org", "http://127.0.0.1:5000",
                                      "postgresql://dicomflow@db/mlflow"])
