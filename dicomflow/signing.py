@@ -61,6 +61,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -350,7 +351,7 @@ def folder_manifest(folder: Path) -> dict[str, str]:
             if stat.S_ISDIR(mode):
                 continue
             if not stat.S_ISREG(mode):
-                raise SignatureError(f"{relative} is a link or special file, not a regular file")
+                raise SignatureError(f"{_printable(relative)} is a link or special file, not a regular file")
             manifest[relative] = _file_digest(path)
     return dict(sorted(manifest.items()))
 
@@ -408,9 +409,12 @@ def check_folder(folder: Path, signature: str | None, *, key: VerifyKey) -> None
     except (ValueError, TypeError, KeyError, binascii.Error):
         raise SignatureError(f"the {SIGNATURE_TAG} tag is not a {SIGNATURE_FORMAT} signature") from None
     if record.get("key_id") != key.key_id:
-        # A hint only: the signature check below decides. The id is safe to show (a public key's hash).
-        raise SignatureError(f"signed with another key (key id {str(record.get('key_id'))[:KEY_ID_LENGTH]}; "
-                             f"the verify key from {key.source} is {key.key_id})")
+        # A hint only: the signature check below decides. An id is shown only when it looks like
+        # one (a public key's hash): the tag is anyone's text.
+        signed_by = str(record.get("key_id"))
+        shown = signed_by if re.fullmatch(f"[0-9a-f]{{{KEY_ID_LENGTH}}}", signed_by) else "not a key id"
+        raise SignatureError(f"signed with another key (key id {shown}; the verify key from {key.source} "
+                             f"is {key.key_id})")
     try:
         key.public.verify(raw, _payload(signed_files))
     except InvalidSignature:
@@ -427,8 +431,15 @@ def check_folder(folder: Path, signature: str | None, *, key: VerifyKey) -> None
 
 
 def _some(paths: list[str], shown: int = 3) -> str:
-    text = ", ".join(paths[:shown])
+    """The first paths, printable on one line (anyone can name a file in a model: a newline or
+    a control character is shown escaped), and how many more."""
+    text = ", ".join(_printable(path) for path in paths[:shown])
     return text + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _printable(path: str, longest: int = 120) -> str:
+    text = path.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return text if len(text) <= longest else text[:longest] + "..."
 
 
 # ---------------------------------------------------------------------------------------------

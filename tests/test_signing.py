@@ -32,7 +32,9 @@ from dicomflow.signing import (
     VERIFY_KEY_ENV,
     VERIFY_KEY_FILE_ENV,
     SignatureError,
+    check_folder,
     download_verified,
+    sign_folder,
     sign_model_version,
     signing_key_from_env,
     verify_key_from_env,
@@ -224,6 +226,15 @@ class TestDownloadVerified:
         with pytest.raises(SignatureError, match=r"\(missing: requirements.txt\)"):
             download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
 
+    def test_a_file_name_cannot_break_the_one_line(self, keys, tmp_path):
+        """On a folder (MLflow's own download refuses such a name before this check could)."""
+        (tmp_path / "MLmodel").write_text("flavors: {}\n")
+        signature = sign_folder(tmp_path, key=keys["sign"])
+        (tmp_path / "x\nerror: all fine").write_text("")
+        with pytest.raises(SignatureError) as caught:
+            check_folder(tmp_path, signature, key=keys["verify"])
+        assert str(caught.value) == "its files differ from the signed ones (not signed: x\\nerror: all fine)"
+
     def test_a_link_in_the_model_is_refused(self, store, keys, tmp_path):
         version = _fresh_signed(store, keys, tmp_path, "link")
         stored = _stored_folder(version)
@@ -265,8 +276,15 @@ class TestDownloadVerified:
 
     def test_a_garbled_tag_is_refused_without_quoting_it(self, store, keys, tmp_path):
         version = _register(store, tmp_path / "code", "garbled")
-        MlflowClient().set_model_version_tag(NAME, version, SIGNATURE_TAG, "Patient^Jane was here")
+        client = MlflowClient()
+        client.set_model_version_tag(NAME, version, SIGNATURE_TAG, "Patient^Jane was here")
         with pytest.raises(SignatureError, match="tag is not a dicomflow-signature/1 signature") as caught:
+            download_verified(f"models:/{NAME}/{version}", tmp_path, key=keys["verify"])
+        assert "Jane" not in str(caught.value)
+        client.set_model_version_tag(NAME, version, SIGNATURE_TAG, json.dumps(
+            {"format": "dicomflow-signature/1", "algorithm": "ed25519", "key_id": "Patient^Jane",
+             "files": {}, "signature": ""}))
+        with pytest.raises(SignatureError, match=r"signed with another key \(key id not a key id;") as caught:
             download_verified(f"models:/{NAME}/{version}", tmp_path, key=keys["verify"])
         assert "Jane" not in str(caught.value)
 
