@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlflow
@@ -160,7 +159,7 @@ def _predict(store, tmp_path: Path, uri: str, verify_key: Path) -> subprocess.Co
            VERIFY_KEY_FILE_ENV: str(verify_key)}
     return subprocess.run([sys.executable, "-m", "dicomflow", "predict", str(folder), "--model", uri,
                            "--output", str(tmp_path / "out.csv")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300)
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -288,7 +287,7 @@ class TestDownloadVerified:
             download_verified(f"models:/{NAME}/{version}", tmp_path, key=keys["verify"])
         assert "Jane" not in str(caught.value)
 
-    @pytest.mark.parametrize("uri", [f"runs:/0123/model", "/tmp/some/model", f"models:/{NAME}/latest",
+    @pytest.mark.parametrize("uri", ["runs:/0123/model", "/tmp/some/model", f"models:/{NAME}/latest",
                                      f"models:/{NAME}/1/MLmodel"])
     def test_only_a_registered_version_or_alias_is_accepted(self, signed, keys, tmp_path, uri):
         with pytest.raises(SignatureError, match="give models:/NAME/VERSION or models:/NAME@ALIAS"):
@@ -314,9 +313,9 @@ class TestPredictVerifies:
         finally:
             client.set_registered_model_alias(NAME, "champion", signed)
         assert result.returncode == 1
-        assert _error_lines(result) == [f"error: refused models:/{NAME}@champion (version {planted}): not signed "
-                                        f"(no {SIGNATURE_TAG} tag); only versions registered by evaluate are signed "
-                                        "(docs/security/signed-models.md)"]
+        assert _error_lines(result) == [(f"error: refused models:/{NAME}@champion (version {planted}): not signed "
+                                         f"(no {SIGNATURE_TAG} tag); only versions registered by evaluate are signed "
+                                         "(docs/security/signed-models.md)")]
         assert not (markers / "planted.ran").exists()
         assert not (tmp_path / "out.csv").exists()
 
@@ -332,9 +331,9 @@ class TestPredictVerifies:
         module.write_text(module.read_text() + "\n# one more line\n")
         result = _predict(store, tmp_path, f"models:/{NAME}/{version}", keys["team"][1])
         assert result.returncode == 1
-        assert _error_lines(result) == [f"error: refused models:/{NAME}/{version}: its files differ from the signed "
-                                        "ones (changed: code/model_altered.py); do not use this version; register "
-                                        "the model again (docs/security/signed-models.md)"]
+        assert _error_lines(result) == [(f"error: refused models:/{NAME}/{version}: its files differ from the signed "
+                                         "ones (changed: code/model_altered.py); do not use this version; register "
+                                         "the model again (docs/security/signed-models.md)")]
         assert not (markers / "altered.ran").exists()
 
     def test_another_verify_key_is_refused(self, signed, store, keys, tmp_path):
@@ -435,17 +434,17 @@ class TestKeys:
 def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "dicomflow", "keygen", "--out", str(tmp_path / "team")]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     private, public = tmp_path / "team" / "signing.pem", tmp_path / "team" / "verify.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     key = signing_key_from_env({SIGNING_KEY_FILE_ENV: str(private)})
     assert key.key_id in result.stderr
     assert verify_key_from_env({VERIFY_KEY_FILE_ENV: str(public)}).key_id == key.key_id
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
     assert again.returncode == 1
-    assert _error_lines(again) == [f"error: {private} exists: a key is never overwritten (versions signed with it "
-                                   "would no longer verify); choose another folder or remove it yourself"]
+    assert _error_lines(again) == [(f"error: {private} exists: a key is never overwritten (versions signed with it "
+                                    "would no longer verify); choose another folder or remove it yourself")]
 
 
 def test_the_pipelines_dicom_classifier_verifies_and_predicts(store, keys, make_dicom, tmp_path, monkeypatch):
@@ -474,7 +473,7 @@ def test_the_pipelines_dicom_classifier_verifies_and_predicts(store, keys, make_
            VERIFY_KEY_FILE_ENV: str(keys["team"][1]), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "in", "--model",
                              f"models:/signing-test-dicom/{version}", "--output", "out.csv"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"verified signing-test-dicom version {version}: {len(files)} files signed with key " in result.stderr
     row = (tmp_path / "out.csv").read_text().splitlines()[1].split(",")
