@@ -36,17 +36,11 @@ from tqdm import tqdm
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
 from dicomflow.deid.digests import write_digests
-from dicomflow.deid.files import (
-    SECRET_ENV,
-    SECRET_FILE_ENV,
-    FileSettings,
-    build_manifest,
-    check_inputs,
-    check_outputs,
-    deidentify_sources,
-    read_secret,
-    summarise,
-)
+from dicomflow.deid.checks import check_inputs, check_outputs
+from dicomflow.deid.manifest import build_manifest
+from dicomflow.deid.passes import deidentify_sources, summarise
+from dicomflow.deid.secret import SECRET_ENV, SECRET_FILE_ENV, read_secret
+from dicomflow.deid.worker import FileSettings
 from dicomflow.deid.profile import load_profile
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.runtime.outputs import staged_folder, write_json

@@ -22,7 +22,8 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
-from dicomflow.deid import files as deid_files
+from dicomflow.deid import secret as deid_secret
+from dicomflow.deid.worker import AUDIT_COLUMNS
 from stages import deidentify
 from dicomflow.config import layout
 from dicomflow.errors import DataError
@@ -875,7 +876,7 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
     """A fake ingest output (3 images, one RLE) and the repo's params.yaml, as the working dir."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    for name in (deid_files.SECRET_ENV, deid_files.SECRET_FILE_ENV):
+    for name in (deid_secret.SECRET_ENV, deid_secret.SECRET_FILE_ENV):
         monkeypatch.delenv(name, raising=False)
     data = tmp_path / "data" / "studies" / "ACC-70707070"
     data.mkdir(parents=True)
@@ -923,7 +924,7 @@ class TestBurnedIn:
         out = stage_dir / "outputs" / "deidentify"
         index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        excluded_key = pseudonym(deid_files.DEMO_SECRET, index["sop_instance_uid"][1], 16)
+        excluded_key = pseudonym(deid_secret.DEMO_SECRET, index["sop_instance_uid"][1], 16)
         assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
         assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
         ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
@@ -970,7 +971,7 @@ class TestBurnedIn:
 
 class TestMain:
     def test_outputs(self, stage_dir, monkeypatch, caplog):
-        monkeypatch.setenv(deid_files.SECRET_ENV, SECRET.decode())
+        monkeypatch.setenv(deid_secret.SECRET_ENV, SECRET.decode())
         with caplog.at_level(logging.INFO):
             deidentify.main()
         out = stage_dir / "outputs" / "deidentify"
@@ -989,7 +990,7 @@ class TestMain:
             ds = pydicom.dcmread(out / relative)
             assert relative == f"dicom/{key}.dcm" and ds.PatientIdentityRemoved == "YES"
         audit = pd.read_csv(out / layout.DEID_AUDIT)
-        assert list(audit.columns) == list(deid_files.AUDIT_COLUMNS)
+        assert list(audit.columns) == list(AUDIT_COLUMNS)
         assert (audit["private_removed"] == 3).all() and (audit["overlay_removed"] == 9).all()
         metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
         assert metrics["n_files"] == 3 and metrics["leak_hits"] == 0 and metrics["demo_secret"] == 0
@@ -1046,8 +1047,8 @@ class TestMain:
         written = [pydicom.dcmread(path) for path in
                    sorted((stage_dir / "outputs" / "deidentify" / layout.DEID_DICOM_DIR).glob("*.dcm"))]
         assert sorted(str(ds.Manufacturer) for ds in written) == sorted(
-            ["Acme", "Acme", pseudonym(deid_files.DEMO_SECRET, "Zanzibar Imaging")])
-        assert pseudonym(deid_files.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
+            ["Acme", "Acme", pseudonym(deid_secret.DEMO_SECRET, "Zanzibar Imaging")])
+        assert pseudonym(deid_secret.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
                                                                 for ds in written if "ManufacturerModelName" in ds}
 
     def test_a_failed_leak_check_lists_every_attribute_with_its_file_count(self, stage_dir):
@@ -1076,7 +1077,7 @@ class TestMain:
         index.to_parquet(index_file)
         deidentify.main()  # completes: the per-file check replaced it before the net saw it
         manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
-        assert manifest["manufacturer"].tolist() == ["Acme", pseudonym(deid_files.DEMO_SECRET, "Quixley Imaging"), "Acme"]
+        assert manifest["manufacturer"].tolist() == ["Acme", pseudonym(deid_secret.DEMO_SECRET, "Quixley Imaging"), "Acme"]
         written = pydicom.dcmread(stage_dir / "outputs" / "deidentify" / manifest["dicom_file"][1])
         assert written.Manufacturer == manifest["manufacturer"][1]
 
@@ -1133,7 +1134,7 @@ class TestMain:
         out = stage_dir / "outputs" / "deidentify"
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
         uid = index["sop_instance_uid"][0]
-        assert list(manifest["image_key"][:2]) == [pseudonym(deid_files.DEMO_SECRET, f"{uid}#{i}", 16)
+        assert list(manifest["image_key"][:2]) == [pseudonym(deid_secret.DEMO_SECRET, f"{uid}#{i}", 16)
                                                   for i in (0, 1)]
         assert manifest["image_key"].is_unique
         assert manifest["dicom_file"][0] == manifest["dicom_file"][1] != manifest["dicom_file"][2]
@@ -1150,16 +1151,16 @@ class TestMain:
 class TestReadSecret:
     def test_environment_wins(self, tmp_path):
         (tmp_path / "s").write_text("from file\n")
-        env = {deid_files.SECRET_ENV: "from env", deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deid_files.read_secret(env) == (b"from env", False)
+        env = {deid_secret.SECRET_ENV: "from env", deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deid_secret.read_secret(env) == (b"from env", False)
 
     def test_file_content_stripped(self, tmp_path):
         (tmp_path / "s").write_text("from file\n")
-        env = {deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deid_files.read_secret(env) == (b"from file", False)
+        env = {deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deid_secret.read_secret(env) == (b"from file", False)
 
     def test_demo_when_unset(self):
-        assert deid_files.read_secret({}) == (deid_files.DEMO_SECRET, True)
+        assert deid_secret.read_secret({}) == (deid_secret.DEMO_SECRET, True)
 
     @pytest.mark.parametrize("env, match", [
         ({"DICOMFLOW_SECRET": ""}, "DICOMFLOW_SECRET is set but empty"),
@@ -1167,4 +1168,4 @@ class TestReadSecret:
     ])
     def test_bad_secret_settings(self, env, match):
         with pytest.raises(DataError, match=match):
-            deid_files.read_secret(env)
+            deid_secret.read_secret(env)
