@@ -370,6 +370,7 @@ def subprocess_env(project: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=str(project), PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1",
+               DICOMFLOW_SECRET="bench: BreastMNIST as DICOM is not the embedded sample",
                MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="bench",
                GIT_AUTHOR_EMAIL="bench@example.org", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="bench@example.org")

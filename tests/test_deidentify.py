@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -1285,3 +1286,52 @@ def test_the_sample_digests_are_those_of_the_generated_sample(tmp_path):
     assert sorted(digests) == shipped and len(shipped) == 721
     assert deid_secret.is_embedded_sample(digests)
     assert not deid_secret.is_embedded_sample(digests | {hashlib.sha256(b"one file more").hexdigest()})
+
+
+@pytest.mark.slow
+def test_a_new_secret_reruns_deidentify_under_dvc_repro_and_the_same_one_does_not(tmp_path):
+    """A real `dvc repro` in a temporary repository: the secret is no file, yet a change of it
+    reruns deidentify (through the `secret` stage's fingerprint) and the same secret skips it."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root)
+    for package in ("stages", "dicomflow"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(root),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.org")
+
+    def run(*args: str, secret: str | None = None) -> str:
+        result = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                                env={**env, "DICOMFLOW_SECRET": secret} if secret else env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run(sys.executable, "-m", "dicomflow", "sample-data", "data", "--patients", "40")
+    run("dvc", "add", "-q", "data")
+    first, second = "first secret of the tests, 32 bytes+", "second secret of the tests, 32 bytes+"
+    fingerprint_file = root / "reports" / "secret_fingerprint.json"
+
+    log = run("dvc", "repro", "deidentify", secret=first)
+    assert "Running stage 'ingest'" in log and "Running stage 'deidentify'" in log
+    assert json.loads(fingerprint_file.read_text()) == {"fingerprint": fingerprint(first.encode()), "demo": False}
+    manifest = pd.read_parquet(root / "outputs" / "deidentify" / layout.DEID_MANIFEST)
+
+    log = run("dvc", "repro", "deidentify", secret=first)
+    assert "Running stage 'secret'" in log and "Running stage 'deidentify'" not in log
+
+    log = run("dvc", "repro", "deidentify", secret=second)
+    assert "Running stage 'deidentify'" in log and "Running stage 'ingest'" not in log
+    assert json.loads(fingerprint_file.read_text())["fingerprint"] == fingerprint(second.encode())
+    again = pd.read_parquet(root / "outputs" / "deidentify" / layout.DEID_MANIFEST)
+    assert not set(again["patient_key"]) & set(manifest["patient_key"])  # re-keyed
+    assert json.loads((root / "outputs" / "deidentify" / layout.DEID_SECRET_FINGERPRINT).read_text()) == {
+        "fingerprint": fingerprint(second.encode()), "demo": False}
