@@ -1271,6 +1271,41 @@ class TestSecretUse:
         assert not deid_secret.is_embedded_sample([hashlib.sha256(b"a real export").hexdigest()])
 
 
+class TestSecretStage:
+    @pytest.fixture
+    def project(self, tmp_path, monkeypatch) -> Path:
+        shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+        monkeypatch.chdir(tmp_path)
+        for name in (deid_secret.SECRET_ENV, deid_secret.SECRET_FILE_ENV):
+            monkeypatch.delenv(name, raising=False)
+        return tmp_path
+
+    def test_writes_only_the_fingerprint(self, project, monkeypatch, caplog):
+        from stages import secret as secret_stage
+
+        monkeypatch.setenv(deid_secret.SECRET_ENV, SECRET.decode())
+        with caplog.at_level(logging.INFO):
+            secret_stage.main()
+        written = (project / "reports" / "secret_fingerprint.json").read_text()
+        assert json.loads(written) == {"fingerprint": fingerprint(SECRET), "demo": False}
+        assert SECRET.decode() not in written and SECRET.decode() not in caplog.text
+
+    def test_the_demo_secret_is_recorded_as_such(self, project):
+        from stages import secret as secret_stage
+
+        secret_stage.main()
+        assert json.loads((project / "reports" / "secret_fingerprint.json").read_text()) == {
+            "fingerprint": fingerprint(DEMO), "demo": True}
+
+    def test_a_short_secret_stops_it(self, project, monkeypatch):
+        from stages import secret as secret_stage
+
+        monkeypatch.setenv(deid_secret.SECRET_ENV, "0123456789abcdef")
+        with pytest.raises(SettingsError, match="DICOMFLOW_SECRET is 16 bytes long; a secret needs at least 32"):
+            secret_stage.main()
+        assert not (project / "reports" / "secret_fingerprint.json").exists()
+
+
 @pytest.mark.slow
 def test_the_sample_digests_are_those_of_the_generated_sample(tmp_path):
     """The shipped list is the SHA-256 of every file `dicomflow sample-data` writes (labels.csv
