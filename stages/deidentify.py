@@ -4,10 +4,11 @@ Inputs: ``paths.ingest_dir``/index.parquet and images.npy (row i <-> image i), a
 files under ``paths.data`` (``source_path`` in the index is relative to it).
 Outputs (``paths.deid_dir``): ``dicom/<image_key>.dcm`` (de-identified headers, original pixel data
 and transfer syntax, or blanked regions decoded), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``,
-index order), ``images.npy`` and ``audit.csv`` (actions, options and the burned-in decision per
-file), ``secret_fingerprint.json``; counts to ``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation``
-YES, or a modality, image type or manufacturer listed in params) are excluded, or have the
-configured regions blanked in the DICOM file and in ``images.npy``.
+index order), ``images.npy``, ``audit.csv`` (actions, options and the burned-in decision per
+file), ``identifier_digests.json`` and ``secret_fingerprint.json``; counts to
+``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation`` YES, or a
+modality, image type or manufacturer listed in params) are excluded, or have the configured
+regions blanked in the DICOM file and in ``images.npy``.
 Params: ``deidentify.*`` (private tags, the PS3.15 options, burned-in text rules); the ``ingest``
 pixel params, to redo the images of files whose burned-in regions are blanked.
 Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE`` (at least 32 bytes);
@@ -20,8 +21,8 @@ the second de-identifies each file, replacing any kept text (manufacturer, codes
 keeps) that holds one of them, whichever file it came from. Nothing downstream reads ``data/`` or
 the ingest index again, so before the outputs are moved into place every identifying value of the
 sources is searched in them (:func:`find_leaks`): the safety net, which real exports do not trip;
-any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry counts, tags and row numbers, never PHI
-(not even source paths, which hold accession numbers).
+any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry
+counts, tags and row numbers, never PHI (not even source paths, which hold accession numbers).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from tqdm import tqdm
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
-from dicomflow.deid.digests import write_digests
 from dicomflow.deid.checks import check_inputs, check_outputs
+from dicomflow.deid.digests import write_digests
 from dicomflow.deid.manifest import build_manifest
 from dicomflow.deid.passes import deidentify_sources, summarise
+from dicomflow.deid.profile import load_profile
 from dicomflow.deid.secret import (
     check_secret_use,
     fingerprint_record,
@@ -49,11 +51,10 @@ from dicomflow.deid.secret import (
     read_secret,
 )
 from dicomflow.deid.worker import FileSettings
-from dicomflow.deid.profile import load_profile
 from dicomflow.dicom.display import PixelSettings
+from dicomflow.errors import DataError
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
-from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import pandas as pd
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
-from dicomflow.runtime.outputs import staged_folder, write_text
 from dicomflow.errors import DataError
+from dicomflow.runtime.outputs import staged_folder, write_text
 from dicomflow.runtime.stage import run_stage
 from dicomflow.splitting import (
     SPLITS,
