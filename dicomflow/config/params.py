@@ -46,6 +46,7 @@ def _interval(low: float | None, high: float | None, *, closed: str = "both") ->
 class PathsParams:
     data: str
     labels: str
+    secret_fingerprint: str
     ingest_dir: str
     ingest_metrics: str
     deid_dir: str

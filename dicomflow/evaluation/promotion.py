@@ -21,7 +21,7 @@ from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import AugmentParams, TrainParams
 from dicomflow.deid.digests import read_digests
-from dicomflow.deid.files import read_secret
+from dicomflow.deid.secret import read_secret
 from dicomflow.deid.leaks import scan_mlflow_run, scan_paths
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
