@@ -102,6 +102,29 @@ class TestReadme:
             assert command in text
 
 
+class TestSphinxRoles:
+    """docs/hooks/griffe_roles.py: Sphinx roles in docstrings become inline code."""
+
+    @pytest.fixture(scope="class")
+    def strip_roles(self):
+        sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+        try:
+            from griffe_roles import strip_roles
+        finally:
+            sys.path.remove(str(ROOT / "docs" / "hooks"))
+        return strip_roles
+
+    @pytest.mark.parametrize(("text", "expected"), [
+        (":func:`load_profile` reads", "`load_profile` reads"),
+        ("see :class:`~dicomflow.deid.profile.Profile`.", "see `Profile`."),
+        (":py:meth:`Profile.rule_for` and :data:`KEPT_TEXT`", "`Profile.rule_for` and `KEPT_TEXT`"),
+        (":ref:`the table <kept-text>`", "`the table`"),
+        ("plain `code` stays", "plain `code` stays"),
+    ])
+    def test_role_becomes_inline_code(self, strip_roles, text, expected):
+        assert strip_roles(text) == expected
+
+
 class TestExternalAssets:
     """The scanner itself finds what it must, so the site test below can fail."""
 
@@ -162,6 +185,12 @@ class TestSite:
             assert 'class="doc doc-' in page.read_text(encoding="utf-8"), f"{name}: page is empty"
         assert not list((built_site / "reference").rglob("*devtools*"))
         assert not list((built_site / "reference").rglob("*__main__*"))
+
+    def test_reference_shows_no_sphinx_roles(self, built_site):
+        roles = re.compile(r":(func|class|data|meth|mod|attr|exc):")
+        shown = [str(page.relative_to(built_site)) for page in (built_site / "reference").rglob("*.html")
+                 if roles.search(page.read_text(encoding="utf-8"))]
+        assert shown == []
 
     def test_a_broken_link_fails_the_build(self, tmp_path):
         config = copy_project_docs(tmp_path)
