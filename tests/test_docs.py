@@ -186,6 +186,18 @@ class TestSite:
         assert not list((built_site / "reference").rglob("*devtools*"))
         assert not list((built_site / "reference").rglob("*__main__*"))
 
+    def test_no_fake_identifying_value_of_the_sample_is_published(self, built_site):
+        from dicomflow.devtools import sample_data
+
+        # Distinctive values only: surnames alone (Johnson) also appear in citations.
+        people = (*sample_data.PHYSICIANS, *sample_data.OPERATORS)
+        values = [*sample_data.CITIES, *sample_data.STREETS, *people,
+                  *(" ".join(reversed(name.split("^"))) for name in people),
+                  *(part for institution in sample_data.INSTITUTIONS for part in institution[:2])]
+        published = "\n".join(path.read_text(encoding="utf-8") for path in built_site.rglob("*")
+                              if path.suffix in {".html", ".json", ".js", ".xml"})
+        assert [value for value in values if value in published] == []
+
     def test_reference_shows_no_sphinx_roles(self, built_site):
         roles = re.compile(r":(func|class|data|meth|mod|attr|exc):")
         shown = [str(page.relative_to(built_site)) for page in (built_site / "reference").rglob("*.html")
