@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data repro test ui predict mlflow-server lock clean
+.PHONY: install data repro test ui predict mlflow-server lock clean docs
 
 install: $(INSTALLED)
 
@@ -38,6 +38,11 @@ $(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json
 test: install $(TEST_TOOLS)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
+
+# The manual (docs/, mkdocs.yml) as a static site in site/, offline; --strict: a broken link or
+# reference fails it. Open site/index.html; for search, serve it: python3 -m http.server -d site
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The champion on every file under INPUT, to predictions.csv (bad files listed with their reason).
 INPUT ?= data

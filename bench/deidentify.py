@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep (and reuse) the corpora here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    # The clinical corpus is not the embedded sample: deidentify refuses it the demo secret.
+    os.environ.setdefault("DICOMFLOW_SECRET", "bench: the clinical corpus is not the embedded sample")
 
     work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="bench-deid-"))
     try:

@@ -366,10 +366,12 @@ def project_files(params: dict) -> list[str]:
 
 def subprocess_env(project: Path) -> dict[str, str]:
     """The environment of every command in the temporary project: runs go to its own SQLite
-    store (no MLFLOW_TRACKING_URI), the demo secret (the PHI is fake), this venv's tools first."""
+    store (no MLFLOW_TRACKING_URI), a secret of its own (BreastMNIST as DICOM is not the
+    embedded sample), this venv's tools first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=str(project), PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1",
+               DICOMFLOW_SECRET="bench: BreastMNIST as DICOM is not the embedded sample",
                MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="bench",
                GIT_AUTHOR_EMAIL="bench@example.org", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="bench@example.org")

@@ -184,7 +184,7 @@ def ingest_table(sizes: list[int], work: Path) -> None:
 
 # Dtypes of the deidentify stage's manifest as the validate and split stages read it back with
 # pd.read_parquet (pandas 3): keys and hashes as "str", the columns copied from the ingest index
-# as "string", the age as nullable "Int64" (see dicomflow/deid/files.py, build_manifest).
+# as "string", the age as nullable "Int64" (see dicomflow/deid/manifest.py, build_manifest).
 STR, STRING = pd.StringDtype(na_value=np.nan), pd.StringDtype()
 
 

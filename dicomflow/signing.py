@@ -61,6 +61,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -228,17 +229,30 @@ def write_key_pair(folder: Path) -> tuple[Path, Path]:
 
 
 def ensure_local_key_pair(folder: Path) -> tuple[Path, Path]:
-    """The clone's key pair in ``folder``, written on first use (:func:`write_key_pair`)."""
+    """The clone's key pair in ``folder``, written on first use (:func:`write_key_pair`).
+
+    Processes that start at once (queued experiments, parallel tests) agree on one pair: each
+    writes its pair into a folder of its own and renames it into place, and a rename onto a
+    folder that another process put there first fails, so the loser uses the winner's pair.
+    """
+    folder = Path(folder)
     private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
-    if private_path.exists() or public_path.exists():
-        if not (private_path.exists() and public_path.exists()):
-            missing = public_path if private_path.exists() else private_path
-            raise SettingsError(f"{missing} is missing beside its pair: remove {folder} to make a new key pair "
-                                "(versions signed with the old one will then be refused)")
-        return private_path, public_path
-    logger.info("made this clone's model signing key pair in %s (local store only; see "
-                "docs/security/signed-models.md)", folder)
-    return write_key_pair(folder)
+    if not folder.exists():
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".keys-", dir=folder.parent))
+        write_key_pair(scratch)
+        try:
+            os.rename(scratch, folder)
+        except OSError:  # another process made the pair first
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            logger.info("made this clone's model signing key pair in %s (local store only; see "
+                        "docs/security/signed-models.md)", folder)
+    if not (private_path.is_file() and public_path.is_file()):
+        missing = public_path if private_path.is_file() else private_path
+        raise SettingsError(f"{missing} is missing: remove {folder} to make a new key pair "
+                            "(versions signed with the old one will then be refused)")
+    return private_path, public_path
 
 
 def _local_key_folder() -> Path:
@@ -337,7 +351,7 @@ def folder_manifest(folder: Path) -> dict[str, str]:
             if stat.S_ISDIR(mode):
                 continue
             if not stat.S_ISREG(mode):
-                raise SignatureError(f"{relative} is a link or special file, not a regular file")
+                raise SignatureError(f"{_printable(relative)} is a link or special file, not a regular file")
             manifest[relative] = _file_digest(path)
     return dict(sorted(manifest.items()))
 
@@ -395,9 +409,12 @@ def check_folder(folder: Path, signature: str | None, *, key: VerifyKey) -> None
     except (ValueError, TypeError, KeyError, binascii.Error):
         raise SignatureError(f"the {SIGNATURE_TAG} tag is not a {SIGNATURE_FORMAT} signature") from None
     if record.get("key_id") != key.key_id:
-        # A hint only: the signature check below decides. The id is safe to show (a public key's hash).
-        raise SignatureError(f"signed with another key (key id {str(record.get('key_id'))[:KEY_ID_LENGTH]}; "
-                             f"the verify key from {key.source} is {key.key_id})")
+        # A hint only: the signature check below decides. An id is shown only when it looks like
+        # one (a public key's hash): the tag is anyone's text.
+        signed_by = str(record.get("key_id"))
+        shown = signed_by if re.fullmatch(f"[0-9a-f]{{{KEY_ID_LENGTH}}}", signed_by) else "not a key id"
+        raise SignatureError(f"signed with another key (key id {shown}; the verify key from {key.source} "
+                             f"is {key.key_id})")
     try:
         key.public.verify(raw, _payload(signed_files))
     except InvalidSignature:
@@ -414,8 +431,15 @@ def check_folder(folder: Path, signature: str | None, *, key: VerifyKey) -> None
 
 
 def _some(paths: list[str], shown: int = 3) -> str:
-    text = ", ".join(paths[:shown])
+    """The first paths, printable on one line (anyone can name a file in a model: a newline or
+    a control character is shown escaped), and how many more."""
+    text = ", ".join(_printable(path) for path in paths[:shown])
     return text + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _printable(path: str, longest: int = 120) -> str:
+    text = path.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return text if len(text) <= longest else text[:longest] + "..."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import pandas as pd
 from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import load_params, read_params_file
-from dicomflow.deid.files import read_secret
+from dicomflow.deid.secret import read_secret
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.errors import DataError
 from dicomflow.evaluation import registry
@@ -65,6 +65,7 @@ from dicomflow.evaluation.promotion import (
     training_data_record,
 )
 from dicomflow.evaluation.reporting import report_test_split
+from dicomflow.metrics import metric_for
 from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
@@ -87,6 +88,7 @@ def main() -> None:
     run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(deid_dir / layout.IMAGES, mmap_mode="r")
+    metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
 
@@ -98,9 +100,6 @@ def main() -> None:
     metrics, plot_files, subgroups = report_test_split(
         model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
         classes=ingest.classes, plots_dir=Path(paths.eval_plots))
-    if params.promotion_metric not in metrics:
-        raise DataError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
-                         f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
     write_json(Path(paths.eval_metrics), headline(metrics))
     write_json(Path(paths.eval_report), metrics)
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))

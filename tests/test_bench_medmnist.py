@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import yaml
 
-from dicomflow.deid.files import burned_in_risk
+from dicomflow.deid.burned_in import burned_in_risk
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.dicom.labels import read_labels
 from dicomflow.config.params import DeidentifyParams, build_section

@@ -102,6 +102,7 @@ def test_stages_on_the_cluster_write_the_bytes_a_local_run_writes(scheduler, tmp
     env = {key: value for key, value in os.environ.items() if not key.startswith("DICOMFLOW_")}
     env.pop(cluster.SCHEDULER_ENV, None)
     env["PYTHONPATH"] = str(REPO)  # the stages; the workers import dicomflow from the venv
+    env["DICOMFLOW_SECRET"] = "cluster test: the tiny sample is not the embedded one"
     local, on_cluster = _projects(tmp_path / "local", tmp_path / "cluster", env)
 
     _run_stages(local, env)

@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlflow
@@ -32,7 +31,9 @@ from dicomflow.signing import (
     VERIFY_KEY_ENV,
     VERIFY_KEY_FILE_ENV,
     SignatureError,
+    check_folder,
     download_verified,
+    sign_folder,
     sign_model_version,
     signing_key_from_env,
     verify_key_from_env,
@@ -158,7 +159,7 @@ def _predict(store, tmp_path: Path, uri: str, verify_key: Path) -> subprocess.Co
            VERIFY_KEY_FILE_ENV: str(verify_key)}
     return subprocess.run([sys.executable, "-m", "dicomflow", "predict", str(folder), "--model", uri,
                            "--output", str(tmp_path / "out.csv")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300)
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -224,6 +225,15 @@ class TestDownloadVerified:
         with pytest.raises(SignatureError, match=r"\(missing: requirements.txt\)"):
             download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
 
+    def test_a_file_name_cannot_break_the_one_line(self, keys, tmp_path):
+        """On a folder (MLflow's own download refuses such a name before this check could)."""
+        (tmp_path / "MLmodel").write_text("flavors: {}\n")
+        signature = sign_folder(tmp_path, key=keys["sign"])
+        (tmp_path / "x\nerror: all fine").write_text("")
+        with pytest.raises(SignatureError) as caught:
+            check_folder(tmp_path, signature, key=keys["verify"])
+        assert str(caught.value) == "its files differ from the signed ones (not signed: x\\nerror: all fine)"
+
     def test_a_link_in_the_model_is_refused(self, store, keys, tmp_path):
         version = _fresh_signed(store, keys, tmp_path, "link")
         stored = _stored_folder(version)
@@ -265,12 +275,19 @@ class TestDownloadVerified:
 
     def test_a_garbled_tag_is_refused_without_quoting_it(self, store, keys, tmp_path):
         version = _register(store, tmp_path / "code", "garbled")
-        MlflowClient().set_model_version_tag(NAME, version, SIGNATURE_TAG, "Patient^Jane was here")
+        client = MlflowClient()
+        client.set_model_version_tag(NAME, version, SIGNATURE_TAG, "Patient^Jane was here")
         with pytest.raises(SignatureError, match="tag is not a dicomflow-signature/1 signature") as caught:
             download_verified(f"models:/{NAME}/{version}", tmp_path, key=keys["verify"])
         assert "Jane" not in str(caught.value)
+        client.set_model_version_tag(NAME, version, SIGNATURE_TAG, json.dumps(
+            {"format": "dicomflow-signature/1", "algorithm": "ed25519", "key_id": "Patient^Jane",
+             "files": {}, "signature": ""}))
+        with pytest.raises(SignatureError, match=r"signed with another key \(key id not a key id;") as caught:
+            download_verified(f"models:/{NAME}/{version}", tmp_path, key=keys["verify"])
+        assert "Jane" not in str(caught.value)
 
-    @pytest.mark.parametrize("uri", [f"runs:/0123/model", "/tmp/some/model", f"models:/{NAME}/latest",
+    @pytest.mark.parametrize("uri", ["runs:/0123/model", "/tmp/some/model", f"models:/{NAME}/latest",
                                      f"models:/{NAME}/1/MLmodel"])
     def test_only_a_registered_version_or_alias_is_accepted(self, signed, keys, tmp_path, uri):
         with pytest.raises(SignatureError, match="give models:/NAME/VERSION or models:/NAME@ALIAS"):
@@ -296,9 +313,9 @@ class TestPredictVerifies:
         finally:
             client.set_registered_model_alias(NAME, "champion", signed)
         assert result.returncode == 1
-        assert _error_lines(result) == [f"error: refused models:/{NAME}@champion (version {planted}): not signed "
-                                        f"(no {SIGNATURE_TAG} tag); only versions registered by evaluate are signed "
-                                        "(docs/security/signed-models.md)"]
+        assert _error_lines(result) == [(f"error: refused models:/{NAME}@champion (version {planted}): not signed "
+                                         f"(no {SIGNATURE_TAG} tag); only versions registered by evaluate are signed "
+                                         "(docs/security/signed-models.md)")]
         assert not (markers / "planted.ran").exists()
         assert not (tmp_path / "out.csv").exists()
 
@@ -314,9 +331,9 @@ class TestPredictVerifies:
         module.write_text(module.read_text() + "\n# one more line\n")
         result = _predict(store, tmp_path, f"models:/{NAME}/{version}", keys["team"][1])
         assert result.returncode == 1
-        assert _error_lines(result) == [f"error: refused models:/{NAME}/{version}: its files differ from the signed "
-                                        "ones (changed: code/model_altered.py); do not use this version; register "
-                                        "the model again (docs/security/signed-models.md)"]
+        assert _error_lines(result) == [(f"error: refused models:/{NAME}/{version}: its files differ from the signed "
+                                         "ones (changed: code/model_altered.py); do not use this version; register "
+                                         "the model again (docs/security/signed-models.md)")]
         assert not (markers / "altered.ran").exists()
 
     def test_another_verify_key_is_refused(self, signed, store, keys, tmp_path):
@@ -385,6 +402,19 @@ class TestKeys:
         assert stat.S_IMODE((folder / "signing.pem").stat().st_mode) == 0o600
         assert signing_key_from_env({}).key_id == private.key_id  # the same pair next time
 
+    def test_processes_starting_at_once_agree_on_one_clone_key_pair(self, tmp_path):
+        code = ("from dicomflow.signing import signing_key_from_env, verify_key_from_env\n"
+                "print(signing_key_from_env({}).key_id, verify_key_from_env({}).key_id)")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        started = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        answers = [process.communicate(timeout=120) for process in started]
+        assert [process.returncode for process in started] == [0] * 6, [err for _, err in answers]
+        ids = {word for out, _ in answers for word in out.split()}
+        assert len(ids) == 1
+        assert sorted(path.name for path in (tmp_path / ".dicomflow").iterdir()) == ["keys"]
+
     @pytest.mark.parametrize("function", [signing_key_from_env, verify_key_from_env])
     @pytest.mark.parametrize("uri", ["https://mlflow.example.org", "http://127.0.0.1:5000",
                                      "postgresql://dicomflow@db/mlflow"])
@@ -404,14 +434,47 @@ class TestKeys:
 def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "dicomflow", "keygen", "--out", str(tmp_path / "team")]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     private, public = tmp_path / "team" / "signing.pem", tmp_path / "team" / "verify.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     key = signing_key_from_env({SIGNING_KEY_FILE_ENV: str(private)})
     assert key.key_id in result.stderr
     assert verify_key_from_env({VERIFY_KEY_FILE_ENV: str(public)}).key_id == key.key_id
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
     assert again.returncode == 1
-    assert _error_lines(again) == [f"error: {private} exists: a key is never overwritten (versions signed with it "
-                                   "would no longer verify); choose another folder or remove it yourself"]
+    assert _error_lines(again) == [(f"error: {private} exists: a key is never overwritten (versions signed with it "
+                                    "would no longer verify); choose another folder or remove it yourself")]
+
+
+def test_the_pipelines_dicom_classifier_verifies_and_predicts(store, keys, make_dicom, tmp_path, monkeypatch):
+    """A real DicomClassifier (a Keras model, the dicomflow code it ships), logged as evaluate logs it."""
+    import keras
+    import numpy as np
+
+    from dicomflow.dicom.display import PixelSettings
+    from dicomflow.serving import pyfunc as serving
+
+    inputs = keras.Input(shape=(32, 32, 1), name="image")
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+    network = keras.Model(inputs, outputs)
+    network.save(tmp_path / "net.keras")
+    with mlflow.start_run(experiment_id=store["experiment"]):
+        info = serving.log_classifier(tmp_path / "net.keras", threshold=0.5, classes=[0, 1],
+                                      settings=PixelSettings(size=32))
+    version = str(mlflow.register_model(info.model_uri, "signing-test-dicom").version)
+    sign_model_version("signing-test-dicom", version, key=keys["sign"])
+    files = json.loads(MlflowClient().get_model_version("signing-test-dicom", version).tags[SIGNATURE_TAG])["files"]
+    assert "artifacts/net.keras" in files and "code/dicomflow/serving/pyfunc.py" in files
+
+    pixels = np.random.default_rng(0).integers(60, 200, (40, 40), dtype=np.uint8)  # not blank
+    make_dicom(tmp_path / "in" / "a.dcm", pixels)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store["uri"],
+           VERIFY_KEY_FILE_ENV: str(keys["team"][1]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", "in", "--model",
+                             f"models:/signing-test-dicom/{version}", "--output", "out.csv"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"verified signing-test-dicom version {version}: {len(files)} files signed with key " in result.stderr
+    row = (tmp_path / "out.csv").read_text().splitlines()[1].split(",")
+    assert row[0] == "a.dcm" and row[-1] == "" and 0 < float(row[1]) < 1

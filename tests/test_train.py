@@ -306,10 +306,11 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
 
     def test_multi_worker_without_tf_config_is_a_clear_error(self, monkeypatch):
+        from dicomflow.errors import SettingsError
         from dicomflow.model.training import make_strategy
 
         monkeypatch.delenv("TF_CONFIG", raising=False)
-        with pytest.raises(ValueError, match="'multi_worker' but TF_CONFIG is not set"):
+        with pytest.raises(SettingsError, match="'multi_worker' but TF_CONFIG is not set"):
             make_strategy("multi_worker")
 
     def test_a_single_process_strategy_is_the_chief(self, monkeypatch):
