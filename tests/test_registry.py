@@ -402,7 +402,8 @@ def trained(tmp_path_factory):
     (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlruns/\n/mlartifacts/\n/.dicomflow/\n__pycache__/\n")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_", "PYTHONPATH"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", GIT_AUTHOR_NAME="t",
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               DICOMFLOW_SECRET="registry tests: the tiny sample is not the embedded one", GIT_AUTHOR_NAME="t",
                GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
     for args in (["git", "init", "-q"], ["dvc", "init", "-q"],
                  [sys.executable, "-m", "dicomflow", "sample-data", "data", "--patients", "40"],
