@@ -126,7 +126,7 @@ def main() -> None:
     # The MLflow writes, in order. The training run is never reopened (a failed evaluate cannot
     # mark it FAILED); its evaluation is a run of its own, nested under it.
     registry.end_stale_runs(client, training_run)
-    registry.log_training_run_metrics(client, training_run, test_metrics)
+    registry.log_to_training_run(client, training_run, test_metrics, tags=secret_tags)
     with mlflow.start_run(run_name="evaluate", parent_run_id=training_run,
                           experiment_id=client.get_run(training_run).info.experiment_id,
                           tags={**tracking.run_tags(), **secret_tags, registry.STAGE_TAG: "evaluate"}) as run:

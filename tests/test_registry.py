@@ -319,12 +319,14 @@ class TestRegistrationWrites:
         client.set_terminated(training.info.run_id, status="FINISHED")
         stale = client.create_run(store["experiment"], tags={"mlflow.parentRunId": training.info.run_id})
         other = client.create_run(store["experiment"])  # not this training run's: left alone
-        registry.log_training_run_metrics(client, training.info.run_id, {"test_roc_auc": 0.8})
+        registry.log_to_training_run(client, training.info.run_id, {"test_roc_auc": 0.8},
+                                     tags={"deid_secret_fingerprint": "not recorded"})
         assert client.get_run(training.info.run_id).info.status == "FINISHED"
         assert registry.end_stale_runs(client, training.info.run_id) == [stale.info.run_id]
         assert client.get_run(stale.info.run_id).info.status == "KILLED"
         assert client.get_run(other.info.run_id).info.status == "RUNNING"
         assert client.get_run(training.info.run_id).data.metrics["test_roc_auc"] == 0.8
+        assert client.get_run(training.info.run_id).data.tags["deid_secret_fingerprint"] == "not recorded"
         # A training run an older evaluate reopened and left RUNNING: its training had finished.
         client.update_run(training.info.run_id, status="RUNNING")
         assert registry.end_stale_runs(client, training.info.run_id) == [training.info.run_id]
@@ -450,6 +452,12 @@ def test_a_kill_at_any_registration_step_leaves_one_complete_version(trained):
             assert registry.is_complete(version) and SIGNATURE_TAG in version.tags, step
             assert version.description.startswith(f"# Model card: dicomflow-classifier version {version.version}")
             assert version.aliases == [version.tags[registry.ALIAS_TAG]], step
+            # Which secret made the data (deidentify's fingerprint file): on the version, the card, the runs.
+            fingerprint = json.loads((root / "outputs" / "deidentify" / "secret_fingerprint.json").read_text())
+            assert (version.tags["deid_secret_fingerprint"], version.tags["deid_demo_secret"]) == (
+                fingerprint["fingerprint"], "false")
+            assert f"a site secret, fingerprint `{fingerprint['fingerprint']}`" in version.description
+            assert client.get_run(training_run).data.tags["deid_secret_fingerprint"] == fingerprint["fingerprint"]
             runs = client.search_runs([client.get_run(training_run).info.experiment_id])
             assert not [r for r in runs if r.info.status == "RUNNING"], step
             assert client.get_run(training_run).info.status == "FINISHED", step

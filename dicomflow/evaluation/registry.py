@@ -95,14 +95,17 @@ def end_stale_runs(client, training_run_id: str) -> list[str]:
     return ended
 
 
-def log_training_run_metrics(client, training_run_id: str, metrics: Mapping[str, float]) -> None:
-    """``metrics`` on the training run, without reopening it (its status stays what train left)."""
-    from mlflow.entities import Metric
-
+def log_to_training_run(client, training_run_id: str, metrics: Mapping[str, float],
+                        tags: Mapping[str, str] | None = None) -> None:
+    """``metrics`` and ``tags`` on the training run, without reopening it (its status stays what
+    train left)."""
     import time
 
+    from mlflow.entities import Metric, RunTag
+
     now = int(time.time() * 1000)
-    client.log_batch(training_run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    client.log_batch(training_run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()])
 
 
 def log_files(files: Iterable[Path], *, artifact_path: str) -> None:
