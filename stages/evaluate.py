@@ -1,6 +1,8 @@
 """Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
-Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images.
+Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images,
+and deidentify's ``secret_fingerprint.json`` (tagged on the runs and the version, stated on the
+model card; "not recorded" without it).
 Outputs: ``paths.eval_metrics`` (the headline test metrics, DVC metrics), ``paths.eval_report``
 (every test metric, interval and count), ``paths.eval_plots`` (ROC,
 confusion-matrix, precision-recall and calibration data for ``dvc plots show``, PNG renderings
@@ -9,6 +11,8 @@ view position); all logged to MLflow.
 Params: ``evaluate.*``; ``ingest.classes`` (more than two: macro AUC and per-class metrics, each
 image called its most probable class) and the ``ingest`` pixel settings the registered model
 carries.
+Environment: the de-identification secret (the leak check's digests), the signing key (each new
+version is signed) and the verify key (the champion): :mod:`dicomflow.signing`.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
 what a user of the model would see; test Brier and ECE are reported with and without the
