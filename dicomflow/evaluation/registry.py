@@ -60,18 +60,18 @@ def _step(name: str) -> None:
 
 
 @contextlib.contextmanager
-def artifact_space(what: str, where: str) -> Iterator[None]:
+def artifact_space(what: str, where: str, *, then: str = "nothing is registered") -> Iterator[None]:
     """A full disk or quota while logging ``what`` to the artifact store ``where`` becomes one
     line naming the store (not the temporary file MLflow was copying from, which an OSError from
-    a copy names) instead of a traceback; the run is then marked FAILED and nothing registered."""
+    a copy names) and what ``then`` holds, instead of a traceback; the run ends FAILED."""
     try:
         yield
     except Exception as err:  # MLflow wraps some OSErrors: look for the errno along the causes
         if cause := out_of_space(err):
             place = where.removeprefix("file://")
             raise DataError(f"{cause.strerror or 'no space'} while logging {what} to {place}: this evaluation is "
-                            "marked FAILED and nothing is registered; free some space there (or raise the "
-                            "quota) and re-run") from None
+                            f"marked FAILED and {then}; free some space there (or raise the quota) and "
+                            "re-run") from None
         raise
 
 
@@ -122,7 +122,8 @@ def log_text(text: str, name: str) -> None:
     """``text`` as the active run's artifact ``name``; a full disk is one line."""
     import mlflow
 
-    with artifact_space(name, mlflow.get_artifact_uri()):
+    with artifact_space(name, mlflow.get_artifact_uri(),
+                        then="the version being registered stays marked incomplete until a rerun completes it"):
         mlflow.log_text(text, name)
 
 
