@@ -399,7 +399,7 @@ def build_project(project: Path, params: dict, npz: Path, env: dict[str, str]) -
     run_quiet(["git", "init", "-q"], cwd=project, env=env)
     run_quiet(["dvc", "init", "-q"], cwd=project, env=env)
     # Every section checked now, by the copied loader: a bad --set fails in a second, not later.
-    run_quiet([sys.executable, "-c", "from stages.params import SECTIONS, load_params\n"
+    run_quiet([sys.executable, "-c", "from dicomflow.config.params import SECTIONS, load_params\n"
                "for s in SECTIONS: load_params(s)"], cwd=project, env=env)
     run_quiet(["dvc", "add", "-q", params["paths"]["data"]], cwd=project, env=env)
     run_quiet(["git", "add", "-A"], cwd=project, env=env)
