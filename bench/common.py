@@ -335,8 +335,7 @@ class Report:
     def table(self, key: str, columns: Sequence[Column], rows: Sequence[dict[str, Any]], *,
               title: str = "") -> None:
         """Print ``rows`` as a Markdown table (numbers right-aligned) and keep them under ``key``."""
-        if title:
-            print(f"\n{title}\n")
+        print(f"\n{title}\n" if title else "")
         print("| " + " | ".join(c.header for c in columns) + " |")
         print("|" + "|".join("---:" if any(isinstance(r.get(c.key), (int, float)) for r in rows)
                              else "---" for c in columns) + "|")

@@ -45,19 +45,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
 from bench.clinical_corpus import write_corpus
-from bench.common import (
-    ROOT,
-    Column,
-    Report,
-    add_output_args,
-    cpu_line,
-    ensure_sample,
-    replicate,
-    run_measured,
-    work_folder,
-    write_project,
-)
+from bench.common import Column, Report
 
 TARGET_RATIO_SAMPLE = 1.2  # issue 15: the leak check and default-deny must not cost the lead
 TARGET_RATIO_CLINICAL = 1.8  # issue 19: on clinical-size files the per-file work is the pixels'
@@ -70,7 +60,7 @@ DICOGNITO = "dicognito (`python -m dicognito -o OUT --seed S FILES`)"
 def code_state() -> dict[str, int]:
     """mtime (ns) of each stages/ source: edits made while the benchmark runs are reported, since
     each timed run imports whatever is on disk when it starts."""
-    stages = ROOT / "stages"
+    stages = common.ROOT / "stages"
     return {str(p.relative_to(stages)): p.stat().st_mtime_ns for p in sorted(stages.rglob("*.py"))}
 
 
@@ -80,8 +70,9 @@ def compare(report: Report, key: str, title: str, data: Path, *, work: Path, rep
     ours/dicognito (medians)."""
     start = time.perf_counter()
     project = work / "project"
-    params = write_project(project, data)
-    ingest = run_measured([sys.executable, "-m", "stages.ingest"], cwd=project, log=work / "ingest.log")
+    params = common.write_project(project, data)
+    ingest = common.run_measured([sys.executable, "-m", "stages.ingest"], cwd=project,
+                                 log=work / "ingest.log")
     index = pd.read_parquet(Path(params["paths"]["ingest_dir"]) / "index.parquet")
     # Distinct files: a multi-frame object has one index row per frame but is one file.
     sources = list(dict.fromkeys(index["source_path"].astype(str)))
@@ -107,7 +98,7 @@ def compare(report: Report, key: str, title: str, data: Path, *, work: Path, rep
         for name, (command, cwd, log) in commands.items():
             if name == DICOGNITO:  # it adds to its folder; the stage replaces its own
                 shutil.rmtree(dicognito_out, ignore_errors=True)
-            run = run_measured(command, cwd=cwd, log=log)
+            run = common.run_measured(command, cwd=cwd, log=log)
             seconds[name].append(run.seconds)
             peak[name] = max(peak[name], run.memory.rss)
 
@@ -150,16 +141,16 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=5000, help="at least this many sample files")
     parser.add_argument("--clinical-files", type=int, default=100, help="files of the clinical corpus")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating")
-    add_output_args(parser)
+    common.add_output_args(parser)
     args = parser.parse_args()
 
     report = Report("deidentify", args)
-    with work_folder("deid", workdir=args.workdir, keep=args.keep) as work:
-        replicate(ensure_sample(work), work / "data", args.files)
+    with common.work_folder("deid", workdir=args.workdir, keep=args.keep) as work:
+        common.replicate(common.ensure_sample(work), work / "data", args.files)
         start = time.perf_counter()
         write_corpus(work / "clinical", args.clinical_files)  # kept between runs in --workdir
         print(f"clinical corpus written or found in {time.perf_counter() - start:.1f} s")
-        print(cpu_line())
+        print(common.cpu_line())
         for key, title, data, target in (
                 ("replicated_sample", "Replicated sample", work / "data", TARGET_RATIO_SAMPLE),
                 ("clinical_corpus", "Clinical-size corpus", work / "clinical", TARGET_RATIO_CLINICAL)):

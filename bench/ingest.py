@@ -44,21 +44,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ingest_memory
+from bench import common, ingest_memory
 from bench.clinical_corpus import write_corpus
-from bench.common import (
-    Column,
-    Measured,
-    Report,
-    add_output_args,
-    cpu_line,
-    ensure_sample,
-    replicate,
-    run_measured,
-    stage_report,
-    work_folder,
-    write_project,
-)
+from bench.common import Column, Report
 
 TARGET_RATIO_SAMPLE = 1.0    # issue 19: was 1.6 on the sample alone, which per-file overhead caps
 TARGET_RATIO_CLINICAL = 1.8  # issue 19: clinical-size files, where the two workers should tell
@@ -99,7 +87,7 @@ class Timing:
     def rate(self) -> float:
         return self.files / self.seconds
 
-    def add(self, run: Measured) -> None:
+    def add(self, run: common.Measured) -> None:
         """Keep the best time and the highest peak (RSS summed over the process tree)."""
         self.seconds, self.peak_mib = min(self.seconds, run.seconds), max(self.peak_mib, run.memory.rss)
 
@@ -112,7 +100,7 @@ def time_corpus(files: list[Path], data: Path, files_3x: list[Path], data_3x: Pa
     list_file.write_text("".join(f"{f}\n" for f in files), encoding="utf-8")
     projects = {"1x": work / "project", "3x": work / "project-3x"}
     for project, folder in zip(projects.values(), (data, data_3x)):
-        write_project(project, folder)
+        common.write_project(project, folder)
     plain = [sys.executable, "-m", "bench.ingest", "--baseline-worker", str(list_file)]
     stage = [sys.executable, "-m", "stages.ingest"]
     timings = {PLAIN: Timing(len(files)), STAGE: Timing(len(files)), STAGE_3X: Timing(len(files_3x))}
@@ -120,11 +108,11 @@ def time_corpus(files: list[Path], data: Path, files_3x: list[Path], data_3x: Pa
     for _ in range(repeat):
         # Alternating, so that drift in the machine's state hits both alike.
         for name, command, cwd, log in runs:
-            timings[name].add(run_measured(command, cwd=cwd, log=work / log))
-    report = stage_report(projects["1x"])  # before the 3x run: it is the 1x run's
-    timings[STAGE_3X].add(run_measured(stage, cwd=projects["3x"], log=work / "stage-3x.log"))
+            timings[name].add(common.run_measured(command, cwd=cwd, log=work / log))
+    report = common.stage_report(projects["1x"])  # before the 3x run: it is the 1x run's
+    timings[STAGE_3X].add(common.run_measured(stage, cwd=projects["3x"], log=work / "stage-3x.log"))
     for project, folder, listed in ((projects["1x"], data, files), (projects["3x"], data_3x, files_3x)):
-        seen, expected = stage_report(project)["files"], len(listed) + hidden_entries(folder)
+        seen, expected = common.stage_report(project)["files"], len(listed) + hidden_entries(folder)
         if seen != expected:  # otherwise the two did not read the same set
             sys.exit(f"the stage saw {seen} files in {folder}, the plain loop {len(listed)}")
     failed = json.loads((work / "baseline.log").read_text().splitlines()[-1])["failed"]
@@ -167,18 +155,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating; best time")
     parser.add_argument("--memory-sides", type=int, nargs="+", default=[2048, 4096],
                         help="radiograph sides of the bench.ingest_memory table")
-    add_output_args(parser)
+    common.add_output_args(parser)
     parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker)
 
     report = Report("ingest", args)
-    with work_folder("ingest", workdir=args.workdir, keep=args.keep) as work:
-        source = ensure_sample(work)
+    with common.work_folder("ingest", workdir=args.workdir, keep=args.keep) as work:
+        source = common.ensure_sample(work)
         start = time.perf_counter()
-        sample = replicate(source, work / "data", args.files)
-        sample_3x = replicate(source, work / "data-3x", 3 * args.files)
+        sample = common.replicate(source, work / "data", args.files)
+        sample_3x = common.replicate(source, work / "data-3x", 3 * args.files)
         print(f"replicated sample: {len(sample):,} files in {work / 'data'}, {len(sample_3x):,} in "
               f"{work / 'data-3x'} (prepared in {time.perf_counter() - start:.1f} s)")
         start = time.perf_counter()
@@ -189,7 +177,7 @@ def main() -> None:
         print(f"clinical corpus: {len(clinical):,} files ({size:,.0f} MiB) in {work / 'clinical'}, "
               f"{len(clinical_3x):,} in {work / 'clinical-3x'} (prepared in "
               f"{time.perf_counter() - start:.1f} s)")
-        print(cpu_line())
+        print(common.cpu_line())
 
         for key, title, (files, data, files_3x, data_3x), target in (
                 ("replicated_sample", "Replicated sample",

@@ -37,21 +37,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.common import (
-    ROOT,
-    Column,
-    Report,
-    add_output_args,
-    cpu_line,
-    ensure_sample,
-    replicate,
-    run_measured,
-    source_files,
-    stage_report,
-    synthetic_manifest,
-    work_folder,
-    write_project,
-)
+from bench import common
+from bench.common import Column, Report
 from dicomflow.config.params import load_params
 
 TARGET_RSS_MIB = 1024.0
@@ -63,12 +50,12 @@ MIB = 2**20
 
 def linked_subset(source: Path, full: Path, target: Path, min_files: int) -> list[Path]:
     """A set of at least ``min_files`` files in ``target`` made of hard links to the first copies
-    in ``full`` (no second copy on disk); ``replicate`` then writes its labels file.
+    in ``full`` (no second copy on disk); ``common.replicate`` then writes its labels file.
 
     Within one run every file is still a distinct inode read once, so links do not flatter the
-    stage the way they would inside one set (see ``replicate``).
+    stage the way they would inside one set (see ``common.replicate``).
     """
-    copies = math.ceil(min_files / len(source_files(source)))
+    copies = math.ceil(min_files / len(common.source_files(source)))
     for number in range(1, copies + 1):
         name = f"copy-{number:04d}"
         if not (target / name).is_dir():
@@ -76,26 +63,27 @@ def linked_subset(source: Path, full: Path, target: Path, min_files: int) -> lis
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(full / name, partial, copy_function=os.link)
             partial.rename(target / name)
-    return replicate(source, target, min_files)  # finds every copy present: only labels.csv
+    return common.replicate(source, target, min_files)  # finds every copy present: only labels.csv
 
 
 def ingest_table(report: Report, sizes: list[int], work: Path) -> None:
     """Table 1: the ingest stage on each size, with its peak memory."""
-    source = ensure_sample(work)
+    source = common.ensure_sample(work)
     start = time.perf_counter()
     full = work / "data"
-    replicate(source, full, max(sizes))
-    print(f"replicated set: {len(source_files(full)):,} files in {full} "
+    common.replicate(source, full, max(sizes))
+    print(f"replicated set: {len(common.source_files(full)):,} files in {full} "
           f"(prepared in {time.perf_counter() - start:.0f} s)")
     rows, curves = [], []
     for size in sorted(sizes):
         data = full if size == max(sizes) else work / f"data-{size}"
-        files = replicate(source, full, size) if data == full else linked_subset(source, full, data, size)
+        files = (common.replicate(source, full, size) if data == full
+                 else linked_subset(source, full, data, size))
         project = work / f"project-{size}"
-        write_project(project, data)
-        run = run_measured([sys.executable, "-m", "stages.ingest"], cwd=project,
+        common.write_project(project, data)
+        run = common.run_measured([sys.executable, "-m", "stages.ingest"], cwd=project,
                            log=work / f"ingest-{size}.log")
-        stage = stage_report(project)
+        stage = common.stage_report(project)
         if stage["files"] != len(files):
             sys.exit(f"the stage saw {stage['files']} files of {len(files)} in {data}")
         memory = run.memory
@@ -107,7 +95,7 @@ def ingest_table(report: Report, sizes: list[int], work: Path) -> None:
               flush=True)
         shutil.rmtree(project / "outputs", ignore_errors=True)  # images.npy and index: not needed
 
-    print(f"\n{cpu_line()}\n")
+    print(f"\n{common.cpu_line()}\n")
     for row, curve in zip(rows, curves):
         row["curve"] = curve
     report.table("ingest", [
@@ -161,13 +149,13 @@ def validate_split_table(report: Report, n_rows: int, n_patients: int, work: Pat
 
     start = time.perf_counter()
     path = work / "manifest.parquet"
-    synthetic_manifest(n_rows, n_patients).to_parquet(path, index=False)
-    reference = profile_manifest(synthetic_manifest(min(n_rows, 100_000), n_patients // 10 or 1,
+    common.synthetic_manifest(n_rows, n_patients).to_parquet(path, index=False)
+    reference = profile_manifest(common.synthetic_manifest(min(n_rows, 100_000), n_patients // 10 or 1,
                                                     seed=1))
     print(f"synthetic manifest: {n_rows:,} rows written to {path} in "
           f"{time.perf_counter() - start:.0f} s")
     # The project's own params (read from its root, wherever this script is started).
-    params_file = ROOT / "params.yaml"
+    params_file = common.ROOT / "params.yaml"
     validate, split = load_params("validate", params_file), load_params("split", params_file)
     classes = load_params("ingest", params_file).classes
 
@@ -225,11 +213,11 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100_000, help="validate + split: patients")
     parser.add_argument("--tables", nargs="+", choices=("ingest", "validate"),
                         default=["ingest", "validate"], help="which tables to print")
-    add_output_args(parser)
+    common.add_output_args(parser)
     args = parser.parse_args()
 
     report = Report("scale", args)
-    with work_folder("scale", workdir=args.workdir, keep=args.keep) as work:
+    with common.work_folder("scale", workdir=args.workdir, keep=args.keep) as work:
         free = shutil.disk_usage(work).free / 2**30
         print(f"work folder {work}: {free:,.0f} GiB free; the machine may be shared, "
               "so timings are noisy\n")
