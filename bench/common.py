@@ -296,7 +296,9 @@ class Column:
 
     def cell(self, row: dict[str, Any]) -> str:
         value = row.get(self.key)
-        return "-" if value is None else self.fmt.format(value)
+        if value is None:
+            return "-"
+        return value if isinstance(value, str) else self.fmt.format(value)  # text as it stands
 
 
 def cpu_line() -> str:
