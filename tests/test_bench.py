@@ -8,6 +8,7 @@ checked is that each benchmark measured what it says, on the data it was given.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import TreeMemory, run_measured, source_files
+from bench.common import (
+    Column,
+    Report,
+    TreeMemory,
+    run_measured,
+    source_files,
+    work_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
@@ -171,3 +179,28 @@ class TestRunMeasured:
         memory = TreeMemory(root_curve=[(0.0, 10.0), (1.0, 30.0), (2.0, 20.0), (4.0, 50.0)])
         assert [memory.root_at(f) for f in (0.25, 0.5, 0.75, 1.0)] == [30.0, 30.0, 30.0, 50.0]
         assert TreeMemory().root_at(0.5) == 0.0
+
+
+class TestReport:
+    def test_table_printed_and_written_as_numbers(self, tmp_path: Path, capsys) -> None:
+        report = Report("demo", argparse.Namespace(files=3, workdir=tmp_path))
+        rows = [{"name": "a", "mib": 1.75}, {"name": "b", "mib": "n/a"}]
+        report.table("t", [Column("name", "name"), Column("MiB", "mib", "{:.1f}")], rows, title="## T")
+        line = report.target("x < 2", True, 1.75)
+        report.write(tmp_path / "out.json")
+        printed = capsys.readouterr().out.splitlines()
+        assert printed == ["", "## T", "", "| name | MiB |", "|---|---:|", "| a | 1.8 |", "| b | n/a |"]
+        document = json.loads((tmp_path / "out.json").read_text())
+        assert document["tables"]["t"] == {"title": "## T", "rows": rows}
+        assert document["args"] == {"files": 3, "workdir": str(tmp_path)}
+        assert line == "x < 2: met (1.75)"
+        assert document["targets"] == [{"name": "x < 2", "met": True, "value": 1.75, "line": line}]
+
+
+def test_work_folder_removed_unless_kept(tmp_path: Path) -> None:
+    with work_folder("demo") as work:
+        (work / "file").write_text("x")
+    assert not work.exists()
+    with work_folder("demo", workdir=tmp_path / "kept") as work:
+        (work / "file").write_text("x")
+    assert (tmp_path / "kept" / "file").read_text() == "x"
