@@ -58,10 +58,10 @@ DICOGNITO = "dicognito (`python -m dicognito -o OUT --seed S FILES`)"
 
 
 def code_state() -> dict[str, int]:
-    """mtime (ns) of each stages/ source: edits made while the benchmark runs are reported, since
-    each timed run imports whatever is on disk when it starts."""
-    stages = common.ROOT / "stages"
-    return {str(p.relative_to(stages)): p.stat().st_mtime_ns for p in sorted(stages.rglob("*.py"))}
+    """mtime (ns) of each source of stages/ and the library: edits made while the benchmark runs
+    are reported, since each timed run imports whatever is on disk when it starts."""
+    return {str(p.relative_to(common.ROOT)): p.stat().st_mtime_ns
+            for folder in ("stages", "dicomflow") for p in sorted((common.ROOT / folder).rglob("*.py"))}
 
 
 def compare(report: Report, key: str, title: str, data: Path, *, work: Path, repeat: int) -> float:
@@ -131,7 +131,7 @@ def compare(report: Report, key: str, title: str, data: Path, *, work: Path, rep
     changed = sorted(set(code_before.items()) ^ set(code_state().items()))
     if changed:
         names = ", ".join(sorted({name for name, _ in changed}))
-        print(f"\nWARNING: stages/ changed during the timed runs ({names}): they timed "
+        print(f"\nWARNING: the code changed during the timed runs ({names}): they timed "
               "different code")
     return rows[0]["files_per_s"] / rows[1]["files_per_s"]
 
