@@ -28,7 +28,7 @@ File ``i`` depends only on the seed and ``i``, so a larger corpus starts with th
 smaller one; files already present (from an earlier run with the same seed and code version) are
 kept, which makes a second run in the same ``--workdir`` cost only the listing.
 
-    .venv/bin/python bench/clinical_corpus.py OUT_DIR [--files 100] [--seed 0]
+    .venv/bin/python -m bench.clinical_corpus OUT_DIR [--files 100] [--seed 0]
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import heapq
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,8 +60,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for dicomflow when this file runs as a script
 from dicomflow.devtools.sample_data import make_uid, render_chest_phantom
 
 # Bump when the files change, so that a corpus cached in a --workdir is written again.
