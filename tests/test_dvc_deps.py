@@ -141,3 +141,26 @@ def test_the_models_code_imports_only_what_it_ships():
                       for target in map(module_file, imported_names(path))
                       if not any(target == root or root in target.parents for root in shipped)})
     assert outside == []
+
+
+def test_no_import_cycle_in_the_library():
+    """No module of the package imports itself back through others, imports inside functions
+    included: a lazy import must not hide a cycle (each module can be read and tested alone)."""
+    modules = {path: ".".join(path.relative_to(REPO).with_suffix("").parts)
+               for path in REPO.joinpath(PACKAGE).rglob("*.py")}
+    graph = {path: {module_file(name) for name in imported_names(path)} - {path} for path in modules}
+    cycles, done = [], set()
+
+    def visit(path: Path, trail: list[Path]) -> None:
+        if path in trail:
+            cycles.append(" -> ".join(modules[step] for step in trail[trail.index(path):] + [path]))
+            return
+        if path in done:
+            return
+        for target in sorted(graph.get(path, ())):
+            visit(target, trail + [path])
+        done.add(path)
+
+    for path in sorted(modules):
+        visit(path, [])
+    assert cycles == []
