@@ -19,6 +19,8 @@ from distributed import Client
 from dicomflow.runtime import cluster
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
 
+pytestmark = pytest.mark.slow  # a real scheduler and workers
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_OUTPUTS = ("outputs/ingest", "outputs/deidentify", "reports/ingest.json", "reports/deidentify.json")
