@@ -19,6 +19,8 @@ from distributed import Client
 from dicomflow.runtime import cluster
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
 
+pytestmark = pytest.mark.slow  # a real scheduler and workers
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_OUTPUTS = ("outputs/ingest", "outputs/deidentify", "reports/ingest.json", "reports/deidentify.json")
@@ -38,8 +40,9 @@ def scheduler(tmp_path_factory) -> str:
            # workers hold PHI (headers, the identifiers to scrub): never spilled to their disk
            "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
            "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
-           # the same code on every machine: this module's functions are sent by reference
-           "PYTHONPATH": str(REPO / "tests")}
+           # the same code on every machine: this module's functions and the library's are sent by
+           # reference, so the workers import this checkout's (not whatever the venv points at)
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     env.pop(cluster.SCHEDULER_ENV, None)
     scheduler_file = home / "scheduler.json"
     processes = [_start(["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -101,7 +104,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_stages_on_the_cluster_write_the_bytes_a_local_run_writes(scheduler, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("DICOMFLOW_")}
     env.pop(cluster.SCHEDULER_ENV, None)
-    env["PYTHONPATH"] = str(REPO)  # the stages; the workers import dicomflow from the venv
+    env["PYTHONPATH"] = str(REPO)  # the stages and the library, as on the workers
     env["DICOMFLOW_SECRET"] = "cluster test: the tiny sample is not the embedded one"
     local, on_cluster = _projects(tmp_path / "local", tmp_path / "cluster", env)
 

@@ -54,6 +54,7 @@ def trained():
     return model, test_x, test_y, corners
 
 
+@pytest.mark.slow  # trains a network (the module's trained fixture)
 class TestGradCamOnATrainedModel:
     def test_heat_concentrates_on_the_evidence(self, trained):
         model, images, labels, corners = trained

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from dicomflow.runtime.parallel import CHUNK_MAX, REORDER_WINDOW, WorkFailure
+from dicomflow.runtime.planning import WorkFailure, plan_chunks, put_back, run_item, timeout_failure
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,9 +60,8 @@ class _WorkerState:
 
 def _run_chunk(function: Callable[[Any], Any], items: list, setup_key: str | None,
                initializer: Callable[..., None] | None, initargs: tuple) -> list[tuple[str, Any]]:
-    """Run on a worker: ``function`` on each item, reporting ``("ok", result)`` or, for an item
-    that raised, ``("error", exception type name)`` (never its message, which may quote a value
-    read from the file), as the local pool's workers do."""
+    """Run on a worker: ``function`` on each item through :func:`~dicomflow.runtime.planning.run_item`
+    (``("ok", result)`` or ``("error", exception type name)``), as the local pool's workers do."""
     state = _WorkerState
     if setup_key is not None:
         with state.condition:
@@ -72,15 +71,7 @@ def _run_chunk(function: Callable[[Any], Any], items: list, setup_key: str | Non
                 state.key = setup_key
             state.users += 1
     try:
-        replies = []
-        for item in items:
-            try:
-                replies.append(("ok", function(item)))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
-                replies.append(("error", type(err).__name__))
-        return replies
+        return [run_item(function, item) for item in items]
     finally:
         if setup_key is not None:
             with state.condition:
@@ -127,10 +118,7 @@ class _ClusterRun:
                  timeout_s: float | None) -> None:
         self.client, self.function, self.items, self.timeout_s = client, function, items, timeout_s
         self.threads = threads
-        chunk = max(1, min(CHUNK_MAX, len(items) // (threads * 8)))
-        self.todo: deque[list[int]] = deque(
-            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk))
-        self.window = chunk * threads * REORDER_WINDOW  # items done ahead of the oldest unfinished
+        self.todo, self.window = plan_chunks(len(items), slots=threads)
         self.suspects: deque[int] = deque()  # items to run again, alone
         self.running: dict[Any, tuple[list[int], bool]] = {}  # future -> (item numbers, alone)
         self.started: dict[Any, float] = {}  # future -> when the scheduler first showed it running
@@ -193,7 +181,7 @@ class _ClusterRun:
         elif len(seqs) == 1:
             self.suspects.append(seqs[0])
         else:
-            self.todo.extendleft([seq] for seq in reversed(seqs))
+            put_back(self.todo, seqs, chunk=1)
 
     def _stop_overruns(self) -> None:
         """Cancel each task that has run longer than ``timeout_s`` and restart its worker (a Dask
@@ -209,8 +197,7 @@ class _ClusterRun:
                     seqs, alone = self.running.pop(future)
                     self.started.pop(future)
                     future.cancel()
-                    self._lost(seqs, alone, WorkFailure(
-                        "timeout", f"still running after {self.timeout_s:g} s (the per-file time limit)"))
+                    self._lost(seqs, alone, timeout_failure(self.timeout_s))
         if overrun_workers:
             self.client.restart_workers(sorted(overrun_workers), raise_for_error=False)
 

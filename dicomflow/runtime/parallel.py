@@ -15,6 +15,7 @@ which item a worker was on when it died or overran its time.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -25,29 +26,18 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
 
+from dicomflow.runtime.cluster import cluster_map, scheduler_address
+from dicomflow.runtime.planning import CHUNK_MAX, WorkFailure, plan_chunks, put_back, run_item, timeout_failure
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK_MAX = 32          # items sent to a worker in one message
 CHUNKS_IN_FLIGHT = 2    # per worker: the next chunk is already there when one ends
-REORDER_WINDOW = 8      # chunks per worker that may be done ahead of the oldest unfinished item
 
 
 def worker_count(requested: int) -> int:
     """A ``workers`` param: 0 means every core this process may use."""
     return requested or len(os.sched_getaffinity(0))
-
-
-@dataclass(frozen=True)
-class WorkFailure:
-    """Why an item has no result: ``worker_died`` (with how), ``timeout`` or ``worker_error``.
-
-    ``detail`` names the exit signal or the exception type, never an exception's message (which
-    may quote a value read from the file).
-    """
-
-    reason: str
-    detail: str
 
 
 def exit_description(exitcode: int | None) -> str:
@@ -66,8 +56,8 @@ def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callab
            initargs: tuple) -> None:
     """A worker's life: run the initializer, then each item of each chunk, reporting every item.
 
-    Any exception an item raises (``BaseException`` too: a Rust decoder's panic is one) is sent
-    back by type name only; the worker then goes on with the next item.
+    An item that raises is reported by :func:`~dicomflow.runtime.planning.run_item` (the exception's
+    type name only); the worker then goes on with the next item.
     """
     if initializer is not None:
         initializer(*initargs)
@@ -81,12 +71,8 @@ def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callab
             return
         first, chunk = message
         for seq, item in enumerate(chunk, start=first):
-            try:
-                reply = ("ok", seq, function(item))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
-                reply = ("error", seq, type(err).__name__)
+            kind, value = run_item(function, item)
+            reply = (kind, seq, value)
             try:
                 conn.send(reply)
             except Exception as err:  # noqa: BLE001  a result that cannot be pickled
@@ -148,10 +134,8 @@ class WorkerPool(Generic[T, R]):
 
     def close(self) -> None:
         for worker in self._pool:
-            try:
+            with contextlib.suppress(OSError):  # already dead: the join and kill below still apply
                 worker.conn.send(None)
-            except OSError:
-                pass
             worker.process.join(timeout=1)
             self._stop(worker)
         self._pool = []
@@ -166,11 +150,8 @@ class WorkerPool(Generic[T, R]):
         """``function(item)`` for each item, in input order; ``on_failure(item, why)`` for an
         item whose worker died, overran ``timeout_s`` or raised."""
         items = list(items)
-        chunk = max(1, min(CHUNK_MAX, len(items) // (self.workers * 8)))
-        todo: deque[list[int]] = deque(
-            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk))
+        todo, window = plan_chunks(len(items), slots=self.workers)
         results: dict[int, tuple[bool, Any]] = {}
-        window = chunk * self.workers * REORDER_WINDOW
         next_out = 0
         try:
             while len(self._pool) < min(self.workers, max(1, len(todo))):
@@ -225,8 +206,7 @@ class WorkerPool(Generic[T, R]):
             now = time.monotonic()
             for worker in list(self._pool):
                 if worker.pending and now - worker.started > self.timeout_s:
-                    self._replace(worker, todo, results, WorkFailure(
-                        "timeout", f"still running after {self.timeout_s:g} s (the per-file time limit)"))
+                    self._replace(worker, todo, results, timeout_failure(self.timeout_s))
 
     def _receive(self, worker: _Worker, todo: deque[list[int]], results: dict[int, tuple[bool, Any]]) -> None:
         try:
@@ -258,9 +238,7 @@ class WorkerPool(Generic[T, R]):
         unfinished = [seq for seqs in worker.pending for seq in seqs]
         if unfinished:
             results[unfinished[0]] = (False, failure)
-            rest = unfinished[1:]
-            for start in range(len(rest) - 1, -1, -CHUNK_MAX):  # back at the front, in order
-                todo.appendleft(rest[max(0, start - CHUNK_MAX + 1):start + 1])
+            put_back(todo, unfinished[1:], chunk=CHUNK_MAX)
         self._pool.append(self._start())
 
 
@@ -278,9 +256,8 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
 
     With ``DASK_SCHEDULER_ADDRESS`` set, the items run on that Dask cluster instead, under the
     same contract (:mod:`dicomflow.runtime.cluster`), and ``workers`` is the cluster's business.
+    Both engines plan the work the same way (:mod:`dicomflow.runtime.planning`).
     """
-    from dicomflow.runtime.cluster import cluster_map, scheduler_address
-
     address = scheduler_address()
     if address is not None:
         yield from cluster_map(function, items, address=address, on_failure=on_failure,
