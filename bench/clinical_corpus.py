@@ -320,10 +320,7 @@ def build_dataset(plan: FilePlan, seed: int, rng: np.random.Generator) -> Datase
     ds.BodyPartExamined = "CHEST"
     ds.SamplesPerPixel = 1
     ds.BitsAllocated = 16
-    if plan.modality == "CT":
-        pixels = _ct_image(ds, plan, rng)
-    else:
-        pixels = _radiograph_image(ds, plan, rng)
+    pixels = _ct_image(ds, plan, rng) if plan.modality == "CT" else _radiograph_image(ds, plan, rng)
     ds.LossyImageCompression = "00"
     block = ds.private_block(0x0019, "DICOMFLOW CLINICAL BENCH", create=True)
     block.add_new(0x01, "LO", f"{mrn} {last} {first}")  # private tags with PHI, as exports have

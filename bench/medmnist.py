@@ -570,8 +570,8 @@ def data_accounting(project: Path, params: dict, rows: list[dict]) -> list[str]:
     written: dict[tuple[str, str], int] = {}
     for row in rows:
         written[(row["split"], row["label"])] = written.get((row["split"], row["label"]), 0) + 1
-    reached = {(r["split"], r["label"]): int(r["images"])
-               for r in csv.DictReader(open(project / paths["split_counts"], encoding="utf-8"))}
+    with open(project / paths["split_counts"], encoding="utf-8") as counts:
+        reached = {(r["split"], r["label"]): int(r["images"]) for r in csv.DictReader(counts)}
     return [f"{split} label {label}: {n} written, {reached.get((split, label), 0)} after split"
             for (split, label), n in sorted(written.items()) if reached.get((split, label), 0) != n]
 

@@ -31,7 +31,9 @@ from dicomflow.errors import DataError, SettingsError
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.config.params import ParamsError, load_params
 from dicomflow.deid.leaks import Leak, find_leaks
-from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age)
+from dicomflow.deid.profile import (
+    OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age,
+)
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 REPO = Path(__file__).resolve().parents[1]

@@ -304,7 +304,8 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
         assert [worker.wait(timeout=300) for worker in workers] == [0, 0]
         one = json.loads((tmp_path / "one.json").read_text())
         for i in range(2):
-            for (mean, variance), (mean_1, variance_1) in zip(json.loads((tmp_path / f"worker{i}.json").read_text()), one):
+            statistics = json.loads((tmp_path / f"worker{i}.json").read_text())
+            for (mean, variance), (mean_1, variance_1) in zip(statistics, one):
                 np.testing.assert_allclose(mean, mean_1, atol=1e-5)
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
 

@@ -183,7 +183,7 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
                 frames = {frame.index: frame.pixels
                           for frame in read_image(_as_file(ds), settings.pixels)[1]}
                 decision = "blanked"
-            except Exception as err:  # a file whose pixels cannot be rewritten is left out
+            except Exception as err:  # noqa: BLE001  a file whose pixels cannot be rewritten is left out
                 decision = f"excluded: blanking failed ({type(err).__name__})"
         elif risk:
             decision = "excluded"
