@@ -11,8 +11,8 @@ are the large images of clinical archives, written here: radiographs of 2,048 an
 side (``--sides``) at 16 bits, native and RLE (JPEG 2000 and JPEG lossless cost the same after
 decoding), an RGB secondary capture, and a deflated file. Target: every accepted file within 12x
 its decoded frame (the file's bytes and pydicom's parsed copy, 1x each, the stored values, the
-float32 display frame, 2x, and PIL's copy of it for the resize; the float64 modality and VOI steps run a megabyte at a time), and files beyond
-``ingest.max_decoded_mib`` refused before any allocation of their size.
+float32 display frame, 2x, and PIL's copy of it for the resize; the float64 modality and VOI
+steps run a megabyte at a time), and files beyond ``ingest.max_decoded_mib`` refused before any allocation of their size.
 
     .venv/bin/python -m bench.ingest_memory [--sides 2048 4096] [--json FILE]
 """

@@ -25,8 +25,8 @@ the worker kept busy: what it did with the CPU it got, which other processes' lo
 less than the wall-clock rate), and the peak RSS of the worker process (Python, TensorFlow and
 the data included; sampled from outside by ``bench.common.run_measured``). The baseline imports
 TensorFlow before anything of this project, as the seed did, so it runs on the kernels TensorFlow
-picks by itself. Data: synthetic images (noise, a faint square on class 1) at ``ingest.image_size`` x ``ingest.channels``, or
-with ``--data`` the project's de-identified images and split (``paths.deid_dir``/images.npy,
+picks by itself. Data: synthetic images (noise, a faint square on class 1) at
+``ingest.image_size`` x ``ingest.channels``, or with ``--data`` the project's de-identified images and split (``paths.deid_dir``/images.npy,
 ``paths.split_dir``/manifest.parquet: train and val).
 Targets (issue 14; 2 CPU cores): for ``resnet_small`` the stage, augmentation and the
 batch-normalisation statistics pass included, >= 0.9x the bare step's images/s, and the
