@@ -1,18 +1,18 @@
 """Benchmark: what one file costs a reader process in memory, against the image's own size.
 
-For each case below, two fresh processes import what ingest's workers import and read a 64 x 64
-file of the same kind (lazy imports and decoder set-up are paid once per worker, not per file);
-the second then reads one file with ``ingest_file`` (what a worker does: read, parse, decode,
-display steps, fit). The file's cost is the second process's peak RSS less the first's, each the
-kernel's high-water mark of the process (VmHWM) as ``bench.common.run_measured`` reads it (the
-one way every benchmark measures memory; see bench/common.py). It is printed beside the stored
-size of the decoded frame (Rows x Columns x samples x bytes) and as a multiple of it. The cases
-are the large images of clinical archives, written here: radiographs of 2,048 and 4,096 pixels a
-side (``--sides``) at 16 bits, native and RLE (JPEG 2000 and JPEG lossless cost the same after
-decoding), an RGB secondary capture, and a deflated file. Target: every accepted file within 12x
-its decoded frame (the file's bytes and pydicom's parsed copy, 1x each, the stored values, the
-float32 display frame, 2x, and PIL's copy of it for the resize; the float64 modality and VOI
-steps run a megabyte at a time), and files beyond ``ingest.max_decoded_mib`` refused before any allocation of their size.
+For each case below, two fresh processes import what ingest's workers import and read a 64 x 64 file
+of the same kind (lazy imports and decoder set-up are paid once per worker, not per file); the
+second then reads one file with ``ingest_file`` (what a worker does: read, parse, decode, display
+steps, fit). The file's cost is the second process's peak RSS less the first's, each the kernel's
+high-water mark of the process (VmHWM) as ``bench.common.run_measured`` reads it (the one way every
+benchmark measures memory; see bench/common.py). It is printed beside the stored size of the decoded
+frame (Rows x Columns x samples x bytes) and as a multiple of it. The cases are the large images of
+clinical archives, written here: radiographs of 2,048 and 4,096 pixels a side (``--sides``) at 16
+bits, native and RLE (JPEG 2000 and JPEG lossless cost the same after decoding), an RGB secondary
+capture, and a deflated file. Target: every accepted file within 12x its decoded frame (the file's
+bytes and pydicom's parsed copy, 1x each, the stored values, the float32 display frame, 2x, and
+PIL's copy of it for the resize; the float64 modality and VOI steps run a megabyte at a time), and
+files beyond ``ingest.max_decoded_mib`` refused before any allocation of their size.
 
     .venv/bin/python -m bench.ingest_memory [--sides 2048 4096] [--json FILE]
 """

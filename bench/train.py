@@ -21,18 +21,18 @@ alternating (A B A B ...), so load from other processes hits both alike. In each
 of that epoch to the end of the last, ``--epochs`` epochs later. Images/s = training images x timed
 epochs / those seconds; the table gives the median over ``--repeat`` repetitions with min-max, the
 stage's median over the baseline's, the same for images per CPU-second (the rate over the CPU cores
-the worker kept busy: what it did with the CPU it got, which other processes' load disturbs far
-less than the wall-clock rate), and the peak RSS of the worker process (Python, TensorFlow and
-the data included; sampled from outside by ``bench.common.run_measured``). The baseline imports
-TensorFlow before anything of this project, as the seed did, so it runs on the kernels TensorFlow
-picks by itself. Data: synthetic images (noise, a faint square on class 1) at
-``ingest.image_size`` x ``ingest.channels``, or with ``--data`` the project's de-identified images and split (``paths.deid_dir``/images.npy,
-``paths.split_dir``/manifest.parquet: train and val).
-Targets (issue 14; 2 CPU cores): for ``resnet_small`` the stage, augmentation and the
-batch-normalisation statistics pass included, >= 0.9x the bare step's images/s, and the
-statistics pass <= 10 % of the timed epochs' wall time (measured inside the stage's worker). The
-earlier target against ``model.fit`` was withdrawn: ``model.fit`` runs at the bare step's speed
-or at about half of it, from one process to the next.
+the worker kept busy: what it did with the CPU it got, which other processes' load disturbs far less
+than the wall-clock rate), and the peak RSS of the worker process (Python, TensorFlow and the data
+included; sampled from outside by ``bench.common.run_measured``). The baseline imports TensorFlow
+before anything of this project, as the seed did, so it runs on the kernels TensorFlow picks by
+itself. Data: synthetic images (noise, a faint square on class 1) at ``ingest.image_size`` x
+``ingest.channels``, or with ``--data`` the project's de-identified images and split
+(``paths.deid_dir``/images.npy, ``paths.split_dir``/manifest.parquet: train and val). Targets (issue
+14; 2 CPU cores): for ``resnet_small`` the stage, augmentation and the batch-normalisation
+statistics pass included, >= 0.9x the bare step's images/s, and the statistics pass <= 10 % of the
+timed epochs' wall time (measured inside the stage's worker). The earlier target against
+``model.fit`` was withdrawn: ``model.fit`` runs at the bare step's speed or at about half of it,
+from one process to the next.
 
     .venv/bin/python -m bench.train [--networks seed_cnn resnet_small] [--epochs 2] [--repeat 3]
         [--train-images 512] [--val-images 64] [--data] [--json FILE]
