@@ -146,22 +146,15 @@ def test_a_killer_item_and_a_hanging_item_cost_only_themselves(scheduler, monkey
         n * n for n in range(40) if n not in (7, 11, 13)]
 
 
-_STATE: dict[str, int] = {}
+def _add_offset(n: int, offset: int) -> int:
+    return n + offset
 
 
-def _remember(value: int) -> None:
-    _STATE["offset"] = value
-
-
-def _add_offset(n: int) -> int:
-    return n + _STATE["offset"]
-
-
-def test_the_initializer_state_reaches_every_worker_and_is_replaced_by_the_next_run(scheduler, monkeypatch):
+def test_shared_arguments_reach_every_worker_and_runs_do_not_mix(scheduler, monkeypatch):
     monkeypatch.setenv(cluster.SCHEDULER_ENV, scheduler)
     for offset in (1000, 2000):
-        results = list(ordered_map(_add_offset, range(64), workers=1, initializer=_remember,
-                                   initargs=(offset,), on_failure=lambda n, why: why))
+        results = list(ordered_map(_add_offset, range(64), workers=1, shared_args=(offset,),
+                                   on_failure=lambda n, why: why))
         assert results == [n + offset for n in range(64)]
 
 

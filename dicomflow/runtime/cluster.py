@@ -17,18 +17,16 @@ results:
 - Dask cannot stop a running task, so a task still running after ``timeout_s`` is cancelled and
   its worker restarted by its nanny; a chunk is split, an item is a suspect as above (it may have
   waited behind another task on its worker) and gets ``timeout`` when it overruns alone.
-- ``initializer(*initargs)`` is scattered to every worker once and run there before the first item
-  that needs it. Workers may have several threads and serve other clients, so the state it sets
-  is switched only when no chunk that needs another state is running.
+- ``shared_args`` are scattered to every worker once and handed to each chunk's task as an
+  argument, never kept as worker state: workers may have several threads and serve other
+  clients and other runs at the same time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -50,38 +48,16 @@ def scheduler_address(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(SCHEDULER_ENV, "").strip() or None
 
 
-class _WorkerState:
-    """Which ``initializer`` state this worker process holds, and how many chunks use it now."""
-
-    condition = threading.Condition()
-    key: str | None = None
-    users = 0
-
-
-def _run_chunk(function: Callable[[Any], Any], items: list, setup_key: str | None,
-               initializer: Callable[..., None] | None, initargs: tuple) -> list[tuple[str, Any]]:
-    """Run on a worker: ``function`` on each item through :func:`~dicomflow.runtime.planning.run_item`
-    (``("ok", result)`` or ``("error", exception type name)``), as the local pool's workers do."""
-    state = _WorkerState
-    if setup_key is not None:
-        with state.condition:
-            state.condition.wait_for(lambda: state.key == setup_key or state.users == 0)
-            if state.key != setup_key:
-                initializer(*initargs)
-                state.key = setup_key
-            state.users += 1
-    try:
-        return [run_item(function, item) for item in items]
-    finally:
-        if setup_key is not None:
-            with state.condition:
-                state.users -= 1
-                state.condition.notify_all()
+def _run_chunk(function: Callable[..., Any], items: list, shared_args: tuple) -> list[tuple[str, Any]]:
+    """Run on a worker: ``function(item, *shared_args)`` on each item through
+    :func:`~dicomflow.runtime.planning.run_item` (``("ok", result)`` or ``("error", exception type
+    name)``), as the local pool's workers do."""
+    return [run_item(function, item, shared_args) for item in items]
 
 
 def cluster_map(function: Callable[[T], R], items: Iterable[T], *, address: str,
                 on_failure: Callable[[T, WorkFailure], R], timeout_s: float | None = None,
-                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
+                shared_args: tuple = ()) -> Iterator[R]:
     """``map(function, items)`` on the Dask cluster at ``address``, in input order; see the module
     docstring. ``function``, the items and the results must pickle, and the scheduler and workers
     must import the same code (``dicomflow`` installed where they run); with a shared filesystem,
@@ -102,8 +78,8 @@ def cluster_map(function: Callable[[T], R], items: Iterable[T], *, address: str,
         logger.info("running %d items on the Dask cluster at %s (%d worker(s), %d thread(s))",
                     len(items), address, len(client.nthreads()), threads)
         run = _ClusterRun(client, function, items, threads=threads, timeout_s=timeout_s)
-        if initializer is not None:
-            run.setup(initializer, initargs)
+        if shared_args:
+            run.share(shared_args)
         try:
             for seq, (ok, value) in run.results():
                 yield value if ok else on_failure(items[seq], value)
@@ -123,13 +99,11 @@ class _ClusterRun:
         self.running: dict[Any, tuple[list[int], bool]] = {}  # future -> (item numbers, alone)
         self.started: dict[Any, float] = {}  # future -> when the scheduler first showed it running
         self.done: dict[int, tuple[bool, Any]] = {}
-        self.setup_key: str | None = None
-        self.setup_args: Any = None
-        self.initializer: Callable[..., None] | None = None
+        self.shared: Any = None  # the future of the scattered shared_args, once shared
 
-    def setup(self, initializer: Callable[..., None], initargs: tuple) -> None:
-        self.initializer, self.setup_key = initializer, f"dicomflow-setup-{uuid.uuid4().hex}"
-        [self.setup_args] = self.client.scatter([initargs], broadcast=True, hash=False)
+    def share(self, shared_args: tuple) -> None:
+        """Send ``shared_args`` to every worker once; each chunk's task then names them."""
+        [self.shared] = self.client.scatter([shared_args], broadcast=True, hash=False)
 
     def results(self) -> Iterator[tuple[int, tuple[bool, Any]]]:
         """``(item number, (ok, result or WorkFailure))`` in item order."""
@@ -170,7 +144,7 @@ class _ClusterRun:
 
     def _start(self, seqs: list[int], *, alone: bool) -> None:
         future = self.client.submit(_run_chunk, self.function, [self.items[seq] for seq in seqs],
-                                    self.setup_key, self.initializer, self.setup_args, pure=False)
+                                    () if self.shared is None else self.shared, pure=False)
         self.running[future] = (seqs, alone)
 
     def _lost(self, seqs: list[int], alone: bool, failure: WorkFailure) -> None:
@@ -203,8 +177,8 @@ class _ClusterRun:
 
     def close(self) -> None:
         self.client.cancel(list(self.running))
-        if self.setup_args is not None:
-            self.setup_args.release()
+        if self.shared is not None:
+            self.shared.release()
 
 
 def _why_lost(future: Any) -> WorkFailure:

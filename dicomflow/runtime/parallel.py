@@ -52,15 +52,13 @@ def exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callable[..., None] | None,
-           initargs: tuple) -> None:
-    """A worker's life: run the initializer, then each item of each chunk, reporting every item.
+def _serve(conn: Connection, function: Callable[..., Any], shared_args: tuple) -> None:
+    """A worker's life: each item of each chunk, ``function(item, *shared_args)``, reporting every
+    item (``shared_args`` arrived once, with the process).
 
     An item that raises is reported by :func:`~dicomflow.runtime.planning.run_item` (the exception's
     type name only); the worker then goes on with the next item.
     """
-    if initializer is not None:
-        initializer(*initargs)
     conn.send(("ready", -1, None))
     while True:
         try:
@@ -71,7 +69,7 @@ def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callab
             return
         first, chunk = message
         for seq, item in enumerate(chunk, start=first):
-            kind, value = run_item(function, item)
+            kind, value = run_item(function, item, shared_args)
             reply = (kind, seq, value)
             try:
                 conn.send(reply)
@@ -102,9 +100,9 @@ class WorkerPool(Generic[T, R]):
     the caller's ``__main__``, which for a stage or a server imports TensorFlow).
     """
 
-    def __init__(self, function: Callable[[T], R], *, workers: int, context: str = "fork",
-                 initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 timeout_s: float | None = None, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, function: Callable[..., R], *, workers: int, context: str = "fork",
+                 shared_args: tuple = (), timeout_s: float | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1; got {workers}")
         if timeout_s is not None and timeout_s <= 0:
@@ -113,13 +111,13 @@ class WorkerPool(Generic[T, R]):
         self._context = multiprocessing.get_context(context)
         if context == "forkserver":  # the server imports these, not the caller's __main__
             self._context.set_forkserver_preload(list(preload))
-        self._initializer, self._initargs = initializer, initargs
+        self._shared_args = shared_args
         self._pool: list[_Worker] = []
 
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_serve, daemon=True,
-                                        args=(child, self.function, self._initializer, self._initargs))
+                                        args=(child, self.function, self._shared_args))
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -233,7 +231,7 @@ class WorkerPool(Generic[T, R]):
             failure = WorkFailure("worker_died", exit_description(worker.process.exitcode))
         if not worker.ready:
             raise RuntimeError(f"a worker process {failure.detail} before it could start work "
-                               "(its initializer failed)")
+                               "(it could not be started with its function and shared arguments)")
         self._pool.remove(worker)
         unfinished = [seq for seqs in worker.pending for seq in seqs]
         if unfinished:
@@ -242,15 +240,16 @@ class WorkerPool(Generic[T, R]):
         self._pool.append(self._start())
 
 
-def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
+def ordered_map(function: Callable[..., R], items: Iterable[T], *, workers: int,
                 on_failure: Callable[[T, WorkFailure], R], timeout_s: float | None = None,
-                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
-    """``map(function, items)`` over ``workers`` forked processes, in input order.
+                shared_args: tuple = ()) -> Iterator[R]:
+    """``function(item, *shared_args)`` for each item, over ``workers`` forked processes, in input
+    order.
 
     Results come back as they are ready but in order, so outputs are the same bytes for any
-    number of workers; chunks amortise the inter-process round trip. ``initializer(*initargs)``
-    runs once in each process first: large shared read-only data travels that way, once per
-    worker, instead of with every chunk. An item whose worker dies, runs past ``timeout_s``
+    number of workers; chunks amortise the inter-process round trip. ``shared_args`` travel once
+    to each worker process (on a cluster, scattered once), not with every chunk: large read-only
+    data goes that way, as an argument, so no worker keeps state of its own between runs. An item whose worker dies, runs past ``timeout_s``
     seconds or raises gets ``on_failure(item, WorkFailure)`` instead; its worker is replaced.
     Even with one worker the work runs in a child process, so this process survives any item.
 
@@ -261,8 +260,8 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
     address = scheduler_address()
     if address is not None:
         yield from cluster_map(function, items, address=address, on_failure=on_failure,
-                               timeout_s=timeout_s, initializer=initializer, initargs=initargs)
+                               timeout_s=timeout_s, shared_args=shared_args)
         return
-    with WorkerPool(function, workers=workers, initializer=initializer, initargs=initargs,
+    with WorkerPool(function, workers=workers, shared_args=shared_args,
                     timeout_s=timeout_s) as pool:
         yield from pool.map(items, on_failure=on_failure)

@@ -77,14 +77,15 @@ def put_back(todo: deque[list[int]], seqs: Sequence[int], *, chunk: int) -> None
         todo.appendleft(list(seqs[max(0, end - chunk):end]))
 
 
-def run_item(function: Callable[[Any], Any], item: Any) -> tuple[str, Any]:
-    """``("ok", function(item))``, or ``("error", exception type name)`` for an item that raised.
+def run_item(function: Callable[..., Any], item: Any, shared_args: tuple = ()) -> tuple[str, Any]:
+    """``("ok", function(item, *shared_args))``, or ``("error", exception type name)`` for an item
+    that raised.
 
     ``BaseException`` counts too (a Rust decoder's panic is one); an interrupt or an exit does not
     and is raised. The exception's message is dropped: it may quote a value read from the file.
     """
     try:
-        return "ok", function(item)
+        return "ok", function(item, *shared_args)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
