@@ -246,12 +246,13 @@ def ordered_map(function: Callable[..., R], items: Iterable[T], *, workers: int,
     """``function(item, *shared_args)`` for each item, over ``workers`` forked processes, in input
     order.
 
-    Results come back as they are ready but in order, so outputs are the same bytes for any
-    number of workers; chunks amortise the inter-process round trip. ``shared_args`` travel once
-    to each worker process (on a cluster, scattered once), not with every chunk: large read-only
-    data goes that way, as an argument, so no worker keeps state of its own between runs. An item whose worker dies, runs past ``timeout_s``
-    seconds or raises gets ``on_failure(item, WorkFailure)`` instead; its worker is replaced.
-    Even with one worker the work runs in a child process, so this process survives any item.
+    Results come back as they are ready but in order, so outputs are the same bytes for any number
+    of workers; chunks amortise the inter-process round trip. ``shared_args`` travel once to each
+    worker process (on a cluster, scattered once), not with every chunk: large read-only data goes
+    that way, as an argument, so no worker keeps state of its own between runs. An item whose worker
+    dies, runs past ``timeout_s`` seconds or raises gets ``on_failure(item, WorkFailure)`` instead;
+    its worker is replaced. Even with one worker the work runs in a child process, so this process
+    survives any item.
 
     With ``DASK_SCHEDULER_ADDRESS`` set, the items run on that Dask cluster instead, under the
     same contract (:mod:`dicomflow.runtime.cluster`), and ``workers`` is the cluster's business.
