@@ -63,7 +63,7 @@ def _serve(conn: Connection, function: Callable[..., Any], shared_args: tuple) -
     while True:
         try:
             message = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the parent went away: nothing left to do
             return
         if message is None:
             return
