@@ -78,11 +78,12 @@ MLFLOW_AUTH ?= basic-auth
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 MLFLOW_WORKERS ?= 4
+MLFLOW_ALLOWED_HOSTS ?=
 mlflow-server: install
 	$(BIN)/dicomflow team-server --backend-store-uri $(MLFLOW_BACKEND_STORE_URI) \
 	  --artifacts-destination $(MLFLOW_ARTIFACT_ROOT) --auth-dir $(MLFLOW_AUTH_DIR) \
 	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
-	  $(if $(filter none,$(MLFLOW_AUTH)),--no-auth)
+	  $(if $(filter none,$(MLFLOW_AUTH)),--no-auth) $(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
 
 # The team's users on the running server, as its admin (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME,
 # MLFLOW_TRACKING_PASSWORD in the environment): CI and READERS are space-separated user names;

@@ -178,7 +178,7 @@ def team_server(args: argparse.Namespace) -> int:
     command = team.server_command(backend_store_uri=args.backend_store_uri,
                                   artifacts_destination=str(args.artifacts_destination.resolve()),
                                   host=args.host, port=args.port, authenticated=authenticated,
-                                  workers=args.workers)
+                                  workers=args.workers, allowed_hosts=args.allowed_hosts)
     # MLflow's own command from the same environment as this one (the repository's .venv).
     command[0] = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name(
         "mlflow").exists() else shutil.which("mlflow") or "mlflow"
@@ -262,6 +262,7 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     command.add_argument("--port", type=int, default=5000)
     command.add_argument("--workers", type=int, help="server processes (MLflow's default: 4)")
+    command.add_argument("--allowed-hosts", help="Host headers to accept, comma-separated (a TLS proxy's name)")
     command.add_argument("--auth-dir", type=Path, default=Path("mlflow-auth"),
                          help="the auth app's ini file and user database (default mlflow-auth/)")
     command.add_argument("--default-permission", choices=["NO_PERMISSIONS", "READ"], default="NO_PERMISSIONS",

@@ -124,7 +124,8 @@ def check_auth_environment(folder: Path, environ: dict[str, str]) -> None:
 
 
 def server_command(*, backend_store_uri: str, artifacts_destination: str, host: str, port: int,
-                   authenticated: bool, workers: int | None = None) -> list[str]:
+                   authenticated: bool, workers: int | None = None,
+                   allowed_hosts: str | None = None) -> list[str]:
     """The ``mlflow server`` command line of the team server.
 
     Artifacts are proxied (``--artifacts-destination``): clients upload and download them through
@@ -135,6 +136,8 @@ def server_command(*, backend_store_uri: str, artifacts_destination: str, host: 
                "--artifacts-destination", artifacts_destination, "--host", host, "--port", str(port)]
     if workers is not None:
         command += ["--workers", str(workers)]
+    if allowed_hosts:  # the names clients use (a TLS proxy's): MLflow's DNS-rebinding check
+        command += ["--allowed-hosts", allowed_hosts]
     if authenticated:
         command += ["--app-name", "basic-auth"]
     return command

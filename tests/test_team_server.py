@@ -5,6 +5,7 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -137,32 +138,16 @@ def users(server):
     return {name: file.read_text().strip() for name, file in files.items()}
 
 
-@pytest.fixture(scope="module")
-def registered(server, users):
-    """As CI: a run with a tiny logged model, registered as a version of the project's model
-    with the champion alias (each step would raise if refused). Yields (run id, version)."""
+@contextlib.contextmanager
+def _as(uri: str, user: str, password: str):
+    """MLflow's client in this process, as ``user`` on the server at ``uri``."""
     import mlflow
-    import mlflow.pyfunc
 
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-    uri = server[0]
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ.update(MLFLOW_TRACKING_USERNAME="ci-bot", MLFLOW_TRACKING_PASSWORD=users["ci-bot"])
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment("dicomflow")
-        with mlflow.start_run() as run:
-            mlflow.log_param("lr", 0.001)
-            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
-        version = mlflow.register_model(info.model_uri, MODEL).version
-        client = mlflow.MlflowClient()
-        client.set_registered_model_alias(MODEL, "champion", version)
-        assert client.get_model_version_by_alias(MODEL, "champion").version == version
-        assert client.get_run(run.info.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
-        yield run.info.run_id, str(version)
+        yield
     finally:
         mlflow.set_tracking_uri(None)
         for name, value in saved.items():
@@ -170,6 +155,31 @@ def registered(server, users):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def registered(server, users):
+    """As CI: a run with a tiny logged model, registered as a version of the project's model
+    with the champion alias (each step would raise if refused). Returns (run id, version)."""
+    import mlflow
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    with _as(server[0], "ci-bot", users["ci-bot"]):
+        mlflow.set_experiment("dicomflow")
+        with mlflow.start_run() as run:
+            mlflow.log_param("lr", 0.001)
+            mlflow.log_text("trained", "notes.txt")
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+        version = mlflow.register_model(info.model_uri, MODEL).version
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(MODEL, "champion", version)
+        assert client.get_model_version_by_alias(MODEL, "champion").version == version
+        assert client.get_run(run.info.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
+    return run.info.run_id, str(version)
 
 
 def _writes(run_id: str, version: str) -> dict[str, tuple[str, str, dict]]:
@@ -198,6 +208,8 @@ class TestRealServer:
             assert _call(uri, method, path, body, None).status_code == 401, action
         assert requests.get(f"{uri}/api/2.0/mlflow/registered-models/get", params={"name": MODEL},
                             timeout=30).status_code == 401
+        assert requests.get(f"{uri}/api/2.0/mlflow/artifacts/list", params={"run_id": registered[0]},
+                            timeout=30).status_code == 401
         assert _call(uri, "POST", "registered-models/alias", {"name": MODEL, "alias": "champion", "version": "1"},
                      ("admin", "not-the-password")).status_code == 401
 
@@ -208,6 +220,16 @@ class TestRealServer:
         assert model.status_code == 200 and model.json()["registered_model"]["aliases"][0]["alias"] == "champion"
         assert requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": registered[0]}, auth=reader,
                             timeout=30).status_code == 200
+        listed = requests.get(f"{uri}/api/2.0/mlflow/artifacts/list", params={"run_id": registered[0]},
+                              auth=reader, timeout=30)
+        assert listed.status_code == 200 and [item["path"] for item in listed.json()["files"]] == ["notes.txt"]
+        import mlflow
+        import pandas as pd
+
+        with _as(uri, *reader):
+            assert mlflow.artifacts.load_text(f"runs:/{registered[0]}/notes.txt") == "trained"
+            model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+            assert model.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist() == [1, 2]
         for action, (method, path, body) in _writes(*registered).items():
             assert _call(uri, method, path, body, reader).status_code == 403, action
 
@@ -235,13 +257,8 @@ class TestRealServer:
         from mlflow.server.auth.client import AuthServiceClient
 
         uri, password = server[0], server[1]
-        saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
-        try:
+        with _as(uri, "admin", password):
             AuthServiceClient(uri).create_user("stranger", "a-long-enough-password-1")
-        finally:
-            for name, value in saved.items():
-                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
         stranger = ("stranger", "a-long-enough-password-1")
         assert requests.get(f"{uri}/api/2.0/mlflow/registered-models/get", params={"name": MODEL},
                             auth=stranger, timeout=30).status_code == 403
