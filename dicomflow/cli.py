@@ -157,7 +157,6 @@ def team_server(args: argparse.Namespace) -> int:
     """Start the team's MLflow server (:mod:`dicomflow.team`): with basic-auth unless --no-auth,
     which only loopback may have; this process becomes ``mlflow server``."""
     import os
-    import shutil
 
     from dicomflow import team
 
@@ -170,21 +169,21 @@ def team_server(args: argparse.Namespace) -> int:
             args.auth_dir, default_permission=args.default_permission,
             admin_username=environ.get(team.ADMIN_USERNAME_ENV) or "admin"))
         if not team.is_loopback(args.host):
-            logger.warning("basic-auth sends passwords with every request: beyond loopback, serve it "
+            team.logger.warning("basic-auth sends passwords with every request: beyond loopback, serve it "
                            "through a TLS proxy only (docs/security/team-server.md)")
     else:
-        logger.warning("no authentication: any local user can change the registry; for one person's "
+        team.logger.warning("no authentication: any local user can change the registry; for one person's "
                        "machine only")
     command = team.server_command(backend_store_uri=args.backend_store_uri,
                                   artifacts_destination=str(args.artifacts_destination.resolve()),
                                   host=args.host, port=args.port, authenticated=authenticated,
                                   workers=args.workers, allowed_hosts=args.allowed_hosts)
     # MLflow's own command from the same environment as this one (the repository's .venv).
-    command[0] = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name(
-        "mlflow").exists() else shutil.which("mlflow") or "mlflow"
+    beside = Path(sys.executable).with_name("mlflow")
+    command[0] = str(beside) if beside.exists() else "mlflow"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], command, environ)
+    os.execvpe(command[0], command, environ)
     return 1  # not reached
 
 
