@@ -83,16 +83,16 @@ def relocate_artifact_paths(database: Path, root: Path) -> int:
     name the ``mlruns/`` of another folder, where the store was made (a copied or moved
     repository); return how many locations were changed.
 
-    An experiment whose location is MLflow's default for a store used from ``OLD`` (``OLD``/mlruns/
-    <experiment id>) had its store copied or moved from ``OLD``: every location under ``OLD``/ (of
-    experiments, runs, model versions and logged models) is rewritten to the same place under
-    ``root``/, so new runs write into this repository and the old ones are read from the copy
-    here. A location placed deliberately elsewhere (not ``.../mlruns/<id>``) is left as it is.
+    An experiment whose location is MLflow's default for a store used from a folder ``OLD``
+    (``OLD/mlruns/<experiment id>``) had its store copied or moved from ``OLD``: every location
+    under ``OLD/`` (of experiments, runs, model versions and logged models) is rewritten to the
+    same place under ``root``, so new runs write into this repository and the old ones are read
+    from the copy here. A location placed deliberately elsewhere (not ``.../mlruns/<id>``) is left as it is.
 
     Notes
     -----
     MLflow has no API to change an experiment's artifact location, so this edits its SQL
-    tables, in one transaction; each statement only touches rows under ``OLD``/.
+    tables, in one transaction; each statement only touches rows under ``OLD/``.
     """
     if not database.is_file():
         return 0
