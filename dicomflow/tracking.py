@@ -19,12 +19,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
-
-from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
 
