@@ -3,8 +3,9 @@
 The default store is a SQLite file in the repository (git-ignored), with artifacts under
 ``mlruns/``; ``MLFLOW_TRACKING_URI`` points runs at a server instead. MLflow records artifact
 locations as absolute paths: a repository copied or moved with its store gets them pointed at
-its own ``mlruns/`` (:func:`relocate_artifact_paths`), so it never writes into the old tree. Only non-identifying values are ever logged here: params,
-the git commit and the data version (a content hash), never anything read from DICOM headers.
+its own ``mlruns/`` (:func:`relocate_artifact_paths`), so it never writes into the old tree.
+Only non-identifying values are ever logged here: params, the git commit and the data version
+(a content hash), never anything read from DICOM headers.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def server(tmp_path_factory):
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
-    log = open(folder / "server.log", "w")
+    log = open(folder / "server.log", "w")  # noqa: SIM115 -- the server writes it until the fixture ends
     # -o: the environment is installed already; make must not reinstall it (a shared .venv here).
     process = subprocess.Popen(
         ["make", "-s", "-o", ".venv/.installed", "mlflow-server",
@@ -185,7 +185,8 @@ def registered(server, users):
 def _writes(run_id: str, version: str) -> dict[str, tuple[str, str, dict]]:
     """The registry and run writes an attacker would make: method, REST path, body."""
     return {
-        "move the champion alias": ("POST", "registered-models/alias", {"name": MODEL, "alias": "champion", "version": version}),
+        "move the champion alias": ("POST", "registered-models/alias",
+                                    {"name": MODEL, "alias": "champion", "version": version}),
         "delete the champion alias": ("DELETE", "registered-models/alias", {"name": MODEL, "alias": "champion"}),
         "delete a model version": ("DELETE", "model-versions/delete", {"name": MODEL, "version": version}),
         "delete a run": ("POST", "runs/delete", {"run_id": run_id}),
@@ -246,8 +247,8 @@ class TestRealServer:
     def test_nothing_was_changed_by_the_refused_calls(self, server, registered):
         uri, password = server[0], server[1]
         admin = ("admin", password)
-        alias = requests.get(f"{uri}/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": "champion"},
-                             auth=admin, timeout=30)
+        alias = requests.get(f"{uri}/api/2.0/mlflow/registered-models/alias",
+                             params={"name": MODEL, "alias": "champion"}, auth=admin, timeout=30)
         assert alias.status_code == 200 and alias.json()["model_version"]["version"] == registered[1]
         run = requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": registered[0]}, auth=admin, timeout=30)
         assert run.json()["run"]["info"]["lifecycle_stage"] == "active"

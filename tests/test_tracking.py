@@ -188,7 +188,8 @@ def test_a_full_disk_while_logging_artifacts_is_one_line_naming_the_file_and_dis
                             capture_output=True, text=True, timeout=300, preexec_fn=limit)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1, result.stderr[-2000:]
-    assert last.startswith(f"error: File too large while writing the training history and curves to {tmp_path}/mlruns/1/")
+    assert last.startswith("error: File too large while writing the training history and curves to "
+                           f"{tmp_path}/mlruns/1/")
     assert "/artifacts, on the disk mounted at " in last and " GiB free): the run is marked FAILED" in last
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

@@ -109,7 +109,8 @@ def test_retraining_runs_when_the_pipeline_changes_and_reports_the_diff():
     assert retrain["if"] == "github.event_name == 'push'" and retrain["environment"] == "retrain"
     assert retrain["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
     steps = retrain["steps"]
-    pull, repro, push = _step_that(steps, "dvc", "pull"), _step_that(steps, "make", "repro"), _step_that(steps, "dvc", "push")
+    pull, repro = _step_that(steps, "dvc", "pull"), _step_that(steps, "make", "repro")
+    push = _step_that(steps, "dvc", "push")
     diff = _step_that(steps, "dvc", "metrics", "diff")
     assert pull < repro < push and repro < diff
     assert steps[pull]["if"] == steps[push]["if"] == "env.DVC_REMOTE_URL != ''"
@@ -187,8 +188,8 @@ def test_the_secret_rule_finds_each_way_of_breaking_it():
         workflow(pr_and_push, {"uses": "./.github/workflows/other.yml", "secrets": "inherit"}))
     assert secret_violations(workflow({"push": {"branches": ["main"]}}, {"steps": [step]})) == [
         "job j reads ['DVC_REMOTE_URL'] outside the `retrain` environment"]
-    assert secret_violations(workflow({"push": {"branches": ["main"]}}, {"steps": []},
-                                      env={"A": "${{ secrets.A }}"})) == ["workflow-level secrets ['A'] reach every job"]
+    assert secret_violations(workflow({"push": {"branches": ["main"]}}, {"steps": []}, env={"A": "${{ secrets.A }}"})) \
+        == ["workflow-level secrets ['A'] reach every job"]
     assert secret_violations(workflow({"pull_request_target": None}, {"steps": []})) == [
         "triggered by pull_request_target, which runs unreviewed code or hands it secrets"]
     # What is allowed: the run's own token on a pull request, secrets on main behind the environment.
@@ -200,8 +201,10 @@ def test_the_secret_rule_finds_each_way_of_breaking_it():
 def test_real_data_without_a_real_secret_stops_the_retrain_job(tmp_path):
     """The guard step's own script, run by bash: a remote (real data) and no DICOMFLOW_SECRET fail
     before anything is installed or pulled; with the secret, or on the sample, it passes."""
-    steps = yaml.safe_load((REPO / ".github" / "workflows" / "retrain.yml").read_text(encoding="utf-8"))["jobs"]["retrain"]["steps"]
-    guard = next(index for index, step in enumerate(steps) if step.get("name") == "Refuse real data without a real secret")
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "retrain.yml").read_text(encoding="utf-8"))
+    steps = workflow["jobs"]["retrain"]["steps"]
+    guard = next(index for index, step in enumerate(steps)
+                 if step.get("name") == "Refuse real data without a real secret")
     assert guard < _step_that(steps, "make", "install") and guard < _step_that(steps, "dvc", "pull")
     assert steps[guard]["if"] == "env.DVC_REMOTE_URL != ''"
 
