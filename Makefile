@@ -1,4 +1,5 @@
-# dicomflow: `make repro` runs the pipeline on the embedded sample, `make test` runs the tests.
+# dicomflow: `make repro` runs the pipeline on the embedded sample, `make test` runs the tests,
+# `make check` is the quick loop while editing (ruff, then the tests not marked slow).
 # Both create .venv and install the pinned versions (constraints.txt) on first use.
 
 PYTHON ?= python3.11
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data repro test ui predict mlflow-server lock clean docs
+.PHONY: install data repro check lint test docs ui predict mlflow-server lock clean
 
 install: $(INSTALLED)
 
@@ -35,6 +36,7 @@ TEST_TOOLS := tests/tools/node_modules/.package-lock.json
 $(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json
 	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
 
+# Every test (slow ones too: training, servers, clusters, dvc repro, the dvc.lock check).
 test: install $(TEST_TOOLS)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
@@ -43,6 +45,15 @@ test: install $(TEST_TOOLS)
 # reference fails it. Open site/index.html; for search, serve it: python3 -m http.server -d site
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The linter alone, with the rules of pyproject.toml's [tool.ruff].
+lint: install
+	$(BIN)/ruff check .
+
+# The loop while editing (under 2 minutes on 2 cores): ruff, then every test not marked slow.
+check: lint $(TEST_TOOLS)
+	$(BIN)/python -m pytest -n 2 -m "not slow" -q tests; status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
 
 # The champion on every file under INPUT, to predictions.csv (bad files listed with their reason).
 INPUT ?= data
@@ -53,15 +64,37 @@ predict: install
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-# The team's tracking server: PostgreSQL backend store, local artifact root, loopback only.
-# Point clients at it with MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (README, "Team mode").
+# The team's tracking server (dicomflow team-server; docs/security/team-server.md): PostgreSQL
+# backend store, artifacts kept and served by the server, MLflow's basic-auth app with
+# default permission NO_PERMISSIONS. Its secrets come from the environment, never a command
+# line or a committed file: MLFLOW_AUTH_ADMIN_PASSWORD (the admin's, read on the first start)
+# and MLFLOW_FLASK_SERVER_SECRET_KEY. MLFLOW_AUTH=none serves without authentication, on
+# loopback only (any other MLFLOW_HOST is refused). Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+# with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
 MLFLOW_BACKEND_STORE_URI ?= postgresql://dicomflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACT_ROOT ?= $(abspath mlartifacts)
+MLFLOW_AUTH_DIR ?= $(abspath mlflow-auth)
+MLFLOW_AUTH ?= basic-auth
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 4
+MLFLOW_ALLOWED_HOSTS ?=
 mlflow-server: install
-	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND_STORE_URI) \
-	  --default-artifact-root $(MLFLOW_ARTIFACT_ROOT) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+	$(BIN)/dicomflow team-server --backend-store-uri $(MLFLOW_BACKEND_STORE_URI) \
+	  --artifacts-destination $(MLFLOW_ARTIFACT_ROOT) --auth-dir $(MLFLOW_AUTH_DIR) \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+	  $(if $(filter none,$(MLFLOW_AUTH)),--no-auth) $(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
+
+# The team's users on the running server, as its admin (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME,
+# MLFLOW_TRACKING_PASSWORD in the environment): CI and READERS are space-separated user names;
+# new users' passwords are written to TEAM_CREDENTIALS/NAME.password (0600), never printed.
+CI_USER ?= dicomflow-ci
+READERS ?=
+TEAM_CREDENTIALS ?= $(abspath mlflow-auth/credentials)
+.PHONY: team-users
+team-users: install
+	$(BIN)/dicomflow team-users --credentials-dir $(TEAM_CREDENTIALS) $(addprefix --ci ,$(CI_USER)) \
+	  $(addprefix --reader ,$(READERS))
 
 # Re-pin after changing dependencies in pyproject.toml (then run `make test`).
 lock:

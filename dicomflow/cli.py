@@ -6,6 +6,8 @@
     dicomflow scan-leaks [PATH ...] [--run RUN_ID]
     dicomflow sample-data OUT_DIR [--patients 240] [--seed 2026] [--force]
     dicomflow check-names [FOLDER]
+    dicomflow team-server [--backend-store-uri URI] [--artifacts-destination DIR] [--host H] [--port P] ...
+    dicomflow team-users --credentials-dir DIR [--ci NAME] [--reader NAME ...] [--admin NAME ...]
 
 Each subcommand is glue, like a stage's ``main()``: it reads ``params.yaml`` where it needs to
 and calls the library. Errors are one line (:func:`dicomflow.runtime.stage.run_stage`).
@@ -151,6 +153,70 @@ def check_names(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def team_server(args: argparse.Namespace) -> int:
+    """Start the team's MLflow server (:mod:`dicomflow.team`): with basic-auth unless --no-auth,
+    which only loopback may have; this process becomes ``mlflow server``."""
+    import os
+
+    from dicomflow import team
+
+    authenticated = not args.no_auth
+    team.check_binding(args.host, authenticated=authenticated)
+    environ = dict(os.environ)
+    if authenticated:
+        team.check_auth_environment(args.auth_dir.resolve(), environ)
+        environ["MLFLOW_AUTH_CONFIG_PATH"] = str(team.write_auth_config(
+            args.auth_dir, default_permission=args.default_permission,
+            admin_username=environ.get(team.ADMIN_USERNAME_ENV) or "admin"))
+        if not team.is_loopback(args.host):
+            team.logger.warning("basic-auth sends passwords with every request: beyond loopback, serve it "
+                           "through a TLS proxy only (docs/security/team-server.md)")
+    else:
+        team.logger.warning("no authentication: any local user can change the registry; for one person's "
+                       "machine only")
+    command = team.server_command(backend_store_uri=args.backend_store_uri,
+                                  artifacts_destination=str(args.artifacts_destination.resolve()),
+                                  host=args.host, port=args.port, authenticated=authenticated,
+                                  workers=args.workers, allowed_hosts=args.allowed_hosts)
+    # MLflow's own command from the same environment as this one (the repository's .venv).
+    beside = Path(sys.executable).with_name("mlflow")
+    command[0] = str(beside) if beside.exists() else "mlflow"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, environ)
+    return 1  # not reached
+
+
+def team_users(args: argparse.Namespace) -> int:
+    """Create the project's experiment, registered model and users on the team server, as its
+    admin (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+    import os
+
+    from dicomflow import team
+    from dicomflow.config.params import load_params
+    from dicomflow.errors import SettingsError
+    from dicomflow.tracking import EXPERIMENT_NAME, configure_mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        raise SettingsError(f"MLFLOW_TRACKING_URI must name the team server (http://HOST:PORT); got "
+                            f"{uri or 'nothing'}")
+    missing = [name for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if not os.environ.get(name)]
+    if missing:
+        raise SettingsError(f"{' and '.join(missing)} not set: export an admin's user name and password "
+                            "(the password with read -s, never on the command line)")
+    configure_mlflow(experiment=None)
+    identities = team.set_up_team(uri, experiment=EXPERIMENT_NAME,
+                                  registered_model=load_params("evaluate").registered_model_name,
+                                  ci=args.ci, readers=args.reader, admins=args.admin,
+                                  credentials=args.credentials_dir)
+    for identity in identities:
+        where = (f"new; password in {identity.password_file}" if identity.password_file
+                 else "existed; password unchanged")
+        print(f"{identity.name}: {identity.role} ({where})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dicomflow", description="dicomflow: what a user runs besides the pipeline's stages.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -187,6 +253,31 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("check-names", help="list the file names under FOLDER that are not UTF-8")
     command.add_argument("folder", type=Path, nargs="?", default=Path("data"), help="default: data")
     command.set_defaults(handler=check_names)
+
+    command = commands.add_parser("team-server", help="the team's MLflow server, with authentication")
+    command.add_argument("--backend-store-uri", required=True, help="runs and registry (postgresql://...)")
+    command.add_argument("--artifacts-destination", type=Path, default=Path("mlartifacts"),
+                         help="where the server keeps artifacts (clients reach them through it)")
+    command.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    command.add_argument("--port", type=int, default=5000)
+    command.add_argument("--workers", type=int, help="server processes (MLflow's default: 4)")
+    command.add_argument("--allowed-hosts", help="Host headers to accept, comma-separated (a TLS proxy's name)")
+    command.add_argument("--auth-dir", type=Path, default=Path("mlflow-auth"),
+                         help="the auth app's ini file and user database (default mlflow-auth/)")
+    command.add_argument("--default-permission", choices=["NO_PERMISSIONS", "READ"], default="NO_PERMISSIONS",
+                         help="what a user may do where nothing was granted (default NO_PERMISSIONS)")
+    command.add_argument("--no-auth", action="store_true",
+                         help="no authentication (loopback only; refused beyond it)")
+    command.set_defaults(handler=team_server)
+
+    command = commands.add_parser("team-users", help="create the team's users and grants (as the admin)")
+    command.add_argument("--credentials-dir", type=Path, required=True,
+                         help="where new users' generated passwords are written (NAME.password, 0600)")
+    command.add_argument("--ci", action="append", default=[], metavar="NAME",
+                         help="an identity that logs runs, registers and moves aliases (repeatable)")
+    command.add_argument("--reader", action="append", default=[], metavar="NAME", help="read-only (repeatable)")
+    command.add_argument("--admin", action="append", default=[], metavar="NAME", help="another admin (repeatable)")
+    command.set_defaults(handler=team_users)
     return top
 
 

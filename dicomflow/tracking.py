@@ -1,22 +1,39 @@
 """MLflow glue shared by train and evaluate: where runs go, and how a run is tagged.
 
-The default store is a SQLite file in the repository (git-ignored); ``MLFLOW_TRACKING_URI``
-points runs at a server instead. Only non-identifying values are ever logged here: params,
-the git commit and the data version (a content hash), never anything read from DICOM headers.
+The default store is a SQLite file in the repository (git-ignored), with artifacts under
+``mlruns/``; ``MLFLOW_TRACKING_URI`` points runs at a server instead. MLflow records artifact
+locations as absolute paths: a repository copied or moved with its store gets them pointed at
+its own ``mlruns/`` (:func:`relocate_artifact_paths`), so it never writes into the old tree.
+Only non-identifying values are ever logged here: params, the git commit and the data version
+(a content hash), never anything read from DICOM headers.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import logging
 import os
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TRACKING_DB = "mlflow.db"
+# Where MLflow puts a SQLite store's artifacts: <working directory>/mlruns/<experiment id>.
+DEFAULT_ARTIFACT_DIR = "mlruns"
+# The columns of MLflow's SQL schema that hold artifact locations (read from its migrations).
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("model_versions", "source"), ("model_versions", "storage_location"),
+                    ("logged_models", "artifact_location"))
 EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
 # The experiment tag MLflow 3's UI opens an experiment's view by (read from its JavaScript: the
@@ -50,16 +67,76 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / DEFAULT_TRACKING_DB}"
 
 
+def _local_path(location: str) -> Path | None:
+    """The folder an artifact location names on this machine (a path or ``file://``), else None."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def relocate_artifact_paths(database: Path, root: Path) -> int:
+    """Point the artifact locations of the SQLite store ``database`` at ``root``/mlruns when they
+    name the ``mlruns/`` of another folder, where the store was made (a copied or moved
+    repository); return how many locations were changed.
+
+    An experiment whose location is MLflow's default for a store used from a folder ``OLD``
+    (``OLD/mlruns/<experiment id>``) had its store copied or moved from ``OLD``: every location
+    under ``OLD/`` (of experiments, runs, model versions and logged models) is rewritten to the
+    same place under ``root``, so new runs write into this repository and the old ones are read
+    from the copy here. A location placed deliberately elsewhere (not ``.../mlruns/<id>``) is left as it is.
+
+    Notes
+    -----
+    MLflow has no API to change an experiment's artifact location, so this edits its SQL
+    tables, in one transaction; each statement only touches rows under ``OLD/``.
+    """
+    if not database.is_file():
+        return 0
+    root = root.resolve()
+    with sqlite3.connect(database, timeout=60) as connection:
+        try:
+            experiments = connection.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # not an MLflow store yet
+            return 0
+        old_roots = set()
+        for experiment_id, location in experiments:
+            path = _local_path(location or "")
+            if (path is not None and path.name == str(experiment_id) and path.parent.name == DEFAULT_ARTIFACT_DIR
+                    and path.parent.parent != root):
+                old_roots.add(path.parent.parent)
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        changed = 0
+        for old in sorted(old_roots):
+            for before, after in ((f"{old}/", f"{root}/"), (f"{old.as_uri()}/", f"{root.as_uri()}/")):
+                for table, column in ARTIFACT_COLUMNS:
+                    if table in tables:
+                        changed += connection.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE substr({column}, 1, ?) = ?",
+                            (after, len(before) + 1, len(before), before)).rowcount
+    if old_roots:
+        logger.warning("%s was made in another folder (a copied or moved repository): its %d artifact "
+                       "locations now point into %s/ here", database.name, changed, DEFAULT_ARTIFACT_DIR)
+    return changed
+
+
 def configure_mlflow(experiment: str | None = EXPERIMENT_NAME) -> None:
     """Point MLflow at :func:`tracking_uri` (and an experiment), with its telemetry off.
 
     MLflow 3 reports usage to its developers by default; a pipeline that handles PHI-adjacent
-    data on hospital networks sends nothing out that it does not have to.
+    data on hospital networks sends nothing out that it does not have to. On the repository's
+    own store, artifact locations left by another folder are moved here first
+    (:func:`relocate_artifact_paths`).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stage logs readable
     import mlflow
 
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        relocate_artifact_paths(repository_root() / DEFAULT_TRACKING_DB, repository_root())
     mlflow.set_tracking_uri(tracking_uri())
     if experiment is not None:
         found = mlflow.set_experiment(experiment)
@@ -178,6 +255,50 @@ class EpochLogger:
                 self(int(row["member"]), int(row["epoch"]), row)
 
 
+def _no_space(err: BaseException) -> tuple[OSError, str] | None:
+    """The write that found no space in ``err``'s chain, with where it wrote: an OSError with
+    ENOSPC, EDQUOT or EFBIG, or SQLite's "database or disk is full" (the tracking store)."""
+    from dicomflow.runtime.outputs import out_of_space
+
+    if cause := out_of_space(err):
+        return cause, cause.filename or ""
+    while err is not None:
+        if isinstance(err, sqlite3.OperationalError) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            database = str(repository_root() / DEFAULT_TRACKING_DB)
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), database), database
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def artifact_writes(what: str) -> Iterator[None]:
+    """Around MLflow calls that write ``what`` into the active run: a full disk or quota (ENOSPC,
+    EDQUOT; EFBIG for a file size limit) becomes one line naming the file and its disk.
+
+    Raises
+    ------
+    DataError
+        When a write in the block found no space; the run is left to its ``start_run`` block,
+        which marks it FAILED.
+    """
+    import mlflow
+
+    try:
+        yield
+    except Exception as err:
+        found = _no_space(err)
+        if found is None:
+            raise
+        cause, where = found
+        run = mlflow.active_run()
+        where = where or (run.info.artifact_uri if run else "the MLflow artifact store")
+        from dicomflow.runtime.outputs import no_space_error
+
+        raise no_space_error(cause, what=what, where=where,
+                             remedy="the run is marked FAILED and its artifacts may be incomplete; free "
+                                    "some space (or raise the quota) and re-run the stage") from None
+
+
 def log_keras_model(model, example) -> Any:
     """Log ``model`` into the active run with its signature and input example (``example``, a
     few model inputs), pinned to the Keras and TensorFlow that trained it; returns its ModelInfo."""
@@ -187,8 +308,9 @@ def log_keras_model(model, example) -> Any:
     from mlflow.models import infer_signature
 
     # mlflow.keras.log_model (3.17) writes the input example before creating its folder.
-    return mlflow.tensorflow.log_model(
-        model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
-        input_example=example,
-        # The inferred list can name both tensorflow and tensorflow-cpu; state what was tested.
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"])
+    with artifact_writes("the trained model's MLflow artifacts"):
+        return mlflow.tensorflow.log_model(
+            model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
+            input_example=example,
+            # The inferred list can name both tensorflow and tensorflow-cpu; state what was tested.
+            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"])

@@ -79,9 +79,10 @@ def main() -> None:
         # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
         logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
         mlflow.log_params(tracking.flatten_params(logged))
-        mlflow.log_text(count_by_split(manifest).to_csv(index=False), "data/split_counts.csv")
-        tracking.log_dataset_inputs(manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
-                                    contexts={"train": "training", "val": "validation"})
+        with tracking.artifact_writes("the split counts and dataset inputs"):  # a full disk: one line
+            mlflow.log_text(count_by_split(manifest).to_csv(index=False), "data/split_counts.csv")
+            tracking.log_dataset_inputs(manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
+                                        contexts={"train": "training", "val": "validation"})
         log_epoch = tracking.EpochLogger(params.ensemble)
         # A multi-worker run cannot resume: every worker would have to find the same state.
         resume_dir = None if params.strategy == "multi_worker" else model_dir.with_name(
@@ -91,8 +92,9 @@ def main() -> None:
         log_epoch.log_missing(history)
         write_text(Path(paths.train_history), history.to_csv(index=False))
         write_training_curves(history, Path(paths.train_curves))
-        for report in (paths.train_history, paths.train_curves):
-            mlflow.log_artifact(report, artifact_path="reports")
+        with tracking.artifact_writes("the training history and curves"):
+            for report in (paths.train_history, paths.train_curves):
+                mlflow.log_artifact(report, artifact_path="reports")
         summary = validation_summary(model, val_x, val_y, history, metric_name=log_epoch.metric_name)
         mlflow.log_metrics(summary)
         model_info = tracking.log_keras_model(model, val_x[:2])

@@ -31,7 +31,9 @@ from dicomflow.errors import DataError, SettingsError
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.config.params import ParamsError, load_params
 from dicomflow.deid.leaks import Leak, find_leaks
-from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age)
+from dicomflow.deid.profile import (
+    OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age,
+)
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -630,11 +632,11 @@ class TestDeidentifyDataset:
         assert top_code_age(age) == expected
 
 
-def test_the_readme_lists_exactly_the_text_kept_where_the_table_is_silent():
+def test_the_manual_lists_exactly_the_text_kept_where_the_table_is_silent():
     from dicomflow.deid.profile import KEPT_TEXT
 
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("What de-identification keeps as text"):]
+    manual = (REPO / "docs" / "deidentification.md").read_text()
+    table = manual[manual.index("What de-identification keeps as text"):]
     table = table[:table.index("\n\n", table.index("|---|"))]
     listed = {int(group + element, 16) for group, element in re.findall(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)", table)}
     assert listed == set(KEPT_TEXT)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from dicomflow.serving.pyfunc import serving_root
-from pipeline_repo import REPO, registry, repo  # noqa: F401  (fixtures)
+from pipeline_repo import REPO
 from pipeline_repo import free_port as _free_port
 from pipeline_repo import run as _run
 
@@ -65,7 +65,8 @@ def test_queued_experiments_on_two_workers_all_reach_the_store(repo, registry):
     rates = ["0.0005", "0.002"]  # two workers, one experiment each: as parallel as four, half the time
     _run_queue(root, env, rates)
     _assert_complete_runs(registry[1], rates)
-    assert not (root / ".dvc" / "tmp" / "exps").exists() or not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    exps = root / ".dvc" / "tmp" / "exps"
+    assert not exps.exists() or not list(exps.rglob("mlflow.db"))
 
 
 @pytest.fixture
@@ -104,26 +105,27 @@ def team_server(postgres, tmp_path, repo):
     """`make mlflow-server` on that database, as the README starts it; yields its URI."""
     _, env = repo
     port = _free_port()
-    server = subprocess.Popen(
-        ["make", "-s", "mlflow-server", f"MLFLOW_BACKEND_STORE_URI={postgres}",
-         f"MLFLOW_ARTIFACT_ROOT={tmp_path / 'artifacts'}", f"MLFLOW_PORT={port}"],
-        cwd=REPO, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: make, mlflow and its workers stop together
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            ["make", "-s", "mlflow-server", "MLFLOW_AUTH=none", f"MLFLOW_BACKEND_STORE_URI={postgres}",
+             f"MLFLOW_ARTIFACT_ROOT={tmp_path / 'artifacts'}", f"MLFLOW_PORT={port}"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: make, mlflow and its workers stop together
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(f"{uri}/health", timeout=2)
+                    break
+                except OSError:
+                    assert server.poll() is None and time.monotonic() < deadline, \
+                        (tmp_path / "server.log").read_text()[-3000:]
+                    time.sleep(1)
+            yield uri
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
 
 
 def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, team_server):

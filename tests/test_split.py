@@ -187,9 +187,9 @@ class TestFoldsAsScikitLearn:
 
         labels = manifest["label"].to_numpy()
         # Each patient named by the SHA-256 of its sorted "pixel digest:label" lines.
-        content = {patient: hashlib.sha256("\n".join(sorted(
-                       f"{digest}:{label}" for digest, label in zip(rows["pixel_sha256"], rows["label"]))).encode()).hexdigest()
-                   for patient, rows in manifest.groupby("patient_key")}
+        lines = {patient: sorted(f"{digest}:{label}" for digest, label in zip(rows["pixel_sha256"], rows["label"]))
+                 for patient, rows in manifest.groupby("patient_key")}
+        content = {patient: hashlib.sha256("\n".join(own).encode()).hexdigest() for patient, own in lines.items()}
         groups = manifest["patient_key"].map(content).to_numpy()
         _, test = next(StratifiedGroupKFold(5, shuffle=True, random_state=42).split(labels, labels, groups))
         rest = np.setdiff1d(np.arange(len(manifest)), test)

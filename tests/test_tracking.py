@@ -76,3 +76,124 @@ def test_the_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _log_a_run(folder, monkeypatch, text: str) -> str:
+    """In ``folder`` as a stage runs there: configure_mlflow, then a run with one text artifact."""
+    import mlflow
+
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        tracking.configure_mlflow()
+        with mlflow.start_run() as run:
+            mlflow.log_text(text, "notes.txt")
+        return run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _read_artifact(folder, run_id: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/notes.txt")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+class TestMovedRepository:
+    """A repository with its SQLite store and artifacts copied or moved elsewhere: new runs land in
+    the new folder, never the old, and the old runs are read from the copy."""
+
+    def test_a_copy_writes_its_runs_into_its_own_tree(self, tmp_path, monkeypatch):
+        import shutil
+
+        original, copy = tmp_path / "original", tmp_path / "copy"
+        original.mkdir()
+        first = _log_a_run(original, monkeypatch, "first")
+        before = sorted(path.relative_to(original) for path in (original / "mlruns").rglob("*"))
+        shutil.copytree(original, copy)
+        (original / "mlruns" / "1" / first / "artifacts" / "notes.txt").write_text("only in the original")
+
+        second = _log_a_run(copy, monkeypatch, "second")
+        assert (copy / "mlruns" / "1" / second / "artifacts" / "notes.txt").read_text() == "second"
+        assert sorted(path.relative_to(original) for path in (original / "mlruns").rglob("*")) == before
+        assert _read_artifact(copy, first) == "first"  # the copy's own file, not the original's
+        assert _read_artifact(original, first) == "only in the original"
+
+    def test_a_moved_repository_reads_its_old_runs_and_writes_where_it_is(self, tmp_path, monkeypatch):
+        before, after = tmp_path / "before", tmp_path / "after"
+        before.mkdir()
+        first = _log_a_run(before, monkeypatch, "first")
+        before.rename(after)
+        second = _log_a_run(after, monkeypatch, "second")
+        assert not before.exists()
+        assert _read_artifact(after, first) == "first" and _read_artifact(after, second) == "second"
+        assert (after / "mlruns" / "1" / second / "artifacts" / "notes.txt").is_file()
+
+    def test_an_artifact_location_placed_elsewhere_on_purpose_is_kept(self, tmp_path, monkeypatch):
+        import mlflow
+
+        repo, elsewhere = tmp_path / "repo", tmp_path / "big-disk" / "artifacts"
+        repo.mkdir()
+        monkeypatch.chdir(repo)  # the store made here, as a stage makes it
+        mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+        try:
+            mlflow.create_experiment("dicomflow", artifact_location=str(elsewhere))
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert tracking.relocate_artifact_paths(repo / "mlflow.db", repo) == 0
+        run_id = _log_a_run(repo, monkeypatch, "kept")
+        assert (elsewhere / run_id / "artifacts" / "notes.txt").read_text() == "kept"
+
+    def test_nothing_changes_in_place_or_without_a_store(self, tmp_path, monkeypatch):
+        assert tracking.relocate_artifact_paths(tmp_path / "mlflow.db", tmp_path) == 0
+        _log_a_run(tmp_path, monkeypatch, "here")
+        assert tracking.relocate_artifact_paths(tmp_path / "mlflow.db", tmp_path) == 0
+
+
+def test_a_full_disk_while_logging_artifacts_is_one_line_naming_the_file_and_disk(tmp_path):
+    """A real write past a file size limit (EFBIG, handled as ENOSPC and EDQUOT are) while a
+    run logs an artifact, in a stage process: one line, and the run is FAILED."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    big = tmp_path / "history.csv"
+    big.write_bytes(b"0" * (8 << 20))
+    child = (
+        "import mlflow\n"
+        "from dicomflow import tracking\n"
+        "from dicomflow.runtime.stage import run_stage\n"
+        "def main():\n"
+        "    tracking.configure_mlflow()\n"
+        "    with mlflow.start_run():\n"
+        "        with tracking.artifact_writes('the training history and curves'):\n"
+        f"            mlflow.log_artifact({str(big)!r}, artifact_path='reports')\n"
+        "run_stage(main)\n")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))  # above the store, below the file
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in __import__("os").environ.items() if key != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, env={**env, "PYTHONPATH": str(repo)},
+                            capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert last.startswith("error: File too large while writing the training history and curves to "
+                           f"{tmp_path}/mlruns/1/")
+    assert "/artifacts, on the disk mounted at " in last and " GiB free): the run is marked FAILED" in last
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        (run,) = mlflow.search_runs(experiment_names=["dicomflow"], output_format="list")
+        assert run.info.status == "FAILED"
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -103,9 +103,8 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     # Second pass: each readable file, with every source's values (sent once to each worker).
     project_words()  # read once here: the forked workers inherit it
     audit, hidden = [], 0
-    outcomes = ordered_map(partial(_deidentify_with_shared, settings=settings), readable,
-                           workers=workers, timeout_s=timeout_s,
-                           initializer=_SharedIdentifiers.receive, initargs=(identifiers,),
+    outcomes = ordered_map(partial(deidentify_file, settings=settings), readable,
+                           workers=workers, timeout_s=timeout_s, shared_args=(identifiers,),
                            on_failure=lambda job, why: FileOutcome(None, failure=_worker_failure(job, why)))
     for outcome, job in zip(progress(outcomes, len(readable), "deidentify"), readable):
         positions = rows_of[job.source]
@@ -135,36 +134,6 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
                                in sorted(failures.items())], columns=list(QUARANTINE_COLUMNS))
     return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
                         kept.reset_index(drop=True), images[keep], quarantine, hidden)
-
-
-class _SharedIdentifiers:
-    """The second pass's per-process state: every source's identifying values.
-
-    They are large (a value set per source), so the pool's initializer hands them to each worker
-    process once (:func:`~dicomflow.runtime.parallel.ordered_map`'s ``initializer``; on a Dask
-    cluster, scattered once) instead of with every chunk of files; the pool's public interface
-    gives an initializer no other way to reach the work function than the process itself, so
-    they wait here, read by :func:`_deidentify_with_shared` and passed on to
-    :func:`deidentify_file` as an argument. Nothing else reads them, and a process that was never
-    given them fails every file instead of checking against no values at all.
-    """
-
-    _values: Identifiers | None = None
-
-    @classmethod
-    def receive(cls, identifiers: Identifiers) -> None:
-        cls._values = identifiers
-
-    @classmethod
-    def get(cls) -> Identifiers:
-        if cls._values is None:
-            raise RuntimeError("this worker process was not given the sources' identifying values")
-        return cls._values
-
-
-def _deidentify_with_shared(job: FileJob, settings: FileSettings) -> FileOutcome:
-    """:func:`deidentify_file` with the identifying values this worker process was given."""
-    return deidentify_file(job, settings, _SharedIdentifiers.get())
 
 
 def _worker_failure(_job: object, failure: WorkFailure) -> tuple[str, str]:

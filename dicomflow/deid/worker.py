@@ -109,7 +109,7 @@ def source_identifiers(job: FileJob, settings: FileSettings) -> Identifiers | tu
         return "unreadable_source", f"reading the header's values failed ({type(err).__name__})"
 
 
-def deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifiers) -> FileOutcome:
+def deidentify_file(job: FileJob, identifiers: Identifiers, *, settings: FileSettings) -> FileOutcome:
     """De-identify one source file into ``dicom_dir/<key>.dcm``, or leave it out for burned-in
     text; never raises. Kept text is checked against ``identifiers``, the identifying values of
     every source, so a manufacturer field typed with another patient's or the hospital's name is
@@ -183,7 +183,7 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
                 frames = {frame.index: frame.pixels
                           for frame in read_image(_as_file(ds), settings.pixels)[1]}
                 decision = "blanked"
-            except Exception as err:  # a file whose pixels cannot be rewritten is left out
+            except Exception as err:  # noqa: BLE001  a file whose pixels cannot be rewritten is left out
                 decision = f"excluded: blanking failed ({type(err).__name__})"
         elif risk:
             decision = "excluded"

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from dicomflow import metrics as registry
 from dicomflow.config.params import THRESHOLD_METHODS

@@ -32,10 +32,31 @@ def out_of_space(err: BaseException) -> OSError | None:
     return None
 
 
-def no_space_error(err: OSError, *, what: str, where: Path) -> DataError:
-    """The one-line error for a write that ran out of space (``err.errno`` in :data:`NO_SPACE`)."""
-    return DataError(f"{err.strerror} while writing {what} to {err.filename or where}: nothing "
-                      "half-written is left; free some space (or raise the limit) and re-run")
+HALF_WRITTEN_REMOVED = "nothing half-written is left; free some space (or raise the limit) and re-run"
+
+
+def disk_of(path: Path | str) -> str:
+    """The disk ``path`` is on, in words: its mount point and the space left there
+    ("the disk mounted at /srv (1.2 GiB free)"); "an unknown disk" when it cannot be found."""
+    folder = Path(os.path.abspath(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        mount = folder
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return "an unknown disk"
+    return f"the disk mounted at {mount} ({free / 2**30:.1f} GiB free)"
+
+
+def no_space_error(err: OSError, *, what: str, where: Path | str,
+                   remedy: str = HALF_WRITTEN_REMOVED) -> DataError:
+    """The one-line error for a write that ran out of space (``err.errno`` in :data:`NO_SPACE`):
+    what was being written, to which file, on which disk, and ``remedy``."""
+    target = err.filename or where
+    return DataError(f"{err.strerror} while writing {what} to {target}, on {disk_of(target)}: {remedy}")
 
 
 @contextmanager
