@@ -10,15 +10,20 @@ What it does, in order (:func:`serve`):
 2. loads that verified local copy, which must be a :class:`~dicomflow.serving.pyfunc.DicomClassifier`,
    bounds its decoding (:meth:`~dicomflow.serving.pyfunc.DicomClassifier.limit_decoding`) and starts
    its decoder processes and Keras call;
-3. serves MLflow's own scoring app (``mlflow.pyfunc.scoring_server.init``: ``/invocations``,
-   ``/ping``, ``/health``, ``/version``, every payload form MLflow documents) inside
-   :class:`Guard`, an ASGI middleware that caps the body (413), checks the request's form and
-   file count before MLflow parses it, answers every refusal with one JSON line of its own words
-   (never a piece of the request), and with a token set, wants ``Authorization: Bearer <token>``.
+3. serves MLflow's scoring app (``mlflow.pyfunc.scoring_server.init``: ``/ping``, ``/health``,
+   ``/version``) inside :class:`Guard`, an ASGI middleware that answers ``/invocations`` itself in
+   MLflow's scoring protocol (the four JSON forms, ``{"predictions": [...]}`` as MLflow writes it):
+   it caps the body (413) and the files (413), reads the request's table (:func:`request_table`),
+   answers every refusal with one JSON line of its own words (never a piece of the request), and
+   with a token set, wants ``Authorization: Bearer <token>``.
 
-Concurrency: one process; MLflow runs each request in a thread, the classifier decodes files in a
-set of decoder processes without a lock around them and scores the images of concurrent
-requests in one Keras call (``DecoderSet``, ``BatchScorer`` in ``pyfunc.py``). Measured in
+Why the middleware reads the JSON and not MLflow's app: MLflow's parsing of a one-file request
+(pandas, schema, base64) took about 12 of the 30 ms a request cost, under the GIL, which alone
+held 8 clients near twice one client's throughput; MLflow's errors also quote the request.
+
+Concurrency: one process; each request is predicted in a thread, the classifier decodes files
+in a set of decoder processes without a lock around them and scores the images of concurrent
+requests in one Keras call (``DecoderSet``, ``BatchScorer`` in ``pyfunc.py``). Measured with
 ``bench/serving.py``; see ``docs/security/serving-limits.md``.
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -36,6 +42,8 @@ import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from dicomflow.errors import SettingsError
 
@@ -123,8 +131,8 @@ def error_body(code: str, line: str) -> bytes:
     return json.dumps({"error_code": code, "message": line}).encode()
 
 
-# What a client is told when MLflow's app refused a request that passed check_request: MLflow's
-# own messages repeat the request (a DataFrame's repr, the content type), so they are not sent.
+# What a client is told for errors of MLflow's app (other paths) and of prediction: MLflow's own
+# messages repeat the request (a DataFrame's repr, the content type), so they are never sent.
 INNER_ERRORS = {
     400: ("BAD_REQUEST", "the request's values do not fit the model's input: 'dicom' values must be base64 text "
                          f"of a DICOM file and 'path' values text; {HOW_TO}"),
@@ -136,11 +144,14 @@ INTERNAL = ("INTERNAL_ERROR", "the server failed on this request; its log says w
                               "repeated here)")
 
 
-def count_rows(body: Any, *, max_files: int) -> int:
-    """The rows of a parsed scoring request, or :class:`Refusal` naming what is wrong with its form.
+def request_table(body: Any, *, max_files: int) -> pd.DataFrame:
+    """The rows of a parsed scoring request as the model's input, or :class:`Refusal` saying what
+    is wrong with it (never quoting it).
 
-    Checks what MLflow would echo back if it failed: the top-level form, a ``dicom`` or ``path``
-    column, and the number of rows (``max_files``). Values are not looked at (the model does).
+    Reads the four JSON forms of MLflow's scoring protocol (:data:`FORMS`) for the model's two
+    columns, as MLflow's scoring server does, and keeps the values as sent: a ``dicom`` value is
+    base64 text, which the model decodes (``pyfunc.dicom_content``). Columns of other names are
+    ignored, as MLflow ignores what the signature does not name.
     """
     if not isinstance(body, dict):
         raise Refusal(400, "BAD_REQUEST", f"the request must be a JSON object with one of the keys "
@@ -151,28 +162,44 @@ def count_rows(body: Any, *, max_files: int) -> int:
         raise Refusal(400, "BAD_REQUEST", f"the request must hold exactly one of the keys {', '.join(FORMS)}; "
                                           f"got {got}; {HOW_TO}")
     form, table = forms[0], body[forms[0]]
-    if form == "dataframe_split":
-        columns = table.get("columns") if isinstance(table, dict) else None
-        data = table.get("data") if isinstance(table, dict) else None
-        rows = len(data) if isinstance(data, list) else None
-    elif form in ("dataframe_records", "instances"):
-        rows = len(table) if isinstance(table, list) else None
-        columns = sorted({key for row in table if isinstance(row, dict) for key in row}) if rows is not None else None
-    else:  # inputs: {"dicom": [...]} (a list of values per column)
-        columns = list(table) if isinstance(table, dict) else None
-        lengths = {len(value) if isinstance(value, list) else 1 for value in table.values()} if columns else set()
-        rows = max(lengths) if lengths else None
-    if not isinstance(columns, list) or rows is None:
-        raise Refusal(400, "BAD_REQUEST", f"the request's {form!r} is not a table of rows; {HOW_TO}")
-    if not set(COLUMNS) & {str(column) for column in columns}:
-        raise Refusal(400, "BAD_REQUEST", f"the model needs a 'dicom' column (the DICOM file's bytes, base64 in "
-                                          f"JSON) or a 'path' column (a file under DICOMFLOW_SERVING_ROOT on the "
-                                          f"machine that runs the model); got {len(columns)} other column(s); "
-                                          f"{HOW_TO}")
+    columns: dict[str, list] | None = None
+    if form == "dataframe_split" and isinstance(table, dict) and isinstance(table.get("columns"), list) \
+            and isinstance(table.get("data"), list) and all(isinstance(row, list) for row in table["data"]):
+        names = table["columns"]
+        if any(len(row) != len(names) for row in table["data"]):
+            raise Refusal(400, "BAD_REQUEST", f"each row of 'dataframe_split' must hold one value per column "
+                                              f"({len(names)}); {HOW_TO}")
+        columns = {name: [row[i] for row in table["data"]] for i, name in enumerate(names) if name in COLUMNS}
+        rows = len(table["data"])
+    elif form in ("dataframe_records", "instances") and isinstance(table, list) \
+            and all(isinstance(row, dict) for row in table):
+        present = [name for name in COLUMNS if any(name in row for row in table)]
+        columns = {name: [row.get(name) for row in table] for name in present}
+        rows = len(table)
+    elif form in ("inputs", "instances") and isinstance(table, dict) \
+            and all(isinstance(value, list) for value in table.values()):
+        columns = {name: value for name, value in table.items() if name in COLUMNS}
+        rows = max((len(value) for value in table.values()), default=0)
+        if any(len(value) != rows for value in columns.values()):
+            raise Refusal(400, "BAD_REQUEST", f"the lists under {form!r} must all have one value per file; {HOW_TO}")
+    elif form == "inputs" and isinstance(table, list):  # values without a column name
+        columns, rows = {}, len(table)
+    if columns is None:
+        raise Refusal(400, "BAD_REQUEST", f"the request's {form!r} is not a table of rows in a form the server "
+                                          f"reads; {HOW_TO}")
+    if not columns:
+        raise Refusal(400, "BAD_REQUEST", "the model needs a 'dicom' column (the DICOM file's bytes, base64 in "
+                                          "JSON) or a 'path' column (a file under DICOMFLOW_SERVING_ROOT on the "
+                                          f"machine that runs the model); got neither; {HOW_TO}")
     if rows > max_files:
         raise Refusal(413, "REQUEST_TOO_LARGE", f"the request holds {rows} files, more than the server's "
                                                 f"--max-files {max_files}; send them in several requests")
-    return rows
+    for name, values in columns.items():
+        if not all(value is None or isinstance(value, str) for value in values):
+            raise Refusal(400, "BAD_REQUEST", f"every {name!r} value must be text ("
+                                              + ("the file's bytes in base64" if name == "dicom" else
+                                                 "a path under DICOMFLOW_SERVING_ROOT") + f") or null; {HOW_TO}")
+    return pd.DataFrame(columns, index=pd.RangeIndex(rows))
 
 
 class Guard:
@@ -181,22 +208,25 @@ class Guard:
     Parameters
     ----------
     app : ASGI application
-        ``mlflow.pyfunc.scoring_server.init(model)``.
+        ``mlflow.pyfunc.scoring_server.init(model)``: every path but ``/invocations``.
+    predict : callable
+        The model on a request's table (``DicomClassifier.predict``): a DataFrame of its answers.
     limits : ServingLimits
     token : str or None
         When set, every path but :data:`OPEN_PATHS` wants ``Authorization: Bearer <token>`` (401).
 
     Notes
     -----
-    For ``/invocations`` the body is read here first, at most ``limits.max_body_mib`` (413 as soon
-    as a ``Content-Length`` or the bytes received say more), within ``limits.request_timeout_s``
-    (408), then parsed and checked (:func:`count_rows`), then handed to MLflow's app. Any error
-    MLflow's app answers is replaced by one line of :data:`INNER_ERRORS`: its own messages
-    quote the request.
+    For ``/invocations`` the body is read here, at most ``limits.max_body_mib`` (413 as soon as a
+    ``Content-Length`` or the bytes received say more), within ``limits.request_timeout_s``
+    (408), then parsed (:func:`request_table`) and predicted by ``predict`` in a thread (504
+    after ``limits.request_timeout_s``). Other paths go to ``app``; any error it answers is
+    replaced by one line of :data:`INNER_ERRORS`: MLflow's own messages quote the request.
     """
 
-    def __init__(self, app: ASGIApp, *, limits: ServingLimits, token: str | None = None) -> None:
-        self.app, self.limits, self.token = app, limits, token
+    def __init__(self, app: ASGIApp, *, predict: Callable[[pd.DataFrame], pd.DataFrame], limits: ServingLimits,
+                 token: str | None = None) -> None:
+        self.app, self.predict, self.limits, self.token = app, predict, limits, token
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -207,15 +237,35 @@ class Guard:
             if scope["path"] != "/invocations":
                 await self.app(scope, receive, _errors_replaced(send))
                 return
-            body = await self._body(scope, receive)
             if scope.get("method") != "POST":
                 raise Refusal(405, "METHOD_NOT_ALLOWED", "use POST for /invocations")
-            self._check(scope, body)
+            body = await self._body(scope, receive)
+            table = self._table(scope, body)
+            del body
+            answer = await self._predict(table)
         except Refusal as refusal:
             await _answer(send, refusal.status, error_body(refusal.code, refusal.line),
                           extra=[(b"www-authenticate", b"Bearer")] if refusal.status == 401 else [])
             return
-        await self.app(scope, _replay(body), _errors_replaced(send))
+        await _answer(send, 200, answer)
+
+    async def _predict(self, table: pd.DataFrame) -> bytes:
+        """The model's answer as MLflow's scoring server writes it (``{"predictions": [...]}``), in a
+        thread (the decoders and Keras work outside the event loop), within the request time limit."""
+        from mlflow.pyfunc.scoring_server import predictions_to_json
+
+        def predict() -> bytes:
+            output = io.StringIO()
+            predictions_to_json(self.predict(table), output)
+            return output.getvalue().encode()
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(predict), timeout=self.limits.request_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise Refusal(504, *INNER_ERRORS[504]) from None
+        except Exception as err:  # noqa: BLE001  the client gets one line; the log the type
+            logger.error("prediction failed (%s); the client was told: %s", type(err).__name__, INTERNAL[1])
+            raise Refusal(500, *INTERNAL) from None
 
     def _authenticate(self, scope: dict) -> None:
         if self.token is None or scope["path"] in OPEN_PATHS:
@@ -258,7 +308,7 @@ class Guard:
                                                   f"{self.limits.request_timeout_s:g} s") from None
         return b"".join(parts)
 
-    def _check(self, scope: dict, body: bytes) -> None:
+    def _table(self, scope: dict, body: bytes) -> pd.DataFrame:
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
         if content_type != b"application/json":
             raise Refusal(415, *INNER_ERRORS[415])
@@ -272,22 +322,7 @@ class Guard:
                                               f"column {err.colno}; {HOW_TO}") from None
         except RecursionError:
             raise Refusal(400, "BAD_REQUEST", "the request body nests JSON deeper than can be read") from None
-        count_rows(parsed, max_files=self.limits.max_files)
-
-
-def _replay(body: bytes) -> Callable[[], Awaitable[dict]]:
-    """A ``receive`` that gives the body already read, then waits as for a client that stays."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # what a connected client looks like: nothing more
-        return {"type": "http.disconnect"}
-
-    return receive
+        return request_table(parsed, max_files=self.limits.max_files)
 
 
 def _errors_replaced(send: Callable) -> Callable:
@@ -374,7 +409,8 @@ def build_app(model: Any, *, limits: ServingLimits, token: str | None = None) ->
     classifier.warm_up()
     # Read by init(): MLflow answers 504 after this long.
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(int(limits.request_timeout_s))
-    return Guard(scoring_server.init(model), limits=limits, token=token)
+    app = scoring_server.init(model)  # /ping, /health, /version; sets MLflow's serving flag
+    return Guard(app, predict=lambda table: classifier.predict(None, table), limits=limits, token=token)
 
 
 def serve_folder(folder: Path, *, host: str, port: int, limits: ServingLimits, token: str | None) -> None:
