@@ -1,6 +1,7 @@
 """The ``dicomflow`` command: what a user runs besides the pipeline's stages.
 
     dicomflow predict INPUT... [--output predictions.csv] [--model models:/NAME@champion]
+    dicomflow keygen [--out .dicomflow/keys]
     dicomflow request FILE... > request.json
     dicomflow serve [--model models:/NAME@champion] [--host 127.0.0.1] [--port 5001] [limits...]
     dicomflow scan-leaks [PATH ...] [--run RUN_ID]
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from dicomflow.errors import DataError
@@ -36,10 +39,11 @@ def predict(args: argparse.Namespace) -> None:
     from dicomflow.serving.predict import (
         error_counts,
         list_inputs,
-        load_model,
+        load_verified_model,
         predict_files,
         with_unread,
     )
+    from dicomflow.signing import verify_key_from_env
 
     inputs = list_inputs(args.inputs, exclude={args.output.resolve()})
     named = " ".join(str(path) for path in args.inputs)
@@ -49,10 +53,13 @@ def predict(args: argparse.Namespace) -> None:
                          + (f" (not read: {', '.join(f'{n} {reason}' for reason, n in skipped.most_common())})"
                             if skipped else ""))
     uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
+    key = verify_key_from_env(os.environ)
     tracking.configure_mlflow(experiment=None)
-    model = load_model(uri)
-
-    predictions = with_unread(predict_files(model, inputs.files, names=inputs.names), inputs.unread)
+    # The version is verified over a private copy and loaded from it: nothing of an unsigned or
+    # altered model runs here (dicomflow/signing.py). The copy lives as long as the model is used.
+    with tempfile.TemporaryDirectory(prefix="dicomflow-predict-") as workdir:
+        model = load_verified_model(uri, key=key, workdir=Path(workdir))
+        predictions = with_unread(predict_files(model, inputs.files, names=inputs.names), inputs.unread)
     write_text(args.output, predictions.to_csv(index=False))
     failed = error_counts(predictions)
     summary = ", ".join(f"{count} {reason}" for reason, count in failed.most_common())
@@ -65,6 +72,25 @@ def predict(args: argparse.Namespace) -> None:
     if sum(failed.values()) == len(predictions):
         raise DataError(f"none of the {len(predictions)} files in {named} could be predicted "
                          f"({summary}); see {args.output}")
+
+
+def keygen(args: argparse.Namespace) -> None:
+    """Write a model signing key pair (``signing.pem`` 0600, ``verify.pub``) into ``--out``; never
+    overwrites a key."""
+    from dicomflow.signing import (
+        SIGNING_KEY_FILE_ENV,
+        VERIFY_KEY_FILE_ENV,
+        SigningKey,
+        signing_key_from_env,
+        write_key_pair,
+    )
+
+    log = logging.getLogger("dicomflow.keygen")
+    private_path, public_path = write_key_pair(args.out)
+    key: SigningKey = signing_key_from_env({SIGNING_KEY_FILE_ENV: str(private_path)})
+    log.info("wrote %s (private, mode 0600) and %s (public), key id %s", private_path, public_path, key.key_id)
+    log.info("sign with %s=%s (CI: keep it as a secret); verify with %s=%s (copy it to every server)",
+                SIGNING_KEY_FILE_ENV, private_path, VERIFY_KEY_FILE_ENV, public_path)
 
 
 def request(args: argparse.Namespace) -> None:
@@ -155,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
     command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
     command.set_defaults(handler=predict)
+
+    command = commands.add_parser("keygen", help="write a key pair that signs and verifies registered models")
+    command.add_argument("--out", type=Path, default=Path(".dicomflow/keys"),
+                         help="folder for signing.pem and verify.pub (default: .dicomflow/keys, this clone's own)")
+    command.set_defaults(handler=keygen)
 
     command = commands.add_parser("request", help="the JSON body that sends DICOM files to a served model")
     command.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")

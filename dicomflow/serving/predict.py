@@ -15,6 +15,9 @@ folder), the probability column(s), ``label`` and ``error`` (empty, or the reaso
 be used: ``not_dicom: ...``, ``truncated_pixel_data: ...``, ``out_of_domain: ...`` for a file unlike the
 model's training files).
 Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given).
+Keys: the verify key (``DICOMFLOW_VERIFY_KEY_FILE`` or ``DICOMFLOW_VERIFY_KEY``; a local store's
+own key otherwise, :mod:`dicomflow.signing`): the model's signature is checked before any of its
+code is loaded, and an unsigned or altered version is refused with one line.
 
 A bad file gets its reason in the CSV and never stops the run; the command fails (exit 1, one
 line) only when an input does not exist, the model cannot be loaded or no file at all could be
@@ -92,16 +95,38 @@ def _as_given(path: Path) -> str:
     return os.fsencode(path.as_posix()).decode("utf-8", errors="backslashreplace")
 
 
-def load_model(uri: str):
-    """The pyfunc model at ``uri``, or DataError naming the URI and why not."""
+def load_model(uri: str, *, shown: str | None = None):
+    """The pyfunc model at ``uri`` (loaded as is: its code runs), or DataError naming the URI (or
+    ``shown``) and why not. Registered models are loaded through :func:`load_verified_model`."""
     import mlflow
 
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as err:  # noqa: BLE001  MLflow, I/O and unpickling errors all mean "cannot load"
         first_line = (str(err).strip().splitlines() or [""])[0]
-        raise DataError(f"cannot load model {uri} from {tracking.tracking_uri()}: "
+        raise DataError(f"cannot load model {shown or uri} from {tracking.tracking_uri()}: "
                          f"{type(err).__name__}: {first_line}") from err
+
+
+def load_verified_model(uri: str, *, key, workdir: Path):
+    """The registered pyfunc model at ``uri`` after its signature was verified.
+
+    The version (an alias resolved first) is downloaded into ``workdir``, verified over those
+    files (:func:`dicomflow.signing.download_verified`) and loaded from that verified copy, never
+    from the registry again: no code of an unsigned or altered model is unpickled or imported.
+    Keep ``workdir`` until the model is no longer used.
+
+    Raises
+    ------
+    SignatureError
+        Unsigned, altered or signed with another key (one line: the URI and why).
+    DataError
+        No such version, or it cannot be loaded.
+    """
+    from dicomflow.signing import download_verified
+
+    local = download_verified(uri, workdir, key=key)
+    return load_model(str(local), shown=uri)
 
 
 def predict_files(model, files: list[Path], *, names: list[str], batch_files: int = BATCH_FILES) -> pd.DataFrame:
