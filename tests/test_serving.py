@@ -969,6 +969,95 @@ class TestServeCommand:
             ServingLimits(max_files=0)
 
 
+def _serve_command(model_uri: str, store, keys: tuple[Path, Path], log: Path) -> tuple[subprocess.Popen, int]:
+    """``dicomflow serve --model model_uri`` on a free loopback port, verifying with ``keys``' public key."""
+    from dicomflow.signing import VERIFY_KEY_FILE_ENV
+
+    port = _free_port()
+    env = _run_env(store) | {VERIFY_KEY_FILE_ENV: str(keys[1])}
+    with open(log, "wb") as stream:
+        server = subprocess.Popen([sys.executable, "-m", "dicomflow", "serve", "--model", model_uri, "--port", str(port)],
+                                  cwd=log.parent, env=env, stdout=stream, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    return server, port
+
+
+@pytest.mark.slow
+class TestServeVerifies:
+    """``dicomflow serve`` downloads the version and verifies its signature before loading any of it."""
+
+    def test_an_unsigned_or_altered_model_is_refused_before_its_code_runs(self, store, tmp_path):
+        from dicomflow.signing import SIGNATURE_TAG, SIGNING_KEY_FILE_ENV, sign_model_version, signing_key_from_env, \
+            write_key_pair
+
+        class Planted(mlflow.pyfunc.PythonModel):  # defined here: pickled by value, loads anywhere
+            def __init__(self, marker: str) -> None:
+                self.marker = marker
+
+            def load_context(self, context) -> None:
+                Path(self.marker).write_text("the planted model's code ran")
+
+            def predict(self, context, model_input, params=None):
+                return model_input
+
+        keys = write_key_pair(tmp_path / "keys")
+        name, client = "serving-test-planted", mlflow.MlflowClient()
+        markers = [tmp_path / "unsigned.marker", tmp_path / "altered.marker"]
+        for marker in markers:
+            with mlflow.start_run(experiment_id=store["experiment"]):
+                info = mlflow.pyfunc.log_model(name="planted", python_model=Planted(str(marker)))
+            mlflow.register_model(info.model_uri, name)
+            marker.unlink()  # log_model loads the model once to check it: only what runs later counts
+        sign_model_version(name, "1", key=signing_key_from_env({SIGNING_KEY_FILE_ENV: str(keys[0])}))
+        # Version 2 carries version 1's signature, as anyone who may write tags could copy it.
+        client.set_model_version_tag(name, "2", SIGNATURE_TAG, client.get_model_version(name, "1").tags[SIGNATURE_TAG])
+        client.delete_model_version_tag(name, "1", SIGNATURE_TAG)  # version 1: unsigned
+
+        for version, reason in (("1", "not signed"), ("2", "")):
+            server, _ = _serve_command(f"models:/{name}/{version}", store, keys, tmp_path / f"serve{version}.log")
+            try:
+                server.wait(timeout=180)
+            finally:
+                _stop(server)
+            lines = (tmp_path / f"serve{version}.log").read_text().strip().splitlines()
+            assert server.returncode == 1, lines[-20:]
+            assert lines[-1].startswith(f"error: refused models:/{name}/{version}: {reason}"), lines[-1]
+        assert not [marker for marker in markers if marker.exists()]
+
+        # The markers could have appeared: loaded without verification, version 1's code runs.
+        loaded = subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.pyfunc.load_model('models:/{name}/1')"],
+                                env=_run_env(store), capture_output=True, text=True, timeout=300)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        assert markers[0].read_text() == "the planted model's code ran"
+
+    def test_a_signed_model_is_served(self, registered, store, dicoms, model, tmp_path):
+        from dicomflow.signing import SIGNING_KEY_FILE_ENV, sign_model_version, signing_key_from_env, write_key_pair
+
+        keys = write_key_pair(tmp_path / "keys")
+        version = registered["info"].registered_model_version or "1"
+        sign_model_version(MODEL_NAME, str(version), key=signing_key_from_env({SIGNING_KEY_FILE_ENV: str(keys[0])}))
+        server, port = _serve_command(registered["uri"], store, keys, tmp_path / "serve.log")
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                        break
+                except OSError:
+                    assert server.poll() is None and time.monotonic() < deadline, \
+                        (tmp_path / "serve.log").read_text()[-3000:]
+                    time.sleep(1)
+            status, answer = _post(f"http://127.0.0.1:{port}", {"dataframe_split": {
+                "columns": ["dicom"], "data": [[base64.b64encode(dicoms["bright"].read_bytes()).decode()]]}})
+        finally:
+            _stop(server)
+        assert status == 200
+        [row] = answer["predictions"]
+        expected = model.predict(pd.DataFrame({"dicom": [dicoms["bright"].read_bytes()]}))
+        assert row["error"] == "" and row["probability"] == pytest.approx(expected["probability"].iloc[0], abs=1e-6)
+        assert "verified" in (tmp_path / "serve.log").read_text()
+
+
 class TestPathRule:
     """The same rule in this process: the model loaded by MLflow, and the classifier without it."""
 
