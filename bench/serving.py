@@ -7,9 +7,11 @@ the work per request is the same), logged with ``log_classifier`` in a temporary
 in its own process. Clients are threads of this process with keep-alive HTTP connections, each
 sending one DICOM file per request (``dataframe_split``, base64, bodies built beforehand) as
 fast as answers come, for ``--seconds`` after a warm-up. Reported per run: requests/s, p50 and p99
-latency, and the ratio of the 8-client throughput to the 1-client one (target: at least 3x on
-2 cores, issue 26). Runs alternate 1 and N clients ``--repeat`` times: the machine is shared, so
-ranges are printed.
+latency, the ratio of the 8-client throughput to the 1-client one (target: at least 3x on 2
+cores, issue 26), and the server's CPU seconds per request and cores used (its process and every
+process under it, from /proc): on a shared machine the throughput says how much CPU the server
+got, the CPU per request what each request costs whatever else runs. Runs alternate 1 and N
+clients ``--repeat`` times; ranges are printed.
 
     .venv/bin/python bench/serving.py [--clients 1 8] [--seconds 20] [--repeat 3] [--rows 512]
                                       [--decoders 0] [--json FILE]
@@ -156,9 +158,35 @@ def client(port: int, bodies: list[bytes], *, start: int, until: float, latencie
         index += 1
 
 
-def run_load(port: int, bodies: list[bytes], *, clients: int, seconds: float) -> dict:
-    """``clients`` threads for ``seconds`` (after 2 s of warm-up traffic, not counted)."""
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and every live process descended from it
+    (the server, its fork server and decoder processes)."""
+    parents, times = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, cpu in times.items():
+        ancestor = pid
+        while ancestor > 1 and ancestor != root:
+            ancestor = parents.get(ancestor, 1)
+        if ancestor == root:
+            total += cpu
+    return total
+
+
+def run_load(port: int, bodies: list[bytes], *, clients: int, seconds: float, server_pid: int) -> dict:
+    """``clients`` threads for ``seconds`` (after 2 s of warm-up traffic, not counted); with the
+    server's CPU seconds per request, which other load on the machine does not change."""
     for warm in (True, False):
+        cpu_before = tree_cpu_seconds(server_pid)
         latencies: list[float] = []
         failures: list[str] = []
         began = time.monotonic()
@@ -171,9 +199,12 @@ def run_load(port: int, bodies: list[bytes], *, clients: int, seconds: float) ->
         for thread in threads:
             thread.join()
         wall = time.monotonic() - began
+        cpu = tree_cpu_seconds(server_pid) - cpu_before
     ordered = sorted(latencies)
     return {"clients": clients, "requests": len(ordered), "failures": len(failures), "seconds": round(wall, 2),
             "throughput_rps": round(len(ordered) / wall, 2),
+            "server_cpu_ms_per_request": round(1000 * cpu / len(ordered), 2) if ordered else None,
+            "server_cores_used": round(cpu / wall, 2),
             "p50_ms": round(1000 * ordered[len(ordered) // 2], 1) if ordered else None,
             "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1) if ordered else None}
 
@@ -200,10 +231,12 @@ def main() -> None:
         try:
             for repeat in range(args.repeat):
                 for clients in args.clients:
-                    result = run_load(port, bodies, clients=clients, seconds=args.seconds)
+                    result = run_load(port, bodies, clients=clients, seconds=args.seconds, server_pid=server.pid)
                     runs.append({"repeat": repeat, **result})
                     print(f"repeat {repeat + 1}, {clients} client(s): {result['throughput_rps']:.1f} req/s, "
-                          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['failures']} failed",
+                          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['failures']} failed, "
+                          f"server CPU {result['server_cpu_ms_per_request']} ms/request on "
+                          f"{result['server_cores_used']} cores", 
                           file=sys.stderr)
         finally:
             stop(server)
@@ -214,22 +247,28 @@ def main() -> None:
         by = {run["clients"]: run for run in runs if run["repeat"] == repeat}
         if by[base]["throughput_rps"]:
             ratios.append(round(by[top]["throughput_rps"] / by[base]["throughput_rps"], 2))
-    print(f"\n| clients | req/s (range over {args.repeat}) | p50 ms | p99 ms | failed |")
-    print("|---|---|---|---|---|")
+    print(f"\n| clients | req/s (range over {args.repeat}) | p50 ms | p99 ms | server CPU ms/request | "
+          "server cores used | failed |")
+    print("|---|---|---|---|---|---|---|")
     for clients in args.clients:
         mine = [run for run in runs if run["clients"] == clients]
         rps = [run["throughput_rps"] for run in mine]
         p50 = [run["p50_ms"] for run in mine if run["p50_ms"] is not None]
         p99 = [run["p99_ms"] for run in mine if run["p99_ms"] is not None]
+        cpu_ms = [run["server_cpu_ms_per_request"] or 0.0 for run in mine]
+        cores = [run["server_cores_used"] for run in mine]
         print(f"| {clients} | {min(rps):.1f}-{max(rps):.1f} (median {statistics.median(rps):.1f}) | "
               f"{min(p50, default=0):.0f}-{max(p50, default=0):.0f} | {min(p99, default=0):.0f}-{max(p99, default=0):.0f} | "
+              f"{min(cpu_ms):.1f}-{max(cpu_ms):.1f} | {min(cores):.2f}-{max(cores):.2f} | "
               f"{sum(run['failures'] for run in mine)} |")
+    load = os.getloadavg()
     print(f"\n{top} clients / {base} client throughput: {', '.join(map(str, ratios))} "
-          f"(target >= {TARGET_RATIO:g}); {len(os.sched_getaffinity(0))} cores, {args.rows}x{args.rows} DX files")
+          f"(target >= {TARGET_RATIO:g}); {len(os.sched_getaffinity(0))} cores, {args.rows}x{args.rows} DX files; "
+          f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (other work on the machine)")
     if args.json:
         args.json.write_text(json.dumps({
             "runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO, "rows": args.rows,
-            "cores": len(os.sched_getaffinity(0)), "machine": platform.platform(), "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(), "machine": platform.platform(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
 
 

@@ -14,12 +14,13 @@ and, as ``code_paths``, a copy of the parts of the ``dicomflow`` package that pr
 (:data:`SHIPPED`, :func:`write_code_package`): the model's files are searched by the leak scanner, and
 ``dicomflow/devtools/sample_data.py`` holds the fake names of the sample data set.
 
-Serving: ``mlflow models serve -m models:/<name>@champion --env-manager local`` answers
-``POST /invocations`` with ``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}``
-(``dicomflow request FILE...`` writes it): the signature declares ``dicom`` as a binary column, which is
-what makes the scoring server base64-decode it for ``dataframe_split`` and ``dataframe_records``.
-For ``inputs`` and ``instances`` MLflow hands over the base64 *text* as bytes
-(mlflow/mlflow#11170), so :func:`dicom_content` recognises and decodes it. A request without a
+Serving: ``dicomflow serve`` (``dicomflow/serving/server.py``: the signature verified first, each
+request bounded) answers ``POST /invocations`` with
+``{"dataframe_split": {"columns": ["dicom"], "data": [[<base64>]]}}`` (``dicomflow request
+FILE...`` writes it), as MLflow's scoring server would. Under MLflow's own server the signature's
+binary ``dicom`` column makes it base64-decode ``dataframe_split`` and ``dataframe_records``, while
+for ``inputs`` and ``instances`` it hands over the base64 *text* as bytes (mlflow/mlflow#11170):
+:func:`dicom_content` recognises and decodes base64 text whatever the form. A request without a
 ``dicom`` or ``path`` column is answered 400 with one line (:class:`BadRequest`); a file that could
 not be read gets ``null`` as its probability in the served JSON (``NaN`` in the DataFrame
 elsewhere, :func:`_in_mlflow_serving`).
@@ -324,7 +325,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
         Files are decoded in separate processes (:meth:`_decoders`): a file that crashes a decoder
         (a panic, an abort, a segfault) or runs past :data:`DECODE_TIMEOUT_S` costs only its row
-        (``worker_died``, ``timeout``), never the server or the other rows.
+        (``worker_died``, ``timeout``), never the server or the other rows. Concurrent calls (a
+        server's request threads) share the processes without a lock (:class:`DecoderSet`).
         """
         readable = [row for row, source in enumerate(sources) if not isinstance(source, Quarantined)]
         errors = [f"{source.reason}: {source}" if isinstance(source, Quarantined) else ""
