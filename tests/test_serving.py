@@ -90,17 +90,24 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A temporary SQLite tracking store with its artifacts beside it; MLFLOW_TRACKING_URI points at it."""
+    """A temporary SQLite tracking store with its artifacts beside it; MLFLOW_TRACKING_URI points at it,
+    and DICOMFLOW_SIGNING_KEY_FILE / DICOMFLOW_VERIFY_KEY_FILE at a key pair made for it (predict and
+    serve verify what they load: dicomflow/signing.py)."""
+    from dicomflow.signing import SIGNING_KEY_FILE_ENV, VERIFY_KEY_FILE_ENV, write_key_pair
+
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    keys = write_key_pair(tmp_path_factory.mktemp("keys") / "team")
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SIGNING_KEY_FILE_ENV, str(keys[0]))
+        patch.setenv(VERIFY_KEY_FILE_ENV, str(keys[1]))
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         try:
-            yield {"root": root, "uri": uri, "experiment": experiment}
+            yield {"root": root, "uri": uri, "experiment": experiment, "keys": keys}
         finally:
             mlflow.set_tracking_uri(None)
 
@@ -115,18 +122,29 @@ def binary_keras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(store, binary_keras):
-    """The binary classifier logged with log_classifier and DOMAIN, registered, alias champion; its URI."""
+    """The binary classifier logged with log_classifier and DOMAIN, registered, signed as evaluate signs,
+    alias champion; its URI."""
+    from dicomflow.signing import sign_model_version, signing_key_from_env
+
     with mlflow.start_run(experiment_id=store["experiment"]):
         info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
                                       domain=DOMAIN)
     version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+    sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
     return {"uri": f"models:/{MODEL_NAME}@champion", "info": info}
 
 
 @pytest.fixture(scope="module")
-def model(registered):
-    return mlflow.pyfunc.load_model(registered["uri"])
+def model(registered, tmp_path_factory):
+    """The champion loaded by MLflow from a verified copy. Not from ``models:/`` directly: on a local
+    store MLflow then writes a ``registered_model_meta`` file into the stored version itself, which
+    its signature does not cover, and every later verification would refuse it."""
+    from dicomflow.signing import download_verified, verify_key_from_env
+
+    local = download_verified(registered["uri"], tmp_path_factory.mktemp("verified"),
+                              key=verify_key_from_env(os.environ))
+    return mlflow.pyfunc.load_model(str(local))
 
 
 @pytest.fixture(scope="module")
@@ -722,7 +740,8 @@ class TestServedModel:
         paths = ["/etc/passwd", str(dicoms["bright"]), str(dicoms["folder"] / "missing.dcm"), "bright.dcm"]
         status, answer = _post(served, {"dataframe_split": {"columns": ["path"], "data": [[p] for p in paths]}})
         assert status == 200
-        for path, row in zip(paths, answer["predictions"]):
+        assert len(answer["predictions"]) == len(paths)
+        for row in answer["predictions"]:
             # The same answer whether the file exists, is DICOM or not: nothing was opened.
             assert row["error"] == ("path_refused: not read: this model reads files by path only when "
                                     "DICOMFLOW_SERVING_ROOT names the folder it may read on the machine that runs "
@@ -1031,12 +1050,7 @@ class TestServeVerifies:
         assert markers[0].read_text() == "the planted model's code ran"
 
     def test_a_signed_model_is_served(self, registered, store, dicoms, model, tmp_path):
-        from dicomflow.signing import SIGNING_KEY_FILE_ENV, sign_model_version, signing_key_from_env, write_key_pair
-
-        keys = write_key_pair(tmp_path / "keys")
-        version = registered["info"].registered_model_version or "1"
-        sign_model_version(MODEL_NAME, str(version), key=signing_key_from_env({SIGNING_KEY_FILE_ENV: str(keys[0])}))
-        server, port = _serve_command(registered["uri"], store, keys, tmp_path / "serve.log")
+        server, port = _serve_command(registered["uri"], store, store["keys"], tmp_path / "serve.log")
         try:
             deadline = time.monotonic() + 180
             while True:
