@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import stat
 import struct
 import zlib
 from pathlib import Path
@@ -220,21 +218,14 @@ def working_bytes(ds: pydicom.Dataset, frames: int) -> int | None:
 
 
 def read_file(path: Path, *, max_bytes: int) -> bytes:
-    """The bytes of ``path``, or raise Quarantined (not_a_file, too_large, unreadable) before
-    reading a file that is not a regular file or is larger than ``max_bytes``."""
+    """The bytes of ``path``, or raise Quarantined (too_large, unreadable) before reading a file
+    larger than ``max_bytes``."""
     try:
-        # Opened without blocking and checked on the open file: a FIFO, a device or a socket put
-        # in the file's place after it was listed is refused here, never read (a FIFO's reader
-        # would wait for a writer forever).
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-        with open(descriptor, "rb") as stream:
-            status = os.fstat(descriptor)
-            if not stat.S_ISREG(status.st_mode):
-                raise Quarantined("not_a_file", "not a regular file (a FIFO, device or socket): not read")
-            if status.st_size > max_bytes:
-                raise Quarantined("too_large", f"the file is {status.st_size >> 20} MiB, more than "
-                                  f"ingest.max_decoded_mib {max_bytes >> 20}")
-            return stream.read()
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise Quarantined("too_large", f"the file is {size >> 20} MiB, more than "
+                              f"ingest.max_decoded_mib {max_bytes >> 20}")
+        return path.read_bytes()
     except FileNotFoundError:
         raise Quarantined("not_found", "no file there (it may have been moved during the run)") from None
     except OSError as err:

@@ -169,7 +169,8 @@ class PathRule:
             return Quarantined("unreadable", f"cannot read the file ({err.strerror})")
         if not stat.S_ISREG(mode):
             # Refused before any open: a FIFO would hold a decoder until its time limit, a device
-            # could be read without end. (The reader checks the opened file again.)
+            # could be read without end. (A file swapped for a FIFO after this check holds one
+            # decoder until DECODE_TIMEOUT_S: the other decoders and requests go on.)
             return Quarantined("not_a_file", "not a regular file (a folder, FIFO, device or socket): not read")
         return str(target)
 
