@@ -28,7 +28,7 @@ File ``i`` depends only on the seed and ``i``, so a larger corpus starts with th
 smaller one; files already present (from an earlier run with the same seed and code version) are
 kept, which makes a second run in the same ``--workdir`` cost only the listing.
 
-    .venv/bin/python bench/clinical_corpus.py OUT_DIR [--files 100] [--seed 0]
+    .venv/bin/python -m bench.clinical_corpus OUT_DIR [--files 100] [--seed 0]
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import heapq
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,8 +60,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for dicomflow when this file runs as a script
 from dicomflow.devtools.sample_data import make_uid, render_chest_phantom
 
 # Bump when the files change, so that a corpus cached in a --workdir is written again.
@@ -323,10 +320,7 @@ def build_dataset(plan: FilePlan, seed: int, rng: np.random.Generator) -> Datase
     ds.BodyPartExamined = "CHEST"
     ds.SamplesPerPixel = 1
     ds.BitsAllocated = 16
-    if plan.modality == "CT":
-        pixels = _ct_image(ds, plan, rng)
-    else:
-        pixels = _radiograph_image(ds, plan, rng)
+    pixels = _ct_image(ds, plan, rng) if plan.modality == "CT" else _radiograph_image(ds, plan, rng)
     ds.LossyImageCompression = "00"
     block = ds.private_block(0x0019, "DICOMFLOW CLINICAL BENCH", create=True)
     block.add_new(0x01, "LO", f"{mrn} {last} {first}")  # private tags with PHI, as exports have

@@ -1,8 +1,8 @@
 """Benchmark: the deidentify stage's throughput against dicognito's command-line tool.
 
 Times, side by side in one run over the same files (the embedded sample in ``data/`` copied under
-``copy-0001/``, ``copy-0002/``, ... until there are at least ``--files`` of them, as in
-``bench/ingest.py``, whose ``replicate`` and ``write_project`` this script imports):
+``copy-0001/``, ``copy-0002/``, ... until there are at least ``--files`` of them by
+``bench.common.replicate``, as in ``bench.ingest``):
 - ``deidentify stage``: ``python -m stages.deidentify`` as its users run it, in a temporary project
   folder whose ``params.yaml`` is the project's with ``paths`` pointed at the replicated set and the
   outputs kept inside that folder. ``python -m stages.ingest`` runs there once first, untimed, for
@@ -17,8 +17,8 @@ Times, side by side in one run over the same files (the embedded sample in ``dat
   both tools read the same bytes from the same page cache and the files ingest quarantined are
   left out of both. It writes to a folder emptied (untimed) before each run, with a fixed seed.
 Both are subprocesses, so their wall time includes interpreter start-up and imports; the runs
-alternate, ``--repeat`` times each. Peak RSS is that of the whole process tree (see
-bench/ingest.py). The copies repeat the sample's SOP Instance UIDs and both tools name their
+alternate, ``--repeat`` times each. Peak RSS is that of the whole process tree, summed and sampled
+by ``bench.common.run_measured``. The copies repeat the sample's SOP Instance UIDs and both tools name their
 outputs after (a function of) that UID, so each writes about as many distinct files as the sample
 has, overwriting the rest: the same for both, but the stage's leak check reads back only those
 distinct files.
@@ -29,8 +29,8 @@ native, RLE, JPEG 2000 Lossless and JPEG Lossless SV1 files, full patient and st
 with its own ingest run and its own table. Targets (2 cores; files/s ratio ours/dicognito,
 medians): at least 1.2x on the replicated sample, 1.8x on the clinical corpus.
 
-    .venv/bin/python bench/deidentify.py [--files 5000] [--clinical-files 100] [--repeat 3]
-                                         [--workdir DIR] [--keep]
+    .venv/bin/python -m bench.deidentify [--files 5000] [--clinical-files 100] [--repeat 3]
+        [--workdir DIR] [--keep] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,65 +40,45 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-# bench/ is not a package; this script's folder is sys.path[0] when it is run as a file.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clinical_corpus import write_corpus
-from ingest import ROOT, measure, replicate, write_project
+from bench import common
+from bench.clinical_corpus import write_corpus
+from bench.common import Column, Report
 
 TARGET_RATIO_SAMPLE = 1.2  # issue 15: the leak check and default-deny must not cost the lead
 TARGET_RATIO_CLINICAL = 1.8  # issue 19: on clinical-size files the per-file work is the pixels'
 SEED = "dicomflow-bench"  # fixed, so every dicognito run draws the same replacement values
 ARG_BYTES_LIMIT = 1_500_000  # below Linux's 2 MiB ARG_MAX for argv + environment
-
-
-def ensure_sample(work: Path) -> Path:
-    """The embedded sample: ``data/`` when present, else generated into ``work`` as
-    bench/ingest.py does (so that the benchmark never writes into the project's DVC data)."""
-    source = ROOT / "data"
-    if not (source / "labels.csv").is_file():
-        source = work / "sample"
-        if not (source / "labels.csv").is_file():
-            subprocess.run([sys.executable, "-m", "dicomflow", "sample-data", str(source)],
-                           cwd=ROOT, check=True)
-    return source
+STAGE = "deidentify stage (`python -m stages.deidentify`)"
+DICOGNITO = "dicognito (`python -m dicognito -o OUT --seed S FILES`)"
 
 
 def code_state() -> dict[str, int]:
-    """mtime (ns) of each stages/ source: edits made while the benchmark runs are reported, since
-    each timed run imports whatever is on disk when it starts."""
-    stages = ROOT / "stages"
-    return {str(p.relative_to(stages)): p.stat().st_mtime_ns for p in sorted(stages.rglob("*.py"))}
+    """mtime (ns) of each source of stages/ and the library: edits made while the benchmark runs
+    are reported, since each timed run imports whatever is on disk when it starts."""
+    return {str(p.relative_to(common.ROOT)): p.stat().st_mtime_ns
+            for folder in ("stages", "dicomflow") for p in sorted((common.ROOT / folder).rglob("*.py"))}
 
 
-def summary(seconds: list[float]) -> tuple[float, float, float]:
-    """min, median, max."""
-    return min(seconds), statistics.median(seconds), max(seconds)
-
-
-def compare(title: str, data: Path, *, work: Path, repeat: int) -> float:
+def compare(report: Report, key: str, title: str, data: Path, *, work: Path, repeat: int) -> float:
     """Ingest ``data`` once (untimed), then time the stage and dicognito on the files it accepted,
-    alternating; print the table and return the files/s ratio ours/dicognito (medians)."""
+    alternating; print the table, record it under ``key`` and return the files/s ratio
+    ours/dicognito (medians)."""
     start = time.perf_counter()
     project = work / "project"
-    shutil.rmtree(project, ignore_errors=True)
-    write_project(project, data)
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    ingest_seconds, _ = measure([sys.executable, "-m", "stages.ingest"], cwd=project,
-                                log=work / "ingest.log")
+    params = common.write_project(project, data)
+    ingest = common.run_measured([sys.executable, "-m", "stages.ingest"], cwd=project,
+                                 log=work / "ingest.log")
     index = pd.read_parquet(Path(params["paths"]["ingest_dir"]) / "index.parquet")
     # Distinct files: a multi-frame object has one index row per frame but is one file.
     sources = list(dict.fromkeys(index["source_path"].astype(str)))
     print(f"\n{title}: {data}; ingest accepted {len(sources):,} files ({len(index):,} images); "
-          f"prepared in {time.perf_counter() - start:.1f} s, of which ingest {ingest_seconds:.1f} s")
+          f"prepared in {time.perf_counter() - start:.1f} s, of which ingest {ingest.seconds:.1f} s")
 
     dicognito_out = work / "dicognito-out"
     dicognito = [sys.executable, "-m", "dicognito", "--output-directory", str(dicognito_out),
@@ -107,11 +87,9 @@ def compare(title: str, data: Path, *, work: Path, repeat: int) -> float:
         sys.exit(f"{len(sources):,} paths are too long for one command line; use fewer --files")
     deid_dir = Path(params["paths"]["deid_dir"])
     commands = {  # name -> (command, working folder, log)
-        "deidentify stage (`python -m stages.deidentify`)":
-            ([sys.executable, "-m", "stages.deidentify"], project, work / "deidentify.log"),
+        STAGE: ([sys.executable, "-m", "stages.deidentify"], project, work / "deidentify.log"),
         # Relative paths from the data folder keep the command line short.
-        "dicognito (`python -m dicognito -o OUT --seed S FILES`)":
-            (dicognito, data, work / "dicognito.log"),
+        DICOGNITO: (dicognito, data, work / "dicognito.log"),
     }
     code_before = code_state()
     seconds: dict[str, list[float]] = {name: [] for name in commands}
@@ -119,11 +97,11 @@ def compare(title: str, data: Path, *, work: Path, repeat: int) -> float:
     for _ in range(repeat):
         # Alternating, so that drift in the machine's state hits both alike.
         for name, (command, cwd, log) in commands.items():
-            if command is dicognito:  # it adds to its folder; the stage replaces its own
+            if name == DICOGNITO:  # it adds to its folder; the stage replaces its own
                 shutil.rmtree(dicognito_out, ignore_errors=True)
-            wall, mib = measure(command, cwd=cwd, log=log)
-            seconds[name].append(wall)
-            peak[name] = max(peak[name], mib)
+            run = common.run_measured(command, cwd=cwd, log=log)
+            seconds[name].append(run.seconds)
+            peak[name] = max(peak[name], run.memory.rss)
 
     # Both must have written something; their distinct outputs should agree (see docstring).
     metrics = json.loads(Path(params["paths"]["deid_metrics"]).read_text(encoding="utf-8"))
@@ -137,21 +115,26 @@ def compare(title: str, data: Path, *, work: Path, repeat: int) -> float:
           f"{written['stage']:,} distinct outputs, "
           f"{metrics['identifiers_checked']:,} identifiers leak-checked; dicognito: "
           f"{written['dicognito']:,} distinct outputs; {repeat} timed run(s) of each\n")
-    print("| tool | files | wall s min | wall s median | wall s max | files/s (median) | "
-          "peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    rates: dict[str, float] = {}
+    report.figures[key] = {"files": len(sources), "images": len(index), "audited": audited,
+                           "burned_in_excluded": excluded, "outputs": written,
+                           "identifiers_checked": metrics["identifiers_checked"]}
+    rows = []
     for name in commands:
-        low, mid, high = summary(seconds[name])
-        rates[name] = len(sources) / mid
-        print(f"| {name} | {len(sources):,} | {low:.2f} | {mid:.2f} | {high:.2f} | "
-              f"{rates[name]:,.0f} | {peak[name]:,.0f} |")
+        low, mid, high = min(seconds[name]), statistics.median(seconds[name]), max(seconds[name])
+        rows.append({"tool": name, "files": len(sources), "seconds_min": low, "seconds_median": mid,
+                     "seconds_max": high, "files_per_s": len(sources) / mid, "peak_rss_mib": peak[name]})
+    report.table(key, [Column("tool", "tool"), Column("files", "files", "{:,}"),
+                       Column("wall s min", "seconds_min", "{:.2f}"),
+                       Column("wall s median", "seconds_median", "{:.2f}"),
+                       Column("wall s max", "seconds_max", "{:.2f}"),
+                       Column("files/s (median)", "files_per_s", "{:,.0f}"),
+                       Column("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}")], rows)
     changed = sorted(set(code_before.items()) ^ set(code_state().items()))
     if changed:
         names = ", ".join(sorted({name for name, _ in changed}))
-        print(f"\nWARNING: stages/ changed during the timed runs ({names}): they timed "
+        print(f"\nWARNING: the code changed during the timed runs ({names}): they timed "
               "different code")
-    return rates[next(iter(commands))] / rates[list(commands)[1]]
+    return rows[0]["files_per_s"] / rows[1]["files_per_s"]
 
 
 def main() -> None:
@@ -159,31 +142,28 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=5000, help="at least this many sample files")
     parser.add_argument("--clinical-files", type=int, default=100, help="files of the clinical corpus")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating")
-    parser.add_argument("--workdir", type=Path, help="keep (and reuse) the corpora here")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    common.add_output_args(parser)
     args = parser.parse_args()
+    # The clinical corpus is not the embedded sample: deidentify refuses it the demo secret.
+    os.environ.setdefault("DICOMFLOW_SECRET", "bench: the clinical corpus is not the embedded sample")
 
-    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="bench-deid-"))
-    try:
-        replicate(ensure_sample(work), work / "data", args.files)
+    report = Report("deidentify", args)
+    with common.work_folder("deid", workdir=args.workdir, keep=args.keep) as work:
+        common.replicate(common.ensure_sample(work), work / "data", args.files)
         start = time.perf_counter()
         write_corpus(work / "clinical", args.clinical_files)  # kept between runs in --workdir
         print(f"clinical corpus written or found in {time.perf_counter() - start:.1f} s")
-        print(f"CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
-        verdicts = []
-        for title, data, target in (("Replicated sample", work / "data", TARGET_RATIO_SAMPLE),
-                                    ("Clinical-size corpus", work / "clinical", TARGET_RATIO_CLINICAL)):
+        print(common.cpu_line())
+        for key, title, data, target in (
+                ("replicated_sample", "Replicated sample", work / "data", TARGET_RATIO_SAMPLE),
+                ("clinical_corpus", "Clinical-size corpus", work / "clinical", TARGET_RATIO_CLINICAL)):
             folder = work / title.split()[0].lower()
             folder.mkdir(exist_ok=True)
-            ratio = compare(title, data, work=folder, repeat=args.repeat)
-            verdicts.append(f"{title.lower()}: files/s ours/dicognito >= {target:.1f}: {ratio:.2f} -> "
-                            f"{'PASS' if ratio >= target else 'FAIL'}")
-        print("\nTargets (2 cores):\n" + "\n".join(f"- {line}" for line in verdicts))
-    finally:
-        if args.keep or args.workdir:
-            print(f"kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+            ratio = compare(report, key, title, data, work=folder, repeat=args.repeat)
+            report.target(f"{title.lower()}: files/s ours/dicognito >= {target:.1f}", ratio >= target,
+                          ratio)
+        report.print_targets("Targets (2 cores)")
+    report.write(args.json)
 
 
 if __name__ == "__main__":

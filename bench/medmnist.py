@@ -25,7 +25,11 @@ used. Target (issue 7; 2 CPU cores): test AUC >= 0.92 and accuracy >= 0.87 with 
 of training. Exit status 1 when the pipeline fails, when images were lost on the way (the test set
 would not be the official one), or when PHI was found downstream.
 
-    .venv/bin/python bench/medmnist.py [--npz PATH] [--set KEY=VALUE ...] [--keep DIR]
+    .venv/bin/python -m bench.medmnist [--npz PATH] [--per-split N] [--set KEY=VALUE ...]
+        [--keep DIR] [--json FILE]
+
+``--per-split N`` keeps the first N images of each split (as many of each label as it can): for a
+quick check of the whole path, not for figures to compare with the paper.
 
 ``--set`` takes dotted keys and YAML values, as ``dvc exp run -S`` does, e.g.
 ``--set train.epochs=50 --set train.lr=3e-4 --set augment.noise_std=0``.
@@ -44,7 +48,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +61,24 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a file: stages/ is importable from the project root
-from dicomflow.devtools.sample_data import (CITIES, FIRST, LAST, OPERATORS, PHYSICIANS, STREETS, make_uid, unique_number)
+from bench.common import (
+    ROOT,
+    Column,
+    Report,
+    add_output_args,
+    code_version,
+    work_folder,
+)
+from dicomflow.devtools.sample_data import (
+    CITIES,
+    FIRST,
+    LAST,
+    OPERATORS,
+    PHYSICIANS,
+    STREETS,
+    make_uid,
+    unique_number,
+)
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
 SPLITS = ("train", "val", "test")
@@ -288,15 +306,24 @@ def _phi_values(ds: Dataset) -> list[str]:
     return values
 
 
-def read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The images and labels of each split from a MedMNIST ``.npz``."""
+def read_npz(path: Path, per_split: int | None = None,
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The images and labels of each split from a MedMNIST ``.npz``; with ``per_split``, only
+    the first ``per_split`` images of each split, half of each label where it has enough."""
     with np.load(path) as data:
         missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")
                    if f"{s}_{kind}" not in data.files]
         if missing:
             raise SystemExit(f"{path}: missing array(s) {', '.join(missing)}; found {data.files}")
-        return ({s: data[f"{s}_images"] for s in SPLITS},
-                {s: data[f"{s}_labels"].reshape(-1) for s in SPLITS})
+        images = {s: data[f"{s}_images"] for s in SPLITS}
+        labels = {s: data[f"{s}_labels"].reshape(-1) for s in SPLITS}
+    if per_split is not None:
+        for split in SPLITS:
+            zeros, ones = np.flatnonzero(labels[split] == 0), np.flatnonzero(labels[split] != 0)
+            n_zeros = min(len(zeros), max(per_split // 2, per_split - len(ones)))
+            keep = np.sort(np.concatenate([zeros[:n_zeros], ones[:per_split - n_zeros]]))
+            images[split], labels[split] = images[split][keep], labels[split][keep]
+    return images, labels
 
 
 # --- Params --------------------------------------------------------------------------------------
@@ -366,10 +393,12 @@ def project_files(params: dict) -> list[str]:
 
 def subprocess_env(project: Path) -> dict[str, str]:
     """The environment of every command in the temporary project: runs go to its own SQLite
-    store (no MLFLOW_TRACKING_URI), the demo secret (the PHI is fake), this venv's tools first."""
+    store (no MLFLOW_TRACKING_URI), a secret of its own (BreastMNIST as DICOM is not the
+    embedded sample), this venv's tools first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=str(project), PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1",
+               DICOMFLOW_SECRET="bench: BreastMNIST as DICOM is not the embedded sample",
                MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="bench",
                GIT_AUTHOR_EMAIL="bench@example.org", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="bench@example.org")
@@ -385,7 +414,8 @@ def run_quiet(args: list[str], *, cwd: Path, env: dict[str, str]) -> str:
     return result.stdout
 
 
-def build_project(project: Path, params: dict, npz: Path, env: dict[str, str]) -> list[dict]:
+def build_project(project: Path, params: dict, npz: Path, env: dict[str, str], *,
+                  per_split: int | None = None) -> list[dict]:
     """Copy the project, write params and data, git + dvc init, dvc add, commit; return the labels
     rows with their PHI values."""
     for name in project_files(params):
@@ -394,12 +424,12 @@ def build_project(project: Path, params: dict, npz: Path, env: dict[str, str]) -
     (project / "params.yaml").write_text(
         "# bench/medmnist.py: the project's params.yaml with OVERRIDES and --set applied\n"
         + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    images, labels = read_npz(npz)
+    images, labels = read_npz(npz, per_split)
     rows = write_breastmnist(images, labels, project / params["paths"]["data"])
     run_quiet(["git", "init", "-q"], cwd=project, env=env)
     run_quiet(["dvc", "init", "-q"], cwd=project, env=env)
     # Every section checked now, by the copied loader: a bad --set fails in a second, not later.
-    run_quiet([sys.executable, "-c", "from stages.params import SECTIONS, load_params\n"
+    run_quiet([sys.executable, "-c", "from dicomflow.config.params import SECTIONS, load_params\n"
                "for s in SECTIONS: load_params(s)"], cwd=project, env=env)
     run_quiet(["dvc", "add", "-q", params["paths"]["data"]], cwd=project, env=env)
     run_quiet(["git", "add", "-A"], cwd=project, env=env)
@@ -540,8 +570,8 @@ def data_accounting(project: Path, params: dict, rows: list[dict]) -> list[str]:
     written: dict[tuple[str, str], int] = {}
     for row in rows:
         written[(row["split"], row["label"])] = written.get((row["split"], row["label"]), 0) + 1
-    reached = {(r["split"], r["label"]): int(r["images"])
-               for r in csv.DictReader(open(project / paths["split_counts"], encoding="utf-8"))}
+    with open(project / paths["split_counts"], encoding="utf-8") as counts:
+        reached = {(r["split"], r["label"]): int(r["images"]) for r in csv.DictReader(counts)}
     return [f"{split} label {label}: {n} written, {reached.get((split, label), 0)} after split"
             for (split, label), n in sorted(written.items()) if reached.get((split, label), 0) != n]
 
@@ -559,27 +589,31 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
-def print_report(*, metrics: dict, members: list[tuple[float, float]], train: TrainRun, timings: dict[str, float], total: float,
-                 setup: float, params: dict, project_params: dict, skipped: list[str],
-                 architecture: str, image_size: int, extra: list[str]) -> None:
-    """The results table, targets, timings and params, as Markdown on stdout."""
-    print(f"\n## BreastMNIST ({image_size}x{image_size}), official split, test set reported once\n")
-    print("| method | test AUC | test ACC |")
-    print("|---|---:|---:|")
+def print_report(report: Report, *, metrics: dict, members: list[tuple[float, float]], train: TrainRun,
+                 timings: dict[str, float], total: float, setup: float, params: dict,
+                 project_params: dict, skipped: list[str], architecture: str, image_size: int,
+                 extra: list[str]) -> None:
+    """The results table, targets, timings and params, as Markdown on stdout and in ``report``."""
     ci = (f" (95 % CI of AUC {_fmt(metrics['roc_auc_ci_low'])}-{_fmt(metrics['roc_auc_ci_high'])})"
           if {"roc_auc_ci_low", "roc_auc_ci_high"} <= set(metrics) else "")
     size = len(members)
     label = f"{size}-member ensemble of `{architecture}`" if size > 1 else f"`{architecture}`"
-    print(f"| **dicomflow {label} ({image_size}), this run**{ci} | "
-          f"**{_fmt(metrics['roc_auc'])}** | **{_fmt(metrics['accuracy'])}** |")
+    rows = [{"method": f"**dicomflow {label} ({image_size}), this run**{ci}",
+             "auc": metrics["roc_auc"], "acc": metrics["accuracy"]}]
     if size > 1:
-        for i, (auc, acc) in enumerate(members):
-            print(f"| member {i} (seed + {i}) alone | {_fmt(auc)} | {_fmt(acc)} |")
+        rows += [{"method": f"member {i} (seed + {i}) alone", "auc": auc, "acc": acc}
+                 for i, (auc, acc) in enumerate(members)]
         aucs, accs = np.array(members).T
-        print(f"| members: mean (SD) | {_fmt(aucs.mean())} ({aucs.std(ddof=1):.3f}) | "
-              f"{_fmt(accs.mean())} ({accs.std(ddof=1):.3f}) |")
-    for name, auc, acc in PAPER_ROWS:
-        print(f"| MedMNIST v2 paper: {name} | {auc:.3f} | {acc:.3f} |")
+        rows.append({"method": "members: mean (SD)",
+                     "auc": f"{_fmt(aucs.mean())} ({aucs.std(ddof=1):.3f})",
+                     "acc": f"{_fmt(accs.mean())} ({accs.std(ddof=1):.3f})"})
+    rows += [{"method": f"MedMNIST v2 paper: {name}", "auc": auc, "acc": acc} for name, auc, acc in PAPER_ROWS]
+    report.table("results", [Column("method", "method"), Column("test AUC", "auc", "{:.3f}"),
+                             Column("test ACC", "acc", "{:.3f}")], rows,
+                 title=f"## BreastMNIST ({image_size}x{image_size}), official split, test set reported once")
+    report.figures.update(test_metrics=metrics, val_auc=train.val_auc, val_loss=train.val_loss,
+                          kept_epochs=train.kept_epochs, epochs=train.epochs,
+                          train_seconds=train.seconds)
     get = lambda key: metrics.get(key, float("nan"))  # noqa: E731
     print(f"\nModel chosen on validation only: validation AUC {_fmt(train.val_auc)}, loss "
           f"{_fmt(train.val_loss)} (the model as saved); kept epoch(s) {train.kept_epochs} of "
@@ -595,26 +629,27 @@ def print_report(*, metrics: dict, members: list[tuple[float, float]], train: Tr
     print(f"\nTraining wall time: {timings.get('train', float('nan')):.0f} s for the train stage "
           f"(DVC), of which {train.seconds:.0f} s from the start of its MLflow run to the end of the "
           "training loop (imports and data loading excluded).")
-    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
-    print(f"Targets (issue 14, {os.cpu_count()} CPUs): test AUC >= {TARGET_AUC}: "
-          f"{met(metrics['roc_auc'] >= TARGET_AUC)}; test ACC >= {TARGET_ACCURACY}: "
-          f"{met(metrics['accuracy'] >= TARGET_ACCURACY)}; training < "
-          f"{TARGET_TRAIN_SECONDS // 60} min: {met(timings.get('train', 1e9) < TARGET_TRAIN_SECONDS)}")
-    print("\n| stage | wall s |\n|---|---:|")
-    for name, seconds in timings.items():
-        print(f"| {name} | {seconds:.1f} |")
-    print(f"| (`dvc repro` total) | {sum(timings.values()):.1f} |")
-    print(f"| (data written, project built) | {setup:.1f} |")
-    print(f"| **total** | **{total:.1f}** |")
+    report.target(f"test AUC >= {TARGET_AUC}", metrics["roc_auc"] >= TARGET_AUC, metrics["roc_auc"])
+    report.target(f"test ACC >= {TARGET_ACCURACY}", metrics["accuracy"] >= TARGET_ACCURACY,
+                  metrics["accuracy"])
+    report.target(f"training < {TARGET_TRAIN_SECONDS // 60} min",
+                  timings.get("train", 1e9) < TARGET_TRAIN_SECONDS, timings.get("train", float("nan")))
+    report.print_targets(f"Targets (issue 14, {os.cpu_count()} CPUs)")
+    stage_rows = [{"stage": name, "seconds": seconds} for name, seconds in timings.items()]
+    stage_rows += [{"stage": "(`dvc repro` total)", "seconds": sum(timings.values())},
+                   {"stage": "(data written, project built)", "seconds": setup},
+                   {"stage": "**total**", "seconds": total}]
+    report.table("stages", [Column("stage", "stage"), Column("wall s", "seconds", "{:.1f}")], stage_rows,
+                 title="")
     for line in extra:
         print(line)
     flat, base = flatten(params), flatten(project_params)
+    changed = {key: (base.get(key, "<absent>"), value) for key, value in flat.items()
+               if not key.startswith("paths.") and base.get(key, "<absent>") != value}
+    report.figures["params_changed"] = changed
     print("\nParams: the project's params.yaml with these changes (project -> used):")
-    for key, value in flat.items():
-        if key.startswith("paths."):
-            continue
-        if base.get(key, "<absent>") != value:
-            print(f"  {key}: {base.get(key, '<absent>')!r} -> {value!r}")
+    for key, (before, after) in changed.items():
+        print(f"  {key}: {before!r} -> {after!r}")
     if skipped:
         print(f"  overrides skipped, not in the project's params.yaml: {', '.join(skipped)}")
     print("Params used (every section but paths):")
@@ -623,42 +658,36 @@ def print_report(*, metrics: dict, members: list[tuple[float, float]], train: Tr
             print(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
 
 
-def code_version() -> str:
-    """The project's commit and whether its files differ from it (read-only git)."""
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return f"{head}{' with uncommitted changes' if dirty else ''}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="BreastMNIST .npz")
+    parser.add_argument("--per-split", type=int, metavar="N",
+                        help="only the first N images of each split (a quick check, not figures)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param (dotted key, YAML value); repeatable")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="build the project in DIR (must not exist) and keep it")
+    add_output_args(parser, folders=False)
     args = parser.parse_args()
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: not found (see ../shared/README.md, medmnist section)")
     if args.keep and args.keep.exists():
         sys.exit(f"--keep {args.keep}: already exists; name a new folder")
+    if args.per_split is not None and args.per_split < 2:
+        sys.exit(f"--per-split must be at least 2 (one image of each label); got {args.per_split}")
 
+    report = Report("medmnist", args)
     start = time.perf_counter()
     project_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params, skipped = apply_overrides(project_params, OVERRIDES, parse_sets(args.sets))
     for key in skipped:
         print(f"warning: override {key} skipped: the project's params.yaml has no such key",
               file=sys.stderr)
-    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-medmnist-"))
-    project = work
     failed: list[str] = []
-    try:
-        project.mkdir(parents=True, exist_ok=True)
+    with work_folder("medmnist", workdir=args.keep) as project:
         env = subprocess_env(project)
         print(f"code: {ROOT} at {code_version()}; project copy: {project}", file=sys.stderr)
-        rows = build_project(project, params, args.npz, env)
+        rows = build_project(project, params, args.npz, env, per_split=args.per_split)
         setup = time.perf_counter() - start
         print(f"wrote {len(rows)} DICOM files in {setup:.1f} s; running dvc repro", file=sys.stderr)
         log_path = project / "repro.log"
@@ -674,8 +703,8 @@ def main() -> None:
         train = read_train_run(project, params)
         extra = [f"\nData: {len(rows)} DICOM files (one fake patient each) from {args.npz.name}."]
         for name in ("ingest_metrics", "deid_metrics"):
-            report = json.loads((project / params["paths"][name]).read_text())
-            extra.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+            stage_metrics = json.loads((project / params["paths"][name]).read_text())
+            extra.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in stage_metrics.items()))
         lost = data_accounting(project, params, rows)
         extra.append("  every image reached the split stage in its official split" if not lost
                      else "  IMAGES LOST: " + "; ".join(lost))
@@ -690,18 +719,17 @@ def main() -> None:
                      + ("none found" if not phi else "FOUND in " + ", ".join(
                          f"{p} ({n})" for p, n in phi.items())))
         extra.append(f"  code: {code_version()}")
-        print_report(metrics=metrics, members=member_test_figures(project, params), train=train, timings=timings, total=total, setup=setup,
-                     params=params, project_params=project_params, skipped=skipped,
+        report.figures.update(images=len(rows), images_lost=lost, leak_scanner_exit=status,
+                              fake_phi_found=phi)
+        print_report(report, metrics=metrics, members=member_test_figures(project, params), train=train,
+                     timings=timings, total=total, setup=setup, params=params,
+                     project_params=project_params, skipped=skipped,
                      architecture=str(params["train"].get("architecture")),
                      image_size=int(params["ingest"]["image_size"]), extra=extra)
         failed += [f"{len(lost)} split/label group(s) lost images"] if lost else []
         failed += [f"the leak scanner exited {status}"] if status else []
         failed += [f"fake PHI found in {len(phi)} file(s)"] if phi else []
-    finally:
-        if args.keep:
-            print(f"kept: {project}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    report.write(args.json)
     if failed:
         sys.exit("failed: " + "; ".join(failed))
 

@@ -1,6 +1,7 @@
 """Benchmark: the validate stage's suite on a large de-identified manifest.
 
-Times, side by side in one run on the same synthetic manifests:
+Times, side by side in one run on the same synthetic manifests (``bench.common.synthetic_manifest``,
+about three images a patient):
 - ``suite``: ``dicomflow.quality.report.run_checks`` (every expectation through Great Expectations 1.x,
   plus the computed checks) and the drift comparison, as the stage runs them;
 - ``pandas floor``: the same row-level conditions written directly in pandas, the least any
@@ -8,23 +9,25 @@ Times, side by side in one run on the same synthetic manifests:
 The Great Expectations import is timed apart (the stage pays it once). Target (issue 6):
 100,000 rows validated in under 30 s on 2 cores.
 
-    .venv/bin/python bench/validate.py [--rows 10000 100000] [--repeat 3]
+    .venv/bin/python -m bench.validate [--rows 10000 100000] [--repeat 3] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dicomflow.quality.expectations import (PHI_VALUE_PATTERNS, build_checks, drift_results, find_text_columns, profile_manifest)
+from bench.common import Column, Report, add_output_args, synthetic_manifest
+from dicomflow.quality.expectations import (
+    PHI_VALUE_PATTERNS,
+    build_checks,
+    drift_results,
+    find_text_columns,
+    profile_manifest,
+)
 from dicomflow.quality.report import run_checks
 
 TARGET_SECONDS = 30.0
@@ -32,29 +35,6 @@ PARAMS = {"classes": [0, 1], "modalities": ["CR", "DX"], "min_class_fraction": 0
           "min_image_std": 0.02, "max_extreme_share": 0.5, "image_size_range": [64, 4096],
           "pixel_spacing_range": [0.05, 5.0]}
 DRIFT = {"max_label_change": 0.1, "max_mix_change": 0.2, "max_intensity_shift": 1.0}
-
-
-def synthetic_manifest(n: int, seed: int = 0) -> pd.DataFrame:
-    """A clean manifest of ``n`` rows shaped like the deidentify stage's output."""
-    rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "image_key": [f"{i:032x}" for i in range(n)],
-        "patient_key": [f"{i // 3:032x}" for i in range(n)],
-        "study_key": [f"{i // 2:032x}" for i in range(n)],
-        "label": rng.integers(0, 2, n),
-        "modality": rng.choice(["CR", "DX"], n),
-        "manufacturer": rng.choice(["ACME", "RADCO", "XRAY INC"], n),
-        "body_part": "CHEST", "view_position": rng.choice(["PA", "AP"], n),
-        "patient_sex": rng.choice(["F", "M"], n),
-        "patient_age_years": pd.array(rng.integers(18, 90, n), dtype="Int64"),
-        "rows": rng.integers(192, 3000, n), "columns": rng.integers(192, 3000, n),
-        "pixel_spacing_mm": rng.uniform(0.1, 2.5, n), "bits_stored": rng.choice([8, 12, 16], n),
-        "photometric": rng.choice(["MONOCHROME1", "MONOCHROME2"], n), "predefined_split": "",
-        "pixel_min": 0.0, "pixel_max": 1.0, "pixel_mean": rng.uniform(0.2, 0.5, n),
-        "pixel_std": rng.uniform(0.1, 0.3, n), "pixel_extreme_share": rng.uniform(0, 0.2, n),
-        "pixel_sha256": [f"{i:064x}" for i in range(n)],
-        "dicom_file": [f"dicom/{i:032x}.dcm" for i in range(n)],
-    })
 
 
 def run_suite(manifest: pd.DataFrame, reference: dict) -> int:
@@ -96,23 +76,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
+    add_output_args(parser, folders=False)
     args = parser.parse_args()
 
+    report = Report("validate", args)
     start = time.perf_counter()
     import great_expectations  # noqa: F401  (what the validate stage pays once)
     import_seconds = time.perf_counter() - start
-
+    report.figures["gx_import_seconds"] = import_seconds
     print(f"great_expectations import: {import_seconds:.1f} s (once per stage run)\n")
-    print(f"| rows | implementation | best of {args.repeat} (s) | rows/s | failed checks | target |")
-    print("|---:|---|---:|---:|---:|---|")
+
+    rows = []
     for n in args.rows:
-        manifest = synthetic_manifest(n)
-        reference = profile_manifest(synthetic_manifest(n, seed=1))
+        manifest = synthetic_manifest(n, n // 3 or 1)
+        reference = profile_manifest(synthetic_manifest(n, n // 3 or 1, seed=1))
         for name, function in (("suite (GX + drift)", run_suite), ("pandas floor", run_pandas_floor)):
             seconds, failed = best_of(args.repeat, function, manifest, reference)
-            target = f"< {TARGET_SECONDS:.0f} s: {'met' if seconds < TARGET_SECONDS else 'MISSED'}" \
-                if name.startswith("suite") and n >= 100_000 else ""
-            print(f"| {n:,} | {name} | {seconds:.2f} | {n / seconds:,.0f} | {failed} | {target} |")
+            target = report.target(f"{n:,} rows: suite < {TARGET_SECONDS:.0f} s", seconds < TARGET_SECONDS,
+                                   seconds) if name.startswith("suite") and n >= 100_000 else ""
+            rows.append({"rows": n, "implementation": name, "seconds": seconds, "rows_per_s": n / seconds,
+                         "failed_checks": failed, "target": target})
+    report.table("validate", [Column("rows", "rows", "{:,}"), Column("implementation", "implementation"),
+                              Column(f"best of {args.repeat} (s)", "seconds", "{:.2f}"),
+                              Column("rows/s", "rows_per_s", "{:,.0f}"),
+                              Column("failed checks", "failed_checks"), Column("target", "target")], rows)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

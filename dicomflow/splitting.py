@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -90,13 +91,35 @@ def _assign_group_folds(labels: np.ndarray, group_of_row: np.ndarray, n_groups: 
     return fold_of_group
 
 
+def content_groups(manifest: pd.DataFrame) -> np.ndarray:
+    """Per row, an integer code of its patient, numbered in the order of the patients' content.
+
+    A patient's content is the sorted list of its images' ``pixel_sha256`` (the SHA-256 of each
+    de-identified image as stored in ``images.npy``) with their labels; the codes follow the
+    SHA-256 of that list. Nothing keyed enters: the codes, and the split drawn from them, are the
+    same under any de-identification secret, and tell nothing that the manifest does not.
+
+    Patients with the very same images and labels share a code, so they stay together; any other
+    patient has a code of its own.
+    """
+    patients = manifest["patient_key"].to_numpy()
+    _, patient_of_row = np.unique(patients, return_inverse=True)
+    items = (manifest["pixel_sha256"].astype(str) + ":" + manifest["label"].astype(str)).to_numpy()
+    order = np.lexsort((items, patient_of_row))  # rows by patient, then by content
+    starts = np.flatnonzero(np.r_[True, np.diff(patient_of_row[order]) != 0])
+    digests = [hashlib.sha256("\n".join(chunk).encode()).hexdigest()
+               for chunk in np.split(items[order], starts[1:])]
+    _, code_of_patient = np.unique(np.array(digests, dtype=object), return_inverse=True)
+    return code_of_patient[patient_of_row]
+
+
 def split_by_patient(manifest: pd.DataFrame, *, val_size: float, test_size: float, seed: int) -> pd.Series:
     """Assign each image to train, val or test so that every patient lands in exactly one.
 
     Parameters
     ----------
     manifest : DataFrame
-        Needs ``patient_key`` and ``label``.
+        Needs ``patient_key``, ``label`` and ``pixel_sha256``.
     val_size, test_size : float
         Wanted shares of images; met approximately, as whole patients move between sets.
     seed : int
@@ -110,15 +133,19 @@ def split_by_patient(manifest: pd.DataFrame, *, val_size: float, test_size: floa
     -----
     Invariant: no ``patient_key`` appears in two splits (checked before returning). Images of one
     patient are correlated; splitting images instead of patients would leak them into the test set.
+
+    Invariant: a new de-identification secret does not move any image. Patients are taken in the
+    order of their content (:func:`content_groups`), not of their keyed ``patient_key``, which a
+    new secret re-keys: ordered by the key, a new secret made 85 of 113 validation images
+    training images of the model trained before it. The split still changes with the images
+    (new data, other ``ingest`` pixel params), the labels and the ``split.*`` params.
     """
     if val_size + test_size >= 1:
         raise ValueError(
             f"val_size + test_size must be below 1 to leave a training set; got {val_size} + {test_size}"
         )
     labels = manifest["label"].to_numpy()
-    # Integer codes in the sorted order of the keys: the folds of the keys themselves, but sorting
-    # a million strings once instead of once per fold.
-    _, groups = np.unique(manifest["patient_key"].to_numpy(), return_inverse=True)
+    groups = content_groups(manifest)
     is_test = _take_one_fold(labels, groups, fraction=test_size, seed=seed)
     rest = np.flatnonzero(~is_test)
     is_val_in_rest = _take_one_fold(

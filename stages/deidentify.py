@@ -4,22 +4,25 @@ Inputs: ``paths.ingest_dir``/index.parquet and images.npy (row i <-> image i), a
 files under ``paths.data`` (``source_path`` in the index is relative to it).
 Outputs (``paths.deid_dir``): ``dicom/<image_key>.dcm`` (de-identified headers, original pixel data
 and transfer syntax, or blanked regions decoded), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``,
-index order), ``images.npy`` and ``audit.csv`` (actions, options and the burned-in decision per
-file); counts to ``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation``
-YES, or a modality, image type or manufacturer listed in params) are excluded, or have the
-configured regions blanked in the DICOM file and in ``images.npy``.
+index order), ``images.npy``, ``audit.csv`` (actions, options and the burned-in decision per
+file), ``identifier_digests.json`` and ``secret_fingerprint.json``; counts to
+``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation`` YES, or a
+modality, image type or manufacturer listed in params) are excluded, or have the configured
+regions blanked in the DICOM file and in ``images.npy``.
 Params: ``deidentify.*`` (private tags, the PS3.15 options, burned-in text rules); the ``ingest``
 pixel params, to redo the images of files whose burned-in regions are blanked.
-Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE``; without either the
-demo secret :data:`DEMO_SECRET` is used (with a warning): fine for the embedded sample only.
+Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE`` (at least 32 bytes);
+without either, the public demo secret, which the stage refuses unless every file is one of the
+embedded sample's and no team server is in use (:func:`~dicomflow.deid.secret.check_secret_use`).
+Its keyed fingerprint goes to ``secret_fingerprint.json``, never the secret.
 
-A first pass reads every source header for its identifying values (:func:`source_identifiers`);
+A first pass reads every source header for its identifying values;
 the second de-identifies each file, replacing any kept text (manufacturer, codes, what an option
 keeps) that holds one of them, whichever file it came from. Nothing downstream reads ``data/`` or
 the ingest index again, so before the outputs are moved into place every identifying value of the
 sources is searched in them (:func:`find_leaks`): the safety net, which real exports do not trip;
-any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry counts, tags and row numbers, never PHI
-(not even source paths, which hold accession numbers).
+any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry
+counts, tags and row numbers, never PHI (not even source paths, which hold accession numbers).
 """
 
 from __future__ import annotations
@@ -35,23 +38,23 @@ from tqdm import tqdm
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
+from dicomflow.deid.checks import check_inputs, check_outputs
 from dicomflow.deid.digests import write_digests
-from dicomflow.deid.files import (
-    SECRET_ENV,
-    SECRET_FILE_ENV,
-    FileSettings,
-    build_manifest,
-    check_inputs,
-    check_outputs,
-    deidentify_sources,
-    read_secret,
-    summarise,
-)
+from dicomflow.deid.manifest import build_manifest
+from dicomflow.deid.passes import deidentify_sources, summarise
 from dicomflow.deid.profile import load_profile
+from dicomflow.deid.secret import (
+    check_secret_use,
+    fingerprint_record,
+    is_embedded_sample,
+    is_team_mode,
+    read_secret,
+)
+from dicomflow.deid.worker import FileSettings
 from dicomflow.dicom.display import PixelSettings
+from dicomflow.errors import DataError
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
-from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
@@ -67,9 +70,6 @@ def main() -> None:
     pixels = PixelSettings.from_params(load_params("ingest"))
     ingest_dir, out_dir = Path(paths.ingest_dir), Path(paths.deid_dir)
     secret, is_demo = read_secret(os.environ)
-    if is_demo:
-        logger.warning("neither %s nor %s is set: the demo secret is in use, fine for the embedded "
-                       "sample, never for real data", SECRET_ENV, SECRET_FILE_ENV)
     if not params.remove_private_tags:
         logger.warning("deidentify.remove_private_tags is false: private tags are kept, which the "
                        "Basic Profile does not allow; the leak check still scans them")
@@ -77,6 +77,12 @@ def main() -> None:
     index = pd.read_parquet(ingest_dir / layout.INGEST_INDEX)
     images = np.load(ingest_dir / layout.IMAGES)
     check_inputs(index, images)
+    # The demo secret is public: on the embedded sample only, and never in team mode.
+    check_secret_use(is_demo, sample=is_embedded_sample(index["sha256"].dropna()),
+                     team_mode=is_team_mode(os.environ))
+    if is_demo:
+        logger.warning("the demo secret is in use: the data is the embedded sample, for which it is "
+                       "allowed; real data needs a secret of its own (docs/security/secret.md)")
     profile = load_profile()
     logger.info("read %d index rows and images %s; profile of %d attributes", len(index),
                 images.shape, len(profile))
@@ -102,6 +108,8 @@ def main() -> None:
         check_outputs(done.identifiers, out_dir=staging)
         # What later leak scans search for, as digests: no later stage may read the values.
         write_digests(done.identifiers, secret, staging / layout.DEID_IDENTIFIER_DIGESTS)
+        # Which secret made the pseudonyms (evaluate logs it to MLflow and the model card).
+        write_json(staging / layout.DEID_SECRET_FINGERPRINT, fingerprint_record(secret, is_demo))
 
     metrics.update(identifiers_checked=len(done.identifiers), leak_hits=0, demo_secret=int(is_demo))
     write_json(Path(paths.deid_metrics), metrics)

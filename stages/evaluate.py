@@ -49,6 +49,7 @@ from dicomflow.evaluation.promotion import (
     register_and_promote,
 )
 from dicomflow.evaluation.reporting import report_test_split
+from dicomflow.metrics import metric_for
 from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
@@ -68,6 +69,7 @@ def main() -> None:
     run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
+    metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
 
@@ -79,9 +81,6 @@ def main() -> None:
     metrics, plot_files, subgroups = report_test_split(
         model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
         classes=ingest.classes, plots_dir=Path(paths.eval_plots))
-    if params.promotion_metric not in metrics:
-        raise DataError(f"evaluate.promotion_metric {params.promotion_metric!r} is not computed for "
-                         f"{len(ingest.classes)} classes; use one of roc_auc, accuracy")
     write_json(Path(paths.eval_metrics), headline(metrics))
     write_json(Path(paths.eval_report), metrics)
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))

@@ -5,6 +5,10 @@ Outputs: ``paths.split_dir``/manifest.parquet (the manifest, same row order, plu
 column) and ``paths.split_counts`` (images and patients per split and label).
 Params: ``split.method``, ``split.val_size``, ``split.test_size``, ``split.seed``.
 
+Patients are drawn in the order of their images' content (``pixel_sha256``), not of their keyed
+``patient_key``: a new de-identification secret re-keys every patient but moves no image between
+train, validation and test, so a model trained before it is never scored on its own training images.
+
 With ``split.method: predefined`` the labels file's ``split`` column (train / val / test, carried
 through ingest and de-identification as ``predefined_split``) is honoured instead, and checked
 for the same invariant: no patient in two splits.
@@ -19,8 +23,8 @@ import pandas as pd
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
-from dicomflow.runtime.outputs import staged_folder, write_text
 from dicomflow.errors import DataError
+from dicomflow.runtime.outputs import staged_folder, write_text
 from dicomflow.runtime.stage import run_stage
 from dicomflow.splitting import (
     SPLITS,

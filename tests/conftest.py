@@ -10,6 +10,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+# The end-to-end tests' shared repository fixtures (``repo``, ``registry``), for every module that
+# asks for them by name: a module need not import them (an import that pyflakes reads as unused).
+pytest_plugins = ["pipeline_repo"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,8 +28,8 @@ def make_dicom() -> Callable[..., Path]:
     """Factory writing a minimal valid DICOM file (Explicit VR Little Endian) with pydicom.
 
     ``make_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **attributes)``
-    stores ``pixels`` (uint8, uint16 or int16; 2-D, or 3-D for a multi-frame image) and sets each keyword in ``attributes``
-    (e.g. ``AccessionNumber="A1"``); returns ``path``.
+    stores ``pixels`` (uint8, uint16 or int16; 2-D, or 3-D for a multi-frame image) and sets each
+    keyword in ``attributes`` (e.g. ``AccessionNumber="A1"``); returns ``path``.
     """
 
     def _make(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",

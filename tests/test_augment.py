@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from dicomflow.model.augment import (RandomAffine, RandomFlip, RandomIntensity, RandomNoise, affine_transforms, apply_policy, build_policy, warp, write_preview)
+from dicomflow.model.augment import (
+    RandomAffine, RandomFlip, RandomIntensity, RandomNoise, affine_transforms, apply_policy, build_policy, warp,
+    write_preview,
+)
 from dicomflow.config.params import AugmentParams, load_params
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEED = tf.constant([7, 0], tf.int64)
 

@@ -1,14 +1,13 @@
-"""bench/medmnist.py's DICOM wrapping, on a handful of synthetic 28x28 images (fast, no TF).
+"""bench.medmnist's DICOM wrapping, on a handful of synthetic 28x28 images (fast, no TF).
 
 The benchmark's numbers are only comparable with the MedMNIST paper if the pipeline sees the
 published pixels, labels and split: checked here through ingest's own reader and label join.
+Its main path (``dvc repro`` on a few real BreastMNIST images) runs in tests/test_bench.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,18 @@ import pydicom
 import pytest
 import yaml
 
-from dicomflow.deid.files import burned_in_risk
+from bench import medmnist
+from dicomflow.config.params import DeidentifyParams, build_section
+from dicomflow.deid.burned_in import burned_in_risk
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.dicom.labels import read_labels
-from dicomflow.config.params import DeidentifyParams, build_section
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "medmnist.py"
+NPZ = Path(__file__).resolve().parents[2] / "shared" / "medmnist" / "breastmnist.npz"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_medmnist", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return medmnist
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +108,14 @@ def test_set_parses_dotted_yaml_values(bench):
     assert merged["validate"]["modalities"] == ["US", "CR"]
     with pytest.raises(SystemExit, match="SECTION.KEY=VALUE"):
         bench.parse_sets(["epochs=5"])
+
+
+@pytest.mark.skipif(not NPZ.is_file(), reason="../shared/medmnist/breastmnist.npz not beside the repository")
+def test_per_split_keeps_the_first_images_of_each_label(bench):
+    images, labels = bench.read_npz(NPZ, per_split=6)
+    with np.load(NPZ) as data:
+        for split in ("train", "val", "test"):
+            every = data[f"{split}_labels"].reshape(-1)
+            expected = sorted([*np.flatnonzero(every == 0)[:3], *np.flatnonzero(every == 1)[:3]])
+            np.testing.assert_array_equal(images[split], data[f"{split}_images"][expected])
+            np.testing.assert_array_equal(labels[split], every[expected])

@@ -19,6 +19,8 @@ from distributed import Client
 from dicomflow.runtime import cluster
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
 
+pytestmark = pytest.mark.slow  # a real scheduler and workers
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_OUTPUTS = ("outputs/ingest", "outputs/deidentify", "reports/ingest.json", "reports/deidentify.json")
@@ -38,8 +40,9 @@ def scheduler(tmp_path_factory) -> str:
            # workers hold PHI (headers, the identifiers to scrub): never spilled to their disk
            "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
            "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
-           # the same code on every machine: this module's functions are sent by reference
-           "PYTHONPATH": str(REPO / "tests")}
+           # the same code on every machine: this module's functions and the library's are sent by
+           # reference, so the workers import this checkout's (not whatever the venv points at)
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     env.pop(cluster.SCHEDULER_ENV, None)
     scheduler_file = home / "scheduler.json"
     processes = [_start(["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -101,7 +104,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_stages_on_the_cluster_write_the_bytes_a_local_run_writes(scheduler, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("DICOMFLOW_")}
     env.pop(cluster.SCHEDULER_ENV, None)
-    env["PYTHONPATH"] = str(REPO)  # the stages; the workers import dicomflow from the venv
+    env["PYTHONPATH"] = str(REPO)  # the stages and the library, as on the workers
+    env["DICOMFLOW_SECRET"] = "cluster test: the tiny sample is not the embedded one"
     local, on_cluster = _projects(tmp_path / "local", tmp_path / "cluster", env)
 
     _run_stages(local, env)
@@ -142,22 +146,15 @@ def test_a_killer_item_and_a_hanging_item_cost_only_themselves(scheduler, monkey
         n * n for n in range(40) if n not in (7, 11, 13)]
 
 
-_STATE: dict[str, int] = {}
+def _add_offset(n: int, offset: int) -> int:
+    return n + offset
 
 
-def _remember(value: int) -> None:
-    _STATE["offset"] = value
-
-
-def _add_offset(n: int) -> int:
-    return n + _STATE["offset"]
-
-
-def test_the_initializer_state_reaches_every_worker_and_is_replaced_by_the_next_run(scheduler, monkeypatch):
+def test_shared_arguments_reach_every_worker_and_runs_do_not_mix(scheduler, monkeypatch):
     monkeypatch.setenv(cluster.SCHEDULER_ENV, scheduler)
     for offset in (1000, 2000):
-        results = list(ordered_map(_add_offset, range(64), workers=1, initializer=_remember,
-                                   initargs=(offset,), on_failure=lambda n, why: why))
+        results = list(ordered_map(_add_offset, range(64), workers=1, shared_args=(offset,),
+                                   on_failure=lambda n, why: why))
         assert results == [n + offset for n in range(64)]
 
 

@@ -54,7 +54,7 @@ from pydicom.tag import Tag
 
 from dicomflow.deid.profile import DeidOptions, deidentify_dataset, load_profile
 
-import dicognito.anonymizer as dicognito_anonymizer  # noqa: E402
+import dicognito.anonymizer as dicognito_anonymizer
 
 SECRET = b"test_deid_dicognito secret"
 DICOGNITO_SEED = "test_deid_dicognito"

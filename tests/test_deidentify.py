@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -22,18 +23,23 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
-from dicomflow.deid import files as deid_files
+from dicomflow.deid import secret as deid_secret
+from dicomflow.deid.worker import AUDIT_COLUMNS
 from stages import deidentify
 from dicomflow.config import layout
-from dicomflow.errors import DataError
+from dicomflow.errors import DataError, SettingsError
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.config.params import ParamsError, load_params
 from dicomflow.deid.leaks import Leak, find_leaks
-from dicomflow.deid.profile import (OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age)
+from dicomflow.deid.profile import (
+    OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age,
+)
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = b"test secret, not the demo one"
+# The demo secret, written out again: the code's constant must be this one.
+DEMO = b"dicomflow demo secret: for the embedded sample data only, never for real data"
+SECRET = b"test secret, not the demo one, 32 bytes or more"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 # Planted PHI: every value must be gone from the de-identified file.
@@ -67,6 +73,11 @@ def date_shift(secret: bytes, patient_id: str, max_days: int = 3650) -> int:
     """A patient's date shift: 1 + (the HMAC's first 8 bytes, big-endian) mod ``max_days``."""
     digest = hmac.new(secret, b"date\x00" + patient_id.encode(), hashlib.sha256).digest()
     return 1 + int.from_bytes(digest[:8], "big") % max_days
+
+
+def fingerprint(secret: bytes) -> str:
+    """The secret's fingerprint: HMAC-SHA256 keyed by it over a fixed label, 16 hex digits."""
+    return hmac.new(secret, b"dicomflow secret fingerprint v1", hashlib.sha256).hexdigest()[:16]
 
 
 def keyed_uid_of(secret: bytes, uid: str) -> str:
@@ -621,11 +632,11 @@ class TestDeidentifyDataset:
         assert top_code_age(age) == expected
 
 
-def test_the_readme_lists_exactly_the_text_kept_where_the_table_is_silent():
+def test_the_manual_lists_exactly_the_text_kept_where_the_table_is_silent():
     from dicomflow.deid.profile import KEPT_TEXT
 
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("What de-identification keeps as text"):]
+    manual = (REPO / "docs" / "deidentification.md").read_text()
+    table = manual[manual.index("What de-identification keeps as text"):]
     table = table[:table.index("\n\n", table.index("|---|"))]
     listed = {int(group + element, 16) for group, element in re.findall(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)", table)}
     assert listed == set(KEPT_TEXT)
@@ -875,8 +886,9 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
     """A fake ingest output (3 images, one RLE) and the repo's params.yaml, as the working dir."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    for name in (deid_files.SECRET_ENV, deid_files.SECRET_FILE_ENV):
+    for name in (deid_secret.SECRET_FILE_ENV, deid_secret.TRACKING_URI_ENV):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(deid_secret.SECRET_ENV, SECRET.decode())  # not the sample: a secret is needed
     data = tmp_path / "data" / "studies" / "ACC-70707070"
     data.mkdir(parents=True)
     sources = [make_dataset(sop_uid=SOP_UID_A),
@@ -892,6 +904,16 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64), dtype=np.uint8)
     np.save(ingest / layout.IMAGES, images)
     return tmp_path
+
+
+def pose_as_sample(folder: Path, rows: list[int]) -> None:
+    """Give these index rows the digests of embedded sample files (as ingest would have recorded
+    them for those files): the stage's view of the data, as if the sample were in data/."""
+    sample = (REPO / "dicomflow" / "deid" / "resources" / "embedded_sample.sha256").read_text().split()
+    index_file = folder / "outputs" / "ingest" / layout.INGEST_INDEX
+    index = pd.read_parquet(index_file)
+    index.loc[rows, "sha256"] = sample[:len(rows)]
+    index.to_parquet(index_file)
 
 
 def set_deid_params(path: Path, **values: object) -> None:
@@ -923,7 +945,7 @@ class TestBurnedIn:
         out = stage_dir / "outputs" / "deidentify"
         index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        excluded_key = pseudonym(deid_files.DEMO_SECRET, index["sop_instance_uid"][1], 16)
+        excluded_key = pseudonym(SECRET, index["sop_instance_uid"][1], 16)
         assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
         assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
         ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
@@ -969,8 +991,7 @@ class TestBurnedIn:
 
 
 class TestMain:
-    def test_outputs(self, stage_dir, monkeypatch, caplog):
-        monkeypatch.setenv(deid_files.SECRET_ENV, SECRET.decode())
+    def test_outputs(self, stage_dir, caplog):
         with caplog.at_level(logging.INFO):
             deidentify.main()
         out = stage_dir / "outputs" / "deidentify"
@@ -989,10 +1010,12 @@ class TestMain:
             ds = pydicom.dcmread(out / relative)
             assert relative == f"dicom/{key}.dcm" and ds.PatientIdentityRemoved == "YES"
         audit = pd.read_csv(out / layout.DEID_AUDIT)
-        assert list(audit.columns) == list(deid_files.AUDIT_COLUMNS)
+        assert list(audit.columns) == list(AUDIT_COLUMNS)
         assert (audit["private_removed"] == 3).all() and (audit["overlay_removed"] == 9).all()
         metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
         assert metrics["n_files"] == 3 and metrics["leak_hits"] == 0 and metrics["demo_secret"] == 0
+        assert json.loads((out / layout.DEID_SECRET_FINGERPRINT).read_text()) == {
+            "fingerprint": fingerprint(SECRET), "demo": False}
         outputs = [path for path in (stage_dir / "reports").rglob("*") if path.is_file()]
         outputs += [path for path in out.rglob("*") if path.is_file()]
         texts = [path.read_bytes() for path in outputs] + [caplog.text.encode()]
@@ -1009,8 +1032,8 @@ class TestMain:
             out = stage_dir / "outputs" / "deidentify"
             written.append({path.relative_to(out): path.read_bytes()
                             for path in sorted(out.rglob("*")) if path.is_file()})
-        # 3 DICOM files; the manifest, images, audit, quarantine and identifier digests
-        assert len(written[0]) == 3 + 5 and written[0] == written[1]
+        # 3 DICOM files; the manifest, images, audit, quarantine, identifier digests, fingerprint
+        assert len(written[0]) == 3 + 6 and written[0] == written[1]
 
     def test_retain_off_leaves_sex_and_age_null(self, stage_dir):
         set_params(stage_dir / "params.yaml", retain_patient_characteristics=False)
@@ -1018,12 +1041,43 @@ class TestMain:
         manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
         assert manifest["patient_sex"].isna().all() and manifest["patient_age_years"].isna().all()
 
-    def test_demo_secret_warns(self, stage_dir, caplog):
+    def test_without_a_secret_data_that_is_not_the_sample_is_refused(self, stage_dir, monkeypatch):
+        monkeypatch.delenv(deid_secret.SECRET_ENV)
+        with pytest.raises(SettingsError, match="no de-identification secret, and the data is not the "
+                                                "embedded sample: .* set DICOMFLOW_SECRET"):
+            deidentify.main()
+        assert not (stage_dir / "outputs" / "deidentify").exists()
+
+    def test_one_file_beside_the_sample_makes_it_real_data(self, stage_dir, monkeypatch):
+        monkeypatch.delenv(deid_secret.SECRET_ENV)
+        pose_as_sample(stage_dir, rows=[0, 1])  # row 2 keeps its own digest
+        with pytest.raises(SettingsError, match="the data is not the embedded sample"):
+            deidentify.main()
+
+    def test_the_demo_secret_on_the_sample_warns_and_is_fingerprinted(self, stage_dir, monkeypatch, caplog):
+        monkeypatch.delenv(deid_secret.SECRET_ENV)
+        pose_as_sample(stage_dir, rows=[0, 1, 2])
         with caplog.at_level(logging.WARNING):
             deidentify.main()
         assert "demo secret is in use" in caplog.text
         metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
         assert metrics["demo_secret"] == 1
+        written = stage_dir / "outputs" / "deidentify" / layout.DEID_SECRET_FINGERPRINT
+        assert json.loads(written.read_text()) == {"fingerprint": fingerprint(DEMO), "demo": True}
+
+    @pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "HTTPS://mlflow.example.org"])
+    def test_the_demo_secret_is_refused_in_team_mode_even_on_the_sample(self, stage_dir, monkeypatch, uri):
+        monkeypatch.delenv(deid_secret.SECRET_ENV)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        pose_as_sample(stage_dir, rows=[0, 1, 2])
+        with pytest.raises(SettingsError, match="MLFLOW_TRACKING_URI names a team server: the demo "
+                                                "secret is public and is refused in team mode"):
+            deidentify.main()
+
+    def test_a_real_secret_in_team_mode_runs(self, stage_dir, monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        deidentify.main()
+        assert (stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST).is_file()
 
     def test_files_that_leak_are_quarantined_and_past_the_threshold_the_stage_fails(self, stage_dir):
         deidentify.main()  # an earlier, clean run: its outputs are replaced only by a clean one
@@ -1046,8 +1100,8 @@ class TestMain:
         written = [pydicom.dcmread(path) for path in
                    sorted((stage_dir / "outputs" / "deidentify" / layout.DEID_DICOM_DIR).glob("*.dcm"))]
         assert sorted(str(ds.Manufacturer) for ds in written) == sorted(
-            ["Acme", "Acme", pseudonym(deid_files.DEMO_SECRET, "Zanzibar Imaging")])
-        assert pseudonym(deid_files.DEMO_SECRET, "Octavia") in {str(ds.ManufacturerModelName)
+            ["Acme", "Acme", pseudonym(SECRET, "Zanzibar Imaging")])
+        assert pseudonym(SECRET, "Octavia") in {str(ds.ManufacturerModelName)
                                                                 for ds in written if "ManufacturerModelName" in ds}
 
     def test_a_failed_leak_check_lists_every_attribute_with_its_file_count(self, stage_dir):
@@ -1076,7 +1130,7 @@ class TestMain:
         index.to_parquet(index_file)
         deidentify.main()  # completes: the per-file check replaced it before the net saw it
         manifest = pd.read_parquet(stage_dir / "outputs" / "deidentify" / layout.DEID_MANIFEST)
-        assert manifest["manufacturer"].tolist() == ["Acme", pseudonym(deid_files.DEMO_SECRET, "Quixley Imaging"), "Acme"]
+        assert manifest["manufacturer"].tolist() == ["Acme", pseudonym(SECRET, "Quixley Imaging"), "Acme"]
         written = pydicom.dcmread(stage_dir / "outputs" / "deidentify" / manifest["dicom_file"][1])
         assert written.Manufacturer == manifest["manufacturer"][1]
 
@@ -1133,7 +1187,7 @@ class TestMain:
         out = stage_dir / "outputs" / "deidentify"
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
         uid = index["sop_instance_uid"][0]
-        assert list(manifest["image_key"][:2]) == [pseudonym(deid_files.DEMO_SECRET, f"{uid}#{i}", 16)
+        assert list(manifest["image_key"][:2]) == [pseudonym(SECRET, f"{uid}#{i}", 16)
                                                   for i in (0, 1)]
         assert manifest["image_key"].is_unique
         assert manifest["dicom_file"][0] == manifest["dicom_file"][1] != manifest["dicom_file"][2]
@@ -1148,23 +1202,173 @@ class TestMain:
 
 
 class TestReadSecret:
-    def test_environment_wins(self, tmp_path):
-        (tmp_path / "s").write_text("from file\n")
-        env = {deid_files.SECRET_ENV: "from env", deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deid_files.read_secret(env) == (b"from env", False)
+    LONG = "a" * 31 + "b"  # 32 bytes, the least allowed
 
-    def test_file_content_stripped(self, tmp_path):
-        (tmp_path / "s").write_text("from file\n")
-        env = {deid_files.SECRET_FILE_ENV: str(tmp_path / "s")}
-        assert deid_files.read_secret(env) == (b"from file", False)
+    def test_environment_wins(self, tmp_path):
+        (tmp_path / "s").write_text(self.LONG + "file\n")
+        env = {deid_secret.SECRET_ENV: self.LONG, deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")}
+        assert deid_secret.read_secret(env) == (self.LONG.encode(), False)
+
+    def test_file_content_stripped_then_counted(self, tmp_path):
+        (tmp_path / "s").write_text(f"  {self.LONG}\n")
+        assert deid_secret.read_secret({deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")}) == (
+            self.LONG.encode(), False)
+        (tmp_path / "s").write_text(f"  {self.LONG[:31]}\n\n")  # 31 bytes once stripped
+        with pytest.raises(SettingsError, match=r"DICOMFLOW_SECRET_FILE=.* is 31 bytes long; a secret needs at "
+                                                r"least 32: set DICOMFLOW_SECRET or DICOMFLOW_SECRET_FILE"):
+            deid_secret.read_secret({deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")})
+
+    def test_bytes_are_counted_not_characters(self):
+        secret = "é" * 16  # 16 characters, 32 bytes in UTF-8
+        assert deid_secret.read_secret({deid_secret.SECRET_ENV: secret}) == (secret.encode(), False)
+        with pytest.raises(SettingsError, match="is 30 bytes long"):
+            deid_secret.read_secret({deid_secret.SECRET_ENV: "é" * 15})
 
     def test_demo_when_unset(self):
-        assert deid_files.read_secret({}) == (deid_files.DEMO_SECRET, True)
+        assert deid_secret.read_secret({}) == (DEMO, True)
+
+    def test_the_demo_secret_is_no_real_secret(self, tmp_path):
+        (tmp_path / "s").write_bytes(DEMO + b"\n")
+        for env in ({deid_secret.SECRET_ENV: DEMO.decode()}, {deid_secret.SECRET_FILE_ENV: str(tmp_path / "s")}):
+            with pytest.raises(SettingsError, match="holds the demo secret, which is public"):
+                deid_secret.read_secret(env)
 
     @pytest.mark.parametrize("env, match", [
         ({"DICOMFLOW_SECRET": ""}, "DICOMFLOW_SECRET is set but empty"),
+        ({"DICOMFLOW_SECRET": "short"}, "DICOMFLOW_SECRET is 5 bytes long; a secret needs at least 32"),
         ({"DICOMFLOW_SECRET_FILE": "/nonexistent/secret"}, "cannot read the file"),
     ])
     def test_bad_secret_settings(self, env, match):
-        with pytest.raises(DataError, match=match):
-            deid_files.read_secret(env)
+        with pytest.raises(SettingsError, match=match):
+            deid_secret.read_secret(env)
+
+
+class TestSecretUse:
+    @pytest.mark.parametrize("uri, team", [
+        ("http://10.0.0.5:5000", True), ("https://mlflow.example.org", True), ("sqlite:///mlflow.db", False),
+        ("file:///tmp/mlruns", False), ("", False), (None, False)])
+    def test_team_mode_is_an_http_tracking_server(self, uri, team):
+        assert deid_secret.is_team_mode({} if uri is None else {"MLFLOW_TRACKING_URI": uri}) is team
+
+    def test_a_real_secret_is_allowed_everywhere(self):
+        for sample in (True, False):
+            for team_mode in (True, False):
+                deid_secret.check_secret_use(False, sample=sample, team_mode=team_mode)
+
+    def test_the_demo_secret_only_on_the_sample_outside_team_mode(self):
+        deid_secret.check_secret_use(True, sample=True, team_mode=False)
+        for sample, team_mode in ((False, False), (True, True), (False, True)):
+            with pytest.raises(SettingsError, match="demo secret is public"):
+                deid_secret.check_secret_use(True, sample=sample, team_mode=team_mode)
+
+    def test_the_fingerprint_is_keyed_and_not_the_secret(self):
+        assert deid_secret.secret_fingerprint(SECRET) == fingerprint(SECRET)
+        assert deid_secret.secret_fingerprint(DEMO) == fingerprint(DEMO) != fingerprint(SECRET)
+        assert re.fullmatch(r"[0-9a-f]{16}", fingerprint(SECRET))
+        # not a plain hash of the secret that a table of common secrets would answer
+        assert fingerprint(SECRET) not in hashlib.sha256(SECRET).hexdigest()
+
+    def test_no_file_or_another_file_is_not_the_sample(self):
+        assert not deid_secret.is_embedded_sample([])
+        assert not deid_secret.is_embedded_sample([hashlib.sha256(b"a real export").hexdigest()])
+
+
+class TestSecretStage:
+    @pytest.fixture
+    def project(self, tmp_path, monkeypatch) -> Path:
+        shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+        monkeypatch.chdir(tmp_path)
+        for name in (deid_secret.SECRET_ENV, deid_secret.SECRET_FILE_ENV):
+            monkeypatch.delenv(name, raising=False)
+        return tmp_path
+
+    def test_writes_only_the_fingerprint(self, project, monkeypatch, caplog):
+        from stages import secret as secret_stage
+
+        monkeypatch.setenv(deid_secret.SECRET_ENV, SECRET.decode())
+        with caplog.at_level(logging.INFO):
+            secret_stage.main()
+        written = (project / "reports" / "secret_fingerprint.json").read_text()
+        assert json.loads(written) == {"fingerprint": fingerprint(SECRET), "demo": False}
+        assert SECRET.decode() not in written and SECRET.decode() not in caplog.text
+
+    def test_the_demo_secret_is_recorded_as_such(self, project):
+        from stages import secret as secret_stage
+
+        secret_stage.main()
+        assert json.loads((project / "reports" / "secret_fingerprint.json").read_text()) == {
+            "fingerprint": fingerprint(DEMO), "demo": True}
+
+    def test_a_short_secret_stops_it(self, project, monkeypatch):
+        from stages import secret as secret_stage
+
+        monkeypatch.setenv(deid_secret.SECRET_ENV, "0123456789abcdef")
+        with pytest.raises(SettingsError, match="DICOMFLOW_SECRET is 16 bytes long; a secret needs at least 32"):
+            secret_stage.main()
+        assert not (project / "reports" / "secret_fingerprint.json").exists()
+
+
+@pytest.mark.slow
+def test_the_sample_digests_are_those_of_the_generated_sample(tmp_path):
+    """The shipped list is the SHA-256 of every file `dicomflow sample-data` writes (labels.csv
+    aside), computed here from a fresh sample; a sample file is the sample, one file more is not."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "dicomflow", "sample-data", str(tmp_path / "data")],
+                   check=True, capture_output=True, cwd=REPO)
+    digests = {hashlib.sha256(path.read_bytes()).hexdigest()
+               for path in (tmp_path / "data").rglob("*") if path.is_file() and path.name != "labels.csv"}
+    shipped = (REPO / "dicomflow" / "deid" / "resources" / "embedded_sample.sha256").read_text().split()
+    assert sorted(digests) == shipped and len(shipped) == 721
+    assert deid_secret.is_embedded_sample(digests)
+    assert not deid_secret.is_embedded_sample(digests | {hashlib.sha256(b"one file more").hexdigest()})
+
+
+@pytest.mark.slow
+def test_a_new_secret_reruns_deidentify_under_dvc_repro_and_the_same_one_does_not(tmp_path):
+    """A real `dvc repro` in a temporary repository: the secret is no file, yet a change of it
+    reruns deidentify (through the `secret` stage's fingerprint) and the same secret skips it."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root)
+    for package in ("stages", "dicomflow"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DICOMFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(root),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.org")
+
+    def run(*args: str, secret: str | None = None) -> str:
+        result = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                                env={**env, "DICOMFLOW_SECRET": secret} if secret else env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run(sys.executable, "-m", "dicomflow", "sample-data", "data", "--patients", "40")
+    run("dvc", "add", "-q", "data")
+    first, second = "first secret of the tests, 32 bytes+", "second secret of the tests, 32 bytes+"
+    fingerprint_file = root / "reports" / "secret_fingerprint.json"
+
+    log = run("dvc", "repro", "deidentify", secret=first)
+    assert "Running stage 'ingest'" in log and "Running stage 'deidentify'" in log
+    assert json.loads(fingerprint_file.read_text()) == {"fingerprint": fingerprint(first.encode()), "demo": False}
+    manifest = pd.read_parquet(root / "outputs" / "deidentify" / layout.DEID_MANIFEST)
+
+    log = run("dvc", "repro", "deidentify", secret=first)
+    assert "Running stage 'secret'" in log and "Running stage 'deidentify'" not in log
+
+    log = run("dvc", "repro", "deidentify", secret=second)
+    assert "Running stage 'deidentify'" in log and "Running stage 'ingest'" not in log
+    assert json.loads(fingerprint_file.read_text())["fingerprint"] == fingerprint(second.encode())
+    again = pd.read_parquet(root / "outputs" / "deidentify" / layout.DEID_MANIFEST)
+    assert not set(again["patient_key"]) & set(manifest["patient_key"])  # re-keyed
+    assert json.loads((root / "outputs" / "deidentify" / layout.DEID_SECRET_FINGERPRINT).read_text()) == {
+        "fingerprint": fingerprint(second.encode()), "demo": False}

@@ -5,7 +5,7 @@ Sources: the embedded sample (the smallest set :func:`dicomflow.devtools.sample_
 which has every modality, transfer syntax, photometric and bit depth variant) and the files of
 ``pydicom.data.get_testdata_files()`` (pydicom's and pydicom-data's), each only if ingest accepts
 it with the repository's ``ingest`` params, i.e. if it can reach the deidentify stage. Each is
-de-identified as :func:`dicomflow.deid.files.deidentify_file` does it; files the stage leaves out
+de-identified as :func:`dicomflow.deid.worker.deidentify_file` does it; files the stage leaves out
 for burned-in text (the params' rules) are not written by it, so not checked here.
 
 ``dciodvfy`` (Debian's ``dicom3tools``; ``.ci/run`` installs it) checks each source and its output;
@@ -29,7 +29,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicomflow.deid.profile import deidentify_dataset, load_profile
-from dicomflow.deid.files import burned_in_risk, deid_options
+from dicomflow.deid.burned_in import burned_in_risk
+from dicomflow.deid.worker import deid_options
 from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.dicom.ingestion import ingest_file

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dicomflow.errors import DataError
+from dicomflow.errors import DataError, SettingsError
 from dicomflow.evaluation.plots import calibration_table, write_plot_data
 from dicomflow.evaluation.metrics import (age_band, bootstrap_auc_interval, choose_threshold, compute_metrics, compute_multiclass_metrics, subgroup_metrics)
 from dicomflow.evaluation.promotion import Comparison, promotion_score, register_model, should_promote
@@ -369,5 +369,8 @@ def test_promotion_scores_each_model_at_its_own_threshold():
     three = pd.DataFrame({"probability_3": [0.7, 0.2, 0.1], "probability_5": [0.2, 0.7, 0.1],
                           "probability_9": [0.1, 0.1, 0.8], "label": [3, 5, 5], "error": ""})
     assert promotion_score("accuracy", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx(2 / 3)
-    with pytest.raises(DataError, match="'brier' is not computed for 3 classes"):
-        promotion_score("brier", np.array([0, 1, 2]), three, [3, 5, 9])
+    # Brier of three classes: (0.09 + 0.04 + 0.01) + (0.04 + 0.09 + 0.01) + (0.01 + 0.01 + 0.04), over 3
+    assert promotion_score("brier", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx((0.14 + 0.14 + 0.06) / 3)
+    with pytest.raises(SettingsError, match="evaluate.promotion_metric 'sensitivity' is not computed for 3 "
+                                            "classes; use one of roc_auc, accuracy, brier, ece, macro_f1"):
+        promotion_score("sensitivity", np.array([0, 1, 2]), three, [3, 5, 9])

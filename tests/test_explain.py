@@ -7,10 +7,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from dicomflow.evaluation.explain import (grad_cam, last_conv_layer, pick_examples, write_grad_cam_examples, write_grad_cam_grid)
+from dicomflow.evaluation.explain import (
+    grad_cam, last_conv_layer, pick_examples, write_grad_cam_examples, write_grad_cam_grid,
+)
 from dicomflow.model.architectures import build_seed_cnn
 
-import keras  # noqa: E402
+import keras
 layers = keras.layers
 
 SIDE, SQUARE = 32, 6
@@ -54,6 +56,7 @@ def trained():
     return model, test_x, test_y, corners
 
 
+@pytest.mark.slow  # trains a network (the module's trained fixture)
 class TestGradCamOnATrainedModel:
     def test_heat_concentrates_on_the_evidence(self, trained):
         model, images, labels, corners = trained
@@ -158,7 +161,7 @@ class TestGradCamMaths:
         images = np.random.default_rng(0).uniform(0, 1, (2, 20, 20, 1)).astype(np.float32)
         result = grad_cam(model, images)
         assert result.shape == (2, 20, 20) and result.dtype == np.float32
-        assert 0.0 <= result.min() and result.max() <= 1.0
+        assert result.min() >= 0.0 and result.max() <= 1.0
 
     def test_rejects_bad_arguments(self):
         model, _ = _linear_gap_model(1, "sigmoid")

@@ -20,7 +20,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from dicomflow.dicom import display as pixel_display
 from stages import ingest
 from dicomflow.config import layout
-from dicomflow.errors import DataError
+from dicomflow.errors import DataError, SettingsError
 from dicomflow.dicom.sources import list_sources
 from dicomflow.dicom.display import PixelSettings, read_image, resize_with_padding, to_display_pixels
 from dicomflow.dicom.reading import Quarantined
@@ -523,7 +523,7 @@ class TestReadLabels:
     def test_unknown_key(self, tmp_path):
         path = _write_labels(tmp_path / "labels.csv", "patient_id,label\nP1,0\n")
 
-        with pytest.raises(ValueError, match=r"label key must be one of .*; got 'patient_id'"):
+        with pytest.raises(SettingsError, match=r"label key must be one of .*; got 'patient_id'"):
             read_labels(path, key="patient_id")
 
 

@@ -32,8 +32,8 @@ from dicomflow.dicom.reading import Quarantined
 from dicomflow.dicom.ingestion import ingest_file
 
 # Every code the stage may give a file; "unreadable" (an unexpected exception) is deliberately absent.
-REASONS = {"", "not_dicom", "truncated_header", "truncated_pixel_data", "dicomdir", "not_an_image", "no_pixel_data", "unsupported_pixel_data",
-           "unsupported_photometric", "undecodable", "invalid_voi", "invalid_pixels", "blank",
+REASONS = {"", "not_dicom", "truncated_header", "truncated_pixel_data", "dicomdir", "not_an_image", "no_pixel_data",
+           "unsupported_pixel_data", "unsupported_photometric", "undecodable", "invalid_voi", "invalid_pixels", "blank",
            "no_pixel_spacing"}
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from dicomflow.serving.pyfunc import serving_root
-from pipeline_repo import REPO, registry, repo  # noqa: F401  (fixtures)
+from pipeline_repo import REPO
 from pipeline_repo import free_port as _free_port
 from pipeline_repo import run as _run
 

@@ -252,7 +252,7 @@ def test_phantom_nodule_is_a_local_bright_blob() -> None:
     assert 0.002 < changed.mean() < 0.05  # a small blob, not a global shift
     cols = np.nonzero(changed.any(axis=0))[0]
     assert cols.max() < 128  # side 0 is the lung on the image left
-    assert 0.0 <= plain.min() and plain.max() <= 1.0
+    assert plain.min() >= 0.0 and plain.max() <= 1.0
 
 
 @pytest.mark.slow

@@ -1,37 +1,11 @@
-"""Scores of probabilities: Brier, ECE and its reliability table, temperature, degeneracy."""
+"""Training's scores of probabilities: the temperature and the degeneracy check."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dicomflow.model.scoring import (brier_score, degeneracy, expected_calibration_error, fit_temperature, probabilities_from_logits, reliability_table)
-
-
-def test_brier_by_hand_for_two_and_three_classes():
-    assert brier_score(np.array([1, 0, 1]), np.array([0.9, 0.2, 0.5])) == pytest.approx(
-        (0.01 + 0.04 + 0.25) / 3)
-    assert brier_score(np.array([0, 1]), np.full(2, 0.5)) == pytest.approx(0.25)
-    three = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    # image 1 (class 0): 0.09 + 0.04 + 0.01; image 2 (class 1): 0.01 + 0.81 + 0.64
-    assert brier_score(np.array([0, 1]), three) == pytest.approx((0.14 + 1.46) / 2)
-
-
-def test_reliability_bins_and_ece_by_hand():
-    labels = np.array([0, 0, 1, 1, 1])
-    scores = np.array([0.05, 0.15, 0.15, 0.95, 1.0])
-    rows = reliability_table(labels, scores, n_bins=10)
-    assert [row["count"] for row in rows] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]  # 1.0 in the last bin
-    assert rows[1]["mean_predicted"] == pytest.approx(0.15) and rows[1]["observed"] == pytest.approx(0.5)
-    assert np.isnan(rows[2]["observed"])
-    # |0.05 - 0| * 1 + |0.15 - 0.5| * 2 + |0.975 - 1| * 2, over 5 images
-    assert expected_calibration_error(labels, scores) == pytest.approx((0.05 + 0.7 + 0.05) / 5)
-
-
-def test_ece_of_three_classes_uses_the_top_label_confidence():
-    labels = np.array([0, 2])
-    probabilities = np.array([[0.85, 0.1, 0.05], [0.5, 0.1, 0.4]])  # right at 0.85, wrong at 0.5
-    assert expected_calibration_error(labels, probabilities) == pytest.approx((0.15 + 0.5) / 2)
+from dicomflow.model.scoring import degeneracy, fit_temperature, probabilities_from_logits
 
 
 def test_temperature_recovers_the_one_that_made_the_labels():

@@ -359,6 +359,7 @@ class TestLoggedModel:
         for package in ("keras==", "tensorflow", "pydicom==", "pylibjpeg-rle==", "pyarrow=="):
             assert package in requirements
 
+    @pytest.mark.slow  # a process that loads the shipped model
     def test_runs_on_the_code_it_ships(self, registered, dicoms, tmp_path):
         """Loaded in a fresh process, the model predicts with its own copy of the package, and that
         copy (which has no developer tools) is all it needs, the decoder processes included."""
@@ -411,6 +412,7 @@ def _run_env(store) -> dict[str, str]:
             "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())  # the project's, naming the test model
     params["evaluate"]["registered_model_name"] = MODEL_NAME
@@ -453,6 +455,7 @@ def test_the_served_model_lets_no_warning_quote_a_file(model, make_dicom, tmp_pa
     assert not [w for w in escaped if "MRN4471123" in str(w.message)]
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_predict_cli_logs_no_value_of_the_files(registered, store, make_dicom, tmp_path):
     _legacy_export(make_dicom, tmp_path / "in" / "legacy.dcm")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -477,6 +480,7 @@ def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, t
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_predict_cli_survives_hostile_files(registered, store, make_dicom, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["registered_model_name"] = MODEL_NAME
@@ -641,7 +645,7 @@ def _big_in_domain_dicom(make_dicom, path: Path) -> Path:
     return make_dicom(path, frames, **WINDOW)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # starts a server
 class TestServedModel:
     """The model served as `dicomflow serve` serves it, in a process of its own, spoken to over loopback."""
 
@@ -1113,6 +1117,7 @@ class TestPathRule:
         assert serving.dicom_content(np.bytes_(text)) == content  # what MLflow's `inputs` form passes
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_predict_cli_takes_files_and_folders(registered, store, dicoms, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["registered_model_name"] = MODEL_NAME
@@ -1137,6 +1142,7 @@ def test_predict_cli_takes_files_and_folders(registered, store, dicoms, tmp_path
                                                        "folders of them")
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_make_predict_line_on_one_file(registered, store, dicoms, tmp_path):
     """The Makefile's predict recipe, run as make would run it with INPUT=<a file> (without make's
     install step, which would touch the virtual environment)."""
@@ -1179,6 +1185,7 @@ def _stop(server: subprocess.Popen) -> None:
             continue
 
 
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
 def test_evaluate_scores_the_champion_through_predict_with_its_paths(registered, dicoms, monkeypatch):
     """promotion.score_registered: the champion, loaded by MLflow in a `dicomflow predict` process,
     reads the files evaluate names there; no root is inherited, predict sets its own."""

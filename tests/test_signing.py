@@ -249,9 +249,10 @@ class TestDownloadVerified:
             download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
 
     def test_another_key_is_refused(self, signed, keys, tmp_path):
-        with pytest.raises(SignatureError, match=rf"^refused models:/{NAME}@champion \(version {signed}\): signed "
-                                                 rf"with another key \(key id {keys['verify'].key_id}; the verify "
-                                                 rf"key from {VERIFY_KEY_FILE_ENV}=.* is {keys['other_verify'].key_id}\)"):
+        expected = (rf"^refused models:/{NAME}@champion \(version {signed}\): signed with another key \(key id "
+                    rf"{keys['verify'].key_id}; the verify key from {VERIFY_KEY_FILE_ENV}=.* is "
+                    rf"{keys['other_verify'].key_id}\)")
+        with pytest.raises(SignatureError, match=expected):
             download_verified(f"models:/{NAME}@champion", tmp_path, key=keys["other_verify"])
 
     def test_a_tag_forged_with_another_key_under_the_teams_key_id_is_refused(self, store, keys, tmp_path):

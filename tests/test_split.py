@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
@@ -9,11 +10,14 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dicomflow.config import layout
+from dicomflow.deid.manifest import build_manifest
 from dicomflow.errors import DataError
 from dicomflow.splitting import (
     SPLITS,
     _assign_group_folds,
     _take_one_fold,
+    content_groups,
     count_by_split,
     split_by_patient,
 )
@@ -27,7 +31,7 @@ def _manifest(n_patients: int = 80, *, seed: int = 0) -> pd.DataFrame:
         label = patient % 2
         for image in range(int(rng.integers(1, 10))):
             rows.append({"image_key": f"img-{patient:03d}-{image}", "patient_key": f"pat-{patient:03d}",
-                         "label": label})
+                         "label": label, "pixel_sha256": hashlib.sha256(f"{patient}/{image}".encode()).hexdigest()})
     return pd.DataFrame(rows)
 
 
@@ -115,6 +119,43 @@ class TestSplitByPatient:
             split_by_patient(manifest, val_size=0.05, test_size=0.5, seed=0)
 
 
+class TestStableUnderANewSecret:
+    @staticmethod
+    def deidentified(secret: bytes, n_patients: int = 60) -> pd.DataFrame:
+        """The manifest deidentify writes for one synthetic ingest index, under ``secret``."""
+        rng = np.random.default_rng(3)
+        rows, images = [], []
+        for patient in range(n_patients):
+            study = f"1.2.826.0.1.3680043.99.{patient}"
+            for image in range(int(rng.integers(1, 5))):
+                rows.append({"sop_instance_uid": f"{study}.{image}", "study_instance_uid": study,
+                             "patient_id": f"MRN-{patient:06d}", "label": patient % 3 % 2,
+                             "number_of_frames": 1, "frame_index": 0, "patient_sex": "F", "patient_age": "050Y"})
+                images.append(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+        index = pd.DataFrame(rows).reindex(columns=list(layout.INDEX_COLUMNS))
+        return build_manifest(index, np.stack(images), secret=secret, retain_patient_characteristics=True)
+
+    def test_the_same_images_go_to_the_same_split_under_two_secrets(self):
+        first = self.deidentified(b"the first secret, 32 bytes or more")
+        second = self.deidentified(b"the second secret, 32 bytes or more")
+        # The keys differ, and so does their order: what the split followed before.
+        assert not set(first["patient_key"]) & set(second["patient_key"])
+        assert (first["patient_key"].rank(method="dense").tolist()
+                != second["patient_key"].rank(method="dense").tolist())
+
+        splits = [dict(zip(m["pixel_sha256"], split_by_patient(m, val_size=0.15, test_size=0.2, seed=42)))
+                  for m in (first, second)]
+        assert splits[0] == splits[1]
+        assert set(splits[0].values()) == set(SPLITS)
+
+    def test_patients_with_the_same_content_stay_together(self):
+        manifest = pd.DataFrame({"patient_key": ["b", "a", "b", "c", "d"],
+                                 "pixel_sha256": ["x", "y", "z", "y", "y"], "label": [0, 1, 0, 1, 0]})
+        codes = content_groups(manifest)
+        assert codes[1] == codes[3]  # a and c: one image "y" labelled 1 each
+        assert len({codes[0], codes[1], codes[4]}) == 3 and codes[0] == codes[2]
+
+
 class TestFoldsAsScikitLearn:
     """The split's own fold assignment against scikit-learn's StratifiedGroupKFold, fold for fold."""
 
@@ -144,7 +185,12 @@ class TestFoldsAsScikitLearn:
         """split_by_patient: test = first fold of 1/test_size; val = first fold of the rest."""
         split = split_by_patient(manifest, val_size=0.15, test_size=0.2, seed=42)
 
-        labels, groups = manifest["label"].to_numpy(), manifest["patient_key"].to_numpy()
+        labels = manifest["label"].to_numpy()
+        # Each patient named by the SHA-256 of its sorted "pixel digest:label" lines.
+        lines = {patient: sorted(f"{digest}:{label}" for digest, label in zip(rows["pixel_sha256"], rows["label"]))
+                 for patient, rows in manifest.groupby("patient_key")}
+        content = {patient: hashlib.sha256("\n".join(own).encode()).hexdigest() for patient, own in lines.items()}
+        groups = manifest["patient_key"].map(content).to_numpy()
         _, test = next(StratifiedGroupKFold(5, shuffle=True, random_state=42).split(labels, labels, groups))
         rest = np.setdiff1d(np.arange(len(manifest)), test)
         _, val = next(StratifiedGroupKFold(round(1 / (0.15 / 0.8)), shuffle=True, random_state=43)

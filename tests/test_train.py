@@ -91,6 +91,7 @@ def test_to_model_input_scales_and_adds_a_channel():
     np.testing.assert_allclose(result[0, :, :, 0], [[0, 1], [0.2, 0.4]], atol=1e-6)
 
 
+@pytest.mark.slow  # trains networks
 class TestTrainModel:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=6, batch_size=16, lr=0.003,
                          lr_schedule="constant", class_weight="none", early_stopping_patience=0, keep="best_val_auc",
@@ -233,6 +234,7 @@ class TestStrategies:
                          early_stopping_patience=0, keep="best_val_auc", calibration="none",
                          ensemble=1, seed=5)
 
+    @pytest.mark.slow  # trains a network
     def test_mirrored_trains_what_the_default_strategy_trains(self, tmp_path):
         """"mirrored" is a MirroredStrategy with one replica per GPU TensorFlow sees (the one CPU
         when it sees none), and training under it gives the default strategy's history."""
@@ -258,6 +260,7 @@ class TestStrategies:
         np.testing.assert_allclose(history["loss"], default["loss"], atol=1e-5)
         np.testing.assert_allclose(history["val_auc"], default["val_auc"], atol=1e-5)
 
+    @pytest.mark.slow  # a TensorFlow cluster of two workers
     def test_two_workers_estimate_the_statistics_one_process_estimates(self, tmp_path):
         """The statistics pass of two loopback workers (each half of every batch, synchronised
         layers) stores what one process stores, on the same weights and images."""
@@ -301,15 +304,17 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
         assert [worker.wait(timeout=300) for worker in workers] == [0, 0]
         one = json.loads((tmp_path / "one.json").read_text())
         for i in range(2):
-            for (mean, variance), (mean_1, variance_1) in zip(json.loads((tmp_path / f"worker{i}.json").read_text()), one):
+            statistics = json.loads((tmp_path / f"worker{i}.json").read_text())
+            for (mean, variance), (mean_1, variance_1) in zip(statistics, one):
                 np.testing.assert_allclose(mean, mean_1, atol=1e-5)
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
 
     def test_multi_worker_without_tf_config_is_a_clear_error(self, monkeypatch):
+        from dicomflow.errors import SettingsError
         from dicomflow.model.training import make_strategy
 
         monkeypatch.delenv("TF_CONFIG", raising=False)
-        with pytest.raises(ValueError, match="'multi_worker' but TF_CONFIG is not set"):
+        with pytest.raises(SettingsError, match="'multi_worker' but TF_CONFIG is not set"):
             make_strategy("multi_worker")
 
     def test_a_single_process_strategy_is_the_chief(self, monkeypatch):
@@ -332,6 +337,7 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
         ({"worker": 2}, "worker-0"),             # no chief task: worker 0 writes
         ({"chief": 1, "worker": 1}, "chief-0"),  # a chief task: it writes, worker 0 does not
     ], ids=["two-workers", "chief-and-worker"])
+    @pytest.mark.slow  # a TensorFlow cluster
     def test_only_the_chief_task_of_a_real_cluster_writes(self, tmp_path, cluster, chief):
         """Every task of a real MultiWorkerMirroredStrategy cluster on loopback (TF_CONFIG as the
         README gives it) writes its file only when is_chief says so: the chief's file alone exists."""
@@ -397,6 +403,7 @@ class TestTrainingControls:
         three = class_weights_for(np.array([0, 0, 1, 2, 2, 2]), "balanced", n_classes=3)
         assert three == pytest.approx([1.0, 2.0, 2 / 3])  # n / (3 n_class): each class weighs n / 3
 
+    @pytest.mark.slow  # trains a network
     def test_early_stopping_ends_after_patience_epochs_without_improvement(self):
         train_x, train_y = _bright_square_images(64, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
@@ -406,6 +413,7 @@ class TestTrainingControls:
         best = int(history.loc[history["val_auc"].idxmax(), "epoch"])
         assert len(history) == best + 2 < 10
 
+    @pytest.mark.slow  # trains a network
     @pytest.mark.parametrize("keep", ["best_val_auc", "last_epoch"])
     def test_the_kept_weights_are_those_of_the_best_or_the_last_epoch(self, keep):
         from sklearn.metrics import roc_auc_score
@@ -419,6 +427,7 @@ class TestTrainingControls:
         kept = history["val_auc"].max() if keep == "best_val_auc" else history["val_auc"].iloc[-1]
         assert roc_auc_score(val_y, model.predict(val_x, verbose=0).ravel()) == pytest.approx(kept, abs=1e-6)
 
+    @pytest.mark.slow  # trains a network
     def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(self, tmp_path):
         """A child process trains with a resume folder and is SIGKILLed after its second epoch's
         state is saved; the stage run again goes on from epoch 3 and matches a clean run."""
@@ -500,6 +509,7 @@ class TestInferenceModeMatchesTraining:
         np.testing.assert_allclose(norm.moving_mean.numpy(), stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(norm.moving_variance.numpy(), stem.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6)
 
+    @pytest.mark.slow  # trains a network
     def test_inference_outputs_match_batch_statistics_on_the_training_images(self):
         train_x, train_y = _bright_square_images(96, seed=0)
         val_x, val_y = _bright_square_images(32, seed=1)
@@ -511,6 +521,7 @@ class TestInferenceModeMatchesTraining:
         assert np.max(np.abs(inference - batch_statistics)) < 0.02
         assert {"val_loss", "val_auc", "val_accuracy", "val_brier", "val_ece"} <= set(history.columns)
 
+    @pytest.mark.slow  # trains a network
     def test_kept_epoch_has_the_lowest_validation_loss(self):
         from dicomflow.model.scoring import classification_scores
 
@@ -524,6 +535,7 @@ class TestInferenceModeMatchesTraining:
         kept = classification_scores(val_y, model.predict(val_x, verbose=0))
         assert kept["loss"] == pytest.approx(history["val_loss"].min(), abs=1e-5)
 
+    @pytest.mark.slow  # trains a network
     def test_temperature_is_fitted_on_validation_and_saved_in_the_model(self, tmp_path):
         from dicomflow.model.architectures import logit_model, temperature_of
         from dicomflow.model.scoring import classification_scores
@@ -544,6 +556,7 @@ class TestInferenceModeMatchesTraining:
         assert (classification_scores(val_y, reloaded.predict(val_x, verbose=0))["loss"]
                 < classification_scores(val_y, plain.predict(val_x, verbose=0))["loss"])
 
+    @pytest.mark.slow  # trains networks
     def test_an_ensemble_averages_members_of_different_seeds(self, tmp_path):
         from dicomflow.model.architectures import members_of
         from dicomflow.model.training import train_ensemble
@@ -563,6 +576,7 @@ class TestInferenceModeMatchesTraining:
         assert list(history["member"]) == [0, 0, 1, 1] and list(history["epoch"]) == [1, 2, 1, 2]
 
 
+@pytest.mark.slow  # runs the train stage
 def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     """The stage on images that are all the same: every validation image gets one score."""
     import json

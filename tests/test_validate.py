@@ -15,7 +15,10 @@ import pytest
 
 from dicomflow.config import layout
 from dicomflow.errors import DataError
-from dicomflow.quality.expectations import (CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns, find_text_columns, profile_manifest)
+from dicomflow.quality.expectations import (
+    CRITICAL, PHI_VALUE_PATTERNS, WARNING, build_checks, drift_results, find_phi_columns, find_text_columns,
+    profile_manifest,
+)
 from dicomflow.config.params import load_params
 from dicomflow.quality.report import format_failures, render_report, run_checks, summarise
 from stages.validate import main

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dicomflow.errors import SettingsError
+from dicomflow.metrics import METRIC_NAMES
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -45,6 +46,7 @@ def _interval(low: float | None, high: float | None, *, closed: str = "both") ->
 class PathsParams:
     data: str
     labels: str
+    secret_fingerprint: str
     ingest_dir: str
     ingest_metrics: str
     deid_dir: str
@@ -186,9 +188,8 @@ class EvaluateParams:
     fixed_threshold: float = field(metadata=_interval(0.0, 1.0))
     target_sensitivity: float = field(metadata=_interval(0.0, 1.0, closed="right"))
     registered_model_name: str
-    # Multi-class runs compute roc_auc (macro) and accuracy only.
-    promotion_metric: str = field(metadata=_choices(
-        "roc_auc", "accuracy", "sensitivity", "specificity", "average_precision", "f1", "brier"))
+    # Any registered metric; evaluate checks that it applies to the task (dicomflow.metrics.metric_for).
+    promotion_metric: str = field(metadata=_choices(*METRIC_NAMES))
     promotion_min_gain: float = field(metadata=_interval(0.0, 1.0))
 
 

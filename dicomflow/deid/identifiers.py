@@ -422,7 +422,7 @@ def source_encodings(ds: Dataset) -> set[str]:
     values = list(charset) if isinstance(charset, (list, MultiValue)) else [charset]
     try:
         return set(convert_encodings([str(v).strip() for v in values]))
-    except Exception:  # an unknown character set: the text is read as Latin-1 and UTF-8 anyway
+    except Exception:  # noqa: BLE001  an unknown character set: the text is read as Latin-1 and UTF-8 anyway
         return set()
 
 

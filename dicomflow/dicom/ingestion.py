@@ -5,6 +5,7 @@ not grow with the number of files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -136,10 +137,8 @@ class _StagedWriter:
         if error_type is None:
             self.close()
             return
-        try:
+        with contextlib.suppress(OSError):  # the same full disk, flushing
             self._release()
-        except OSError:  # the same full disk, flushing
-            pass
 
     def close(self) -> None:
         raise NotImplementedError

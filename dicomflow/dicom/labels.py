@@ -10,7 +10,7 @@ import pyarrow
 
 from dicomflow.config.params import LABEL_KEYS
 from dicomflow.dicom.reading import Quarantined
-from dicomflow.errors import DataError
+from dicomflow.errors import DataError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def read_labels(labels_file: Path, *, key: str, column: str = "label") -> tuple[
     must agree. ``column="split"`` reads the optional predefined split the same way.
     """
     if key not in LABEL_KEYS:
-        raise ValueError(f"label key must be one of {', '.join(LABEL_KEYS)}; got {key!r}")
+        raise SettingsError(f"label key must be one of {', '.join(LABEL_KEYS)}; got {key!r}")
     header = pd.read_csv(labels_file, dtype=str, nrows=0).columns
     missing = {key, column} - set(header)
     if missing:

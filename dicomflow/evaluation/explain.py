@@ -257,7 +257,7 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
     if not groups:
         raise ValueError("groups must name at least one group of indices; got an empty dict")
     for name, indices in groups.items():
-        if len(indices) and not (0 <= np.min(indices) and np.max(indices) < len(images)):
+        if len(indices) and not (np.min(indices) >= 0 and np.max(indices) < len(images)):
             raise ValueError(f"group {name!r} holds indices outside 0..{len(images) - 1}: {list(indices)}")
 
     columns = max(1, *(len(indices) for indices in groups.values()))

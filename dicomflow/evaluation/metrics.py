@@ -1,5 +1,8 @@
-"""Test metrics: operating threshold, ROC AUC with a bootstrap interval, sensitivity,
-specificity, predictive values, multi-class metrics, calibration and subgroups.
+"""The test report's figures: operating threshold, ROC AUC with a bootstrap interval, the
+confusion-matrix metrics, multi-class and per-class metrics, calibration and subgroups.
+
+Each figure is a metric of :mod:`dicomflow.metrics` (the registry) computed on the test split; this
+module chooses the threshold and assembles the report.
 """
 
 from __future__ import annotations
@@ -8,19 +11,12 @@ import logging
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import roc_curve
 
+from dicomflow import metrics as registry
 from dicomflow.config.params import THRESHOLD_METHODS
-from dicomflow.model.scoring import brier_score, expected_calibration_error
 from dicomflow.errors import DataError
+from dicomflow.metrics import HEADLINE_METRICS, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +97,7 @@ def _sensitivity_threshold(y_true: np.ndarray, y_score: np.ndarray, *, target: f
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC of binary scores (n,), or the macro average of one-vs-rest AUCs for (n, k) class
     probabilities (each class present in ``y_true``, class indices 0..k-1)."""
-    if y_score.ndim == 1:
-        return float(roc_auc_score(y_true, y_score))
-    return float(np.mean([roc_auc_score(y_true == k, y_score[:, k]) for k in np.unique(y_true)]))
+    return registry.roc_auc(Scores.at_threshold(y_true, y_score))
 
 
 def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resamples: int = 1000,
@@ -121,14 +115,18 @@ def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resampl
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 
 
-# What `dvc exp show` compares (its 160 columns hold these beside the params changed); every other
-# figure, intervals and counts included, is in the full test report.
-HEADLINE_METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "brier", "ece")
-
-
 def headline(metrics: dict[str, float]) -> dict[str, float]:
-    """The :data:`HEADLINE_METRICS` that ``metrics`` has (multi-class: no sensitivity or specificity)."""
+    """The headline metrics (:data:`dicomflow.metrics.HEADLINE_METRICS`: what `dvc exp show`
+    compares in its 160 columns, beside the params changed) that ``metrics`` has (multi-class: no
+    sensitivity or specificity); every other figure is in the full test report."""
     return {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
+
+
+# The registry's metrics in the test report, per task (calibration: :func:`calibration_metrics`).
+REPORTED = {registry.BINARY: ("roc_auc", "average_precision", "brier", "accuracy", "sensitivity", "specificity",
+                              "ppv", "npv", "f1"),
+            registry.MULTICLASS: ("roc_auc", "accuracy", "macro_f1")}
+PER_CLASS = ("roc_auc", "sensitivity", "specificity", "ppv", "f1")  # one-vs-rest, for more than two classes
 
 
 def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float) -> dict[str, float]:
@@ -166,36 +164,24 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
     """
     if len(np.unique(y_true)) < 2:
         raise DataError("the test split holds one class only; ROC AUC is undefined")
-    y_pred = (y_score >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    low, high = bootstrap_auc_interval(y_true, y_score)
-    ppv, npv = _predictive_values(y_true, y_pred, threshold=threshold)
-    return {
-        "roc_auc": float(roc_auc_score(y_true, y_score)),
-        "roc_auc_ci_low": low,
-        "roc_auc_ci_high": high,
-        "average_precision": float(average_precision_score(y_true, y_score)),
-        "brier": float(brier_score_loss(y_true, y_score)),
-        "accuracy": float((tp + tn) / len(y_true)),
-        "sensitivity": float(tp / (tp + fn)),
-        "specificity": float(tn / (tn + fp)),
-        "ppv": ppv,
-        "npv": npv,
-        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
-        "threshold": float(threshold),
-        "n_test": int(len(y_true)),
-        "n_test_positive": int(y_true.sum()),
-    }
-
-
-def _predictive_values(y_true: np.ndarray, y_pred: np.ndarray, *, threshold: float) -> tuple[float, float]:
-    """PPV and NPV as precision of class 1 and of class 0; 0.0 (with a warning) when undefined."""
+    scores = Scores.at_threshold(y_true, y_score, threshold=threshold)
     for label, name in ((1, "PPV"), (0, "NPV")):
-        if not (y_pred == label).any():
+        if not (scores.called == label).any():
             logger.warning("no test image is predicted %s at threshold %.3f; %s reported as 0.0 "
                            "(undefined)", "positive" if label else "negative", threshold, name)
-    return (float(precision_score(y_true, y_pred, pos_label=1, zero_division=0.0)),
-            float(precision_score(y_true, y_pred, pos_label=0, zero_division=0.0)))
+    return {**_with_interval(scores, REPORTED[registry.BINARY]), "threshold": float(threshold),
+            "n_test": int(len(y_true)), "n_test_positive": int(y_true.sum())}
+
+
+def _with_interval(scores: Scores, names: tuple[str, ...]) -> dict[str, float]:
+    """The metrics ``names`` of ``scores``, ROC AUC followed by its bootstrap interval."""
+    low, high = bootstrap_auc_interval(scores.labels, scores.probabilities)
+    report = {}
+    for name in names:
+        report[name] = registry.compute(name, scores)
+        if name == "roc_auc":
+            report.update(roc_auc_ci_low=low, roc_auc_ci_high=high)
+    return report
 
 
 def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
@@ -227,22 +213,13 @@ def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
     if missing:
         raise DataError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
                          "per-class metrics are undefined")
-    y_pred = y_score.argmax(axis=1)
-    low, high = bootstrap_auc_interval(y_true, y_score)
-    metrics = {"roc_auc": roc_auc(y_true, y_score), "roc_auc_ci_low": low, "roc_auc_ci_high": high,
-               "accuracy": float(np.mean(y_pred == y_true)),
-               "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0.0)),
-               "n_test": int(len(y_true))}
+    scores = Scores.at_threshold(y_true, y_score)
+    metrics = {**_with_interval(scores, REPORTED[registry.MULTICLASS]), "n_test": int(len(y_true))}
     for k, label in enumerate(classes):
-        actual, called = y_true == k, y_pred == k
-        metrics.update({
-            f"roc_auc_{label}": float(roc_auc_score(actual, y_score[:, k])),
-            f"sensitivity_{label}": float(np.mean(called[actual])),
-            f"specificity_{label}": float(np.mean(~called[~actual])),
-            f"ppv_{label}": float(np.mean(actual[called])) if called.any() else 0.0,
-            f"f1_{label}": float(f1_score(actual, called, zero_division=0.0)),
-            f"n_test_{label}": int(actual.sum()),
-        })
+        # Class k against the rest: a two-class problem, scored by the two-class metrics.
+        one_vs_rest = Scores((y_true == k).astype(int), y_score[:, k], (scores.called == k).astype(int))
+        metrics.update({f"{name}_{label}": registry.compute(name, one_vs_rest) for name in PER_CLASS})
+        metrics[f"n_test_{label}"] = int((y_true == k).sum())
     return metrics
 
 
@@ -310,7 +287,7 @@ def calibration_metrics(y_true: np.ndarray, calibrated: np.ndarray, uncalibrated
                         temperatures: list[float]) -> dict[str, float]:
     """Brier score and ECE (10 bins) of the test probabilities with and without the calibration
     the model carries, and its temperature (the mean over an ensemble's members)."""
-    return {"brier": brier_score(y_true, calibrated), "ece": expected_calibration_error(y_true, calibrated),
-            "brier_uncalibrated": brier_score(y_true, uncalibrated),
-            "ece_uncalibrated": expected_calibration_error(y_true, uncalibrated),
+    calibrated, uncalibrated = Scores.at_threshold(y_true, calibrated), Scores.at_threshold(y_true, uncalibrated)
+    return {"brier": registry.brier(calibrated), "ece": registry.ece(calibrated),
+            "brier_uncalibrated": registry.brier(uncalibrated), "ece_uncalibrated": registry.ece(uncalibrated),
             "temperature": float(np.mean(temperatures))}

@@ -143,13 +143,9 @@ def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncali
     the model's calibration: ``reliability.csv`` (one row per bin and version, with its image
     count) and ``reliability.png`` (each point labelled with its count, a histogram of counts
     below). Equal-width bins, unlike :func:`calibration_table`, put both versions on the same
-    bins: the ones ECE is computed on (:func:`dicomflow.model.scoring.reliability_table`).
+    bins: the ones ECE is computed on (:func:`dicomflow.metrics.reliability_table`).
     """
-    from dicomflow.model.scoring import (
-        brier_score,
-        expected_calibration_error,
-        reliability_table,
-    )
+    from dicomflow.metrics import Scores, brier, ece, reliability_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = {"calibrated": calibrated, "uncalibrated": uncalibrated}
@@ -163,8 +159,8 @@ def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncali
     for offset, (name, scores) in zip((-0.2, 0.2), versions.items()):
         rows = table[(table["version"] == name) & (table["count"] > 0)]
         line, = curve_ax.plot(rows["mean_predicted"], rows["observed"], marker="o",
-                              label=f"{name}: ECE {expected_calibration_error(y_true, scores):.3f}, "
-                                    f"Brier {brier_score(y_true, scores):.3f}")
+                              label=f"{name}: ECE {ece(Scores.at_threshold(y_true, scores)):.3f}, "
+                                    f"Brier {brier(Scores.at_threshold(y_true, scores)):.3f}")
         for row in rows.itertuples():
             curve_ax.annotate(str(row.count), (row.mean_predicted, row.observed), textcoords="offset points",
                               xytext=(4, -10 if name == "uncalibrated" else 5), fontsize=7,

@@ -17,31 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    average_precision_score,
-    brier_score_loss,
-    f1_score,
-    roc_auc_score,
-)
-
 from dicomflow import tracking
 from dicomflow.config import layout
 from dicomflow.config.params import AugmentParams, TrainParams
 from dicomflow.deid.digests import read_digests
-from dicomflow.deid.files import read_secret
+from dicomflow.deid.secret import read_secret
 from dicomflow.deid.leaks import scan_mlflow_run, scan_paths
 from dicomflow.dicom.display import PixelSettings
-from dicomflow.evaluation.metrics import roc_auc
 from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.model.architectures import class_indices
 from dicomflow.errors import DataError
+from dicomflow.metrics import Scores, gain, metric_for
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.serving.pyfunc import PATH_EXAMPLE, DicomClassifier, log_classifier
 
 logger = logging.getLogger(__name__)
 
 
-LOWER_IS_BETTER = ("brier",)
 PROMOTION_SPLIT = "val"  # the images candidate and champion are compared on; never the test split
 
 
@@ -53,12 +45,12 @@ ROUNDING = 1e-6
 def should_promote(candidate: float, champion: float | None, *, metric: str = "roc_auc",
                    min_gain: float = 0.0) -> bool:
     """A candidate becomes champion when there is none, or it beats the champion on ``metric``
-    by more than :data:`ROUNDING` and by at least ``min_gain`` (lower is better for the Brier
-    score)."""
+    by more than :data:`ROUNDING` and by at least ``min_gain``, in the metric's direction
+    (:class:`dicomflow.metrics.Metric`: lower is better for the Brier score)."""
     if champion is None:
         return True
-    gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
-    return gain > ROUNDING and gain >= min_gain - ROUNDING  # 0.82 - 0.80 is 0.01999... in floats
+    better_by = gain(metric, candidate, champion)
+    return better_by > ROUNDING and better_by >= min_gain - ROUNDING  # 0.82 - 0.80 is 0.01999... in floats
 
 
 def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int]) -> float:
@@ -67,26 +59,12 @@ def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, 
     Threshold-dependent metrics use the model's own ``label`` column, so each model is judged at
     its own operating threshold, as it would be used.
     """
+    registered = metric_for(metric, n_classes=len(classes), setting="evaluate.promotion_metric")
     called = class_indices(predictions["label"].to_numpy(), classes)
-    if "probability" in predictions:
-        scores = predictions["probability"].to_numpy(float)
-        if metric == "roc_auc":
-            return float(roc_auc_score(labels, scores))
-        if metric == "average_precision":
-            return float(average_precision_score(labels, scores))
-        if metric == "brier":
-            return float(brier_score_loss(labels, scores))
-        if metric == "f1":
-            return float(f1_score(labels, called, zero_division=0.0))
-        if metric in ("sensitivity", "specificity"):
-            wanted = 1 if metric == "sensitivity" else 0
-            return float(np.mean(called[labels == wanted] == wanted))
-    elif metric == "roc_auc":
-        return roc_auc(labels, predictions[[f"probability_{c}" for c in classes]].to_numpy(float))
-    if metric == "accuracy":
-        return float(np.mean(called == labels))
-    raise DataError(f"evaluate.promotion_metric {metric!r} is not computed for {len(classes)} classes; "
-                     "use one of roc_auc, accuracy")
+    columns = ["probability"] if "probability" in predictions else [f"probability_{c}" for c in classes]
+    probabilities = predictions[columns].to_numpy(float)
+    return registered.compute(Scores(np.asarray(labels, int), probabilities.ravel() if len(columns) == 1
+                                     else probabilities, called))
 
 
 @dataclass(frozen=True)

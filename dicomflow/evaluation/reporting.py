@@ -32,7 +32,8 @@ GRAD_CAM_FILE = "grad_cam.png"
 
 
 def report_test_split(model, test_y: np.ndarray, test_x: np.ndarray, test_rows: pd.DataFrame, *,
-                      threshold: float | None, classes: list[int], plots_dir: Path) -> tuple[dict, list[Path], pd.DataFrame]:
+                      threshold: float | None, classes: list[int], plots_dir: Path
+                      ) -> tuple[dict, list[Path], pd.DataFrame]:
     """Test metrics (calibration with and without the model's own included), plot files and the
     subgroup table: the report, and the only use of the test split."""
     test_score = predict_probabilities(model, test_x)

@@ -1,8 +1,6 @@
-"""How a classifier's probabilities are scored, shared by train and evaluate.
-
-Proper scores (cross-entropy, Brier), ranking (ROC AUC), calibration (expected calibration error
-and the reliability table behind it), the temperature that calibrates logits on a held-out split,
-and the check that a model is not degenerate. Plain functions of labels and probabilities.
+"""How training scores a classifier's probabilities: the figures of every epoch, the temperature
+that calibrates logits on a held-out split, and the check that a model is not degenerate. Plain
+functions of labels and probabilities; the metrics themselves live in :mod:`dicomflow.metrics`.
 
 Probabilities are ``(n,)`` or ``(n, 1)`` for two classes (the probability of class 1) or ``(n, k)``
 for k > 2 classes; labels are class indices.
@@ -12,79 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from dicomflow.metrics import Scores, accuracy, brier, ece, is_binary, roc_auc
+
 # Keras' clipping of probabilities inside its cross-entropy: the same loss figures as training.
 EPSILON = 1e-7
-ECE_BINS = 10
 # A threshold this close to 0 or 1 calls images on the tail of a sigmoid: the scores carry no
 # usable margin there, and such a threshold is what a model with shifted outputs gets chosen.
 THRESHOLD_RANGE = (0.01, 0.99)
 # Scores whose spread is below this are one value for every practical purpose.
 CONSTANT_SPREAD = 1e-4
 TEMPERATURE_PRIOR_SD = 1.0  # of log T (see fit_temperature)
-
-
-def _binary(probabilities: np.ndarray) -> bool:
-    return probabilities.ndim == 1 or probabilities.shape[1] == 1
-
-
-def called_classes(probabilities: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
-    """The class each image is called: class 1 when its probability is >= ``threshold`` (two
-    classes), else the most probable class."""
-    probabilities = np.asarray(probabilities, float)
-    if _binary(probabilities):
-        return (probabilities.ravel() >= threshold).astype(int)
-    return probabilities.argmax(axis=1)
-
-
-def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean squared error of the probabilities: (p - y)^2 for two classes (0 is perfect, a
-    constant 0.5 scores 0.25), the sum over classes of (p_k - [y = k])^2 for more."""
-    labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
-    if _binary(probabilities):
-        return float(np.mean((probabilities.ravel() - labels) ** 2))
-    one_hot = np.eye(probabilities.shape[1])[labels]
-    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
-
-
-def reliability_table(labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = ECE_BINS) -> list[dict]:
-    """The reliability diagram in ``n_bins`` equal-width bins of [0, 1], empty bins included.
-
-    Two classes: bins of the probability of class 1, against the share of class 1 in the bin.
-    More classes: bins of the top-label confidence (the highest probability), against the share
-    of images whose most probable class is right (Guo et al., 2017).
-
-    Returns
-    -------
-    list of dict
-        Per bin: ``low``, ``high`` (edges; the last bin includes 1), ``count``, and
-        ``mean_predicted`` and ``observed`` (NaN in an empty bin).
-    """
-    labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
-    if _binary(probabilities):
-        predicted, observed = probabilities.ravel(), labels.astype(float)
-    else:
-        predicted = probabilities.max(axis=1)
-        observed = (probabilities.argmax(axis=1) == labels).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, predicted, side="right") - 1, 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        members = bins == b
-        count = int(members.sum())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-                     "mean_predicted": float(predicted[members].mean()) if count else float("nan"),
-                     "observed": float(observed[members].mean()) if count else float("nan")})
-    return rows
-
-
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, *,
-                               n_bins: int = ECE_BINS) -> float:
-    """ECE: the count-weighted mean gap between predicted and observed in the bins of
-    :func:`reliability_table` (0 is perfectly calibrated)."""
-    rows = reliability_table(labels, probabilities, n_bins=n_bins)
-    total = sum(row["count"] for row in rows)
-    return float(sum(row["count"] * abs(row["mean_predicted"] - row["observed"])
-                     for row in rows if row["count"]) / total)
 
 
 def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -94,24 +29,17 @@ def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict
     macro average of one-vs-rest AUCs for more than two classes, NaN when ``labels`` hold a
     single class.
     """
-    from sklearn.metrics import roc_auc_score
-
-    labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
+    scores = Scores.at_threshold(labels, probabilities)
+    labels, probabilities = scores.labels, scores.probabilities
     clipped = np.clip(probabilities, EPSILON, 1 - EPSILON)
-    if _binary(probabilities):
-        probabilities, clipped = probabilities.ravel(), clipped.ravel()
+    if scores.task == "binary":
         loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
-        auc = roc_auc_score(labels, probabilities) if len(np.unique(labels)) == 2 else float("nan")
     else:
         loss = -np.mean(np.log(clipped[np.arange(len(labels)), labels]))
-        present = np.unique(labels)
-        # Macro AUC over the classes present; a class absent from the labels has no ROC curve.
-        auc = (float(np.mean([roc_auc_score(labels == k, probabilities[:, k]) for k in present]))
-               if len(present) > 1 else float("nan"))
-    return {"loss": float(loss), "auc": float(auc),
-            "accuracy": float(np.mean(called_classes(probabilities) == labels)),
-            "brier": brier_score(labels, probabilities),
-            "ece": expected_calibration_error(labels, probabilities)}
+    # A split of one class has no ROC curve (macro AUC: over the classes present).
+    auc = roc_auc(scores) if len(np.unique(labels)) > 1 else float("nan")
+    return {"loss": float(loss), "auc": float(auc), "accuracy": accuracy(scores), "brier": brier(scores),
+            "ece": ece(scores)}
 
 
 def probabilities_from_logits(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
@@ -158,13 +86,13 @@ def degeneracy(labels: np.ndarray, probabilities: np.ndarray, *, threshold: floa
     binary threshold outside :data:`THRESHOLD_RANGE`.
     """
     labels, probabilities = np.asarray(labels, int).ravel(), np.asarray(probabilities, float)
-    binary = _binary(probabilities)
+    binary = is_binary(probabilities)
     problems = []
     scores = probabilities.ravel() if binary else probabilities.max(axis=1)
     if np.ptp(scores) < CONSTANT_SPREAD:
         problems.append(f"constant predictions: every image scores {scores.min():.5f}-{scores.max():.5f}")
     if not binary or threshold is not None:
-        called = called_classes(probabilities, threshold=threshold if binary else 0.5)
+        called = Scores.at_threshold(labels, probabilities, threshold=threshold if binary else 0.5).called
         if len(np.unique(labels)) > 1 and len(np.unique(called)) == 1:
             only = int(called[0])
             at = f" at threshold {threshold:.5g}" if binary else ""

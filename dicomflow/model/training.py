@@ -22,7 +22,7 @@ from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
 from dicomflow.model import architectures as models
 from dicomflow.model import scoring
 from dicomflow.model.augment import apply_policy, build_policy
-from dicomflow.errors import DataError
+from dicomflow.errors import DataError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def make_strategy(name: str):
 
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
-            raise ValueError("train.strategy is 'multi_worker' but TF_CONFIG is not set: give every "
+            raise SettingsError("train.strategy is 'multi_worker' but TF_CONFIG is not set: give every "
                              "worker the cluster and its own task, e.g. TF_CONFIG='{\"cluster\": "
                              "{\"worker\": [\"host1:2222\", \"host2:2222\"]}, \"task\": "
                              "{\"type\": \"worker\", \"index\": 0}}'")

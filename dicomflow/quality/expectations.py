@@ -107,7 +107,8 @@ def build_checks(
         Above this share of pixels at the ends of the display range an image is saturated
         (``validate.max_extreme_share``).
     image_size_range : sequence of two int
-        Allowed (checked by the params loader: low <= high) original (0028,0010) Rows and (0028,0011) Columns (``validate.image_size_range``).
+        Allowed (checked by the params loader: low <= high) original (0028,0010) Rows and
+        (0028,0011) Columns (``validate.image_size_range``).
     pixel_spacing_range : sequence of two float
         Allowed (0028,0030) Pixel Spacing in mm (``validate.pixel_spacing_range``).
     text_columns : iterable of str

@@ -17,23 +17,21 @@ results:
 - Dask cannot stop a running task, so a task still running after ``timeout_s`` is cancelled and
   its worker restarted by its nanny; a chunk is split, an item is a suspect as above (it may have
   waited behind another task on its worker) and gets ``timeout`` when it overruns alone.
-- ``initializer(*initargs)`` is scattered to every worker once and run there before the first item
-  that needs it. Workers may have several threads and serve other clients, so the state it sets
-  is switched only when no chunk that needs another state is running.
+- ``shared_args`` are scattered to every worker once and handed to each chunk's task as an
+  argument, never kept as worker state: workers may have several threads and serve other
+  clients and other runs at the same time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from dicomflow.runtime.parallel import CHUNK_MAX, REORDER_WINDOW, WorkFailure
+from dicomflow.runtime.planning import WorkFailure, plan_chunks, put_back, run_item, timeout_failure
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,47 +48,16 @@ def scheduler_address(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(SCHEDULER_ENV, "").strip() or None
 
 
-class _WorkerState:
-    """Which ``initializer`` state this worker process holds, and how many chunks use it now."""
-
-    condition = threading.Condition()
-    key: str | None = None
-    users = 0
-
-
-def _run_chunk(function: Callable[[Any], Any], items: list, setup_key: str | None,
-               initializer: Callable[..., None] | None, initargs: tuple) -> list[tuple[str, Any]]:
-    """Run on a worker: ``function`` on each item, reporting ``("ok", result)`` or, for an item
-    that raised, ``("error", exception type name)`` (never its message, which may quote a value
-    read from the file), as the local pool's workers do."""
-    state = _WorkerState
-    if setup_key is not None:
-        with state.condition:
-            state.condition.wait_for(lambda: state.key == setup_key or state.users == 0)
-            if state.key != setup_key:
-                initializer(*initargs)
-                state.key = setup_key
-            state.users += 1
-    try:
-        replies = []
-        for item in items:
-            try:
-                replies.append(("ok", function(item)))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
-                replies.append(("error", type(err).__name__))
-        return replies
-    finally:
-        if setup_key is not None:
-            with state.condition:
-                state.users -= 1
-                state.condition.notify_all()
+def _run_chunk(function: Callable[..., Any], items: list, shared_args: tuple) -> list[tuple[str, Any]]:
+    """Run on a worker: ``function(item, *shared_args)`` on each item through
+    :func:`~dicomflow.runtime.planning.run_item` (``("ok", result)`` or ``("error", exception type
+    name)``), as the local pool's workers do."""
+    return [run_item(function, item, shared_args) for item in items]
 
 
 def cluster_map(function: Callable[[T], R], items: Iterable[T], *, address: str,
                 on_failure: Callable[[T, WorkFailure], R], timeout_s: float | None = None,
-                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
+                shared_args: tuple = ()) -> Iterator[R]:
     """``map(function, items)`` on the Dask cluster at ``address``, in input order; see the module
     docstring. ``function``, the items and the results must pickle, and the scheduler and workers
     must import the same code (``dicomflow`` installed where they run); with a shared filesystem,
@@ -111,8 +78,8 @@ def cluster_map(function: Callable[[T], R], items: Iterable[T], *, address: str,
         logger.info("running %d items on the Dask cluster at %s (%d worker(s), %d thread(s))",
                     len(items), address, len(client.nthreads()), threads)
         run = _ClusterRun(client, function, items, threads=threads, timeout_s=timeout_s)
-        if initializer is not None:
-            run.setup(initializer, initargs)
+        if shared_args:
+            run.share(shared_args)
         try:
             for seq, (ok, value) in run.results():
                 yield value if ok else on_failure(items[seq], value)
@@ -127,21 +94,16 @@ class _ClusterRun:
                  timeout_s: float | None) -> None:
         self.client, self.function, self.items, self.timeout_s = client, function, items, timeout_s
         self.threads = threads
-        chunk = max(1, min(CHUNK_MAX, len(items) // (threads * 8)))
-        self.todo: deque[list[int]] = deque(
-            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk))
-        self.window = chunk * threads * REORDER_WINDOW  # items done ahead of the oldest unfinished
+        self.todo, self.window = plan_chunks(len(items), slots=threads)
         self.suspects: deque[int] = deque()  # items to run again, alone
         self.running: dict[Any, tuple[list[int], bool]] = {}  # future -> (item numbers, alone)
         self.started: dict[Any, float] = {}  # future -> when the scheduler first showed it running
         self.done: dict[int, tuple[bool, Any]] = {}
-        self.setup_key: str | None = None
-        self.setup_args: Any = None
-        self.initializer: Callable[..., None] | None = None
+        self.shared: Any = None  # the future of the scattered shared_args, once shared
 
-    def setup(self, initializer: Callable[..., None], initargs: tuple) -> None:
-        self.initializer, self.setup_key = initializer, f"dicomflow-setup-{uuid.uuid4().hex}"
-        [self.setup_args] = self.client.scatter([initargs], broadcast=True, hash=False)
+    def share(self, shared_args: tuple) -> None:
+        """Send ``shared_args`` to every worker once; each chunk's task then names them."""
+        [self.shared] = self.client.scatter([shared_args], broadcast=True, hash=False)
 
     def results(self) -> Iterator[tuple[int, tuple[bool, Any]]]:
         """``(item number, (ok, result or WorkFailure))`` in item order."""
@@ -182,7 +144,7 @@ class _ClusterRun:
 
     def _start(self, seqs: list[int], *, alone: bool) -> None:
         future = self.client.submit(_run_chunk, self.function, [self.items[seq] for seq in seqs],
-                                    self.setup_key, self.initializer, self.setup_args, pure=False)
+                                    () if self.shared is None else self.shared, pure=False)
         self.running[future] = (seqs, alone)
 
     def _lost(self, seqs: list[int], alone: bool, failure: WorkFailure) -> None:
@@ -193,7 +155,7 @@ class _ClusterRun:
         elif len(seqs) == 1:
             self.suspects.append(seqs[0])
         else:
-            self.todo.extendleft([seq] for seq in reversed(seqs))
+            put_back(self.todo, seqs, chunk=1)
 
     def _stop_overruns(self) -> None:
         """Cancel each task that has run longer than ``timeout_s`` and restart its worker (a Dask
@@ -209,15 +171,14 @@ class _ClusterRun:
                     seqs, alone = self.running.pop(future)
                     self.started.pop(future)
                     future.cancel()
-                    self._lost(seqs, alone, WorkFailure(
-                        "timeout", f"still running after {self.timeout_s:g} s (the per-file time limit)"))
+                    self._lost(seqs, alone, timeout_failure(self.timeout_s))
         if overrun_workers:
             self.client.restart_workers(sorted(overrun_workers), raise_for_error=False)
 
     def close(self) -> None:
         self.client.cancel(list(self.running))
-        if self.setup_args is not None:
-            self.setup_args.release()
+        if self.shared is not None:
+            self.shared.release()
 
 
 def _why_lost(future: Any) -> WorkFailure:

@@ -15,6 +15,7 @@ which item a worker was on when it died or overran its time.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -25,29 +26,18 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
 
+from dicomflow.runtime.cluster import cluster_map, scheduler_address
+from dicomflow.runtime.planning import CHUNK_MAX, WorkFailure, plan_chunks, put_back, run_item, timeout_failure
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK_MAX = 32          # items sent to a worker in one message
 CHUNKS_IN_FLIGHT = 2    # per worker: the next chunk is already there when one ends
-REORDER_WINDOW = 8      # chunks per worker that may be done ahead of the oldest unfinished item
 
 
 def worker_count(requested: int) -> int:
     """A ``workers`` param: 0 means every core this process may use."""
     return requested or len(os.sched_getaffinity(0))
-
-
-@dataclass(frozen=True)
-class WorkFailure:
-    """Why an item has no result: ``worker_died`` (with how), ``timeout`` or ``worker_error``.
-
-    ``detail`` names the exit signal or the exception type, never an exception's message (which
-    may quote a value read from the file).
-    """
-
-    reason: str
-    detail: str
 
 
 def exit_description(exitcode: int | None) -> str:
@@ -62,15 +52,13 @@ def exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callable[..., None] | None,
-           initargs: tuple) -> None:
-    """A worker's life: run the initializer, then each item of each chunk, reporting every item.
+def _serve(conn: Connection, function: Callable[..., Any], shared_args: tuple) -> None:
+    """A worker's life: each item of each chunk, ``function(item, *shared_args)``, reporting every
+    item (``shared_args`` arrived once, with the process).
 
-    Any exception an item raises (``BaseException`` too: a Rust decoder's panic is one) is sent
-    back by type name only; the worker then goes on with the next item.
+    An item that raises is reported by :func:`~dicomflow.runtime.planning.run_item` (the exception's
+    type name only); the worker then goes on with the next item.
     """
-    if initializer is not None:
-        initializer(*initargs)
     conn.send(("ready", -1, None))
     while True:
         try:
@@ -81,12 +69,8 @@ def _serve(conn: Connection, function: Callable[[Any], Any], initializer: Callab
             return
         first, chunk = message
         for seq, item in enumerate(chunk, start=first):
-            try:
-                reply = ("ok", seq, function(item))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:  # noqa: BLE001  reported as a failure of this item only
-                reply = ("error", seq, type(err).__name__)
+            kind, value = run_item(function, item, shared_args)
+            reply = (kind, seq, value)
             try:
                 conn.send(reply)
             except Exception as err:  # noqa: BLE001  a result that cannot be pickled
@@ -116,9 +100,9 @@ class WorkerPool(Generic[T, R]):
     the caller's ``__main__``, which for a stage or a server imports TensorFlow).
     """
 
-    def __init__(self, function: Callable[[T], R], *, workers: int, context: str = "fork",
-                 initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 timeout_s: float | None = None, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, function: Callable[..., R], *, workers: int, context: str = "fork",
+                 shared_args: tuple = (), timeout_s: float | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1; got {workers}")
         if timeout_s is not None and timeout_s <= 0:
@@ -127,13 +111,13 @@ class WorkerPool(Generic[T, R]):
         self._context = multiprocessing.get_context(context)
         if context == "forkserver":  # the server imports these, not the caller's __main__
             self._context.set_forkserver_preload(list(preload))
-        self._initializer, self._initargs = initializer, initargs
+        self._shared_args = shared_args
         self._pool: list[_Worker] = []
 
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_serve, daemon=True,
-                                        args=(child, self.function, self._initializer, self._initargs))
+                                        args=(child, self.function, self._shared_args))
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -148,10 +132,8 @@ class WorkerPool(Generic[T, R]):
 
     def close(self) -> None:
         for worker in self._pool:
-            try:
+            with contextlib.suppress(OSError):  # already dead: the join and kill below still apply
                 worker.conn.send(None)
-            except OSError:
-                pass
             worker.process.join(timeout=1)
             self._stop(worker)
         self._pool = []
@@ -166,11 +148,8 @@ class WorkerPool(Generic[T, R]):
         """``function(item)`` for each item, in input order; ``on_failure(item, why)`` for an
         item whose worker died, overran ``timeout_s`` or raised."""
         items = list(items)
-        chunk = max(1, min(CHUNK_MAX, len(items) // (self.workers * 8)))
-        todo: deque[list[int]] = deque(
-            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk))
+        todo, window = plan_chunks(len(items), slots=self.workers)
         results: dict[int, tuple[bool, Any]] = {}
-        window = chunk * self.workers * REORDER_WINDOW
         next_out = 0
         try:
             while len(self._pool) < min(self.workers, max(1, len(todo))):
@@ -225,8 +204,7 @@ class WorkerPool(Generic[T, R]):
             now = time.monotonic()
             for worker in list(self._pool):
                 if worker.pending and now - worker.started > self.timeout_s:
-                    self._replace(worker, todo, results, WorkFailure(
-                        "timeout", f"still running after {self.timeout_s:g} s (the per-file time limit)"))
+                    self._replace(worker, todo, results, timeout_failure(self.timeout_s))
 
     def _receive(self, worker: _Worker, todo: deque[list[int]], results: dict[int, tuple[bool, Any]]) -> None:
         try:
@@ -253,39 +231,38 @@ class WorkerPool(Generic[T, R]):
             failure = WorkFailure("worker_died", exit_description(worker.process.exitcode))
         if not worker.ready:
             raise RuntimeError(f"a worker process {failure.detail} before it could start work "
-                               "(its initializer failed)")
+                               "(it could not be started with its function and shared arguments)")
         self._pool.remove(worker)
         unfinished = [seq for seqs in worker.pending for seq in seqs]
         if unfinished:
             results[unfinished[0]] = (False, failure)
-            rest = unfinished[1:]
-            for start in range(len(rest) - 1, -1, -CHUNK_MAX):  # back at the front, in order
-                todo.appendleft(rest[max(0, start - CHUNK_MAX + 1):start + 1])
+            put_back(todo, unfinished[1:], chunk=CHUNK_MAX)
         self._pool.append(self._start())
 
 
-def ordered_map(function: Callable[[T], R], items: Iterable[T], *, workers: int,
+def ordered_map(function: Callable[..., R], items: Iterable[T], *, workers: int,
                 on_failure: Callable[[T, WorkFailure], R], timeout_s: float | None = None,
-                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
-    """``map(function, items)`` over ``workers`` forked processes, in input order.
+                shared_args: tuple = ()) -> Iterator[R]:
+    """``function(item, *shared_args)`` for each item, over ``workers`` forked processes, in input
+    order.
 
-    Results come back as they are ready but in order, so outputs are the same bytes for any
-    number of workers; chunks amortise the inter-process round trip. ``initializer(*initargs)``
-    runs once in each process first: large shared read-only data travels that way, once per
-    worker, instead of with every chunk. An item whose worker dies, runs past ``timeout_s``
-    seconds or raises gets ``on_failure(item, WorkFailure)`` instead; its worker is replaced.
-    Even with one worker the work runs in a child process, so this process survives any item.
+    Results come back as they are ready but in order, so outputs are the same bytes for any number
+    of workers; chunks amortise the inter-process round trip. ``shared_args`` travel once to each
+    worker process (on a cluster, scattered once), not with every chunk: large read-only data goes
+    that way, as an argument, so no worker keeps state of its own between runs. An item whose worker
+    dies, runs past ``timeout_s`` seconds or raises gets ``on_failure(item, WorkFailure)`` instead;
+    its worker is replaced. Even with one worker the work runs in a child process, so this process
+    survives any item.
 
     With ``DASK_SCHEDULER_ADDRESS`` set, the items run on that Dask cluster instead, under the
     same contract (:mod:`dicomflow.runtime.cluster`), and ``workers`` is the cluster's business.
+    Both engines plan the work the same way (:mod:`dicomflow.runtime.planning`).
     """
-    from dicomflow.runtime.cluster import cluster_map, scheduler_address
-
     address = scheduler_address()
     if address is not None:
         yield from cluster_map(function, items, address=address, on_failure=on_failure,
-                               timeout_s=timeout_s, initializer=initializer, initargs=initargs)
+                               timeout_s=timeout_s, shared_args=shared_args)
         return
-    with WorkerPool(function, workers=workers, initializer=initializer, initargs=initargs,
+    with WorkerPool(function, workers=workers, shared_args=shared_args,
                     timeout_s=timeout_s) as pool:
         yield from pool.map(items, on_failure=on_failure)

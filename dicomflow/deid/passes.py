@@ -1,0 +1,193 @@
+"""De-identifying the files of an ingest index in two passes over worker processes.
+
+The first pass reads every source header for its identifying values
+(:func:`~dicomflow.deid.worker.source_identifiers`); the second de-identifies each file
+(:func:`~dicomflow.deid.worker.deidentify_file`) with the values of all the sources at hand, so
+kept text holding another file's identifier is replaced too. Files that cannot be done are
+quarantined by their first index row (their paths hold accession numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from dicomflow.deid.identifiers import Identifiers, project_words
+from dicomflow.deid.leaks import identifiers_from_index
+from dicomflow.deid.profile import ACTIONS, COUNT_KEYS
+from dicomflow.deid.worker import (
+    AUDIT_COLUMNS,
+    WRITTEN_COLUMNS,
+    FileJob,
+    FileOutcome,
+    FileSettings,
+    deidentify_file,
+    source_identifiers,
+)
+from dicomflow.dicom.reading import quoted
+from dicomflow.errors import DataError
+from dicomflow.runtime.parallel import WorkFailure, ordered_map
+
+logger = logging.getLogger(__name__)
+
+# Files left out; ``index_row`` is the file's first row in the ingest index (its path holds PHI).
+QUARANTINE_COLUMNS = ("index_row", "reason", "detail")
+
+
+@dataclass(frozen=True)
+class Deidentified:
+    """What :func:`deidentify_sources` made.
+
+    ``audit``: ``AUDIT_COLUMNS``, one row per file de-identified, index order. ``identifiers``:
+    the identifying values of the sources and the index (for :func:`find_leaks`). ``index``: the
+    index rows kept, their :data:`WRITTEN_COLUMNS` as written to the files (a value holding an
+    identifier is replaced there), and ``images`` theirs, blanked where the files were.
+    ``quarantine``: ``QUARANTINE_COLUMNS``, one row per source file left out because it could not
+    be de-identified (by its first row in the ingest index: paths hold accession numbers).
+    ``hidden_warnings``: pydicom warnings about source headers not shown.
+    """
+
+    audit: pd.DataFrame
+    identifiers: Identifiers
+    index: pd.DataFrame
+    images: np.ndarray
+    quarantine: pd.DataFrame
+    hidden_warnings: int
+
+
+def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
+                       workers: int = 1, timeout_s: float | None = None,
+                       progress: Callable[[Iterable, int, str], Iterable] | None = None) -> Deidentified:
+    """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
+    ``workers`` processes, after a first pass that collects the identifying values of every
+    source header (:func:`source_identifiers`).
+
+    A file's ``key`` is the keyed hash of its SOP Instance UID: the ``image_key`` of a
+    single-frame image, shared by every image of a multi-frame object. Files at risk of burned-in
+    text (:func:`~dicomflow.deid.burned_in.burned_in_risk`) are left out or have
+    ``params.burned_in_regions`` blanked, their images then redone from the blanked file with the
+    ingest settings ``settings.pixels``.
+
+    One file never stops the others: a file without SOP Instance UID, a second file with the
+    UID of an earlier one (the first in index order is kept), a file that cannot be read,
+    de-identified or written, or whose worker dies or takes longer than ``timeout_s`` seconds,
+    is quarantined with its reason. A full disk raises DataError. ``progress(results, total,
+    what)``, if given, wraps each pass's stream of results (a progress bar).
+    """
+    progress = progress or (lambda results, _total, _what: results)
+    identifiers = identifiers_from_index(index)
+    keep = np.ones(len(index), dtype=bool)
+    images = images.copy()
+    written = {column: index[column].astype(object).to_numpy(copy=True) for column in WRITTEN_COLUMNS}
+    rows_of = index.groupby("source_path", sort=False).indices
+    failures: dict[int, tuple[str, str]] = {}
+    jobs = _jobs(index, rows_of, failures)
+
+    # First pass: the identifying values of every readable source header.
+    readable = []
+    found_in_headers = ordered_map(partial(source_identifiers, settings=settings), jobs,
+                                   workers=workers, timeout_s=timeout_s, on_failure=_worker_failure)
+    for found, job in zip(progress(found_in_headers, len(jobs), "headers"), jobs):  # bar first: it ends
+        if isinstance(found, Identifiers):
+            identifiers.update(found)
+            readable.append(job)
+        else:
+            failures[job.first_row] = found
+
+    # Second pass: each readable file, with every source's values (sent once to each worker).
+    project_words()  # read once here: the forked workers inherit it
+    audit, hidden = [], 0
+    outcomes = ordered_map(partial(deidentify_file, settings=settings), readable,
+                           workers=workers, timeout_s=timeout_s, shared_args=(identifiers,),
+                           on_failure=lambda job, why: FileOutcome(None, failure=_worker_failure(job, why)))
+    for outcome, job in zip(progress(outcomes, len(readable), "deidentify"), readable):
+        positions = rows_of[job.source]
+        if outcome.failure is not None:
+            if outcome.failure[0] == "no_space":
+                raise DataError(f"{outcome.failure[1]} while writing the de-identified files to "
+                                f"{os.path.relpath(settings.dicom_dir)}: nothing half-written is left; free some "
+                                "space and re-run")
+            failures[job.first_row] = outcome.failure
+            continue
+        audit.append(outcome.audit)
+        hidden += outcome.hidden_warnings
+        if outcome.excluded:
+            keep[positions] = False
+        for column, value in (outcome.written or {}).items():
+            written[column][positions] = value
+        for position in positions if outcome.frames else ():
+            frame = index["frame_index"].iat[position]
+            images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
+
+    for positions in rows_of.values():
+        if int(positions[0]) in failures:
+            keep[positions] = False
+    kept = index.assign(**{column: pd.array(values, dtype="string")
+                           for column, values in written.items()})[keep]
+    quarantine = pd.DataFrame([(row, reason, quoted(detail)) for row, (reason, detail)
+                               in sorted(failures.items())], columns=list(QUARANTINE_COLUMNS))
+    return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
+                        kept.reset_index(drop=True), images[keep], quarantine, hidden)
+
+
+def _worker_failure(_job: object, failure: WorkFailure) -> tuple[str, str]:
+    """(reason, detail) of a file whose worker died, overran its time or raised."""
+    if failure.reason == "worker_died":
+        return failure.reason, f"the de-identifying process {failure.detail} on this file"
+    return failure.reason, failure.detail
+
+
+def _jobs(index: pd.DataFrame, rows_of: dict, failures: dict[int, tuple[str, str]]) -> list[FileJob]:
+    """One job per source file. A file without SOP Instance UID goes to ``failures`` instead,
+    and so do the files that share a UID: identical copies after the first in index order;
+    every one of them when they differ, since nothing says which is the object the UID names (a
+    corrupted or forged file could replace a good one)."""
+    first_rows = {source: int(rows[0]) for source, rows in rows_of.items()}
+    uids = {source: str(index["sop_instance_uid"].iat[row] or "").strip() for source, row in first_rows.items()}
+    sharing: dict[str, list[int]] = {}
+    for source, uid in uids.items():
+        sharing.setdefault(uid, []).append(first_rows[source])
+    jobs = []
+    for source, row in first_rows.items():
+        uid, rows = uids[source], sharing[uids[source]]
+        contents = {index["sha256"].iat[other] for other in rows}
+        if not uid:
+            failures[row] = ("no_sop_instance_uid", "(0008,0018) SOP Instance UID is empty: the "
+                             "file has no identity to key its image by")
+        elif len(contents) > 1:
+            others = ", ".join(str(other) for other in rows if other != row)
+            failures[row] = ("conflicting_sop_instance_uid", "other files carry this (0008,0018) SOP "
+                             f"Instance UID with different content (index rows {others}): none is kept")
+        elif row != rows[0]:
+            failures[row] = ("duplicate_sop_instance_uid", "an identical copy of the file at index "
+                             f"row {rows[0]}, which is kept")
+        else:
+            jobs.append(FileJob(source, row, uid))
+    return jobs
+
+
+def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
+    """Flat metrics from the audit table (files, actions by code) and the quarantine (files left
+    out, by reason), logged as one line."""
+    totals = {key: int(audit[key].sum()) for key in COUNT_KEYS}
+    metrics = {"n_files": audit["image_key"].nunique(),
+               **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()},
+               "burned_in_excluded": int(audit["burned_in_action"].str.startswith("excluded").sum()),
+               "burned_in_blanked": int((audit["burned_in_action"] == "blanked").sum()),
+               "quarantined": len(quarantine),
+               **{f"quarantined_{reason}": int(count) for reason, count
+                  in sorted(quarantine["reason"].value_counts().items())}}
+    logger.info("de-identified %s files: %s elements removed (X), %s replaced by dummies (D), "
+                "%s emptied (Z), %s UIDs replaced (U), %s cleaned (C), %s kept (K), %s private "
+                "and %s overlay/curve elements removed; burned-in text risk: %s files excluded, "
+                "%s blanked", *(f"{metrics[key]:,}" for key in (
+                    "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_C",
+                    "actions_K", "private_removed", "overlay_removed", "burned_in_excluded",
+                    "burned_in_blanked")))
+    return metrics
