@@ -633,9 +633,11 @@ def served_with_root(registered, store, served_root, tmp_path_factory):
 
 
 def _readme_predicting() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("### Predicting\n")
-    return text[start:text.index("\n### ", start + 1)]
+    """The "Over HTTP" section of the docs page on serving (the README's "Predicting" once)."""
+    text = (REPO / "docs" / "serving.md").read_text()
+    start = text.index("## Over HTTP\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
 
 
 def _big_in_domain_dicom(make_dicom, path: Path) -> Path:
@@ -656,7 +658,7 @@ class TestServedModel:
         lines = [line for line in block.splitlines() if " request " in line or line.startswith("curl ")]
         assert [line.split()[0] for line in lines] == [".venv/bin/dicomflow", "curl"], block
         assert "-d @request.json" in lines[1] and "> request.json" in lines[0]
-        assert "mlflow models serve -m models:/dicomflow-classifier@champion --env-manager local --port 5001" in block
+        assert ".venv/bin/dicomflow serve --port 5001" in block
         big = _big_in_domain_dicom(make_dicom, tmp_path / "IM0001.dcm")
         assert len(base64.b64encode(big.read_bytes())) > 4 * 128 * 1024
         port = served.rsplit(":", 1)[1]
