@@ -258,7 +258,8 @@ def main() -> None:
         cpu_ms = [run["server_cpu_ms_per_request"] or 0.0 for run in mine]
         cores = [run["server_cores_used"] for run in mine]
         print(f"| {clients} | {min(rps):.1f}-{max(rps):.1f} (median {statistics.median(rps):.1f}) | "
-              f"{min(p50, default=0):.0f}-{max(p50, default=0):.0f} | {min(p99, default=0):.0f}-{max(p99, default=0):.0f} | "
+              f"{min(p50, default=0):.0f}-{max(p50, default=0):.0f} | "
+              f"{min(p99, default=0):.0f}-{max(p99, default=0):.0f} | "
               f"{min(cpu_ms):.1f}-{max(cpu_ms):.1f} | {min(cores):.2f}-{max(cores):.2f} | "
               f"{sum(run['failures'] for run in mine)} |")
     load = os.getloadavg()
@@ -268,7 +269,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO, "rows": args.rows,
-            "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(), "machine": platform.platform(), "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
+            "machine": platform.platform(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
 
 

@@ -37,8 +37,8 @@ from pydicom.data import get_testdata_file
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.dicom.display import PixelSettings, read_image
 
-import keras  # noqa: E402
-import mlflow  # noqa: E402
+import keras
+import mlflow
 
 from dicomflow.serving import pyfunc as serving
 from dicomflow.model.architectures import to_model_input
@@ -417,8 +417,9 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
     params = yaml.safe_load((REPO / "params.yaml").read_text())  # the project's, naming the test model
     params["evaluate"]["registered_model_name"] = MODEL_NAME
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", str(dicoms["folder"]), "--output", "out.csv"],
-                            cwd=tmp_path, env=_run_env(store), capture_output=True, text=True, timeout=180)
+    result = subprocess.run([sys.executable, "-m", "dicomflow", "predict", str(dicoms["folder"]),
+                             "--output", "out.csv"], cwd=tmp_path, env=_run_env(store), capture_output=True,
+                            text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert list(table.columns) == ["path", "probability", "label", "error"]
@@ -426,8 +427,8 @@ def test_predict_cli_writes_every_file_with_reasons(registered, store, dicoms, t
              "other/mr_truncated.dcm", "other/rgb.dcm", "other/us.dcm"]
     assert list(table["path"]) == names
     reasons = [error.split(":")[0] for error in table["error"]]
-    assert reasons == ["not_dicom", "", "truncated_pixel_data", "", "", "", "out_of_domain", "out_of_domain", "out_of_domain",
-                       "out_of_domain"]
+    assert reasons == ["not_dicom", "", "truncated_pixel_data", "", "", "", "out_of_domain", "out_of_domain",
+                       "out_of_domain", "out_of_domain"]
     assert list(table["label"]) == [-1, 1, -1, 1, 0, 1, -1, -1, -1, -1]
     scored = table.assign(probability=pd.to_numeric(table["probability"], errors="coerce"))  # "" -> NaN
     _assert_out_of_domain(scored.iloc[[1, 3, 4, 5, 6, 8, 9]], ["bright", "cr", "dark", "mid", "mr", "rgb", "us"])
@@ -793,8 +794,8 @@ def _raw_post(url: str, body: bytes, *, token: str | None = TOKEN, chunked: bool
     started = time.monotonic()
     try:
         if chunked:
-            connection.request("POST", "/invocations", body=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
-                               headers=headers, encode_chunked=True)
+            chunks = iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+            connection.request("POST", "/invocations", body=chunks, headers=headers, encode_chunked=True)
         else:
             connection.request("POST", "/invocations", body=body, headers=headers)
         response = connection.getresponse()
@@ -987,8 +988,9 @@ class TestServeCommand:
         from dicomflow.errors import SettingsError
         from dicomflow.serving.server import ServingLimits
 
-        with pytest.raises(SettingsError, match=r"--decode-timeout-s must be above 0 and below --request-timeout-s "
-                                                r"\(60\), so that a slow file costs its row and not the answer; got 90"):
+        with pytest.raises(SettingsError, match=r"--decode-timeout-s must be above 0 and below "
+                                                r"--request-timeout-s \(60\), so that a slow file costs its row "
+                                                r"and not the answer; got 90"):
             ServingLimits(decode_timeout_s=90)
         with pytest.raises(SettingsError, match=r"--max-files must be at least 1; got 0"):
             ServingLimits(max_files=0)
@@ -1001,9 +1003,9 @@ def _serve_command(model_uri: str, store, keys: tuple[Path, Path], log: Path) ->
     port = _free_port()
     env = _run_env(store) | {VERIFY_KEY_FILE_ENV: str(keys[1])}
     with open(log, "wb") as stream:
-        server = subprocess.Popen([sys.executable, "-m", "dicomflow", "serve", "--model", model_uri, "--port", str(port)],
-                                  cwd=log.parent, env=env, stdout=stream, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen([sys.executable, "-m", "dicomflow", "serve", "--model", model_uri,
+                                   "--port", str(port)], cwd=log.parent, env=env, stdout=stream,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     return server, port
 
 
