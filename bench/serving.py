@@ -14,7 +14,7 @@ got, the CPU per request what each request costs whatever else runs. Runs altern
 clients ``--repeat`` times; ranges are printed.
 
     .venv/bin/python bench/serving.py [--clients 1 8] [--seconds 20] [--repeat 3] [--rows 512]
-                                      [--decoders 0] [--json FILE]
+                                      [--decoders 0] [--workers 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def logged_model(folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(folder / "local")))
 
 
-def start_server(model: Path, log: Path, *, decoders: int) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, log: Path, *, decoders: int, workers: int) -> tuple[subprocess.Popen, int]:
     """``serve_folder`` in its own process on a free loopback port; once /ping answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,7 +103,7 @@ def start_server(model: Path, log: Path, *, decoders: int) -> tuple[subprocess.P
     script = ("import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO)\n"
               "from dicomflow.serving.server import ServingLimits, serve_folder\n"
               f"serve_folder(Path({str(model)!r}), host='127.0.0.1', port={port}, "
-              f"limits=ServingLimits(decoders={decoders}), token=None)\n")
+              f"limits=ServingLimits(decoders={decoders}, workers={workers}), token=None)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true"}
     with open(log, "wb") as stream:
         server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=stream, stderr=subprocess.STDOUT,
@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rows", type=int, default=512, help="rows and columns of the DICOM files sent")
     parser.add_argument("--decoders", type=int, default=0, help="the server's --decoders (0: one per core)")
+    parser.add_argument("--workers", type=int, default=1, help="the server's --workers")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
@@ -226,7 +227,7 @@ def main() -> None:
         bodies = [json.dumps({"dataframe_split": {"columns": ["dicom"],
                                                   "data": [[base64.b64encode(content).decode()]]}}).encode()
                   for content in files]
-        server, port = start_server(model, work / "server.log", decoders=args.decoders)
+        server, port = start_server(model, work / "server.log", decoders=args.decoders, workers=args.workers)
         runs = []
         try:
             for repeat in range(args.repeat):
@@ -264,11 +265,12 @@ def main() -> None:
               f"{sum(run['failures'] for run in mine)} |")
     load = os.getloadavg()
     print(f"\n{top} clients / {base} client throughput: {', '.join(map(str, ratios))} "
-          f"(target >= {TARGET_RATIO:g}); {len(os.sched_getaffinity(0))} cores, {args.rows}x{args.rows} DX files; "
+          f"(target >= {TARGET_RATIO:g}); {len(os.sched_getaffinity(0))} cores, {args.rows}x{args.rows} DX files, "
+          f"{args.workers} worker(s); "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (other work on the machine)")
     if args.json:
         args.json.write_text(json.dumps({
-            "runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO, "rows": args.rows,
+            "runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO, "rows": args.rows, "workers": args.workers,
             "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
             "machine": platform.platform(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")

@@ -118,7 +118,7 @@ def serve(args: argparse.Namespace) -> None:
     limits = ServingLimits(max_body_mib=args.max_body_mib, max_files=args.max_files,
                            max_decoded_mib=args.max_decoded_mib, decode_timeout_s=args.decode_timeout_s,
                            request_timeout_s=args.request_timeout_s, decoders=args.decoders,
-                           max_requests=args.max_requests)
+                           max_requests=args.max_requests, workers=args.workers)
     uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
     tracking.configure_mlflow(experiment=None)
     serve_model(uri, host=args.host, port=args.port, limits=limits, environ=os.environ)
@@ -204,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
             ("decode_timeout_s", float, "seconds one file may decode (timeout after)"),
             ("request_timeout_s", float, "seconds one request may take (504 after)"),
             ("decoders", int, "decoder processes (0: one per core, at least 2)"),
-            ("max_requests", int, "requests in progress at once (503 beyond)")):
+            ("max_requests", int, "requests in progress at once, per worker (503 beyond)"),
+            ("workers", int, "server processes, each with the model and its decoders")):
         command.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name],
                              help=f"{text}; default {defaults[name]}")
     command.set_defaults(handler=serve)

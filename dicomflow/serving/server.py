@@ -88,7 +88,11 @@ class ServingLimits:
     decoders : int, default 0
         Decoder processes; 0: the cores this process may use (at least 2).
     max_requests : int, default 32
-        Requests in progress at once; uvicorn answers 503 beyond.
+        Requests in progress at once (per worker); uvicorn answers 503 beyond.
+    workers : int, default 1
+        Server processes, each with its own copy of the model and its decoders. Parsing, base64
+        and the answer's JSON run under one process's GIL: more workers use more cores, at the
+        cost of the model's memory per worker and of Keras batches shared only within a worker.
     """
 
     max_body_mib: int = 64
@@ -98,9 +102,10 @@ class ServingLimits:
     request_timeout_s: float = 60.0
     decoders: int = 0
     max_requests: int = 32
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_body_mib", "max_files", "max_decoded_mib", "max_requests"):
+        for name in ("max_body_mib", "max_files", "max_decoded_mib", "max_requests", "workers"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         if self.decoders < 0:
@@ -413,18 +418,41 @@ def build_app(model: Any, *, limits: ServingLimits, token: str | None = None) ->
     return Guard(app, predict=lambda table: classifier.predict(None, table), limits=limits, token=token)
 
 
+# How serve_folder tells its worker processes (--workers > 1) what to load: uvicorn starts them
+# from an import string, so the folder (already verified), the limits and the token go by environment.
+WORKER_FOLDER_ENV = "DICOMFLOW_SERVE_WORKER_FOLDER"
+WORKER_LIMITS_ENV = "DICOMFLOW_SERVE_WORKER_LIMITS"
+
+
+def worker_app() -> Guard:
+    """The app of one worker process (uvicorn's factory when ``limits.workers`` > 1)."""
+    import mlflow
+
+    limits = ServingLimits(**json.loads(os.environ[WORKER_LIMITS_ENV]))
+    model = mlflow.pyfunc.load_model(os.environ[WORKER_FOLDER_ENV])
+    return build_app(model, limits=limits, token=os.environ.get(TOKEN_ENV) or None)
+
+
 def serve_folder(folder: Path, *, host: str, port: int, limits: ServingLimits, token: str | None) -> None:
     """Load the model in ``folder`` (already verified) and serve it until interrupted."""
-    import mlflow
     import uvicorn
 
-    model = mlflow.pyfunc.load_model(str(folder))
-    app = build_app(model, limits=limits, token=token)
-    logger.info("serving on http://%s:%d/invocations (%s, %d decoder processes, %s)", host, port,
-                "bearer token required" if token else "no token: loopback only", limits.decoder_processes(),
+    logger.info("serving on http://%s:%d/invocations (%s, %d worker(s) with %d decoder processes each, %s)",
+                host, port, "bearer token required" if token else "no token: loopback only", limits.workers,
+                limits.decoder_processes(),
                 ", ".join(f"{name} {value}" for name, value in dataclasses.asdict(limits).items()))
-    uvicorn.run(app, host=host, port=port, workers=1, limit_concurrency=limits.max_requests,
-                timeout_keep_alive=5, log_level="info")
+    options = {"host": host, "port": port, "limit_concurrency": limits.max_requests, "timeout_keep_alive": 5,
+               "log_level": "info"}
+    if limits.workers == 1:
+        import mlflow
+
+        uvicorn.run(build_app(mlflow.pyfunc.load_model(str(folder)), limits=limits, token=token), **options)
+        return
+    os.environ[WORKER_FOLDER_ENV] = str(folder)
+    os.environ[WORKER_LIMITS_ENV] = json.dumps(dataclasses.asdict(limits))
+    if token:
+        os.environ[TOKEN_ENV] = token
+    uvicorn.run("dicomflow.serving.server:worker_app", factory=True, workers=limits.workers, **options)
 
 
 def serve(model_uri: str, *, host: str, port: int, limits: ServingLimits, environ: Mapping[str, str]) -> None:
