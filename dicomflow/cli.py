@@ -3,6 +3,7 @@
     dicomflow predict INPUT... [--output predictions.csv] [--model models:/NAME@champion]
     dicomflow keygen [--out .dicomflow/keys]
     dicomflow request FILE... > request.json
+    dicomflow serve [--model models:/NAME@champion] [--host 127.0.0.1] [--port 5001] [limits...]
     dicomflow scan-leaks [PATH ...] [--run RUN_ID]
     dicomflow sample-data OUT_DIR [--patients 240] [--seed 2026] [--force]
     dicomflow check-names [FOLDER]
@@ -104,6 +105,25 @@ def request(args: argparse.Namespace) -> None:
     body = request_body(args.files)  # every file read before anything is written
     json.dump(body, sys.stdout)
     sys.stdout.write("\n")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The registered model over HTTP (MLflow's scoring protocol), its signature verified before its
+    code is loaded, each request bounded (dicomflow/serving/server.py); runs until interrupted."""
+    import os
+
+    from dicomflow import tracking
+    from dicomflow.config.params import load_params
+    from dicomflow.serving.server import ServingLimits
+    from dicomflow.serving.server import serve as serve_model
+
+    limits = ServingLimits(max_body_mib=args.max_body_mib, max_files=args.max_files,
+                           max_decoded_mib=args.max_decoded_mib, decode_timeout_s=args.decode_timeout_s,
+                           request_timeout_s=args.request_timeout_s, decoders=args.decoders,
+                           max_requests=args.max_requests, workers=args.workers)
+    uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
+    tracking.configure_mlflow(experiment=None)
+    serve_model(uri, host=args.host, port=args.port, limits=limits, environ=os.environ)
 
 
 def scan_leaks(args: argparse.Namespace) -> int:
@@ -237,6 +257,25 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")
     command.set_defaults(handler=request)
 
+    command = commands.add_parser("serve", help="serve the registered model over HTTP, verified and bounded")
+    command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to bind (default 127.0.0.1; any other needs DICOMFLOW_SERVE_TOKEN)")
+    command.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    defaults = _serving_defaults()
+    for name, kind, text in (
+            ("max_body_mib", int, "largest request body in MiB (413 above)"),
+            ("max_files", int, "most files per request (413 above)"),
+            ("max_decoded_mib", int, "most MiB one file may be, inflate to or decode to (too_large above)"),
+            ("decode_timeout_s", float, "seconds one file may decode (timeout after)"),
+            ("request_timeout_s", float, "seconds one request may take (504 after)"),
+            ("decoders", int, "decoder processes (0: one per core, at least 2)"),
+            ("max_requests", int, "requests in progress at once, per worker (503 beyond)"),
+            ("workers", int, "server processes, each with the model and its decoders")):
+        command.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name],
+                             help=f"{text}; default {defaults[name]}")
+    command.set_defaults(handler=serve)
+
     command = commands.add_parser("scan-leaks", help="search the sources' identifying values in outputs and runs")
     command.add_argument("paths", nargs="*", type=Path, help="files or folders to search")
     command.add_argument("--run", action="append", default=[], metavar="RUN_ID",
@@ -279,6 +318,14 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--admin", action="append", default=[], metavar="NAME", help="another admin (repeatable)")
     command.set_defaults(handler=team_users)
     return top
+
+
+def _serving_defaults() -> dict:
+    import dataclasses
+
+    from dicomflow.serving.server import ServingLimits
+
+    return {field.name: field.default for field in dataclasses.fields(ServingLimits)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,12 +107,18 @@ def test_retraining_runs_when_the_pipeline_changes_and_reports_the_diff():
 
     retrain = jobs["retrain"]
     assert retrain["if"] == "github.event_name == 'push'" and retrain["environment"] == "retrain"
-    assert retrain["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
     steps = retrain["steps"]
-    pull, repro = _step_that(steps, "dvc", "pull"), _step_that(steps, "make", "repro")
-    push = _step_that(steps, "dvc", "push")
+    install, pull = _step_that(steps, "make", "install"), _step_that(steps, "dvc", "pull")
+    repro, push = _step_that(steps, "make", "repro"), _step_that(steps, "dvc", "push")
     diff = _step_that(steps, "dvc", "metrics", "diff")
     assert pull < repro < push and repro < diff
+    # Each step gets only the secrets it uses: the install (packages' build code) none, the
+    # pipeline the MLflow identity, the de-identification secret and the signing key, not the cloud keys.
+    assert set(retrain["env"]) == {"DVC_REMOTE_URL"} and "env" not in steps[install]
+    assert steps[repro]["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+    assert {"DICOMFLOW_SECRET", "DICOMFLOW_SIGNING_KEY"} <= set(steps[repro]["env"])
+    assert not any(name.startswith("AWS_") for name in steps[repro]["env"])
+    assert set(steps[pull]["env"]) == set(steps[push]["env"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert steps[pull]["if"] == steps[push]["if"] == "env.DVC_REMOTE_URL != ''"
     assert "if" not in steps[repro]
 
