@@ -227,11 +227,7 @@ def score_candidate(keras_model_path: Path, files: list[Path], **registered) -> 
     from dicomflow.serving.pyfunc import DicomClassifier
 
     local = DicomClassifier(**registered).load(keras_model_path)
-    try:
-        answers = local.predict(None, pd.DataFrame({"path": [str(file) for file in files]}))
-    finally:  # its decoder processes, ended here rather than whenever the object is collected
-        if (pool := getattr(local, "_pool", None)) is not None:
-            pool.close()
+    answers = local.predict(None, pd.DataFrame({"path": [str(file) for file in files]}))
     answers = answers.reset_index(drop=True)
     answers.insert(0, "path", [file.name for file in files])
     return answers
