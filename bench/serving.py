@@ -13,8 +13,8 @@ process under it, from /proc): on a shared machine the throughput says how much 
 got, the CPU per request what each request costs whatever else runs. Runs alternate 1 and N
 clients ``--repeat`` times; ranges are printed.
 
-    .venv/bin/python bench/serving.py [--clients 1 8] [--seconds 20] [--repeat 3] [--rows 512]
-                                      [--decoders 0] [--workers 1] [--json FILE]
+    .venv/bin/python -m bench.serving [--clients 1 8] [--seconds 20] [--repeat 3] [--rows 512]
+        [--decoders 0] [--workers 1] [--json FILE] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -25,24 +25,21 @@ import http.client
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import Column, Report, add_output_args, bench_env, work_folder
 
 TARGET_RATIO = 3.0
 FILES = 16  # distinct files the clients cycle through
-REPO = Path(__file__).resolve().parents[1]
 
 
 def dicom_file(rows: int, seed: int) -> bytes:
@@ -104,7 +101,7 @@ def start_server(model: Path, log: Path, *, decoders: int, workers: int) -> tupl
               "from dicomflow.serving.server import ServingLimits, serve_folder\n"
               f"serve_folder(Path({str(model)!r}), host='127.0.0.1', port={port}, "
               f"limits=ServingLimits(decoders={decoders}, workers={workers}), token=None)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = bench_env(TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_DISABLE_TELEMETRY="true")
     with open(log, "wb") as stream:
         server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=stream, stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -209,6 +206,26 @@ def run_load(port: int, bodies: list[bytes], *, clients: int, seconds: float, se
             "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1) if ordered else None}
 
 
+def span(values: list[float], fmt: str) -> str:
+    """``min-max`` of ``values`` in ``fmt`` (0-0 when there are none: no request answered)."""
+    return f"{fmt.format(min(values, default=0))}-{fmt.format(max(values, default=0))}"
+
+
+def summary_row(clients: int, runs: list[dict]) -> dict:
+    """One table row: the ranges over the repeats as printed, and their raw ends for the JSON."""
+    rps = [run["throughput_rps"] for run in runs]
+    p50 = [run["p50_ms"] for run in runs if run["p50_ms"] is not None]
+    p99 = [run["p99_ms"] for run in runs if run["p99_ms"] is not None]
+    cpu_ms = [run["server_cpu_ms_per_request"] or 0.0 for run in runs]
+    cores = [run["server_cores_used"] for run in runs]
+    return {"clients": clients, "throughput_rps": f"{span(rps, '{:.1f}')} (median {statistics.median(rps):.1f})",
+            "p50_ms": span(p50, "{:.0f}"), "p99_ms": span(p99, "{:.0f}"),
+            "server_cpu_ms_per_request": span(cpu_ms, "{:.1f}"), "server_cores_used": span(cores, "{:.2f}"),
+            "failures": sum(run["failures"] for run in runs),
+            "throughput_rps_min": min(rps), "throughput_rps_median": statistics.median(rps),
+            "throughput_rps_max": max(rps), "p99_ms_max": max(p99, default=None)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
@@ -217,11 +234,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512, help="rows and columns of the DICOM files sent")
     parser.add_argument("--decoders", type=int, default=0, help="the server's --decoders (0: one per core)")
     parser.add_argument("--workers", type=int, default=1, help="the server's --workers")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_output_args(parser)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-serving-") as work:
-        work = Path(work)
+    report = Report("serving", args)
+    with work_folder("serving", workdir=args.workdir, keep=args.keep) as work:
         model = logged_model(work)
         files = [dicom_file(args.rows, seed) for seed in range(FILES)]
         bodies = [json.dumps({"dataframe_split": {"columns": ["dicom"],
@@ -237,7 +254,7 @@ def main() -> None:
                     print(f"repeat {repeat + 1}, {clients} client(s): {result['throughput_rps']:.1f} req/s, "
                           f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['failures']} failed, "
                           f"server CPU {result['server_cpu_ms_per_request']} ms/request on "
-                          f"{result['server_cores_used']} cores", 
+                          f"{result['server_cores_used']} cores",
                           file=sys.stderr)
         finally:
             stop(server)
@@ -248,32 +265,27 @@ def main() -> None:
         by = {run["clients"]: run for run in runs if run["repeat"] == repeat}
         if by[base]["throughput_rps"]:
             ratios.append(round(by[top]["throughput_rps"] / by[base]["throughput_rps"], 2))
-    print(f"\n| clients | req/s (range over {args.repeat}) | p50 ms | p99 ms | server CPU ms/request | "
-          "server cores used | failed |")
-    print("|---|---|---|---|---|---|---|")
-    for clients in args.clients:
-        mine = [run for run in runs if run["clients"] == clients]
-        rps = [run["throughput_rps"] for run in mine]
-        p50 = [run["p50_ms"] for run in mine if run["p50_ms"] is not None]
-        p99 = [run["p99_ms"] for run in mine if run["p99_ms"] is not None]
-        cpu_ms = [run["server_cpu_ms_per_request"] or 0.0 for run in mine]
-        cores = [run["server_cores_used"] for run in mine]
-        print(f"| {clients} | {min(rps):.1f}-{max(rps):.1f} (median {statistics.median(rps):.1f}) | "
-              f"{min(p50, default=0):.0f}-{max(p50, default=0):.0f} | "
-              f"{min(p99, default=0):.0f}-{max(p99, default=0):.0f} | "
-              f"{min(cpu_ms):.1f}-{max(cpu_ms):.1f} | {min(cores):.2f}-{max(cores):.2f} | "
-              f"{sum(run['failures'] for run in mine)} |")
+    rows = [summary_row(clients, [run for run in runs if run["clients"] == clients]) for clients in args.clients]
+    report.table("serving", [
+        Column("clients", "clients"), Column(f"req/s (range over {args.repeat})", "throughput_rps"),
+        Column("p50 ms", "p50_ms"), Column("p99 ms", "p99_ms"),
+        Column("server CPU ms/request", "server_cpu_ms_per_request"),
+        Column("server cores used", "server_cores_used"), Column("failed", "failures")], rows)
+    report.figures.update({"runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO,
+                           "cores": len(os.sched_getaffinity(0))})
     load = os.getloadavg()
     print(f"\n{top} clients / {base} client throughput: {', '.join(map(str, ratios))} "
           f"(target >= {TARGET_RATIO:g}); {len(os.sched_getaffinity(0))} cores, {args.rows}x{args.rows} DX files, "
           f"{args.workers} worker(s); "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (other work on the machine)")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "runs": runs, "ratios": ratios, "target_ratio": TARGET_RATIO, "rows": args.rows, "workers": args.workers,
-            "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
-            "machine": platform.platform(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+    # Issue 26: the median ratio over the repeats, so that one disturbed repeat neither makes nor breaks it.
+    ratio = statistics.median(ratios) if ratios else 0.0
+    report.target(f"{top} clients >= {TARGET_RATIO:g}x the throughput of {base}", ratio >= TARGET_RATIO, float(ratio))
+    busiest = next(row for row in rows if row["clients"] == top)
+    report.target(f"p99 latency under {top} clients reported", busiest["p99_ms_max"] is not None,
+                  f"{busiest['p99_ms']} ms")
+    report.print_targets("Targets (issue 26, 2 cores)")
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,8 @@ def team_users(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dicomflow", description="dicomflow: what a user runs besides the pipeline's stages.")
+    top = argparse.ArgumentParser(prog="dicomflow",
+                                  description="dicomflow: what a user runs besides the pipeline's stages.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     command = commands.add_parser("predict", help="the registered model on DICOM files and folders, to a CSV")

@@ -8,8 +8,9 @@ training images; its temperature fitted on validation; ``train.ensemble`` networ
 ``paths.model_dir``/mlflow_run.json (the run evaluate continues) and the per-epoch history
 ``paths.train_history`` (a DVC plot: loss, AUC, accuracy, Brier and ECE on training batches
 and on validation) with its curves as a PNG, ``paths.train_curves``. Everything is also logged
-to one MLflow run, with the split counts of the images it trained and validated on (the data-quality reports are DVC's: ``reports/``, versioned
-with the data, so restyling one never retrains the model).
+to one MLflow run, with the split counts of the images it trained and validated on (the
+data-quality reports are DVC's: ``reports/``, versioned with the data, so restyling one never
+retrains the model).
 Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``ingest.classes``
 (two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
 every param of ``params.yaml`` but ``evaluate.*`` is logged to MLflow.

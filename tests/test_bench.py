@@ -90,6 +90,18 @@ def _check_medmnist(document: dict) -> None:
     assert [t["name"] for t in document["targets"]][:2] == ["test AUC >= 0.92", "test ACC >= 0.87"]
 
 
+def _check_serving(document: dict) -> None:
+    rows = document["tables"]["serving"]["rows"]
+    assert [r["clients"] for r in rows] == [1, 8]
+    assert all(r["failures"] == 0 and r["throughput_rps_min"] > 0 for r in rows)
+    runs = document["figures"]["runs"]
+    assert [(r["repeat"], r["clients"]) for r in runs] == [(0, 1), (0, 8)]
+    assert all(r["requests"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in runs)
+    assert [t["name"] for t in document["targets"]] == [
+        "8 clients >= 3x the throughput of 1", "p99 latency under 8 clients reported"]
+    assert document["targets"][1]["met"]
+
+
 slow = pytest.mark.slow
 CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("validate", ["--rows", "600", "--repeat", "1"], ["validate"], _check_validate,
@@ -107,6 +119,8 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("train", ["--networks", "seed_cnn", "--epochs", "1", "--repeat", "1",
                            "--train-images", "32", "--val-images", "16"], ["train"], _check_train,
                  id="train", marks=slow),
+    pytest.param("serving", ["--seconds", "3", "--repeat", "1", "--rows", "128"], ["serving"],
+                 _check_serving, id="serving", marks=slow),
     pytest.param("medmnist", ["--npz", str(NPZ), "--per-split", str(PER_SPLIT),
                               "--set", "ingest.image_size=16", "--set", "train.architecture=seed_cnn",
                               "--set", "train.epochs=1", "--set", "train.ensemble=1",

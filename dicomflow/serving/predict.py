@@ -102,7 +102,7 @@ def load_model(uri: str, *, shown: str | None = None):
 
     try:
         return mlflow.pyfunc.load_model(uri)
-    except Exception as err:  # noqa: BLE001  MLflow, I/O and unpickling errors all mean "cannot load"
+    except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise DataError(f"cannot load model {shown or uri} from {tracking.tracking_uri()}: "
                          f"{type(err).__name__}: {first_line}") from err

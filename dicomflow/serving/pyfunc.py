@@ -72,7 +72,8 @@ KERAS_ARTIFACT = "keras_model"
 # their imports stay inside this list). Never the developer tools: the sample generator holds the
 # sample's fake identifying values, and the leak scanner reads the models' files. Nor the stage
 # runner (runtime/stage.py): a model is called by its server or by predict, never as a stage.
-SHIPPED = ("__init__.py", "errors.py", "metrics.py", "signing.py", "config", "dicom", "runtime", "serving", "tracking.py")
+SHIPPED = ("__init__.py", "errors.py", "metrics.py", "signing.py", "config", "dicom", "runtime", "serving",
+           "tracking.py")
 NOT_SHIPPED = ("__pycache__", "stage.py")
 # What prediction needs installed (dicomflow.dicom's imports included), pinned to what is installed.
 REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
