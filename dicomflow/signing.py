@@ -572,6 +572,7 @@ def download_verified(model_uri: str, destination: Path, *, key: VerifyKey) -> P
     signature = _version_tag(name, version)  # read before the download: verified against these bytes
     holder, local = _download_version(name, version, destination)
     try:
+        _drop_registry_note(local, name, version, signature)
         check_folder(local, signature, key=key)
     except SignatureError as err:
         shutil.rmtree(holder, ignore_errors=True)  # nothing refused stays where it could be loaded
@@ -580,6 +581,33 @@ def download_verified(model_uri: str, destination: Path, *, key: VerifyKey) -> P
     logger.info("verified %s version %s: %d files signed with key %s", name, version,
                 len(json.loads(signature)["files"]), key.key_id)
     return local
+
+
+REGISTRY_NOTE = "registered_model_meta"
+
+
+def _drop_registry_note(folder: Path, name: str, version: str, signature: str | None) -> None:
+    """Remove MLflow's own note of the version from the downloaded copy, when it is exactly that.
+
+    ``mlflow.pyfunc.load_model("models:/...")`` without ``dst_path`` on a local artifact store
+    loads the stored folder in place and writes ``registered_model_meta`` (``{model_name,
+    model_version}``) into it, so one ordinary load by a user would make the stored version fail
+    its signature for good. A file of that name that holds exactly this version's name and number
+    carries nothing of the model's, and goes; any other content stays and is refused as not signed.
+    """
+    import yaml
+
+    note = folder / REGISTRY_NOTE
+    signed = bool(signature) and REGISTRY_NOTE in signature
+    if signed or note.is_symlink() or not note.is_file() or note.stat().st_size > 1024:
+        return
+    try:
+        content = yaml.safe_load(note.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return
+    if content == {"model_name": name, "model_version": str(version)} or content == {
+            "model_name": name, "model_version": int(version)}:
+        note.unlink()
 
 
 def _version_tag(name: str, version: str) -> str | None:

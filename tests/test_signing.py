@@ -225,6 +225,20 @@ class TestDownloadVerified:
         with pytest.raises(SignatureError, match=r"\(missing: requirements.txt\)"):
             download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
 
+    def test_mlflows_own_note_of_the_version_is_not_an_alteration_but_other_content_is(self, store, keys, tmp_path):
+        """A plain ``mlflow.pyfunc.load_model("models:/...")`` on a local store writes
+        ``registered_model_meta`` into the stored folder: a user's ordinary load must not make the
+        version unverifiable; the same file name with anything else in it is refused."""
+        version = _fresh_signed(store, keys, tmp_path, "note")
+        stored = _stored_folder(version)
+        mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")  # what any MLflow user may do
+        assert (stored / "registered_model_meta").is_file()
+        local = download_verified(f"models:/{NAME}/{version}", tmp_path / "dl", key=keys["verify"])
+        assert not (local / "registered_model_meta").exists()
+        (stored / "registered_model_meta").write_text(f"model_name: {NAME}\nmodel_version: '{version}'\nloader: x\n")
+        with pytest.raises(SignatureError, match=r"\(not signed: registered_model_meta\)"):
+            download_verified(f"models:/{NAME}/{version}", tmp_path / "dl2", key=keys["verify"])
+
     def test_a_file_name_cannot_break_the_one_line(self, keys, tmp_path):
         """On a folder (MLflow's own download refuses such a name before this check could)."""
         (tmp_path / "MLmodel").write_text("flavors: {}\n")
