@@ -42,6 +42,7 @@ described in :mod:`dicomflow.evaluation.registry`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -122,10 +123,11 @@ def main() -> None:
     client = mlflow.MlflowClient()
     # The model card's content but for what registration decides (version, alias, decision).
     subgroups = pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str})
-    card = dict(name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics, subgroups=subgroups,
-                domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
-                train=load_params("train"), augment=load_params("augment"), secret=secret_tags,
-                validation=registry.training_validation_metrics(client, training_run))
+    card = functools.partial(
+        model_card, name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics,
+        subgroups=subgroups, domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
+        train=load_params("train"), augment=load_params("augment"), secret=secret_tags,
+        validation=registry.training_validation_metrics(client, training_run))
 
     # The MLflow writes, in order. The training run is never reopened (a failed evaluate cannot
     # mark it FAILED); its evaluation is a run of its own, nested under it.
@@ -161,7 +163,7 @@ def main() -> None:
                     metric=params.promotion_metric, data_version=record["data_version"],
                     pixel_settings=record["pixel_settings"], **promotion)
                 alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
-                draft = model_card(**card, version=None, alias=alias, decision=decision, excluded=comparison.excluded)
+                draft = card(version=None, alias=alias, decision=decision, excluded=comparison.excluded)
                 check_card(draft, digests_file=digests, secret=secret, name=CARD_FILE)
                 tags = registry.version_tags(comparison, alias=alias, decision=decision, key=key,
                                              training_run_id=training_run, training_data=record, metrics=metrics,
@@ -170,7 +172,7 @@ def main() -> None:
                 found = client.get_model_version(name, version)
             # Complete the version, this run's or a killed run's, with the decision it was created with.
             version, tags = str(found.version), found.tags
-            text = model_card(**card, version=version, alias=tags[registry.ALIAS_TAG],
+            text = card(version=version, alias=tags[registry.ALIAS_TAG],
                               decision=tags["promotion_decision"], excluded=int(tags.get("promotion_excluded", 0)))
             registry.log_text(text, CARD_FILE)
             registry.describe_version(client, name, version, registry_description(

@@ -128,11 +128,22 @@ def team_server(postgres, tmp_path, repo):
             server.wait(timeout=60)
 
 
-def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, team_server):
+def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, team_server, tmp_path):
     import mlflow
 
+    from dicomflow.signing import (
+        SIGNING_KEY_FILE_ENV,
+        VERIFY_KEY_FILE_ENV,
+        download_verified,
+        verify_key_from_env,
+        write_key_pair,
+    )
+
     root, env = repo
-    server_env = {**env, "MLFLOW_TRACKING_URI": team_server}
+    # A team server takes no clone-local key: the team's key pair is given, as in CI.
+    private, public = write_key_pair(tmp_path / "team-keys")
+    server_env = {**env, "MLFLOW_TRACKING_URI": team_server, SIGNING_KEY_FILE_ENV: str(private),
+                  VERIFY_KEY_FILE_ENV: str(public)}
     rates = ["0.0006"]  # its train and evaluate stages log to the server and register the champion
     _run_queue(root, server_env, rates)
 
@@ -149,7 +160,9 @@ def test_stages_and_queued_experiments_log_to_a_team_server_on_postgresql(repo, 
         logged = {a.path for folder in ("reports", "data") for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"reports/train_history.csv", "data/split_counts.csv"} <= logged
         _assert_complete_runs(client, rates)
-        model = mlflow.pyfunc.load_model("models:/dicomflow-classifier@champion")
+        verified = download_verified("models:/dicomflow-classifier@champion", tmp_path / "champion",
+                                     key=verify_key_from_env({VERIFY_KEY_FILE_ENV: str(public)}))
+        model = mlflow.pyfunc.load_model(str(verified))
         files = sorted(str(path) for path in (root / "data").rglob("*.dcm"))[:3]
         with serving_root(root / "data"):
             predicted = model.predict(pd.DataFrame({"path": files}))
