@@ -195,11 +195,13 @@ def test_two_workers_on_loopback_train_what_one_process_trains(repo, tmp_path):
     # Each global batch is split across the workers, the loss averaged over all of it and batch
     # normalisation synchronised (in training and in the statistics pass), so the chief's history
     # follows the single process's. The all-reduces sum in another order, and training amplifies
-    # those rounding differences (measured at batch 8: 2e-5 in loss after epoch 1, 7e-3 after
-    # epoch 3, 6e-2 after epoch 10); validation after epoch 1 reads the statistics pass.
+    # those rounding differences (measured at batch 8: 2e-5 to 2e-4 in loss after epoch 1,
+    # depending on the split, 7e-3 to 9e-3 after epoch 3, 6e-2 after epoch 10); validation after
+    # epoch 1 reads the statistics pass. 1e-3 still fails a worker that skips or misweights a
+    # batch: one image of ~70 left out of the epoch's mean moves it by several 1e-3.
     single = pd.read_csv(root / "reports" / "train_history.csv")
     distributed = pd.read_csv(cluster / "reports" / "train_history.csv")
-    assert abs(distributed["loss"].iloc[0] - single["loss"].iloc[0]) < 1e-4
+    assert abs(distributed["loss"].iloc[0] - single["loss"].iloc[0]) < 1e-3
     assert abs(distributed["val_loss"].iloc[0] - single["val_loss"].iloc[0]) < 1e-2
     np.testing.assert_allclose(distributed["loss"].iloc[:3], single["loss"].iloc[:3], atol=1e-2)
     # Only the chief wrote and logged: one run in the copy's store.

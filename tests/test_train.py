@@ -311,7 +311,7 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
 
     @pytest.mark.slow  # a TensorFlow cluster of two workers trains a network
-    @pytest.mark.parametrize("n_train", [33, 37])  # last batch of 1 (one slice empty), of 5 (3 + 2)
+    @pytest.mark.parametrize("n_train", [32, 33, 37])  # last batch of 1 (one slice empty), of 5 (3 + 2)
     def test_two_workers_train_what_one_process_trains_whatever_the_last_batch(self, tmp_path, n_train):
         """Two loopback workers take the same steps as one process on global batches that do not
         split evenly (synchronised batch normalisation, loss averaged over the global batch)."""
@@ -355,9 +355,10 @@ json.dump(history[["loss", "val_loss"]].to_dict("list"), open(sys.argv[2], "w"))
         one = json.loads((tmp_path / "one.json").read_text())
         for i in range(2):
             history = json.loads((tmp_path / f"worker{i}.json").read_text())
-            # All-reduces sum in another order: rounding only (a wrongly averaged or skipped last
-            # batch moves the epoch-1 loss by far more).
-            np.testing.assert_allclose(history["loss"][0], one["loss"][0], atol=1e-4)
+            # All-reduces sum in another order, and Adam's first steps amplify the rounding: 1.2e-4
+            # in the epoch-1 loss on even batches (32 images, main's code as well), 1.4e-4 with a
+            # last batch of 1 (33). A skipped image moves the mean of ~35 by about 1e-2.
+            np.testing.assert_allclose(history["loss"][0], one["loss"][0], atol=1e-3)
             np.testing.assert_allclose(history["loss"], one["loss"], atol=1e-2)
             np.testing.assert_allclose(history["val_loss"], one["val_loss"], atol=1e-2)
 
