@@ -172,8 +172,11 @@ def test_second_repro_runs_nothing_but_the_secrets_look(repo):
 def test_two_workers_on_loopback_train_what_one_process_trains(repo, tmp_path):
     root, env = repo
     cluster = tmp_path / "cluster"
-    shutil.copytree(root, cluster, ignore=shutil.ignore_patterns(
-        ".git", ".dvc", "data", "mlflow.db", "mlartifacts", "model"))
+    skipped = shutil.ignore_patterns(".git", ".dvc", "data", "mlflow.db", "mlartifacts")
+    # The trained model (outputs/model), not every folder named "model": the copy's own
+    # dicomflow/model must be the one the workers import, not whichever one is installed.
+    shutil.copytree(root, cluster, ignore=lambda folder, names: set(skipped(folder, names)) | (
+        {"model"} & set(names) if Path(folder) == root / "outputs" else set()))
     params = yaml.safe_load((cluster / "params.yaml").read_text())
     params["train"]["strategy"] = "multi_worker"
     (cluster / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -198,11 +201,13 @@ def test_two_workers_on_loopback_train_what_one_process_trains(repo, tmp_path):
     # Each global batch is split across the workers, the loss averaged over all of it and batch
     # normalisation synchronised (in training and in the statistics pass), so the chief's history
     # follows the single process's. The all-reduces sum in another order, and training amplifies
-    # those rounding differences (measured at batch 8: 2e-5 in loss after epoch 1, 7e-3 after
-    # epoch 3, 6e-2 after epoch 10); validation after epoch 1 reads the statistics pass.
+    # those rounding differences (measured at batch 8: 2e-5 to 2e-4 in loss after epoch 1,
+    # depending on the split, 7e-3 to 9e-3 after epoch 3, 6e-2 after epoch 10); validation after
+    # epoch 1 reads the statistics pass. 1e-3 still fails a worker that skips or misweights a
+    # batch: one image of ~70 left out of the epoch's mean moves it by several 1e-3.
     single = pd.read_csv(root / "reports" / "train_history.csv")
     distributed = pd.read_csv(cluster / "reports" / "train_history.csv")
-    assert abs(distributed["loss"].iloc[0] - single["loss"].iloc[0]) < 1e-4
+    assert abs(distributed["loss"].iloc[0] - single["loss"].iloc[0]) < 1e-3
     assert abs(distributed["val_loss"].iloc[0] - single["val_loss"].iloc[0]) < 1e-2
     np.testing.assert_allclose(distributed["loss"].iloc[:3], single["loss"].iloc[:3], atol=1e-2)
     # Only the chief wrote and logged: one run in the copy's store.
@@ -219,8 +224,14 @@ def test_three_classes_run_through_every_stage(repo, tmp_path):
     shutil.copytree(root, project, ignore=shutil.ignore_patterns(
         ".git", ".dvc", "mlflow.db", "mlartifacts", "outputs", "reports", "*.resume"))
     labels = pd.read_csv(project / "data" / "labels.csv", dtype=str)
-    # Half of the positive studies (by accession number) become class 2.
-    second_kind = (labels["label"] == "1") & labels["accession_number"].str[-1].isin(list("02468"))
+    # Half of the negative studies (by accession number) become class 2. The accession number has
+    # nothing to do with the pixels, so the two halves cannot be told apart and share the negative
+    # probability: the most probable class is 1 where the nodule probability is above ~1/3 and 0
+    # or 2 below, so a model that separates nodules at all calls more than one class. Halving the
+    # positives instead (as before) called a positive class only where the nodule probability is
+    # above ~2/3, on some validation image: a matter of the split for 10 epochs on this sample,
+    # and the train stage rightly refuses a model that calls every image class 0.
+    second_kind = (labels["label"] == "0") & labels["accession_number"].str[-1].isin(list("02468"))
     labels.loc[second_kind, "label"] = "2"
     labels.to_csv(project / "data" / "labels.csv", index=False)
     params = yaml.safe_load((project / "params.yaml").read_text())

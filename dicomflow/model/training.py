@@ -58,6 +58,63 @@ def training_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def distributed_batches(strategy, dataset):
+    """``dataset``'s global batches (tuples of tensors), each split into one contiguous slice per
+    replica of ``strategy``, every replica stepping once per global batch.
+
+    Why not ``experimental_distribute_dataset``: across workers it cuts a global batch into
+    per-replica batches of the full per-replica size, so a last batch no larger than that reaches
+    one worker only, and the other's empty step breaks the synchronised batch normalisation's
+    all-reduces (a shape mismatch in the collective). Here replica ``k`` of ``n`` gets images
+    ``[k * size // n, (k + 1) * size // n)``: slices differ by one image at most, and the
+    all-reduces sum per-channel values, whatever a replica's batch size. A batch of fewer images
+    than replicas is first repeated ``n`` times, so each replica gets one whole copy: its
+    batch-normalisation moments are those of the batch itself, and :func:`distributed_train_step`
+    and :class:`BatchNormStatistics` count each copy 1/n. Each element ends with the size of the
+    global batch as split and as drawn. With one replica the dataset is distributed as it is.
+    """
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return strategy.experimental_distribute_dataset(dataset)
+
+    def worker_dataset(context):
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def slices(*batch):
+            drawn = tf.shape(batch[0])[0]
+            copies = tf.where(drawn < replicas, replicas, 1)
+            batch = tuple(tf.tile(tensor, tf.concat([[copies], tf.ones([tf.rank(tensor) - 1], tf.int32)], 0))
+                          for tensor in batch)
+            size = drawn * copies
+
+            def replica_slice(index):
+                start, end = (index * size) // replicas, ((index + 1) * size) // replicas
+                return tuple(tensor[start:end] for tensor in batch) + (size, drawn)
+
+            return tf.data.Dataset.range(first, first + local).map(
+                lambda index: replica_slice(tf.cast(index, tf.int32)))
+
+        return dataset.flat_map(slices)
+
+    return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def replica_signature(strategy, batches) -> list | None:
+    """The input signature of a step over ``batches`` (from :func:`distributed_batches`): their
+    element spec, batch sizes unknown, when ``strategy`` has several replicas; None (trace on the
+    inputs' shapes, as ever) with one.
+
+    Why: a function traced on its inputs' shapes traces again for a new batch size, and each trace
+    numbers its collectives anew; workers whose slices differ in size (a last batch of 5 split
+    3 + 2) would retrace at different steps. Traced once on unknown batch sizes, every worker
+    runs the same graph at every step.
+    """
+    return [batches.element_spec] if strategy.num_replicas_in_sync > 1 else None
+
+
 def drawn_ahead(batches: Iterable, chunk_size: int) -> Iterator:
     """The batches of ``batches``, drawn ``chunk_size`` at a time before any of them is yielded.
 
@@ -133,23 +190,25 @@ class BatchNormStatistics:
                       if isinstance(layer, keras.layers.BatchNormalization)]
         probe = keras.Model(model.inputs, [norm.input for norm in self.norms]) if self.norms else None
 
-        def replica_moments(batch_images):
+        def replica_moments(batch_images, size=None, drawn=None):
             counts, sums, squares = [], [], []
             for features in probe(batch_images, training=True):
                 mean, variance = tf.nn.moments(features, axes=list(range(len(features.shape) - 1)))
                 count = tf.cast(tf.reduce_prod(tf.shape(features)[:-1]), tf.float32)
+                if size is not None:  # a repeated batch counts once (see distributed_batches)
+                    count *= tf.cast(drawn, tf.float32) / tf.cast(size, tf.float32)
                 counts.append(count)
                 sums.append(count * mean)
                 squares.append(count * (variance + tf.square(mean)))
             return counts, sums, squares
 
-        @tf.function
         def pooled_moments(batch):
-            per_replica = self.strategy.run(replica_moments, args=(batch,))
+            per_replica = self.strategy.run(replica_moments, args=batch)
             return tf.nest.map_structure(
                 lambda value: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica)
 
-        self._pooled_moments = pooled_moments
+        self._moments = pooled_moments
+        self._pooled_moments = None  # traced on the first pass (see replica_signature)
 
     def __call__(self, images: np.ndarray) -> None:
         """Re-estimate every layer's statistics over ``images`` (n, h, w, c)."""
@@ -157,10 +216,11 @@ class BatchNormStatistics:
 
         if not self.norms:
             return
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        batches = self.strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size).with_options(options))
+        batches = distributed_batches(
+            self.strategy, tf.data.Dataset.from_tensor_slices((images,)).batch(self.batch_size))
+        if self._pooled_moments is None:
+            self._pooled_moments = tf.function(
+                self._moments, input_signature=replica_signature(self.strategy, batches))
         totals = None
         for batch in batches:
             moments = tf.nest.map_structure(lambda value: value.numpy().astype(np.float64),
@@ -252,18 +312,21 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     tf.config.experimental.enable_op_determinism()
     model, optimizer = build_network(params, train_x.shape[1:], n_classes, strategy=strategy,
                                      steps_per_epoch=-(-len(train_x) // params.batch_size))
-    train_step = distributed_train_step(model, optimizer, strategy=strategy, n_classes=n_classes,
-                                        class_weights=class_weights_for(train_y, params.class_weight, n_classes))
     predict = batched_predictor(model)
-    options = tf.data.Options()
-    # Every worker builds the same shuffled batches and keeps its share of each one.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def distributed_epoch(epoch: int):
+        # Every worker builds the same shuffled batches and keeps its share of each one.
+        return distributed_batches(strategy, training_batches(
+            train_x, train_y, batch_size=params.batch_size, epoch=epoch, seed=params.seed, augment=augment))
 
     def epoch_batches(epoch: int):
-        dataset = training_batches(train_x, train_y, batch_size=params.batch_size, epoch=epoch,
-                                   seed=params.seed, augment=augment)
-        batches = strategy.experimental_distribute_dataset(dataset.with_options(options))
-        return drawn_ahead(batches, max(1, DRAWN_AHEAD_BYTES // (params.batch_size * train_x[0].nbytes)))
+        return drawn_ahead(distributed_epoch(epoch),
+                           max(1, DRAWN_AHEAD_BYTES // (params.batch_size * train_x[0].nbytes)))
+
+    signature = replica_signature(strategy, distributed_epoch(1)) if strategy.num_replicas_in_sync > 1 else None
+    train_step = distributed_train_step(model, optimizer, strategy=strategy, n_classes=n_classes,
+                                        class_weights=class_weights_for(train_y, params.class_weight, n_classes),
+                                        input_signature=signature)
 
     refresh_statistics = BatchNormStatistics(model, batch_size=params.batch_size, strategy=strategy)
     epoch_statistics_images = statistics_subset(train_x, seed=params.seed)
@@ -315,7 +378,8 @@ def build_network(params: TrainParams, input_shape: tuple[int, ...], n_classes: 
     return model, optimizer
 
 
-def distributed_train_step(model, optimizer, *, strategy, n_classes: int, class_weights: list[float]):
+def distributed_train_step(model, optimizer, *, strategy, n_classes: int, class_weights: list[float],
+                           input_signature: list | None = None):
     """One optimisation step on a distributed global batch; returns its probabilities and labels
     gathered from every replica. Each image's loss is weighted by its class and averaged over the
     global batch, so any number of replicas computes what one does."""
@@ -326,20 +390,26 @@ def distributed_train_step(model, optimizer, *, strategy, n_classes: int, class_
     loss_function = (keras.losses.binary_crossentropy if n_classes == 2
                      else keras.losses.sparse_categorical_crossentropy)
 
-    @tf.function
+    @tf.function(input_signature=input_signature)
     def train_step(batch):
-        def replica_step(images, labels):
+        def replica_step(images, labels, size=None, drawn=None):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
                 per_image = loss_function(labels[:, None], probabilities)
                 per_image *= tf.gather(weights, tf.cast(labels, tf.int32))
-                loss = tf.nn.compute_average_loss(per_image)  # over the global batch
+                # Over the global batch: its size comes with the replica's slice (see
+                # distributed_batches), since slices of an odd-sized batch differ in size.
+                loss = tf.nn.compute_average_loss(per_image, global_batch_size=size)
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             return probabilities, labels
 
         probabilities, labels = strategy.run(replica_step, args=batch)
-        return strategy.gather(probabilities, axis=0), strategy.gather(labels, axis=0)
+        probabilities, labels = strategy.gather(probabilities, axis=0), strategy.gather(labels, axis=0)
+        if len(batch) > 2:  # of a repeated batch, the first copy (see distributed_batches)
+            drawn = strategy.experimental_local_results(batch[3])[0]
+            probabilities, labels = probabilities[:drawn], labels[:drawn]
+        return probabilities, labels
 
     return train_step
 
