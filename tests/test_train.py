@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -345,12 +346,13 @@ json.dump(history[["loss", "val_loss"]].to_dict("list"), open(sys.argv[2], "w"))
         subprocess.run([sys.executable, str(script), "default", str(tmp_path / "one.json")], env=env,
                        check=True, capture_output=True, timeout=300)
         logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-        workers = [subprocess.Popen(
-            [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
-            stdout=open(logs[i], "w"), stderr=subprocess.STDOUT,
-            env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                                                 "task": {"type": "worker", "index": i}})}) for i in range(2)]
-        codes = [worker.wait(timeout=300) for worker in workers]
+        with contextlib.ExitStack() as files:
+            workers = [subprocess.Popen(
+                [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
+                stdout=files.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
+                env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                                     "task": {"type": "worker", "index": i}})}) for i in range(2)]
+            codes = [worker.wait(timeout=300) for worker in workers]
         assert codes == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
         one = json.loads((tmp_path / "one.json").read_text())
         for i in range(2):
