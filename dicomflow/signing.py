@@ -65,7 +65,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,16 +147,9 @@ def signing_key_from_env(environ: Mapping[str, str]) -> SigningKey:
         an Ed25519 private key in PEM; a key file readable by group or others (the message names
         the file and the ``chmod``).
     """
-    if SIGNING_KEY_ENV in environ:
-        return SigningKey(_load_private(environ[SIGNING_KEY_ENV].encode(), SIGNING_KEY_ENV), SIGNING_KEY_ENV)
-    if SIGNING_KEY_FILE_ENV in environ:
-        path = Path(environ[SIGNING_KEY_FILE_ENV])
-        where = f"{SIGNING_KEY_FILE_ENV}={path}"
-        return SigningKey(_load_private(_read_private_file(path, where), where), where)
-    _refuse_in_team_mode(environ, SIGNING_KEY_ENV, SIGNING_KEY_FILE_ENV, "sign")
-    private_path, _ = ensure_local_key_pair(_local_key_folder())
-    return SigningKey(_load_private(_read_private_file(private_path, str(private_path)), str(private_path)),
-                      str(private_path))
+    pem, where = _key_pem(environ, SIGNING_KEY_ENV, SIGNING_KEY_FILE_ENV, "sign", read=_read_private_file,
+                          local=0)
+    return SigningKey(_load_private(pem, where), where)
 
 
 def verify_key_from_env(environ: Mapping[str, str]) -> VerifyKey:
@@ -178,15 +171,24 @@ def verify_key_from_env(environ: Mapping[str, str]) -> VerifyKey:
     SettingsError
         Neither variable with a team server; a key that is not an Ed25519 public key in PEM.
     """
-    if VERIFY_KEY_ENV in environ:
-        return VerifyKey(_load_public(environ[VERIFY_KEY_ENV].encode(), VERIFY_KEY_ENV), VERIFY_KEY_ENV)
-    if VERIFY_KEY_FILE_ENV in environ:
-        path = Path(environ[VERIFY_KEY_FILE_ENV])
-        where = f"{VERIFY_KEY_FILE_ENV}={path}"
-        return VerifyKey(_load_public(_read_file(path, where), where), where)
-    _refuse_in_team_mode(environ, VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV, "verify")
-    _, public_path = ensure_local_key_pair(_local_key_folder())
-    return VerifyKey(_load_public(_read_file(public_path, str(public_path)), str(public_path)), str(public_path))
+    pem, where = _key_pem(environ, VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV, "verify", read=_read_file, local=1)
+    return VerifyKey(_load_public(pem, where), where)
+
+
+def _key_pem(environ: Mapping[str, str], text_env: str, file_env: str, action: str, *,
+             read: Callable[[Path, str], bytes], local: int) -> tuple[bytes, str]:
+    """A key's PEM bytes and where they came from: ``text_env``'s text, else ``file_env``'s file
+    (read by ``read``), else, with a local store only, this clone's pair (``local``: 0 the private
+    key, 1 the public one)."""
+    if text_env in environ:
+        return environ[text_env].encode(), text_env
+    if file_env in environ:
+        path = Path(environ[file_env])
+        where = f"{file_env}={path}"
+        return read(path, where), where
+    _refuse_in_team_mode(environ, text_env, file_env, action)
+    path = ensure_local_key_pair(_local_key_folder())[local]
+    return read(path, str(path)), str(path)
 
 
 def write_key_pair(folder: Path) -> tuple[Path, Path]:
