@@ -105,9 +105,9 @@ def _check_serving(document: dict) -> None:
 slow = pytest.mark.slow
 CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("validate", ["--rows", "600", "--repeat", "1"], ["validate"], _check_validate,
-                 id="validate"),
+                 id="validate", marks=slow),
     pytest.param("ingest_memory", ["--sides", "128"], ["memory"], _check_ingest_memory,
-                 id="ingest_memory"),
+                 id="ingest_memory", marks=slow),
     pytest.param("scale", ["--sizes", "10", "--rows", "600", "--patients", "100"],
                  ["ingest", "validate_split"], _check_scale, id="scale", marks=slow),
     pytest.param("ingest", ["--files", "10", "--clinical-files", "1", "--memory-sides", "128"],

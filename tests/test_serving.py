@@ -515,6 +515,7 @@ def test_a_fifo_is_refused_before_it_is_opened_and_costs_nothing(model, dicoms, 
     assert list(result["label"]) == [1, -1, 0]
 
 
+@pytest.mark.slow  # waits out a decode time limit in the model's decoder processes
 def test_a_file_past_the_decode_time_limit_costs_its_row_and_the_model_goes_on(binary_keras, dicoms, tmp_path):
     from hostile_files import deflate_bomb
 

@@ -313,6 +313,7 @@ class TestDownloadVerified:
             download_verified(f"models:/{NAME}@nope", tmp_path, key=keys["verify"])
 
 
+@pytest.mark.slow  # each starts a `dicomflow predict` process that loads a model
 class TestPredictVerifies:
     def test_a_signed_champion_predicts(self, signed, store, keys, tmp_path):
         result = _predict(store, tmp_path, f"models:/{NAME}@champion", keys["team"][1])
@@ -462,6 +463,7 @@ def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
                                     "would no longer verify); choose another folder or remove it yourself")]
 
 
+@pytest.mark.slow  # logs and loads a Keras model
 def test_the_pipelines_dicom_classifier_verifies_and_predicts(store, keys, make_dicom, tmp_path, monkeypatch):
     """A real DicomClassifier (a Keras model, the dicomflow code it ships), logged as evaluate logs it."""
     import keras
