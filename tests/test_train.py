@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
 import dataclasses
 from pathlib import Path
 
@@ -229,6 +234,30 @@ def test_model_input_from_every_stored_layout():
     assert to_model_input(rgb).shape == (1, 1, 2, 3) and to_model_input(rgb).dtype == np.float32
 
 
+def _one_process_and_two_workers(script: Path, tmp_path: Path) -> tuple[object, list[object]]:
+    """Run ``script STRATEGY OUT.json`` once alone (``default``) and as a TensorFlow cluster of two
+    loopback workers (``multi_worker``); the JSON each wrote, the lone run's first."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    subprocess.run([sys.executable, str(script), "default", str(tmp_path / "one.json")], env=env,
+                   check=True, capture_output=True, timeout=300)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    with contextlib.ExitStack() as files:
+        workers = [subprocess.Popen(
+            [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
+            stdout=files.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
+            env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                                 "task": {"type": "worker", "index": i}})}) for i in range(2)]
+        codes = [worker.wait(timeout=300) for worker in workers]
+    assert codes == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
+    return (json.loads((tmp_path / "one.json").read_text()),
+            [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
+
+
 class TestStrategies:
     params = TrainParams(architecture="seed_cnn", strategy="default", epochs=2, batch_size=16,
                          lr=0.003, lr_schedule="cosine", class_weight="balanced",
@@ -266,12 +295,6 @@ class TestStrategies:
         """The statistics pass of two loopback workers (each half of every batch, synchronised
         layers) stores what one process stores, on the same weights and images, a last batch of
         one image (one worker's slice empty) included."""
-        import json
-        import os
-        import socket
-        import subprocess
-        import sys
-
         script = tmp_path / "statistics.py"
         script.write_text(f"""
 import json, sys
@@ -290,23 +313,8 @@ norms = [layer for layer in model._flatten_layers(include_self=False)
 json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] for n in norms],
           open(sys.argv[2], "w"))
 """)
-        ports = []
-        for _ in range(2):
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                ports.append(probe.getsockname()[1])
-        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-        subprocess.run([sys.executable, str(script), "default", str(tmp_path / "one.json")], env=env,
-                       check=True, capture_output=True, timeout=300)
-        workers = [subprocess.Popen(
-            [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                                                 "task": {"type": "worker", "index": i}})}) for i in range(2)]
-        assert [worker.wait(timeout=300) for worker in workers] == [0, 0]
-        one = json.loads((tmp_path / "one.json").read_text())
-        for i in range(2):
-            statistics = json.loads((tmp_path / f"worker{i}.json").read_text())
+        one, on_workers = _one_process_and_two_workers(script, tmp_path)
+        for statistics in on_workers:
             for (mean, variance), (mean_1, variance_1) in zip(statistics, one):
                 np.testing.assert_allclose(mean, mean_1, atol=1e-5)
                 np.testing.assert_allclose(variance, variance_1, atol=1e-5)
@@ -316,12 +324,6 @@ json.dump([[n.moving_mean.numpy().tolist(), n.moving_variance.numpy().tolist()] 
     def test_two_workers_train_what_one_process_trains_whatever_the_last_batch(self, tmp_path, n_train):
         """Two loopback workers take the same steps as one process on global batches that do not
         split evenly (synchronised batch normalisation, loss averaged over the global batch)."""
-        import json
-        import os
-        import socket
-        import subprocess
-        import sys
-
         script = tmp_path / "train.py"
         script.write_text(f"""
 import dataclasses, json, sys
@@ -337,26 +339,8 @@ history = train_model(train_x, train_y, val_x, val_y, params=params, checkpoint=
                       strategy=make_strategy(sys.argv[1]))[1]
 json.dump(history[["loss", "val_loss"]].to_dict("list"), open(sys.argv[2], "w"))
 """)
-        ports = []
-        for _ in range(2):
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                ports.append(probe.getsockname()[1])
-        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-        subprocess.run([sys.executable, str(script), "default", str(tmp_path / "one.json")], env=env,
-                       check=True, capture_output=True, timeout=300)
-        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-        with contextlib.ExitStack() as files:
-            workers = [subprocess.Popen(
-                [sys.executable, str(script), "multi_worker", str(tmp_path / f"worker{i}.json")],
-                stdout=files.enter_context(open(logs[i], "w")), stderr=subprocess.STDOUT,
-                env={**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                                                     "task": {"type": "worker", "index": i}})}) for i in range(2)]
-            codes = [worker.wait(timeout=300) for worker in workers]
-        assert codes == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
-        one = json.loads((tmp_path / "one.json").read_text())
-        for i in range(2):
-            history = json.loads((tmp_path / f"worker{i}.json").read_text())
+        one, on_workers = _one_process_and_two_workers(script, tmp_path)
+        for history in on_workers:
             # All-reduces sum in another order, and Adam's first steps amplify the rounding: 1.2e-4
             # in the epoch-1 loss on even batches (32 images, main's code as well), 1.4e-4 with a
             # last batch of 1 (33). A skipped image moves the mean of ~35 by about 1e-2.
