@@ -125,9 +125,9 @@ def leaks_in_file(identifiers: Identifiers, path: Path, *, output: str) -> list[
 def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
     """The identifying text still readable in the pixels of a DICOM file or a picture (PNG, JPEG)
     (named ``output``), one Leak per region, located by frame, rows and columns. Frames are read
-    as de-identification reads them (:func:`~dicomflow.deid.burned_in.frames_to_read`); a file
+    as de-identification reads them (:func:`~dicomflow.deid.burned_in.read_text_regions`); a file
     whose pixels cannot be decoded has none to read."""
-    from dicomflow.deid.burned_in import decoded_frames, read_sampled_frames
+    from dicomflow.deid.burned_in import decoded_frames, read_text_regions
     from dicomflow.deid.pixel_text import judge
 
     try:
@@ -141,7 +141,7 @@ def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> lis
                 frames = np.asarray(picture if picture.mode in ("L", "I;16", "I") else picture.convert("RGB"))[None]
     except Exception:  # noqa: BLE001  undecodable pixels hold no readable text
         return []
-    regions = read_sampled_frames(frames)[0] if frames is not None else []
+    regions = read_text_regions(frames) if frames is not None else []
     return [Leak(output, f"pixel data {judgement.region.where()}", judgement.why)
             for judgement in judge(regions, identifiers, "identifying") if judgement.blank]
 

@@ -63,10 +63,11 @@ _TOKEN = re.compile(r"[^\s,;:]+")
 
 @dataclass(frozen=True)
 class TextRegion:
-    """A region of one frame read as text: ``box`` (top, left, bottom, right; bottom and right
-    exclusive) in pixels, the ``words`` read (PHI: never shown) with their mean ``confidence``."""
+    """A region read as text: ``frame`` (None: every frame), ``box`` (top, left, bottom, right;
+    bottom and right exclusive) in pixels, the ``words`` read (PHI: never shown) with their mean
+    ``confidence``."""
 
-    frame: int
+    frame: int | None
     box: tuple[int, int, int, int]
     words: tuple[str, ...] = field(repr=False)
     confidence: float = 0.0
@@ -74,7 +75,8 @@ class TextRegion:
     def where(self) -> str:
         """``"frame 0 rows 60-98 columns 40-260"``: the region, for audits and errors."""
         top, left, bottom, right = self.box
-        return f"frame {self.frame} rows {top}-{bottom} columns {left}-{right}"
+        frame = "every frame" if self.frame is None else f"frame {self.frame}"
+        return f"{frame} rows {top}-{bottom} columns {left}-{right}"
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,11 @@ def tessdata_dir() -> Path:
 
 @functools.cache
 def text_reader() -> TextReader:
-    """This process's :class:`TextReader` (created on first use)."""
+    """This process's :class:`TextReader` (created on first use). OpenCV is held to one thread:
+    files are read a process per core, and its own threads would only compete with them."""
+    import cv2
+
+    cv2.setNumThreads(1)
     return TextReader(tessdata_dir())
 
 

@@ -29,8 +29,8 @@ from dicomflow.runtime.outputs import out_of_space
 
 # burned_in: the kinds of identifying value found in the pixels (or the header rule that applied
 # to pixels that could not be read); text_*: the text regions read, blanked and kept.
-AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "frames_read", "text_regions", "text_blanked",
-                 "text_kept", "burned_in", "burned_in_action")
+AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "text_regions", "text_blanked", "text_kept",
+                 "burned_in", "burned_in_action")
 # Manifest columns read from the header: the manifest takes them as written to the de-identified
 # file (a value holding an identifier is replaced there), never from ingest's index.
 WRITTEN_COLUMNS = {"modality": "Modality", "manufacturer": "Manufacturer",
@@ -202,7 +202,7 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
                 raise LeakFound(leaks)
     blanked = len(found.blanked)
     audit = {"image_key": output.stem, **counts, "options": option_names(params),
-             "frames_read": found.frames_read, "text_regions": len(found.judgements),
+             "text_regions": len(found.judgements),
              "text_blanked": blanked, "text_kept": len(found.judgements) - blanked,
              "burned_in": found.unread or found.kinds(), "burned_in_action": decision}
     return FileOutcome(audit, excluded, frames, len(hidden), written)
