@@ -145,7 +145,8 @@ def test_candidates_come_from_strokes_not_anatomy():
     pixels = radiograph(seed=5)
     assert candidate_boxes(display_gray(pixels)) == []
     draw(pixels, [(300, 200, "WORDS HERE")], size=30)
-    (top, left, bottom, right), = candidate_boxes(display_gray(pixels))
+    ((top, left, bottom, right), light_text), = candidate_boxes(display_gray(pixels))
+    assert light_text
     assert top <= 305 and left <= 202 and bottom >= 325 and right >= 330
 
 

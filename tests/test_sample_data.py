@@ -271,3 +271,21 @@ def test_default_sample_regenerates_to_the_hash_committed_in_data_dvc(tmp_path):
     subprocess.run([*dvc, "add", "-q", "data"], cwd=tmp_path, check=True)
     regenerated = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]
     assert (regenerated["md5"], regenerated["nfiles"]) == (committed["md5"], committed["nfiles"])
+
+
+def test_a_tenth_of_the_studies_burn_the_patients_identity_into_the_pixels(sample):
+    root, summary = sample
+    studies = {path.split("/")[1] for path in summary.burned_in}
+    all_studies = {path.parent.name for path in (root / "studies").rglob("*") if path.is_file()}
+    assert len(studies) == round(sample_data.BURNED_IN_SHARE * len(all_studies))
+    ds = pydicom.dcmread(root / summary.burned_in[0])
+    assert "BurnedInAnnotation" not in ds  # as older units send them: the header does not say
+    # Readable as text, and the patient's own: what de-identification has to find.
+    from dicomflow.deid.burned_in import read_burned_in_text
+    from dicomflow.deid.identifiers import collect_identifiers
+
+    for path in summary.burned_in[:3]:
+        ds = pydicom.dcmread(root / path)
+        found, _ = read_burned_in_text(ds, collect_identifiers(ds), "identifying")
+        assert len(found.blanked) >= 3  # name, MRN, birth date
+        assert "(0010,0010) Patient's Name" in {judgement.why for judgement in found.blanked}

@@ -104,12 +104,13 @@ def read_frames(frames: np.ndarray, reader: TextReader | None = None) -> list[Te
         gray = display_gray(frame)
         if gray is None:
             continue
-        for box in candidate_boxes(gray):
+        for box, light_text in candidate_boxes(gray):
             top, left, bottom, right = box
             crop = gray[top:bottom, left:right]
-            key = hashlib.blake2b(crop.tobytes() + str(crop.shape).encode(), digest_size=16).digest()
+            key = hashlib.blake2b(crop.tobytes() + bytes([light_text]) + str(crop.shape).encode(),
+                                  digest_size=16).digest()
             if key not in read_before:
-                read_before[key] = reader.read(gray, box)
+                read_before[key] = reader.read(gray, box, light_text=light_text)
             words, confidence = read_before[key]
             if words:
                 regions.append(TextRegion(index, box, words, confidence))
@@ -131,9 +132,9 @@ def display_gray(frame: np.ndarray) -> np.ndarray | None:
     return ((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def candidate_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Text-like regions of an 8-bit frame, as (top, left, bottom, right), most text-like first,
-    at most :data:`MAX_REGIONS_PER_FRAME`.
+def candidate_boxes(gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], bool]]:
+    """Text-like regions of an 8-bit frame, as ((top, left, bottom, right), light_text), most
+    text-like first, at most :data:`MAX_REGIONS_PER_FRAME`.
 
     Strokes are what a top-hat (light text) or black-hat (dark text) with a
     :data:`STROKE_KERNEL`-pixel square leaves at :data:`MIN_CONTRAST` or more; letters are joined
@@ -142,11 +143,15 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     import cv2
 
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL))
+    tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, TEXT_HEIGHT[1] + 1))
     scale = max(1, min(gray.shape) // 512)
-    found: list[tuple[float, tuple[int, int, int, int]]] = []
+    found: list[tuple[float, tuple[int, int, int, int], bool]] = []
     for light_text, operation in ((True, cv2.MORPH_TOPHAT), (False, cv2.MORPH_BLACKHAT)):
         _, strokes = cv2.threshold(cv2.morphologyEx(gray, operation, kernel), MIN_CONTRAST - 1, 255,
                                    cv2.THRESH_BINARY)
+        # A thin structure taller than any line (a spine, a tube, a collimator's edge) is no
+        # stroke, and would join every line beside it into one region.
+        strokes -= cv2.morphologyEx(strokes, cv2.MORPH_OPEN, tall)
         reduced = strokes
         if scale > 1:  # any stroke pixel in a cell marks the cell (255 / scale² averages above 0)
             reduced = cv2.resize(strokes, (gray.shape[1] // scale, gray.shape[0] // scale),
@@ -158,31 +163,54 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
                                  cv2.getStructuringElement(cv2.MORPH_RECT, (join, 1)))
         count, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         for x, y, w, h, _ in stats[1:count]:
-            if h * scale < TEXT_HEIGHT[0] or (h - 2) * scale > TEXT_HEIGHT[1]:
+            if h * scale < TEXT_HEIGHT[0]:
                 continue
-            box = _tight_box(strokes, y * scale, x * scale, (y + h) * scale, (x + w) * scale)
-            if box is None:
-                continue
-            top, left, bottom, right = box
-            height, width = bottom - top, right - left
-            fill = strokes[top:bottom, left:right].mean() / 255
-            if not TEXT_HEIGHT[0] <= height <= TEXT_HEIGHT[1] or width < 0.4 * height:
-                continue
-            if not 0.06 <= fill <= 0.75:  # a solid bar or a sparse scatter is not a line of text
-                continue
-            # Light text stands on a darker background, dark text on a lighter one: the black-hat
-            # of white lines (their counters and the gaps between lines) and the top-hat of a
-            # light panel around dark text are not text.
-            crop = gray[top:bottom, left:right]
-            if (np.median(crop) < (int(crop.min()) + int(crop.max())) / 2) != light_text:
-                continue
-            found.append((min(width / height, 12.0) * fill, box))
+            for box in _lines(strokes, y * scale, x * scale, (y + h) * scale, (x + w) * scale):
+                if text_like := _text_like(gray, strokes, box, light_text=light_text):
+                    found.append((text_like, box, light_text))
     found.sort(key=lambda item: -item[0])
-    kept: list[tuple[int, int, int, int]] = []
-    for _, box in found:
-        if len(kept) < MAX_REGIONS_PER_FRAME and all(_overlap(box, other) < 0.5 for other in kept):
-            kept.append(box)
-    return [_padded(box, gray.shape) for box in kept]
+    kept: list[tuple[tuple[int, int, int, int], bool]] = []
+    for _, box, light_text in found:
+        if len(kept) < MAX_REGIONS_PER_FRAME and all(_overlap(box, other) < 0.5 for other, _ in kept):
+            kept.append((box, light_text))
+    return [(_padded(box, gray.shape), light_text) for box, light_text in kept]
+
+
+def _lines(strokes: np.ndarray, top: int, left: int, bottom: int, right: int) -> list[tuple[int, int, int, int]]:
+    """The lines of a joined region: its stroke rows split where a row has no stroke (lines
+    written close together, or a line touching an edge of the anatomy, join into one region),
+    each line's box tight around its strokes."""
+    rows = np.flatnonzero(strokes[top:bottom, left:right].any(axis=1))
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]]
+    boxes = (_tight_box(strokes, top + start, left, top + end + 1, right) for start, end in zip(starts, ends))
+    return [box for box in boxes if box is not None]
+
+
+def _text_like(gray: np.ndarray, strokes: np.ndarray, box: tuple[int, int, int, int], *,
+               light_text: bool) -> float:
+    """How much ``box`` looks like a line of text (its width-to-height ratio, capped, times the
+    share of its pixels in strokes), or 0 when it cannot be one."""
+    top, left, bottom, right = box
+    height, width = bottom - top, right - left
+    if not TEXT_HEIGHT[0] <= height <= TEXT_HEIGHT[1] or width < 0.4 * height:
+        return 0.0
+    fill = strokes[top:bottom, left:right].mean() / 255
+    if not 0.06 <= fill <= 0.75:  # a solid bar or a sparse scatter is not a line of text
+        return 0.0
+    # Strokes differ from the background around the line: light text's top-hat is its letters,
+    # brighter than the ring around it, while its black-hat is the gaps between the letters, as
+    # dark as the ring (and so for dark text the other way).
+    outer = _padded(box, gray.shape)
+    ring = np.ones((outer[2] - outer[0], outer[3] - outer[1]), dtype=bool)
+    ring[top - outer[0]:bottom - outer[0], left - outer[1]:right - outer[1]] = False
+    background = float(np.median(gray[outer[0]:outer[2], outer[1]:outer[3]][ring])) if ring.any() else 0.0
+    ink = float(gray[top:bottom, left:right][strokes[top:bottom, left:right] > 0].mean())
+    if (ink - background if light_text else background - ink) < MIN_CONTRAST / 2:
+        return 0.0
+    return min(width / height, 12.0) * fill
 
 
 def _tight_box(mask: np.ndarray, top: int, left: int, bottom: int, right: int):
@@ -195,13 +223,14 @@ def _tight_box(mask: np.ndarray, top: int, left: int, bottom: int, right: int):
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """The share of the smaller box that the two boxes share."""
+    """Intersection over union of two boxes: a line found in both polarities is one region, while
+    a line inside a taller region (lines read together) stays a region of its own."""
     height = min(a[2], b[2]) - max(a[0], b[0])
     width = min(a[3], b[3]) - max(a[1], b[1])
     if height <= 0 or width <= 0:
         return 0.0
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return height * width / smaller
+    shared = height * width
+    return shared / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - shared)
 
 
 def _padded(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -225,42 +254,46 @@ class TextReader:
         # the cost of every line it is unsure of.
         self._api.SetVariable("tessedit_do_invert", "0")
 
-    def read(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> tuple[tuple[str, ...], float]:
-        """The words in ``box`` of the 8-bit frame ``gray`` and their mean confidence (0-100).
-
-        The crop is read as light text when most of it (the background) is darker than the
-        middle of its range, and the other way; a reading below :data:`SURE_CONFIDENCE` is
-        tried in the other polarity too, and the surer reading kept."""
-        top, left, bottom, right = box
-        crop = gray[top:bottom, left:right]
-        low, high = int(crop.min()), int(crop.max())
-        if high - low < MIN_CONTRAST:
-            return (), 0.0
-        crop = ((crop.astype(np.float32) - low) * (255.0 / (high - low))).astype(np.uint8)
-        light_text = bool(np.median(crop) < 128)
-        words, confidence = self._read(crop, bottom - top, light_text=light_text)
+    def read(self, gray: np.ndarray, box: tuple[int, int, int, int], *,
+             light_text: bool) -> tuple[tuple[str, ...], float]:
+        """The words in ``box`` of the 8-bit frame ``gray`` and their mean confidence (0-100),
+        read as light text on a darker background or the other way (``light_text``); a reading
+        below :data:`SURE_CONFIDENCE` is tried in the other polarity too, and the surer kept."""
+        words, confidence = self._read(gray, box, light_text=light_text)
         if confidence < SURE_CONFIDENCE:
-            other = self._read(crop, bottom - top, light_text=not light_text)
+            other = self._read(gray, box, light_text=not light_text)
             if other[1] > confidence:
                 words, confidence = other
         return words, confidence
 
-    def _read(self, crop: np.ndarray, height: int, *, light_text: bool) -> tuple[tuple[str, ...], float]:
+    def _read(self, gray: np.ndarray, box: tuple[int, int, int, int], *,
+              light_text: bool) -> tuple[tuple[str, ...], float]:
         import cv2
         from PIL import Image
 
-        if light_text:
-            crop = 255 - crop
-        # Each line's letters about READ_HEIGHT px tall (the box's height is a line's plus padding).
-        factor = min(4.0, READ_HEIGHT / max(1, height * 2 / 3))
+        # What Tesseract is shown: the strokes alone, dark on white. Its own binarisation (one
+        # threshold per crop) fails on text over anatomy, whose background runs from dark to
+        # light along a line; the top-hat (black-hat) takes each stroke against its own
+        # surroundings, over a window wide enough for the kernel to see the background.
+        top, left, bottom, right = box
+        margin = STROKE_KERNEL
+        window_top, window_left = max(0, top - margin), max(0, left - margin)
+        window = gray[window_top:bottom + margin, window_left:right + margin]
+        hat = cv2.morphologyEx(window, cv2.MORPH_TOPHAT if light_text else cv2.MORPH_BLACKHAT,
+                               cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL)))
+        hat = hat[top - window_top:bottom - window_top, left - window_left:right - window_left]
+        strongest = int(hat.max())
+        if strongest < MIN_CONTRAST:
+            return (), 0.0
+        ink = (255 - hat.astype(np.float32) * (255.0 / strongest)).astype(np.uint8)
+        # Letters about READ_HEIGHT px tall (the box's height is a line's and a half, padding).
+        factor = min(4.0, READ_HEIGHT / max(1, (bottom - top) * 2 / 3))
         if factor > 1.2 or factor < 0.5:
-            crop = cv2.resize(crop, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
-        crop = cv2.copyMakeBorder(crop, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=255)
-        self._api.SetImage(Image.fromarray(crop))
+            ink = cv2.resize(ink, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+        self._api.SetImage(Image.fromarray(cv2.copyMakeBorder(ink, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=255)))
         text = self._api.GetUTF8Text()
         confidences = self._api.AllWordConfidences()
-        words = tuple(text.split())
-        return words, (float(np.mean(confidences)) if confidences else 0.0)
+        return tuple(text.split()), (float(np.mean(confidences)) if confidences else 0.0)
 
 
 def tessdata_dir() -> Path:
