@@ -383,14 +383,16 @@ class TestSubgroupMetrics:
         # 40 patients of three images, alternately F and M; F's scores overlap, M's separate.
         rng = np.random.default_rng(3)
         truth = np.repeat(np.arange(40) // 2 % 2, 3)
-        scores = np.where(truth == 1, 0.7, 0.3) + np.repeat(rng.normal(0, 0.15, 40), 3) * (np.repeat(np.arange(40) % 2, 3) == 0)
+        female_rows = np.repeat(np.arange(40) % 2, 3) == 0
+        scores = np.where(truth == 1, 0.7, 0.3) + np.repeat(rng.normal(0, 0.15, 40), 3) * female_rows
         manifest = pd.DataFrame({"patient_key": np.repeat([f"p{i}" for i in range(40)], 3),
                                  "patient_sex": np.repeat(["F", "M"] * 20, 3), "patient_age_years": 50,
                                  "manufacturer": "A", "view_position": "PA"})
         table = subgroup_metrics(manifest, truth, scores, threshold=0.5).set_index(["attribute", "group"])
         female, male = table.loc[("patient_sex", "F")], table.loc[("patient_sex", "M")]
         assert (female["n"], female["n_patients"]) == (60, 20)
-        assert female["roc_auc_ci_low"] < female["roc_auc"] <= female["roc_auc_ci_high"] and female["roc_auc_ci_note"] == ""
+        assert female["roc_auc_ci_low"] < female["roc_auc"] <= female["roc_auc_ci_high"]
+        assert female["roc_auc_ci_note"] == ""
         assert male["roc_auc"] == 1.0 and math.isnan(male["roc_auc_ci_low"])
         assert male["roc_auc_ci_note"] == "not estimable: 1.000 in every one of 1000 resamples of 20 patients"
 
@@ -406,7 +408,8 @@ class TestWeakestSubgroup:
     NOT_ESTIMABLE = "not estimable: 1.000 in every one of 1000 resamples of 20 patients"
 
     def test_all_tied_names_no_subgroup(self):
-        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE), ("B", 30, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
+        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
+                                ("B", 30, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
                                 ("C", 4, NAN, NAN, NAN, "not estimable: no AUC, the group lacks a class")])
         assert weakest_subgroup(table, overall_auc=1.0) == (
             "weakest subgroup by AUC: none, no subgroup is weaker (all 2 with an AUC at 1.000)")
@@ -424,8 +427,8 @@ class TestWeakestSubgroup:
             "(95% CI 0.800-0.970), is within its interval of the whole split's 0.950")
 
     def test_a_lowest_group_without_an_interval_says_why(self):
-        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
-                                ("B", 5, 0.75, NAN, NAN, "not estimable: 5 patients, fewer than the 10 an interval needs")])
+        few = "not estimable: 5 patients, fewer than the 10 an interval needs"
+        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE), ("B", 5, 0.75, NAN, NAN, few)])
         assert weakest_subgroup(table, overall_auc=0.97) == (
             "weakest subgroup by AUC: none shown; the lowest, manufacturer = B (n 15, 5 patients), AUC 0.750, "
             "has no interval (not estimable: 5 patients, fewer than the 10 an interval needs)")

@@ -143,7 +143,8 @@ class TestNotEstimable:
 
 class TestInterval:
     def test_stored_and_read_back(self):
-        estimated, absent = Interval(0.7, 0.9), Interval.not_estimable("9 patients, fewer than the 10 an interval needs")
+        estimated = Interval(0.7, 0.9)
+        absent = Interval.not_estimable("9 patients, fewer than the 10 an interval needs")
         report = {**estimated.as_report("roc_auc"), **absent.as_report("ppv")}
         assert report == {"roc_auc_ci_low": 0.7, "roc_auc_ci_high": 0.9, "roc_auc_ci_note": "",
                           "ppv_ci_low": None, "ppv_ci_high": None,

@@ -213,7 +213,8 @@ def test_subgroup_table_is_the_evaluated_table_in_markdown():
     # no positive: no AUC, no sensitivity
     assert ("|  | M | 8 | 6 | 0 | – | not estimable: no AUC, the group lacks a class | – | 0.750 | 0.750 |"
             in subgroups)
-    assert f"| manufacturer | Orion Systems | 40 | 20 | 16 | 0.800 | {ORION_NOTE} | 0.750 | 0.792 | 0.775 |" in subgroups
+    assert (f"| manufacturer | Orion Systems | 40 | 20 | 16 | 0.800 | {ORION_NOTE} | 0.750 | 0.792 | 0.775 |"
+            in subgroups)
     assert "No subgroup table" in section(binary_card(subgroups=None), "Subgroups")
 
 
