@@ -141,6 +141,15 @@ class TestNotEstimable:
                                  "interval is a point")
 
 
+    def test_resamples_left_out_are_counted_in_the_reason(self):
+        labels = np.repeat([1, 1, 1] + [0] * 27, 2)  # 30 patients, three positive: (27/30)^30 = 4 % left out
+        interval = auc_interval(labels, labels * 0.8 + 0.1, np.repeat(np.arange(30), 2))
+        kept = int(interval.note.split()[7])
+        assert 940 <= kept <= 980
+        assert interval.note == (f"not estimable: 1.000 in every one of {kept} resamples of 30 patients "
+                                 f"({1000 - kept} more left out: a class missing or the metric undefined)")
+
+
 class TestInterval:
     def test_stored_and_read_back(self):
         estimated = Interval(0.7, 0.9)

@@ -1,6 +1,6 @@
 """95 % intervals that resample patients: a cluster bootstrap of the registry's metrics.
 
-A test split holds several images of most patients (the embedded sample: 145 images of 56 patients),
+A test split holds several images of most patients (the embedded sample: 145 images of 49 patients),
 and one patient's images are alike: the same anatomy, the same scanner, often the same call. They
 are not independent draws, so an interval that resamples images (or a Wilson interval on image
 counts) counts each patient several times over and comes out too narrow. The cluster bootstrap
@@ -17,7 +17,7 @@ An interval is not always estimable, and then it is None with the reason, never 
   metric defined (PPV needs an image called positive): the others would describe another case mix;
 - the interval is a point: the metric sits at its bound (AUC 1.000, specificity 1.000) in at least
   97.5 % of the resamples. A percentile bootstrap cannot see past a bound: "1.000-1.000" would claim
-  a certainty that 56 patients cannot give.
+  a certainty that 49 patients cannot give.
 
 The patient key is the de-identified manifest's ``patient_key`` (the column the split stage groups
 by), passed in as values: this module reads no files.
@@ -182,20 +182,24 @@ def patient_bootstrap(scores: Scores, patients: Sequence | np.ndarray, names: Se
                 f"{metric.undefined or 'undefined'} in {n_resamples - len(values)} of {n_resamples} "
                 f"resamples of {of}")
         else:
-            intervals[name] = _percentile_interval(values, metric.bounds, level=level, of=of)
+            intervals[name] = _percentile_interval(values, metric.bounds, level=level, of=of,
+                                                   left_out=n_resamples - len(values))
     return intervals
 
 
-def _percentile_interval(values: np.ndarray, bounds: tuple[float, float], *, level: float, of: str) -> Interval:
-    """The percentile interval of bootstrap ``values``, or not estimable when it is a point."""
+def _percentile_interval(values: np.ndarray, bounds: tuple[float, float], *, level: float, of: str,
+                         left_out: int = 0) -> Interval:
+    """The percentile interval of bootstrap ``values``, or not estimable when it is a point
+    (``left_out``: resamples not in ``values``, said in the reason)."""
     tail = (1 - level) / 2
     low, high = (round(float(np.clip(np.quantile(values, q), *bounds)), DIGITS) for q in (tail, 1 - tail))
     if low < high:
         return Interval(low, high)
+    more = f" ({left_out} more left out: a class missing or the metric undefined)" if left_out else ""
     if np.all(values == values[0]):
-        return Interval.not_estimable(f"{values[0]:.3f} in every one of {len(values)} resamples of {of}")
+        return Interval.not_estimable(f"{values[0]:.3f} in every one of {len(values)} resamples of {of}{more}")
     at = int(np.sum(np.round(values, DIGITS) == low))
-    return Interval.not_estimable(f"{low:.3f} in {at} of {len(values)} resamples of {of}, so the "
+    return Interval.not_estimable(f"{low:.3f} in {at} of {len(values)} resamples of {of}{more}, so the "
                                   f"{level:.0%} interval is a point")
 
 
