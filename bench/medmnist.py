@@ -79,6 +79,7 @@ from dicomflow.devtools.sample_data import (
     make_uid,
     unique_number,
 )
+from dicomflow.evaluation.intervals import interval_from_report
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "medmnist" / "breastmnist.npz"
 SPLITS = ("train", "val", "test")
@@ -594,8 +595,10 @@ def print_report(report: Report, *, metrics: dict, members: list[tuple[float, fl
                  project_params: dict, skipped: list[str], architecture: str, image_size: int,
                  extra: list[str]) -> None:
     """The results table, targets, timings and params, as Markdown on stdout and in ``report``."""
-    ci = (f" (95 % CI of AUC {_fmt(metrics['roc_auc_ci_low'])}-{_fmt(metrics['roc_auc_ci_high'])})"
-          if {"roc_auc_ci_low", "roc_auc_ci_high"} <= set(metrics) else "")
+    # The stage's interval resamples patients; here each image is its own fake patient, so it is
+    # the image bootstrap. Not estimable: the ends are null and the note says why.
+    interval = interval_from_report(metrics, "roc_auc")
+    ci = f" (95 % CI of AUC {interval.describe()})" if interval is not None else ""
     size = len(members)
     label = f"{size}-member ensemble of `{architecture}`" if size > 1 else f"`{architecture}`"
     rows = [{"method": f"**dicomflow {label} ({image_size}), this run**{ci}",

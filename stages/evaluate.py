@@ -58,7 +58,7 @@ from dicomflow.deid.secret import read_secret
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.errors import DataError
 from dicomflow.evaluation import registry
-from dicomflow.evaluation.metrics import choose_threshold, headline, roc_auc
+from dicomflow.evaluation.metrics import choose_threshold, headline, loggable, roc_auc
 from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.evaluation.promotion import (
     check_card,
@@ -118,7 +118,7 @@ def main() -> None:
                                   pixel_settings=dataclasses.asdict(registered["settings"]))
     secret_tags = read_secret_fingerprint(deid_dir / layout.DEID_SECRET_FINGERPRINT)
     key = registry.evaluation_key(training_run, read_params_file()["evaluate"])
-    test_metrics = {f"test_{metric}": value for metric, value in metrics.items()}
+    test_metrics = {f"test_{metric}": value for metric, value in loggable(metrics).items()}
     tracking.configure_mlflow()
     client = mlflow.MlflowClient()
     # The model card's content but for what registration decides (version, alias, decision).

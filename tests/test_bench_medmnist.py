@@ -119,3 +119,22 @@ def test_per_split_keeps_the_first_images_of_each_label(bench):
             expected = sorted([*np.flatnonzero(every == 0)[:3], *np.flatnonzero(every == 1)[:3]])
             np.testing.assert_array_equal(images[split], data[f"{split}_images"][expected])
             np.testing.assert_array_equal(labels[split], every[expected])
+
+
+@pytest.mark.parametrize(("interval", "printed"), [
+    ({"roc_auc_ci_low": 0.8541, "roc_auc_ci_high": 0.9602, "roc_auc_ci_note": ""}, "(95 % CI of AUC 0.854-0.960)"),
+    ({"roc_auc_ci_low": None, "roc_auc_ci_high": None,
+      "roc_auc_ci_note": "not estimable: 1.000 in every one of 1000 resamples of 156 patients"},
+     "(95 % CI of AUC not estimable: 1.000 in every one of 1000 resamples of 156 patients)"),
+])
+def test_the_results_table_prints_the_interval_or_why_there_is_none(capsys, interval, printed):
+    import argparse
+
+    from bench.common import Report
+
+    metrics = {"roc_auc": 0.915, "accuracy": 0.878, "n_test": 156, "n_test_positive": 114, **interval}
+    train = medmnist.TrainRun(seconds=1.0, val_auc=0.9, val_loss=0.3, kept_epochs=[5], epochs=10)
+    medmnist.print_report(Report("medmnist", argparse.Namespace()), metrics=metrics, members=[(0.915, 0.878)],
+                          train=train, timings={"train": 1.0}, total=2.0, setup=1.0, params={"evaluate": {}},
+                          project_params={}, skipped=[], architecture="resnet_small", image_size=28, extra=[])
+    assert f"| **dicomflow `resnet_small` (28), this run** {printed} | 0.915 | 0.878 |" in capsys.readouterr().out

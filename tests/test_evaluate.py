@@ -14,11 +14,12 @@ from dicomflow.errors import DataError, SettingsError
 from dicomflow.evaluation.plots import calibration_table, write_plot_data
 from dicomflow.evaluation.metrics import (
     age_band,
-    bootstrap_auc_interval,
     choose_threshold,
     compute_metrics,
     compute_multiclass_metrics,
+    loggable,
     subgroup_metrics,
+    weakest_subgroup,
 )
 from dicomflow.evaluation.promotion import Comparison, promotion_score, should_promote
 
@@ -27,6 +28,14 @@ from dicomflow.evaluation.promotion import Comparison, promotion_score, should_p
 #   TP = 2 (0.9, 0.6), FN = 1 (0.4), FP = 2 (0.7, 0.5), TN = 3 (0.3, 0.2, 0.1)
 HAND_TRUE = np.array([1, 1, 1, 0, 0, 0, 0, 0])
 HAND_SCORE = np.array([0.9, 0.6, 0.4, 0.7, 0.3, 0.2, 0.1, 0.5])
+
+
+NAN = float("nan")
+
+
+def own_patients(n: int) -> np.ndarray:
+    """One patient per image."""
+    return np.array([f"p{i}" for i in range(n)], dtype=object)
 
 
 @pytest.fixture
@@ -110,7 +119,7 @@ class TestComputeMetrics:
     def test_matches_hand_counts(self):
         y_true = np.array([1, 1, 1, 0, 0, 0, 0, 1])
         y_score = np.array([0.9, 0.8, 0.3, 0.2, 0.6, 0.1, 0.4, 0.7])
-        metrics = compute_metrics(y_true, y_score, threshold=0.5)
+        metrics = compute_metrics(y_true, y_score, threshold=0.5, patients=own_patients(8))
         # at 0.5: TP = 3 (0.9, 0.8, 0.7), FN = 1 (0.3), FP = 1 (0.6), TN = 3
         assert metrics["sensitivity"] == pytest.approx(3 / 4)
         assert metrics["specificity"] == pytest.approx(3 / 4)
@@ -119,7 +128,7 @@ class TestComputeMetrics:
         assert (metrics["n_test"], metrics["n_test_positive"]) == (8, 4)
 
     def test_new_metrics_match_hand_counts(self):
-        metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=0.5)
+        metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=0.5, patients=own_patients(8))
         assert metrics["sensitivity"] == pytest.approx(2 / 3)
         assert metrics["specificity"] == pytest.approx(3 / 5)
         assert metrics["ppv"] == pytest.approx(2 / 4)  # TP / (TP + FP)
@@ -138,20 +147,38 @@ class TestComputeMetrics:
     def test_undefined_predictive_value_is_zero_with_a_warning(self, caplog, threshold, nobody, zero,
                                                                other, expected):
         with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
-            metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=threshold)
+            metrics = compute_metrics(HAND_TRUE, HAND_SCORE, threshold=threshold, patients=own_patients(8))
         assert metrics[zero] == 0.0
         assert metrics[other] == pytest.approx(expected)
-        assert all(math.isfinite(value) for value in metrics.values())
+        assert all(math.isfinite(value) for value in metrics.values() if isinstance(value, float))
         assert f"no test image is predicted {nobody}" in caplog.text
         assert f"{zero.upper()} reported as 0.0" in caplog.text
 
-    def test_confidence_interval_brackets_the_auc(self, scored):
-        y_true, y_score = scored
-        low, high = bootstrap_auc_interval(y_true, y_score, n_resamples=300)
-        assert low < roc_auc_score(y_true, y_score) < high
-        assert high - low < 0.2
-        narrow = bootstrap_auc_interval(np.tile(y_true, 4), np.tile(y_score, 4), n_resamples=300)
-        assert narrow[1] - narrow[0] < high - low
+    def test_every_interval_resamples_the_patients_given(self, scored):
+        y_true, y_score = scored  # 300 images, here of 100 patients of three images each
+        patients = np.repeat(np.arange(100), 3).astype(str)
+        metrics = compute_metrics(y_true, y_score, threshold=0.5, patients=patients)
+        assert metrics["n_test_patients"] == 100
+        for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv"):
+            assert metrics[f"{name}_ci_low"] < metrics[name] < metrics[f"{name}_ci_high"], name
+            assert metrics[f"{name}_ci_note"] == ""
+        assert "f1_ci_low" not in metrics and "brier_ci_low" not in metrics  # the registry gives them none
+
+    def test_a_separated_split_has_no_interval_and_says_why(self):
+        y_true = np.repeat([0, 1] * 23, 3)  # 46 patients of three images, each patient one class
+        y_score = np.where(y_true == 1, 0.9, 0.1)
+        metrics = compute_metrics(y_true, y_score, threshold=0.5, patients=np.repeat(np.arange(46), 3))
+        assert metrics["roc_auc"] == 1.0
+        assert metrics["roc_auc_ci_low"] is None and metrics["roc_auc_ci_high"] is None
+        assert metrics["roc_auc_ci_note"] == "not estimable: 1.000 in every one of 1000 resamples of 46 patients"
+        assert loggable(metrics)["roc_auc"] == 1.0
+        assert not {"roc_auc_ci_low", "roc_auc_ci_note"} & set(loggable(metrics))  # MLflow takes numbers only
+
+    def test_patients_must_match_the_images(self):
+        with pytest.raises(DataError, match="patients holds 7 keys for 8 images"):
+            compute_metrics(HAND_TRUE, HAND_SCORE, threshold=0.5, patients=own_patients(7))
+        with pytest.raises(DataError, match="patient_key is missing for 1 of 8 images"):
+            compute_metrics(HAND_TRUE, HAND_SCORE, threshold=0.5, patients=[*own_patients(7), None])
 
 
 class TestCalibrationTable:
@@ -267,7 +294,7 @@ class TestMulticlassMetrics:
                        [0.1, 0.3, 0.6], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
 
     def test_matches_hand_counts(self):
-        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[0, 1, 2])
+        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[0, 1, 2], patients=own_patients(6))
 
         assert metrics["accuracy"] == pytest.approx(3 / 6)
         # class 1: actual {2, 3}, called {1, 2}: sensitivity 1/2, specificity 3/4, PPV 1/2
@@ -277,17 +304,28 @@ class TestMulticlassMetrics:
         per_class = [roc_auc_score(self.truth == k, self.scores[:, k]) for k in range(3)]
         assert metrics["roc_auc_2"] == pytest.approx(per_class[2])
         assert metrics["roc_auc"] == pytest.approx(np.mean(per_class))
-        assert metrics["roc_auc_ci_low"] <= metrics["roc_auc"] <= metrics["roc_auc_ci_high"]
-        assert metrics["n_test_0"] == 2 and metrics["n_test"] == 6
+        assert metrics["n_test_0"] == 2 and metrics["n_test"] == 6 and metrics["n_test_patients"] == 6
+        for name in ("roc_auc", "accuracy", "sensitivity_1", "specificity_2"):  # six patients: too few
+            assert metrics[f"{name}_ci_low"] is None
+            assert metrics[f"{name}_ci_note"] == "not estimable: 6 patients, fewer than the 10 an interval needs"
+        assert "ppv_1_ci_low" not in metrics and "roc_auc_1_ci_low" not in metrics
+
+    def test_intervals_resample_patients_for_more_classes_too(self):
+        truth, scores = np.tile(self.truth, 10), np.tile(self.scores, (10, 1))  # 60 images of 20 patients
+        metrics = compute_multiclass_metrics(truth, scores, classes=[0, 1, 2],
+                                             patients=np.repeat(np.arange(20), 3))
+        assert metrics["n_test_patients"] == 20
+        assert metrics["accuracy_ci_low"] < 0.5 < metrics["accuracy_ci_high"]
+        assert metrics["sensitivity_1_ci_low"] < 0.5 < metrics["sensitivity_1_ci_high"]
 
     def test_class_names_come_from_the_labels(self):
-        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[3, 5, 9])
+        metrics = compute_multiclass_metrics(self.truth, self.scores, classes=[3, 5, 9], patients=own_patients(6))
 
         assert "sensitivity_9" in metrics and "sensitivity_2" not in metrics
 
     def test_a_class_missing_from_test_is_a_clear_error(self):
         with pytest.raises(DataError, match=r"no image of class\(es\) \[2\]"):
-            compute_multiclass_metrics(self.truth[:4], self.scores[:4], classes=[0, 1, 2])
+            compute_multiclass_metrics(self.truth[:4], self.scores[:4], classes=[0, 1, 2], patients=own_patients(4))
 
 
 @pytest.mark.parametrize(("years", "band"), [(None, "unknown"), (math.nan, "unknown"), (0, "0-17"),
@@ -299,6 +337,7 @@ def test_age_band(years, band):
 class TestSubgroupMetrics:
     def _manifest(self) -> pd.DataFrame:
         return pd.DataFrame({
+            "patient_key": ["a", "b", "b", "c", "d", "e"],
             "patient_sex": pd.array(["F", "F", "F", "M", "M", None], dtype="string"),
             "patient_age_years": pd.array([30, 70, 70, 50, None, 10], dtype="Int64"),
             "manufacturer": ["A", "A", "B", "B", "B", "B"],
@@ -313,13 +352,16 @@ class TestSubgroupMetrics:
             ["attribute", "group"])
 
         female = table.loc[("patient_sex", "F")]
-        assert (female["n"], female["n_positive"]) == (3, 2)
+        assert (female["n"], female["n_patients"], female["n_positive"]) == (3, 2, 2)
+        assert math.isnan(female["roc_auc_ci_low"]) and math.isnan(female["roc_auc_ci_high"])
+        assert female["roc_auc_ci_note"] == "not estimable: 2 patients, fewer than the 10 an interval needs"
         assert female["sensitivity"] == pytest.approx(0.5) and female["specificity"] == pytest.approx(1.0)
         assert female["roc_auc"] == pytest.approx(roc_auc_score([1, 0, 1], [0.9, 0.2, 0.4]))
         male = table.loc[("patient_sex", "M")]
         assert (male["sensitivity"], male["specificity"]) == (1.0, 0.0)
         unknown_sex = table.loc[("patient_sex", "unknown")]
         assert unknown_sex["n"] == 1 and math.isnan(unknown_sex["roc_auc"])
+        assert unknown_sex["roc_auc_ci_note"] == "not estimable: no AUC, the group lacks a class"
         assert math.isnan(unknown_sex["sensitivity"])  # no positive in the group
         assert table.loc[("age_band", "65+"), "n"] == 2
         assert table.loc[("age_band", "unknown"), "n"] == 1
@@ -336,6 +378,60 @@ class TestSubgroupMetrics:
 
         assert table.loc[("manufacturer", "B"), "accuracy"] == pytest.approx(3 / 4)
         assert "sensitivity" not in table.columns
+
+    def test_the_auc_interval_of_a_group_resamples_its_patients(self):
+        # 40 patients of three images, alternately F and M; F's scores overlap, M's separate.
+        rng = np.random.default_rng(3)
+        truth = np.repeat(np.arange(40) // 2 % 2, 3)
+        female_rows = np.repeat(np.arange(40) % 2, 3) == 0
+        scores = np.where(truth == 1, 0.7, 0.3) + np.repeat(rng.normal(0, 0.15, 40), 3) * female_rows
+        manifest = pd.DataFrame({"patient_key": np.repeat([f"p{i}" for i in range(40)], 3),
+                                 "patient_sex": np.repeat(["F", "M"] * 20, 3), "patient_age_years": 50,
+                                 "manufacturer": "A", "view_position": "PA"})
+        table = subgroup_metrics(manifest, truth, scores, threshold=0.5).set_index(["attribute", "group"])
+        female, male = table.loc[("patient_sex", "F")], table.loc[("patient_sex", "M")]
+        assert (female["n"], female["n_patients"]) == (60, 20)
+        assert female["roc_auc_ci_low"] < female["roc_auc"] <= female["roc_auc_ci_high"]
+        assert female["roc_auc_ci_note"] == ""
+        assert male["roc_auc"] == 1.0 and math.isnan(male["roc_auc_ci_low"])
+        assert male["roc_auc_ci_note"] == "not estimable: 1.000 in every one of 1000 resamples of 20 patients"
+
+
+def subgroup_table(rows: list[tuple]) -> pd.DataFrame:
+    """A subgroup table of (group, n_patients, AUC, interval low, high, note) rows of one attribute."""
+    return pd.DataFrame([{"attribute": "manufacturer", "group": group, "n": 3 * patients, "n_patients": patients,
+                          "roc_auc": auc, "roc_auc_ci_low": low, "roc_auc_ci_high": high, "roc_auc_ci_note": note}
+                         for group, patients, auc, low, high, note in rows])
+
+
+class TestWeakestSubgroup:
+    NOT_ESTIMABLE = "not estimable: 1.000 in every one of 1000 resamples of 20 patients"
+
+    def test_all_tied_names_no_subgroup(self):
+        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
+                                ("B", 30, 1.0, NAN, NAN, self.NOT_ESTIMABLE),
+                                ("C", 4, NAN, NAN, NAN, "not estimable: no AUC, the group lacks a class")])
+        assert weakest_subgroup(table, overall_auc=1.0) == (
+            "weakest subgroup by AUC: none, no subgroup is weaker (all 2 with an AUC at 1.000)")
+
+    def test_a_group_whose_interval_ends_below_the_whole_split_is_named(self):
+        table = subgroup_table([("A", 20, 0.99, 0.95, 1.0, ""), ("B", 30, 0.80, 0.70, 0.88, "")])
+        assert weakest_subgroup(table, overall_auc=0.93) == (
+            "weakest subgroup by AUC: manufacturer = B (n 90, 30 patients), AUC 0.800 (95% CI 0.700-0.880), "
+            "below the whole split's 0.930")
+
+    def test_a_group_within_its_interval_of_the_whole_split_is_not_named_weaker(self):
+        table = subgroup_table([("A", 20, 0.99, 0.95, 1.0, ""), ("B", 30, 0.90, 0.80, 0.97, "")])
+        assert weakest_subgroup(table, overall_auc=0.95) == (
+            "weakest subgroup by AUC: none shown; the lowest, manufacturer = B (n 90, 30 patients), AUC 0.900 "
+            "(95% CI 0.800-0.970), is within its interval of the whole split's 0.950")
+
+    def test_a_lowest_group_without_an_interval_says_why(self):
+        few = "not estimable: 5 patients, fewer than the 10 an interval needs"
+        table = subgroup_table([("A", 20, 1.0, NAN, NAN, self.NOT_ESTIMABLE), ("B", 5, 0.75, NAN, NAN, few)])
+        assert weakest_subgroup(table, overall_auc=0.97) == (
+            "weakest subgroup by AUC: none shown; the lowest, manufacturer = B (n 15, 5 patients), AUC 0.750, "
+            "has no interval (not estimable: 5 patients, fewer than the 10 an interval needs)")
 
 
 def test_promotion_scores_each_model_at_its_own_threshold():

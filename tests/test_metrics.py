@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import precision_score, roc_auc_score
 
 from dicomflow import metrics
 from dicomflow.config.params import EvaluateParams
@@ -102,3 +103,38 @@ def test_a_metric_of_another_task_is_refused_naming_the_setting_and_the_choices(
         metrics.metric_for("sensitivity", n_classes=3, setting="evaluate.promotion_metric")
     with pytest.raises(SettingsError, match=r"^metric 'auc' is not a metric; use one of roc_auc, sensitivity"):
         metrics.metric_for("auc", n_classes=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_is_scikit_learns_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 150)
+    scores = np.round(np.clip(0.2 * labels + rng.normal(0.4, 0.2, 150), 0, 1), 1)  # rounded: many ties
+    assert metrics.roc_auc(Scores.at_threshold(labels, scores)) == pytest.approx(roc_auc_score(labels, scores),
+                                                                                   abs=1e-12)
+    three = rng.dirichlet(np.ones(3), 150)
+    classes = rng.integers(0, 3, 150)
+    expected = np.mean([roc_auc_score(classes == k, three[:, k]) for k in range(3)])
+    assert metrics.roc_auc(Scores.at_threshold(classes, three)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_roc_auc_refuses_one_class_as_scikit_learn_does():
+    with pytest.raises(ValueError, match="only one class"):
+        metrics.roc_auc(Scores.at_threshold(np.ones(4, int), np.linspace(0, 1, 4)))
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
+def test_predictive_values_are_scikit_learns_precision(threshold):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 60)
+    scores = Scores.at_threshold(labels, rng.random(60), threshold=threshold)
+    assert metrics.ppv(scores) == precision_score(labels, scores.called, pos_label=1, zero_division=0.0)
+    assert metrics.npv(scores) == precision_score(labels, scores.called, pos_label=0, zero_division=0.0)
+
+
+def test_the_metrics_with_an_interval_are_the_cards_and_each_says_its_range():
+    assert metrics.with_interval("binary") == ("roc_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv")
+    assert metrics.with_interval("multiclass") == ("roc_auc", "accuracy")
+    assert all(metric.bounds == (0.0, 1.0) for metric in metrics.METRICS.values() if metric.interval)
+    assert metrics.METRICS["brier"].bounds == (0.0, 2.0)  # three classes, all mass on a wrong one: 1 + 1
+    assert metrics.brier(Scores.at_threshold(np.array([0]), np.array([[0.0, 1.0, 0.0]]))) == 2.0

@@ -17,7 +17,6 @@ from dicomflow.evaluation.model_card import (
     card_title,
     model_card,
     registry_description,
-    wilson_interval,
 )
 from dicomflow.serving.domain import TrainingDomain
 
@@ -55,23 +54,34 @@ def hand_manifest() -> pd.DataFrame:
     })
 
 
-# Test figures as compute_metrics and calibration_metrics name them: 20 images, 8 positive; at the
-# threshold TP 6, FN 2, TN 10, FP 2.
+# Test figures as compute_metrics and calibration_metrics name them: 20 images of 14 patients, 8
+# positive; at the threshold TP 6, FN 2, TN 10, FP 2. PPV's interval is not estimable.
+PPV_NOTE = "not estimable: no image is called positive in 120 of 1000 resamples of 14 patients"
 BINARY_METRICS = {
-    "roc_auc": 0.85, "roc_auc_ci_low": 0.7, "roc_auc_ci_high": 0.95, "average_precision": 0.8,
-    "brier": 0.15, "accuracy": 0.8, "sensitivity": 0.75, "specificity": 10 / 12, "ppv": 0.75,
-    "npv": 10 / 12, "f1": 0.75, "threshold": 0.42, "n_test": 20, "n_test_positive": 8,
+    "roc_auc": 0.85, "roc_auc_ci_low": 0.7, "roc_auc_ci_high": 0.95, "roc_auc_ci_note": "",
+    "average_precision": 0.8, "brier": 0.15,
+    "accuracy": 0.8, "accuracy_ci_low": 0.6, "accuracy_ci_high": 0.95, "accuracy_ci_note": "",
+    "sensitivity": 0.75, "sensitivity_ci_low": 0.5, "sensitivity_ci_high": 1.0, "sensitivity_ci_note": "",
+    "specificity": 10 / 12, "specificity_ci_low": 0.6, "specificity_ci_high": 1.0, "specificity_ci_note": "",
+    "ppv": 0.75, "ppv_ci_low": None, "ppv_ci_high": None, "ppv_ci_note": PPV_NOTE,
+    "npv": 10 / 12, "npv_ci_low": 0.65, "npv_ci_high": 0.95, "npv_ci_note": "",
+    "f1": 0.75, "threshold": 0.42, "n_test": 20, "n_test_positive": 8, "n_test_patients": 14,
     "ece": 0.05, "brier_uncalibrated": 0.17, "ece_uncalibrated": 0.09, "temperature": 1.5,
 }
 VALIDATION = {"loss": 0.4321, "auc": 0.91, "accuracy": 0.85, "brier": 0.12, "ece": 0.04,
               "ece_uncalibrated": 0.08, "brier_uncalibrated": 0.13}
 NAN = float("nan")
+# As the stage reads reports/subgroups.csv back: an empty note is NaN.
+ORION_NOTE = "not estimable: only 850 of 1000 resamples of 20 patients hold every class"
 SUBGROUPS = pd.DataFrame([
-    {"attribute": "patient_sex", "group": "F", "n": 12, "roc_auc": 0.9, "accuracy": 0.8333, "n_positive": 5,
+    {"attribute": "patient_sex", "group": "F", "n": 12, "n_patients": 11, "roc_auc": 0.9, "roc_auc_ci_low": 0.75,
+     "roc_auc_ci_high": 0.98, "roc_auc_ci_note": NAN, "accuracy": 0.8333, "n_positive": 5,
      "sensitivity": 0.8, "specificity": 0.8571},
-    {"attribute": "patient_sex", "group": "M", "n": 8, "roc_auc": NAN, "accuracy": 0.75, "n_positive": 0,
-     "sensitivity": NAN, "specificity": 0.75},
-    {"attribute": "manufacturer", "group": "Orion Systems", "n": 40, "roc_auc": 0.8, "accuracy": 0.775,
+    {"attribute": "patient_sex", "group": "M", "n": 8, "n_patients": 6, "roc_auc": NAN, "roc_auc_ci_low": NAN,
+     "roc_auc_ci_high": NAN, "roc_auc_ci_note": "not estimable: no AUC, the group lacks a class", "accuracy": 0.75,
+     "n_positive": 0, "sensitivity": NAN, "specificity": 0.75},
+    {"attribute": "manufacturer", "group": "Orion Systems", "n": 40, "n_patients": 20, "roc_auc": 0.8,
+     "roc_auc_ci_low": NAN, "roc_auc_ci_high": NAN, "roc_auc_ci_note": ORION_NOTE, "accuracy": 0.775,
      "n_positive": 16, "sensitivity": 0.75, "specificity": 0.7917},
 ])
 DOMAIN = TrainingDomain(modalities=frozenset({"CR", "DX"}), photometrics=frozenset({"MONOCHROME2"}),
@@ -167,12 +177,12 @@ def test_operating_point_names_the_method(method, words):
 def test_performance_has_test_figures_with_intervals_and_validation():
     performance = section(binary_card(), "Performance")
     assert ("Test split: 20 images, 8 of class 1 (prevalence 40.0%), used for this report only; rates at "
-            "threshold 0.4200. 95% intervals: bootstrap (AUC), Wilson (proportions).") in performance
-    # Wilson 95 % intervals of 6/8, 10/12 and 16/20, from tables: 0.409-0.929, 0.552-0.953, 0.584-0.919.
+            "threshold 0.4200. 95% intervals: bootstrap of the 14 test patients (1000 resamples, each patient "
+            "with all its images); where none can be estimated, the reason.") in performance
     for row in ("| ROC AUC | 0.850 (0.700-0.950) |", "| Average precision | 0.800 |",
-                "| Sensitivity | 0.750 (0.409-0.929; 6/8) |", "| Specificity | 0.833 (0.552-0.953; 10/12) |",
-                "| PPV | 0.750 (0.409-0.929; 6/8) |", "| NPV | 0.833 (0.552-0.953; 10/12) |",
-                "| F1 | 0.750 |", "| Accuracy | 0.800 (0.584-0.919; 16/20) |",
+                "| Sensitivity | 0.750 (0.500-1.000; 6/8) |", "| Specificity | 0.833 (0.600-1.000; 10/12) |",
+                f"| PPV | 0.750 ({PPV_NOTE}; 6/8) |", "| NPV | 0.833 (0.650-0.950; 10/12) |",
+                "| F1 | 0.750 |", "| Accuracy | 0.800 (0.600-0.950; 16/20) |",
                 "| as registered (calibrated) | 0.1500 | 0.0500 |", "| without the calibration | 0.1700 | 0.0900 |"):
         assert row in performance, row
     assert ("Validation (the saved model, from train): ROC AUC 0.910, loss 0.4321, accuracy (at 0.5) 0.850, "
@@ -180,18 +190,31 @@ def test_performance_has_test_figures_with_intervals_and_validation():
     assert "Validation split: not recorded" in section(binary_card(validation={}), "Performance")
 
 
-@pytest.mark.parametrize(("successes", "n", "low", "high"), [(6, 8, 0.4093, 0.9285), (16, 20, 0.5840, 0.9193),
-                                                               (0, 5, 0.0, 0.4345), (5, 5, 0.5655, 1.0)])
-def test_wilson_interval_by_hand(successes, n, low, high):
-    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+def test_an_interval_that_is_not_estimable_says_why_not_one_to_one():
+    note = "not estimable: 1.000 in every one of 1000 resamples of 46 patients"
+    perfect = {**BINARY_METRICS, "roc_auc": 1.0, "roc_auc_ci_low": None, "roc_auc_ci_high": None,
+               "roc_auc_ci_note": note}
+    card = binary_card(metrics=perfect)
+    assert f"| ROC AUC | 1.000 ({note}) |" in section(card, "Performance")
+    assert "1.000-1.000" not in card
+
+
+def test_a_report_without_intervals_shows_the_figures_and_counts():
+    older = {name: value for name, value in BINARY_METRICS.items() if "_ci_" not in name and name != "n_test_patients"}
+    performance = section(binary_card(metrics=older), "Performance")
+    assert "| ROC AUC | 0.850 |" in performance and "| Sensitivity | 0.750 (6/8) |" in performance
+    assert "No intervals recorded (a report of an older version)." in performance
 
 
 def test_subgroup_table_is_the_evaluated_table_in_markdown():
     subgroups = section(binary_card(), "Subgroups")
-    assert "| attribute | group | n | n positive | AUC | sens. | spec. | acc. |" in subgroups
-    assert "| patient sex | F | 12 | 5 | 0.900 | 0.800 | 0.857 | 0.833 |" in subgroups
-    assert "|  | M | 8 | 0 | – | – | 0.750 | 0.750 |" in subgroups  # no positive: no AUC, no sensitivity
-    assert "| manufacturer | Orion Systems | 40 | 16 | 0.800 | 0.750 | 0.792 | 0.775 |" in subgroups
+    assert "| attribute | group | n | patients | n positive | AUC | AUC 95% CI | sens. | spec. | acc. |" in subgroups
+    assert "| patient sex | F | 12 | 11 | 5 | 0.900 | 0.750-0.980 | 0.800 | 0.857 | 0.833 |" in subgroups
+    # no positive: no AUC, no sensitivity
+    assert ("|  | M | 8 | 6 | 0 | – | not estimable: no AUC, the group lacks a class | – | 0.750 | 0.750 |"
+            in subgroups)
+    assert (f"| manufacturer | Orion Systems | 40 | 20 | 16 | 0.800 | {ORION_NOTE} | 0.750 | 0.792 | 0.775 |"
+            in subgroups)
     assert "No subgroup table" in section(binary_card(subgroups=None), "Subgroups")
 
 
@@ -225,26 +248,31 @@ def test_promotion_has_the_decision_alias_and_version():
 def test_more_than_two_classes_report_macro_and_per_class_figures():
     three = IngestParams(**{**INGEST.__dict__, "classes": [0, 1, 2]})
     manifest = hand_manifest().assign(label=[0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
-    metrics = {"roc_auc": 0.8, "roc_auc_ci_low": 0.6, "roc_auc_ci_high": 0.9, "accuracy": 0.7, "macro_f1": 0.65,
-               "n_test": 10, "brier": 0.3, "ece": 0.1, "brier_uncalibrated": 0.35, "ece_uncalibrated": 0.2,
-               "temperature": 1.0}
+    few = "not estimable: 8 patients, fewer than the 10 an interval needs"
+    absent = {"ci_low": None, "ci_high": None, "ci_note": few}
+    metrics = {"roc_auc": 0.8, "roc_auc_ci_low": 0.6, "roc_auc_ci_high": 0.9, "roc_auc_ci_note": "",
+               "accuracy": 0.7, **{f"accuracy_{k}": v for k, v in absent.items()}, "macro_f1": 0.65,
+               "n_test": 10, "n_test_patients": 8, "brier": 0.3, "ece": 0.1, "brier_uncalibrated": 0.35,
+               "ece_uncalibrated": 0.2, "temperature": 1.0}
     for label, n, sensitivity, specificity in ((0, 4, 0.75, 5 / 6), (1, 3, 2 / 3, 6 / 7), (2, 3, 2 / 3, 1.0)):
         metrics.update({f"roc_auc_{label}": 0.8, f"sensitivity_{label}": sensitivity,
                         f"specificity_{label}": specificity, f"ppv_{label}": 0.7, f"f1_{label}": 0.6,
-                        f"n_test_{label}": n})
+                        f"n_test_{label}": n, f"sensitivity_{label}_ci_low": 0.4, f"sensitivity_{label}_ci_high": 0.9,
+                        f"sensitivity_{label}_ci_note": "",
+                        **{f"specificity_{label}_{k}": v for k, v in absent.items()}})
     card = model_card(name="three", version="1", alias="champion", decision="champion: no champion before",
                       manifest=manifest, data_version="v", metrics=metrics, subgroups=SUBGROUPS.drop(
                           columns=["n_positive", "sensitivity", "specificity"]), domain=DOMAIN, threshold=None,
                       ingest=three, evaluate=EVALUATE, train=TRAIN, augment=AUGMENT, validation=VALIDATION)
     performance = section(card, "Performance")
     assert "| Macro ROC AUC | 0.800 (0.600-0.900) |" in performance
-    assert "| Accuracy (most probable class) | 0.700 (0.397-0.892; 7/10) |" in performance
-    assert "| 0 | 4 | 0.800 | 0.750 (0.301-0.954; 3/4) | 0.833 (0.436-0.970; 5/6) | 0.700 | 0.600 |" in performance
+    assert f"| Accuracy (most probable class) | 0.700 ({few}; 7/10) |" in performance
+    assert f"| 0 | 4 | 0.800 | 0.750 (0.400-0.900; 3/4) | 0.833 ({few}; 5/6) | 0.700 | 0.600 |" in performance
     assert "\n| Sensitivity |" not in performance and "accuracy (most probable class) 0.850" in performance
     assert "probability for each of the 3 classes (softmax)" in section(card, "Model")
     assert "most probable class (no threshold)" in section(card, "Model")
     assert "| train | 6 (60.0%) | 4 | 2 (2) | 2 (2) | 2 (2) |" in section(card, "Training data")
-    assert "| attribute | group | n | AUC | acc. |" in section(card, "Subgroups")
+    assert "| attribute | group | n | patients | AUC | AUC 95% CI | acc. |" in section(card, "Subgroups")
     assert "No threshold" in section(card, "Known limitations")
 
 
@@ -271,7 +299,7 @@ def test_category_names_cannot_break_the_markdown():
             in section(card, "Training data"))
     table = section(card, "Subgroups").split("\n\n")[2]
     assert "| manufacturer | A\\|B\\_\\*C\\* | 40 |" in table
-    assert all(line.count("|") - line.count("\\|") == 9 for line in table.splitlines())
+    assert all(line.count("|") - line.count("\\|") == 11 for line in table.splitlines())
 
 
 def test_the_description_is_the_card_when_it_fits_and_shortened_else():

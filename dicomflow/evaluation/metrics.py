@@ -1,8 +1,9 @@
-"""The test report's figures: operating threshold, ROC AUC with a bootstrap interval, the
-confusion-matrix metrics, multi-class and per-class metrics, calibration and subgroups.
+"""The test report's figures: operating threshold, ROC AUC and the confusion-matrix metrics with
+95 % intervals that resample patients, multi-class and per-class metrics, calibration and subgroups.
 
-Each figure is a metric of :mod:`dicomflow.metrics` (the registry) computed on the test split; this
-module chooses the threshold and assembles the report.
+Each figure is a metric of :mod:`dicomflow.metrics` (the registry) computed on the test split, and
+each interval a patient bootstrap (:mod:`dicomflow.evaluation.intervals`) of the metrics the
+registry marks ``interval``; this module chooses the threshold and assembles the report.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sklearn.metrics import roc_curve
 from dicomflow import metrics as registry
 from dicomflow.config.params import THRESHOLD_METHODS
 from dicomflow.errors import DataError
+from dicomflow.evaluation.intervals import Interval, interval_from_report, patient_bootstrap
 from dicomflow.metrics import HEADLINE_METRICS, Scores
 
 logger = logging.getLogger(__name__)
@@ -100,19 +102,11 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return registry.roc_auc(Scores.at_threshold(y_true, y_score))
 
 
-def bootstrap_auc_interval(y_true: np.ndarray, y_score: np.ndarray, *, n_resamples: int = 1000,
-                           seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of :func:`roc_auc` (resamples missing a class of
-    the split skipped)."""
-    rng = np.random.default_rng(seed)
-    n_classes = len(np.unique(y_true))
-    aucs = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(y_true), len(y_true))
-        if len(np.unique(y_true[idx])) == n_classes:
-            aucs.append(roc_auc(y_true[idx], y_score[idx]))
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+def loggable(metrics: dict[str, float | str | None]) -> dict[str, float]:
+    """The figures of a report that are numbers: what MLflow logs as metrics (an interval that is
+    not estimable is None, its reason text; both stay in the report file)."""
+    return {name: value for name, value in metrics.items()
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -127,10 +121,16 @@ REPORTED = {registry.BINARY: ("roc_auc", "average_precision", "brier", "accuracy
                               "ppv", "npv", "f1"),
             registry.MULTICLASS: ("roc_auc", "accuracy", "macro_f1")}
 PER_CLASS = ("roc_auc", "sensitivity", "specificity", "ppv", "f1")  # one-vs-rest, for more than two classes
+PER_CLASS_INTERVALS = ("sensitivity", "specificity")  # the per-class figures the model card gives an interval
 
 
-def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float) -> dict[str, float]:
-    """Test-split metrics: ranking, calibration, and the confusion counts at ``threshold``.
+Report = dict[str, float | str | None]  # a figure, an interval end (None: not estimable) or its note
+
+
+def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float,
+                    patients: np.ndarray) -> Report:
+    """Test-split metrics: ranking, calibration, and the confusion counts at ``threshold``, with
+    95 % intervals that resample patients.
 
     Parameters
     ----------
@@ -140,20 +140,26 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
         Predicted probability of class 1, in [0, 1].
     threshold : float
         Operating threshold; an image is called positive when its score is >= ``threshold``.
+    patients : ndarray of shape (n,)
+        Each image's patient key (the split manifest's ``patient_key``): the unit the intervals
+        resample.
 
     Returns
     -------
     dict
-        ``roc_auc`` with its 95 % bootstrap interval (``roc_auc_ci_low``, ``roc_auc_ci_high``);
-        ``average_precision`` (area under the precision-recall curve, scikit-learn's step sum);
-        ``brier`` (mean squared error of the probabilities: 0 is perfect, a constant 0.5 scores
-        0.25); at ``threshold``: ``accuracy``, ``sensitivity``, ``specificity``, ``ppv``
-        (precision), ``npv`` and ``f1``; and ``threshold``, ``n_test``, ``n_test_positive``.
+        ``roc_auc``; ``average_precision`` (area under the precision-recall curve, scikit-learn's
+        step sum); ``brier`` (mean squared error of the probabilities: 0 is perfect, a constant 0.5
+        scores 0.25); at ``threshold``: ``accuracy``, ``sensitivity``, ``specificity``, ``ppv``
+        (precision), ``npv`` and ``f1``; and ``threshold``, ``n_test``, ``n_test_positive``,
+        ``n_test_patients``. Each metric the registry marks ``interval`` (AUC, accuracy,
+        sensitivity, specificity, PPV, NPV) is followed by ``<name>_ci_low`` and
+        ``<name>_ci_high`` (a patient bootstrap, :func:`~dicomflow.evaluation.intervals.patient_bootstrap`;
+        None where not estimable) and ``<name>_ci_note`` ("" or ``"not estimable: <why>"``).
 
     Raises
     ------
     DataError
-        The test split holds one class only.
+        The test split holds one class only, or ``patients`` is not one key per image.
 
     Notes
     -----
@@ -169,23 +175,33 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
         if not (scores.called == label).any():
             logger.warning("no test image is predicted %s at threshold %.3f; %s reported as 0.0 "
                            "(undefined)", "positive" if label else "negative", threshold, name)
-    return {**_with_interval(scores, REPORTED[registry.BINARY]), "threshold": float(threshold),
-            "n_test": int(len(y_true)), "n_test_positive": int(y_true.sum())}
+    return {**_with_intervals(scores, REPORTED[registry.BINARY], patients), "threshold": float(threshold),
+            "n_test": int(len(y_true)), "n_test_positive": int(y_true.sum()),
+            "n_test_patients": _count_patients(patients)}
 
 
-def _with_interval(scores: Scores, names: tuple[str, ...]) -> dict[str, float]:
-    """The metrics ``names`` of ``scores``, ROC AUC followed by its bootstrap interval."""
-    low, high = bootstrap_auc_interval(scores.labels, scores.probabilities)
-    report = {}
+def _with_intervals(scores: Scores, names: tuple[str, ...], patients: np.ndarray, *,
+                    interval_names: tuple[str, ...] | None = None, suffix: str = "") -> Report:
+    """The metrics ``names`` of ``scores``, each of ``interval_names`` (default: those the registry
+    gives an interval) followed by its patient-bootstrap interval; ``suffix`` is appended to the
+    names (``_<class>``)."""
+    if interval_names is None:
+        interval_names = registry.with_interval(scores.task)
+    intervals = patient_bootstrap(scores, patients, [name for name in names if name in interval_names])
+    report: Report = {}
     for name in names:
-        report[name] = registry.compute(name, scores)
-        if name == "roc_auc":
-            report.update(roc_auc_ci_low=low, roc_auc_ci_high=high)
+        report[f"{name}{suffix}"] = registry.compute(name, scores)
+        if name in intervals:
+            report.update(intervals[name].as_report(f"{name}{suffix}"))
     return report
 
 
-def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
-                               classes: list[int]) -> dict[str, float]:
+def _count_patients(patients: np.ndarray) -> int:
+    return int(pd.Series(np.asarray(patients, dtype=object)).nunique())
+
+
+def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *, classes: list[int],
+                               patients: np.ndarray) -> Report:
     """Test-split metrics for more than two classes; each image is called its most probable class.
 
     Parameters
@@ -196,13 +212,16 @@ def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
         Predicted class probabilities.
     classes : list of int
         The label of each class index, used in the per-class metric names.
+    patients : ndarray of shape (n,)
+        Each image's patient key, as for :func:`compute_metrics`.
 
     Returns
     -------
     dict
-        ``roc_auc`` (macro average of one-vs-rest AUCs) with its bootstrap interval, ``accuracy``,
-        ``macro_f1``, ``n_test``; per class c (one-vs-rest): ``roc_auc_<c>``, ``sensitivity_<c>``,
-        ``specificity_<c>``, ``ppv_<c>``, ``f1_<c>``, ``n_test_<c>``.
+        ``roc_auc`` (macro average of one-vs-rest AUCs), ``accuracy`` (both with their patient
+        intervals, ``_ci_low``, ``_ci_high``, ``_ci_note``), ``macro_f1``, ``n_test``,
+        ``n_test_patients``; per class c (one-vs-rest): ``roc_auc_<c>``, ``sensitivity_<c>`` and
+        ``specificity_<c>`` (with their intervals), ``ppv_<c>``, ``f1_<c>``, ``n_test_<c>``.
 
     Raises
     ------
@@ -214,11 +233,13 @@ def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *,
         raise DataError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
                          "per-class metrics are undefined")
     scores = Scores.at_threshold(y_true, y_score)
-    metrics = {**_with_interval(scores, REPORTED[registry.MULTICLASS]), "n_test": int(len(y_true))}
+    metrics = {**_with_intervals(scores, REPORTED[registry.MULTICLASS], patients), "n_test": int(len(y_true)),
+               "n_test_patients": _count_patients(patients)}
     for k, label in enumerate(classes):
         # Class k against the rest: a two-class problem, scored by the two-class metrics.
         one_vs_rest = Scores((y_true == k).astype(int), y_score[:, k], (scores.called == k).astype(int))
-        metrics.update({f"{name}_{label}": registry.compute(name, one_vs_rest) for name in PER_CLASS})
+        metrics.update(_with_intervals(one_vs_rest, PER_CLASS, patients, interval_names=PER_CLASS_INTERVALS,
+                                       suffix=f"_{label}"))
         metrics[f"n_test_{label}"] = int((y_true == k).sum())
     return metrics
 
@@ -236,12 +257,13 @@ def age_band(years: float | None) -> str:
 
 def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, *,
                      threshold: float | None) -> pd.DataFrame:
-    """AUC, sensitivity and specificity within each sex, age band, manufacturer and view position.
+    """AUC (with a patient interval), sensitivity and specificity within each sex, age band,
+    manufacturer and view position.
 
     Parameters
     ----------
     manifest : DataFrame
-        The test images' rows of the de-identified manifest (``patient_sex``,
+        The test images' rows of the de-identified manifest (``patient_key``, ``patient_sex``,
         ``patient_age_years``, ``manufacturer``, ``view_position``), in the order of ``y_true``.
     y_true, y_score : ndarray
         As for :func:`compute_metrics` (binary) or :func:`compute_multiclass_metrics`.
@@ -251,17 +273,29 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
     Returns
     -------
     DataFrame
-        One row per attribute and value (a missing value is its own group, "unknown"): ``n``,
-        ``n_positive`` (binary), ``roc_auc`` (NaN when the group lacks a class), ``sensitivity``
-        and ``specificity`` at the threshold (NaN without positives or negatives; binary), and
-        ``accuracy``. A group of a few images gives noisy figures: read them with ``n``.
+        One row per attribute and value (a missing value is its own group, "unknown"): ``n``
+        (images), ``n_patients``, ``roc_auc`` (NaN when the group lacks a class) with its 95 %
+        patient-bootstrap interval ``roc_auc_ci_low``, ``roc_auc_ci_high`` (NaN where not
+        estimable) and ``roc_auc_ci_note`` ("" or why not), ``accuracy``, and for two classes
+        ``n_positive`` and ``sensitivity`` and ``specificity`` at the threshold (NaN without
+        positives or negatives). A group of a few patients gives noisy figures: read them with
+        ``n_patients``.
+
+    Raises
+    ------
+    DataError
+        ``manifest`` has no ``patient_key`` column, or a key is missing.
     """
+    if "patient_key" not in manifest:
+        raise DataError("the test rows have no patient_key column; subgroup intervals resample patients: "
+                        "pass the split manifest's rows")
     groups = pd.DataFrame({
         "patient_sex": manifest["patient_sex"].astype("object"),
         "age_band": [age_band(years) for years in manifest["patient_age_years"]],
         "manufacturer": manifest["manufacturer"].astype("object"),
         "view_position": manifest["view_position"].astype("object"),
     }).fillna("unknown").replace("", "unknown")
+    patients = manifest["patient_key"].to_numpy(dtype=object)
     binary = y_score.ndim == 1
     called = (y_score >= threshold).astype(int) if binary else y_score.argmax(axis=1)
     rows = []
@@ -270,8 +304,15 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
             idx = groups.index.get_indexer(members)
             truth, scores, calls = y_true[idx], y_score[idx], called[idx]
             full = len(np.unique(truth)) == (2 if binary else y_score.shape[1])
+            if full:
+                interval = patient_bootstrap(Scores(truth, scores, calls), patients[idx], ["roc_auc"])["roc_auc"]
+            else:
+                interval = Interval.not_estimable("no AUC, the group lacks a class")
             row = {"attribute": attribute, "group": value, "n": len(idx),
+                   "n_patients": _count_patients(patients[idx]),
                    "roc_auc": roc_auc(truth, scores) if full else float("nan"),
+                   **{key: float("nan") if value is None else value
+                      for key, value in interval.as_report("roc_auc").items()},
                    "accuracy": float(np.mean(calls == truth))}
             if binary:
                 positive = truth == 1
@@ -281,6 +322,46 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
                            else float("nan"))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def weakest_subgroup(subgroups: pd.DataFrame, *, overall_auc: float) -> str:
+    """The subgroup line of the test log: which subgroup is weaker by AUC, if any is.
+
+    A subgroup is named weaker only when its interval's upper end is below the whole split's AUC.
+    When every subgroup's AUC is the same to 3 decimals, when the lowest one's interval reaches the
+    whole split's AUC, or when its interval is not estimable, the line says that no subgroup is
+    shown to be weaker (the lowest is named, with why, unless all tie).
+
+    Parameters
+    ----------
+    subgroups : DataFrame
+        :func:`subgroup_metrics`.
+    overall_auc : float
+        The whole test split's ROC AUC.
+
+    Returns
+    -------
+    str
+        One line, starting "weakest subgroup by AUC: ".
+    """
+    head = "weakest subgroup by AUC: "
+    rated = subgroups.dropna(subset=["roc_auc"])
+    if rated.empty:
+        return head + "none, no subgroup has an AUC (each lacks a class)"
+    aucs = rated["roc_auc"].round(3)
+    if aucs.nunique() == 1:
+        return head + f"none, no subgroup is weaker (all {len(rated)} with an AUC at {aucs.iloc[0]:.3f})"
+    row = rated.loc[rated["roc_auc"].idxmin()]
+    who = (f"{row['attribute']} = {row['group']} (n {int(row['n'])}, {int(row['n_patients'])} patients), "
+           f"AUC {row['roc_auc']:.3f}")
+    interval = interval_from_report(row.to_dict(), "roc_auc")
+    if interval is None or not interval.estimated:
+        why = interval.note if interval is not None else "no interval"
+        return head + f"none shown; the lowest, {who}, has no interval ({why})"
+    if interval.high < overall_auc:
+        return head + f"{who} (95% CI {interval.describe()}), below the whole split's {overall_auc:.3f}"
+    return (head + f"none shown; the lowest, {who} (95% CI {interval.describe()}), is within its interval "
+            f"of the whole split's {overall_auc:.3f}")
 
 
 def calibration_metrics(y_true: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, *,

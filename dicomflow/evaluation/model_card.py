@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from dicomflow.evaluation.intervals import N_RESAMPLES, interval_from_report
+
 if TYPE_CHECKING:  # annotations only: the card takes plain values
     from dicomflow.config.params import AugmentParams, EvaluateParams, IngestParams, TrainParams
     from dicomflow.serving.domain import TrainingDomain
@@ -40,16 +42,16 @@ SHORTENED_FIRST = ("Subgroups", "Domain", "Model", "Training data", "Performance
 SPLIT_ORDER = ("train", "val", "test")
 # The training split's composition on the card: manifest column -> its name in words.
 COMPOSITION = {"modality": "Modality", "manufacturer": "Manufacturer", "view_position": "View position"}
-Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
 NOT_AVAILABLE = "–"
 DECISION_LIMIT = 400  # characters of the promotion decision on the card (the version's tag has it whole)
-COUNT_COLUMNS = ("n", "n_positive")  # the subgroup table's counts
+COUNT_COLUMNS = ("n", "n_patients", "n_positive")  # the subgroup table's counts
 NOT_RECORDED = "not recorded"
 DEMO_WARNING = ("> **Warning: the demo de-identification secret made this data.** Its pseudonyms can be "
                 "reversed by anyone with dicomflow's source (the demo secret is public): this model and its "
                 "data are for the embedded sample only, never for real patients' data.")
-SUBGROUP_HEADERS = {"n_positive": "n positive", "roc_auc": "AUC", "sensitivity": "sens.", "specificity": "spec.",
-                    "accuracy": "acc."}
+SUBGROUP_HEADERS = {"n_patients": "patients", "n_positive": "n positive", "roc_auc": "AUC",
+                    "roc_auc_ci": "AUC 95% CI", "sensitivity": "sens.", "specificity": "spec.", "accuracy": "acc."}
+INTERVAL_COLUMNS = ("roc_auc_ci_low", "roc_auc_ci_high", "roc_auc_ci_note")  # shown as one column, roc_auc_ci
 
 
 def card_title(name: str, version: str | None) -> str:
@@ -221,8 +223,7 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
     n_test = int(metrics.get("n_test", 0))
     parts = ["## Performance",
              f"Test split: {n_test} images, used for this report only."]
-    auc = ("ROC AUC", _with_interval(metrics.get("roc_auc"), metrics.get("roc_auc_ci_low"),
-                                     metrics.get("roc_auc_ci_high")))
+    auc = ("ROC AUC", _with_interval(metrics, "roc_auc"))
     if binary:
         positives = int(metrics.get("n_test_positive", 0))
         negatives = max(n_test - positives, 0)
@@ -231,21 +232,21 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
         fp, fn = negatives - tn, positives - tp
         rows = [auc,
                 ("Average precision", _f(metrics.get("average_precision"))),
-                ("Sensitivity", _proportion(metrics.get("sensitivity"), tp, positives)),
-                ("Specificity", _proportion(metrics.get("specificity"), tn, negatives)),
-                ("PPV", _proportion(metrics.get("ppv"), tp, tp + fp)),
-                ("NPV", _proportion(metrics.get("npv"), tn, tn + fn)),
+                ("Sensitivity", _proportion(metrics, "sensitivity", tp, positives)),
+                ("Specificity", _proportion(metrics, "specificity", tn, negatives)),
+                ("PPV", _proportion(metrics, "ppv", tp, tp + fp)),
+                ("NPV", _proportion(metrics, "npv", tn, tn + fn)),
                 ("F1", _f(metrics.get("f1"))),
-                ("Accuracy", _proportion(metrics.get("accuracy"), tp + tn, n_test))]
+                ("Accuracy", _proportion(metrics, "accuracy", tp + tn, n_test))]
         parts[1] = (f"Test split: {n_test} images, {positives} of class {classes[1]} (prevalence "
                     f"{_share(positives, n_test)}), used for this report only; rates at threshold "
                     f"{_f(threshold, 4)}.")
     else:
         correct = _count(metrics.get("accuracy"), n_test)
         rows = [("Macro " + auc[0], auc[1]),
-                ("Accuracy (most probable class)", _proportion(metrics.get("accuracy"), correct, n_test)),
+                ("Accuracy (most probable class)", _proportion(metrics, "accuracy", correct, n_test)),
                 ("Macro F1", _f(metrics.get("macro_f1")))]
-    parts[1] += " 95% intervals: bootstrap (AUC), Wilson (proportions)."
+    parts[1] += " " + _interval_method(metrics)
     parts.append(_table(["Test metric", "Value"], rows))
     if not binary:
         per_class = []
@@ -253,8 +254,9 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
             n_c = int(metrics.get(f"n_test_{c}", 0))
             sensitivity, specificity = metrics.get(f"sensitivity_{c}"), metrics.get(f"specificity_{c}")
             per_class.append([str(c), str(n_c), _f(metrics.get(f"roc_auc_{c}")),
-                              _proportion(sensitivity, _count(sensitivity, n_c), n_c),
-                              _proportion(specificity, _count(specificity, n_test - n_c), n_test - n_c),
+                              _proportion(metrics, f"sensitivity_{c}", _count(sensitivity, n_c), n_c),
+                              _proportion(metrics, f"specificity_{c}", _count(specificity, n_test - n_c),
+                                          n_test - n_c),
                               _f(metrics.get(f"ppv_{c}")), _f(metrics.get(f"f1_{c}"))])
         parts.append("Each class against the others:\n\n"
                      + _table(["Class", "Images", "ROC AUC", "Sensitivity", "Specificity", "PPV", "F1"],
@@ -280,11 +282,16 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
 def _subgroup_section(subgroups: pd.DataFrame | None) -> str:
     if subgroups is None or subgroups.empty:
         return "## Subgroups\n\nNo subgroup table was computed."
-    first = ["attribute", "group", "n", "n_positive", "roc_auc", "sensitivity", "specificity", "accuracy"]
-    columns = [c for c in first if c in subgroups] + [c for c in subgroups if c not in first]
+    table = subgroups.copy()
+    if set(INTERVAL_COLUMNS) & set(table):  # the three interval columns as one: ends, or why not
+        table["roc_auc_ci"] = [_subgroup_interval(row) for row in table.to_dict("records")]
+        table = table.drop(columns=[c for c in INTERVAL_COLUMNS if c in table])
+    first = ["attribute", "group", "n", "n_patients", "n_positive", "roc_auc", "roc_auc_ci", "sensitivity",
+             "specificity", "accuracy"]
+    columns = [c for c in first if c in table] + [c for c in table if c not in first]
     header = [SUBGROUP_HEADERS.get(c, c) for c in columns]
     rows, previous = [], None
-    for row in subgroups[columns].itertuples(index=False):
+    for row in table[columns].itertuples(index=False):
         cells = [_cell(c, value) for c, value in zip(columns, row)]
         attribute = str(row[0])
         cells[0] = "" if attribute == previous else _attribute(attribute)
@@ -292,8 +299,15 @@ def _subgroup_section(subgroups: pd.DataFrame | None) -> str:
         previous = attribute
     return ("## Subgroups\n\n"
             f"Test images by group (\"unknown\": not recorded; {NOT_AVAILABLE}: a class missing; sens. and "
-            "spec. at the threshold); read each figure with its n.\n\n"
+            "spec. at the threshold; the AUC's 95% interval resamples the group's patients, or says why it "
+            "is not estimable); read each figure with its n.\n\n"
             + _table(header, rows))
+
+
+def _subgroup_interval(row: Mapping[str, object]) -> str:
+    """A subgroup's AUC interval cell: ``0.912-0.987``, why there is none, or a dash."""
+    interval = interval_from_report(dict(row), "roc_auc")
+    return NOT_AVAILABLE if interval is None else interval.describe()
 
 
 def _domain(domain: TrainingDomain) -> str:
@@ -449,33 +463,34 @@ def _n(value: float | None) -> str:
     return NOT_AVAILABLE if value is None else str(int(value))
 
 
-def _interval(low: float | None, high: float | None) -> str:
-    return f"{_f(low)}-{_f(high)}"
-
-
-def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
-    return f"{_f(value)} ({_interval(low, high)})" if low is not None and high is not None else _f(value)
+def _with_interval(metrics: Mapping[str, object], name: str) -> str:
+    """``0.850 (0.700-0.950)``, ``1.000 (not estimable: ...)``, or the figure alone (no interval stored)."""
+    value, interval = metrics.get(name), interval_from_report(dict(metrics), name)
+    return _f(value) if interval is None else f"{_f(value)} ({_text(interval.describe())})"
 
 
 def _count(fraction: float | None, n: int) -> int:
     return 0 if fraction is None or n == 0 or math.isnan(fraction) else round(fraction * n)
 
 
-def _proportion(value: float | None, successes: int, n: int) -> str:
-    """``0.963 (0.874-0.990; 52/54)``: the figure, its Wilson interval and the counts behind it."""
+def _proportion(metrics: Mapping[str, object], name: str, successes: int, n: int) -> str:
+    """``0.963 (0.874-1.000; 52/54)``: the figure, its patient-bootstrap interval (or why there is
+    none) and the image counts behind it."""
+    value, interval = metrics.get(name), interval_from_report(dict(metrics), name)
     if value is None or not 0 <= successes <= n or n == 0:
         return _f(value)
-    low, high = wilson_interval(successes, n)
-    return f"{_f(value)} ({_interval(low, high)}; {successes}/{n})"
+    inside = f"{_text(interval.describe())}; " if interval is not None else ""
+    return f"{_f(value)} ({inside}{successes}/{n})"
 
 
-def wilson_interval(successes: int, n: int, *, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``successes / n`` (n > 0), 95 % by default."""
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+def _interval_method(metrics: Mapping[str, object]) -> str:
+    """How the card's intervals were made, in one sentence."""
+    patients = metrics.get("n_test_patients")
+    if patients is None:
+        return "No intervals recorded (a report of an older version)."
+    # Why patients: one patient's images are not independent (dicomflow.evaluation.intervals).
+    return (f"95% intervals: bootstrap of the {int(patients)} test patients ({N_RESAMPLES} resamples, each "
+            "patient with all its images); where none can be estimated, the reason.")
 
 
 def _share(part: int, whole: int) -> str:

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 
 from dicomflow.evaluation.explain import write_grad_cam_examples
+from dicomflow.evaluation.intervals import interval_from_report
 from dicomflow.evaluation.metrics import (
     calibration_metrics,
     compute_metrics,
     compute_multiclass_metrics,
     subgroup_metrics,
+    weakest_subgroup,
 )
 from dicomflow.evaluation.plots import (
     write_confusion_data,
@@ -35,32 +37,41 @@ def report_test_split(model, test_y: np.ndarray, test_x: np.ndarray, test_rows: 
                       threshold: float | None, classes: list[int], plots_dir: Path
                       ) -> tuple[dict, list[Path], pd.DataFrame]:
     """Test metrics (calibration with and without the model's own included), plot files and the
-    subgroup table: the report, and the only use of the test split."""
+    subgroup table: the report, and the only use of the test split. The intervals resample the
+    patients of ``test_rows["patient_key"]`` (the split manifest's test rows, in the images' order)."""
     test_score = predict_probabilities(model, test_x)
     uncalibrated = predict_probabilities(model, test_x, calibrated=False)
+    patients = test_rows["patient_key"].to_numpy(dtype=object)
     if threshold is not None:
-        metrics = compute_metrics(test_y, test_score, threshold=threshold)
+        metrics = compute_metrics(test_y, test_score, threshold=threshold, patients=patients)
         plot_files = write_plot_data(test_y, test_score, threshold=threshold, out_dir=plots_dir)
         plot_files.append(write_grad_cam_examples(model, test_x, test_y, test_score, threshold=threshold,
                                                   path=plots_dir / GRAD_CAM_FILE))
-        logger.info("test ROC AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f",
-                    metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
-                    metrics["sensitivity"], metrics["specificity"], threshold)
+        logger.info("test ROC AUC %.3f (%s), sensitivity %.3f (%s), specificity %.3f (%s) at %.3f; 95%% "
+                    "intervals resample the %d test patients", metrics["roc_auc"], _ci(metrics, "roc_auc"),
+                    metrics["sensitivity"], _ci(metrics, "sensitivity"), metrics["specificity"],
+                    _ci(metrics, "specificity"), threshold, metrics["n_test_patients"])
         logger.info("test PPV %.3f, NPV %.3f, F1 %.3f, average precision %.3f", metrics["ppv"],
                     metrics["npv"], metrics["f1"], metrics["average_precision"])
     else:
-        metrics = compute_multiclass_metrics(test_y, test_score, classes=classes)
+        metrics = compute_multiclass_metrics(test_y, test_score, classes=classes, patients=patients)
         plot_files = write_confusion_data(test_y, test_score.argmax(axis=1), out_dir=plots_dir)
-        logger.info("test macro ROC AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f, macro F1 %.3f",
-                    metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"],
-                    metrics["accuracy"], metrics["macro_f1"])
+        logger.info("test macro ROC AUC %.3f (%s), accuracy %.3f (%s), macro F1 %.3f; 95%% intervals "
+                    "resample the %d test patients", metrics["roc_auc"], _ci(metrics, "roc_auc"),
+                    metrics["accuracy"], _ci(metrics, "accuracy"), metrics["macro_f1"], metrics["n_test_patients"])
     metrics.update(calibration_metrics(test_y, test_score, uncalibrated,
                                        temperatures=[temperature_of(m) for m in members_of(model)]))
     plot_files += write_reliability_diagram(test_y, test_score, uncalibrated, out_dir=plots_dir)
     logger.info("test Brier %.4f, ECE %.4f (uncalibrated: Brier %.4f, ECE %.4f)", metrics["brier"],
                 metrics["ece"], metrics["brier_uncalibrated"], metrics["ece_uncalibrated"])
     subgroups = subgroup_metrics(test_rows, test_y, test_score, threshold=threshold)
-    for row in subgroups.dropna(subset=["roc_auc"]).nsmallest(1, "roc_auc").itertuples():
-        logger.info("weakest subgroup by AUC: %s = %s (n %d), AUC %.3f", row.attribute, row.group,
-                    row.n, row.roc_auc)
+    logger.info("%s", weakest_subgroup(subgroups, overall_auc=metrics["roc_auc"]))
     return metrics, plot_files, subgroups
+
+
+def _ci(metrics: dict, name: str) -> str:
+    """``95% CI 0.912-0.987``, or why there is none, for a log line."""
+    interval = interval_from_report(metrics, name)
+    if interval is None:
+        return "no interval"
+    return f"95% CI {interval.describe()}" if interval.estimated else f"95% CI {interval.note}"
