@@ -92,7 +92,7 @@ class TestReadAndJudge:
         kept, _ = read_burned_in_text(ds, collect_identifiers(ds), "identifying")
         assert kept.blanked == [] and len(kept.judgements) == 2
         found, frames = read_burned_in_text(ds, collect_identifiers(ds), "any")
-        assert {judgement.why for judgement in found.blanked} == {"any text"}
+        assert {judgement.why for judgement in found.blanked} == {"text"}
         blank_text(ds, frames, found)
         for top, left, bottom, right in boxes:
             assert (ds.pixel_array[top:bottom, left:right] == pixels.min()).all()
@@ -131,9 +131,9 @@ class TestReadAndJudge:
 @pytest.mark.parametrize("line, kind", [
     ("D0B: I4/03/I95O", "(0010,0030) Patient's Birth Date"),   # OCR's O/0 and I/1 undone
     ("QUIXLEV BARTHOLOMEW", "(0010,0010) Patient's Name"),      # a name one letter off
-    ("Name: ------", "a labelled field"),
-    ("2019-07-21 10:31", "a date"),
-    ("ACC 7781234421", "an ID number"),
+    ("Name: ------", "field label"),
+    ("2019-07-21 10:31", "date"),
+    ("ACC 7781234421", "long number"),
     ("L", ""), ("PA PORTABLE", ""), ("5C1 12cm 30Hz", ""), ("SUPINE", ""),
 ])
 def test_identifying_kind_of_a_line(line, kind):

@@ -82,7 +82,7 @@ class TextRegion:
 @dataclass(frozen=True)
 class Judgement:
     """What :func:`judge` decided for one region: ``blank`` or not, and ``why``: the kind of
-    value that matched ("(0010,0020) Patient ID", "a date", "any text"), never the value."""
+    value that matched ("(0010,0020) Patient ID", "date", "text"): "a {why} value" reads as a sentence; never the value."""
 
     region: TextRegion
     blank: bool
@@ -342,7 +342,7 @@ def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str) ->
     for region in regions:
         why = identifying_kind(region.words, identifiers)
         if not why and mode == "any" and region.confidence >= MIN_WORD_CONFIDENCE:
-            why = "any text"
+            why = "text"
         judged.append(Judgement(region, bool(why), why))
     return judged
 
@@ -367,11 +367,11 @@ def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
             return source
     for reading in _readings(text):
         if any(dates_in(fold(reading))):
-            return "a date"
+            return "date"
         if re.search(rf"\d{{{MIN_ID_DIGITS},}}", re.sub(r"[\s\-./]", "", fold(reading))):
-            return "an ID number"
+            return "long number"
     if any(token in FIELD_LABELS for token in re.findall(r"[a-z]+", folded)):
-        return "a labelled field"
+        return "field label"
     return ""
 
 
