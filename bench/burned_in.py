@@ -53,6 +53,25 @@ FOUND_SHARE = 0.95  # of a field's pixels blanked for it to count as found
 KEPT_SHARE = 0.05  # a label with more of its pixels blanked was not kept
 SIZE_BANDS = ((14, 19), (20, 27), (28, 40))
 CLINICAL_SHAPE = (2500, 2048)  # rows, columns: the 2048x2500 radiograph of the target
+# The text the deid-data originals show, read off the images by eye (top, left, bottom, right):
+# identifying (the header's own name, dates, accession, institution, or an ID-like number) or a
+# label to keep. Their ink: the pixels inside brighter than REAL_INK (the text is light).
+REAL_TEXT = {
+    "GREYSCALE_IMAGE.dcm": [("name and number", True, (4, 9, 21, 281)), ("birth_date", True, (4, 393, 21, 515)),
+                            ("institution", True, (4, 557, 21, 684)), ("study_date", True, (4, 824, 21, 906)),
+                            ("settings", False, (24, 14, 45, 138)), ("settings", False, (24, 828, 45, 983))],
+    "GREYSCALE_CINE.zip": [("name and number", True, (4, 7, 24, 219)),
+                           ("birth_date", True, (4, 306, 24, 534)), ("study_date", True, (4, 643, 24, 720)),
+                           ("settings", False, (24, 11, 51, 108)), ("settings", False, (24, 651, 51, 768))],
+    "RGB_IMAGE.dcm": [("name", True, (6, 4, 24, 227)), ("study_date", True, (6, 504, 24, 715)),
+                      ("accession", True, (6, 776, 24, 881)), ("number", True, (34, 4, 53, 135)),
+                      ("institution", True, (34, 505, 53, 768))],
+    "RGB_CINE.zip": [("name", True, (2, 112, 24, 240)), ("birth_date", True, (2, 462, 24, 564)),
+                     ("institution", True, (2, 609, 24, 806)), ("study_date", True, (2, 840, 24, 945)),
+                     ("number", True, (24, 113, 46, 221)), ("settings", False, (24, 406, 46, 484))],
+    "ultrasound-multiframe.dcm": [],
+}
+REAL_INK = 110
 _WHERE = re.compile(r"frame (\d+) rows (\d+)-(\d+) columns (\d+)-(\d+)")
 
 
@@ -146,6 +165,7 @@ def measure_image(path: Path, truth: Any, out: Path) -> dict[str, Any]:
             why = "partly blanked"
         items.append({"kind": item.kind, "identifies": item.identifies, "font": item.font,
                       "size": item.size, "polarity": item.polarity, "share": share,
+                      "form": f"{item.kind}: {item.form}" if item.form else item.kind,
                       "found": share >= FOUND_SHARE, "miss": why, "box": item.box,
                       "readable_after": any(_overlaps(box, item.box) for box in leak_boxes)})
     return {"name": truth.name, "kind": truth.kind, "clean": truth.clean, "source": truth.source,
@@ -156,8 +176,9 @@ def measure_image(path: Path, truth: Any, out: Path) -> dict[str, Any]:
 
 
 def write_real(folder: Path, seed: int) -> list[Any]:
-    """deid-data's ultrasound files: each original (kind ``real``, not clean: they show their
-    own identifiers) and a copy with its header's identifiers planted (kind ``real-planted``)."""
+    """deid-data's ultrasound files: each original (kind ``real``, its own text as
+    :data:`REAL_TEXT` has it) and a copy with its header's identifiers planted in blank parts
+    (kind ``real-planted``)."""
     from dicomflow.devtools.burned_in_corpus import CorpusImage, plant_on_real, read_real, real_image_files
 
     truths = []
@@ -165,7 +186,9 @@ def write_real(folder: Path, seed: int) -> list[Any]:
         stem = path.name.split(".")[0]
         original = read_real(path)
         original.save_as(folder / f"real-{stem}.dcm")
-        truths.append(CorpusImage(f"real-{stem}.dcm", "real", False, [], int(original.Rows),
+        drawn = _real_text(original, path.name)  # clean when it shows nothing identifying
+        truths.append(CorpusImage(f"real-{stem}.dcm", "real", not any(d.identifies for d in drawn), drawn,
+                                  int(original.Rows),
                                   int(original.Columns), int(original.get("NumberOfFrames", 1) or 1),
                                   source=path.name))
         copy = read_real(path)
@@ -176,13 +199,23 @@ def write_real(folder: Path, seed: int) -> list[Any]:
     return truths
 
 
-def _rate(part: int, whole: int) -> float | None:
-    return part / whole if whole else None
+def _real_text(ds: pydicom.Dataset, name: str) -> list[Any]:
+    """The ground truth of a deid-data original (:data:`REAL_TEXT`), ink from its first frame."""
+    from dicomflow.devtools.burned_in_corpus import Drawn
+
+    frame = frames_of(ds)[0]
+    gray = frame.max(axis=-1) if frame.ndim == 3 else frame
+    drawn = []
+    for kind, identifies, (top, left, bottom, right) in REAL_TEXT.get(name, []):
+        ink = gray[top:bottom, left:right] > REAL_INK
+        drawn.append(Drawn(kind, identifies, (top, left, bottom, right), ink, "", "the image's own",
+                           bottom - top, "light"))
+    return drawn
 
 
 def _recall_rows(results: list[dict], key: str) -> list[dict[str, Any]]:
     """Recall of planted fields grouped by ``key``: ``image`` (kind of image), ``field``, ``size``
-    (band), ``polarity`` or ``font``."""
+    (band), ``polarity``, ``font`` or ``form`` (field and format)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for result in results:
         for item in result["items"]:
@@ -238,6 +271,7 @@ def save_miss_crops(folder: Path, corpus: Path, results: list[dict], limit: int 
 
 def main() -> None:
     from dicomflow.devtools.burned_in_corpus import available_fonts, write_corpus
+    from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=280, help="synthetic images (default 280)")
@@ -256,7 +290,8 @@ def main() -> None:
         start = time.perf_counter()
         truths = write_corpus(corpus, args.images, seed=args.seed)
         if not args.no_real:
-            truths += write_real(corpus, args.seed)
+            with hidden_pydicom_messages():  # their warnings can quote header values
+                truths += write_real(corpus, args.seed)
         print(f"corpus: {len(truths)} images written in {time.perf_counter() - start:.1f} s; "
               f"fonts: {', '.join(available_fonts())}", file=sys.stderr)
         print(common.cpu_line())
@@ -266,7 +301,8 @@ def main() -> None:
         text_reader()  # Tesseract loaded once before the clock starts, as a worker keeps it
         results = []
         for number, truth in enumerate(truths, start=1):
-            results.append(measure_image(corpus / truth.name, truth, written / truth.name))
+            with hidden_pydicom_messages():
+                results.append(measure_image(corpus / truth.name, truth, written / truth.name))
             if number % 25 == 0:
                 print(f"measured {number}/{len(truths)}", file=sys.stderr)
         if args.misses:
@@ -291,6 +327,8 @@ def _report(report: Report, results: list[dict]) -> None:
                  _recall_rows(results, "font"), title="## By font")
     report.table("recall_by_field", _recall_columns("field", "field"),
                  _recall_rows(results, "field"), title="## By field")
+    report.table("recall_by_form", _recall_columns("form", "field: form"),
+                 _recall_rows(results, "form"), title="## By how the value is written")
 
     # Clean images and labels.
     rows = []

@@ -87,7 +87,8 @@ class Drawn:
     """One text item drawn into an image: ``kind`` (a field of :data:`FIELDS`, or ``marker``,
     ``view``, ``settings`` for non-identifying labels), whether it ``identifies``, its ink ``box``
     (top, left, bottom, right) and ``ink`` mask (box-sized, bool), ``font``, ``size`` (px),
-    ``polarity``. ``text`` is what was drawn (hidden from ``repr``)."""
+    ``polarity`` and ``form`` (the name or date format, the label). ``text`` is what was drawn
+    (hidden from ``repr``)."""
 
     kind: str
     identifies: bool
@@ -97,6 +98,7 @@ class Drawn:
     font: str = DEFAULT_FONT
     size: int = 0
     polarity: str = "light"
+    form: str = ""  # how the value is written: "DOE^JOHN", "DD.MM.YYYY", "label MRN:", ...
 
 
 @dataclass
@@ -177,24 +179,35 @@ def draw_identity(rng: np.random.Generator) -> Identity:
                     mrn, birth, study, accession)
 
 
-def field_text(identity: Identity, kind: str, rng: np.random.Generator) -> str:
-    """How one field of ``identity`` is written in the pixels, label included."""
+def field_text(identity: Identity, kind: str, rng: np.random.Generator) -> tuple[str, str]:
+    """How one field of ``identity`` is written in the pixels, label included, and its form."""
     if kind == "name":
         form = NAME_FORMATS[int(rng.integers(len(NAME_FORMATS)))]
         family, given = identity.family, identity.given
         if form == "DOE^JOHN":
-            return f"{family}^{given}"
+            return f"{family}^{given}", form
         if form == "Doe, John":
-            return f"{family.title()}, {given.title()}"
-        return f"{given} {family}"
-    if kind == "id":
-        return ID_LABELS[int(rng.integers(len(ID_LABELS)))] + identity.patient_id
-    if kind == "accession":
-        return ACCESSION_LABELS[int(rng.integers(len(ACCESSION_LABELS)))] + identity.accession
+            return f"{family.title()}, {given.title()}", form
+        return f"{given} {family}", form
+    if kind in ("id", "accession"):
+        labels = ID_LABELS if kind == "id" else ACCESSION_LABELS
+        label = labels[int(rng.integers(len(labels)))]
+        value = identity.patient_id if kind == "id" else identity.accession
+        return label + value, _label_form(label)
     date_format = DATE_FORMATS[int(rng.integers(len(DATE_FORMATS)))]
     if kind == "birth_date":
-        return BIRTH_LABELS[int(rng.integers(len(BIRTH_LABELS)))] + identity.birth.strftime(date_format)
-    return identity.study.strftime(date_format)
+        label = BIRTH_LABELS[int(rng.integers(len(BIRTH_LABELS)))]
+        return label + identity.birth.strftime(date_format), _date_form(date_format)
+    return identity.study.strftime(date_format), _date_form(date_format)
+
+
+def _label_form(label: str) -> str:
+    return f"label {label.strip()}" if label else "no label"
+
+
+def _date_form(date_format: str) -> str:
+    """``"%d.%m.%Y"`` as ``"DD.MM.YYYY"``."""
+    return date_format.replace("%Y", "YYYY").replace("%m", "MM").replace("%d", "DD")
 
 
 def _fields(rng: np.random.Generator) -> list[str]:
@@ -225,24 +238,25 @@ class _Item:
     top: int
     left: int
     colour: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of light text on a colour image
+    form: str = ""
 
 
 def _draw_font(rng: np.random.Generator, fonts: list[str]) -> str:
     return fonts[int(rng.integers(len(fonts)))]
 
 
-def _block(rng: np.random.Generator, texts: list[tuple[str, bool, str]], *, fonts: list[str],
+def _block(rng: np.random.Generator, texts: list[tuple[str, bool, str, str]], *, fonts: list[str],
            size: int, polarity: str, shape: tuple[int, int], corner: str, margin: int,
            font: str | None = None) -> list[_Item]:
     """Lines of text stacked in ``corner`` ("tl", "tr", "bl", "br", "tc", "bc") of an image."""
     font = font or _draw_font(rng, fonts)
-    masks = [render_text(text, font, size) for _, _, text in texts]
+    masks = [render_text(text, font, size) for _, _, text, _ in texts]
     step = int(size * 1.35)
     height = step * (len(texts) - 1) + masks[-1].shape[0]
     rows, cols = shape
     top = margin if corner[0] == "t" else rows - margin - height
     items = []
-    for index, ((kind, identifies, text), mask) in enumerate(zip(texts, masks)):
+    for index, ((kind, identifies, text, form), mask) in enumerate(zip(texts, masks)):
         width = mask.shape[1]
         if corner[1] == "l":
             left = margin
@@ -251,7 +265,7 @@ def _block(rng: np.random.Generator, texts: list[tuple[str, bool, str]], *, font
         else:
             left = (cols - width) // 2
         items.append(_Item(kind, identifies, text, font, size, polarity, top + index * step,
-                           max(0, left)))
+                           max(0, left), form=form))
     return items
 
 
@@ -335,7 +349,8 @@ def _render(frames: np.ndarray, items: list[_Item], *, draw: bool, colour: bool,
             frames[:, top:top + height, left:left + width] = (
                 mixed if scale == 1.0 else np.round(mixed * scale))
         drawn.append(Drawn(item.kind, item.identifies, (top, left, top + height, left + width),
-                           alpha >= INK_ALPHA / 255.0, item.text, item.font, item.size, item.polarity))
+                           alpha >= INK_ALPHA / 255.0, item.text, item.font, item.size, item.polarity,
+                           item.form))
     return drawn
 
 
@@ -394,7 +409,7 @@ def _plan_items(rng: np.random.Generator, kind: str, clean: bool, identity: Iden
     ink_colour = ((1.0, 1.0, 1.0), (1.0, 0.9, 0.2), (0.3, 1.0, 0.4), (0.3, 0.9, 1.0))[
         int(rng.integers(4))] if colour else (1.0, 1.0, 1.0)
     fields = [] if clean else _fields(rng)
-    texts = [(kind_, True, field_text(identity, kind_, rng)) for kind_ in fields]
+    texts = [(kind_, True, *field_text(identity, kind_, rng)) for kind_ in fields]
     for _ in range(20):  # draw a size and a place until the block fits
         size = int(rng.integers(size_range[0], size_range[1] + 1))
         margin = int(rng.integers(4, max(6, min(rows, cols) // 25)))
@@ -449,7 +464,7 @@ def _plan_items(rng: np.random.Generator, kind: str, clean: bool, identity: Iden
 
 def _with_colour(item: _Item, colour: tuple[float, float, float]) -> _Item:
     return _Item(item.kind, item.identifies, item.text, item.font, item.size, item.polarity,
-                 item.top, item.left, colour)
+                 item.top, item.left, colour, item.form)
 
 
 def _extent(item: _Item) -> tuple[int, int, int, int]:
@@ -462,7 +477,7 @@ def _intersects(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> b
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _us_band(rng: np.random.Generator, texts: list[tuple[str, bool, str]], *, fonts: list[str],
+def _us_band(rng: np.random.Generator, texts: list[tuple[str, bool, str, str]], *, fonts: list[str],
              size: int, polarity: str, shape: tuple[int, int], margin: int) -> list[_Item]:
     """Fields side by side along the top of an ultrasound image, wrapping to a second line; the
     right third left free for the settings label."""
@@ -470,11 +485,11 @@ def _us_band(rng: np.random.Generator, texts: list[tuple[str, bool, str]], *, fo
     gap = int(size * rng.uniform(1.2, 2.5))
     limit = int(shape[1] * 0.62)
     top, left, items = margin, margin, []
-    for kind, identifies, text in texts:
+    for kind, identifies, text, form in texts:
         width = render_text(text, font, size).shape[1]
         if left > margin and left + width > limit:
             top, left = top + int(size * 1.35), margin
-        items.append(_Item(kind, identifies, text, font, size, polarity, top, left))
+        items.append(_Item(kind, identifies, text, font, size, polarity, top, left, form=form))
         left += width + gap
     return items
 
@@ -597,13 +612,13 @@ def plant_on_real(ds: FileDataset, *, seed: int, index: int, draw: bool = True) 
     size = int(rng.integers(16, 25))
     items, taken = [], busy.copy()
     for kind, value in header_fields(ds).items():
-        text = _real_text(kind, value, rng)
+        text, form = _real_text(kind, value, rng)
         mask = render_text(text, font, size)
         spot = _free_spot(taken, mask.shape, rng, pad=max(6, size // 2))
         if spot is None:
             continue
         top, left = spot
-        items.append(_Item(kind, True, text, font, size, "light", top, left))
+        items.append(_Item(kind, True, text, font, size, "light", top, left, form=form))
         pad = max(6, size // 2)
         taken[max(0, top - pad):top + mask.shape[0] + pad, max(0, left - pad):left + mask.shape[1] + pad] = True
     out = frames.copy()
@@ -613,21 +628,26 @@ def plant_on_real(ds: FileDataset, *, seed: int, index: int, draw: bool = True) 
     return CorpusImage("", "real", False, drawn, rows, cols, n_frames)
 
 
-def _real_text(kind: str, value: str, rng: np.random.Generator) -> str:
+def _real_text(kind: str, value: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A header value (DICOM form) as drawn onto a real image, and its form."""
     if kind == "name":
         parts = [part for part in value.split("^") if part]
         form = NAME_FORMATS[int(rng.integers(len(NAME_FORMATS)))]
         if form == "DOE^JOHN" or len(parts) < 2:
-            return "^".join(parts)
+            return "^".join(parts), "DOE^JOHN"
         if form == "Doe, John":
-            return f"{parts[0].title()}, {' '.join(parts[1:]).title()}"
-        return " ".join([*parts[1:], parts[0]])
+            return f"{parts[0].title()}, {' '.join(parts[1:]).title()}", form
+        return " ".join([*parts[1:], parts[0]]), form
     if kind in ("birth_date", "study_date"):
         date = dt.datetime.strptime(value, "%Y%m%d").date()
-        text = date.strftime(DATE_FORMATS[int(rng.integers(len(DATE_FORMATS)))])
-        return (BIRTH_LABELS[int(rng.integers(len(BIRTH_LABELS)))] + text) if kind == "birth_date" else text
+        date_format = DATE_FORMATS[int(rng.integers(len(DATE_FORMATS)))]
+        text = date.strftime(date_format)
+        if kind == "birth_date":
+            text = BIRTH_LABELS[int(rng.integers(len(BIRTH_LABELS)))] + text
+        return text, _date_form(date_format)
     labels = ID_LABELS if kind == "id" else ACCESSION_LABELS
-    return labels[int(rng.integers(len(labels)))] + value
+    label = labels[int(rng.integers(len(labels)))]
+    return label + value, _label_form(label)
 
 
 def _free_spot(busy: np.ndarray, shape: tuple[int, int], rng: np.random.Generator, *,
