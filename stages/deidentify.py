@@ -3,14 +3,16 @@
 Inputs: ``paths.ingest_dir``/index.parquet and images.npy (row i <-> image i), and the raw DICOM
 files under ``paths.data`` (``source_path`` in the index is relative to it).
 Outputs (``paths.deid_dir``): ``dicom/<image_key>.dcm`` (de-identified headers, original pixel data
-and transfer syntax, or blanked regions decoded), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``,
-index order), ``images.npy``, ``audit.csv`` (actions, options and the burned-in decision per
-file), ``identifier_digests.json`` and ``secret_fingerprint.json``; counts to
-``paths.deid_metrics``. Images at risk of burned-in text (``BurnedInAnnotation`` YES, or a
-modality, image type or manufacturer listed in params) are excluded, or have the configured
-regions blanked in the DICOM file and in ``images.npy``.
-Params: ``deidentify.*`` (private tags, the PS3.15 options, burned-in text rules); the ``ingest``
-pixel params, to redo the images of files whose burned-in regions are blanked.
+and transfer syntax, or blanked pixels uncompressed), ``manifest.parquet`` (``layout.MANIFEST_COLUMNS``,
+index order), ``images.npy``, ``audit.csv`` (actions, options, the text regions read, blanked and
+kept, and the burned-in decision per file), ``identifier_digests.json`` and
+``secret_fingerprint.json``; counts to ``paths.deid_metrics``. Every image is read for burned-in
+text (Tesseract): regions holding an identifying value are blanked where they stand in the DICOM
+file and in ``images.npy`` (or the file left out); pixels the reader cannot handle fall back on
+the header rules (``BurnedInAnnotation`` YES, or a modality, image type or manufacturer listed in
+params).
+Params: ``deidentify.*`` (private tags, the PS3.15 options, burned-in text); the ``ingest``
+pixel params, to redo the images of files whose pixels are blanked.
 Secret: ``DICOMFLOW_SECRET``, or the file named by ``DICOMFLOW_SECRET_FILE`` (at least 32 bytes);
 without either, the public demo secret, which the stage refuses unless every file is one of the
 embedded sample's and no team server is in use (:func:`~dicomflow.deid.secret.check_secret_use`).
@@ -20,7 +22,8 @@ A first pass reads every source header for its identifying values;
 the second de-identifies each file, replacing any kept text (manufacturer, codes, what an option
 keeps) that holds one of them, whichever file it came from. Nothing downstream reads ``data/`` or
 the ingest index again, so before the outputs are moved into place every identifying value of the
-sources is searched in them (:func:`find_leaks`): the safety net, which real exports do not trip;
+sources is searched in them (:func:`find_leaks`; each file's pixels were read for text again as
+it was written): the safety net, which real exports do not trip;
 any hit deletes them and fails the stage, listing every attribute involved. Logs and errors carry
 counts, tags and row numbers, never PHI (not even source paths, which hold accession numbers).
 """

@@ -21,7 +21,8 @@ import yaml
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
+from burned_in_pixels import draw, radiograph
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from dicomflow.deid import secret as deid_secret
 from dicomflow.deid.worker import AUDIT_COLUMNS
@@ -29,7 +30,7 @@ from stages import deidentify
 from dicomflow.config import layout
 from dicomflow.errors import DataError, SettingsError
 from dicomflow.dicom.display import PixelSettings, read_image
-from dicomflow.config.params import ParamsError, load_params
+from dicomflow.config.params import load_params
 from dicomflow.deid.leaks import Leak, find_leaks
 from dicomflow.deid.profile import (
     OPTIONS_FILE, DeidOptions, action_for, deidentify_dataset, load_profile, shift_date, top_code_age,
@@ -938,42 +939,33 @@ def set_params(path: Path, **deid_params: bool) -> None:
     path.write_text(params)
 
 
-class TestBurnedIn:
-    def test_flagged_file_is_excluded_and_audited(self, stage_dir):
-        rewrite_source(stage_dir, 1, BurnedInAnnotation="YES")
-        deidentify.main()
-        out = stage_dir / "outputs" / "deidentify"
-        index = pd.read_parquet(stage_dir / "outputs" / "ingest" / layout.INGEST_INDEX)
-        manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        excluded_key = pseudonym(SECRET, index["sop_instance_uid"][1], 16)
-        assert len(manifest) == 2 and excluded_key not in set(manifest["image_key"])
-        assert not (out / layout.DEID_DICOM_DIR / f"{excluded_key}.dcm").exists()
-        ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
-        np.testing.assert_array_equal(np.load(out / layout.IMAGES), ingested[[0, 2]])
-        audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False).set_index("image_key")
-        assert audit.loc[excluded_key, ["burned_in", "burned_in_action"]].tolist() == [
-            "BurnedInAnnotation YES", "excluded"]
-        assert (audit.drop(excluded_key)["burned_in_action"] == "").all()
-        metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
-        assert (metrics["burned_in_excluded"], metrics["burned_in_blanked"]) == (1, 0)
+def write_pixels(path: Path, pixels: np.ndarray) -> None:
+    """Replace a source file's pixels (12-bit gray), keeping its header."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(pixels, "MONOCHROME2", 12, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
 
-    @pytest.mark.parametrize("rule, attributes", [
-        ({"burned_in_modalities": ["US"]}, {"Modality": "US"}),
-        ({"burned_in_image_types": ["SECONDARY"]}, {"ImageType": ["DERIVED", "SECONDARY"]}),
-        ({"burned_in_manufacturers": ["Screen Grabber Inc"]}, {"Manufacturer": "Screen Grabber Inc"}),
-    ])
-    def test_risk_rule_blanks_the_regions_in_dicom_and_images(self, stage_dir, rule, attributes):
-        source = rewrite_source(stage_dir, 0, **attributes)
-        set_deid_params(stage_dir / "params.yaml", burned_in_action="blank",
-                        burned_in_regions=[[0.0, 0.0, 0.25, 1.0]], **rule)
+
+class TestBurnedIn:
+    def test_identifying_text_is_blanked_where_it_stands_in_the_file_and_images(self, stage_dir):
+        source = stage_dir / "data" / "studies" / "ACC-70707070" / "0.dcm"
+        pixels = radiograph(rows=256, cols=320)
+        name_box, = draw(pixels, [(12, 12, "QUIXLEY BARTHOLOMEW")], size=20)
+        marker_box, = draw(pixels, [(200, 280, "R")], size=30)
+        write_pixels(source, pixels)
         deidentify.main()
         out = stage_dir / "outputs" / "deidentify"
         manifest = pd.read_parquet(out / layout.DEID_MANIFEST)
-        assert len(manifest) == 3
-        written = pydicom.dcmread(out / manifest["dicom_file"][0])
-        before, after = pydicom.dcmread(source).pixel_array, written.pixel_array
-        assert (after[:4] == before.min()).all()  # the top quarter of 16 rows
-        np.testing.assert_array_equal(after[4:], before[4:])
+        written = pydicom.dcmread(out / manifest["dicom_file"][0]).pixel_array
+        top, left, bottom, right = name_box
+        assert (written[top:bottom, left:right] == pixels.min()).all()
+        rows, cols = np.nonzero(written != pixels)  # the line where it stands, not a band
+        margin = (bottom - top) // 2
+        assert rows.min() >= top - margin and rows.max() < bottom + margin
+        assert cols.min() >= left - margin and cols.max() < right + margin
+        top, left, bottom, right = marker_box
+        np.testing.assert_array_equal(written[top:bottom, left:right], pixels[top:bottom, left:right])
         images = np.load(out / layout.IMAGES)
         redone = read_image(out / manifest["dicom_file"][0],
                             PixelSettings.from_params(load_params("ingest")))[1][0].pixels
@@ -981,13 +973,63 @@ class TestBurnedIn:
         ingested = np.load(stage_dir / "outputs" / "ingest" / layout.IMAGES)
         np.testing.assert_array_equal(images[1:], ingested[1:])
         audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False)
-        assert audit["burned_in_action"].tolist() == ["blanked", "", ""]
-        assert audit["burned_in"][0].split()[0] in ("modality", "image", "manufacturer")
+        assert audit.loc[0, ["text_blanked", "burned_in", "burned_in_action"]].tolist() == [
+            1, "(0010,0010) Patient's Name", "blanked"]
+        assert audit.loc[0, "text_kept"] >= 1  # the marker
+        assert audit["burned_in_action"].tolist()[1:] == ["", ""]
+        metrics = json.loads((stage_dir / "reports" / "deidentify.json").read_text())
+        assert (metrics["images_with_identifying_text"], metrics["burned_in_blanked"],
+                metrics["burned_in_excluded"]) == (1, 1, 0)
 
-    def test_blank_without_regions_is_a_params_error(self, stage_dir):
-        set_deid_params(stage_dir / "params.yaml", burned_in_action="blank")
-        with pytest.raises(ParamsError, match="'deidentify.burned_in_regions' must list regions"):
-            deidentify.main()
+    def test_exclude_leaves_the_file_out(self, stage_dir):
+        pixels = radiograph(rows=256, cols=320)
+        draw(pixels, [(12, 12, f"ID {PATIENT_ID}")], size=20)
+        write_pixels(stage_dir / "data" / "studies" / "ACC-70707070" / "1.dcm", pixels)
+        set_deid_params(stage_dir / "params.yaml", burned_in_action="exclude")
+        deidentify.main()
+        out = stage_dir / "outputs" / "deidentify"
+        assert len(pd.read_parquet(out / layout.DEID_MANIFEST)) == 2
+        audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False)
+        assert audit["burned_in_action"].tolist() == ["", "excluded", ""]
+        assert audit.loc[1, "burned_in"] == "(0010,0020) Patient ID"
+
+    def test_a_flag_alone_excludes_nothing_the_reader_finds_clean(self, stage_dir):
+        rewrite_source(stage_dir, 1, BurnedInAnnotation="YES", Modality="US")
+        deidentify.main()
+        audit = pd.read_csv(stage_dir / "outputs" / "deidentify" / layout.DEID_AUDIT, keep_default_na=False)
+        assert audit["burned_in_action"].tolist() == ["", "", ""]
+
+    @pytest.mark.parametrize("rule, attributes", [
+        ({}, {"BurnedInAnnotation": "YES"}),
+        ({"burned_in_modalities": ["US"]}, {"Modality": "US"}),
+        ({"burned_in_image_types": ["SECONDARY"]}, {"ImageType": ["DERIVED", "SECONDARY"]}),
+        ({"burned_in_manufacturers": ["Screen Grabber Inc"]}, {"Manufacturer": "Screen Grabber Inc"}),
+    ])
+    def test_header_rules_decide_for_pixels_that_cannot_be_read(self, stage_dir, rule, attributes):
+        unreadable = rewrite_source(stage_dir, 0, **attributes)
+        ds = pydicom.dcmread(unreadable)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 not a jpeg \xff\xd9"])
+        ds.save_as(unreadable, enforce_file_format=False)
+        set_deid_params(stage_dir / "params.yaml", **rule)
+        deidentify.main()
+        audit = pd.read_csv(stage_dir / "outputs" / "deidentify" / layout.DEID_AUDIT, keep_default_na=False)
+        assert audit["burned_in_action"].tolist() == ["excluded", "", ""]
+        reason = audit.loc[0, "burned_in"]
+        assert reason.startswith("pixels not read (") and "; header rule: " in reason
+        assert reason.split("header rule: ")[1].split()[0] in ("BurnedInAnnotation", "modality", "image",
+                                                                "manufacturer")
+
+    def test_unreadable_pixels_no_rule_matches_are_kept_and_say_so(self, stage_dir):
+        unreadable = rewrite_source(stage_dir, 0)
+        ds = pydicom.dcmread(unreadable)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 not a jpeg \xff\xd9"])
+        ds.save_as(unreadable, enforce_file_format=False)
+        deidentify.main()
+        audit = pd.read_csv(stage_dir / "outputs" / "deidentify" / layout.DEID_AUDIT, keep_default_na=False)
+        assert audit.loc[0, "burned_in"].endswith("header rule: none applies")
+        assert audit["burned_in_action"].tolist() == ["", "", ""]
 
 
 class TestMain:

@@ -90,7 +90,8 @@ class DeidentifyParams:
     max_date_shift_days: int = field(metadata=_interval(1, 36_500))
     clean_descriptors: bool
     retain_device_identity: bool
-    burned_in_action: str = field(metadata=_choices("exclude", "blank"))
+    burned_in_text: str = field(metadata=_choices("identifying", "any"))
+    burned_in_action: str = field(metadata=_choices("blank", "exclude"))
     burned_in_modalities: list[str] | None
     burned_in_image_types: list[str] | None
     burned_in_manufacturers: list[str] | None
@@ -101,9 +102,6 @@ class DeidentifyParams:
 
     def __post_init__(self) -> None:
         key = "params.yaml: 'deidentify.burned_in_regions'"
-        if self.burned_in_action == "blank" and not self.burned_in_regions:
-            raise ParamsError(f"{key} must list regions when burned_in_action is 'blank'; got "
-                              f"{self.burned_in_regions!r}")
         for region in self.burned_in_regions or []:
             if not (len(region) == 4 and all(0 <= v <= 1 for v in region)
                     and region[0] < region[2] and region[1] < region[3]):

@@ -11,8 +11,12 @@ with JSON ``\\uXXXX`` escapes undone:
 * :func:`find_leaks`: the de-identified DICOM files (preamble, file meta, every element at any
   depth, private ones included, read from their raw bytes; pixel data excepted) and every
   non-numeric cell of tables (the deidentify stage, on its own outputs);
-* :func:`scan_paths`: any files and folders: DICOM, Parquet, text (CSV, JSON, YAML, HTML, logs),
-  and the text members of zip containers such as ``.keras`` models;
+* :func:`leaks_in_pixels`: text burned into the pixels of a DICOM file or a picture, read as
+  de-identification reads it (:mod:`dicomflow.deid.pixel_text`; the deidentify stage, on each file
+  it writes);
+* :func:`scan_paths`: any files and folders: DICOM (elements and pixels), pictures (PNG, JPEG),
+  Parquet, text (CSV, JSON, YAML, HTML, logs), and the text members of zip containers such as
+  ``.keras`` models;
 * :func:`scan_mlflow_run`: an MLflow run and its child runs: run names, params, tags, metric
   names and every artifact (the evaluate stage, before it registers a model).
 
@@ -36,6 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
@@ -115,6 +120,30 @@ def summarise_leaks(leaks: Iterable[Leak]) -> list[str]:
 def leaks_in_file(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
     """The leaks in one de-identified DICOM file, read back from disk (named ``output``)."""
     return _hits(identifiers, output, dicom_texts(path, identifiers.encodings))
+
+
+def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
+    """The identifying text still readable in the pixels of a DICOM file or a picture (PNG, JPEG)
+    (named ``output``), one Leak per region, located by frame, rows and columns. Frames are read
+    as de-identification reads them (:func:`~dicomflow.deid.burned_in.read_text_regions`); a file
+    whose pixels cannot be decoded has none to read."""
+    from dicomflow.deid.burned_in import decoded_frames, read_text_regions
+    from dicomflow.deid.pixel_text import judge
+
+    try:
+        if _is_dicom(path):
+            with hidden_pydicom_messages():
+                frames = decoded_frames(pydicom.dcmread(path, force=True))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                frames = np.asarray(picture if picture.mode in ("L", "I;16", "I") else picture.convert("RGB"))[None]
+    except Exception:  # noqa: BLE001  undecodable pixels hold no readable text
+        return []
+    regions = read_text_regions(frames) if frames is not None else []
+    return [Leak(output, f"pixel data {judgement.region.where()}", judgement.why)
+            for judgement in judge(regions, identifiers, "identifying") if judgement.blank]
 
 
 def leaks_in_values(identifiers: Identifiers, output: str, values: dict[str, str | None]) -> list[Leak]:
@@ -226,7 +255,8 @@ def _unescape_json(text: str) -> str:
 
 
 # Files that hold numbers only (pixel arrays, weights): searched for text they would match by chance.
-NUMERIC_SUFFIXES = frozenset({".npy", ".npz", ".h5", ".hdf5", ".png", ".jpg", ".jpeg", ".pb"})
+NUMERIC_SUFFIXES = frozenset({".npy", ".npz", ".h5", ".hdf5", ".pb"})
+PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})  # read for text in their pixels
 ZIP_SUFFIXES = frozenset({".keras", ".zip"})
 TEXT_MEMBER_SUFFIXES = frozenset({".json", ".txt", ".yaml", ".yml", ".csv", ".md", ".html", ".py"})
 
@@ -234,17 +264,23 @@ TEXT_MEMBER_SUFFIXES = frozenset({".json", ".txt", ".yaml", ".yml", ".csv", ".md
 def scan_paths(identifiers: Identifiers, paths: Iterable[Path]) -> list[Leak]:
     """Search every file under ``paths`` (files or folders, recursively).
 
-    DICOM files (by their ``DICM`` marker) are searched as :func:`dicom_texts` reads them, Parquet
-    tables cell by cell with their column names, zip containers (``.keras`` models) member by
-    member for their text members, :data:`NUMERIC_SUFFIXES` files not at all, anything else (logs
-    included) line by line in every character set (:func:`decodings`).
+    DICOM files (by their ``DICM`` marker) are searched as :func:`dicom_texts` reads them and
+    their pixels as :func:`leaks_in_pixels` reads them, pictures (:data:`PICTURE_SUFFIXES`) for
+    text in their pixels, Parquet tables cell by cell with their column names, zip containers
+    (``.keras`` models) member by member for their text members, :data:`NUMERIC_SUFFIXES` files
+    not at all, anything else (logs included) line by line in every character set
+    (:func:`decodings`).
     """
     leaks: list[Leak] = []
     for path in _files(paths):
         name = path.as_posix()
         if path.suffix.lower() in NUMERIC_SUFFIXES:
             continue
+        if path.suffix.lower() in PICTURE_SUFFIXES:
+            leaks += leaks_in_pixels(identifiers, path, output=name)
+            continue
         if _is_dicom(path):
+            leaks += leaks_in_pixels(identifiers, path, output=name)
             texts = dicom_texts(path, identifiers.encodings)
         elif path.suffix.lower() == ".parquet":
             texts = _table_texts(pd.read_parquet(path))

@@ -20,6 +20,7 @@ import pandas as pd
 
 from dicomflow.deid.identifiers import Identifiers, project_words
 from dicomflow.deid.leaks import identifiers_from_index
+from dicomflow.deid.pixel_text import tessdata_dir
 from dicomflow.deid.profile import ACTIONS, COUNT_KEYS
 from dicomflow.deid.worker import (
     AUDIT_COLUMNS,
@@ -69,10 +70,11 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     source header (:func:`source_identifiers`).
 
     A file's ``key`` is the keyed hash of its SOP Instance UID: the ``image_key`` of a
-    single-frame image, shared by every image of a multi-frame object. Files at risk of burned-in
-    text (:func:`~dicomflow.deid.burned_in.burned_in_risk`) are left out or have
-    ``params.burned_in_regions`` blanked, their images then redone from the blanked file with the
-    ingest settings ``settings.pixels``.
+    single-frame image, shared by every image of a multi-frame object. Every file's pixels are
+    read for text (:func:`~dicomflow.deid.burned_in.read_burned_in_text`): a file showing
+    identifying text has it blanked (or is left out, ``params.burned_in_action``), its images
+    then redone from the blanked file with the ingest settings ``settings.pixels``; pixels that
+    cannot be read fall back on the header rules (:func:`~dicomflow.deid.burned_in.burned_in_risk`).
 
     One file never stops the others: a file without SOP Instance UID, a second file with the
     UID of an earlier one (the first in index order is kept), a file that cannot be read,
@@ -81,6 +83,7 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     what)``, if given, wraps each pass's stream of results (a progress bar).
     """
     progress = progress or (lambda results, _total, _what: results)
+    tessdata_dir()  # the text reader's model: a missing one stops the stage here, not in each file
     identifiers = identifiers_from_index(index)
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
@@ -178,6 +181,11 @@ def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
     totals = {key: int(audit[key].sum()) for key in COUNT_KEYS}
     metrics = {"n_files": audit["image_key"].nunique(),
                **{f"actions_{key}" if key in ACTIONS else key: n for key, n in totals.items()},
+               "text_regions_read": int(audit["text_regions"].sum()),
+               "text_regions_blanked": int(audit["text_blanked"].sum()),
+               "text_regions_kept": int(audit["text_kept"].sum()),
+               "images_with_identifying_text": int((audit["text_blanked"] > 0).sum()),
+               "pixels_not_read": int(audit["burned_in"].str.startswith("pixels not read").sum()),
                "burned_in_excluded": int(audit["burned_in_action"].str.startswith("excluded").sum()),
                "burned_in_blanked": int((audit["burned_in_action"] == "blanked").sum()),
                "quarantined": len(quarantine),
@@ -185,9 +193,11 @@ def summarise(audit: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, int]:
                   in sorted(quarantine["reason"].value_counts().items())}}
     logger.info("de-identified %s files: %s elements removed (X), %s replaced by dummies (D), "
                 "%s emptied (Z), %s UIDs replaced (U), %s cleaned (C), %s kept (K), %s private "
-                "and %s overlay/curve elements removed; burned-in text risk: %s files excluded, "
-                "%s blanked", *(f"{metrics[key]:,}" for key in (
+                "and %s overlay/curve elements removed; burned-in text: %s regions read, %s files "
+                "showed identifying text (%s regions blanked, %s kept), %s files blanked, %s excluded, "
+                "%s files' pixels could not be read (header rules applied)", *(f"{metrics[key]:,}" for key in (
                     "n_files", "actions_X", "actions_D", "actions_Z", "actions_U", "actions_C",
-                    "actions_K", "private_removed", "overlay_removed", "burned_in_excluded",
-                    "burned_in_blanked")))
+                    "actions_K", "private_removed", "overlay_removed", "text_regions_read",
+                    "images_with_identifying_text", "text_regions_blanked", "text_regions_kept",
+                    "burned_in_blanked", "burned_in_excluded", "pixels_not_read")))
     return metrics

@@ -17,9 +17,9 @@ import pydicom
 
 from dicomflow.config import layout
 from dicomflow.config.params import DeidentifyParams
-from dicomflow.deid.burned_in import blank_regions, burned_in_risk
+from dicomflow.deid.burned_in import TextFound, blank_regions, blank_text, burned_in_risk, read_burned_in_text
 from dicomflow.deid.identifiers import Identifiers, collect_identifiers, describe_tag
-from dicomflow.deid.leaks import leaks_in_file, leaks_in_values, summarise_leaks
+from dicomflow.deid.leaks import leaks_in_file, leaks_in_pixels, leaks_in_values, summarise_leaks
 from dicomflow.deid.manifest import dicom_file_name
 from dicomflow.deid.profile import COUNT_KEYS, DeidOptions, ElementError, Profile, deidentify_dataset
 from dicomflow.dicom.display import PixelSettings, read_image
@@ -27,7 +27,10 @@ from dicomflow.dicom.reading import Quarantined
 from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 from dicomflow.runtime.outputs import out_of_space
 
-AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "burned_in", "burned_in_action")
+# burned_in: the kinds of identifying value found in the pixels (or the header rule that applied
+# to pixels that could not be read); text_*: the text regions read, blanked and kept.
+AUDIT_COLUMNS = ("image_key", *COUNT_KEYS, "options", "text_regions", "text_blanked", "text_kept",
+                 "burned_in", "burned_in_action")
 # Manifest columns read from the header: the manifest takes them as written to the de-identified
 # file (a value holding an identifier is replaced there), never from ingest's index.
 WRITTEN_COLUMNS = {"modality": "Modality", "manufacturer": "Manufacturer",
@@ -176,17 +179,10 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
     params = settings.params
     with hidden_pydicom_messages() as hidden:
         ds = _read_source(job, settings)
-        risk, decision, frames = burned_in_risk(ds, params), "", None
-        if risk and params.burned_in_action == "blank":
-            try:
-                blank_regions(ds, params.burned_in_regions)
-                frames = {frame.index: frame.pixels
-                          for frame in read_image(_as_file(ds), settings.pixels)[1]}
-                decision = "blanked"
-            except Exception as err:  # noqa: BLE001  a file whose pixels cannot be rewritten is left out
-                decision = f"excluded: blanking failed ({type(err).__name__})"
-        elif risk:
-            decision = "excluded"
+        found, decision = _burned_in_text(ds, identifiers, params)
+        frames = None
+        if decision == "blanked":  # the images redone from the blanked pixels
+            frames = {frame.index: frame.pixels for frame in read_image(_as_file(ds), settings.pixels)[1]}
         counts, written = dict.fromkeys(COUNT_KEYS, 0), None
         excluded = decision.startswith("excluded")
         if not excluded:
@@ -197,14 +193,49 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
             _write(ds, output)
             written = {column: str(ds.get(keyword, "") or "") for column, keyword in WRITTEN_COLUMNS.items()}
             written["manufacturer"] = written["manufacturer"] or None
-            # The leak check of this file, read back, and of what the manifest takes from it.
+            # The leak check of this file, read back (its pixels read for text again), and of
+            # what the manifest takes from it.
             leaks = (leaks_in_file(identifiers, output, output=output.name)
+                     + leaks_in_pixels(identifiers, output, output=output.name)
                      + leaks_in_values(identifiers, layout.DEID_MANIFEST, written))
             if leaks:
                 raise LeakFound(leaks)
-    audit = {"image_key": output.stem, **counts, "options": option_names(params), "burned_in": risk,
-             "burned_in_action": decision}
+    blanked = len(found.blanked)
+    audit = {"image_key": output.stem, **counts, "options": option_names(params),
+             "text_regions": len(found.judgements),
+             "text_blanked": blanked, "text_kept": len(found.judgements) - blanked,
+             "burned_in": found.unread or found.kinds(), "burned_in_action": decision}
     return FileOutcome(audit, excluded, frames, len(hidden), written)
+
+
+def _burned_in_text(ds: pydicom.Dataset, identifiers: Identifiers,
+                    params: DeidentifyParams) -> tuple[TextFound, str]:
+    """Read ``ds``'s pixels for text and act on what is identifying (``burned_in_action``:
+    blank it in ``ds``, or leave the file out); pixels the reader cannot handle fall back on the
+    header rules. Returns what was found and the decision ("blanked", "excluded..." or "")."""
+    found, frames = read_burned_in_text(ds, identifiers, params.burned_in_text)
+    if found.unread:
+        rule = burned_in_risk(ds, params)
+        found = TextFound(unread=f"{found.unread}; header rule: {rule or 'none applies'}")
+        if not rule:
+            return found, ""
+        if params.burned_in_regions:
+            return found, _blanked(lambda: blank_regions(ds, params.burned_in_regions))
+        return found, "excluded"
+    if not found.blanked:
+        return found, ""
+    if params.burned_in_action == "exclude":
+        return found, "excluded"
+    return found, _blanked(lambda: blank_text(ds, frames, found))
+
+
+def _blanked(blanking) -> str:
+    """"blanked" once ``blanking()`` has rewritten the pixels, or why the file is left out."""
+    try:
+        blanking()
+    except Exception as err:  # noqa: BLE001  a file whose pixels cannot be rewritten is left out
+        return f"excluded: blanking failed ({type(err).__name__})"
+    return "blanked"
 
 
 def _write(ds: pydicom.Dataset, path: Path) -> None:

@@ -1,0 +1,382 @@
+"""Text burned into the pixels: found cheaply, read with Tesseract, judged against the study's identifiers.
+
+The header cannot say what is drawn in an image (older CR/DX units and secondary captures burn the
+patient's name into a corner without setting Burned In Annotation), so every frame is read:
+
+1. :func:`candidate_boxes` finds text-like regions in a few cheap passes over the whole frame:
+   a morphological top-hat and black-hat (structures thinner than :data:`STROKE_KERNEL`, brighter
+   or darker than their surroundings by :data:`MIN_CONTRAST` of the frame's range: strokes, not
+   anatomy), letters joined into lines on a reduced mask, lines kept by height and shape.
+2. :class:`TextReader` reads only those regions with Tesseract (through ``tesserocr``, which keeps
+   one engine loaded per process: a crop costs milliseconds, a whole-image pass seconds), each
+   crop turned dark-on-light and scaled so that its letters are :data:`READ_HEIGHT` pixels tall.
+3. :func:`judge` decides per region: a region whose words match an identifying value of the
+   sources (the leak scanner's folding and matching, :class:`~dicomflow.deid.identifiers.Identifiers`,
+   with the letters OCR confuses read both ways), a date, a long number or a labelled field
+   ("NAME:", "DOB", "MRN") is blanked; with ``any`` every region that reads as text is. Laterality
+   and view labels ("L", "PA", "PORTABLE") match none of these and are kept.
+
+The words read are PHI: a :class:`TextRegion` never shows them (``repr``), and a judgement names the
+kind of value that matched ("(0010,0010) Patient's Name"), never the value.
+
+Why not a library: Presidio's image redactor runs OCR over the whole image (seconds per
+radiograph) and recognises identifiers by generic patterns, not the study's own values; RSNA CTP's
+pixel anonymizer blanks fixed regions per scanner model; text detectors that do better than
+morphology (EAST, DBNet, CRAFT) need downloaded weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dicomflow.deid.identifiers import Identifiers, dates_in, fold
+from dicomflow.errors import SettingsError
+
+STROKE_KERNEL = 17  # px: wider than the strokes of 40-px text, narrower than most anatomy
+MIN_CONTRAST = 60  # of 255 (the frame's range): burned-in text is drawn to stand out
+TEXT_HEIGHT = (7, 96)  # px: a line's height, from 14-px type's lower case to 64-px capitals
+READ_HEIGHT = 40  # px: Tesseract reads best with letters about this tall
+MAX_REGIONS_PER_FRAME = 60  # beyond this a frame is texture, not text: read the most text-like
+SURE_CONFIDENCE = 60  # of 100: a reading less sure than this is tried in the other polarity
+MIN_WORD_CONFIDENCE = 50  # of 100: below it a "word" of ``any`` mode is noise read as letters
+TESSDATA_DIRS = ("/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
+                 "/usr/share/tessdata", "/usr/local/share/tessdata")
+
+# Words that label an identifying field: a region holding one is identifying whatever follows.
+FIELD_LABELS = frozenset({"name", "patient", "pat", "dob", "birth", "born", "mrn", "id", "accession",
+                          "acc", "ssn", "nhs", "address", "phone", "tel"})
+MIN_ID_DIGITS = 6  # a number this long, unlabelled, is an ID (doses, sizes and times are shorter)
+# Letters and digits OCR takes for one another: words are matched as read and with these undone.
+_AS_DIGIT = str.maketrans({"o": "0", "q": "0", "d": "0", "i": "1", "l": "1", "|": "1", "z": "2",
+                           "s": "5", "b": "8", "g": "9", "t": "7"})
+_AS_LETTER = str.maketrans({"0": "o", "1": "l", "2": "z", "5": "s", "8": "b", "6": "g", "|": "l"})
+_TOKEN = re.compile(r"[^\s,;:]+")
+
+
+@dataclass(frozen=True)
+class TextRegion:
+    """A region read as text: ``frame`` (None: every frame), ``box`` (top, left, bottom, right;
+    bottom and right exclusive) in pixels, the ``words`` read (PHI: never shown) with their mean
+    ``confidence``."""
+
+    frame: int | None
+    box: tuple[int, int, int, int]
+    words: tuple[str, ...] = field(repr=False)
+    confidence: float = 0.0
+
+    def where(self) -> str:
+        """``"frame 0 rows 60-98 columns 40-260"``: the region, for audits and errors."""
+        top, left, bottom, right = self.box
+        frame = "every frame" if self.frame is None else f"frame {self.frame}"
+        return f"{frame} rows {top}-{bottom} columns {left}-{right}"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What :func:`judge` decided for one region: ``blank`` or not, and ``why``: the kind of
+    value that matched ("(0010,0020) Patient ID", "a date", "any text"), never the value."""
+
+    region: TextRegion
+    blank: bool
+    why: str = ""
+
+
+def frames_of(pixels: np.ndarray, *, n_frames: int) -> np.ndarray:
+    """``pixels`` (as pydicom's ``pixel_array`` returns them) as (frames, rows, columns[, samples])."""
+    return pixels if n_frames > 1 else pixels[None]
+
+
+def read_frames(frames: np.ndarray, reader: TextReader | None = None) -> list[TextRegion]:
+    """Every text region of every frame: candidates found (:func:`candidate_boxes`) and read
+    (:class:`TextReader`); a region that reads as nothing is left out. Identical crops (text that
+    stays put through a cine loop) are read once."""
+    reader = reader or text_reader()
+    regions, read_before = [], {}
+    for index, frame in enumerate(frames):
+        gray = display_gray(frame)
+        if gray is None:
+            continue
+        for box in candidate_boxes(gray):
+            top, left, bottom, right = box
+            crop = gray[top:bottom, left:right]
+            key = hashlib.blake2b(crop.tobytes() + str(crop.shape).encode(), digest_size=16).digest()
+            if key not in read_before:
+                read_before[key] = reader.read(gray, box)
+            words, confidence = read_before[key]
+            if words:
+                regions.append(TextRegion(index, box, words, confidence))
+    return regions
+
+
+def display_gray(frame: np.ndarray) -> np.ndarray | None:
+    """One frame as 8-bit gray over its own range (colour as luminance), or None when flat.
+
+    The stored values are scaled linearly from their minimum to their maximum, with no window:
+    burned-in text is written at or near the extreme values, which a window would clip together
+    with the bright anatomy around it."""
+    values = frame.astype(np.float32)
+    if values.ndim == 3:
+        values = values[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return None
+    return ((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def candidate_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Text-like regions of an 8-bit frame, as (top, left, bottom, right), most text-like first,
+    at most :data:`MAX_REGIONS_PER_FRAME`.
+
+    Strokes are what a top-hat (light text) or black-hat (dark text) with a
+    :data:`STROKE_KERNEL`-pixel square leaves at :data:`MIN_CONTRAST` or more; letters are joined
+    into lines on a mask reduced so that its side is about 512 px (the joining is most of the cost
+    at full size), then each line's box is taken from the full-size mask again."""
+    import cv2
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL))
+    scale = max(1, min(gray.shape) // 512)
+    found: list[tuple[float, tuple[int, int, int, int]]] = []
+    for light_text, operation in ((True, cv2.MORPH_TOPHAT), (False, cv2.MORPH_BLACKHAT)):
+        _, strokes = cv2.threshold(cv2.morphologyEx(gray, operation, kernel), MIN_CONTRAST - 1, 255,
+                                   cv2.THRESH_BINARY)
+        reduced = strokes
+        if scale > 1:  # any stroke pixel in a cell marks the cell (255 / scale² averages above 0)
+            reduced = cv2.resize(strokes, (gray.shape[1] // scale, gray.shape[0] // scale),
+                                 interpolation=cv2.INTER_AREA)
+        # Letters a third of the smallest line's height apart, words a line's height apart:
+        # joined along the line, never across lines.
+        join = max(3, 24 // scale)
+        lines = cv2.morphologyEx(reduced, cv2.MORPH_CLOSE,
+                                 cv2.getStructuringElement(cv2.MORPH_RECT, (join, 1)))
+        count, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+        for x, y, w, h, _ in stats[1:count]:
+            if h * scale < TEXT_HEIGHT[0] or (h - 2) * scale > TEXT_HEIGHT[1]:
+                continue
+            box = _tight_box(strokes, y * scale, x * scale, (y + h) * scale, (x + w) * scale)
+            if box is None:
+                continue
+            top, left, bottom, right = box
+            height, width = bottom - top, right - left
+            fill = strokes[top:bottom, left:right].mean() / 255
+            if not TEXT_HEIGHT[0] <= height <= TEXT_HEIGHT[1] or width < 0.4 * height:
+                continue
+            if not 0.06 <= fill <= 0.75:  # a solid bar or a sparse scatter is not a line of text
+                continue
+            # Light text stands on a darker background, dark text on a lighter one: the black-hat
+            # of white lines (their counters and the gaps between lines) and the top-hat of a
+            # light panel around dark text are not text.
+            crop = gray[top:bottom, left:right]
+            if (np.median(crop) < (int(crop.min()) + int(crop.max())) / 2) != light_text:
+                continue
+            found.append((min(width / height, 12.0) * fill, box))
+    found.sort(key=lambda item: -item[0])
+    kept: list[tuple[int, int, int, int]] = []
+    for _, box in found:
+        if len(kept) < MAX_REGIONS_PER_FRAME and all(_overlap(box, other) < 0.5 for other in kept):
+            kept.append(box)
+    return [_padded(box, gray.shape) for box in kept]
+
+
+def _tight_box(mask: np.ndarray, top: int, left: int, bottom: int, right: int):
+    """The bounding box of the mask's pixels inside (top, left, bottom, right), or None."""
+    window = mask[top:bottom, left:right]
+    rows, cols = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
+    if rows.size == 0:
+        return None
+    return top + int(rows[0]), left + int(cols[0]), top + int(rows[-1]) + 1, left + int(cols[-1]) + 1
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """The share of the smaller box that the two boxes share."""
+    height = min(a[2], b[2]) - max(a[0], b[0])
+    width = min(a[3], b[3]) - max(a[1], b[1])
+    if height <= 0 or width <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return height * width / smaller
+
+
+def _padded(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``box`` grown by a quarter of its height on every side (anti-aliased edges, accents and
+    descenders the stroke mask missed), within the frame."""
+    top, left, bottom, right = box
+    pad = max(2, (bottom - top) // 4)
+    return (max(0, top - pad), max(0, left - pad), min(shape[0], bottom + pad), min(shape[1], right + pad))
+
+
+class TextReader:
+    """Tesseract's LSTM engine, loaded once (about 0.1 s) and kept for every crop of the process."""
+
+    def __init__(self, tessdata: Path) -> None:
+        import tesserocr
+
+        self._api = tesserocr.PyTessBaseAPI(path=str(tessdata), lang="eng",
+                                            psm=tesserocr.PSM.SINGLE_BLOCK,
+                                            oem=tesserocr.OEM.LSTM_ONLY)
+        # The crops come in the right polarity: Tesseract's own trial of the inverse doubles
+        # the cost of every line it is unsure of.
+        self._api.SetVariable("tessedit_do_invert", "0")
+
+    def read(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> tuple[tuple[str, ...], float]:
+        """The words in ``box`` of the 8-bit frame ``gray`` and their mean confidence (0-100).
+
+        The crop is read as light text when most of it (the background) is darker than the
+        middle of its range, and the other way; a reading below :data:`SURE_CONFIDENCE` is
+        tried in the other polarity too, and the surer reading kept."""
+        top, left, bottom, right = box
+        crop = gray[top:bottom, left:right]
+        low, high = int(crop.min()), int(crop.max())
+        if high - low < MIN_CONTRAST:
+            return (), 0.0
+        crop = ((crop.astype(np.float32) - low) * (255.0 / (high - low))).astype(np.uint8)
+        light_text = bool(np.median(crop) < 128)
+        words, confidence = self._read(crop, bottom - top, light_text=light_text)
+        if confidence < SURE_CONFIDENCE:
+            other = self._read(crop, bottom - top, light_text=not light_text)
+            if other[1] > confidence:
+                words, confidence = other
+        return words, confidence
+
+    def _read(self, crop: np.ndarray, height: int, *, light_text: bool) -> tuple[tuple[str, ...], float]:
+        import cv2
+        from PIL import Image
+
+        if light_text:
+            crop = 255 - crop
+        # Each line's letters about READ_HEIGHT px tall (the box's height is a line's plus padding).
+        factor = min(4.0, READ_HEIGHT / max(1, height * 2 / 3))
+        if factor > 1.2 or factor < 0.5:
+            crop = cv2.resize(crop, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+        crop = cv2.copyMakeBorder(crop, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=255)
+        self._api.SetImage(Image.fromarray(crop))
+        text = self._api.GetUTF8Text()
+        confidences = self._api.AllWordConfidences()
+        words = tuple(text.split())
+        return words, (float(np.mean(confidences)) if confidences else 0.0)
+
+
+def tessdata_dir() -> Path:
+    """The folder of Tesseract's English model: ``TESSDATA_PREFIX``, else Debian's folders; a
+    SettingsError saying how to install it when there is none."""
+    candidates = [os.environ["TESSDATA_PREFIX"]] if os.environ.get("TESSDATA_PREFIX") else []
+    for folder in (*candidates, *TESSDATA_DIRS):
+        if (Path(folder) / "eng.traineddata").is_file():
+            return Path(folder)
+    raise SettingsError("reading burned-in text needs Tesseract's English model (eng.traineddata), "
+                        f"found in none of {', '.join(candidates + list(TESSDATA_DIRS))}: install "
+                        "Debian's tesseract-ocr (`make` does: apt-get install tesseract-ocr) or set "
+                        "TESSDATA_PREFIX to the folder holding eng.traineddata")
+
+
+@functools.cache
+def text_reader() -> TextReader:
+    """This process's :class:`TextReader` (created on first use). OpenCV is held to one thread:
+    files are read a process per core, and its own threads would only compete with them."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return TextReader(tessdata_dir())
+
+
+def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str) -> list[Judgement]:
+    """Blank or keep each region.
+
+    Parameters
+    ----------
+    regions : iterable of TextRegion
+        From :func:`read_frames`.
+    identifiers : Identifiers
+        The identifying values of the sources (every source's, so another patient's name is
+        found too).
+    mode : {"identifying", "any"}
+        ``identifying``: blank the regions that hold an identifier (:func:`identifying_kind`).
+        ``any``: blank every region with a word read at :data:`MIN_WORD_CONFIDENCE` or more.
+
+    Returns
+    -------
+    list of Judgement
+        One per region, in order.
+    """
+    judged = []
+    for region in regions:
+        why = identifying_kind(region.words, identifiers)
+        if not why and mode == "any" and region.confidence >= MIN_WORD_CONFIDENCE:
+            why = "any text"
+        judged.append(Judgement(region, bool(why), why))
+    return judged
+
+
+def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
+    """The kind of identifying value in a line of words read from pixels, or "".
+
+    The words are matched as read and with the letters OCR confuses read as digits (in words
+    mostly of digits) or as letters (in the others), so "D0E" is found as "Doe" and "I95O-O3-I4"
+    as a date; names of five letters or more also one letter off. Besides the study's own values,
+    any date, any number of :data:`MIN_ID_DIGITS` digits or more and any field label
+    (:data:`FIELD_LABELS`) is identifying: a header emptied before the file reached us, or another
+    patient's name on a reused template, still shows the field."""
+    text = " ".join(words)
+    for reading in _readings(text):
+        if source := identifiers.first(reading):
+            return source
+    folded = fold(text)
+    tokens = [token.strip(".-_/'\"()[]") for token in _TOKEN.findall(folded)]
+    for token in tokens:
+        if len(token) >= 5 and token.isalpha() and (source := _one_letter_off(token, identifiers)):
+            return source
+    for reading in _readings(text):
+        if any(dates_in(fold(reading))):
+            return "a date"
+        if re.search(rf"\d{{{MIN_ID_DIGITS},}}", re.sub(r"[\s\-./]", "", fold(reading))):
+            return "an ID number"
+    if any(token in FIELD_LABELS for token in re.findall(r"[a-z]+", folded)):
+        return "a labelled field"
+    return ""
+
+
+def _readings(text: str) -> list[str]:
+    """``text`` as read, and with OCR's confusions undone word by word: a word of mostly digits
+    read as digits, one of mostly letters as letters."""
+    folded = fold(text)
+    fixed = []
+    for token in folded.split():
+        digits = sum(c.isdigit() for c in token)
+        letters = sum(c.isalpha() for c in token)
+        fixed.append(token.translate(_AS_DIGIT) if digits > letters else token.translate(_AS_LETTER))
+    return list(dict.fromkeys((text, " ".join(fixed))))
+
+
+def _one_letter_off(token: str, identifiers: Identifiers) -> str:
+    """The source of a name or word of ``identifiers`` one substitution, insertion or deletion
+    away from ``token`` (five letters or more), or ""."""
+    for value, source in (*identifiers.names.items(), *identifiers.words.items()):
+        if len(value) >= 5 and abs(len(value) - len(token)) <= 1 and _within_one_edit(token, value):
+            return source
+    return ""
+
+
+def _within_one_edit(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    if len(a) > len(b):
+        a, b = b, a
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return a[i + 1:] == b[i + 1:] if len(a) == len(b) else a[i:] == b[i + 1:]
+    return len(b) - len(a) == 1
+
+
+def blank(frames: np.ndarray, boxes: Iterable[tuple[int, int, int, int]]) -> None:
+    """Set each box (top, left, bottom, right) of every frame to the lowest value of the frames
+    (every sample of a colour pixel), in place."""
+    low = frames.min()
+    for top, left, bottom, right in boxes:
+        frames[:, top:bottom, left:right] = low
