@@ -27,8 +27,9 @@ box), name format ("DOE^JOHN", "Doe, John", "JOHN DOE"), date format (1950-03-14
 ultrasound files of ``deid-data``) in a part of it that is blank.
 
 Ground truth (:class:`Drawn`): per text item its kind, whether it identifies, its ink box (top,
-left, bottom, right; bottom and right exclusive) and ink mask (pixels where the glyphs cover half
-a pixel or more), font, size and polarity. The drawn text is kept for tests (``repr`` hides it);
+left, bottom, right; bottom and right exclusive) and ink mask (pixels the glyphs cover by half or
+more and change by a quarter of the display range or more: white text over the sample phantom's
+bright lead marker block is not ink), font, size and polarity. The drawn text is kept for tests (``repr`` hides it);
 the names are fake.
 """
 
@@ -80,6 +81,7 @@ SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1
                "US": "1.2.840.10008.5.1.4.1.1.6.1", "US-cine": "1.2.840.10008.5.1.4.1.1.3.1",
                "SC": "1.2.840.10008.5.1.4.1.1.7"}
 INK_ALPHA = 128  # of 255: a pixel is ink where the glyph covers at least half of it
+VISIBLE_CHANGE = 0.25  # ... and the ink differs from what is under it by a quarter of the range
 
 
 @dataclass(frozen=True)
@@ -332,25 +334,34 @@ def _render(frames: np.ndarray, items: list[_Item], *, draw: bool, colour: bool,
         alpha = render_text(item.text, item.font, item.size).astype(np.float32) / 255.0
         height, width = alpha.shape
         top, left = item.top, item.left
+        boxed = item.polarity in ("light-boxed", "dark-boxed")
+        shade = 0.0 if item.polarity == "light-boxed" else 0.92
+        ink = (0.03, 0.03, 0.03) if item.polarity == "dark-boxed" else item.colour
+        gray_ink = np.float32(0.299 * ink[0] + 0.587 * ink[1] + 0.114 * ink[2])
+        # What lies under the glyphs (the box, or the image), as luminance of the first frame.
+        under = frames[0, top:top + height, left:left + width].astype(np.float32) / scale
+        if under.ndim == 3:
+            under = under @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if boxed:
+            under = np.full_like(under, shade)
+        # Ink: covered by at least half and visibly changed (light text over a bright lead
+        # marker is no more legible to a reader than to anyone).
+        visible = (alpha >= INK_ALPHA / 255.0) & (np.abs(gray_ink - under) >= VISIBLE_CHANGE)
         if draw:
-            if item.polarity in ("light-boxed", "dark-boxed"):
+            if boxed:
                 pad = max(3, item.size // 4)
-                shade = 0.0 if item.polarity == "light-boxed" else 0.92
                 frames[:, max(0, top - pad):top + height + pad,
                        max(0, left - pad):left + width + pad] = np.round(shade * scale)
-            ink = (0.03, 0.03, 0.03) if item.polarity == "dark-boxed" else item.colour
             region = frames[:, top:top + height, left:left + width].astype(np.float32) / scale
             if colour:
                 value = np.array(ink, dtype=np.float32)
                 mixed = region * (1 - alpha[None, :, :, None]) + value * alpha[None, :, :, None]
             else:
-                value = np.float32(0.299 * ink[0] + 0.587 * ink[1] + 0.114 * ink[2])
-                mixed = region * (1 - alpha[None]) + value * alpha[None]
+                mixed = region * (1 - alpha[None]) + gray_ink * alpha[None]
             frames[:, top:top + height, left:left + width] = (
                 mixed if scale == 1.0 else np.round(mixed * scale))
         drawn.append(Drawn(item.kind, item.identifies, (top, left, top + height, left + width),
-                           alpha >= INK_ALPHA / 255.0, item.text, item.font, item.size, item.polarity,
-                           item.form))
+                           visible, item.text, item.font, item.size, item.polarity, item.form))
     return drawn
 
 
