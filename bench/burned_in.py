@@ -401,7 +401,12 @@ def _report(report: Report, results: list[dict]) -> None:
                                               for r in real},
                            "radiograph_ms": {"images": len(clinical), "median": _ms(clinical, 50),
                                              "p95": _ms(clinical, 95)},
-                           "load_average_end": list(os.getloadavg())})
+                           "load_average_end": list(os.getloadavg()),
+                           # Every missed field, for looking at (kinds and places, no values).
+                           "missed": [{"image": r["name"], **{k: item[k] for k in (
+                               "kind", "font", "size", "polarity", "form", "miss", "share", "box")}}
+                                      for r in results for item in r["items"]
+                                      if item["identifies"] and not item["found"]]})
     report.target(f"recall of planted fields >= {TARGET_RECALL:.0%}", recall >= TARGET_RECALL, recall)
     report.target("clean images never blanked", all(r["blanked"] == 0 for r in clean),
                   f"{sum(r['blanked'] > 0 for r in clean)} of {len(clean)} blanked")
