@@ -14,7 +14,8 @@ reader's own account:
 * a planted field is **found** when at least 95 % of its pixels are at the blank value in the
   written file; its pixels are the ink mask grown by one pixel (so the light box behind dark
   text counts) less those already at the blank value in the source (dark ink drawn at the
-  image's minimum says nothing by itself);
+  image's minimum says nothing by itself); an item with no such pixel (drawn invisibly) is not
+  measured, only counted (``invisible_fields``, ``invisible_labels``);
 * a non-identifying label ("L", "PA", "5C1 12cm 30Hz") is **kept** when under 5 % of its pixels
   are blanked; a clean image is **never blanked** when no region was judged identifying, and
   **lost** when its pixels could not be read (``TextFound.unread``);
@@ -99,9 +100,10 @@ def _grown(mask: np.ndarray) -> np.ndarray:
     return out[1:-1, 1:-1]
 
 
-def blanked_share(before: np.ndarray, after: np.ndarray, item: Any) -> float:
+def blanked_share(before: np.ndarray, after: np.ndarray, item: Any) -> float | None:
     """The share of ``item``'s pixels (ink grown by one pixel, less those at the blank value in
-    the source) at the blank value in every frame of ``after``; 1.0 when none are left."""
+    the source) at the blank value in every frame of ``after``; None when none are left (text
+    drawn invisibly, say white over white: not measured)."""
     top, left, bottom, right = item.box
     rows, cols = before.shape[1:3]
     grown = _grown(item.ink)  # covers top-1 .. bottom+1
@@ -117,7 +119,7 @@ def blanked_share(before: np.ndarray, after: np.ndarray, item: Any) -> float:
         was_low, now_low = was == low, now == low
     counted = mask[None] & ~was_low
     if not counted.any():
-        return 1.0
+        return None
     return float((now_low & counted).sum() / counted.sum())
 
 
@@ -151,9 +153,12 @@ def measure_image(path: Path, truth: Any, out: Path) -> dict[str, Any]:
             _, top, bottom, left, right = map(int, match.groups())
             leak_boxes.append((top, left, bottom, right))
 
-    items = []
+    items, invisible = [], {"fields": 0, "labels": 0}
     for item in truth.drawn:
         share = blanked_share(before, after, item)
+        if share is None:
+            invisible["fields" if item.identifies else "labels"] += 1
+            continue
         regions = [j for j in found.judgements if _overlaps(j.region.box, item.box)]
         if share >= FOUND_SHARE:
             why = ""
@@ -172,6 +177,7 @@ def measure_image(path: Path, truth: Any, out: Path) -> dict[str, Any]:
             "shape": (truth.rows, truth.columns), "frames": truth.frames, "seconds": seconds,
             "cpu_seconds": cpu, "seconds_with_header": total, "regions": len(found.judgements),
             "blanked": len(found.blanked), "unread": bool(found.unread), "leaks": len(leaks),
+            "invisible": invisible,
             "items": items}
 
 
@@ -392,6 +398,8 @@ def _report(report: Report, results: list[dict]) -> None:
     real = [r for r in results if r["kind"] == "real"]
     recall = found / len(planted) if planted else float("nan")
     report.figures.update({"images": len(results), "planted_fields": len(planted), "found": found,
+                           "invisible_fields": sum(r["invisible"]["fields"] for r in results),
+                           "invisible_labels": sum(r["invisible"]["labels"] for r in results),
                            "recall": recall, "readable_after": readable,
                            "clean_images": len(clean),
                            "clean_blanked": sum(r["blanked"] > 0 for r in clean),
