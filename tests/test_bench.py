@@ -102,6 +102,23 @@ def _check_serving(document: dict) -> None:
     assert document["targets"][1]["met"]
 
 
+def _check_burned_in(document: dict) -> None:
+    from dicomflow.devtools.burned_in_corpus import make_image
+
+    truths = [make_image(index, seed=0)[1] for index in range(BURNED_IN_IMAGES)]
+    figures = document["figures"]
+    assert figures["images"] == BURNED_IN_IMAGES and figures["real_originals"] == {}
+    assert figures["planted_fields"] + figures["invisible_fields"] == sum(len(t.planted) for t in truths)
+    assert figures["clean_images"] == sum(t.clean for t in truths) >= 1
+    assert 0 <= figures["found"] <= figures["planted_fields"]
+    rows = document["tables"]["images"]["rows"]
+    assert sum(r["images"] for r in rows) == BURNED_IN_IMAGES
+    assert sum(r["labels"] for r in rows) + figures["invisible_labels"] == sum(len(t.labels) for t in truths)
+    assert sum(r["fields"] for r in document["tables"]["recall_by_size"]["rows"]) == figures["planted_fields"]
+    assert [t["name"] for t in document["targets"]][0] == "recall of planted fields >= 99%"
+
+
+BURNED_IN_IMAGES = 8  # one clean image among them (every seventh), no 2048x2500 radiograph needed
 slow = pytest.mark.slow
 CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("validate", ["--rows", "600", "--repeat", "1"], ["validate"], _check_validate,
@@ -119,6 +136,9 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("train", ["--networks", "seed_cnn", "--epochs", "1", "--repeat", "1",
                            "--train-images", "32", "--val-images", "16"], ["train"], _check_train,
                  id="train", marks=slow),
+    pytest.param("burned_in", ["--images", str(BURNED_IN_IMAGES), "--no-real"],
+                 ["recall_by_kind", "recall_by_size", "recall_by_polarity", "recall_by_font",
+                  "recall_by_field", "recall_by_form", "images", "cost", "misses"], _check_burned_in, id="burned_in"),
     pytest.param("serving", ["--seconds", "3", "--repeat", "1", "--rows", "128"], ["serving"],
                  _check_serving, id="serving", marks=slow),
     pytest.param("medmnist", ["--npz", str(NPZ), "--per-split", str(PER_SPLIT),
