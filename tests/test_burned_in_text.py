@@ -131,6 +131,7 @@ class TestReadAndJudge:
 @pytest.mark.parametrize("line, kind", [
     ("D0B: I4/03/I95O", "(0010,0030) Patient's Birth Date"),   # OCR's O/0 and I/1 undone
     ("QUIXLEV BARTHOLOMEW", "(0010,0010) Patient's Name"),      # a name one letter off
+    ("QUIXLEYABARTHOLOMEW", "(0010,0010) Patient's Name"),      # the caret read as a letter
     ("Name: ------", "field label"),
     ("2019-07-21 10:31", "date"),
     ("ACC 7781234421", "long number"),
@@ -173,3 +174,46 @@ class TestSecondNet:
         leaks = scan_paths(identifiers, [tmp_path])
         assert [(leak.output.rsplit("/", 1)[-1], leak.source) for leak in leaks] == [
             ("preview.png", "(0010,0020) Patient ID")]
+
+
+@pytest.mark.slow
+def test_an_attacker_reading_whole_blanked_images_finds_no_identifier(tmp_path):
+    """The issue's hospital case: 12 CR/DX radiographs, 1024x1024, 12 bits, no Burned In
+    Annotation, name, MRN and birth date in different corners, sizes and polarities. After
+    blanking, the Tesseract command line reads each whole image (sparse text, both polarities),
+    as someone looking for names would, and finds none of them."""
+    import shutil
+    import subprocess
+
+    tesseract = shutil.which("tesseract")
+    assert tesseract, "Debian's tesseract-ocr is installed by make and .ci/run"
+    corners = [(30, 30), (30, 560), (900, 30), (900, 560)]
+    names = ["Quixley^Bartholomew", "Nakamura^Hiroshi", "Oyelaran^Funmilayo", "Vasquez^Carmen"]
+    found_before = 0
+    for index in range(12):
+        pixels = radiograph(rows=1024, cols=1024, seed=20 + index)
+        family, given = names[index % 4].split("^")
+        mrn, birth = f"{71_000_000 + 7919 * index}", f"19{40 + index}0{1 + index % 9}1{index % 9}"
+        top, left = corners[index % 4]
+        size = (22, 28, 36)[index % 3]
+        lines = [(top, left, f"{family.upper()}, {given.upper()}"), (top + size + 10, left, f"MRN {mrn}"),
+                 (top + 2 * (size + 10), left, f"DOB {birth[6:]}.{birth[4:6]}.{birth[:4]}")]
+        if index % 2:
+            draw(pixels, lines, size=size, ink=300, box=3900)
+        else:
+            draw(pixels, lines, size=size)
+        ds = dataset(pixels, PatientName=names[index % 4], PatientID=mrn, PatientBirthDate=birth,
+                     Modality=("CR", "DX")[index % 2], ImageType=["ORIGINAL", "PRIMARY"])
+        identifiers = collect_identifiers(ds)
+        found, frames = read_burned_in_text(ds, identifiers, "identifying")
+        found_before += len(found.blanked)
+        blank_text(ds, frames, found)
+        written = ds.pixel_array.astype(np.float32)
+        picture = ((written - written.min()) * (255 / (written.max() - written.min()))).astype(np.uint8)
+        for polarity, image in (("as shown", picture), ("inverted", 255 - picture)):
+            path = tmp_path / f"{index}-{polarity.replace(' ', '_')}.png"
+            Image.fromarray(image).save(path)
+            read = subprocess.run([tesseract, str(path), "-", "--psm", "11"], capture_output=True,
+                                  text=True, check=True).stdout
+            assert identifiers.first(read) is None, f"image {index} {polarity}: an identifier is readable"
+    assert found_before >= 36  # three lines in each of the 12 images

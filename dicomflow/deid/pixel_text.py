@@ -43,6 +43,7 @@ from dicomflow.errors import SettingsError
 STROKE_KERNEL = 17  # px: wider than the strokes of 40-px text, narrower than most anatomy
 MIN_CONTRAST = 60  # of 255 (the frame's range): burned-in text is drawn to stand out
 TEXT_HEIGHT = (7, 96)  # px: a line's height, from 14-px type's lower case to 64-px capitals
+JOIN_WIDTH = 40  # px: strokes this close along a line are one line
 READ_HEIGHT = 40  # px: Tesseract reads best with letters about this tall
 MAX_REGIONS_PER_FRAME = 60  # beyond this a frame is texture, not text: read the most text-like
 SURE_CONFIDENCE = 60  # of 100: a reading less sure than this is tried in the other polarity
@@ -82,7 +83,8 @@ class TextRegion:
 @dataclass(frozen=True)
 class Judgement:
     """What :func:`judge` decided for one region: ``blank`` or not, and ``why``: the kind of
-    value that matched ("(0010,0020) Patient ID", "date", "text"): "a {why} value" reads as a sentence; never the value."""
+    value that matched ("(0010,0020) Patient ID", "date", "text": "a {why} value" reads as a
+    sentence), never the value."""
 
     region: TextRegion
     blank: bool
@@ -156,9 +158,9 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], b
         if scale > 1:  # any stroke pixel in a cell marks the cell (255 / scale² averages above 0)
             reduced = cv2.resize(strokes, (gray.shape[1] // scale, gray.shape[0] // scale),
                                  interpolation=cv2.INTER_AREA)
-        # Letters a third of the smallest line's height apart, words a line's height apart:
-        # joined along the line, never across lines.
-        join = max(3, 24 // scale)
+        # Letters and words of one line joined (a monospaced 40-px type's space is 24 px), lines
+        # never: the joining runs along the line only.
+        join = max(3, JOIN_WIDTH // scale)
         lines = cv2.morphologyEx(reduced, cv2.MORPH_CLOSE,
                                  cv2.getStructuringElement(cv2.MORPH_RECT, (join, 1)))
         count, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
@@ -206,7 +208,10 @@ def _text_like(gray: np.ndarray, strokes: np.ndarray, box: tuple[int, int, int, 
     outer = _padded(box, gray.shape)
     ring = np.ones((outer[2] - outer[0], outer[3] - outer[1]), dtype=bool)
     ring[top - outer[0]:bottom - outer[0], left - outer[1]:right - outer[1]] = False
-    background = float(np.median(gray[outer[0]:outer[2], outer[1]:outer[3]][ring])) if ring.any() else 0.0
+    # The background is the ring's lighter (darker) side: a panel drawn tight around dark text
+    # leaves only part of the ring on the panel.
+    around = gray[outer[0]:outer[2], outer[1]:outer[3]][ring]
+    background = float(np.percentile(around, 25 if light_text else 75)) if around.size else 0.0
     ink = float(gray[top:bottom, left:right][strokes[top:bottom, left:right] > 0].mean())
     if (ink - background if light_text else background - ink) < MIN_CONTRAST / 2:
         return 0.0
@@ -365,6 +370,8 @@ def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
     for token in tokens:
         if len(token) >= 5 and token.isalpha() and (source := _one_letter_off(token, identifiers)):
             return source
+        if len(token) >= 6 and token.isalpha() and (source := _two_names_joined(token, identifiers)):
+            return source
     for reading in _readings(text):
         if any(dates_in(fold(reading))):
             return "date"
@@ -393,6 +400,19 @@ def _one_letter_off(token: str, identifiers: Identifiers) -> str:
     for value, source in (*identifiers.names.items(), *identifiers.words.items()):
         if len(value) >= 5 and abs(len(value) - len(token)) <= 1 and _within_one_edit(token, value):
             return source
+    return ""
+
+
+def _two_names_joined(token: str, identifiers: Identifiers) -> str:
+    """The source of two names of ``identifiers`` that ``token`` holds one after the other, with
+    or without one character between them: "DOE^JOHN" read as "DOEAJOHN" (OCR takes the caret for
+    a letter), or "DOEJOHN"; or ""."""
+    for cut in range(3, len(token) - 2):
+        first = token[:cut]
+        if first in identifiers.names:
+            for rest in (token[cut:], token[cut + 1:]):
+                if rest in identifiers.names:
+                    return identifiers.names[first]
     return ""
 
 
