@@ -43,6 +43,7 @@ from dicomflow.errors import SettingsError
 STROKE_KERNEL = 17  # px: wider than the strokes of 40-px text, narrower than most anatomy
 MIN_CONTRAST = 60  # of 255 (the frame's range): burned-in text is drawn to stand out
 TEXT_HEIGHT = (7, 96)  # px: a line's height, from 14-px type's lower case to 64-px capitals
+LONGEST_RUN = 160  # px: an unbroken horizontal run of stroke longer than this is not text
 JOIN_WIDTH = 40  # px: strokes this close along a line are one line
 READ_HEIGHT = 40  # px: Tesseract reads best with letters about this tall
 MAX_REGIONS_PER_FRAME = 60  # beyond this a frame is texture, not text: read the most text-like
@@ -146,14 +147,16 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], b
 
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL))
     tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, TEXT_HEIGHT[1] + 1))
+    long = cv2.getStructuringElement(cv2.MORPH_RECT, (LONGEST_RUN + 1, 1))
     scale = max(1, min(gray.shape) // 512)
     found: list[tuple[float, tuple[int, int, int, int], bool]] = []
     for light_text, operation in ((True, cv2.MORPH_TOPHAT), (False, cv2.MORPH_BLACKHAT)):
         _, strokes = cv2.threshold(cv2.morphologyEx(gray, operation, kernel), MIN_CONTRAST - 1, 255,
                                    cv2.THRESH_BINARY)
-        # A thin structure taller than any line (a spine, a tube, a collimator's edge) is no
+        # A thin structure taller than any line (a spine, a tube, a collimator's edge) or much
+        # longer than any word (the strip between two rows of text panels, a rule) is no
         # stroke, and would join every line beside it into one region.
-        strokes -= cv2.morphologyEx(strokes, cv2.MORPH_OPEN, tall)
+        strokes -= cv2.morphologyEx(strokes, cv2.MORPH_OPEN, tall) | cv2.morphologyEx(strokes, cv2.MORPH_OPEN, long)
         reduced = strokes
         if scale > 1:  # any stroke pixel in a cell marks the cell (255 / scale² averages above 0)
             reduced = cv2.resize(strokes, (gray.shape[1] // scale, gray.shape[0] // scale),
