@@ -146,21 +146,29 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], b
     import cv2
 
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL))
-    tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, TEXT_HEIGHT[1] + 1))
-    long = cv2.getStructuringElement(cv2.MORPH_RECT, (LONGEST_RUN + 1, 1))
     scale = max(1, min(gray.shape) // 512)
+    tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, TEXT_HEIGHT[1] // scale + 1))
+    long = cv2.getStructuringElement(cv2.MORPH_RECT, (LONGEST_RUN // scale + 1, 1))
     found: list[tuple[float, tuple[int, int, int, int], bool]] = []
     for light_text, operation in ((True, cv2.MORPH_TOPHAT), (False, cv2.MORPH_BLACKHAT)):
         _, strokes = cv2.threshold(cv2.morphologyEx(gray, operation, kernel), MIN_CONTRAST - 1, 255,
                                    cv2.THRESH_BINARY)
-        # A thin structure taller than any line (a spine, a tube, a collimator's edge) or much
-        # longer than any word (the strip between two rows of text panels, a rule) is no
-        # stroke, and would join every line beside it into one region.
-        strokes -= cv2.morphologyEx(strokes, cv2.MORPH_OPEN, tall) | cv2.morphologyEx(strokes, cv2.MORPH_OPEN, long)
         reduced = strokes
         if scale > 1:  # any stroke pixel in a cell marks the cell (255 / scale² averages above 0)
             reduced = cv2.resize(strokes, (gray.shape[1] // scale, gray.shape[0] // scale),
                                  interpolation=cv2.INTER_AREA)
+            _, reduced = cv2.threshold(reduced, 0, 255, cv2.THRESH_BINARY)
+        # A thin structure taller than any line (a spine, a tube, a collimator's edge) or much
+        # longer than any word (the strip between two rows of text panels, a rule) is no
+        # stroke, and would join every line beside it into one region: found on the reduced
+        # mask (a long kernel costs its length per pixel), taken out of both.
+        other = cv2.morphologyEx(reduced, cv2.MORPH_OPEN, tall) | cv2.morphologyEx(reduced, cv2.MORPH_OPEN, long)
+        reduced = reduced - other
+        if scale > 1 and other.any():
+            strokes[cv2.resize(other, (reduced.shape[1] * scale, reduced.shape[0] * scale),
+                               interpolation=cv2.INTER_NEAREST) > 0] = 0
+        elif scale == 1:
+            strokes = reduced
         # Letters and words of one line joined (a monospaced 40-px type's space is 24 px), lines
         # never: the joining runs along the line only.
         join = max(3, JOIN_WIDTH // scale)
