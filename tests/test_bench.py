@@ -138,7 +138,7 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
                  id="train", marks=slow),
     pytest.param("burned_in", ["--images", str(BURNED_IN_IMAGES), "--no-real"],
                  ["recall_by_kind", "recall_by_size", "recall_by_polarity", "recall_by_font",
-                  "recall_by_field", "recall_by_form", "images", "cost", "misses"], _check_burned_in, id="burned_in"),
+                  "recall_by_field", "recall_by_form", "images", "baseline", "cost", "misses"], _check_burned_in, id="burned_in"),
     pytest.param("serving", ["--seconds", "3", "--repeat", "1", "--rows", "128"], ["serving"],
                  _check_serving, id="serving", marks=slow),
     pytest.param("medmnist", ["--npz", str(NPZ), "--per-split", str(PER_SPLIT),
