@@ -48,6 +48,7 @@ JOIN_WIDTH = 40  # px: strokes this close along a line are one line
 READ_HEIGHT = 40  # px: Tesseract reads best with letters about this tall
 MAX_REGIONS_PER_FRAME = 60  # beyond this a frame is texture, not text: read the most text-like
 SURE_CONFIDENCE = 60  # of 100: a reading less sure than this is tried in the other polarity
+CLEARLY_SURER = 15  # of 100: what the other polarity's reading must add to be taken
 MIN_WORD_CONFIDENCE = 50  # of 100: below it a "word" of ``any`` mode is noise read as letters
 TESSDATA_DIRS = ("/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
                  "/usr/share/tessdata", "/usr/local/share/tessdata")
@@ -274,11 +275,14 @@ class TextReader:
              light_text: bool) -> tuple[tuple[str, ...], float]:
         """The words in ``box`` of the 8-bit frame ``gray`` and their mean confidence (0-100),
         read as light text on a darker background or the other way (``light_text``); a reading
-        below :data:`SURE_CONFIDENCE` is tried in the other polarity too, and the surer kept."""
+        below :data:`SURE_CONFIDENCE` is tried in the other polarity too."""
         words, confidence = self._read(gray, box, light_text=light_text)
         if confidence < SURE_CONFIDENCE:
+            # The polarity found is right more often than Tesseract's confidence says (a caret
+            # or a quote brings a good reading down to 0): the other reading replaces it only
+            # when it is clearly surer.
             other = self._read(gray, box, light_text=not light_text)
-            if other[1] > confidence:
+            if other[1] >= confidence + CLEARLY_SURER:
                 words, confidence = other
         return words, confidence
 
