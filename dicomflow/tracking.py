@@ -10,6 +10,7 @@ Only non-identifying values are ever logged here: params, the git commit and the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import logging
@@ -307,8 +308,12 @@ def log_keras_model(model, example) -> Any:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    # mlflow.keras.log_model (3.17) writes the input example before creating its folder.
-    with artifact_writes("the trained model's MLflow artifacts"):
+    # mlflow.keras.log_model (3.17) writes the input example before creating its folder. It also
+    # checks the example by calling the model's predict with Keras's default verbosity, whose
+    # progress bar writes colour codes and carriage returns to stdout even when it is no terminal
+    # (Keras 3.15 treats every POSIX system as one): that output goes nowhere.
+    with artifact_writes("the trained model's MLflow artifacts"), \
+            open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
         return mlflow.tensorflow.log_model(
             model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,
