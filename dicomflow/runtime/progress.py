@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-LOG_EVERY_S = 30.0
+LOG_EVERY_S = 10.0
 
 
 def progress(items: Iterable[T], *, total: int, what: str, unit: str = "file",
