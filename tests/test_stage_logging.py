@@ -30,15 +30,17 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
 
 
-# A stage's life in small: TensorFlow imported in main(), a Keras model logged to MLflow (whose
-# check of the input example calls predict with Keras's default progress bar), a library warning.
+# A stage's life in small: TensorFlow imported in main(), a Keras model logged to MLflow under op
+# determinism (whose check of the input example calls predict with Keras's default progress bar),
+# a library warning.
 STAGE = """
 import logging, warnings
 from dicomflow.runtime.stage import run_stage
 
 def main():
-    import numpy as np, keras, mlflow
+    import numpy as np, keras, mlflow, tensorflow as tf
     from dicomflow.tracking import log_keras_model
+    tf.config.experimental.enable_op_determinism()  # as train: each predict logged an "E0000" line
     logging.getLogger("stage").info("milestone")
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])

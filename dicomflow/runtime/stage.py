@@ -7,19 +7,17 @@ when it is first imported, which every stage does later, inside its ``main()``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
 import os
-import re
 import sys
-import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from dicomflow.errors import DicomflowError
 from dicomflow.runtime.log_privacy import withheld_summary, withhold_library_messages
+from dicomflow.runtime.native_logs import IMPORT_BANNER, stderr_lines_dropped
 
 SHOW_TRACEBACKS_ENV = "DICOMFLOW_SHOW_TRACEBACKS"  # set it to see messages, on data you may log
 
@@ -38,37 +36,6 @@ QUIET_LIBRARY_ENV = {
 for _name, _value in QUIET_LIBRARY_ENV.items():
     os.environ.setdefault(_name, _value)
 
-# What TensorFlow 2.21's C++ side writes to stderr while it is imported whatever
-# TF_CPP_MIN_LOG_LEVEL says (absl logs before it is initialised, and TensorFlow never initialises
-# it): absl's preamble, INFO lines (the oneDNN notice, once per library that loads it) and the
-# CPU-instruction notice. Dropped during that import only; anything else written then is kept.
-_IMPORT_BANNER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"
-                            r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
-                            r"|To enable the following instructions: ")
-
-
-@contextlib.contextmanager
-def _stderr_lines_dropped(pattern: re.Pattern) -> Iterator[None]:
-    """Capture file descriptor 2 (native libraries write there directly), then write back every
-    line that does not match ``pattern``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not pattern.match(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
-
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``tensorflow`` as the path finder does, and executes it with its banner dropped."""
 
@@ -86,7 +53,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader)
 
     def exec_module(self, module) -> None:
         module.__loader__ = module.__spec__.loader = self._loader  # as if imported plainly
-        with _stderr_lines_dropped(_IMPORT_BANNER):
+        with stderr_lines_dropped(IMPORT_BANNER):
             self._loader.exec_module(module)
 
 
