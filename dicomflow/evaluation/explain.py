@@ -310,14 +310,14 @@ def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_sco
     """
     groups = pick_examples(y_true, y_score, threshold=threshold, per_group=per_group)
     chosen = np.concatenate([indices for indices in groups.values()]).astype(int)
+    logger.info("Grad-CAM of %s", ", ".join(f"{len(indices)} {name.replace('_', ' ')}"
+                                             for name, indices in groups.items()))
     # An ensemble's map is the mean of its members' maps: each explains its share of the mean.
     heatmaps = np.mean([grad_cam(member, images[chosen]) for member in members_of(model)], axis=0)
     # The grid indexes the chosen images only: group g's entries sit after the groups before it.
     ends = np.cumsum([len(indices) for indices in groups.values()])
     positions = {name: np.arange(end - len(indices), end)
                  for (name, indices), end in zip(groups.items(), ends)}
-    logger.info("Grad-CAM of %s", ", ".join(f"{len(indices)} {name.replace('_', ' ')}"
-                                             for name, indices in groups.items()))
     return write_grad_cam_grid(images[chosen], heatmaps, positions, np.asarray(y_score)[chosen], path)
 
 

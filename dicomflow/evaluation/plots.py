@@ -134,15 +134,16 @@ def _draw_pr_calibration(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.nda
 
 
 def _label_counts(ax, xs, ys, counts, *, color: str | None = None, below: bool = False) -> None:
-    """Write each point's image count beside it; points at the same place (tied bins) get one
-    label with their total, so labels never overprint."""
+    """Write each point's image count beside it; points within about 1 % of the axes of each
+    other (tied or near-tied bins) get one label with their total, so labels never overprint."""
     totals: dict[tuple[float, float], list[int]] = {}
     for x, y, count in zip(xs, ys, counts):
-        totals.setdefault((round(float(x), 3), round(float(y), 3)), []).append(int(count))
+        totals.setdefault((round(float(x), 2), round(float(y), 2)), []).append(int(count))
     for (x, y), shared in totals.items():
         text = str(sum(shared)) if len(shared) == 1 else f"{sum(shared)} ({len(shared)} bins)"
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if below else 5),
-                    fontsize=7, color=color)
+        right_edge = x > 0.85  # written to the left of the point, inside the axes
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4 if right_edge else 4, -10 if below else 5),
+                    ha="right" if right_edge else "left", fontsize=7, color=color)
 
 
 def pyplot():
