@@ -133,11 +133,10 @@ def test_dvc_plots_show_renders_every_declared_plot_offline(tmp_path):
     declared = declared_plots()
     images = {name for name in declared if name.endswith(".png")}
     charts = declared - images - {f"reports/plots/{name}.csv" for name in ("roc", "confusion", "pr", "calibration")}
-    # Vega charts: four test-split plots, three training plots of train_history.csv, and that
-    # file's own stage-level plot (all its columns).
+    # Vega charts: four of the test split, three of train_history.csv.
     assert charts == {"reports/train_history.csv"}
     vega_divs = re.findall(r"vegaEmbed\('#([\w-]+)'", page)
-    assert len(vega_divs) == 8
+    assert len(vega_divs) == 7
     for image in images:
         assert f'static/workspace_{image.replace("/", "_")}' in page, image
 
@@ -146,6 +145,6 @@ def test_dvc_plots_show_renders_every_declared_plot_offline(tmp_path):
                           "--virtual-time-budget=15000", "--dump-dom",
                           (repo / "shown" / "index.html").as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    assert dom.count('class="vega-embed') == 8
-    assert dom.count("<canvas") == 8
+    assert dom.count('class="vega-embed') == 7
+    assert dom.count("<canvas") == 7
     assert len(re.findall(r'<img src="static/workspace_[\w.]+\.png"', dom)) == len(images) == 6
