@@ -2,8 +2,9 @@
 
 On a terminal tqdm redraws one line with carriage returns; written to a file (``dvc repro > log``,
 CI) those carriage returns and redraws end up in the log as they are. Away from a terminal a step
-instead logs one line every :data:`LOG_EVERY_S` seconds (none for a step shorter than that):
-counts and rates only, since the items' names (paths) can hold accession numbers.
+instead logs one line every :data:`LOG_EVERY_S` seconds and one when it ends (none for a step
+shorter than that): counts and rates only, since the items' names (paths) can hold accession
+numbers.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def progress(items: Iterable[T], *, total: int, what: str, unit: str = "file",
         yield from tqdm(items, total=total, unit=unit, desc=what, mininterval=2.0, file=stream)
         return
     start = last = time.monotonic()
+    done = 0
     for done, item in enumerate(items, start=1):
         yield item
         now = time.monotonic()
@@ -54,3 +56,5 @@ def progress(items: Iterable[T], *, total: int, what: str, unit: str = "file",
             logger.info("%s: %d of %d %ss (%.0f%%), %.1f %ss/s", what, done, total, unit,
                         100 * done / max(total, 1), done / max(now - start, 1e-9), unit)
             last = now
+    if last > start:  # a long step said how far it was: it says that it ended too
+        logger.info("%s: %d of %d %ss in %.0f s", what, done, total, unit, time.monotonic() - start)
