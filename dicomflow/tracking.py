@@ -10,6 +10,7 @@ Only non-identifying values are ever logged here: params, the git commit and the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import logging
@@ -24,6 +25,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import yaml
+
+from dicomflow.runtime.native_logs import DETERMINISTIC_MAP_ATTRIBUTE, stderr_lines_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -307,8 +310,14 @@ def log_keras_model(model, example) -> Any:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    # mlflow.keras.log_model (3.17) writes the input example before creating its folder.
-    with artifact_writes("the trained model's MLflow artifacts"):
+    # mlflow.keras.log_model (3.17) writes the input example before creating its folder. It also
+    # checks the example by calling the model's predict with Keras's default verbosity, whose
+    # progress bar writes colour codes and carriage returns to stdout even when it is no terminal
+    # (Keras 3.15 treats every POSIX system as one): that output goes nowhere. Under the train
+    # stage's op determinism each predict also logs a TensorFlow "ERROR" that is none.
+    with artifact_writes("the trained model's MLflow artifacts"), \
+            open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere), \
+            stderr_lines_dropped(DETERMINISTIC_MAP_ATTRIBUTE):
         return mlflow.tensorflow.log_model(
             model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from dicomflow.config import layout
 from dicomflow.config.params import load_params
@@ -58,6 +57,7 @@ from dicomflow.dicom.display import PixelSettings
 from dicomflow.errors import DataError
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
+from dicomflow.runtime.progress import progress
 from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 def progress_bar(results: Iterable, total: int, what: str) -> Iterable:
     """Counts and rates only: paths can hold accession numbers."""
-    return tqdm(results, total=total, unit="file", desc=what, mininterval=2.0)
+    return progress(results, total=total, what=what)
 
 
 def main() -> None:

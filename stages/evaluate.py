@@ -96,6 +96,8 @@ def main() -> None:
     metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
+    logger.info("loaded the model of MLflow run %s; scoring %d validation and %d test images",
+                run_info["run_id"], len(val_y), len(test_y))
 
     val_score = predict_probabilities(model, val_x)
     threshold = None
@@ -157,12 +159,20 @@ def main() -> None:
                 check_run(training_run, digests_file=digests, secret=secret)
                 promotion = promotion_files(manifest, deid_dir, classes=ingest.classes)
                 champion = registry.current_champion(client, name)
+                # Each scoring decodes every file as served: tens of seconds, so each is a milestone.
+                logger.info("promotion: scoring the candidate on %d validation files as registered",
+                            len(promotion["files"]))
+                candidate_answers = score_candidate(model_dir / layout.MODEL_FILE, promotion["files"], **registered)
+                if champion is not None:
+                    logger.info("promotion: scoring champion version %s on the same files, in a process "
+                                "of its own", champion)
                 comparison = compare_with_champion(
-                    score_candidate(model_dir / layout.MODEL_FILE, promotion["files"], **registered),
+                    candidate_answers,
                     champion_version=champion, champion_uri=f"models:/{name}/{champion}", verify_key=verify_key,
                     metric=params.promotion_metric, data_version=record["data_version"],
                     pixel_settings=record["pixel_settings"], **promotion)
                 alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
+                logger.info("promotion: %s", decision)
                 draft = card(version=None, alias=alias, decision=decision, excluded=comparison.excluded)
                 check_card(draft, digests_file=digests, secret=secret, name=CARD_FILE)
                 tags = registry.version_tags(comparison, alias=alias, decision=decision, key=key,

@@ -26,8 +26,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
 from dicomflow.config import layout
 from dicomflow.config.params import IngestParams, PathsParams, load_params
 from dicomflow.dicom.display import PixelSettings
@@ -45,6 +43,7 @@ from dicomflow.dicom.sources import list_sources
 from dicomflow.runtime.cluster import scheduler_address
 from dicomflow.runtime.outputs import staged_folder, write_json
 from dicomflow.runtime.parallel import worker_count
+from dicomflow.runtime.progress import progress
 from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
 
@@ -80,10 +79,9 @@ def main() -> None:
         for entry in listing.unread:  # FIFOs, broken links, names that are not UTF-8, ...
             quarantine.writerow(entry)
             reasons[entry[1]] += 1
-        # The bar shows counts and rates only: paths can hold accession numbers.
-        results = tqdm(read_all(files, data_dir=data_dir, settings=settings, workers=workers,
-                                timeout_s=params.file_timeout_s),
-                       total=len(files), unit="file", desc="ingest", mininterval=2.0)
+        # Counts and rates only: paths can hold accession numbers.
+        results = progress(read_all(files, data_dir=data_dir, settings=settings, workers=workers,
+                                    timeout_s=params.file_timeout_s), total=len(files), what="ingest")
         for result in results:
             try:
                 rows = [(pixels, labelled(record, key=params.label_key, labels=labels,

@@ -198,12 +198,28 @@ class TestCalibrationTable:
             y_score = np.where(y_score > 0.6, 1.0, np.where(y_score < 0.2, 0.0, y_score))
         table = calibration_table(y_true, y_score)
         assert table["count"].sum() == len(y_true)
-        assert (table["count"] > 0).all() and len(table) <= 10
-        assert len(table) < 10 if tied else len(table) == 10
+        # Ten bins even when ties make percentile edges coincide (3 of 10 were left before).
+        assert len(table) == 10 and (table["count"] > 0).all()
+        assert table["count"].max() - table["count"].min() <= 1
         positives = table["fraction_positive"] * table["count"]
         np.testing.assert_allclose(positives, np.round(positives), atol=1e-9)  # whole images per bin
         assert round(positives.sum()) == y_true.sum()
         assert table["mean_predicted"].is_monotonic_increasing
+
+    def test_tied_scores_by_hand(self):
+        # 6 scores, 3 bins of 2 by rank; the four tied 0.0 scores fill two bins in input order.
+        table = calibration_table(np.array([0, 1, 0, 0, 1, 1]), np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0]),
+                                  n_bins=3)
+        assert table["count"].tolist() == [2, 2, 2]
+        np.testing.assert_allclose(table["mean_predicted"], [0.0, 0.0, 1.0])
+        np.testing.assert_allclose(table["fraction_positive"], [0.5, 0.0, 1.0])
+
+    def test_fewer_images_than_bins_and_bad_input(self):
+        assert calibration_table(np.array([0, 1]), np.array([0.2, 0.9]))["count"].tolist() == [1, 1]
+        with pytest.raises(ValueError, match="same length; got 2 and 3"):
+            calibration_table(np.array([0, 1]), np.array([0.2, 0.9, 0.5]))
+        with pytest.raises(ValueError, match="n_bins must be a positive int; got 0"):
+            calibration_table(np.array([0, 1]), np.array([0.2, 0.9]), n_bins=0)
 
 
 def test_write_plot_data_writes_and_returns_every_file(tmp_path, scored):

@@ -280,8 +280,8 @@ class TestWriteGradCamGrid:
         heatmaps[3] = 0.0  # drawn with an "empty map" note
         path = write_grad_cam_grid(self.images, heatmaps, groups, self.scores, tmp_path / "new" / "grid.png")
         png = matplotlib.image.imread(path)
-        # 2.2 in a column plus 0.6 for the row labels, 2.3 in a row, at 100 dpi; RGBA
-        assert png.shape == (690, 500, 4)
+        # 2.2 in a column plus 1.4 for the row labels and the colour bar, 2.3 in a row, at 100 dpi
+        assert png.shape == (690, 580, 4)
         assert png[..., :3].std() > 0.05  # something was drawn
 
     def test_all_groups_empty_and_colour_images(self, tmp_path):
@@ -289,7 +289,7 @@ class TestWriteGradCamGrid:
         colour = self.images.repeat(3, axis=-1)
         png = matplotlib.image.imread(write_grad_cam_grid(colour, self.heatmaps, groups, self.scores,
                                                           tmp_path / "grid.png"))
-        assert png.shape == (460, 280, 4)
+        assert png.shape == (460, 360, 4)
 
     def test_rejects_inconsistent_input(self, tmp_path):
         path = tmp_path / "grid.png"
@@ -302,15 +302,19 @@ class TestWriteGradCamGrid:
         assert not path.exists()
 
 
-def test_tile_titles_tell_probabilities_near_the_ends_apart():
-    from dicomflow.evaluation.explain import format_probability
+def test_tiles_are_titled_with_the_probability_and_the_grid_has_a_colour_bar():
+    import matplotlib.pyplot as plt
+    from dicomflow.evaluation.explain import _grid_figure
 
-    assert format_probability(0.73412) == "0.734"
-    assert format_probability(0.99996) == "1 - 4.0e-05" and format_probability(0.99999) == "1 - 1.0e-05"
-    assert format_probability(0.00012) == "1.2e-04"
-
-
-def test_a_saturated_probability_shows_its_exact_complement():
-    from dicomflow.evaluation.explain import format_probability
-
-    assert format_probability(1.0, 7.8e-20) == "1 - 7.8e-20"
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (2, 12, 12)).astype(np.float32)
+    heatmaps = rng.uniform(0, 1, (2, 12, 12)).astype(np.float32)
+    heatmaps[1] = 0.0
+    fig = _grid_figure(images, heatmaps, {"true_positives": np.array([0, 1])}, np.array([1 - 2.1e-08, 0.734]))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["p(positive) = 1.00", "p(positive) = 0.73, empty map"]
+    colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colour_bars) == 1
+    assert colour_bars[0].get_ylabel() == "Grad-CAM, share of the image's peak"
+    assert colour_bars[0].get_ylim() == (0.0, 1.0)
+    plt.close(fig)

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from dicomflow.evaluation.plots import pyplot, save_figure
-from dicomflow.model.architectures import complement_probabilities, members_of
+from dicomflow.model.architectures import members_of
 
 logger = logging.getLogger(__name__)
+
+HEATMAP_COLOURS = "jet"
+HEATMAP_ALPHA = 0.4  # the image must show through the map
 
 
 def last_conv_layer(model) -> str:
@@ -218,7 +221,7 @@ def pick_examples(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float,
 
 
 def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[str, np.ndarray],
-                        scores: np.ndarray, path: Path, *, complements: np.ndarray | None = None) -> Path:
+                        scores: np.ndarray, path: Path) -> Path:
     """Draw each group's images with their heatmaps overlaid, one row per group, as a PNG.
 
     Parameters
@@ -231,12 +234,10 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
         Row label (underscores shown as spaces) to indices into ``images``, in drawing order,
         e.g. :func:`pick_examples`. An empty group gets a row that says "none".
     scores : ndarray of shape (n,)
-        Each image's predicted probability, shown as its title (with "empty map" added where
-        the heatmap is all zero).
+        Each image's predicted probability of the positive class, shown as its title
+        (``p(positive) = 0.97``, with "empty map" added where the heatmap is all zero).
     path : Path
         The PNG to write; its folder is created.
-    complements : ndarray of shape (n,), optional
-        1 - score per image, computed exactly by the caller (:func:`format_probability`).
 
     Returns
     -------
@@ -247,6 +248,11 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
     ------
     ValueError
         No groups, arrays of mismatched sizes, or an index outside ``images``.
+
+    Notes
+    -----
+    One colour bar on the right gives the heatmap's scale: each map is divided by its own
+    peak (:func:`grad_cam`), so 1 is the image's strongest evidence, not a probability.
     """
     images, heatmaps, scores = np.asarray(images), np.asarray(heatmaps), np.asarray(scores).ravel()
     if images.ndim == 4:
@@ -260,9 +266,18 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
         if len(indices) and not (np.min(indices) >= 0 and np.max(indices) < len(images)):
             raise ValueError(f"group {name!r} holds indices outside 0..{len(images) - 1}: {list(indices)}")
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(_grid_figure(images, heatmaps, groups, scores), path)
+    return path
+
+
+def _grid_figure(images: np.ndarray, heatmaps: np.ndarray, groups: dict[str, np.ndarray], scores: np.ndarray):
+    """The grid of :func:`write_grad_cam_grid` as a matplotlib figure (checked arguments)."""
+    plt = pyplot()
     columns = max(1, *(len(indices) for indices in groups.values()))
-    fig, axes = pyplot().subplots(len(groups), columns, figsize=(2.2 * columns + 0.6, 2.3 * len(groups)),
-                                   squeeze=False)
+    # Constrained layout makes room for the colour bar beside the whole grid.
+    fig, axes = plt.subplots(len(groups), columns, figsize=(2.2 * columns + 1.4, 2.3 * len(groups)),
+                             squeeze=False, layout="constrained")
     for row, (name, indices) in zip(axes, groups.items()):
         # Ticks hidden rather than the axis switched off, so that the row label stays visible.
         row[0].set_ylabel(name.replace("_", " "))
@@ -275,27 +290,14 @@ def write_grad_cam_grid(images: np.ndarray, heatmaps: np.ndarray, groups: dict[s
             row[0].text(0.5, 0.5, "none", ha="center", va="center", transform=row[0].transAxes)
         for ax, index in zip(row, indices):
             ax.imshow(images[index], cmap="gray", vmin=0.0, vmax=1.0)
-            ax.imshow(heatmaps[index], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+            ax.imshow(heatmaps[index], cmap=HEATMAP_COLOURS, alpha=HEATMAP_ALPHA, vmin=0.0, vmax=1.0)
             # An all-zero map means no positive evidence (or no gradient), not a rendering fault.
-            empty = "" if heatmaps[index].any() else ", empty map"
-            complement = None if complements is None else complements[index]
-            ax.set_title(f"p {format_probability(scores[index], complement)}{empty}", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
-    return path
-
-
-def format_probability(p: float, complement: float | None = None) -> str:
-    """A probability with the digits that tell neighbours apart: 0.734, 1.2e-04, 1 - 3.1e-05.
-
-    ``complement`` is 1 - p where the caller has it exactly (p rounds to 1.0 long before 1 - p
-    rounds to 0); else 1 - p is computed here.
-    """
-    if 0.001 <= p <= 0.999:
-        return f"{p:.3f}"
-    if p < 0.001:
-        return f"{p:.1e}"
-    return f"1 - {1 - p if complement is None else complement:.1e}"
+            empty = ", empty map" if not heatmaps[index].any() else ""
+            ax.set_title(f"p(positive) = {scores[index]:.2f}{empty}", fontsize=9)
+    scale = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap=HEATMAP_COLOURS)
+    bar = fig.colorbar(scale, ax=axes, shrink=0.8, label="Grad-CAM, share of the image's peak")
+    bar.set_alpha(HEATMAP_ALPHA)  # the colours as the overlay shows them
+    return fig
 
 
 def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray, *,
@@ -308,17 +310,15 @@ def write_grad_cam_examples(model, images: np.ndarray, y_true: np.ndarray, y_sco
     """
     groups = pick_examples(y_true, y_score, threshold=threshold, per_group=per_group)
     chosen = np.concatenate([indices for indices in groups.values()]).astype(int)
+    logger.info("Grad-CAM of %s", ", ".join(f"{len(indices)} {name.replace('_', ' ')}"
+                                             for name, indices in groups.items()))
     # An ensemble's map is the mean of its members' maps: each explains its share of the mean.
     heatmaps = np.mean([grad_cam(member, images[chosen]) for member in members_of(model)], axis=0)
     # The grid indexes the chosen images only: group g's entries sit after the groups before it.
     ends = np.cumsum([len(indices) for indices in groups.values()])
     positions = {name: np.arange(end - len(indices), end)
                  for (name, indices), end in zip(groups.items(), ends)}
-    logger.info("Grad-CAM of %s", ", ".join(f"{len(indices)} {name.replace('_', ' ')}"
-                                             for name, indices in groups.items()))
-    complements = complement_probabilities(model, images[chosen]) if model.output_shape[-1] == 1 else None
-    return write_grad_cam_grid(images[chosen], heatmaps, positions, np.asarray(y_score)[chosen], path,
-                               complements=complements)
+    return write_grad_cam_grid(images[chosen], heatmaps, positions, np.asarray(y_score)[chosen], path)
 
 
 def _model_input(model):

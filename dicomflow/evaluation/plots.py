@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -23,35 +22,45 @@ from sklearn.metrics import (
 
 
 def calibration_table(y_true: np.ndarray, y_score: np.ndarray, *, n_bins: int = 10) -> pd.DataFrame:
-    """Reliability-diagram data in ``n_bins`` quantile bins, empty bins left out.
+    """Reliability-diagram data in ``n_bins`` equal-count bins of the images ranked by score.
 
     Parameters
     ----------
     y_true, y_score : ndarray of shape (n,)
         Labels (0 or 1) and predicted probabilities of class 1, in [0, 1].
     n_bins : int, default=10
-        Number of quantile bins before empty ones (from tied scores) are dropped.
+        Number of bins; fewer only when there are fewer images than bins (one image each).
 
     Returns
     -------
     DataFrame
-        One row per non-empty bin, ordered by score: ``mean_predicted`` (mean probability),
-        ``fraction_positive`` and ``count`` (images in the bin; the counts sum to n).
+        One row per bin, ordered by score: ``mean_predicted`` (mean probability),
+        ``fraction_positive`` and ``count`` (images in the bin; the counts sum to n and differ
+        by at most one).
 
     Notes
     -----
     Quantile bins hold about n / n_bins images each, so every point rests on a similar number
     of images. A sigmoid's scores pile up near 0 and 1, and uniform bins on a test split of a
     hundred-odd images would leave the middle bins with a handful each, their fractions mostly
-    noise. The price: bin edges move between runs, so compare runs by the points, not by bin.
+    noise. The bins are cut by rank, not at percentile edges: a confident model gives many
+    images the same score (a saturated sigmoid is exactly 0.0 or 1.0 in float32), percentile
+    edges then coincide and the edges of scikit-learn's ``calibration_curve`` leave most bins
+    empty (3 of 10 on the sample's test split). Tied images are ranked in their input order, so
+    two neighbouring bins may share a mean score; each is still an honest fraction of its own
+    images. Bin edges move between runs: compare runs by the points, not by bin.
     """
-    fraction, mean = calibration_curve(y_true, y_score, n_bins=n_bins, strategy="quantile")
-    # calibration_curve returns no counts: the same edges and searchsorted as scikit-learn's
-    # calibration_curve give them, row for row.
-    edges = np.percentile(y_score, np.linspace(0, 100, n_bins + 1))
-    counts = np.bincount(np.searchsorted(edges[1:-1], y_score), minlength=n_bins)
-    return pd.DataFrame({"mean_predicted": mean, "fraction_positive": fraction,
-                         "count": counts[counts > 0]})
+    y_true = np.asarray(y_true, float).ravel()
+    y_score = np.asarray(y_score, float).ravel()
+    if len(y_true) != len(y_score) or not len(y_true):
+        raise ValueError(f"y_true and y_score must be non-empty and of the same length; got {len(y_true)} "
+                         f"and {len(y_score)}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int; got {n_bins!r}")
+    bins = [rows for rows in np.array_split(np.argsort(y_score, kind="stable"), n_bins) if len(rows)]
+    return pd.DataFrame({"mean_predicted": [y_score[rows].mean() for rows in bins],
+                         "fraction_positive": [y_true[rows].mean() for rows in bins],
+                         "count": [len(rows) for rows in bins]})
 
 
 def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float, out_dir: Path) -> list[Path]:
@@ -114,10 +123,27 @@ def _draw_pr_calibration(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.nda
     cal_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
     cal_ax.plot(calibration["mean_predicted"], calibration["fraction_positive"], marker="o",
                 label=f"Brier {brier_score_loss(y_true, y_score):.3f}")
+    _label_counts(cal_ax, calibration["mean_predicted"], calibration["fraction_positive"], calibration["count"])
     cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", xlim=(-0.02, 1.02),
-               ylim=(-0.02, 1.02), title=f"calibration, {len(calibration)} quantile bins")
-    cal_ax.legend(loc="upper left")
+               ylim=(-0.02, 1.02), title=f"calibration, {len(calibration)} equal-count bins")
+    cal_ax.title.set_fontsize(10)
+    # Below the axes: inside, any corner can hold points (a poorly calibrated model's sit top left).
+    cal_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False,
+                  title="numbers: images per bin", title_fontsize=8, fontsize=8)
     save_figure(fig, path)
+
+
+def _label_counts(ax, xs, ys, counts, *, color: str | None = None, below: bool = False) -> None:
+    """Write each point's image count beside it; points within about 1 % of the axes of each
+    other (tied or near-tied bins) get one label with their total, so labels never overprint."""
+    totals: dict[tuple[float, float], list[int]] = {}
+    for x, y, count in zip(xs, ys, counts):
+        totals.setdefault((round(float(x), 2), round(float(y), 2)), []).append(int(count))
+    for (x, y), shared in totals.items():
+        text = str(sum(shared)) if len(shared) == 1 else f"{sum(shared)} ({len(shared)} bins)"
+        right_edge = x > 0.85  # written to the left of the point, inside the axes
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4 if right_edge else 4, -10 if below else 5),
+                    ha="right" if right_edge else "left", fontsize=7, color=color)
 
 
 def pyplot():
@@ -131,8 +157,9 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write ``fig`` as PNG and free it."""
-    fig.tight_layout()
+    """Write ``fig`` as PNG and free it (laid out tightly unless it has a layout of its own)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
 
@@ -153,7 +180,7 @@ def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncali
                           for row in reliability_table(y_true, scores, n_bins=n_bins)])
     table.to_csv(out_dir / "reliability.csv", index=False, float_format="%.6g")
 
-    fig, (curve_ax, count_ax) = pyplot().subplots(2, 1, figsize=(5.5, 7), height_ratios=(3, 1.3), sharex=True)
+    fig, (curve_ax, count_ax) = pyplot().subplots(2, 1, figsize=(5.5, 7.5), height_ratios=(3, 1.3), sharex=True)
     curve_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     width = 1.0 / n_bins
     for offset, (name, scores) in zip((-0.2, 0.2), versions.items()):
@@ -161,19 +188,18 @@ def write_reliability_diagram(y_true: np.ndarray, calibrated: np.ndarray, uncali
         line, = curve_ax.plot(rows["mean_predicted"], rows["observed"], marker="o",
                               label=f"{name}: ECE {ece(Scores.at_threshold(y_true, scores)):.3f}, "
                                     f"Brier {brier(Scores.at_threshold(y_true, scores)):.3f}")
-        for row in rows.itertuples():
-            curve_ax.annotate(str(row.count), (row.mean_predicted, row.observed), textcoords="offset points",
-                              xytext=(4, -10 if name == "uncalibrated" else 5), fontsize=7,
-                              color=line.get_color())
+        _label_counts(curve_ax, rows["mean_predicted"], rows["observed"], rows["count"],
+                      color=line.get_color(), below=name == "uncalibrated")
         every = table[table["version"] == name]
         count_ax.bar(every["low"] + width * (0.5 + offset), every["count"], width=width * 0.4,
                      color=line.get_color(), label=name)
     binary = np.asarray(calibrated).ndim == 1
-    curve_ax.set(ylabel="fraction positive" if binary else "top-label accuracy", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
-                 title=f"reliability, test split ({len(y_true)} images, {n_bins} equal bins; "
-                       "numbers: images per bin)")
-    curve_ax.title.set_fontsize(9)
-    curve_ax.legend(loc="upper left", fontsize=8)
+    curve_ax.set(ylabel="fraction positive" if binary else "top-label accuracy", xlim=(-0.02, 1.02),
+                 ylim=(-0.02, 1.02))
+    fig.suptitle(f"reliability, test split ({len(y_true)} images, {n_bins} equal bins;\n"
+                 "numbers: images per bin)", fontsize=9)
+    # Above the axes, not in a corner: which corners are free depends on the model.
+    curve_ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.01), fontsize=8, frameon=False)
     count_ax.set(xlabel="predicted probability" if binary else "top-label confidence", ylabel="images")
     count_ax.set_yscale("symlog")
     save_figure(fig, out_dir / "reliability.png")

@@ -163,7 +163,8 @@ def apply_policy(images, policy: Sequence[Transform], seed):
 
 def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *, seed: int,
                   n_images: int = 6, n_variants: int = 5) -> None:
-    """PNG grid: one row per image, the original first, then ``n_variants`` augmentations."""
+    """PNG grid: one row per image, the original first, then ``n_variants`` augmentations (columns
+    titled "original", "draw 1", ...: draw i applies the whole policy with seed ``[seed, i]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,8 +179,10 @@ def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *
             axes[row, col].imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown,
                                   cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_axis_off()
-    axes[0, 0].set_title("original", fontsize=8)
-    fig.suptitle("augmentation policy preview", fontsize=9)
+    # Every column named: the first is the stored image, each other one an independent draw.
+    for col, ax in enumerate(axes[0]):
+        ax.set_title("original" if col == 0 else f"draw {col}", fontsize=8)
+    fig.suptitle("augmentation policy preview: each row one training image", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

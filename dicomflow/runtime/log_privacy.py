@@ -52,7 +52,10 @@ def _show_withheld(message, category, filename, lineno, file=None, line=None) ->
     origin = f"{category.__name__} from {_short(filename)}:{lineno}"
     _counts[origin] += 1
     if _counts[origin] == 1:
-        print(f"warning: {origin} ({WITHHELD}; further ones counted)", file=file or sys.stderr)
+        if file is None and logging.getLogger().handlers:  # in the stage's log format
+            logging.getLogger("py.warnings").warning("%s (%s; further ones counted)", origin, WITHHELD)
+        else:
+            print(f"warning: {origin} ({WITHHELD}; further ones counted)", file=file or sys.stderr)
 
 
 class _WithholdPydicomRecords(logging.Filter):

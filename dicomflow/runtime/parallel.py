@@ -57,24 +57,35 @@ def _serve(conn: Connection, function: Callable[..., Any], shared_args: tuple) -
     item (``shared_args`` arrived once, with the process).
 
     An item that raises is reported by :func:`~dicomflow.runtime.planning.run_item` (the exception's
-    type name only); the worker then goes on with the next item.
+    type name only); the worker then goes on with the next item. A parent that went away (it
+    ended, or closed the pool, before this worker said it was ready or while it reported) ends
+    the worker quietly: Python would print "Process ForkServerProcess-N:" and a traceback, cut
+    short when the ending parent terminates its children.
     """
-    conn.send(("ready", -1, None))
-    while True:
-        try:
+    # Ctrl-C in a terminal reaches every process of the group: the parent stops the workers, and
+    # none prints a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conn.send(("ready", -1, None))
+        while True:
             message = conn.recv()
-        except (EOFError, ConnectionResetError):  # the parent went away: nothing left to do
-            return
-        if message is None:
-            return
-        first, chunk = message
-        for seq, item in enumerate(chunk, start=first):
-            kind, value = run_item(function, item, shared_args)
-            reply = (kind, seq, value)
-            try:
-                conn.send(reply)
-            except Exception as err:  # noqa: BLE001  a result that cannot be pickled
-                conn.send(("error", seq, f"result not transferable ({type(err).__name__})"))
+            if message is None:
+                return
+            first, chunk = message
+            for seq, item in enumerate(chunk, start=first):
+                kind, value = run_item(function, item, shared_args)
+                try:
+                    conn.send((kind, seq, value))
+                except _PARENT_GONE:
+                    raise
+                except Exception as err:  # noqa: BLE001  a result that cannot be pickled
+                    conn.send(("error", seq, f"result not transferable ({type(err).__name__})"))
+    except _PARENT_GONE:  # nothing left to do
+        return
+
+
+# A pipe whose other end is closed: reading gives EOFError, writing BrokenPipeError.
+_PARENT_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 
 @dataclass
