@@ -991,7 +991,8 @@ class TestBurnedIn:
         assert len(pd.read_parquet(out / layout.DEID_MANIFEST)) == 2
         audit = pd.read_csv(out / layout.DEID_AUDIT, keep_default_na=False)
         assert audit["burned_in_action"].tolist() == ["", "excluded", ""]
-        assert audit.loc[1, "burned_in"] == "(0010,0020) Patient ID"
+        # The ID itself, or (one digit misread) a number long enough to be one.
+        assert audit.loc[1, "burned_in"] in ("(0010,0020) Patient ID", "long number")
 
     def test_a_flag_alone_excludes_nothing_the_reader_finds_clean(self, stage_dir):
         rewrite_source(stage_dir, 1, BurnedInAnnotation="YES", Modality="US")
