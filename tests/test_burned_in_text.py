@@ -217,3 +217,14 @@ def test_an_attacker_reading_whole_blanked_images_finds_no_identifier(tmp_path):
                                   text=True, check=True).stdout
             assert identifiers.first(read) is None, f"image {index} {polarity}: an identifier is readable"
     assert found_before >= 36  # three lines in each of the 12 images
+
+
+def test_a_plots_own_dates_and_numbers_are_no_leak_but_in_a_dicom_image_they_are(tmp_path):
+    pixels = radiograph(seed=11)
+    draw(pixels, [(60, 40, "run 2026-12-06  ID 12345678")], size=26)
+    Image.fromarray((pixels >> 4).astype(np.uint8)).save(tmp_path / "plot.png")
+    dataset(pixels).save_as(tmp_path / "image.dcm", enforce_file_format=True)
+    someone_else = Identifiers()
+    someone_else.add_name("Quixley^Bartholomew", "(0010,0010) Patient's Name")
+    leaks = scan_paths(someone_else, [tmp_path])
+    assert [(leak.output.rsplit("/", 1)[-1], leak.source) for leak in leaks] == [("image.dcm", "date")]

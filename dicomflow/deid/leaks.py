@@ -124,14 +124,17 @@ def leaks_in_file(identifiers: Identifiers, path: Path, *, output: str) -> list[
 
 def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
     """The identifying text still readable in the pixels of a DICOM file or a picture (PNG, JPEG)
-    (named ``output``), one Leak per region, located by frame, rows and columns. Frames are read
+    (named ``output``), one Leak per region, located by frame, rows and columns. A DICOM file's
+    pixels are judged as de-identification judges them (any date, long number or field label
+    too); a picture's by the sources' values only (plots have dates and numbers of their own). Frames are read
     as de-identification reads them (:func:`~dicomflow.deid.burned_in.read_text_regions`); a file
     whose pixels cannot be decoded has none to read."""
     from dicomflow.deid.burned_in import decoded_frames, read_text_regions
     from dicomflow.deid.pixel_text import judge
 
+    dicom = _is_dicom(path)
     try:
-        if _is_dicom(path):
+        if dicom:
             with hidden_pydicom_messages():
                 frames = decoded_frames(pydicom.dcmread(path, force=True))
         else:
@@ -143,7 +146,7 @@ def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> lis
         return []
     regions = read_text_regions(frames) if frames is not None else []
     return [Leak(output, f"pixel data {judgement.region.where()}", judgement.why)
-            for judgement in judge(regions, identifiers, "identifying") if judgement.blank]
+            for judgement in judge(regions, identifiers, "identifying", patterns=dicom) if judgement.blank]
 
 
 def leaks_in_values(identifiers: Identifiers, output: str, values: dict[str, str | None]) -> list[Leak]:

@@ -339,7 +339,8 @@ def text_reader() -> TextReader:
     return TextReader(tessdata_dir())
 
 
-def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str) -> list[Judgement]:
+def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str, *,
+          patterns: bool = True) -> list[Judgement]:
     """Blank or keep each region.
 
     Parameters
@@ -352,6 +353,10 @@ def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str) ->
     mode : {"identifying", "any"}
         ``identifying``: blank the regions that hold an identifier (:func:`identifying_kind`).
         ``any``: blank every region with a word read at :data:`MIN_WORD_CONFIDENCE` or more.
+    patterns : bool
+        Whether a date, a long number or a field label is identifying without a source's value
+        (:func:`identifying_kind`): so for medical images; not for the project's own plots,
+        whose axes and titles are text of that kind.
 
     Returns
     -------
@@ -360,14 +365,14 @@ def judge(regions: Iterable[TextRegion], identifiers: Identifiers, mode: str) ->
     """
     judged = []
     for region in regions:
-        why = identifying_kind(region.words, identifiers)
+        why = identifying_kind(region.words, identifiers, patterns=patterns)
         if not why and mode == "any" and region.confidence >= MIN_WORD_CONFIDENCE:
             why = "text"
         judged.append(Judgement(region, bool(why), why))
     return judged
 
 
-def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
+def identifying_kind(words: tuple[str, ...], identifiers: Identifiers, *, patterns: bool = True) -> str:
     """The kind of identifying value in a line of words read from pixels, or "".
 
     The words are matched as read and with the letters OCR confuses read as digits (in words
@@ -375,7 +380,8 @@ def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
     as a date; names of five letters or more also one letter off. Besides the study's own values,
     any date, any number of :data:`MIN_ID_DIGITS` digits or more and any field label
     (:data:`FIELD_LABELS`) is identifying: a header emptied before the file reached us, or another
-    patient's name on a reused template, still shows the field."""
+    patient's name on a reused template, still shows the field (``patterns`` False: the
+    study's values only)."""
     text = " ".join(words)
     for reading in _readings(text):
         if source := identifiers.first(reading):
@@ -387,6 +393,8 @@ def identifying_kind(words: tuple[str, ...], identifiers: Identifiers) -> str:
             return source
         if len(token) >= 6 and token.isalpha() and (source := _two_names_joined(token, identifiers)):
             return source
+    if not patterns:
+        return ""
     for reading in _readings(text):
         if any(dates_in(fold(reading))):
             return "date"
