@@ -223,7 +223,7 @@ def test_a_plots_own_dates_and_numbers_are_no_leak_but_in_a_dicom_image_they_are
     pixels = radiograph(seed=11)
     draw(pixels, [(60, 40, "run 2026-12-06  ID 12345678")], size=26)
     Image.fromarray((pixels >> 4).astype(np.uint8)).save(tmp_path / "plot.png")
-    dataset(pixels).save_as(tmp_path / "image.dcm", enforce_file_format=True)
+    dataset(pixels, PatientName="Anonymous", PatientID="X1").save_as(tmp_path / "image.dcm", enforce_file_format=True)
     someone_else = Identifiers()
     someone_else.add_name("Quixley^Bartholomew", "(0010,0010) Patient's Name")
     leaks = scan_paths(someone_else, [tmp_path])
