@@ -28,7 +28,6 @@ morphology (EAST, DBNet, CRAFT) need downloaded weights.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -100,22 +99,13 @@ def frames_of(pixels: np.ndarray, *, n_frames: int) -> np.ndarray:
 
 def read_frames(frames: np.ndarray, reader: TextReader | None = None) -> list[TextRegion]:
     """Every text region of every frame: candidates found (:func:`candidate_boxes`) and read
-    (:class:`TextReader`); a region that reads as nothing is left out. Identical crops (text that
-    stays put through a cine loop) are read once."""
+    (:class:`TextReader`); a region that reads as nothing is left out."""
     reader = reader or text_reader()
-    regions, read_before = [], {}
+    regions = []
     for index, frame in enumerate(frames):
         gray = display_gray(frame)
-        if gray is None:
-            continue
-        for box, light_text in candidate_boxes(gray):
-            top, left, bottom, right = box
-            crop = gray[top:bottom, left:right]
-            key = hashlib.blake2b(crop.tobytes() + bytes([light_text]) + str(crop.shape).encode(),
-                                  digest_size=16).digest()
-            if key not in read_before:
-                read_before[key] = reader.read(gray, box, light_text=light_text)
-            words, confidence = read_before[key]
+        for box, light_text in candidate_boxes(gray) if gray is not None else ():
+            words, confidence = reader.read(gray, box, light_text=light_text)
             if words:
                 regions.append(TextRegion(index, box, words, confidence))
     return regions
