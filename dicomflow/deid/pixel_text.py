@@ -43,6 +43,7 @@ STROKE_KERNEL = 17  # px: wider than the strokes of 40-px text, narrower than mo
 MIN_CONTRAST = 60  # of 255 (the frame's range): burned-in text is drawn to stand out
 TEXT_HEIGHT = (7, 96)  # px: a line's height, from 14-px type's lower case to 64-px capitals
 LONGEST_RUN = 160  # px: an unbroken horizontal run of stroke longer than this is not text
+PANEL_TOLERANCE = 12  # of 255: a text panel's fill is this close to the frame's lightest or darkest value
 JOIN_WIDTH = 40  # px: strokes this close along a line are one line
 READ_HEIGHT = 40  # px: Tesseract reads best with letters about this tall
 MAX_REGIONS_PER_FRAME = 60  # beyond this a frame is texture, not text: read the most text-like
@@ -172,12 +173,37 @@ def candidate_boxes(gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], b
             for box in _lines(strokes, y * scale, x * scale, (y + h) * scale, (x + w) * scale):
                 if text_like := _text_like(gray, strokes, box, light_text=light_text):
                     found.append((text_like, box, light_text))
+    found += _panels(gray, scale)
     found.sort(key=lambda item: -item[0])
     kept: list[tuple[tuple[int, int, int, int], bool]] = []
     for _, box, light_text in found:
         if len(kept) < MAX_REGIONS_PER_FRAME and all(_overlap(box, other) < 0.5 for other, _ in kept):
             kept.append((box, light_text))
     return [(_padded(box, gray.shape), light_text) for box, light_text in kept]
+
+
+def _panels(gray: np.ndarray, scale: int) -> list[tuple[float, tuple[int, int, int, int], bool]]:
+    """Text panels: rectangles at the frame's lightest (darkest) value, a line or a few tall,
+    holding the darker (lighter) strokes of their text, as (how text-like, box, light_text).
+    Ultrasound units write each field on a panel of its own drawn tight around it; panels side
+    by side and row above row leave strips too thin between them for the strokes of one line
+    to stand apart from the next."""
+    import cv2
+
+    small = gray if scale == 1 else cv2.resize(gray, (gray.shape[1] // scale, gray.shape[0] // scale),
+                                               interpolation=cv2.INTER_AREA)
+    panels = []
+    for light_text, flat in ((False, small >= 255 - PANEL_TOLERANCE), (True, small <= PANEL_TOLERANCE)):
+        count, _, stats, _ = cv2.connectedComponentsWithStats(flat.astype(np.uint8), connectivity=4)
+        for x, y, w, h, area in stats[1:count]:
+            height, width = h * scale, w * scale
+            # Letters cut holes in a panel: it fills most of its box, not all of it.
+            if not (TEXT_HEIGHT[0] + 4 <= height <= 2 * TEXT_HEIGHT[1] and width >= 2 * height
+                    and 0.5 <= area / (w * h) <= 0.97):
+                continue
+            panels.append((min(width / height, 12.0) * 0.3,
+                           (y * scale, x * scale, (y + h) * scale, (x + w) * scale), light_text))
+    return panels
 
 
 def _lines(strokes: np.ndarray, top: int, left: int, bottom: int, right: int) -> list[tuple[int, int, int, int]]:
