@@ -60,8 +60,12 @@ INPUT ?= data
 predict: install
 	$(BIN)/dicomflow predict $(INPUT) --output predictions.csv
 
-# The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
+# The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000. It prints the
+# experiment's address in the model-training view: MLflow 3.17 opens experiments in a fresh
+# browser on its GenAI view, whatever their kind (docs/experiments.md).
 ui: install
+	@echo "dicomflow's runs: $$($(BIN)/python -c 'from pathlib import Path; from dicomflow.tracking import \
+	  experiment_ui_url; print(experiment_ui_url("http://127.0.0.1:5000", Path("mlflow.db")))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The team's tracking server (dicomflow team-server; docs/security/team-server.md): PostgreSQL
