@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,10 @@ import pytest
 from dicomflow import tracking
 from pipeline_repo import free_port
 
-CHROMIUM = "chromium"  # Debian's package; tools/system-deps installs it for `make test`
+# Debian's `chromium` (tools/system-deps installs it for `make test`); Ubuntu's and GitHub's runners'
+# names for it or for Chrome.
+CHROMIUM = next((name for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+                "chromium")
 
 
 def _log_a_training_run(store: Path, monkeypatch, run_name: str) -> None:
