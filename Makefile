@@ -44,9 +44,11 @@ TEST_TOOLS := tests/tools/node_modules/.package-lock.json
 $(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json | system-deps-test
 	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
 
-# Every test (slow ones too: training, servers, clusters, dvc repro, the dvc.lock check).
+# Every test (slow ones too: training, servers, clusters, dvc repro, the dvc.lock check). Whole
+# files per worker (the end-to-end modules share a repository); the longest files first
+# (tests/conftest.py's LONG_MODULES), in collection order, not xdist's order by test count.
 test: system-deps-test install $(TEST_TOOLS)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
 
 # The manual (docs/, mkdocs.yml) as a static site in site/, offline; --strict: a broken link or

@@ -25,7 +25,7 @@ def _run_with_only(tmp_path: Path, purpose: str) -> subprocess.CompletedProcess:
     ("repro", "missing: tesseract-ocr (tesseract): sudo apt-get install tesseract-ocr"),
     ("test", "missing: tesseract-ocr (tesseract), dicom3tools (dciodvfy), nodejs npm (node, npm), "
              "chromium (chromium): sudo apt-get install tesseract-ocr dicom3tools nodejs npm chromium"),
-])
+], ids=["repro", "test"])
 def test_without_the_tools_or_a_way_to_install_them_it_names_them_in_one_line(tmp_path, purpose, line):
     result = _run_with_only(tmp_path, purpose)
     assert result.returncode == 1
