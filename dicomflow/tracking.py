@@ -39,11 +39,14 @@ ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri
                     ("logged_models", "artifact_location"))
 EXPERIMENT_NAME = "dicomflow"
 DATA_POINTER = Path("data.dvc")
-# The experiment tag MLflow 3's UI opens an experiment's view by (read from its JavaScript: the
-# values are "custom_model_development" and "genai_development"); without it an experiment
-# opens on the GenAI overview.
+# The experiment's kind for MLflow 3's UI (values read from its JavaScript: "custom_model_development",
+# "genai_development"); without it the UI asks which kind the experiment is.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow 3.17's UI ignores that tag when it picks a view: a browser-wide switch (GenAI | Model
+# training, kept in the browser's local storage) decides, and a fresh profile starts on GenAI's
+# traces. This query parameter of an experiment's address selects the model-training view (runs table).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 # Tag of a run whose model is degenerate (dicomflow.model.scoring.degeneracy), with what was seen.
 DEGENERATE_TAG = "dicomflow.degenerate"
 
@@ -68,6 +71,38 @@ def repository_root(cwd: Path | None = None) -> Path:
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the SQLite store of :func:`repository_root`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / DEFAULT_TRACKING_DB}"
+
+
+def experiment_ui_url(base_url: str, database: Path, name: str = EXPERIMENT_NAME) -> str:
+    """The address of experiment ``name`` in the MLflow UI at ``base_url``, in the model-training view.
+
+    Parameters
+    ----------
+    base_url : str
+        Where the UI answers, e.g. ``http://127.0.0.1:5000``.
+    database : Path
+        The SQLite store the UI serves; read only, never created.
+    name : str, default="dicomflow"
+        The experiment.
+
+    Returns
+    -------
+    str
+        ``base_url/#/experiments/<id>?workflowType=machine_learning``; the experiments list (in
+        the same view) while the store or the experiment does not exist yet.
+    """
+    base_url = base_url.rstrip("/")
+    found = None
+    if database.is_file():
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            found = connection.execute("SELECT experiment_id FROM experiments WHERE name = ?", (name,)).fetchone()
+        except sqlite3.OperationalError:  # not a store MLflow has set up yet
+            found = None
+        finally:
+            connection.close()
+    where = f"experiments/{found[0]}" if found else "experiments"
+    return f"{base_url}/#/{where}?{MODEL_TRAINING_VIEW}"
 
 
 def _local_path(location: str) -> Path | None:

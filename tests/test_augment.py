@@ -246,6 +246,7 @@ class TestBuildPolicy:
                 low, high, closed = fld.metadata["interval"]
                 largest = high if closed in ("both", "right") else np.nextafter(high, low).item()
                 raw["augment"][fld.name] = largest
+        raw["augment"]["flip"] = True  # off by default; every transform on here
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         params = load_params("augment", path=path)

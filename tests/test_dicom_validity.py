@@ -43,7 +43,7 @@ SECRET = b"dicom validity test secret"
 SAMPLE_PATIENTS = 20  # generate_sample's minimum: every variant and defect is in it
 MIN_PYDICOM_SOURCES = 30  # about 70 reach the stage; far fewer means the selection broke
 DCIODVFY_TIMEOUT_S = 60
-INSTALL_HINT = "dciodvfy is not installed: apt-get install dicom3tools (.ci/run installs it)"
+INSTALL_HINT = "dciodvfy is not installed: apt-get install dicom3tools (make test installs it: tools/system-deps)"
 
 # Values inside an Error line, replaced so that only the attribute, module and kind remain.
 # Attribute and module names are also in <...> (Element=<X>, Module=<X>, attribute <X>): kept.
