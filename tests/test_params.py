@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicomflow.config.params import SECTIONS, ParamsError, load_params, read_params_file
+from dicomflow.config.params import SECTIONS, PathsParams, ParamsError, load_params, load_paths, read_params_file
 
 _DELETE = object()
 
@@ -133,8 +133,8 @@ BAD_VALUES = [
         id="int-for-bool",
     ),
     pytest.param(
-        "paths.data", 3, "paths",
-        r"'paths\.data' must be a str; got 3",
+        "evaluate.registered_model_name", 3, "evaluate",
+        r"'evaluate\.registered_model_name' must be a str; got 3",
         id="int-for-str",
     ),
     pytest.param(
@@ -215,7 +215,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "tune", {"trials": 3}, "split",
-        r"unknown section 'tune'; allowed sections: paths, ingest, deidentify, validate, split, "
+        r"unknown section 'tune'; allowed sections: ingest, deidentify, validate, split, "
         r"augment, train, evaluate",
         id="unknown-section-in-file",
     ),
@@ -263,3 +263,44 @@ def test_a_typo_in_any_section_stops_every_stage(tmp_path, repo_raw):
     for section in ("ingest", "train", "evaluate"):
         with pytest.raises(ParamsError, match=r"unknown key 'split\.sed'; allowed keys: method, "):
             load_params(section, path)
+
+
+class TestPaths:
+    """File locations live in paths.yaml (dvc.yaml's ``vars:``), not among the params."""
+
+    REPO = Path(__file__).resolve().parents[1]
+
+    def test_the_repo_file_loads_every_location_as_dvc_yaml_reads_it(self):
+        raw = yaml.safe_load((self.REPO / "paths.yaml").read_text(encoding="utf-8"))["paths"]
+        paths = load_paths(self.REPO / "paths.yaml")
+        assert dataclasses.asdict(paths) == raw
+        pipeline = yaml.safe_load((self.REPO / "dvc.yaml").read_text(encoding="utf-8"))
+        assert pipeline["vars"] == ["paths.yaml"]
+        code = "".join(line.split("#")[0] for line in (self.REPO / "dvc.yaml").open(encoding="utf-8"))
+        used = set(re.findall(r"\$\{paths\.(\w+)\}", code))
+        assert used <= set(raw) and "model_dir" in used
+
+    def test_params_yaml_holds_no_location(self, repo_raw):
+        assert "paths" not in repo_raw
+
+    def test_load_params_paths_reads_the_file_beside_params_yaml(self, tmp_path, repo_raw):
+        _write(tmp_path, repo_raw)
+        (tmp_path / "paths.yaml").write_text("paths:\n" + "".join(
+            f"  {name}: elsewhere/{name}\n" for name in (f.name for f in dataclasses.fields(PathsParams))))
+        paths = load_params("paths", path=tmp_path / "params.yaml")
+        assert paths.model_dir == "elsewhere/model_dir" and paths.data == "elsewhere/data"
+
+    def test_a_folder_without_one_gets_the_checkouts_layout(self, tmp_path, repo_raw):
+        _write(tmp_path, repo_raw)
+        assert load_params("paths", path=tmp_path / "params.yaml") == load_paths(self.REPO / "paths.yaml")
+
+    def test_a_paths_section_left_in_params_yaml_is_refused_naming_the_new_file(self, tmp_path, repo_raw):
+        path = _write(tmp_path, {"paths": {"data": "data"}, **repo_raw})
+        with pytest.raises(ParamsError, match=r"move the 'paths' section to paths\.yaml") as info:
+            load_params("train", path=path)
+        assert "\n" not in str(info.value)
+
+    def test_a_bad_location_names_paths_yaml(self, tmp_path):
+        (tmp_path / "paths.yaml").write_text("paths:\n  data: 3\n")
+        with pytest.raises(ParamsError, match=r"^paths\.yaml: 'paths\.data' must be a str; got 3$"):
+            load_paths(tmp_path / "paths.yaml")
