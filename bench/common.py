@@ -141,10 +141,12 @@ def replicate(source: Path, target: Path, min_files: int) -> list[Path]:
 
 
 def write_project(project: Path, data: Path) -> dict[str, Any]:
-    """A fresh project folder whose paths.yaml reads ``data`` and writes only inside ``project``
+    """A fresh project folder whose dvc.yaml locations read ``data`` and write only inside ``project``
     (``ingest.workers``, where present, 0 = all cores); returns its params with its ``paths``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    paths = yaml.safe_load((ROOT / "paths.yaml").read_text(encoding="utf-8"))["paths"]
+    from dicomflow.config.params import load_paths
+
+    paths = asdict(load_paths(ROOT / "dvc.yaml"))
     for key, value in paths.items():
         paths[key] = str(project / value)
     paths["data"], paths["labels"] = str(data), str(data / "labels.csv")
@@ -153,13 +155,17 @@ def write_project(project: Path, data: Path) -> dict[str, Any]:
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    (project / "paths.yaml").write_text(yaml.safe_dump({"paths": paths}, sort_keys=False), encoding="utf-8")
+    # Only the locations: the stages are run here by hand, not by DVC.
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": paths}], "stages": {}}, sort_keys=False),
+                                      encoding="utf-8")
     return {**params, "paths": paths}
 
 
 def stage_report(project: Path, key: str = "ingest_metrics") -> dict[str, Any]:
     """The metrics file ``paths.<key>`` that a stage wrote in ``project`` (see write_project)."""
-    paths = yaml.safe_load((project / "paths.yaml").read_text(encoding="utf-8"))["paths"]
+    from dicomflow.config.params import load_paths
+
+    paths = asdict(load_paths(project / "dvc.yaml"))
     return json.loads(Path(paths[key]).read_text(encoding="utf-8"))
 
 

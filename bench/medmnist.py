@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from bench.common import (
     code_version,
     work_folder,
 )
+from dicomflow.config.params import load_paths
 from dicomflow.devtools.sample_data import (
     CITIES,
     FIRST,
@@ -685,8 +686,8 @@ def main() -> None:
     report = Report("medmnist", args)
     start = time.perf_counter()
     project_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    # The file locations (paths.yaml, copied as it is) beside the params, for this script's reading.
-    project_params["paths"] = yaml.safe_load((ROOT / "paths.yaml").read_text(encoding="utf-8"))["paths"]
+    # The file locations (dvc.yaml's, copied as it is) beside the params, for this script's reading.
+    project_params["paths"] = asdict(load_paths(ROOT / "dvc.yaml"))
     params, skipped = apply_overrides(project_params, OVERRIDES, parse_sets(args.sets))
     for key in skipped:
         print(f"warning: override {key} skipped: the project's params.yaml has no such key",

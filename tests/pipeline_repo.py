@@ -27,8 +27,7 @@ def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("dicomflow")
-    for name in ("dvc.yaml", "paths.yaml"):
-        shutil.copy(REPO / name, root)
+    shutil.copy(REPO / "dvc.yaml", root)
     for package in ("stages", "dicomflow"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -181,8 +181,8 @@ def test_no_import_cycle_in_the_library():
 # each ``<object>.key`` read. Where the object goes somewhere the source cannot be followed (a
 # constructor, a container, a function outside the project), the stage is taken to read the whole
 # section. ``read_params_file`` (the params logged to MLflow) is not a read here: MLflow is not an
-# output DVC tracks. ``load_params("paths")`` is no params read either: it reads paths.yaml, whose
-# locations dvc.yaml interpolates into deps and outs.
+# output DVC tracks. ``load_params("paths")`` is no params read either: it reads the file locations
+# that dvc.yaml declares in its ``vars`` and interpolates into deps and outs.
 
 WHOLE = "*"
 

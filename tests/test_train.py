@@ -629,7 +629,9 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     params["ingest"]["image_size"] = 16
     params["train"].update(architecture="seed_cnn", epochs=1, batch_size=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    paths = yaml.safe_load((REPO / "paths.yaml").read_text())["paths"]
+    from dicomflow.config.params import load_paths
+
+    paths = dataclasses.asdict(load_paths(REPO / "dvc.yaml"))
     for folder in (paths["deid_dir"], paths["split_dir"], "reports"):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     np.save(tmp_path / paths["deid_dir"] / "images.npy", np.full((40, 16, 16), 128, np.uint8))

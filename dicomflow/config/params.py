@@ -1,9 +1,9 @@
-"""The one typed loader for ``params.yaml`` (and for the file locations of ``paths.yaml``).
+"""The one typed loader for ``params.yaml`` (and for the file locations declared in ``dvc.yaml``).
 
 Every stage reads its section through :func:`load_params`; a missing, unknown, mistyped or
 out-of-range key stops the stage with one line that names the key, the value and what is allowed.
-File locations are not params: they live in ``paths.yaml`` (which ``dvc.yaml`` loads with
-``vars:``), and ``load_params("paths")`` reads them from there.
+File locations are not params: they are declared once, as the ``paths`` variables of
+``dvc.yaml`` (``vars:``), and ``load_params("paths")`` reads them from there.
 
 Constraints live beside each field (``metadata``), so the allowed values are written once and the
 error messages are generated from them, in the spirit of scikit-learn's parameter validation.
@@ -24,8 +24,8 @@ from dicomflow.errors import SettingsError
 from dicomflow.metrics import METRIC_NAMES
 
 PARAMS_FILE = Path("params.yaml")
-PATHS_FILE = Path("paths.yaml")
-# The checkout this code belongs to: its paths.yaml is the layout where a working folder has none
+PIPELINE_FILE = Path("dvc.yaml")
+# The checkout this code belongs to: its dvc.yaml gives the layout where a working folder has none
 # (a stage run by hand in a scratch folder with a copied params.yaml, as the tests do).
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +50,8 @@ def _interval(low: float | None, high: float | None, *, closed: str = "both") ->
 
 @dataclass(frozen=True)
 class PathsParams:
+    """Where the pipeline's files are (``dvc.yaml``'s ``vars:``), relative to the project root."""
+
     data: str
     labels: str
     secret_fingerprint: str
@@ -219,8 +221,8 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if "paths" in raw:
-        raise ParamsError(f"{path}: file locations are no params: move the 'paths' section to {PATHS_FILE} "
-                          "(the repository's own paths.yaml shows the layout)")
+        raise ParamsError(f"{path}: file locations are no params: move the 'paths' section to the 'vars' "
+                          f"of {PIPELINE_FILE} (as the repository's own {PIPELINE_FILE} declares them)")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ParamsError(
@@ -254,7 +256,7 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     ----------
     section : str
         Section name, one of :data:`SECTIONS` (``"train"``, ...), or ``"paths"``: the file
-        locations, read by :func:`load_paths` from ``paths.yaml`` beside ``path``.
+        locations, read by :func:`load_paths` from the ``dvc.yaml`` beside ``path``.
     path : Path, default=params.yaml
         The parameters file.
 
@@ -268,7 +270,7 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
         One line naming the key, the value found and what is allowed.
     """
     if section == "paths":
-        return load_paths(path.parent / PATHS_FILE)
+        return load_paths(path.parent / PIPELINE_FILE)
     if section not in SECTIONS:
         raise ParamsError(f"unknown params section {section!r}; allowed: paths, {', '.join(SECTIONS)}")
     raw = read_params_file(path)
@@ -278,31 +280,39 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     return built[section]
 
 
-def load_paths(path: Path = PATHS_FILE) -> PathsParams:
-    """The file locations of ``paths.yaml`` (its ``paths`` mapping), checked like a params section.
+def load_paths(path: Path = PIPELINE_FILE) -> PathsParams:
+    """The file locations: the ``paths`` variables of ``dvc.yaml`` (an entry of its ``vars:``
+    list), checked like a params section.
 
     Parameters
     ----------
-    path : Path, default=paths.yaml
-        The locations file; when it does not exist, the ``paths.yaml`` of the checkout this code
+    path : Path, default=dvc.yaml
+        The pipeline file; when it does not exist, the ``dvc.yaml`` of the checkout this code
         comes from (the same relative locations, taken from the working folder).
 
     Raises
     ------
     ParamsError
-        Neither file exists, or a location is missing, unknown or not a string.
+        Neither file exists, it declares no ``paths`` variables, or a location is missing,
+        unknown or not a string.
+
+    Notes
+    -----
+    Written in ``dvc.yaml`` itself, not in ``params.yaml`` or a file that ``vars:`` names: DVC
+    lists both as params (a column each in ``dvc exp show``), but not variables declared inline.
     """
-    if not path.is_file() and (CHECKOUT / PATHS_FILE).is_file():
-        path = CHECKOUT / PATHS_FILE
+    if not path.is_file() and (CHECKOUT / PIPELINE_FILE).is_file():
+        path = CHECKOUT / PIPELINE_FILE
     try:
         with open(path, encoding="utf-8") as stream:
             raw = yaml.safe_load(stream)
     except FileNotFoundError:
-        raise ParamsError(f"{path}: no such file; it declares where the pipeline's files are (copy the "
-                          "repository's paths.yaml)") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a 'paths' mapping, got {type(raw).__name__}")
-    return build_section(PathsParams, "paths", raw.get("paths"), source=path.name)
+        raise ParamsError(f"{path}: no such file; its 'vars' declare where the pipeline's files are") from None
+    declared = [item["paths"] for item in (raw or {}).get("vars") or [] if isinstance(item, dict) and "paths" in item]
+    if len(declared) != 1:
+        raise ParamsError(f"{path}: expected one 'paths' mapping among its 'vars' (the file locations), "
+                          f"found {len(declared)}")
+    return build_section(PathsParams, "paths", declared[0], source=path.name)
 
 
 def build_section(cls: type[T], section: str, raw: Any, *, source: str = "params.yaml") -> T:
