@@ -141,10 +141,12 @@ def replicate(source: Path, target: Path, min_files: int) -> list[Path]:
 
 
 def write_project(project: Path, data: Path) -> dict[str, Any]:
-    """A fresh project folder whose params.yaml reads ``data`` and writes only inside ``project``
-    (``ingest.workers``, where present, 0 = all cores); returns those params."""
+    """A fresh project folder whose dvc.yaml locations read ``data`` and write only inside ``project``
+    (``ingest.workers``, where present, 0 = all cores); returns its params with its ``paths``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    paths = params["paths"]
+    from dicomflow.config.params import load_paths
+
+    paths = asdict(load_paths(ROOT / "dvc.yaml"))
     for key, value in paths.items():
         paths[key] = str(project / value)
     paths["data"], paths["labels"] = str(data), str(data / "labels.csv")
@@ -153,13 +155,18 @@ def write_project(project: Path, data: Path) -> dict[str, Any]:
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    return params
+    # Only the locations: the stages are run here by hand, not by DVC.
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": paths}], "stages": {}}, sort_keys=False),
+                                      encoding="utf-8")
+    return {**params, "paths": paths}
 
 
 def stage_report(project: Path, key: str = "ingest_metrics") -> dict[str, Any]:
     """The metrics file ``paths.<key>`` that a stage wrote in ``project`` (see write_project)."""
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    return json.loads(Path(params["paths"][key]).read_text(encoding="utf-8"))
+    from dicomflow.config.params import load_paths
+
+    paths = asdict(load_paths(project / "dvc.yaml"))
+    return json.loads(Path(paths[key]).read_text(encoding="utf-8"))
 
 
 def bench_env(**extra: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from bench.common import (
     code_version,
     work_folder,
 )
+from dicomflow.config.params import load_paths
 from dicomflow.devtools.sample_data import (
     CITIES,
     FIRST,
@@ -424,7 +425,7 @@ def build_project(project: Path, params: dict, npz: Path, env: dict[str, str], *
         shutil.copy2(ROOT / name, project / name)
     (project / "params.yaml").write_text(
         "# bench/medmnist.py: the project's params.yaml with OVERRIDES and --set applied\n"
-        + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+        + yaml.safe_dump({k: v for k, v in params.items() if k != "paths"}, sort_keys=False), encoding="utf-8")
     images, labels = read_npz(npz, per_split)
     rows = write_breastmnist(images, labels, project / params["paths"]["data"])
     run_quiet(["git", "init", "-q"], cwd=project, env=env)
@@ -482,12 +483,13 @@ def read_train_run(project: Path, params: dict) -> TrainRun:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
+    from dicomflow import tracking
     from dicomflow.config import layout
 
     paths = params["paths"]
-    run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    run = client.get_run(run_id)
+    run = tracking.training_run_for(project / paths["model_dir"] / layout.MODEL_FILE, client)
+    run_id = run.info.run_id
     # Not the run's end time: evaluate logs into this run too and ends it again. model_val_auc is
     # logged as soon as the training loop is over.
     trained_at = client.get_metric_history(run_id, "model_val_auc")[0].timestamp
@@ -527,8 +529,13 @@ def scan_with_project_scanner(project: Path, params: dict, env: dict[str, str]) 
     evaluate child): exit status and last line."""
     from dicomflow.config import layout
 
+    from mlflow.tracking import MlflowClient
+
+    from dicomflow import tracking
+
     paths = params["paths"]
-    run_id = json.loads((project / paths["model_dir"] / layout.RUN_INFO).read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run_id = tracking.training_run_for(project / paths["model_dir"] / layout.MODEL_FILE, client).info.run_id
     # Every output named in `paths` but ingest's (which holds PHI by design) and the raw data.
     targets = sorted({value for key, value in paths.items()
                       if key not in ("data", "labels", "ingest_dir", "ingest_metrics")
@@ -682,6 +689,8 @@ def main() -> None:
     report = Report("medmnist", args)
     start = time.perf_counter()
     project_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    # The file locations (dvc.yaml's, copied as it is) beside the params, for this script's reading.
+    project_params["paths"] = asdict(load_paths(ROOT / "dvc.yaml"))
     params, skipped = apply_overrides(project_params, OVERRIDES, parse_sets(args.sets))
     for key in skipped:
         print(f"warning: override {key} skipped: the project's params.yaml has no such key",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import logging
 import os
 import sqlite3
@@ -49,6 +50,10 @@ MODEL_TRAINING_KIND = "custom_model_development"
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 # Tag of a run whose model is degenerate (dicomflow.model.scoring.degeneracy), with what was seen.
 DEGENERATE_TAG = "dicomflow.degenerate"
+# Tag of a training run: the sha256 of the model file it saved. Evaluate finds the run that made
+# the model in outputs/model by it; a run id stored beside the model would change its DVC hash on
+# every run, and after `dvc checkout` of another model it would name the wrong run.
+MODEL_DIGEST_TAG = "dicomflow.model_sha256"
 
 
 # Where DVC runs queued experiments: a temporary copy of the repository under this folder.
@@ -254,6 +259,80 @@ def log_dataset_inputs(manifest, *, source: str, contexts: dict[str, str]) -> No
         rows = manifest.iloc[split_rows(manifest, split)]
         mlflow.log_input(mlflow.data.from_pandas(rows, source=source, name=f"dicomflow-{split}", digest=version),
                          context=context)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file at ``path``, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_run_for(model_file: Path, client) -> Any:
+    """The training run that saved ``model_file``: the newest run of the dicomflow experiment
+    tagged :data:`MODEL_DIGEST_TAG` with the file's sha256.
+
+    Parameters
+    ----------
+    model_file : Path
+        The saved model (``outputs/model/model.keras``).
+    client : mlflow.MlflowClient
+        A client of the tracking store the training logged to.
+
+    Returns
+    -------
+    mlflow.entities.Run
+        Any status: a run marked FAILED (a degenerate model) is found too, with its tags.
+
+    Raises
+    ------
+    DataError
+        No run of the store made this file (a model pulled from a DVC remote without its
+        tracking store, or trained against another store).
+
+    Notes
+    -----
+    Training is deterministic on one machine, so two runs can save the same bytes: both made
+    this model, and the newest is returned.
+    """
+    from dicomflow.errors import DataError
+
+    digest = file_sha256(model_file)
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise DataError(f"{model_file}: no training run of the tracking store saved this model (sha256 "
+                        f"{digest[:16]}...; MLFLOW_TRACKING_URI, else the repository's {DEFAULT_TRACKING_DB}): "
+                        "run `dvc repro --force train` to train and log it, or point MLFLOW_TRACKING_URI at "
+                        "the store it was trained against")
+    return runs[0]
+
+
+# The params a training run logs: those that decide the trained model (train's params in dvc.yaml)
+# and the split it trained on. Not the data preparation's (ingest, deidentify, validate: the run's
+# data_version tag names their result) nor operational settings: MLflow's runs table is for
+# comparing trainings. A name is a whole section or one ``section.key``.
+TRAINING_PARAMS = ("train", "augment", "split", "ingest.classes", "ingest.image_size", "ingest.channels")
+
+
+def select_params(params: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The ``names`` of ``params`` (sections whole, or ``section.key``), flattened to the
+    ``section.key`` names that ``dvc exp run -S`` and ``dvc exp show`` use, in the order given.
+
+    Raises
+    ------
+    KeyError
+        A name that ``params`` does not hold (a caller's mistake, not the user's).
+    """
+    chosen: dict[str, Any] = {}
+    for name in names:
+        section, _, key = name.partition(".")
+        chosen.update(flatten_params({section: params[section]} if not key else {section: {key: params[section][key]}}))
+    return chosen
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
-Inputs: ``paths.model_dir`` (model and MLflow run), the split manifest and de-identified images,
+Inputs: ``paths.model_dir`` (the model; its MLflow training run is found by the file's sha256),
+the split manifest and de-identified images,
 and deidentify's ``secret_fingerprint.json`` (tagged on the runs and the version, stated on the
 model card; "not recorded" without it).
 Outputs: ``paths.eval_metrics`` (the headline test metrics, DVC metrics), ``paths.eval_report``
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -90,7 +90,6 @@ def main() -> None:
     paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
     model_dir, deid_dir = Path(paths.model_dir), Path(paths.deid_dir)
     model = keras.models.load_model(model_dir / layout.MODEL_FILE)
-    run_info = json.loads((model_dir / layout.RUN_INFO).read_text())
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(deid_dir / layout.IMAGES, mmap_mode="r")
     metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
@@ -110,10 +109,15 @@ def main() -> None:
     write_json(Path(paths.eval_metrics), headline(metrics))
     write_json(Path(paths.eval_report), metrics)
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
-    problems = [*run_info.get("degenerate", []), *degeneracy(val_y, val_score, threshold=threshold)]
+    tracking.configure_mlflow()
+    client = mlflow.MlflowClient()
+    trained = tracking.training_run_for(model_dir / layout.MODEL_FILE, client)
+    logger.info("evaluating the model of training run %s", trained.info.run_id)
+    problems = [*filter(None, trained.data.tags.get(tracking.DEGENERATE_TAG, "").split("; ")),
+                *degeneracy(val_y, val_score, threshold=threshold)]
 
     # What the registered model is, what it trained on, and which secret made its data.
-    name, training_run = params.registered_model_name, run_info["run_id"]
+    name, training_run = params.registered_model_name, trained.info.run_id
     registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
                       domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
     record = training_data_record(manifest, data_version=tracking.data_version(),
@@ -121,8 +125,6 @@ def main() -> None:
     secret_tags = read_secret_fingerprint(deid_dir / layout.DEID_SECRET_FINGERPRINT)
     key = registry.evaluation_key(training_run, read_params_file()["evaluate"])
     test_metrics = {f"test_{metric}": value for metric, value in loggable(metrics).items()}
-    tracking.configure_mlflow()
-    client = mlflow.MlflowClient()
     # The model card's content but for what registration decides (version, alias, decision).
     subgroups = pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str})
     card = functools.partial(

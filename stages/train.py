@@ -4,16 +4,17 @@ calibrated on the validation split.
 Inputs: ``paths.deid_dir``/images.npy with the split manifest (training and validation images).
 Outputs: ``paths.model_dir``/model.keras (the kept epoch of each network, by ``train.keep``:
 lowest validation loss by default; its batch-normalisation statistics re-estimated over the
-training images; its temperature fitted on validation; ``train.ensemble`` networks averaged),
-``paths.model_dir``/mlflow_run.json (the run evaluate continues) and the per-epoch history
+training images; its temperature fitted on validation; ``train.ensemble`` networks averaged;
+the same bytes for the same weights: no save time in it) and the per-epoch history
 ``paths.train_history`` (a DVC plot: loss, AUC, accuracy, Brier and ECE on training batches
 and on validation) with its curves as a PNG, ``paths.train_curves``. Everything is also logged
 to one MLflow run, with the split counts of the images it trained and validated on (the
 data-quality reports are DVC's: ``reports/``, versioned with the data, so restyling one never
-retrains the model).
+retrains the model); the run is tagged with the model file's sha256, by which evaluate finds it
+(no run id is written beside the model: every run would give ``outputs/model`` a new DVC hash).
 Params: ``train.*``, ``augment.*`` (the policy applied to training batches), ``ingest.classes``
 (two: a sigmoid output; more: softmax), ``ingest.image_size`` and ``ingest.channels`` (the input);
-every param of ``params.yaml`` but ``evaluate.*`` is logged to MLflow.
+these and ``split.*`` (what it trained on) are logged to MLflow (:data:`dicomflow.tracking.TRAINING_PARAMS`).
 
 A model that is degenerate on the validation split (constant scores; with more than two classes,
 every image called one class: :func:`dicomflow.model.scoring.degeneracy`; the operating threshold of two
@@ -45,7 +46,7 @@ from dicomflow.model.training import (
     train_ensemble,
     validation_summary,
 )
-from dicomflow.runtime.outputs import write_json, write_text
+from dicomflow.runtime.outputs import write_text
 from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
 from dicomflow.splitting import count_by_split
@@ -77,9 +78,8 @@ def main() -> None:
 
     tracking.configure_mlflow()
     with mlflow.start_run(run_name=tracking.run_name("train"), tags=tracking.run_tags()) as run:
-        # evaluate.* is logged by the evaluate stage's nested run, which reruns without training.
-        logged = {section: values for section, values in read_params_file().items() if section != "evaluate"}
-        mlflow.log_params(tracking.flatten_params(logged))
+        # What a person compares; evaluate.* is logged by the evaluate stage's nested run.
+        mlflow.log_params(tracking.select_params(read_params_file(), tracking.TRAINING_PARAMS))
         with tracking.artifact_writes("the split counts and dataset inputs"):  # a full disk: one line
             mlflow.log_text(count_by_split(manifest).to_csv(index=False), "data/split_counts.csv")
             tracking.log_dataset_inputs(manifest, source=str(Path(paths.split_dir) / layout.SPLIT_MANIFEST),
@@ -91,6 +91,7 @@ def main() -> None:
         model, history = fit(checkpoint=model_dir / layout.MODEL_FILE, on_epoch_end=log_epoch,
                              resume_dir=resume_dir)
         log_epoch.log_missing(history)
+        mlflow.set_tag(tracking.MODEL_DIGEST_TAG, tracking.file_sha256(model_dir / layout.MODEL_FILE))
         write_text(Path(paths.train_history), history.to_csv(index=False))
         write_training_curves(history, Path(paths.train_curves))
         with tracking.artifact_writes("the training history and curves"):
@@ -98,10 +99,8 @@ def main() -> None:
                 mlflow.log_artifact(report, artifact_path="reports")
         summary = validation_summary(model, val_x, val_y, history, metric_name=log_epoch.metric_name)
         mlflow.log_metrics(summary)
-        model_info = tracking.log_keras_model(model, val_x[:2])
+        tracking.log_keras_model(model, val_x[:2])
         problems = scoring.degeneracy(val_y, models.predict_probabilities(model, val_x))
-        write_json(model_dir / layout.RUN_INFO, {"run_id": run.info.run_id, "model_uri": model_info.model_uri,
-                                                 "degenerate": problems})
         if problems:
             mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
     logger.info("validation (model as saved): AUC %.3f, loss %.3f, Brier %.4f, ECE %.4f (uncalibrated "

@@ -180,8 +180,9 @@ def test_no_import_cycle_in_the_library():
 # class's method of the project, through ``functools.partial`` too), records ``section.key`` for
 # each ``<object>.key`` read. Where the object goes somewhere the source cannot be followed (a
 # constructor, a container, a function outside the project), the stage is taken to read the whole
-# section. ``read_params_file`` (every param logged to MLflow) is not a read here: MLflow is not an
-# output DVC tracks. ``paths`` are not params either: dvc.yaml interpolates them into deps and outs.
+# section. ``read_params_file`` (the params logged to MLflow) is not a read here: MLflow is not an
+# output DVC tracks. ``load_params("paths")`` is no params read either: it reads the file locations
+# that dvc.yaml declares in its ``vars`` and interpolates into deps and outs.
 
 WHOLE = "*"
 
@@ -306,9 +307,8 @@ def params_read(module_path: Path) -> ParamReads:
     source, reads = _Source.of(module_path), ParamReads()
     for node in ast.walk(source.tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "load_params"
-                and node.args and isinstance(node.args[0], ast.Constant)):
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in SECTIONS):
             reads.follow(source, node, node.args[0].value)
-    reads.keys.pop("paths", None)
     return reads
 
 

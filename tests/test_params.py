@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicomflow.config.params import SECTIONS, ParamsError, load_params, read_params_file
+from dicomflow.config.params import SECTIONS, PathsParams, ParamsError, load_params, load_paths, read_params_file
 
 _DELETE = object()
 
@@ -133,8 +133,8 @@ BAD_VALUES = [
         id="int-for-bool",
     ),
     pytest.param(
-        "paths.data", 3, "paths",
-        r"'paths\.data' must be a str; got 3",
+        "evaluate.registered_model_name", 3, "evaluate",
+        r"'evaluate\.registered_model_name' must be a str; got 3",
         id="int-for-str",
     ),
     pytest.param(
@@ -215,7 +215,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "tune", {"trials": 3}, "split",
-        r"unknown section 'tune'; allowed sections: paths, ingest, deidentify, validate, split, "
+        r"unknown section 'tune'; allowed sections: ingest, deidentify, validate, split, "
         r"augment, train, evaluate",
         id="unknown-section-in-file",
     ),
@@ -263,3 +263,51 @@ def test_a_typo_in_any_section_stops_every_stage(tmp_path, repo_raw):
     for section in ("ingest", "train", "evaluate"):
         with pytest.raises(ParamsError, match=r"unknown key 'split\.sed'; allowed keys: method, "):
             load_params(section, path)
+
+
+class TestPaths:
+    """File locations are declared once, as dvc.yaml's ``paths`` variables, not among the params."""
+
+    REPO = Path(__file__).resolve().parents[1]
+
+    @staticmethod
+    def _pipeline(folder: Path, paths: dict) -> Path:
+        (folder / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": paths}], "stages": {}}))
+        return folder / "dvc.yaml"
+
+    def test_the_repo_declares_every_location_once_and_dvc_yaml_uses_them(self):
+        pipeline = yaml.safe_load((self.REPO / "dvc.yaml").read_text(encoding="utf-8"))
+        (declared,) = [item["paths"] for item in pipeline["vars"] if "paths" in item]
+        assert dataclasses.asdict(load_paths(self.REPO / "dvc.yaml")) == declared
+        code = "".join(line.split("#")[0] for line in (self.REPO / "dvc.yaml").open(encoding="utf-8"))
+        used = set(re.findall(r"\$\{paths\.(\w+)\}", code))
+        assert used <= set(declared) and "model_dir" in used
+
+    def test_params_yaml_holds_no_location(self, repo_raw):
+        assert "paths" not in repo_raw
+
+    def test_load_params_paths_reads_the_dvc_yaml_beside_params_yaml(self, tmp_path, repo_raw):
+        _write(tmp_path, repo_raw)
+        self._pipeline(tmp_path, {f.name: f"elsewhere/{f.name}" for f in dataclasses.fields(PathsParams)})
+        paths = load_params("paths", path=tmp_path / "params.yaml")
+        assert paths.model_dir == "elsewhere/model_dir" and paths.data == "elsewhere/data"
+
+    def test_a_folder_without_one_gets_the_checkouts_layout(self, tmp_path, repo_raw):
+        _write(tmp_path, repo_raw)
+        assert load_params("paths", path=tmp_path / "params.yaml") == load_paths(self.REPO / "dvc.yaml")
+
+    def test_a_paths_section_left_in_params_yaml_is_refused_naming_where_it_goes(self, tmp_path, repo_raw):
+        path = _write(tmp_path, {"paths": {"data": "data"}, **repo_raw})
+        with pytest.raises(ParamsError, match=r"move the 'paths' section to the 'vars' of dvc\.yaml") as info:
+            load_params("train", path=path)
+        assert "\n" not in str(info.value)
+
+    def test_a_bad_location_names_dvc_yaml(self, tmp_path):
+        path = self._pipeline(tmp_path, {"data": 3})
+        with pytest.raises(ParamsError, match=r"^dvc\.yaml: 'paths\.data' must be a str; got 3$"):
+            load_paths(path)
+
+    def test_a_pipeline_without_locations_is_one_line(self, tmp_path):
+        (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+        with pytest.raises(ParamsError, match=r"expected one 'paths' mapping among its 'vars'.*found 0$"):
+            load_paths(tmp_path / "dvc.yaml")

@@ -20,6 +20,7 @@ import pandas as pd
 import pydicom
 import pytest
 from hospital_exports import write_hospital_exports
+from dicomflow import tracking
 from dicomflow.serving.pyfunc import serving_root
 
 from pipeline_repo import free_port as _free_port
@@ -129,7 +130,10 @@ def test_nothing_identifying_reaches_outputs_or_mlflow(repo):
         assert not leaked, f"{len(leaked)} identifying values in {path.relative_to(root)}"
     # The project's own scanner (normalised names and dates too) over every downstream output and
     # the champion's MLflow run, as a user runs it.
-    run_id = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run_id = tracking.training_run_for(root / "outputs" / "model" / "model.keras", client).info.run_id
     output = _run([sys.executable, "-m", "dicomflow", "scan-leaks", "outputs/deidentify", "outputs/split",
                    "outputs/model", "reports", str(root.parent / f"{root.name}-repro.log"), "--run", run_id],
                   root, env)

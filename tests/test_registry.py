@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from dicomflow import tracking
 from dicomflow.dicom.display import PixelSettings
 from dicomflow.errors import DataError
 from dicomflow.evaluation import registry
@@ -433,7 +434,7 @@ def test_a_kill_at_any_registration_step_leaves_one_complete_version(trained):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     try:
         client = mlflow.MlflowClient()
-        training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+        training_run = tracking.training_run_for(root / "outputs" / "model" / "model.keras", client).info.run_id
         params = yaml.safe_load((root / "params.yaml").read_text())
         for i, step in enumerate(registry.STEPS, start=1):
             # Another evaluation of the same training run (a new key) each time.
@@ -500,7 +501,7 @@ def test_a_full_artifact_disk_fails_evaluate_in_one_line_and_keeps_the_training_
         assert len(errors) == 1 and "No space left on device while logging" in errors[0], result.stderr[-3000:]
         assert f" to {artifacts}/" in errors[0] and "nothing is registered" in errors[0]
         assert len(client.search_model_versions("name = 'dicomflow-classifier'")) == before
-        training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+        training_run = tracking.training_run_for(root / "outputs" / "model" / "model.keras", client).info.run_id
         assert client.get_run(training_run).info.status == "FINISHED"
         newest = client.search_runs([client.get_run(training_run).info.experiment_id],
                                     filter_string="attributes.run_name = 'evaluate'", order_by=["start_time DESC"])[0]

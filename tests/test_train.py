@@ -618,7 +618,6 @@ class TestInferenceModeMatchesTraining:
 @pytest.mark.slow  # runs the train stage
 def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     """The stage on images that are all the same: every validation image gets one score."""
-    import json
     import subprocess
     import sys
 
@@ -630,7 +629,9 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     params["ingest"]["image_size"] = 16
     params["train"].update(architecture="seed_cnn", epochs=1, batch_size=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    paths = params["paths"]
+    from dicomflow.config.params import load_paths
+
+    paths = dataclasses.asdict(load_paths(REPO / "dvc.yaml"))
     for folder in (paths["deid_dir"], paths["split_dir"], "reports"):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     np.save(tmp_path / paths["deid_dir"] / "images.npy", np.full((40, 16, 16), 128, np.uint8))
@@ -644,8 +645,10 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
     assert "the trained model is degenerate on the validation split: constant predictions" in done.stderr
-    run_id = json.loads((tmp_path / paths["model_dir"] / "mlflow_run.json").read_text())["run_id"]
-    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    from dicomflow import tracking
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = tracking.training_run_for(tmp_path / paths["model_dir"] / "model.keras", client)
     assert run.info.status == "FAILED"
     assert run.data.tags["dicomflow.degenerate"].startswith("constant predictions: every image scores")
 

@@ -25,9 +25,8 @@ DEID_SECRET_FINGERPRINT = "secret_fingerprint.json"
 # split -> augment, train, evaluate
 SPLIT_MANIFEST = "manifest.parquet"   # the de-identified manifest plus a `split` column
 
-# train -> evaluate
+# train -> evaluate (which finds the training run by the file's sha256: dicomflow.tracking)
 MODEL_FILE = "model.keras"
-RUN_INFO = "mlflow_run.json"          # the MLflow run that evaluate continues
 
 # The ingest index: one row per image (a frame of a file), PHI included.
 INDEX_SCHEMA = {

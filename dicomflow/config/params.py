@@ -1,7 +1,9 @@
-"""The one typed loader for ``params.yaml``.
+"""The one typed loader for ``params.yaml`` (and for the file locations declared in ``dvc.yaml``).
 
 Every stage reads its section through :func:`load_params`; a missing, unknown, mistyped or
 out-of-range key stops the stage with one line that names the key, the value and what is allowed.
+File locations are not params: they are declared once, as the ``paths`` variables of
+``dvc.yaml`` (``vars:``), and ``load_params("paths")`` reads them from there.
 
 Constraints live beside each field (``metadata``), so the allowed values are written once and the
 error messages are generated from them, in the spirit of scikit-learn's parameter validation.
@@ -22,6 +24,10 @@ from dicomflow.errors import SettingsError
 from dicomflow.metrics import METRIC_NAMES
 
 PARAMS_FILE = Path("params.yaml")
+PIPELINE_FILE = Path("dvc.yaml")
+# The checkout this code belongs to: its dvc.yaml gives the layout where a working folder has none
+# (a stage run by hand in a scratch folder with a copied params.yaml, as the tests do).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 class ParamsError(SettingsError):
@@ -44,6 +50,8 @@ def _interval(low: float | None, high: float | None, *, closed: str = "both") ->
 
 @dataclass(frozen=True)
 class PathsParams:
+    """Where the pipeline's files are (``dvc.yaml``'s ``vars:``), relative to the project root."""
+
     data: str
     labels: str
     secret_fingerprint: str
@@ -192,7 +200,6 @@ class EvaluateParams:
 
 
 SECTIONS: dict[str, type] = {
-    "paths": PathsParams,
     "ingest": IngestParams,
     "deidentify": DeidentifyParams,
     "validate": ValidateParams,
@@ -211,6 +218,9 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raw = yaml.safe_load(stream)
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if "paths" in raw:
+        raise ParamsError(f"{path}: file locations are no params: move the 'paths' section to the 'vars' "
+                          f"of {PIPELINE_FILE} (as the repository's own {PIPELINE_FILE} declares them)")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ParamsError(
@@ -243,7 +253,8 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     Parameters
     ----------
     section : str
-        Section name, one of :data:`SECTIONS` (``"train"``, ``"paths"``, ...).
+        Section name, one of :data:`SECTIONS` (``"train"``, ...), or ``"paths"``: the file
+        locations, read by :func:`load_paths` from the ``dvc.yaml`` beside ``path``.
     path : Path, default=params.yaml
         The parameters file.
 
@@ -256,8 +267,10 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     ParamsError
         One line naming the key, the value found and what is allowed.
     """
+    if section == "paths":
+        return load_paths(path.parent / PIPELINE_FILE)
     if section not in SECTIONS:
-        raise ParamsError(f"unknown params section {section!r}; allowed: {', '.join(SECTIONS)}")
+        raise ParamsError(f"unknown params section {section!r}; allowed: paths, {', '.join(SECTIONS)}")
     raw = read_params_file(path)
     # Every section, not only the one asked for: DVC reruns a stage only for the keys it declares,
     # so a typo in another section ("split.sed") would otherwise never be reported.
@@ -265,40 +278,76 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> Any:
     return built[section]
 
 
-def build_section(cls: type[T], section: str, raw: Any) -> T:
-    """Check ``raw`` (a mapping from YAML) against the dataclass ``cls`` and build it."""
+def load_paths(path: Path = PIPELINE_FILE) -> PathsParams:
+    """The file locations: the ``paths`` variables of ``dvc.yaml`` (an entry of its ``vars:``
+    list), checked like a params section.
+
+    Parameters
+    ----------
+    path : Path, default=dvc.yaml
+        The pipeline file; when it does not exist, the ``dvc.yaml`` of the checkout this code
+        comes from (the same relative locations, taken from the working folder).
+
+    Raises
+    ------
+    ParamsError
+        Neither file exists, it declares no ``paths`` variables, or a location is missing,
+        unknown or not a string.
+
+    Notes
+    -----
+    Written in ``dvc.yaml`` itself, not in ``params.yaml`` or a file that ``vars:`` names: DVC
+    lists both as params (a column each in ``dvc exp show``), but not variables declared inline.
+    """
+    if not path.is_file() and (CHECKOUT / PIPELINE_FILE).is_file():
+        path = CHECKOUT / PIPELINE_FILE
+    try:
+        with open(path, encoding="utf-8") as stream:
+            raw = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such file; its 'vars' declare where the pipeline's files are") from None
+    declared = [item["paths"] for item in (raw or {}).get("vars") or [] if isinstance(item, dict) and "paths" in item]
+    if len(declared) != 1:
+        raise ParamsError(f"{path}: expected one 'paths' mapping among its 'vars' (the file locations), "
+                          f"found {len(declared)}")
+    return build_section(PathsParams, "paths", declared[0], source=path.name)
+
+
+def build_section(cls: type[T], section: str, raw: Any, *, source: str = "params.yaml") -> T:
+    """Check ``raw`` (a mapping from YAML) against the dataclass ``cls`` and build it; ``source``
+    names the file in messages."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: section {section!r} is missing or not a mapping")
+        raise ParamsError(f"{source}: section {section!r} is missing or not a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(
-            f"params.yaml: unknown key '{section}.{unknown[0]}'; allowed keys: {', '.join(fields)}"
+            f"{source}: unknown key '{section}.{unknown[0]}'; allowed keys: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, fld in fields.items():
         key = f"{section}.{name}"
         if name not in raw:
-            raise ParamsError(f"params.yaml: missing key '{key}' ({_describe(hints[name], fld)})")
-        values[name] = _check_value(key, raw[name], hints[name], fld)
+            raise ParamsError(f"{source}: missing key '{key}' ({_describe(hints[name], fld)})")
+        values[name] = _check_value(key, raw[name], hints[name], fld, source=source)
     return cls(**values)
 
 
-def _check_value(key: str, value: Any, hint: Any, fld: dataclasses.Field) -> Any:
+def _check_value(key: str, value: Any, hint: Any, fld: dataclasses.Field, *, source: str) -> Any:
     """Return ``value`` converted to ``hint`` or raise a one-line ParamsError."""
     if not _matches(value, hint):
-        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+        raise ParamsError(f"{source}: '{key}' must be {_describe(hint, fld)}; got {value!r}")
     if value is None:  # only an optional field gets here: nothing to range-check
         return value
     if hint is float:
         value = float(value)
     choices = fld.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+        raise ParamsError(f"{source}: '{key}' must be {_describe(hint, fld)}; got {value!r}")
     interval = fld.metadata.get("interval")
     if interval is not None and not _in_interval(value, *interval):
-        raise ParamsError(f"params.yaml: '{key}' must be {_describe(hint, fld)}; got {value!r}")
+        raise ParamsError(f"{source}: '{key}' must be {_describe(hint, fld)}; got {value!r}")
     return value
 
 

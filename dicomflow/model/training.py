@@ -22,6 +22,7 @@ from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
 from dicomflow.model import architectures as models
 from dicomflow.model import scoring
 from dicomflow.model.augment import apply_policy, build_policy
+from dicomflow.model.saving import save_model
 from dicomflow.errors import DataError, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -445,8 +446,7 @@ def finished_network(model, state: TrainingState, *, params: TrainParams, train_
         model = models.set_temperature(model, temperature)
         logger.info("temperature %.3f fitted on the validation split", temperature)
     if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        model.save(checkpoint)
+        save_model(model, checkpoint)  # no save time in it: same weights, same bytes
         # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
         model = keras.models.load_model(checkpoint)
     return model
@@ -588,8 +588,7 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
         histories.append(history.assign(member=member))
     model = models.ensemble_of(members)
     if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        model.save(checkpoint)
+        save_model(model, checkpoint)  # no save time in it: same weights, same bytes
         # Reloaded outside the strategy's scope, so that predict and MLflow see a plain model.
         model = keras.models.load_model(checkpoint)
     if resume_dir is not None:
