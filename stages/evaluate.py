@@ -95,8 +95,7 @@ def main() -> None:
     metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
-    logger.info("loaded the model of MLflow run %s; scoring %d validation and %d test images",
-                run_info["run_id"], len(val_y), len(test_y))
+    logger.info("loaded the model; scoring %d validation and %d test images", len(val_y), len(test_y))
 
     val_score = predict_probabilities(model, val_x)
     threshold = None
