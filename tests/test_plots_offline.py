@@ -32,8 +32,8 @@ NAMED_PNG = re.compile(r"reports/[\w/.-]+?\.png")
 
 def declared_plots() -> set[str]:
     """Every plot file dvc.yaml declares (top level and per stage), ``${paths.*}`` resolved."""
-    paths = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = next(item["paths"] for item in spec["vars"] if "paths" in item)
 
     def resolve(text: str) -> str:
         return re.sub(r"\$\{paths\.(\w+)\}", lambda match: paths[match.group(1)], text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,9 @@ def test_it_refuses_an_unknown_purpose():
 @pytest.mark.parametrize("target, purpose", [("repro", "repro"), ("test", "test"), ("check", "test")])
 def test_make_checks_the_packages_before_anything_else(target, purpose):
     """The Makefile runs the script first (.ci/run only calls make): one place lists the packages."""
-    dry_run = subprocess.run(["make", "-n", target], cwd=SCRIPT.parents[1], capture_output=True, text=True,
-                             timeout=60, check=True)
+    # Under `make test` the environment says so (MAKELEVEL, MAKEFLAGS): this make would print
+    # "Entering directory" first.
+    environ = {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry_run = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=SCRIPT.parents[1],
+                             capture_output=True, text=True, timeout=60, check=True, env=environ)
     assert dry_run.stdout.splitlines()[0] == f"tools/system-deps {purpose}"
