@@ -228,3 +228,16 @@ def test_a_plots_own_dates_and_numbers_are_no_leak_but_in_a_dicom_image_they_are
     someone_else.add_name("Quixley^Bartholomew", "(0010,0010) Patient's Name")
     leaks = scan_paths(someone_else, [tmp_path])
     assert [(leak.output.rsplit("/", 1)[-1], leak.source) for leak in leaks] == [("image.dcm", "date")]
+
+
+def test_keyed_digests_find_what_the_values_find(tmp_path):
+    """evaluate's scan holds the identifiers as keyed digests, which answer lookups only."""
+    from dicomflow.deid.digests import read_digests, write_digests
+
+    ds = dataset(radiograph(rows=8, cols=8))
+    identifiers = collect_identifiers(ds)
+    write_digests(identifiers, b"k" * 32, tmp_path / "digests.json")
+    digested = read_digests(tmp_path / "digests.json", b"k" * 32)
+    for line in ("QUIXLEV BARTHOLOMEW", "QUIXLEYABARTHOLOMEW", f"MRN {MRN}", "PA PORTABLE"):
+        assert identifying_kind(tuple(line.split()), digested) == identifying_kind(tuple(line.split()), identifiers)
+    assert identifying_kind(("QUIXLEV",), digested) == "(0010,0010) Patient's Name"

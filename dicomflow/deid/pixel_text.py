@@ -435,10 +435,20 @@ def _readings(text: str) -> list[str]:
 
 def _one_letter_off(token: str, identifiers: Identifiers) -> str:
     """The source of a name or word of ``identifiers`` one substitution, insertion or deletion
-    away from ``token`` (five letters or more), or ""."""
-    for value, source in (*identifiers.names.items(), *identifiers.words.items()):
-        if len(value) >= 5 and abs(len(value) - len(token)) <= 1 and _within_one_edit(token, value):
-            return source
+    away from ``token`` (five letters or more), or "".
+
+    Each spelling one edit away is looked up, never the values listed: the identifiers can be
+    keyed digests (evaluate's), which answer a lookup and cannot be listed."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    cuts = [(token[:i], token[i:]) for i in range(len(token) + 1)]
+    spellings = {head + tail[1:] for head, tail in cuts if tail}
+    spellings |= {head + letter + tail[1:] for head, tail in cuts if tail for letter in letters}
+    spellings |= {head + letter + tail for head, tail in cuts for letter in letters}
+    for spelling in sorted(spellings):
+        if len(spelling) >= 5:
+            for found in (identifiers.names, identifiers.words):
+                if spelling in found:
+                    return found[spelling]
     return ""
 
 
@@ -453,17 +463,6 @@ def _two_names_joined(token: str, identifiers: Identifiers) -> str:
                 if rest in identifiers.names:
                     return identifiers.names[first]
     return ""
-
-
-def _within_one_edit(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    if len(a) > len(b):
-        a, b = b, a
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return a[i + 1:] == b[i + 1:] if len(a) == len(b) else a[i:] == b[i + 1:]
-    return len(b) - len(a) == 1
 
 
 def blank(frames: np.ndarray, boxes: Iterable[tuple[int, int, int, int]]) -> None:
