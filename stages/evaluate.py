@@ -77,7 +77,7 @@ from dicomflow.model.training import split_arrays
 from dicomflow.runtime.outputs import write_json, write_text
 from dicomflow.runtime.stage import run_stage
 from dicomflow.serving.domain import TrainingDomain
-from dicomflow.serving.pyfunc import PATH_EXAMPLE
+from dicomflow.serving.pyfunc import serving_example
 from dicomflow.signing import signing_key_from_env, verify_key_from_env
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def main() -> None:
             signing_key, verify_key = signing_key_from_env(os.environ), verify_key_from_env(os.environ)
             if found is None:  # a new version: log, leak-check, compare (the decision, once), create
                 info = registry.log_candidate(model_dir / layout.MODEL_FILE, training_data=record, **registered,
-                                              input_example=PATH_EXAMPLE)
+                                              input_example=serving_example(registered["domain"]))
                 digests, secret = deid_dir / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
                 check_run(training_run, digests_file=digests, secret=secret)
                 promotion = promotion_files(manifest, deid_dir, classes=ingest.classes)

@@ -122,13 +122,13 @@ def binary_keras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(store, binary_keras):
-    """The binary classifier logged with log_classifier and DOMAIN, registered, signed as evaluate signs,
-    alias champion; its URI."""
+    """The binary classifier logged with log_classifier, DOMAIN and its serving example as evaluate logs it,
+    registered, signed as evaluate signs, alias champion; its URI."""
     from dicomflow.signing import sign_model_version, signing_key_from_env
 
     with mlflow.start_run(experiment_id=store["experiment"]):
         info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
-                                      domain=DOMAIN)
+                                      domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
     version = mlflow.register_model(info.model_uri, MODEL_NAME).version
     sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
@@ -534,6 +534,35 @@ def test_predict_cli_from_any_folder_takes_the_model_from_the_store_it_is_named(
     assert sorted(path.name for path in elsewhere.iterdir()) == ["out.csv"]  # no store, no keys made here
 
 
+class TestServingExample:
+    def test_is_inside_the_domain_and_the_same_bytes_each_time(self):
+        from io import BytesIO
+
+        import pydicom
+
+        first, again = (serving.serving_example(DOMAIN)["dicom"].iloc[0] for _ in range(2))
+        assert first == again and first[128:132] == b"DICM" and len(first) < 4096
+        dataset = pydicom.dcmread(BytesIO(first))
+        DOMAIN.check(dataset)  # raises Quarantined("out_of_domain", ...) outside it
+        assert (dataset.Modality, dataset.Rows, dataset.Columns) == ("CR", 40, 40)
+        assert "PatientID" not in dataset and "PatientName" not in dataset and "AccessionNumber" not in dataset
+
+    def test_colour_domains_get_a_colour_file(self):
+        from io import BytesIO
+
+        import pydicom
+
+        colour = TrainingDomain(modalities={"XC"}, photometrics={"RGB"}, channels={3}, rows=(100, 200),
+                                columns=(120, 200), pixel_spacing_mm=(0.5, 1.0))
+        dataset = pydicom.dcmread(BytesIO(serving.serving_example(colour)["dicom"].iloc[0]))
+        assert (dataset.Modality, dataset.PhotometricInterpretation, dataset.SamplesPerPixel) == ("XC", "RGB", 3)
+        assert [float(value) for value in dataset.PixelSpacing] == [0.5, 0.5]
+
+    def test_the_model_predicts_it_without_error(self, model):
+        predicted = model.predict(serving.serving_example(DOMAIN))
+        assert list(predicted["error"]) == [""] and predicted["label"].iloc[0] in (0, 1)
+
+
 class TestPredictNamesTheModel:
     """Outside a project, without what names the model: one line saying how to name it, no traceback."""
 
@@ -766,6 +795,18 @@ class TestServedModel:
         local = model.predict(pd.DataFrame({"dicom": [big.read_bytes()]}))
         assert row["error"] == "" and row["label"] == 1
         assert row["probability"] == pytest.approx(local["probability"].iloc[0], abs=1e-6)
+
+    def test_the_registered_models_serving_example_is_answered_as_it_is(self, served, registered, tmp_path):
+        """What MLflow shows as the model's example request (serving_input_example.json), sent unchanged."""
+        from dicomflow.signing import download_verified, verify_key_from_env
+
+        local = download_verified(registered["uri"], tmp_path / "verified", key=verify_key_from_env(os.environ))
+        body = (local / "serving_input_example.json").read_bytes()
+        assert json.loads(body)["dataframe_split"]["columns"] == ["dicom"]
+        status, answer = _post(served, body)
+        assert status == 200, answer
+        [row] = answer["predictions"]
+        assert row["error"] == "" and 0.0 <= row["probability"] <= 1.0 and row["label"] in (0, 1), row
 
     def test_every_documented_payload_form_delivers_the_file(self, served, model, dicoms):
         names = ["bright", "dark", "cr"]
