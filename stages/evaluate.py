@@ -26,6 +26,11 @@ models' files) for every identifying value of the ingested sources, through the 
 deidentify wrote (``identifier_digests.json``: this stage never reads ``data/`` or ingest's index);
 any hit fails the stage and nothing is registered.
 
+A model is registered only when its validation ROC AUC reaches ``evaluate.min_validation_auc``
+and no complete version holds the same model (its weights, threshold, classes, pixel settings and
+training images: :func:`dicomflow.evaluation.registry.model_digest`); otherwise one line says why,
+on both counts, and the evaluate run records it (``registration_decision``); the stage succeeds.
+
 Promotion never looks at the test split: the candidate and the registry's current champion are
 both run, as registered, on the de-identified files of the validation split that the champion did
 not train on (the digests of its training images are in its signed ``training_data.json``), and
