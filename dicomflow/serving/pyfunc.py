@@ -83,6 +83,12 @@ DECODER_PROCESSES = 2  # files decoded at once, each in its own process (dicomfl
 # A file still decoding after this long is answered with "timeout": below the 60 s after which
 # MLflow's scoring server answers 504, so a slow file costs its row, never the whole answer.
 DECODE_TIMEOUT_S = 30.0
+# What the decoders' forkserver imports once, for every decoder it forks: the third-party reading
+# stack, never dicomflow. CPython 3.11's forkserver imports its preload before it applies the
+# parent's sys.path (multiprocessing/forkserver.py, main() ignores sys_path), so a dicomflow
+# preloaded there would be whichever is installed, not the code the model ships, and every decoder
+# would run it. Each decoder imports dicomflow itself, from the parent's sys.path.
+DECODER_PRELOAD = ("numpy", "pydicom", "pydicom.pixels", "PIL.Image")
 FILES_PER_TASK = 4  # a request's files are decoded in tasks of at most this many, interleaved with other requests'
 # The example file of the registered model's input example (serving_example): a made-up image,
 # no patient, fixed UIDs under 2.25 (a UUID-derived root) so that its bytes never change.
@@ -476,7 +482,7 @@ class DecoderSet:
         if processes < 1:
             raise ValueError(f"processes must be at least 1; got {processes}")
         self._idle: queue.SimpleQueue[WorkerPool] = queue.SimpleQueue()
-        self._pools = [WorkerPool(function, workers=1, context="forkserver", preload=("dicomflow.dicom.display",),
+        self._pools = [WorkerPool(function, workers=1, context="forkserver", preload=DECODER_PRELOAD,
                                   timeout_s=timeout_s) for _ in range(processes)]
         for pool in self._pools:
             self._idle.put(pool)
