@@ -138,14 +138,17 @@ class TestTheBlocks:
 
 @pytest.fixture(scope="module")
 def user_repo(repo, tmp_path_factory):
-    """The pipeline repository as a user's clone: ``.venv/bin`` (this interpreter's, installed: make
-    sees ``.venv/.installed`` newer than pyproject.toml and constraints.txt), the Makefile, a DICOM
+    """The pipeline repository as a user's clone: ``.venv`` (this virtual environment's bin and lib,
+    installed: make sees ``.venv/.installed`` newer than pyproject.toml and constraints.txt, so it
+    installs nothing), the Makefile, a DICOM
     file at ``study/IM0001.dcm`` (a de-identified one), and a ``HOME`` of its own."""
     root, env = repo
-    venv = root / ".venv"
+    venv, installed = root / ".venv", Path(sys.prefix)
     venv.mkdir(exist_ok=True)
-    if not (venv / "bin").exists():
-        (venv / "bin").symlink_to(Path(sys.executable).parent, target_is_directory=True)
+    shutil.copy(installed / "pyvenv.cfg", venv / "pyvenv.cfg")  # so that .venv/bin/python is this venv's
+    for name in ("bin", "lib"):
+        if not (venv / name).exists():
+            (venv / name).symlink_to(installed / name, target_is_directory=True)
     for name in ("Makefile", "pyproject.toml", "constraints.txt"):
         shutil.copy(ROOT / name, root / name)
     (venv / ".installed").touch()
