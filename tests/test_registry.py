@@ -467,6 +467,7 @@ def trained(tmp_path_factory):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(epochs=10, batch_size=8)  # as tests/pipeline_repo.py: a model that learns
+    params["evaluate"]["min_validation_auc"] = 0.5  # as tests/pipeline_repo.py: its AUC is near the default floor
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlruns/\n/mlartifacts/\n/.dicomflow/\n__pycache__/\n")
     env = {key: value for key, value in os.environ.items()
@@ -604,13 +605,13 @@ def test_the_same_model_evaluated_again_is_not_registered_and_the_run_says_why(t
         after = client.search_model_versions("name = 'dicomflow-classifier'")
         assert len(after) == len(before)
         [line] = [line for line in second.stderr.splitlines() if "not registered:" in line]
-        assert "reaches evaluate.min_validation_auc 0.6; the same model (weights, threshold and training " \
+        assert "reaches evaluate.min_validation_auc 0.5; the same model (weights, threshold and training " \
                "images; digest" in line and line.rstrip().endswith(" already"), line
         training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
         newest = client.search_runs([client.get_run(training_run).info.experiment_id],
                                     filter_string="attributes.run_name = 'evaluate'", order_by=["start_time DESC"])[0]
         assert newest.data.tags[registry.DECISION_TAG] == line[line.index("not registered:"):].rstrip()
         assert "registered_version" not in newest.data.tags and newest.info.status == "FINISHED"
-        assert 0.6 <= newest.data.metrics["val_roc_auc"] <= 1.0
+        assert 0.5 <= newest.data.metrics["val_roc_auc"] <= 1.0
     finally:
         mlflow.set_tracking_uri(None)
