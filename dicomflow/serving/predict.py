@@ -136,9 +136,10 @@ def tracking_store(environ: Mapping[str, str], *, cwd: Path) -> str:
     if not uri:
         database = tracking.repository_root(cwd) / tracking.DEFAULT_TRACKING_DB
         if not database.is_file():
-            raise SettingsError(f"no MLflow tracking store here ({database} does not exist): run from the project "
-                                "folder, or name its store with --tracking-uri sqlite:////path/to/project/mlflow.db "
-                                "(or MLFLOW_TRACKING_URI, e.g. a team server's http://host:5000)")
+            raise SettingsError(f"no MLflow tracking store here ({database} does not exist): in the project, run "
+                                "make repro first; elsewhere, name the project's store with --tracking-uri "
+                                "sqlite:////path/to/project/mlflow.db (or MLFLOW_TRACKING_URI, e.g. a team server's "
+                                "http://host:5000)")
         return f"sqlite:///{database}"
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         database = Path(uri.removeprefix("sqlite:///"))
