@@ -613,5 +613,15 @@ def test_the_same_model_evaluated_again_is_not_registered_and_the_run_says_why(t
         assert newest.data.tags[registry.DECISION_TAG] == line[line.index("not registered:"):].rstrip()
         assert "registered_version" not in newest.data.tags and newest.info.status == "FINISHED"
         assert 0.5 <= newest.data.metrics["val_roc_auc"] <= 1.0
+
+        # A new model (another threshold) under a floor it does not reach (its AUC is about 0.66).
+        params["evaluate"].update(threshold_method="fixed", fixed_threshold=0.42, min_validation_auc=0.99)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        third = _evaluate(root, env)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert len(client.search_model_versions("name = 'dicomflow-classifier'")) == len(before)
+        [line] = [line for line in third.stderr.splitlines() if "not registered:" in line]
+        assert "is below evaluate.min_validation_auc 0.99 (train longer or on more data, or lower the floor); " \
+               "no version holds this model" in line, line
     finally:
         mlflow.set_tracking_uri(None)
