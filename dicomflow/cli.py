@@ -1,6 +1,6 @@
 """The ``dicomflow`` command: what a user runs besides the pipeline's stages.
 
-    dicomflow predict INPUT... [--output predictions.csv] [--model models:/NAME@champion]
+    dicomflow predict INPUT... [--output predictions.csv] [--model NAME|models:/NAME@champion] [--tracking-uri URI]
     dicomflow keygen [--out .dicomflow/keys]
     dicomflow request FILE... > request.json
     dicomflow serve [--model models:/NAME@champion] [--host 127.0.0.1] [--port 5001] [limits...]
@@ -35,28 +35,43 @@ def predict(args: argparse.Namespace) -> None:
     exist or no file could be predicted."""
     from collections import Counter
 
+    import mlflow
+
     from dicomflow import tracking
     from dicomflow.config.params import load_params
     from dicomflow.runtime.outputs import write_text
     from dicomflow.serving.predict import (
+        champion_models,
+        describe_skipped,
         error_counts,
         list_inputs,
         load_verified_model,
+        model_uri,
         predict_files,
+        tracking_store,
         with_unread,
     )
     from dicomflow.signing import verify_key_from_env
 
     inputs = list_inputs(args.inputs, exclude={args.output.resolve()})
     named = " ".join(str(path) for path in args.inputs)
+    if inputs.skipped:
+        logger.info("%s", describe_skipped(inputs.skipped))
     if not inputs.files:
-        skipped = Counter(reason for _, reason, _ in inputs.unread)  # reasons only: names can carry PHI
+        unread = Counter(reason for _, reason, _ in inputs.unread) + inputs.skipped  # kinds only: names can carry PHI
         raise DataError(f"no files to predict in {named}"
-                         + (f" (not read: {', '.join(f'{n} {reason}' for reason, n in skipped.most_common())})"
-                            if skipped else ""))
-    uri = args.model or f"models:/{load_params('evaluate').registered_model_name}@champion"
-    key = verify_key_from_env(os.environ)
+                         + (f" (not read: {', '.join(f'{n} {reason}' for reason, n in unread.most_common())})"
+                            if unread else ""))
+    # The model: from the store the user points at, named by --model, this project's params.yaml
+    # or, outside a project, the store's one model with a champion.
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    store = tracking_store(os.environ, cwd=Path.cwd())  # one line when there is none to read
     tracking.configure_mlflow(experiment=None)
+    project = load_params("evaluate").registered_model_name if Path("params.yaml").is_file() else None
+    uri = model_uri(args.model, project_model=project, store=store,
+                    champions=lambda: champion_models(mlflow.MlflowClient()))
+    key = verify_key_from_env(os.environ)
     # The version is verified over a private copy and loaded from it: nothing of an unsigned or
     # altered model runs here (dicomflow/signing.py). The copy lives as long as the model is used.
     with tempfile.TemporaryDirectory(prefix="dicomflow-predict-") as workdir:
@@ -246,7 +261,12 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                          help="DICOM files, or folders of them (searched recursively)")
     command.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
-    command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
+    command.add_argument("--model", help="a registered model's NAME (its champion) or URI (models:/NAME@ALIAS, "
+                         "models:/NAME/VERSION); default: models:/<evaluate.registered_model_name>@champion in a "
+                         "project, else the store's one model with a champion")
+    command.add_argument("--tracking-uri", help="the MLflow tracking store holding the model (default: "
+                         "MLFLOW_TRACKING_URI, else the mlflow.db of the project this runs in), e.g. "
+                         "sqlite:////path/to/project/mlflow.db")
     command.set_defaults(handler=predict)
 
     command = commands.add_parser("keygen", help="write a key pair that signs and verifies registered models")

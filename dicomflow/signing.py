@@ -187,7 +187,7 @@ def _key_pem(environ: Mapping[str, str], text_env: str, file_env: str, action: s
         where = f"{file_env}={path}"
         return read(path, where), where
     _refuse_in_team_mode(environ, text_env, file_env, action)
-    path = ensure_local_key_pair(_local_key_folder())[local]
+    path = ensure_local_key_pair(_local_key_folder(environ))[local]
     return read(path, str(path)), str(path)
 
 
@@ -257,9 +257,15 @@ def ensure_local_key_pair(folder: Path) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def _local_key_folder() -> Path:
+def _local_key_folder(environ: Mapping[str, str]) -> Path:
+    """The clone's key folder: beside the SQLite store ``MLFLOW_TRACKING_URI`` names (the project's
+    ``mlflow.db``, so that ``dicomflow predict`` run from another folder verifies with the key
+    that signed), else under the repository this runs in."""
     from dicomflow.tracking import repository_root
 
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return Path(uri.removeprefix("sqlite:///")).absolute().parent / LOCAL_KEY_FOLDER
     return repository_root() / LOCAL_KEY_FOLDER
 
 

@@ -27,6 +27,11 @@ models' files) for every identifying value of the ingested sources, through the 
 deidentify wrote (``identifier_digests.json``: this stage never reads ``data/`` or ingest's index);
 any hit fails the stage and nothing is registered.
 
+A model is registered only when its validation ROC AUC reaches ``evaluate.min_validation_auc``
+and no complete version holds the same model (its weights, threshold, classes, pixel settings and
+training images: :func:`dicomflow.evaluation.registry.model_digest`); otherwise one line says why,
+on both counts, and the evaluate run records it (``registration_decision``); the stage succeeds.
+
 Promotion never looks at the test split: the candidate and the registry's current champion are
 both run, as registered, on the de-identified files of the validation split that the champion did
 not train on (the digests of its training images are in its signed ``training_data.json``), and
@@ -70,14 +75,14 @@ from dicomflow.evaluation.promotion import (
     training_data_record,
 )
 from dicomflow.evaluation.reporting import report_test_split
-from dicomflow.metrics import metric_for
+from dicomflow.metrics import Scores, metric_for
 from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
 from dicomflow.runtime.outputs import write_json, write_text
 from dicomflow.runtime.stage import run_stage
 from dicomflow.serving.domain import TrainingDomain
-from dicomflow.serving.pyfunc import PATH_EXAMPLE
+from dicomflow.serving.pyfunc import serving_example
 from dicomflow.signing import signing_key_from_env, verify_key_from_env
 
 logger = logging.getLogger(__name__)
@@ -102,6 +107,7 @@ def main() -> None:
     if len(ingest.classes) == 2:
         threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
                                      fixed=params.fixed_threshold, target_sensitivity=params.target_sensitivity)
+    val_auc = validation_auc(val_y, val_score, n_classes=len(ingest.classes))  # against evaluate.min_validation_auc
     metrics, plot_files, subgroups = report_test_split(
         model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
         classes=ingest.classes, plots_dir=Path(paths.eval_plots))
@@ -121,6 +127,8 @@ def main() -> None:
                       domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
     record = training_data_record(manifest, data_version=tracking.data_version(),
                                   pixel_settings=dataclasses.asdict(registered["settings"]))
+    digest = registry.model_digest(model.get_weights(), training_data=record, threshold=threshold,
+                                   classes=ingest.classes)  # the same model is never registered twice
     secret_tags = read_secret_fingerprint(deid_dir / layout.DEID_SECRET_FINGERPRINT)
     key = registry.evaluation_key(training_run, read_params_file()["evaluate"])
     test_metrics = {f"test_{metric}": value for metric, value in loggable(metrics).items()}
@@ -145,9 +153,19 @@ def main() -> None:
         mlflow.log_metrics(test_metrics)
         registry.log_files([*plot_files, Path(paths.eval_report), Path(paths.eval_subgroups)],
                            artifact_path="evaluation")
+        mlflow.log_metric("val_roc_auc", val_auc)
         found = None if problems else registry.find_version(client, name, key)
+        register = True
+        if found is None and not problems:  # a new evaluation: above the floor, and not a model registered already
+            same = registry.find_same_model(client, name, digest)
+            register, decision = registry.registration_decision(
+                val_auc, floor=params.min_validation_auc, digest=digest, same_version=same and str(same.version))
+            logger.info("%s", decision)
+            mlflow.set_tags({registry.DECISION_TAG: decision, registry.MODEL_DIGEST_TAG: digest})
         if problems:
             mlflow.set_tag(tracking.DEGENERATE_TAG, "; ".join(problems))
+        elif not register:
+            pass  # the decision is logged and on this run; the reports stand
         elif found is not None and registry.is_complete(found):
             logger.info("this evaluation is registered already: %s version %s", name, found.version)
             mlflow.set_tags({"registered_version": found.version, "registered_alias": found.tags[registry.ALIAS_TAG]})
@@ -155,7 +173,7 @@ def main() -> None:
             signing_key, verify_key = signing_key_from_env(os.environ), verify_key_from_env(os.environ)
             if found is None:  # a new version: log, leak-check, compare (the decision, once), create
                 info = registry.log_candidate(model_dir / layout.MODEL_FILE, training_data=record, **registered,
-                                              input_example=PATH_EXAMPLE)
+                                              input_example=serving_example(registered["domain"]))
                 digests, secret = deid_dir / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
                 check_run(training_run, digests_file=digests, secret=secret)
                 promotion = promotion_files(manifest, deid_dir, classes=ingest.classes)
@@ -178,7 +196,7 @@ def main() -> None:
                 check_card(draft, digests_file=digests, secret=secret, name=CARD_FILE)
                 tags = registry.version_tags(comparison, alias=alias, decision=decision, key=key,
                                              training_run_id=training_run, training_data=record, metrics=metrics,
-                                             secret=secret_tags)
+                                             secret=secret_tags, digest=digest)
                 version = registry.create_version(client, name, info, run_id=run.info.run_id, tags=tags)
                 found = client.get_model_version(name, version)
             # Complete the version, this run's or a killed run's, with the decision it was created with.
@@ -199,6 +217,13 @@ def main() -> None:
                          f"{roc_auc(val_y, val_score):.3f}): {'; '.join(problems)}. Its runs are marked "
                          f"FAILED and it is not registered; the test report is in {paths.eval_report}")
 
+
+def validation_auc(labels: np.ndarray, probabilities: np.ndarray, *, n_classes: int) -> float:
+    """The task's ROC AUC (:func:`dicomflow.metrics.metric_for`) on validation; NaN when it has one class."""
+    auc = metric_for("roc_auc", n_classes=n_classes, setting="evaluate.min_validation_auc")
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return auc.compute(Scores.at_threshold(labels, probabilities))
 
 
 if __name__ == "__main__":

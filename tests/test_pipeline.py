@@ -337,7 +337,9 @@ def test_a_new_promotion_metric_compares_both_models_on_it(repo, registry):
     root, env = repo
     _, client = registry
     before = client.get_model_version_by_alias("dicomflow-classifier", "champion").version
-    _run(["dvc", "exp", "run", "-S", "evaluate.promotion_metric=brier"], root, env)
+    # Another operating threshold too: the same model at the same threshold is not registered twice.
+    _run(["dvc", "exp", "run", "-S", "evaluate.promotion_metric=brier", "-S", "evaluate.threshold_method=fixed",
+          "-S", "evaluate.fixed_threshold=0.4"], root, env)
     newest = client.get_model_version("dicomflow-classifier", str(max(
         int(v.version) for v in client.search_model_versions("name='dicomflow-classifier'"))))
     assert newest.tags["promotion_metric"] == "brier" and newest.tags["promotion_champion"] != ""

@@ -304,7 +304,8 @@ class TestRegistrationWrites:
                                      training_run_id="r1", training_data=record,
                                      metrics={"roc_auc": 0.91, "brier": 0.1, "ece": 0.02},
                                      secret={"deid_secret_fingerprint": "0123456789abcdef",
-                                             "deid_demo_secret": "false"})
+                                             "deid_demo_secret": "false"}, digest="f" * 64)
+        assert tags[registry.MODEL_DIGEST_TAG] == "f" * 64
         assert (tags["promotion_alias"], tags["promotion_excluded"], tags["promotion_images"]) == (
             "champion", "3", "11")
         assert (tags["training_run_id"], tags["training_images"], tags["training_data_version"]) == (
@@ -390,6 +391,72 @@ def test_a_full_disk_while_logging_the_model_is_one_line_and_registers_nothing(s
     assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []
 
 
+def _weights(path: Path) -> list[np.ndarray]:
+    return keras.models.load_model(path).get_weights()
+
+
+class TestWhatIsRegistered:
+    """registry.model_digest, find_same_model and registration_decision: the floor and the duplicates."""
+
+    def test_the_same_weights_saved_twice_have_one_digest(self, keras_models, tmp_path):
+        again = _mean_model(tmp_path / "good-again.keras", weight=12.0, bias=-6.0)  # saved at another time
+        digests = [registry.model_digest(_weights(path), training_data=_record([0, 1]), threshold=0.5,
+                                         classes=[0, 1]) for path in (keras_models["good"], again)]
+        assert digests[0] == digests[1] and len(digests[0]) == 64
+
+    @pytest.mark.parametrize("change", ["weights", "threshold", "training images", "pixel settings", "classes"])
+    def test_any_change_of_what_is_served_or_trained_on_changes_the_digest(self, keras_models, change):
+        same = dict(weights=_weights(keras_models["good"]), training_data=_record([0, 1]), threshold=0.5,
+                    classes=[0, 1])
+        other = dict(same)
+        if change == "weights":
+            other["weights"] = _weights(keras_models["poor"])
+        elif change == "threshold":
+            other["threshold"] = 0.4
+        elif change == "training images":
+            other["training_data"] = _record([0, 2])
+        elif change == "pixel settings":
+            other["training_data"] = _record([0, 1], pixel_settings={**PIXELS, "size": 64})
+        else:
+            other["classes"] = [1, 2]
+        first = registry.model_digest(same.pop("weights"), **same)
+        assert registry.model_digest(other.pop("weights"), **other) != first
+
+    def test_a_complete_version_with_the_digest_is_found_an_incomplete_one_is_not(self, store, keras_models):
+        import mlflow
+
+        client = store["client"]
+        with mlflow.start_run(experiment_id=store["experiment"]) as run:
+            info = registry.log_candidate(keras_models["good"], training_data=_record([]), threshold=0.5,
+                                          classes=[0, 1], settings=SETTINGS, domain=DX)
+        version = registry.create_version(client, "digests", info, run_id=run.info.run_id,
+                                          tags={registry.MODEL_DIGEST_TAG: "a" * 64})
+        assert registry.find_same_model(client, "digests", "a" * 64) is None  # incomplete: a killed registration
+        registry.mark_complete(client, "digests", version)
+        assert str(registry.find_same_model(client, "digests", "a" * 64).version) == version
+        assert registry.find_same_model(client, "digests", "b" * 64) is None
+        assert registry.find_same_model(client, "no-such-model", "a" * 64) is None
+
+    @pytest.mark.parametrize(("auc", "same", "register", "line"), [
+        (0.912, None, True, "registered: validation ROC AUC 0.912 reaches evaluate.min_validation_auc 0.6; "
+                            "no version holds this model (digest 0123456789ab)"),
+        (0.6, None, True, "registered: validation ROC AUC 0.600 reaches evaluate.min_validation_auc 0.6; "),
+        (0.519, None, False, "not registered: validation ROC AUC 0.519 is below evaluate.min_validation_auc 0.6 "
+                             "(train longer or on more data, or lower the floor); no version holds this model"),
+        (float("nan"), None, False, "not registered: validation ROC AUC nan is below"),
+        (0.99, "1", False, "not registered: validation ROC AUC 0.990 reaches evaluate.min_validation_auc 0.6; the "
+                           "same model (weights, threshold and training images; digest 0123456789ab) is version 1 "
+                           "already"),
+        (0.5, "3", False, "is below evaluate.min_validation_auc 0.6 (train longer or on more data, or lower the "
+                          "floor); the same model"),
+    ])
+    def test_the_decision_is_one_line_on_both_counts(self, auc, same, register, line):
+        decided, text = registry.registration_decision(auc, floor=0.6, digest="0123456789abcdef" * 4,
+                                                       same_version=same)
+        assert decided is register and "\n" not in text
+        assert (text.startswith(line) if line.startswith(("registered", "not registered")) else line in text), text
+
+
 # --- the real stage, killed at each registration step ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -401,6 +468,7 @@ def trained(tmp_path_factory):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(epochs=10, batch_size=8)  # as tests/pipeline_repo.py: a model that learns
+    params["evaluate"]["min_validation_auc"] = 0.5  # as tests/pipeline_repo.py: its AUC is near the default floor
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/outputs/\n/mlflow.db\n/mlruns/\n/mlartifacts/\n/.dicomflow/\n__pycache__/\n")
     env = {key: value for key, value in os.environ.items()
@@ -437,8 +505,9 @@ def test_a_kill_at_any_registration_step_leaves_one_complete_version(trained):
         training_run = tracking.training_run_for(root / "outputs" / "model" / "model.keras", client).info.run_id
         params = yaml.safe_load((root / "params.yaml").read_text())
         for i, step in enumerate(registry.STEPS, start=1):
-            # Another evaluation of the same training run (a new key) each time.
-            params["evaluate"]["promotion_min_gain"] = i / 1000
+            # Another evaluation of the same training run (a new key) each time, and another model:
+            # the same weights at another operating threshold (the same model is not registered twice).
+            params["evaluate"].update(threshold_method="fixed", fixed_threshold=0.3 + i / 100)
             (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             killed = _evaluate(root, env, **{registry.KILL_AFTER_ENV: step})
             assert killed.returncode == -9, f"{step}: {killed.stderr[-2000:]}"
@@ -488,7 +557,8 @@ def test_a_full_artifact_disk_fails_evaluate_in_one_line_and_keeps_the_training_
     try:
         shutil.copytree(aside, artifacts, dirs_exist_ok=True)
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params["evaluate"]["promotion_min_gain"] = 0.5  # a new evaluation: it would register a version
+        # A new evaluation of a new model (another threshold): it would register a version.
+        params["evaluate"].update(threshold_method="fixed", fixed_threshold=0.45)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         client = mlflow.MlflowClient()
         before = len(client.search_model_versions("name = 'dicomflow-classifier'"))
@@ -511,3 +581,48 @@ def test_a_full_artifact_disk_fails_evaluate_in_one_line_and_keeps_the_training_
         subprocess.run(["umount", "-l", str(artifacts)], check=False)
         shutil.rmtree(artifacts, ignore_errors=True)
         shutil.move(aside, artifacts)
+
+
+@pytest.mark.slow
+def test_the_same_model_evaluated_again_is_not_registered_and_the_run_says_why(trained):
+    """The real stage twice on one trained model with other evaluate settings that leave the model as it
+    is (a new evaluation key): one version; the second run logs and tags why nothing was registered."""
+    import mlflow
+
+    root, env = trained
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"].update(threshold_method="youden", promotion_min_gain=0.25)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = _evaluate(root, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        before = client.search_model_versions("name = 'dicomflow-classifier'")
+        params["evaluate"]["promotion_min_gain"] = 0.125  # not part of the model
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        second = _evaluate(root, env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        after = client.search_model_versions("name = 'dicomflow-classifier'")
+        assert len(after) == len(before)
+        [line] = [line for line in second.stderr.splitlines() if "not registered:" in line]
+        assert "reaches evaluate.min_validation_auc 0.5; the same model (weights, threshold and training " \
+               "images; digest" in line and line.rstrip().endswith(" already"), line
+        training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+        newest = client.search_runs([client.get_run(training_run).info.experiment_id],
+                                    filter_string="attributes.run_name = 'evaluate'", order_by=["start_time DESC"])[0]
+        assert newest.data.tags[registry.DECISION_TAG] == line[line.index("not registered:"):].rstrip()
+        assert "registered_version" not in newest.data.tags and newest.info.status == "FINISHED"
+        assert 0.5 <= newest.data.metrics["val_roc_auc"] <= 1.0
+
+        # A new model (another threshold) under a floor it does not reach (its AUC is about 0.66).
+        params["evaluate"].update(threshold_method="fixed", fixed_threshold=0.42, min_validation_auc=0.99)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        third = _evaluate(root, env)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert len(client.search_model_versions("name = 'dicomflow-classifier'")) == len(before)
+        [line] = [line for line in third.stderr.splitlines() if "not registered:" in line]
+        assert "is below evaluate.min_validation_auc 0.99 (train longer or on more data, or lower the floor); " \
+               "no version holds this model" in line, line
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -122,13 +122,13 @@ def binary_keras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(store, binary_keras):
-    """The binary classifier logged with log_classifier and DOMAIN, registered, signed as evaluate signs,
-    alias champion; its URI."""
+    """The binary classifier logged with log_classifier, DOMAIN and its serving example as evaluate logs it,
+    registered, signed as evaluate signs, alias champion; its URI."""
     from dicomflow.signing import sign_model_version, signing_key_from_env
 
     with mlflow.start_run(experiment_id=store["experiment"]):
         info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
-                                      domain=DOMAIN)
+                                      domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
     version = mlflow.register_model(info.model_uri, MODEL_NAME).version
     sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
@@ -474,11 +474,127 @@ def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, t
 
     folder = tmp_path / "in"
     folder.mkdir()
-    shutil.copy(dicoms["text"], folder / "notes.txt")
+    shutil.copy(dicoms["text"], folder / "notes")  # no extension: a file that could be DICOM, so it is read
     with pytest.raises(DataError, match=r"none of the 1 files in .*in could be predicted \(1 not_dicom\)"):
         predict(parser().parse_args(["predict", str(folder), "--model", registered["uri"],
                                      "--output", str(tmp_path / "out.csv")]))
-    assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes.txt,,-1,not_dicom: ")
+    assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes,,-1,not_dicom: ")
+
+
+def test_predict_cli_skips_tables_documents_dicomdir_and_hidden_files_with_a_count(registered, dicoms, tmp_path,
+                                                                                    caplog):
+    """`make predict` reads data/, where labels.csv lives: such files are counted by kind, never failures,
+    and the log names no file (a name can hold an accession number)."""
+    from dicomflow.cli import parser, predict
+
+    folder = tmp_path / "data"
+    (folder / "study").mkdir(parents=True)
+    shutil.copy(dicoms["bright"], folder / "study" / "IM0001")
+    (folder / "labels.csv").write_text("accession_number,label\nACC0042,1\n")
+    (folder / "study" / "ACC0042_report.PDF").write_bytes(b"%PDF-1.4\n")
+    shutil.copy(get_testdata_file("DICOMDIR"), folder / "DICOMDIR")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    caplog.set_level("INFO", logger="dicomflow.predict")
+    predict(parser().parse_args(["predict", str(folder), "--model", registered["uri"],
+                                 "--output", str(tmp_path / "out.csv")]))
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table["path"]) == ["study/IM0001"] and list(table["error"]) == [""]
+    assert "skipped 4 files not meant for prediction (1 .csv, 1 .pdf, 1 DICOMDIR, 1 hidden)" in caplog.messages
+    assert "ACC0042" not in caplog.text
+    assert "not predicted" not in caplog.text
+
+
+def test_a_file_named_on_the_command_line_is_read_whatever_its_name(registered, dicoms, tmp_path):
+    from dicomflow.cli import parser, predict
+
+    named = Path(shutil.copy(dicoms["bright"], tmp_path / "scan.txt"))
+    predict(parser().parse_args(["predict", str(named), "--model", registered["uri"],
+                                 "--output", str(tmp_path / "out.csv")]))
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table["error"]) == [""] and list(table["label"]) == [1]
+
+
+def _predict_elsewhere(folder: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    folder.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "dicomflow", "predict", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
+def test_predict_cli_from_any_folder_takes_the_model_from_the_store_it_is_named(registered, store, dicoms,
+                                                                                  tmp_path):
+    env = {key: value for key, value in _run_env(store).items() if key != "MLFLOW_TRACKING_URI"}
+    elsewhere = tmp_path / "elsewhere"
+    result = _predict_elsewhere(elsewhere, [str(dicoms["bright"]), "--output", "out.csv", "--tracking-uri",
+                                            store["uri"], "--model", MODEL_NAME], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(elsewhere / "out.csv", keep_default_na=False)
+    assert list(table["error"]) == [""] and list(table["label"]) == [1]
+    assert f"with models:/{MODEL_NAME}@champion" in result.stderr
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["out.csv"]  # no store, no keys made here
+
+
+class TestServingExample:
+    def test_is_inside_the_domain_and_the_same_bytes_each_time(self):
+        from io import BytesIO
+
+        import pydicom
+
+        first, again = (serving.serving_example(DOMAIN)["dicom"].iloc[0] for _ in range(2))
+        assert first == again and first[128:132] == b"DICM" and len(first) < 4096
+        dataset = pydicom.dcmread(BytesIO(first))
+        DOMAIN.check(dataset)  # raises Quarantined("out_of_domain", ...) outside it
+        assert (dataset.Modality, dataset.Rows, dataset.Columns) == ("CR", 40, 40)
+        assert "PatientID" not in dataset and "PatientName" not in dataset and "AccessionNumber" not in dataset
+
+    def test_colour_domains_get_a_colour_file(self):
+        from io import BytesIO
+
+        import pydicom
+
+        colour = TrainingDomain(modalities={"XC"}, photometrics={"RGB"}, channels={3}, rows=(100, 200),
+                                columns=(120, 200), pixel_spacing_mm=(0.5, 1.0))
+        dataset = pydicom.dcmread(BytesIO(serving.serving_example(colour)["dicom"].iloc[0]))
+        assert (dataset.Modality, dataset.PhotometricInterpretation, dataset.SamplesPerPixel) == ("XC", "RGB", 3)
+        assert [float(value) for value in dataset.PixelSpacing] == [0.5, 0.5]
+
+    def test_the_model_predicts_it_without_error(self, model):
+        predicted = model.predict(serving.serving_example(DOMAIN))
+        assert list(predicted["error"]) == [""] and predicted["label"].iloc[0] in (0, 1)
+
+
+class TestPredictNamesTheModel:
+    """Outside a project, without what names the model: one line saying how to name it, no traceback."""
+
+    def test_no_store_here_and_none_named(self, dicoms, tmp_path):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        env["PYTHONPATH"] = str(REPO)
+        result = _predict_elsewhere(tmp_path / "elsewhere", [str(dicoms["bright"])], env)
+        assert result.returncode == 1
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: no MLflow tracking store here (") and "--tracking-uri sqlite:////" in line
+        assert sorted((tmp_path / "elsewhere").iterdir()) == []
+
+    def test_a_store_that_does_not_exist(self, dicoms, tmp_path):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        result = _predict_elsewhere(tmp_path / "elsewhere", [str(dicoms["bright"]), "--tracking-uri",
+                                                             f"sqlite:///{tmp_path}/nope/mlflow.db"], env)
+        assert result.returncode == 1
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: tracking store sqlite:///{tmp_path}/nope/mlflow.db: ")
+        assert "does not exist" in line
+
+    def test_a_store_without_a_champion_and_no_model_named(self, dicoms, tmp_path):
+        uri = f"sqlite:///{tmp_path / 'empty.db'}"
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the store's tables
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
+        result = _predict_elsewhere(tmp_path / "elsewhere", [str(dicoms["bright"])], env)
+        assert result.returncode == 1
+        [line] = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+        assert "Traceback" not in result.stderr
+        assert line == (f"error: which model? no params.yaml here and {uri}: it holds no registered model with "
+                        "a champion alias; name one with --model NAME (models:/NAME@champion) or --model "
+                        "models:/NAME/VERSION")
 
 
 @pytest.mark.slow  # a dicomflow predict process (loads TensorFlow and the model)
@@ -679,6 +795,18 @@ class TestServedModel:
         local = model.predict(pd.DataFrame({"dicom": [big.read_bytes()]}))
         assert row["error"] == "" and row["label"] == 1
         assert row["probability"] == pytest.approx(local["probability"].iloc[0], abs=1e-6)
+
+    def test_the_registered_models_serving_example_is_answered_as_it_is(self, served, registered, tmp_path):
+        """What MLflow shows as the model's example request (serving_input_example.json), sent unchanged."""
+        from dicomflow.signing import download_verified, verify_key_from_env
+
+        local = download_verified(registered["uri"], tmp_path / "verified", key=verify_key_from_env(os.environ))
+        body = (local / "serving_input_example.json").read_bytes()
+        assert json.loads(body)["dataframe_split"]["columns"] == ["dicom"]
+        status, answer = _post(served, body)
+        assert status == 200, answer
+        [row] = answer["predictions"]
+        assert row["error"] == "" and 0.0 <= row["probability"] <= 1.0 and row["label"] in (0, 1), row
 
     def test_every_documented_payload_form_delivers_the_file(self, served, model, dicoms):
         names = ["bright", "dark", "cr"]

@@ -197,6 +197,9 @@ class EvaluateParams:
     # Any registered metric; evaluate checks that it applies to the task (dicomflow.metrics.metric_for).
     promotion_metric: str = field(metadata=_choices(*METRIC_NAMES))
     promotion_min_gain: float = field(metadata=_interval(0.0, 1.0))
+    # The floor a model's validation ROC AUC (macro one-vs-rest with more than two classes) must
+    # reach before any version is registered; 0.5 is chance.
+    min_validation_auc: float = field(metadata=_interval(0.0, 1.0))
 
 
 SECTIONS: dict[str, type] = {

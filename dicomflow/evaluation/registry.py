@@ -15,6 +15,15 @@ promotion decision and alias, what it trained on, the secret's fingerprint) in o
   decision recorded at creation instead of registering another (one version per evaluation);
   a complete one is reused as it is.
 
+What is registered at all
+-------------------------
+:func:`registration_decision` keeps two kinds of model out of the registry, and says why on the
+evaluate run (:data:`DECISION_TAG`): one whose validation ROC AUC is below
+``evaluate.min_validation_auc`` (an undertrained model is not a candidate anyone should serve),
+and one equal to a registered version (:func:`model_digest`, the :data:`MODEL_DIGEST_TAG` each
+version carries: the same weights, operating settings and training images are the same model,
+however often it is retrained or re-evaluated).
+
 A rerun also ends as KILLED the evaluate runs a killed stage left RUNNING (:func:`end_stale_runs`),
 and the training run is never reopened: the test metrics are written to it without changing its
 status, so a failed evaluate cannot mark a good training run FAILED.
@@ -46,6 +55,9 @@ EVALUATION_KEY_TAG = "dicomflow.evaluation_key"  # the training run and the eval
 ALIAS_TAG = "promotion_alias"  # the alias decided at creation: what a rerun applies
 PREVIOUS_CHAMPION = "previous_champion"
 STAGE_TAG = "dicomflow.stage"
+# SHA-256 of the weights, the operating settings and the training images (model_digest).
+MODEL_DIGEST_TAG = "dicomflow.model_digest"
+DECISION_TAG = "registration_decision"  # on the evaluate run: registered, or why not
 
 # Test-only: the registration step after which the process kills itself with SIGKILL (the names
 # of :data:`STEPS`); tests/test_registry.py sets it to kill a real evaluate at each step.
@@ -162,6 +174,76 @@ def find_version(client, name: str, key: str):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def model_digest(weights: Iterable[Any], *, training_data: Mapping[str, Any], threshold: float | None,
+                 classes: Iterable[int]) -> str:
+    """What makes two registered models the same: a SHA-256 over every weight array (dtype,
+    shape and bytes, in the model's order), the operating threshold and classes, and the
+    training images and pixel settings of ``training_data`` (:data:`TRAINING_DATA_FILE`'s record).
+
+    Weights, not the ``.keras`` file: the file also stores when it was saved, so one set of
+    weights saved twice differs in bytes. The threshold is part of the model a user is served:
+    the same weights at another threshold answer other labels.
+    """
+    import numpy as np
+
+    from dicomflow.evaluation.promotion import training_data_digest
+
+    digest = hashlib.sha256()
+    for array in weights:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    settings = {"threshold": threshold, "classes": [int(c) for c in classes],
+                "pixel_settings": training_data["pixel_settings"], "images": training_data_digest(training_data)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def find_same_model(client, name: str, digest: str):
+    """The newest complete version of ``name`` whose :data:`MODEL_DIGEST_TAG` is ``digest``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no registered model of that name yet
+        return None
+    same = [v for v in versions if v.tags.get(MODEL_DIGEST_TAG) == digest and is_complete(v)]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def registration_decision(validation_auc: float, *, floor: float, digest: str,
+                          same_version: str | None) -> tuple[bool, str]:
+    """Whether a model may be registered, and the one line that says why, on both counts.
+
+    Parameters
+    ----------
+    validation_auc : float
+        The model's validation ROC AUC (macro one-vs-rest with more than two classes; NaN when it
+        cannot be computed, which no floor lets through).
+    floor : float
+        ``evaluate.min_validation_auc``.
+    digest : str
+        The model's :func:`model_digest`.
+    same_version : str or None
+        The registered version holding the same model (:func:`find_same_model`), or None.
+
+    Returns
+    -------
+    (bool, str)
+        True to register; the decision, e.g. ``not registered: validation ROC AUC 0.519 is below
+        evaluate.min_validation_auc 0.6 (...); no version holds this model (digest 1a2b3c4d5e6f)``.
+    """
+    passes = bool(validation_auc >= floor)
+    floor_text = (f"validation ROC AUC {validation_auc:.3f} reaches evaluate.min_validation_auc {floor:g}" if passes
+                  else f"validation ROC AUC {validation_auc:.3f} is below evaluate.min_validation_auc {floor:g} "
+                       "(train longer or on more data, or lower the floor)")
+    same_text = (f"no version holds this model (digest {digest[:12]})" if same_version is None
+                 else f"the same model (weights, threshold and training images; digest {digest[:12]}) is version "
+                      f"{same_version} already")
+    register = passes and same_version is None
+    return register, f"{'registered' if register else 'not registered'}: {floor_text}; {same_text}"
+
+
 def is_complete(version) -> bool:
     """Whether ``version`` carries every write of a registration (its tag says so last)."""
     return version.tags.get(REGISTRATION_TAG) == COMPLETE
@@ -169,11 +251,12 @@ def is_complete(version) -> bool:
 
 def version_tags(comparison, *, alias: str, decision: str, key: str, training_run_id: str,
                  training_data: Mapping[str, Any], metrics: Mapping[str, float],
-                 secret: Mapping[str, str]) -> dict[str, str]:
+                 secret: Mapping[str, str], digest: str) -> dict[str, str]:
     """Every tag a new version is created with: the promotion decision and both figures
     (``promotion_*``), the alias decided, the training run and evaluation key, what it trained on
-    (``training_*``; the images' digests are in its signed :data:`TRAINING_DATA_FILE`), the test
-    figures and the de-identification secret's fingerprint."""
+    (``training_*``; the images' digests are in its signed :data:`TRAINING_DATA_FILE`), the
+    model's :data:`MODEL_DIGEST_TAG`, the test figures and the de-identification secret's
+    fingerprint."""
     from dicomflow.evaluation.promotion import PROMOTION_SPLIT, training_data_digest
 
     return {
@@ -183,7 +266,7 @@ def version_tags(comparison, *, alias: str, decision: str, key: str, training_ru
         "promotion_candidate": f"{comparison.candidate:.10g}",
         "promotion_champion": "" if comparison.champion is None else f"{comparison.champion:.10g}",
         "promotion_champion_version": comparison.champion_version or "",
-        TRAINING_RUN_TAG: training_run_id, EVALUATION_KEY_TAG: key,
+        TRAINING_RUN_TAG: training_run_id, EVALUATION_KEY_TAG: key, MODEL_DIGEST_TAG: digest,
         "training_data_version": str(training_data["data_version"]),
         "training_images": str(training_data["images"]),
         "training_images_digest": training_data_digest(training_data),

@@ -16,13 +16,16 @@ which item a worker was on when it died or overran its time.
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import forkserver, popen_forkserver, spawn, util
 from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
 
@@ -88,6 +91,51 @@ def _serve(conn: Connection, function: Callable[..., Any], shared_args: tuple) -
 _PARENT_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 
+class _MainFreePopen(popen_forkserver.Popen):
+    """``popen_forkserver.Popen`` whose child does not run the parent's ``__main__`` again.
+
+    Why: every child a forkserver forks first runs ``multiprocessing.spawn.prepare`` on data the
+    parent sends it, and that data names the parent's main module (``init_main_from_path``: the
+    ``__file__`` of ``python recipe.py``; ``init_main_from_name``: the module of ``python -m``),
+    which ``spawn._fixup_main_from_path`` / ``_fixup_main_from_name`` then run as ``__mp_main__``
+    (CPython 3.11, Lib/multiprocessing/spawn.py). ``set_forkserver_preload`` does not change that:
+    it decides what the *server* imports, not what each child runs. A user's script without an
+    ``if __name__ == "__main__":`` guard would so run again in every decoder, load the model
+    there and start decoders of its own, which multiprocessing refuses in a child still starting
+    (the worker exits with status 1 before it can work); a stage's module would import TensorFlow
+    in each. The decoders need nothing from ``__main__`` (their function and arguments are
+    library objects, pickled by module name), so the parent leaves the main module out of the
+    data it sends; the rest is ``_launch`` of CPython 3.11 (requires-python pins 3.11), and
+    tests/test_parallel.py runs an unguarded script to hold it.
+    """
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        multiprocessing.context.set_spawning_popen(self)
+        try:
+            multiprocessing.context.reduction.dump(prep_data, buf)
+            multiprocessing.context.reduction.dump(process_obj, buf)
+        finally:
+            multiprocessing.context.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)  # the child's sentinel of its parent, as in CPython
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as stream:
+            stream.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _MainFreeForkServerProcess(multiprocessing.context.ForkServerProcess):
+    """A forkserver process started through :class:`_MainFreePopen`."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        return _MainFreePopen(process_obj)
+
+
 @dataclass
 class _Worker:
     process: multiprocessing.process.BaseProcess
@@ -107,8 +155,10 @@ class WorkerPool(Generic[T, R]):
 
     Kept open across calls of :meth:`map` where workers are costly to start (the served model's
     decoders); ``close`` ends them. ``context`` is a multiprocessing start method; with
-    ``forkserver``, workers fork from a fresh server process that imported ``preload`` (and not
-    the caller's ``__main__``, which for a stage or a server imports TensorFlow).
+    ``forkserver``, workers fork from a fresh server process that imported ``preload``, and
+    neither the server nor the workers run the caller's ``__main__`` (which for a stage or a
+    server imports TensorFlow, and for a user's unguarded script would predict again in each
+    worker): :class:`_MainFreePopen`.
     """
 
     def __init__(self, function: Callable[..., R], *, workers: int, context: str = "fork",
@@ -120,14 +170,16 @@ class WorkerPool(Generic[T, R]):
             raise ValueError(f"timeout_s must be positive or None; got {timeout_s}")
         self.function, self.workers, self.timeout_s = function, workers, timeout_s
         self._context = multiprocessing.get_context(context)
-        if context == "forkserver":  # the server imports these, not the caller's __main__
+        self._process = self._context.Process
+        if context == "forkserver":  # the server imports these; no child runs the caller's __main__
             self._context.set_forkserver_preload(list(preload))
+            self._process = _MainFreeForkServerProcess
         self._shared_args = shared_args
         self._pool: list[_Worker] = []
 
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_serve, daemon=True,
+        process = self._process(target=_serve, daemon=True,
                                         args=(child, self.function, self._shared_args))
         process.start()
         child.close()

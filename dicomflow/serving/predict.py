@@ -31,20 +31,28 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from dicomflow import tracking
-from dicomflow.dicom.sources import display_path, list_sources
-from dicomflow.errors import DataError
+from dicomflow.dicom.sources import SKIPPED_ENTRIES, display_path, list_sources
+from dicomflow.errors import DataError, SettingsError
 from dicomflow.serving.pyfunc import common_folder, serving_root
 
 logger = logging.getLogger(__name__)
 
 BATCH_FILES = 256  # files per model call: bounds memory on large folders
+# Files in a folder that are not images to predict: the labels table (``make predict`` reads
+# ``data/``, where labels.csv lives) and the tables and documents study folders hold beside their
+# images, and DICOMDIR (the media's index: DICOM, but no image). Skipped and counted by kind, never
+# failures; a file named on the command line is always read. Not by content: a DICOM file without
+# its preamble is still a file the user meant, and its failure is reported.
+NOT_IMAGE_SUFFIXES = frozenset({".csv", ".tsv", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html",
+                                ".pdf", ".xls", ".xlsx", ".parquet"})
+NOT_IMAGE_NAMES = frozenset({"DICOMDIR"})
 
 
 @dataclass
@@ -55,13 +63,33 @@ class Inputs:
     files: list[Path] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     unread: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)  # by kind: ".csv", "DICOMDIR", "hidden", ...
+
+
+def skip_kind(path: Path) -> str | None:
+    """Why a file found in a folder is not an image to predict (:data:`NOT_IMAGE_SUFFIXES`,
+    :data:`NOT_IMAGE_NAMES`), as a kind that names no file: ``.csv``, ``DICOMDIR``; else None."""
+    if path.name in NOT_IMAGE_NAMES:
+        return path.name
+    suffix = path.suffix.lower()
+    return suffix if suffix in NOT_IMAGE_SUFFIXES else None
+
+
+def describe_skipped(skipped: Counter[str]) -> str:
+    """``skipped 2 files not meant for prediction (1 .csv, 1 hidden)``: kinds and counts only
+    (a file's name can hold an accession number)."""
+    total = sum(skipped.values())
+    ordered = sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
+    kinds = ", ".join(f"{count} {kind}" for kind, count in ordered)
+    return f"skipped {total} file{'s' if total != 1 else ''} not meant for prediction ({kinds})"
 
 
 def list_inputs(inputs: list[Path], *, exclude: set[Path] = frozenset()) -> Inputs:
     """The files named by ``inputs`` (files, and folders walked by ``list_sources``), or DataError
-    naming an input that does not exist. A file named on the command line is read even when
-    hidden (the user named it); one that is not a regular file (a FIFO, a device) is listed as
-    ``not_a_file``, never opened."""
+    naming an input that does not exist. In a folder, tables, documents and DICOMDIR
+    (:func:`skip_kind`) and hidden entries are counted in ``skipped``, not read. A file named on
+    the command line is read even when hidden (the user named it); one that is not a regular file
+    (a FIFO, a device) is listed as ``not_a_file``, never opened."""
     found = Inputs()
     one_folder = len(inputs) == 1 and inputs[0].is_dir()
     for given in inputs:
@@ -70,9 +98,13 @@ def list_inputs(inputs: list[Path], *, exclude: set[Path] = frozenset()) -> Inpu
             # With one folder the CSV names files relative to it (as before); with several
             # inputs each name keeps its folder, so that rows from two folders stay apart.
             prefix = "" if one_folder else _as_given(given) + "/"
-            found.files += listing.files
-            found.names += [prefix + display_path(path, given) for path in listing.files]
-            found.unread += [(prefix + name, reason, detail) for name, reason, detail in listing.unread]
+            kinds = [skip_kind(path) for path in listing.files]
+            found.skipped.update(kind for kind in kinds if kind)
+            found.files += [path for path, kind in zip(listing.files, kinds) if not kind]
+            found.names += [prefix + display_path(path, given) for path, kind in zip(listing.files, kinds) if not kind]
+            found.skipped.update(reason for _, reason, _ in listing.unread if reason in SKIPPED_ENTRIES)
+            found.unread += [(prefix + name, reason, detail) for name, reason, detail in listing.unread
+                             if reason not in SKIPPED_ENTRIES]
             continue
         try:
             mode = given.stat().st_mode
@@ -93,6 +125,69 @@ def _as_given(path: Path) -> str:
     """``path`` as the command line gave it, with ``/``, printable even when not UTF-8 (as
     :func:`dicomflow.dicom.sources.display_path` shows names)."""
     return os.fsencode(path.as_posix()).decode("utf-8", errors="backslashreplace")
+
+
+def tracking_store(environ: Mapping[str, str], *, cwd: Path) -> str:
+    """The tracking store ``dicomflow predict`` reads: ``MLFLOW_TRACKING_URI`` (``--tracking-uri``
+    sets it), else the ``mlflow.db`` of the repository ``cwd`` is in; SettingsError (one line,
+    saying how to name one) when neither exists: MLflow would create an empty store and find
+    no model in it."""
+    uri = environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        database = tracking.repository_root(cwd) / tracking.DEFAULT_TRACKING_DB
+        if not database.is_file():
+            raise SettingsError(f"no MLflow tracking store here ({database} does not exist): in the project, run "
+                                "make repro first; elsewhere, name the project's store with --tracking-uri "
+                                "sqlite:////path/to/project/mlflow.db (or MLFLOW_TRACKING_URI, e.g. a team server's "
+                                "http://host:5000)")
+        return f"sqlite:///{database}"
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not (cwd / database).is_file():
+            raise SettingsError(f"tracking store {uri}: {database} does not exist; give the project's "
+                                "store (its mlflow.db, e.g. --tracking-uri sqlite:////path/to/project/mlflow.db)")
+    return uri
+
+
+def model_uri(given: str | None, *, project_model: str | None, champions: Callable[[], list[str]],
+              store: str) -> str:
+    """The model ``dicomflow predict`` loads.
+
+    Parameters
+    ----------
+    given : str or None
+        ``--model``: a URI (``models:/NAME@champion``, ``models:/NAME/3``) as it is, or a
+        registered model's NAME, taken as ``models:/NAME@champion``.
+    project_model : str or None
+        ``evaluate.registered_model_name`` of the project the command runs in; None outside one.
+    champions : callable
+        The names of the store's registered models that have a ``champion`` (asked only when
+        neither of the above names one).
+    store : str
+        The tracking store, for the error.
+
+    Raises
+    ------
+    SettingsError
+        Nothing names the model and the store does not hold exactly one with a champion: one line
+        saying how to name it.
+    """
+    if given:
+        return given if ":/" in given else f"models:/{given}@champion"
+    if project_model:
+        return f"models:/{project_model}@champion"
+    names = champions()
+    if len(names) == 1:
+        return f"models:/{names[0]}@champion"
+    held = (f"it holds {len(names)} with a champion: {', '.join(sorted(names))}" if names
+            else "it holds no registered model with a champion alias")
+    raise SettingsError(f"which model? no params.yaml here and {store}: {held}; name one with --model NAME "
+                        "(models:/NAME@champion) or --model models:/NAME/VERSION")
+
+
+def champion_models(client) -> list[str]:
+    """The names of the registered models of ``client``'s store that have a ``champion`` alias."""
+    return [model.name for model in client.search_registered_models() if "champion" in (model.aliases or {})]
 
 
 def load_model(uri: str, *, shown: str | None = None):

@@ -83,9 +83,16 @@ DECODER_PROCESSES = 2  # files decoded at once, each in its own process (dicomfl
 # A file still decoding after this long is answered with "timeout": below the 60 s after which
 # MLflow's scoring server answers 504, so a slow file costs its row, never the whole answer.
 DECODE_TIMEOUT_S = 30.0
+# What the decoders' forkserver imports once, for every decoder it forks: the third-party reading
+# stack, never dicomflow. CPython 3.11's forkserver imports its preload before it applies the
+# parent's sys.path (multiprocessing/forkserver.py, main() ignores sys_path), so a dicomflow
+# preloaded there would be whichever is installed, not the code the model ships, and every decoder
+# would run it. Each decoder imports dicomflow itself, from the parent's sys.path.
+DECODER_PRELOAD = ("numpy", "pydicom", "pydicom.pixels", "PIL.Image")
 FILES_PER_TASK = 4  # a request's files are decoded in tasks of at most this many, interleaved with other requests'
-# The input example logged with the registered model: the request's form, naming no real file.
-PATH_EXAMPLE = pd.DataFrame({"path": ["IM0001.dcm"]})
+# The example file of the registered model's input example (serving_example): a made-up image,
+# no patient, fixed UIDs under 2.25 (a UUID-derived root) so that its bytes never change.
+EXAMPLE_UIDS = {"SOPInstanceUID": "2.25.1", "StudyInstanceUID": "2.25.2", "SeriesInstanceUID": "2.25.3"}
 # The folder a model loaded by MLflow may read ``path`` values under; unset: it reads no path.
 SERVING_ROOT_ENV = "DICOMFLOW_SERVING_ROOT"
 # What a request must hold, in the words of the 400 answer and of the errors that point to it.
@@ -475,7 +482,7 @@ class DecoderSet:
         if processes < 1:
             raise ValueError(f"processes must be at least 1; got {processes}")
         self._idle: queue.SimpleQueue[WorkerPool] = queue.SimpleQueue()
-        self._pools = [WorkerPool(function, workers=1, context="forkserver", preload=("dicomflow.dicom.display",),
+        self._pools = [WorkerPool(function, workers=1, context="forkserver", preload=DECODER_PRELOAD,
                                   timeout_s=timeout_s) for _ in range(processes)]
         for pool in self._pools:
             self._idle.put(pool)
@@ -670,6 +677,48 @@ def _installed(name: str) -> bool:
     return True
 
 
+def serving_example(domain: TrainingDomain | None) -> pd.DataFrame:
+    """The registered model's input example: one row whose ``dicom`` column holds a small made-up
+    DICOM file inside ``domain``, so that ``serving_input_example.json`` is a request the server
+    answers with a probability (a ``path`` names a file on the server's disk, which a server
+    refuses unless it was given DICOMFLOW_SERVING_ROOT, and a real file's name or bytes could
+    carry identifiers).
+
+    The image is two flat halves (dark and light), RLE Lossless so that it stays a few KiB at any
+    size: the smallest size, the first modality and spacing of the domain, grayscale unless the
+    domain is colour only; no patient, study or device attribute; fixed UIDs
+    (:data:`EXAMPLE_UIDS`), so the same domain always gives the same bytes. Without a domain, a
+    64 x 64 DX image.
+    """
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage
+
+    modality, rows, columns, spacing, colour = "DX", 64, 64, None, False
+    if domain is not None:
+        modality = sorted(domain.modalities)[0] if domain.modalities else modality
+        rows, columns = domain.rows[0], domain.columns[0]
+        spacing = domain.pixel_spacing_mm[0] if domain.pixel_spacing_mm else None
+        colour = domain.channels == {3}
+    pixels = np.full((rows, columns, 3) if colour else (rows, columns), 64, np.uint8)
+    pixels[:, columns // 2:] = 192
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    for keyword, uid in EXAMPLE_UIDS.items():
+        setattr(ds, keyword, uid)
+    ds.Modality = modality
+    ds.set_pixel_data(pixels, "RGB" if colour else "MONOCHROME2", 8, generate_instance_uid=False)
+    if spacing is not None:
+        ds.PixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+    ds.compress(RLELossless, generate_instance_uid=False)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pd.DataFrame({"dicom": [buffer.getvalue()]})
+
+
 def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: list[int], settings: PixelSettings,
                    domain: TrainingDomain | None = None, name: str = "classifier",
                    input_example=None) -> mlflow.models.model.ModelInfo:
@@ -692,9 +741,8 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
         The model's name in the run.
     input_example : optional
         Saved with the model and run through it by MLflow; a DataFrame of the signature's form.
-        The pipeline gives :data:`PATH_EXAMPLE`: a DICOM file in base64 is random text that the
-        leak scanner may match against names by chance, and a real file's name could hold an
-        accession number.
+        The pipeline gives :func:`serving_example` of the domain: a made-up file the server
+        answers, never a real file (its name or bytes could hold identifiers).
 
     Returns
     -------
