@@ -92,7 +92,7 @@ INGEST = IngestParams(label_key="accession_number", classes=[0, 1], image_size=6
                       max_decoded_mib=2048, max_quarantine_fraction=0.1)
 EVALUATE = EvaluateParams(threshold_method="youden", fixed_threshold=0.5, target_sensitivity=0.9,
                           registered_model_name="dicomflow-classifier", promotion_metric="roc_auc",
-                          promotion_min_gain=0.01)
+                          promotion_min_gain=0.01, min_validation_auc=0.6)
 TRAIN = TrainParams(architecture="seed_cnn", strategy="default", epochs=12, batch_size=16, lr=0.0005,
                     lr_schedule="cosine", class_weight="balanced", early_stopping_patience=4, keep="best_val_auc",
                     calibration="temperature", ensemble=3, seed=7)
