@@ -422,7 +422,14 @@ def _report(report: Report, results: list[dict]) -> None:
     clean = [r for r in results if r["clean"]]
     real = [r for r in results if r["kind"] == "real"]
     recall = found / len(planted) if planted else float("nan")
+    # The target is on what was planted (where the ground truth is the drawing); the deid-data
+    # originals' own text, boxed by eye, is reported beside it.
+    planted_only = [item for r in results if r["kind"] != "real" for item in r["items"] if item["identifies"]]
+    own_text = [item for r in real for item in r["items"] if item["identifies"]]
+    planted_recall = sum(i["found"] for i in planted_only) / len(planted_only) if planted_only else float("nan")
     report.figures.update({"images": len(results), "planted_fields": len(planted), "found": found,
+                           "planted_recall": planted_recall,
+                           "own_text_found": f"{sum(i['found'] for i in own_text)} of {len(own_text)}",
                            "invisible_fields": sum(r["invisible"]["fields"] for r in results),
                            "invisible_labels": sum(r["invisible"]["labels"] for r in results),
                            "recall": recall, "readable_after": readable,
@@ -440,7 +447,9 @@ def _report(report: Report, results: list[dict]) -> None:
                                "kind", "font", "size", "polarity", "form", "miss", "share", "box")}}
                                       for r in results for item in r["items"]
                                       if item["identifies"] and not item["found"]]})
-    report.target(f"recall of planted fields >= {TARGET_RECALL:.0%}", recall >= TARGET_RECALL, recall)
+    report.target(f"recall of planted fields >= {TARGET_RECALL:.0%}", planted_recall >= TARGET_RECALL,
+                  f"{planted_recall:.4f} ({sum(i['found'] for i in planted_only)} of {len(planted_only)}); "
+                  f"with the deid-data originals' own text: {recall:.4f} ({found} of {len(planted)})")
     report.target("clean images never blanked", all(r["blanked"] == 0 for r in clean),
                   f"{sum(r['blanked'] > 0 for r in clean)} of {len(clean)} blanked")
     report.target("no image lost (unread)", not any(r["unread"] for r in results),
