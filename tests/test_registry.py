@@ -608,7 +608,7 @@ def test_the_same_model_evaluated_again_is_not_registered_and_the_run_says_why(t
         [line] = [line for line in second.stderr.splitlines() if "not registered:" in line]
         assert "reaches evaluate.min_validation_auc 0.5; the same model (weights, threshold and training " \
                "images; digest" in line and line.rstrip().endswith(" already"), line
-        training_run = json.loads((root / "outputs" / "model" / "mlflow_run.json").read_text())["run_id"]
+        training_run = tracking.training_run_for(root / "outputs" / "model" / "model.keras", client).info.run_id
         newest = client.search_runs([client.get_run(training_run).info.experiment_id],
                                     filter_string="attributes.run_name = 'evaluate'", order_by=["start_time DESC"])[0]
         assert newest.data.tags[registry.DECISION_TAG] == line[line.index("not registered:"):].rstrip()
