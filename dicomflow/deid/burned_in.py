@@ -20,6 +20,7 @@ from dicomflow.deid.identifiers import Identifiers
 from dicomflow.deid.pixel_text import Judgement, TextRegion, blank, frames_of, judge, read_frames
 
 
+
 @dataclass(frozen=True)
 class TextFound:
     """What reading one file's pixels found: a judgement per text region (:func:`judge`), or
