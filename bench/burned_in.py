@@ -328,18 +328,12 @@ def _report(report: Report, results: list[dict]) -> None:
     planted = [item for r in results for item in r["items"] if item["identifies"]]
     found = sum(item["found"] for item in planted)
     readable = sum(item["readable_after"] for item in planted)
-    report.table("recall_by_kind", _recall_columns("image", "image kind"),
-                 _recall_rows(results, "image"), title="## Planted fields found, by kind of image")
-    report.table("recall_by_size", _recall_columns("size", "font size"),
-                 _recall_rows(results, "size"), title="## By font size (em, px)")
-    report.table("recall_by_polarity", _recall_columns("polarity", "polarity"),
-                 _recall_rows(results, "polarity"), title="## By polarity")
-    report.table("recall_by_font", _recall_columns("font", "font"),
-                 _recall_rows(results, "font"), title="## By font")
-    report.table("recall_by_field", _recall_columns("field", "field"),
-                 _recall_rows(results, "field"), title="## By field")
-    report.table("recall_by_form", _recall_columns("form", "field: form"),
-                 _recall_rows(results, "form"), title="## By how the value is written")
+    for key, header, title in (("image", "image kind", "Planted fields found, by kind of image"),
+                               ("size", "font size", "By font size (em, px)"),
+                               ("polarity", "polarity", "By polarity"), ("font", "font", "By font"),
+                               ("field", "field", "By field"), ("form", "field: form", "By how the value is written")):
+        name = "recall_by_kind" if key == "image" else f"recall_by_{key}"
+        report.table(name, _recall_columns(key, header), _recall_rows(results, key), title=f"## {title}")
 
     # Clean images and labels.
     rows = []
