@@ -24,6 +24,9 @@ encodes JPEG Lossless (1.2.840.10008.1.2.4.70): :func:`encode_jpeg_lossless` is 
 it (ITU-T T.81 Annex H, predictor 1, optimal Huffman table), checked against pydicom's decoder
 (pylibjpeg-libjpeg) for every file it writes.
 
+:func:`write_ct_series` writes CT series only (``bench.series``): series of hundreds of such
+slices, 1 mm apart, one series per folder, native or RLE Lossless by series.
+
 File ``i`` depends only on the seed and ``i``, so a larger corpus starts with the files of a
 smaller one; files already present (from an earlier run with the same seed and code version) are
 kept, which makes a second run in the same ``--workdir`` cost only the listing.
@@ -67,6 +70,9 @@ CORPUS_VERSION = 1
 MARKER = ".corpus.json"  # hidden: the ingest stage skips it (listed as hidden), the plain loop too
 LABEL_COLUMNS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path", "label")
 SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless, JPEGLosslessSV1)
+# CT series (write_ct_series): encoding a 512 x 512 slice in JPEG 2000 takes ~10x longer than RLE,
+# too long for series of hundreds of slices; native and RLE are what CT archives mostly hold.
+SERIES_SYNTAXES = (ExplicitVRLittleEndian, RLELossless)
 CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -412,6 +418,32 @@ def _write_file(plan: FilePlan, *, folder: Path, seed: int) -> None:
     part.rename(path)
 
 
+def plan_ct_series(slices: list[int]) -> list[FilePlan]:
+    """CT series only, one study each, with ``slices[i]`` slices in series ``i`` (1 mm apart,
+    :func:`_ct_image`); each series' transfer syntax alternates between :data:`SERIES_SYNTAXES`."""
+    plans: list[FilePlan] = []
+    for i, count in enumerate(slices):
+        study = 2 * i + 1  # odd, as CT studies are in plan_corpus: the same headers and intercepts
+        plans.extend(FilePlan(len(plans) + k, study, k + 1, "CT", SERIES_SYNTAXES[i % len(SERIES_SYNTAXES)])
+                     for k in range(count))
+    return plans
+
+
+def write_ct_series(folder: Path, slices: list[int], seed: int = 0) -> list[Path]:
+    """Write (or complete) CT series of 512 x 512 signed slices under ``folder``, one series per
+    ``ct/<study>/`` folder, ``slices[i]`` slices in series ``i``; return their paths in series and
+    slice order (see :func:`write_corpus` for ``seed`` and the reuse of files already there).
+
+    Raises
+    ------
+    ValueError
+        No series, or a series of fewer than 1 slice.
+    """
+    if not slices or min(slices) < 1:
+        raise ValueError(f"slices must hold at least one series of at least 1 slice; got {slices}")
+    return _write_plans(folder, plan_ct_series(slices), seed, kind="ct-series")
+
+
 def write_corpus(folder: Path, n_files: int, seed: int = 0, *, reuse: Path | None = None) -> list[Path]:
     """Write (or complete) the corpus of ``n_files`` files under ``folder``; return their paths.
 
@@ -435,14 +467,20 @@ def write_corpus(folder: Path, n_files: int, seed: int = 0, *, reuse: Path | Non
     """
     if n_files < 1:
         raise ValueError(f"n_files must be at least 1; got {n_files}")
+    return _write_plans(folder, plan_corpus(n_files), seed, reuse=reuse)
+
+
+def _write_plans(folder: Path, plans: list[FilePlan], seed: int, *, reuse: Path | None = None,
+                 kind: str = "") -> list[Path]:
+    """Write the files of ``plans`` not yet in ``folder`` and its labels.csv (:func:`write_corpus`);
+    ``kind`` tells corpora of other plans apart in the marker (an earlier one is removed)."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / MARKER
-    stamp = {"version": CORPUS_VERSION, "seed": seed}
+    stamp = {"version": CORPUS_VERSION, "seed": seed, **({"kind": kind} if kind else {})}
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != stamp:
         shutil.rmtree(folder)
         folder.mkdir(parents=True)
     marker.write_text(json.dumps(stamp), encoding="utf-8")
-    plans = plan_corpus(n_files)
     wanted = {folder / plan.path for plan in plans}
     for stale in [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".dcm", ".partial")]:
         if stale not in wanted:  # from a larger corpus, or half written: the stage would read it

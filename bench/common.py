@@ -140,10 +140,15 @@ def replicate(source: Path, target: Path, min_files: int) -> list[Path]:
     return source_files(target)
 
 
-def write_project(project: Path, data: Path) -> dict[str, Any]:
+def write_project(project: Path, data: Path, *, ingest: dict[str, Any] | None = None) -> dict[str, Any]:
     """A fresh project folder whose dvc.yaml locations read ``data`` and write only inside ``project``
-    (``ingest.workers``, where present, 0 = all cores); returns its params with its ``paths``."""
+    (``ingest.workers``, where present, 0 = all cores; ``ingest``: keys set in the ``ingest``
+    section, a dict value merged into the section's dict of that name); returns its params with
+    its ``paths``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in (ingest or {}).items():
+        params["ingest"][key] = ({**params["ingest"][key], **value} if isinstance(value, dict)
+                                 else value)
     from dicomflow.config.params import load_paths
 
     paths = asdict(load_paths(ROOT / "dvc.yaml"))
@@ -337,6 +342,7 @@ class Report:
         self.benchmark = benchmark
         self.args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         self.started = dt.datetime.now(dt.UTC)
+        self.commit = code_version()  # the code that runs, not what is checked out when it ends
         self.tables: dict[str, dict[str, Any]] = {}
         self.targets: list[dict[str, Any]] = []
         self.figures: dict[str, Any] = {}
@@ -372,7 +378,7 @@ class Report:
             "machine": {"host": platform.node(), "cpus": os.cpu_count(),
                         "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                         "load_average": list(os.getloadavg())},
-            "commit": code_version(), "args": self.args, "tables": self.tables,
+            "commit": self.commit, "args": self.args, "tables": self.tables,
             "targets": self.targets, "figures": self.figures,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,6 +448,9 @@ def synthetic_manifest(n_rows: int, n_patients: int, *, seed: int = 0) -> Any:
         "pixel_min": rng.uniform(0, 0.05, n_rows), "pixel_max": rng.uniform(0.7, 1.0, n_rows),
         "pixel_mean": rng.uniform(0.2, 0.5, n_rows), "pixel_std": rng.uniform(0.1, 0.3, n_rows),
         "pixel_extreme_share": rng.uniform(0, 0.2, n_rows),
+        # Grayscale radiographs: one channel, no colour spread, no colour profile.
+        "source_channels": np.ones(n_rows, np.int64), "pixel_colour_spread": np.full(n_rows, np.nan),
+        "colour_profile": pd.array([""] * n_rows, dtype=text),
         "pixel_sha256": pd.array(_hex_keys(rng, n_rows, 64), dtype=text),
         "dicom_file": pd.array([f"{layout.DEID_DICOM_DIR}/{k}.dcm" for k in image_keys], dtype=text),
     })

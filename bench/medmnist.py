@@ -33,6 +33,17 @@ quick check of the whole path, not for figures to compare with the paper.
 
 ``--set`` takes dotted keys and YAML values, as ``dvc exp run -S`` does, e.g.
 ``--set train.epochs=50 --set train.lr=3e-4 --set augment.noise_std=0``.
+
+``--retina`` runs RetinaMNIST instead (issue 29): colour fundus photographs through
+``dicomflow import-photos`` and the pipeline as an ordinal task, several seeds; see
+:mod:`bench.retinamnist`.
+
+``--scarcity`` runs the data-scarcity curve instead (issue 35): the library in process, no DVC,
+on fractions of the training labels, scratch against pretrained; see :mod:`bench.scarcity`.
+
+    .venv/bin/python -m bench.medmnist --scarcity [--fractions 0.1 0.25 0.5 1] [--seeds 3]
+        [--inits scratch pretrain] [--epochs N] [--set KEY=VALUE ...] [--encoders DIR]
+        [--png FILE] [--json FILE] [--no-test] [--quick] [--npz PATH]
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ from bench.common import (
     code_version,
     work_folder,
 )
+from bench.scarcity import add_scarcity_args, main_scarcity
 from dicomflow.config.params import load_paths
 from dicomflow.devtools.sample_data import (
     CITIES,
@@ -420,14 +432,32 @@ def build_project(project: Path, params: dict, npz: Path, env: dict[str, str], *
                   per_split: int | None = None) -> list[dict]:
     """Copy the project, write params and data, git + dvc init, dvc add, commit; return the labels
     rows with their PHI values."""
+    copy_project(project, params)
+    images, labels = read_npz(npz, per_split)
+    rows = write_breastmnist(images, labels, project / params["paths"]["data"])
+    commit_data(project, params, env, "BreastMNIST as DICOM (bench/medmnist.py)")
+    return rows
+
+
+def copy_project(project: Path, params: dict) -> None:
+    """The project's files (:func:`project_files`) copied into ``project``, ``params`` as its
+    ``params.yaml``."""
     for name in project_files(params):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
+    write_params(project, params)
+
+
+def write_params(project: Path, params: dict) -> None:
+    """``params`` (every section but ``paths``) as the project's ``params.yaml``."""
     (project / "params.yaml").write_text(
-        "# bench/medmnist.py: the project's params.yaml with OVERRIDES and --set applied\n"
+        "# bench: the project's params.yaml with the benchmark's overrides and --set applied\n"
         + yaml.safe_dump({k: v for k, v in params.items() if k != "paths"}, sort_keys=False), encoding="utf-8")
-    images, labels = read_npz(npz, per_split)
-    rows = write_breastmnist(images, labels, project / params["paths"]["data"])
+
+
+def commit_data(project: Path, params: dict, env: dict[str, str], message: str) -> None:
+    """git + dvc init in ``project``, every params section checked, the data folder added with
+    ``dvc add``, and everything committed with ``message``."""
     run_quiet(["git", "init", "-q"], cwd=project, env=env)
     run_quiet(["dvc", "init", "-q"], cwd=project, env=env)
     # Every section checked now, by the copied loader: a bad --set fails in a second, not later.
@@ -435,8 +465,7 @@ def build_project(project: Path, params: dict, npz: Path, env: dict[str, str], *
                "for s in SECTIONS: load_params(s)"], cwd=project, env=env)
     run_quiet(["dvc", "add", "-q", params["paths"]["data"]], cwd=project, env=env)
     run_quiet(["git", "add", "-A"], cwd=project, env=env)
-    run_quiet(["git", "commit", "-qm", "BreastMNIST as DICOM (bench/medmnist.py)"], cwd=project, env=env)
-    return rows
+    run_quiet(["git", "commit", "-qm", message], cwd=project, env=env)
 
 
 def run_repro(project: Path, env: dict[str, str], log_path: Path,
@@ -669,6 +698,12 @@ def print_report(report: Report, *, metrics: dict, members: list[tuple[float, fl
 
 
 def main() -> None:
+    if "--privacy" in sys.argv[1:]:  # the DP benchmark (issue 28): its own module and options
+        from bench import privacy
+        return privacy.main(sys.argv[1:])
+    if "--retina" in sys.argv[1:]:  # RetinaMNIST through import-photos, an ordinal task (issue 29)
+        from bench import retinamnist
+        return retinamnist.main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="BreastMNIST .npz")
     parser.add_argument("--per-split", type=int, metavar="N",
@@ -678,9 +713,15 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="build the project in DIR (must not exist) and keep it")
     add_output_args(parser, folders=False)
+    add_scarcity_args(parser)
     args = parser.parse_args()
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: not found (see ../shared/README.md, medmnist section)")
+    if args.scarcity:
+        project_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        main_scarcity(args, project=project_params, overrides=OVERRIDES, sets=parse_sets(args.sets),
+                      paper_rows=PAPER_ROWS)
+        return
     if args.keep and args.keep.exists():
         sys.exit(f"--keep {args.keep}: already exists; name a new folder")
     if args.per_split is not None and args.per_split < 2:

@@ -34,8 +34,12 @@ timed epochs' wall time (measured inside the stage's worker). The earlier target
 ``model.fit`` was withdrawn: ``model.fit`` runs at the bare step's speed or at about half of it,
 from one process to the next.
 
-    .venv/bin/python -m bench.train [--networks seed_cnn resnet_small] [--epochs 2] [--repeat 3]
-        [--train-images 512] [--val-images 64] [--data] [--json FILE]
+    .venv/bin/python -m bench.train [--networks seed_cnn resnet_small resnet3d_small] [--epochs 2]
+        [--repeat 3] [--train-images 512] [--val-images 64] [--batch-size N] [--data] [--json FILE]
+
+``resnet3d_small`` (not in the default list) trains on synthetic volumes of
+``ingest.series.volume_size`` x 1 channel (with ``train.batch_size`` 32 a step takes seconds on 2
+cores: use ``--batch-size 8`` and a few dozen ``--train-images``; ``bench.series`` runs it so).
 
 With the defaults, about 10 minutes on 2 cores (``--networks seed_cnn`` alone: about 2).
 """
@@ -69,17 +73,30 @@ SEED_BATCH_SIZE = 32
 SIDES = {"baseline": "seed model.fit", "stage": "train stage", "bound": "bare train step"}
 
 
-def synthetic_images(n: int, *, side: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 noise images (n, side, side, channels) in [0, 1]; class 1 carries a faint square."""
+def synthetic_images(n: int, *, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 noise images or volumes (n, *shape) in [0, 1], ``shape`` = (side, side, channels)
+    or (depth, height, width, channels); class 1 carries a faint square (a cube in a volume)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    images = rng.normal(0.4, 0.08, (n, side, side, channels)).astype(np.float32)
-    square = max(2, side // 8)
+    images = rng.normal(0.4, 0.08, (n, *shape)).astype(np.float32)
+    spatial = shape[:-1]
     for image, label in zip(images, labels):
         if label:
-            row, col = rng.integers(0, side - square, 2)
-            image[row:row + square, col:col + square] += 0.25
+            corner = [rng.integers(0, side - max(2, side // 8)) for side in spatial]
+            image[tuple(slice(c, c + max(2, side // 8)) for c, side in zip(corner, spatial))] += 0.25
     return np.clip(images, 0.0, 1.0), labels
+
+
+def input_shape(network: str) -> tuple[int, ...]:
+    """The shape of one input of ``network`` under the project's params: ``ingest.series.volume_size``
+    x 1 channel for the volume networks, else ``ingest.image_size`` squared x ``ingest.channels``."""
+    from dicomflow.config.params import load_params
+    from dicomflow.model.architectures import VOLUME_ARCHITECTURES
+
+    ingest = load_params("ingest")
+    if network in VOLUME_ARCHITECTURES:
+        return (*ingest.series.volume_size, 1)
+    return (ingest.image_size, ingest.image_size, ingest.channels)
 
 
 def project_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -109,8 +126,9 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), times.user + times.system
 
 
-def run_baseline(data: dict, network: str, epochs: int) -> dict:
-    """The seed's recipe; returns the clock at the end of every epoch (the first one is warm-up)."""
+def run_baseline(data: dict, network: str, epochs: int, batch_size: int | None = None) -> dict:
+    """The seed's recipe (its batch size whatever ``batch_size``); returns the clock at the end of
+    every epoch (the first one is warm-up)."""
     # Keras (TensorFlow) before anything from stages: TensorFlow picks its kernels when it loads,
     # and the seed's process loaded it with nothing of this project's imported yet.
     import keras
@@ -132,7 +150,7 @@ def run_baseline(data: dict, network: str, epochs: int) -> dict:
     return {"epoch_ends": ends, "batch_size": SEED_BATCH_SIZE}
 
 
-def run_stage(data: dict, network: str, epochs: int) -> dict:
+def run_stage(data: dict, network: str, epochs: int, batch_size: int | None = None) -> dict:
     """``train_model`` as the stage calls it; returns the clock at the end of every epoch and the
     wall seconds each batch-normalisation statistics pass took (start, end)."""
     from dicomflow.config.params import load_params
@@ -140,6 +158,8 @@ def run_stage(data: dict, network: str, epochs: int) -> dict:
 
     params = dataclasses.replace(load_params("train"), architecture=network, epochs=epochs + 1,
                                  early_stopping_patience=0)
+    if batch_size:
+        params = dataclasses.replace(params, batch_size=batch_size)
     ends: list[tuple[float, float]] = []
     passes: list[tuple[float, float]] = []
     refresh = train.BatchNormStatistics.__call__
@@ -159,7 +179,7 @@ def run_stage(data: dict, network: str, epochs: int) -> dict:
     return {"epoch_ends": ends, "batch_size": params.batch_size, "statistics_seconds": timed}
 
 
-def run_bound(data: dict, network: str, epochs: int) -> dict:
+def run_bound(data: dict, network: str, epochs: int, batch_size: int | None = None) -> dict:
     """What no input pipeline can beat: the stage's train step (network, Adam, batch size) run on
     one batch held as a constant, as many steps per epoch as the stage takes; nothing else."""
     import keras
@@ -169,7 +189,7 @@ def run_bound(data: dict, network: str, epochs: int) -> dict:
     from dicomflow.model.architectures import ARCHITECTURES
 
     keras.utils.set_random_seed(0)
-    batch_size = load_params("train").batch_size
+    batch_size = batch_size or load_params("train").batch_size
     images = tf.constant(data["train_x"][:batch_size])
     labels = tf.constant(data["train_y"][:batch_size, None].astype(np.float32))
     model = ARCHITECTURES[network](images.shape[1:])
@@ -193,11 +213,13 @@ def run_bound(data: dict, network: str, epochs: int) -> dict:
     return {"epoch_ends": ends, "batch_size": batch_size, "images_per_epoch": steps * batch_size}
 
 
-def worker(side: str, network: str, epochs: int, data_file: Path, result_file: Path) -> None:
+def worker(side: str, network: str, epochs: int, data_file: Path, result_file: Path,
+           batch_size: int | None = None) -> None:
     """One side, one repetition, in this (fresh) process: its figures to ``result_file`` (JSON)."""
     with np.load(data_file) as stored:
         data = {name: stored[name] for name in stored.files}
-    result = {"baseline": run_baseline, "stage": run_stage, "bound": run_bound}[side](data, network, epochs)
+    result = {"baseline": run_baseline, "stage": run_stage, "bound": run_bound}[side](
+        data, network, epochs, batch_size)
     ends = result.pop("epoch_ends")
     if len(ends) != epochs + 1:
         sys.exit(f"{side} ran {len(ends)} epochs, expected {epochs + 1}")
@@ -209,12 +231,14 @@ def worker(side: str, network: str, epochs: int, data_file: Path, result_file: P
                                        "cores_busy": cpu_seconds / seconds}), encoding="utf-8")
 
 
-def measure(side: str, network: str, epochs: int, data_file: Path) -> dict:
-    """Run one side in a fresh interpreter; return its figures with its peak RSS."""
+def measure(side: str, network: str, epochs: int, data_file: Path, batch_size: int | None = None) -> dict:
+    """Run one side in a fresh interpreter (``batch_size``: instead of ``train.batch_size``, for
+    the stage and the bare step); return its figures with its peak RSS."""
     folder = data_file.parent
     result_file = folder / "result.json"
     command = [sys.executable, "-m", "bench.train", "--worker", side, "--network", network,
-               "--epochs", str(epochs), "--data-file", str(data_file), "--result-file", str(result_file)]
+               "--epochs", str(epochs), "--data-file", str(data_file), "--result-file", str(result_file),
+               *(["--batch-size", str(batch_size)] if batch_size else [])]
     run = run_measured(command, cwd=ROOT, log=folder / f"{side}.log",
                        env=bench_env(TF_CPP_MIN_LOG_LEVEL="2"))
     return {**json.loads(result_file.read_text(encoding="utf-8")), "peak_rss_mib": run.memory.rss}
@@ -233,11 +257,14 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["seed_cnn", "resnet_small"],
-                        choices=["seed_cnn", "resnet_small"])
+                        choices=["seed_cnn", "resnet_small", "resnet3d_small"],
+                        help="resnet3d_small trains on synthetic volumes of ingest.series.volume_size")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each side, alternating")
     parser.add_argument("--train-images", type=int, default=512, help="synthetic training images")
     parser.add_argument("--val-images", type=int, default=64, help="synthetic validation images")
+    parser.add_argument("--batch-size", type=int,
+                        help="instead of train.batch_size for the stage and the bare step (the seed's is 32)")
     parser.add_argument("--data", action="store_true",
                         help="the project's de-identified train and val images instead of synthetic ones")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -248,24 +275,31 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the project root, as DVC runs stages
     if args.worker:
-        return worker(args.worker, args.network, args.epochs, args.data_file, args.result_file)
+        return worker(args.worker, args.network, args.epochs, args.data_file, args.result_file,
+                      args.batch_size)
     if args.epochs < 1 or args.repeat < 1:
         parser.error(f"--epochs and --repeat must be >= 1; got {args.epochs} and {args.repeat}")
 
     from dicomflow.config.params import load_params
 
-    if args.data:
-        train_x, train_y, val_x, val_y = project_images()
-        source = "project data (outputs/deidentify/images.npy, split manifest)"
-    else:
-        ingest = load_params("ingest")
-        side, channels = ingest.image_size, ingest.channels
-        train_x, train_y = synthetic_images(args.train_images, side=side, channels=channels, seed=0)
-        val_x, val_y = synthetic_images(args.val_images, side=side, channels=channels, seed=1)
-        source = "synthetic"
+    if args.data and "resnet3d_small" in args.networks:
+        parser.error("--data: the project's images are 2D; resnet3d_small trains on synthetic volumes")
+    data: dict[str, dict[str, np.ndarray]] = {}  # by network
+    for network in args.networks:
+        if args.data:
+            data[network] = dict(zip(("train_x", "train_y", "val_x", "val_y"), project_images()))
+            source = "project data (outputs/deidentify/images.npy, split manifest)"
+        else:
+            shape = input_shape(network)
+            train_x, train_y = synthetic_images(args.train_images, shape=shape, seed=0)
+            val_x, val_y = synthetic_images(args.val_images, shape=shape, seed=1)
+            data[network] = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+            source = "synthetic"
+        print(f"{network} data: {source}; train {data[network]['train_x'].shape}, "
+              f"val {data[network]['val_x'].shape}, float32")
     train, augment = load_params("train"), load_params("augment")
-    print(f"data: {source}; train {train_x.shape}, val {val_x.shape}, float32")
-    print(f"stage params: train.batch_size={train.batch_size}, lr={train.lr}, lr_schedule={train.lr_schedule}, "
+    print(f"stage params: train.batch_size={args.batch_size or train.batch_size}, lr={train.lr}, "
+          f"lr_schedule={train.lr_schedule}, "
           f"class_weight={train.class_weight}, strategy={train.strategy}; augmentation: "
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(augment).items()))
     print(f"timed: {args.epochs} epoch(s) after 1 warm-up epoch, {args.repeat} repetition(s) per side, "
@@ -277,13 +311,14 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     start = time.perf_counter()
     with work_folder("train") as folder:
-        data_file = folder / "data.npz"
-        np.savez(data_file, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
         for network in args.networks:
+            data_file = folder / network / "data.npz"
+            data_file.parent.mkdir()
+            np.savez(data_file, **data.pop(network))
             for _ in range(args.repeat):
                 for side in SIDES:  # alternating, so that drift in the machine's load hits both
                     results.setdefault((network, side), []).append(
-                        measure(side, network, args.epochs, data_file))
+                        measure(side, network, args.epochs, data_file, args.batch_size))
 
     rows = []
     for network in args.networks:

@@ -1,12 +1,14 @@
 """The ``dicomflow`` command: what a user runs besides the pipeline's stages.
 
     dicomflow predict INPUT... [--output predictions.csv] [--model NAME|models:/NAME@champion] [--tracking-uri URI]
+                      [--per-study]
     dicomflow keygen [--out .dicomflow/keys]
     dicomflow request FILE... > request.json
     dicomflow serve [--model models:/NAME@champion] [--host 127.0.0.1] [--port 5001] [limits...]
     dicomflow scan-leaks [PATH ...] [--run RUN_ID]
-    dicomflow sample-data OUT_DIR [--patients 240] [--seed 2026] [--force]
+    dicomflow sample-data OUT_DIR [--kind chest|fundus|ct] [--patients N] [--seed 2026] [--force]
     dicomflow check-names [FOLDER]
+    dicomflow import-photos FOLDER --table photos.csv --kind dermoscopy|fundus|photo [--out data] [--classes 0 1 ...]
     dicomflow team-server [--backend-store-uri URI] [--artifacts-destination DIR] [--host H] [--port P] ...
     dicomflow team-users --credentials-dir DIR [--ci NAME] [--reader NAME ...] [--admin NAME ...]
 
@@ -27,6 +29,7 @@ from dicomflow.errors import DataError
 from dicomflow.runtime.stage import run_stage
 
 logger = logging.getLogger("dicomflow.predict")
+SAMPLE_PATIENTS = {"chest": 240, "fundus": 80, "ct": 24}  # sample-data's kinds and their default sizes
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -40,7 +43,10 @@ def predict(args: argparse.Namespace) -> None:
     from dicomflow import tracking
     from dicomflow.config.params import load_params
     from dicomflow.runtime.outputs import write_text
+    from dicomflow.serving.pyfunc import describe_task
+    from dicomflow.errors import SettingsError
     from dicomflow.serving.predict import (
+        StudySettings,
         champion_models,
         describe_skipped,
         error_counts,
@@ -48,7 +54,10 @@ def predict(args: argparse.Namespace) -> None:
         load_verified_model,
         model_uri,
         predict_files,
+        study_instance_uids,
+        study_settings,
         tracking_store,
+        with_studies,
         with_unread,
     )
     from dicomflow.signing import verify_key_from_env
@@ -68,7 +77,8 @@ def predict(args: argparse.Namespace) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     store = tracking_store(os.environ, cwd=Path.cwd())  # one line when there is none to read
     tracking.configure_mlflow(experiment=None)
-    project = load_params("evaluate").registered_model_name if Path("params.yaml").is_file() else None
+    evaluate = load_params("evaluate") if Path("params.yaml").is_file() else None
+    project = evaluate.registered_model_name if evaluate else None
     uri = model_uri(args.model, project_model=project, store=store,
                     champions=lambda: champion_models(mlflow.MlflowClient()))
     key = verify_key_from_env(os.environ)
@@ -76,18 +86,39 @@ def predict(args: argparse.Namespace) -> None:
     # altered model runs here (dicomflow/signing.py). The copy lives as long as the model is used.
     with tempfile.TemporaryDirectory(prefix="dicomflow-predict-") as workdir:
         model = load_verified_model(uri, key=key, workdir=Path(workdir))
+        metadata = model.metadata.metadata or {}  # a model logged without dicomflow's metadata has none
+        logger.info("the model: %s", describe_task(metadata))
+        if args.per_study and metadata.get("volume"):
+            raise SettingsError("--per-study: this model scores CT series (its answer is per series "
+                                "already); leave --per-study out")
         predictions = with_unread(predict_files(model, inputs.files, names=inputs.names), inputs.unread)
+        if metadata.get("volume"):  # one row per series too, numbered; its files carry its score
+            uid_of = dict(zip(inputs.names, study_instance_uids(inputs.files, "SeriesInstanceUID")))
+            predictions = with_studies(
+                predictions, [uid_of.get(name) for name in predictions["path"]], unit="series",
+                settings=StudySettings("mean", 1, metadata.get("threshold"), metadata.get("referable_threshold"),
+                                       "the series' own score"), model_metadata=metadata)
+            logger.info("per series: %d series scored", int((predictions["unit"] == "series").sum()))
+        if args.per_study:  # grouped by Study Instance UID; the CSV numbers the studies, never names them
+            settings = study_settings(metadata, params_aggregation=evaluate and (
+                evaluate.study_aggregation, evaluate.study_top_k))
+            uid_of = dict(zip(inputs.names, study_instance_uids(inputs.files)))
+            predictions = with_studies(predictions, [uid_of.get(name) for name in predictions["path"]],
+                                       settings=settings, model_metadata=metadata)
+            logger.info("per study: %d studies, %s of their files' probabilities (%s)",
+                        int((predictions["unit"] == "study").sum()), settings.aggregation, settings.source)
     write_text(args.output, predictions.to_csv(index=False))
-    failed = error_counts(predictions)
+    per_file = predictions[predictions["unit"] == "file"] if "unit" in predictions else predictions
+    failed = error_counts(per_file)
     summary = ", ".join(f"{count} {reason}" for reason, count in failed.most_common())
     # Counts only: paths and reader messages can carry PHI, so they stay in the CSV.
-    logger.info("predicted %d of %d files with %s; wrote %s", len(predictions) - sum(failed.values()),
-                len(predictions), uri, args.output)
+    logger.info("predicted %d of %d files with %s; wrote %s", len(per_file) - sum(failed.values()),
+                len(per_file), uri, args.output)
     if failed:
         logger.warning("%d files not predicted (%s): see the error column of %s", sum(failed.values()),
                        summary, args.output)
-    if sum(failed.values()) == len(predictions):
-        raise DataError(f"none of the {len(predictions)} files in {named} could be predicted "
+    if sum(failed.values()) == len(per_file):
+        raise DataError(f"none of the {len(per_file)} files in {named} could be predicted "
                          f"({summary}); see {args.output}")
 
 
@@ -143,9 +174,10 @@ def serve(args: argparse.Namespace) -> None:
 
 def scan_leaks(args: argparse.Namespace) -> int:
     """Search the identifying values of the ingested sources in files, folders and MLflow runs;
-    1 on any hit. Hits name the place and the kind of value, never the value."""
+    1 on any hit, or on any file whose pixels could not be decoded (not searched, so not known to
+    be clean). Hits name the place and the kind of value, never the value."""
     from dicomflow.config.params import load_params
-    from dicomflow.deid.leaks import identifiers_at_ingest, scan_mlflow_run, scan_paths
+    from dicomflow.deid.leaks import UNREAD, identifiers_at_ingest, scan_mlflow_run, scan_paths
     from dicomflow.tracking import configure_mlflow
 
     paths = load_params("paths")
@@ -156,17 +188,29 @@ def scan_leaks(args: argparse.Namespace) -> int:
         for run_id in args.run:
             leaks += scan_mlflow_run(identifiers, run_id)
     for leak in leaks:
-        print(f"LEAK {leak.output}: {leak.location}: a {leak.source} value")
-    print(f"{len(leaks)} hit(s) for {len(identifiers):,} identifying values")
+        if leak.source.startswith(UNREAD):
+            print(f"NOT READ {leak.output}: {leak.location}: {leak.source}")
+        else:
+            print(f"LEAK {leak.output}: {leak.location}: a {leak.source} value")
+    unread = sum(leak.source.startswith(UNREAD) for leak in leaks)
+    print(f"{len(leaks) - unread} hit(s) for {len(identifiers):,} identifying values"
+          + (f"; {unread} file(s) whose pixels could not be read, so not searched" if unread else ""))
     return 1 if leaks else 0
 
 
 def sample_data(args: argparse.Namespace) -> int:
-    """Write the embedded sample (synthetic radiographs with fake PHI) to OUT_DIR."""
+    """Write an embedded sample to OUT_DIR: ``chest`` (synthetic radiographs with fake PHI, the
+    pipeline's default data), ``fundus`` (synthetic graded fundus photos with fake EXIF and
+    their table, for ``import-photos``) or ``ct`` (synthetic chest CT series with and without a
+    nodule, broken series among them)."""
+    from dicomflow.devtools.ct_sample import generate_ct_sample
+    from dicomflow.devtools.fundus_sample import generate_fundus_sample
     from dicomflow.devtools.sample_data import generate_sample
 
+    generate = {"chest": generate_sample, "fundus": generate_fundus_sample, "ct": generate_ct_sample}[args.kind]
+    patients = args.patients if args.patients is not None else SAMPLE_PATIENTS[args.kind]
     try:
-        generate_sample(args.out_dir, patients=args.patients, seed=args.seed, force=args.force)
+        generate(args.out_dir, patients=patients, seed=args.seed, force=args.force)
     except (FileExistsError, ValueError) as error:
         logger.error("%s", error)
         return 1
@@ -186,6 +230,30 @@ def check_names(args: argparse.Namespace) -> int:
               "bytes that are not): DVC cannot track them. Rename them, e.g. with "
               f"`convmv -f latin1 -t utf8 -r --notest {folder}`", file=sys.stderr)
     return 1 if bad else 0
+
+
+def import_photos(args: argparse.Namespace) -> int:
+    """JPEG and PNG photos with a table to DICOM objects and the labels file under --out, and a
+    report beside the table (:mod:`dicomflow.dicom.photos`); 1 when no photo could be imported."""
+    from dicomflow.dicom.photos import import_photos as run_import
+
+    classes = args.classes
+    if classes is None:
+        from dicomflow.config.params import PARAMS_FILE, load_params
+
+        if not PARAMS_FILE.exists():
+            from dicomflow.errors import SettingsError
+
+            raise SettingsError("import-photos: no --classes and no params.yaml here to read ingest.classes "
+                                "from; give the classes, e.g. --classes 0 1 2 3 4")
+        classes = load_params("ingest").classes
+    result = run_import(args.folder, args.table, kind=args.kind, out=args.out, classes=classes,
+                        orientation=args.orientation, allow_unknown_laterality=args.unknown_laterality,
+                        workers=args.workers, report=args.report, prune=args.prune)
+    level = logging.WARNING if result.failed else logging.INFO  # the report names the files; logs never do
+    logging.getLogger("dicomflow.import_photos").log(level, "%s", result.summary())
+    imported = result.written + result.present
+    return 0 if imported or not result.rows else 1
 
 
 def team_server(args: argparse.Namespace) -> int:
@@ -267,6 +335,10 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--tracking-uri", help="the MLflow tracking store holding the model (default: "
                          "MLFLOW_TRACKING_URI, else the mlflow.db of the project this runs in), e.g. "
                          "sqlite:////path/to/project/mlflow.db")
+    command.add_argument("--per-study", action="store_true",
+                         help="also one row per study (files grouped by Study Instance UID, numbered, never "
+                         "named): the files' probabilities combined by the model's registered study aggregation, "
+                         "else evaluate.study_aggregation")
     command.set_defaults(handler=predict)
 
     command = commands.add_parser("keygen", help="write a key pair that signs and verifies registered models")
@@ -303,9 +375,15 @@ def parser() -> argparse.ArgumentParser:
                          help="an MLflow run to search, with its child runs (repeatable)")
     command.set_defaults(handler=scan_leaks)
 
-    command = commands.add_parser("sample-data", help="write the embedded sample data set (developer tool)")
+    command = commands.add_parser("sample-data", help="write an embedded sample data set (developer tool)")
     command.add_argument("out_dir", type=Path, help="output directory (must be empty unless --force)")
-    command.add_argument("--patients", type=int, default=240, help="number of patients (default 240)")
+    command.add_argument("--kind", choices=tuple(SAMPLE_PATIENTS), default="chest",
+                         help="chest: DICOM radiographs and labels.csv (default, what data.dvc pins); "
+                              "fundus: graded JPEG fundus photos and photos.csv, for import-photos; "
+                              "ct: axial chest CT series (5 of them broken on purpose) and labels.csv")
+    command.add_argument("--patients", type=int, default=None,
+                         help="number of patients (default 240 for chest, 80 for fundus, 24 for ct "
+                              "plus one per broken series)")
     command.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
     command.add_argument("--force", action="store_true", help="remove existing content of OUT_DIR first")
     command.set_defaults(handler=sample_data)
@@ -313,6 +391,29 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("check-names", help="list the file names under FOLDER that are not UTF-8")
     command.add_argument("folder", type=Path, nargs="?", default=Path("data"), help="default: data")
     command.set_defaults(handler=check_names)
+
+    command = commands.add_parser("import-photos", help="JPEG and PNG photos with a table, to DICOM objects")
+    command.add_argument("folder", type=Path, metavar="FOLDER", help="the photos (the table's file column is "
+                         "relative to it)")
+    command.add_argument("--table", type=Path, required=True, help="CSV: file, patient_id, study_date, label "
+                         "(optional: study_id, laterality L/R, body_site)")
+    command.add_argument("--kind", required=True, choices=["dermoscopy", "fundus", "photo"],
+                         help="dermoscopy and photo: VL Photographic (XC); fundus: Ophthalmic Photography (OP)")
+    command.add_argument("--out", type=Path, default=Path("data"), help="data folder: photos/ and labels.csv "
+                         "(default: data)")
+    command.add_argument("--report", type=Path, help="the report CSV, one row per photo (it names the source "
+                         "files; default: beside the table, TABLE.import_report.csv)")
+    command.add_argument("--classes", nargs="+", metavar="CLASS",
+                         help="the allowed labels (default: ingest.classes of params.yaml here)")
+    command.add_argument("--orientation", choices=["apply", "keep"], default="apply",
+                         help="photos with an EXIF orientation flag: apply (decoded, turned upright, stored "
+                         "losslessly; the default) or keep (the JPEG as encoded)")
+    command.add_argument("--unknown-laterality", action="store_true",
+                         help="import fundus rows without laterality, with Image Laterality U (not standard)")
+    command.add_argument("--workers", type=int, default=0, help="processes (default 0: every core)")
+    command.add_argument("--prune", action="store_true", help="remove objects under OUT/photos that the table no "
+                         "longer gives, and their labels (OUT holding this table's photos only)")
+    command.set_defaults(handler=import_photos)
 
     command = commands.add_parser("team-server", help="the team's MLflow server, with authentication")
     command.add_argument("--backend-store-uri", required=True, help="runs and registry (postgresql://...)")

@@ -1,4 +1,5 @@
-"""Patient-level, label-stratified train/validation/test split, or the split the labels file gives."""
+"""Patient-level, label-stratified train/validation/test split, or the split the labels file gives;
+then the unlabelled images placed by their patient (:func:`place_unlabelled`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.multiclass import type_of_target
 
+from dicomflow.config import layout
 from dicomflow.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -188,8 +190,53 @@ def use_predefined_split(manifest: pd.DataFrame) -> pd.Series:
     return split.rename("split")
 
 
+def place_unlabelled(manifest: pd.DataFrame, labelled_split: pd.Series) -> pd.Series:
+    """The split of every row: the labelled rows' from ``labelled_split``, the unlabelled rows'
+    from their patient's.
+
+    Parameters
+    ----------
+    manifest : DataFrame
+        Needs ``patient_key`` and ``label``; unlabelled rows have label ``layout.UNLABELLED_LABEL``.
+    labelled_split : Series
+        The split (train / val / test) of the labelled rows, indexed like them: the result of
+        :func:`split_by_patient` or :func:`use_predefined_split` on those rows alone.
+
+    Returns
+    -------
+    Series named ``split``, aligned with ``manifest``: the labelled rows' split unchanged; an
+    unlabelled image of a patient whose labelled images are in train, or who has none, is
+    ``layout.UNLABELLED_SPLIT``; one of a validation or test patient is ``layout.UNUSED_SPLIT``.
+
+    Notes
+    -----
+    Invariant: a patient stays in one place. Pretraining sees train and unlabelled images, never
+    an image of a validation or test patient, whose other images would then be scored by a model
+    that has seen that patient (checked before returning).
+    """
+    is_unlabelled = (manifest["label"] == layout.UNLABELLED_LABEL).to_numpy()
+    labelled_index = manifest.index[~is_unlabelled]
+    if not labelled_split.index.equals(labelled_index):
+        raise ValueError(f"labelled_split must be indexed like the manifest's {len(labelled_index)} labelled "
+                         f"rows; got {len(labelled_split)} rows indexed otherwise")
+    split = pd.Series(np.full(len(manifest), layout.UNLABELLED_SPLIT, dtype=object), index=manifest.index,
+                      name="split")
+    split[~is_unlabelled] = labelled_split.to_numpy()
+    patients = manifest["patient_key"]
+    held_out = set(patients[~is_unlabelled & split.isin(("val", "test")).to_numpy()])
+    split[is_unlabelled & patients.isin(held_out).to_numpy()] = layout.UNUSED_SPLIT
+
+    # Only the unlabelled images' placement is this function's: a predefined split may put one
+    # patient's labelled images in train and test, which is the labels file's choice.
+    placed = set(patients[(split == layout.UNLABELLED_SPLIT).to_numpy()])
+    if placed & held_out:  # would mean a bug above, never bad input
+        raise AssertionError("a validation or test patient has unlabelled images that pretraining may use")
+    return split
+
+
 def count_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Images and patients per split and label."""
+    """Images and patients per split and label (unlabelled and unused images: label
+    ``layout.UNLABELLED_LABEL``, in splits ``layout.UNLABELLED_SPLIT`` and ``layout.UNUSED_SPLIT``)."""
     counts = manifest.groupby(["split", "label"]).agg(
         images=("image_key", "size"), patients=("patient_key", "nunique")
     )

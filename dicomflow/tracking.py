@@ -300,10 +300,7 @@ def training_run_for(model_file: Path, client) -> Any:
     from dicomflow.errors import DataError
 
     digest = file_sha256(model_file)
-    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    runs = _newest_run_tagged(client, MODEL_DIGEST_TAG, digest)
     if not runs:
         raise DataError(f"{model_file}: no training run of the tracking store saved this model (sha256 "
                         f"{digest[:16]}...; MLFLOW_TRACKING_URI, else the repository's {DEFAULT_TRACKING_DB}): "
@@ -316,7 +313,29 @@ def training_run_for(model_file: Path, client) -> Any:
 # and the split it trained on. Not the data preparation's (ingest, deidentify, validate: the run's
 # data_version tag names their result) nor operational settings: MLflow's runs table is for
 # comparing trainings. A name is a whole section or one ``section.key``.
-TRAINING_PARAMS = ("train", "augment", "split", "ingest.classes", "ingest.image_size", "ingest.channels")
+# ingest.unit and ingest.series: volumes, their geometry and window (what a volume network learns
+# from; logged only with unit: series, ACTIVE_ONLY).
+TRAINING_PARAMS = ("train", "augment", "split", "ingest.classes", "ingest.image_size", "ingest.channels",
+                   "ingest.unit", "ingest.series")
+
+
+# Settings that act only with another (transfer with train.init, DP-SGD with privacy.enabled):
+# logged only then, so the run's params are what a person compares (a scratch, non-private run
+# logs train.init and train.privacy.enabled, and nothing neutral).
+ACTIVE_ONLY = {"train.freeze_epochs": ("train.init", "scratch"),
+               "train.encoder_lr_factor": ("train.init", "scratch"),
+               "train.privacy.": ("train.privacy.enabled", False),
+               # an image run logs what it always did; a volume run its unit and geometry
+               "ingest.unit": ("ingest.unit", "image"), "ingest.series.": ("ingest.unit", "image")}
+
+
+def training_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params train logs: :data:`TRAINING_PARAMS`, flattened, less the :data:`ACTIVE_ONLY`
+    settings whose switch is off (``train.privacy.enabled`` itself is kept)."""
+    chosen = select_params(params, TRAINING_PARAMS)
+    inactive = [prefix for prefix, (switch, off) in ACTIVE_ONLY.items() if chosen.get(switch) == off]
+    return {name: value for name, value in chosen.items()
+            if name == "train.privacy.enabled" or not any(name.startswith(prefix) for prefix in inactive)}
 
 
 def select_params(params: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -437,3 +456,52 @@ def log_keras_model(model, example) -> Any:
             input_example=example,
             # The inferred list can name both tensorflow and tensorflow-cpu; state what was tested.
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"])
+
+
+# ---- pretraining (the pretrain stage's run; train finds it by the encoder it saved) -------------
+
+# Tag of a pretraining run: the sha256 of the encoder file it saved (as MODEL_DIGEST_TAG for models).
+ENCODER_DIGEST_TAG = "dicomflow.encoder_sha256"
+# The params a pretraining run logs: those that decide the encoder (pretrain's params in dvc.yaml,
+# but for train.strategy, which changes how it runs, not what it learns).
+PRETRAINING_PARAMS = ("pretrain", "augment", "train.architecture", "ingest.image_size", "ingest.channels")
+
+
+def pretraining_run_for(encoder_sha256: str, client) -> Any:
+    """The pretraining run that saved the encoder of sha256 ``encoder_sha256``: the newest run of
+    the dicomflow experiment tagged :data:`ENCODER_DIGEST_TAG` with it.
+
+    Parameters
+    ----------
+    encoder_sha256 : str
+        The encoder file's sha256 in hex (``outputs/pretrain/pretrain.json`` records it).
+    client : mlflow.MlflowClient
+        A client of the tracking store the pretraining logged to.
+
+    Returns
+    -------
+    mlflow.entities.Run
+
+    Raises
+    ------
+    DataError
+        No run of the store saved this encoder (pulled from a DVC remote without its tracking
+        store, or pretrained against another store).
+    """
+    from dicomflow.errors import DataError
+
+    runs = _newest_run_tagged(client, ENCODER_DIGEST_TAG, encoder_sha256)
+    if not runs:
+        raise DataError(f"no pretraining run of the tracking store saved the encoder of sha256 "
+                        f"{encoder_sha256[:16]}... (MLFLOW_TRACKING_URI, else the repository's "
+                        f"{DEFAULT_TRACKING_DB}): run `dvc repro --force pretrain` to pretrain and log it, "
+                        "or point MLFLOW_TRACKING_URI at the store it was pretrained against")
+    return runs[0]
+
+
+def _newest_run_tagged(client, tag: str, value: str) -> list:
+    """The newest run of the experiment whose ``tag`` is ``value`` (a list of one), or []."""
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    return [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+        order_by=["attributes.start_time DESC"], max_results=1)

@@ -2,7 +2,7 @@
 
 Inputs: ``paths.deid_dir``/images.npy and the split manifest (``paths.split_dir``).
 Outputs: ``paths.augment_preview``, a PNG grid: training images, each next to variants the policy
-draws for it.
+draws for it (volumes, ``ingest.unit: series``: augmented whole in 3-D, their central axial slice shown).
 Params: every key of ``augment``.
 
 The policy is applied on the fly, batch by batch, inside the train stage's ``tf.data`` pipeline
@@ -35,7 +35,9 @@ def main() -> None:
     images = np.load(Path(paths.deid_dir) / layout.IMAGES, mmap_mode="r")
     train_rows = layout.split_rows(manifest, "train")
     policy = build_policy(params)
-    write_preview(np.asarray(images[train_rows[:6]]), policy, Path(paths.augment_preview), seed=params.seed)
+    # Stored volumes (ingest.unit: series) are (n, d, h, w, 1); images (n, h, w) or (n, h, w, 3).
+    write_preview(np.asarray(images[train_rows[:6]]), policy, Path(paths.augment_preview), seed=params.seed,
+                  volumes=images.ndim == 5)
     logger.info("augmentation policy: %s", ", ".join(type(t).__name__ for t in policy) or "none")
 
 

@@ -1,7 +1,8 @@
-"""Stage 7, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
+"""Stage 8, evaluate: honest test-split metrics, DVC plots, and the model registered in MLflow.
 
-Inputs: ``paths.model_dir`` (the model; its MLflow training run is found by the file's sha256),
-the split manifest and de-identified images,
+Inputs: ``paths.model_dir`` (the model; its MLflow training run is found by the file's sha256;
+its ``privacy.json``, the DP guarantee, when train used DP-SGD), the split manifest and
+de-identified images (the training images too: the membership attack's members),
 and deidentify's ``secret_fingerprint.json`` (tagged on the runs and the version, stated on the
 model card; "not recorded" without it).
 Outputs: ``paths.eval_metrics`` (the headline test metrics, DVC metrics), ``paths.eval_report``
@@ -9,11 +10,27 @@ Outputs: ``paths.eval_metrics`` (the headline test metrics, DVC metrics), ``path
 confusion-matrix, precision-recall and calibration data for ``dvc plots show``, PNG renderings
 and a Grad-CAM grid) and ``paths.eval_subgroups`` (metrics by sex, age band, manufacturer and
 view position); all logged to MLflow.
-Params: ``evaluate.*``; ``ingest.classes`` (more than two: macro AUC and per-class metrics, each
-image called its most probable class) and the ``ingest`` pixel settings the registered model
-carries.
+Params: ``evaluate.*``; ``train.task`` (binary; multiclass: macro AUC and per-class metrics, each
+image called its most probable class; ordinal: the same with each image called its median grade,
+quadratic weighted kappa, grade error, and with ``evaluate.referable_grade`` the referable AUC,
+sensitivity and specificity at a threshold chosen on validation); ``evaluate.level`` (``image``;
+``study``: each study's images combined by ``evaluate.study_aggregation``, every figure, the report's
+threshold and the registration floor's AUC per study, :mod:`dicomflow.evaluation.studies`);
+``ingest.classes`` and the ``ingest`` pixel settings the registered model carries.
+With ``ingest.unit: series`` (CT) a row is a series' volume carrying its study's label: every figure
+is per series (``level`` ``series`` in the report), ``test_predictions.csv`` has a row per series,
+the Grad-CAM figure is a montage of each picked volume's most activated slices at their positions in
+mm (``ingest.series.spacing_mm[0]`` apart; attention MIL: its highest-weighted slices), and the
+registered pyfunc states its volume and refuses single DICOM files (a series is served later); the
+candidate is scored for promotion on the de-identified validation volumes, and with a champion it is
+``challenger`` with the reason (a champion is run on files).
 Environment: the de-identification secret (the leak check's digests), the signing key (each new
 version is signed) and the verify key (the champion): :mod:`dicomflow.signing`.
+
+A membership-inference attack (:mod:`dicomflow.evaluation.membership`: the loss threshold,
+training images against test images) is reported with the test metrics, with the lower bound on ε
+it proves; when that bound exceeds the ε the model's ``privacy.json`` accounts, the reports are
+written and the stage fails: a bug in the DP training, not a privacy result.
 
 The operating threshold is chosen on the validation split, never on test, so the test figures are
 what a user of the model would see; test Brier and ECE are reported with and without the
@@ -21,7 +38,8 @@ calibration the model carries, beside a reliability diagram. A model that is deg
 validation split (constant scores, every image called one class, a threshold outside [0.01,
 0.99]; :func:`dicomflow.model.scoring.degeneracy`) gets its report, its runs marked FAILED in MLflow, and
 is never registered. Otherwise the registered model is a pyfunc (:mod:`dicomflow.serving.pyfunc`) that takes
-DICOM files, applies this threshold and refuses files outside its training domain. Before it is
+DICOM files, applies this threshold (an ordinal model's: the referable threshold) and refuses files
+outside its training domain. Before it is
 registered, the leak scanner searches the MLflow run (params, tags, metric names, artifacts, the
 models' files) for every identifying value of the ingested sources, through the keyed digests
 deidentify wrote (``identifier_digests.json``: this stage never reads ``data/`` or ingest's index);
@@ -31,6 +49,8 @@ A model is registered only when its validation ROC AUC reaches ``evaluate.min_va
 and no complete version holds the same model (its weights, threshold, classes, pixel settings and
 training images: :func:`dicomflow.evaluation.registry.model_digest`); otherwise one line says why,
 on both counts, and the evaluate run records it (``registration_decision``); the stage succeeds.
+With ``evaluate.require_privacy`` (a cap on ε) a model above the cap, or trained without DP, is
+registered as ``challenger`` with the reason, never ``champion``.
 
 Promotion never looks at the test split: the candidate and the registry's current champion are
 both run, as registered, on the de-identified files of the validation split that the champion did
@@ -49,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,24 +79,33 @@ import pandas as pd
 
 from dicomflow import tracking
 from dicomflow.config import layout
-from dicomflow.config.params import load_params, read_params_file
+from dicomflow.config.params import check_task, load_params, read_params_file
 from dicomflow.deid.secret import read_secret
 from dicomflow.dicom.display import PixelSettings
+from dicomflow.dicom.series import VolumeSettings
 from dicomflow.errors import DataError
 from dicomflow.evaluation import registry
-from dicomflow.evaluation.metrics import choose_threshold, headline, loggable, roc_auc
+from dicomflow.evaluation.membership import check_privacy_claim, privacy_figures
+from dicomflow.evaluation.metrics import choose_operating_points, headline, loggable, roc_auc
 from dicomflow.evaluation.model_card import CARD_FILE, model_card, registry_description
 from dicomflow.evaluation.promotion import (
+    PROMOTION_SPLIT,
     check_card,
     check_run,
+    compare_volume_model,
     compare_with_champion,
+    inherit_training_data,
     promotion_files,
     read_secret_fingerprint,
+    require_privacy,
     score_candidate,
+    score_candidate_volumes,
     training_data_record,
 )
-from dicomflow.evaluation.reporting import report_test_split
+from dicomflow.evaluation.reporting import attack_membership, report_test_split
+from dicomflow.evaluation.studies import at_level, served_thresholds, study_aggregation
 from dicomflow.metrics import Scores, metric_for
+from dicomflow.model import transfer
 from dicomflow.model.architectures import predict_probabilities
 from dicomflow.model.scoring import degeneracy
 from dicomflow.model.training import split_arrays
@@ -93,42 +123,76 @@ def main() -> None:
     import mlflow
 
     paths, params, ingest = load_params("paths"), load_params("evaluate"), load_params("ingest")
+    train = load_params("train")
+    task, grade = train.task, params.referable_grade
+    check_task(task, ingest.classes, referable_grade=grade)
     model_dir, deid_dir = Path(paths.model_dir), Path(paths.deid_dir)
     model = keras.models.load_model(model_dir / layout.MODEL_FILE)
     manifest = pd.read_parquet(Path(paths.split_dir) / layout.SPLIT_MANIFEST)
     images = np.load(deid_dir / layout.IMAGES, mmap_mode="r")
-    metric_for(params.promotion_metric, n_classes=len(ingest.classes), setting="evaluate.promotion_metric")
+    metric_for(params.promotion_metric, task=task, referable=grade is not None, promotion=True,
+               setting="evaluate.promotion_metric")
     val_x, val_y = split_arrays(manifest, images, "val", ingest.classes)
     test_x, test_y = split_arrays(manifest, images, "test", ingest.classes)
-    logger.info("loaded the model; scoring %d validation and %d test images", len(val_y), len(test_y))
+    # ingest.unit series: a row is a series' volume (n, d, h, w, 1), scored as one example with its
+    # study's label; its slices sit ingest.series.spacing_mm[0] apart (the stored, resampled volume).
+    volumes = images.ndim == 5
+    spacing_z = ingest.series.spacing_mm[0] if volumes else None
+    logger.info("loaded the model; scoring %d validation and %d test %s", len(val_y), len(test_y),
+                "series (volumes)" if volumes else "images")
 
     val_score = predict_probabilities(model, val_x)
-    threshold = None
-    if len(ingest.classes) == 2:
-        threshold = choose_threshold(val_y, val_score, method=params.threshold_method,
-                                     fixed=params.fixed_threshold, target_sensitivity=params.target_sensitivity)
-    val_auc = validation_auc(val_y, val_score, n_classes=len(ingest.classes))  # against evaluate.min_validation_auc
+    # The operating thresholds, chosen on validation (evaluate.threshold_method): of class 1 (binary),
+    # or of the referable probability (ordinal with evaluate.referable_grade); None otherwise.
+    options = dict(task=task, classes=ingest.classes, referable_grade=grade, method=params.threshold_method,
+                   fixed=params.fixed_threshold, target_sensitivity=params.target_sensitivity)
+    # Per image: what the served model calls each file at (and what the degeneracy check reads).
+    threshold, referable_threshold = choose_operating_points(val_y, val_score, **options)
+    # evaluate.level: the report's thresholds are chosen on validation images, or on validation
+    # studies (each study's images combined); the registration floor reads the same level's AUC.
+    study = study_aggregation(params.level, params.study_aggregation, k=params.study_top_k)
+    scored_y, scored = at_level(val_y, val_score, manifest.iloc[layout.split_rows(manifest, "val")], study=study)
+    report_threshold, report_referable = choose_operating_points(scored_y, scored, **options)
+    val_auc = validation_auc(scored_y, scored, task=task)  # against evaluate.min_validation_auc
     metrics, plot_files, subgroups = report_test_split(
-        model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=threshold,
-        classes=ingest.classes, plots_dir=Path(paths.eval_plots))
+        model, test_y, test_x, manifest.iloc[layout.split_rows(manifest, "test")], threshold=report_threshold,
+        classes=ingest.classes, plots_dir=Path(paths.eval_plots), task=task, referable_grade=grade,
+        referable_threshold=report_referable, study=study, spacing_mm=spacing_z)
+    privacy = layout.read_privacy_record(model_dir)  # None: trained without differential privacy
+    attack = attack_membership(model, manifest, images, test_x, test_y, classes=ingest.classes, privacy=privacy)
+    metrics.update({**attack.as_report(), **privacy_figures(privacy), **served_thresholds(
+        study, threshold=threshold, referable_threshold=referable_threshold)})
     write_json(Path(paths.eval_metrics), headline(metrics))
     write_json(Path(paths.eval_report), metrics)
     write_text(Path(paths.eval_subgroups), subgroups.to_csv(index=False, float_format="%.4f"))
+    check_privacy_claim(attack.bound, privacy, source=str(model_dir / layout.PRIVACY_FILE))
     tracking.configure_mlflow()
     client = mlflow.MlflowClient()
     trained = tracking.training_run_for(model_dir / layout.MODEL_FILE, client)
     logger.info("evaluating the model of training run %s", trained.info.run_id)
+    lineage = transfer.lineage_of(trained.data.tags)  # where its weights started
     problems = [*filter(None, trained.data.tags.get(tracking.DEGENERATE_TAG, "").split("; ")),
-                *degeneracy(val_y, val_score, threshold=threshold)]
+                *degeneracy(val_y, val_score, threshold=threshold, task=task)]
 
     # What the registered model is, what it trained on, and which secret made its data.
     name, training_run = params.registered_model_name, trained.info.run_id
+    # The served model's operating thresholds: class 1's (binary), the referable probability's (ordinal).
     registered = dict(threshold=threshold, classes=ingest.classes, settings=PixelSettings.from_params(ingest),
-                      domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]))
+                      domain=TrainingDomain.from_manifest(manifest.iloc[layout.split_rows(manifest, "train")]),
+                      task=task, referable_grade=grade, referable_threshold=referable_threshold,
+                      volume={**dataclasses.asdict(VolumeSettings.from_params(ingest)), "policy": ingest.series.policy,
+                              "min_slices": ingest.series.min_slices} if volumes else None)
+    # What `dicomflow predict --per-study` combines a study's files with and calls it at (level study).
+    per_study = study and study.as_metadata(threshold=report_threshold, referable_threshold=report_referable)
     record = training_data_record(manifest, data_version=tracking.data_version(),
                                   pixel_settings=dataclasses.asdict(registered["settings"]))
-    digest = registry.model_digest(model.get_weights(), training_data=record, threshold=threshold,
-                                   classes=ingest.classes)  # the same model is never registered twice
+    inherited = model_dir / layout.INHERITED_TRAINING_DATA  # weights from a registered model: what it saw
+    record, unknown_inherited = inherit_training_data(
+        record, json.loads(inherited.read_text(encoding="utf-8")) if inherited.is_file() else None)
+    digest = registry.model_digest(model.get_weights(), training_data=record, classes=ingest.classes,
+                                   threshold=threshold if referable_threshold is None else referable_threshold,
+                                   study=per_study)
+    # (the same model is never registered twice; a task has one of the two thresholds)
     secret_tags = read_secret_fingerprint(deid_dir / layout.DEID_SECRET_FINGERPRINT)
     key = registry.evaluation_key(training_run, read_params_file()["evaluate"])
     test_metrics = {f"test_{metric}": value for metric, value in loggable(metrics).items()}
@@ -136,9 +200,10 @@ def main() -> None:
     subgroups = pd.read_csv(paths.eval_subgroups, keep_default_na=False, na_values=[""], dtype={"group": str})
     card = functools.partial(
         model_card, name=name, manifest=manifest, data_version=record["data_version"], metrics=metrics,
-        subgroups=subgroups, domain=registered["domain"], threshold=threshold, ingest=ingest, evaluate=params,
-        train=load_params("train"), augment=load_params("augment"), secret=secret_tags,
-        validation=registry.training_validation_metrics(client, training_run))
+        subgroups=subgroups, domain=registered["domain"], threshold=report_threshold,
+        referable_threshold=report_referable, ingest=ingest, evaluate=params,
+        train=train, augment=load_params("augment"), secret=secret_tags,
+        validation=registry.training_validation_metrics(client, training_run), lineage=lineage, privacy=privacy)
 
     # The MLflow writes, in order. The training run is never reopened (a failed evaluate cannot
     # mark it FAILED); its evaluation is a run of its own, nested under it.
@@ -173,7 +238,8 @@ def main() -> None:
             signing_key, verify_key = signing_key_from_env(os.environ), verify_key_from_env(os.environ)
             if found is None:  # a new version: log, leak-check, compare (the decision, once), create
                 info = registry.log_candidate(model_dir / layout.MODEL_FILE, training_data=record, **registered,
-                                              input_example=serving_example(registered["domain"]))
+                                              input_example=serving_example(registered["domain"]), privacy=privacy,
+                                              study=per_study)
                 digests, secret = deid_dir / layout.DEID_IDENTIFIER_DIGESTS, read_secret(os.environ)[0]
                 check_run(training_run, digests_file=digests, secret=secret)
                 promotion = promotion_files(manifest, deid_dir, classes=ingest.classes)
@@ -181,22 +247,31 @@ def main() -> None:
                 # Each scoring decodes every file as served: tens of seconds, so each is a milestone.
                 logger.info("promotion: scoring the candidate on %d validation files as registered",
                             len(promotion["files"]))
-                candidate_answers = score_candidate(model_dir / layout.MODEL_FILE, promotion["files"], **registered)
-                if champion is not None:
+                if volumes:  # the pyfunc reads no series yet: scored on the de-identified volumes
+                    candidate_answers = score_candidate_volumes(
+                        model_dir / layout.MODEL_FILE, images[layout.split_rows(manifest, PROMOTION_SPLIT)],
+                        promotion["files"], **registered)
+                else:
+                    candidate_answers = score_candidate(model_dir / layout.MODEL_FILE, promotion["files"],
+                                                        **registered)
+                if champion is not None and not volumes:
                     logger.info("promotion: scoring champion version %s on the same files, in a process "
                                 "of its own", champion)
-                comparison = compare_with_champion(
+                comparison = (compare_volume_model if volumes else compare_with_champion)(
                     candidate_answers,
                     champion_version=champion, champion_uri=f"models:/{name}/{champion}", verify_key=verify_key,
-                    metric=params.promotion_metric, data_version=record["data_version"],
-                    pixel_settings=record["pixel_settings"], **promotion)
-                alias, decision = comparison.decide(min_gain=params.promotion_min_gain)
+                    metric=params.promotion_metric, task=task, referable_grade=grade,
+                    data_version=record["data_version"],
+                    pixel_settings=record["pixel_settings"], candidate_seen=frozenset(record["pixel_sha256"]),
+                    candidate_unknown=unknown_inherited, **promotion)
+                alias, decision = require_privacy(*comparison.decide(min_gain=params.promotion_min_gain), privacy,
+                                                  cap=params.require_privacy)
                 logger.info("promotion: %s", decision)
                 draft = card(version=None, alias=alias, decision=decision, excluded=comparison.excluded)
                 check_card(draft, digests_file=digests, secret=secret, name=CARD_FILE)
                 tags = registry.version_tags(comparison, alias=alias, decision=decision, key=key,
                                              training_run_id=training_run, training_data=record, metrics=metrics,
-                                             secret=secret_tags, digest=digest)
+                                             secret=secret_tags, digest=digest, lineage=lineage)
                 version = registry.create_version(client, name, info, run_id=run.info.run_id, tags=tags)
                 found = client.get_model_version(name, version)
             # Complete the version, this run's or a killed run's, with the decision it was created with.
@@ -218,9 +293,10 @@ def main() -> None:
                          f"FAILED and it is not registered; the test report is in {paths.eval_report}")
 
 
-def validation_auc(labels: np.ndarray, probabilities: np.ndarray, *, n_classes: int) -> float:
-    """The task's ROC AUC (:func:`dicomflow.metrics.metric_for`) on validation; NaN when it has one class."""
-    auc = metric_for("roc_auc", n_classes=n_classes, setting="evaluate.min_validation_auc")
+def validation_auc(labels: np.ndarray, probabilities: np.ndarray, *, task: str) -> float:
+    """The task's ROC AUC (:func:`dicomflow.metrics.metric_for`; macro for more than two classes) on
+    validation; NaN when it has one class."""
+    auc = metric_for("roc_auc", task=task, setting="evaluate.min_validation_auc")
     if len(np.unique(labels)) < 2:
         return float("nan")
     return auc.compute(Scores.at_threshold(labels, probabilities))

@@ -23,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # --no-loadscope-reorder, they start on the two xdist workers at once instead of where xdist's
 # default order (by test count) put them: the queued-experiment module, with 2 tests, last of all,
 # running alone on one core at the end of the run.
-LONG_MODULES = ("test_pipeline.py", "test_registry.py", "test_pipeline_queues.py")
+LONG_MODULES = ("test_pipeline.py", "test_registry.py", "test_pipeline_queues.py", "test_fundus_pipeline.py",
+                "test_ct_pipeline.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

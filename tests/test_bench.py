@@ -82,6 +82,26 @@ def _check_train(document: dict) -> None:
     assert rows[0]["speed_up"] == 1.0 and all(r["peak_rss_mib"] > 100 for r in rows)  # TensorFlow
 
 
+def _check_series(document: dict) -> None:
+    for key in ("ct_sample", "clinical_ct"):
+        rows = document["tables"][key]["rows"]
+        assert [r["implementation"].split(" (")[0] for r in rows] == ["plain loop", "ingest stage"]
+        assert rows[0]["vs_plain"] == 1.0 and all(r["peak_per_series"] > 0 for r in rows)
+    sample, clinical = document["figures"]["ct_sample"], document["figures"]["clinical_ct"]
+    # One copy of the CT sample: 24 intact series and 5 broken ones (ct_sample.DEFECTS). The plain
+    # loop stacks all but the one whose coronal localizer has another shape; the stage, strict,
+    # keeps the 24 and the localizer's (the localizer set aside) and refuses the other 4.
+    assert sample["series"] == 29 and sample["plain"]["stacked"] == 28 and sample["plain"]["raised"] == 1
+    assert sample["stage"]["series"] == 25 and sample["stage"]["skipped_not_images"] == 1
+    # --series 2 --slices 8 10: 18 slices of 512 x 512, the largest series 10 x 1 MiB in float32.
+    assert clinical["files"] == 18 and clinical["stage"]["series"] == clinical["plain"]["stacked"] == 2
+    assert clinical["stage"]["series_slices"] == 18 and clinical["largest_series_mib"] == 10.0
+    train = document["tables"]["train3d"]["rows"]
+    assert [(r["side"].split(" (")[0], r["network"]) for r in train] == [
+        ("train stage", "resnet3d_small"), ("bare train step", "resnet3d_small")]
+    assert all(r["input"] == "32x64x64x1" and r["batch_size"] == 2 and r["images_per_s"] > 0 for r in train)
+
+
 def _check_medmnist(document: dict) -> None:
     assert document["figures"]["images"] == 3 * PER_SPLIT
     assert document["figures"]["images_lost"] == []
@@ -136,6 +156,9 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("train", ["--networks", "seed_cnn", "--epochs", "1", "--repeat", "1",
                            "--train-images", "32", "--val-images", "16"], ["train"], _check_train,
                  id="train", marks=slow),
+    pytest.param("series", ["--sample-series", "1", "--series", "2", "--slices", "8", "10",
+                            "--train-volumes", "4", "--batch-size", "2"],
+                 ["ct_sample", "clinical_ct", "train3d"], _check_series, id="series", marks=slow),
     pytest.param("burned_in", ["--images", str(BURNED_IN_IMAGES), "--no-real"],
                  ["recall_by_kind", "recall_by_size", "recall_by_polarity", "recall_by_font",
                   "recall_by_field", "recall_by_form", "images", "baseline", "cost", "misses"],
@@ -154,6 +177,7 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options", "tables", "check"), CASES)
 def test_benchmark_runs_on_tiny_data(name: str, options: list[str], tables: list[str],
                                      check: Callable[[dict], None], tmp_path: Path) -> None:

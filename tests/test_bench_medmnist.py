@@ -8,6 +8,7 @@ Its main path (``dvc repro`` on a few real BreastMNIST images) runs in tests/tes
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,127 @@ def test_the_results_table_prints_the_interval_or_why_there_is_none(capsys, inte
                           train=train, timings={"train": 1.0}, total=2.0, setup=1.0, params={"evaluate": {}},
                           project_params={}, skipped=[], architecture="resnet_small", image_size=28, extra=[])
     assert f"| **dicomflow `resnet_small` (28), this run** {printed} | 0.915 | 0.878 |" in capsys.readouterr().out
+
+
+# --- the data-scarcity curve (bench.medmnist --scarcity, bench/scarcity.py) ----------------------
+
+
+class TestStratifiedSubset:
+    labels = np.array([0] * 40 + [1] * 60)
+
+    @pytest.mark.parametrize(("fraction", "per_class"), [(0.1, (4, 6)), (0.25, (10, 15)), (0.5, (20, 30)),
+                                                         (1.0, (40, 60))])
+    def test_each_class_keeps_its_share(self, fraction, per_class):
+        from bench.scarcity import stratified_subset
+
+        chosen = stratified_subset(self.labels, fraction, seed=3)
+        assert tuple(np.bincount(self.labels[chosen])) == per_class
+        assert len(np.unique(chosen)) == len(chosen) and np.all(np.diff(chosen) > 0)
+
+    def test_the_seed_chooses_the_subset(self):
+        from bench.scarcity import stratified_subset
+
+        first = stratified_subset(self.labels, 0.25, seed=42)
+        np.testing.assert_array_equal(first, stratified_subset(self.labels, 0.25, seed=42))
+        assert not np.array_equal(first, stratified_subset(self.labels, 0.25, seed=43))
+        np.testing.assert_array_equal(stratified_subset(self.labels, 1.0, seed=7), np.arange(100))
+
+    def test_a_rare_class_keeps_one_image(self):
+        from bench.scarcity import stratified_subset
+
+        labels = np.array([0] * 3 + [1] * 97)
+        assert np.bincount(labels[stratified_subset(labels, 0.1, seed=0)]).tolist() == [1, 10]
+
+    def test_a_fraction_outside_the_unit_interval_is_refused(self):
+        from bench.scarcity import stratified_subset
+
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]; got 0"):
+            stratified_subset(self.labels, 0, seed=0)
+
+
+def _tiny_medmnist(path: Path, sizes=(("train", 24), ("val", 10), ("test", 10))) -> Path:
+    """A MedMNIST-format npz whose class 1 images are brighter: a few epochs can tell them apart."""
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for split, n in sizes:
+        labels = (np.arange(n) % 2).astype(np.uint8)
+        base = rng.integers(0, 120, size=(n, 28, 28))
+        arrays[f"{split}_images"] = (base + 100 * labels[:, None, None]).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1)
+    np.savez(path, **arrays)
+    return path
+
+
+def _run_scarcity(monkeypatch, *argv: str) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["bench.medmnist", "--scarcity", *argv])
+    medmnist.main()
+
+
+RECORD_FIELDS = {"label_fraction", "init", "seed", "test_auc", "test_acc", "val_auc", "seconds"}
+
+
+@pytest.mark.slow
+def test_scarcity_scratch_arm_writes_records_and_the_curve_and_resumes(tmp_path, monkeypatch, capsys):
+    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    out, png = tmp_path / "scarcity.json", tmp_path / "curve.png"
+    args = ["--npz", str(npz), "--inits", "scratch", "--fractions", "0.5", "1", "--seeds", "2", "--epochs", "1",
+            "--set", "train.batch_size=8", "--json", str(out), "--png", str(png)]
+    _run_scarcity(monkeypatch, *args)
+    printed = capsys.readouterr().out
+    records = json.loads(out.read_text())["figures"]["records"]
+    runs = [r for r in records if r["init"] == "scratch"]
+    assert sorted((r["label_fraction"], r["seed"]) for r in runs) == [(0.5, 42), (0.5, 43), (1.0, 42), (1.0, 43)]
+    for record in runs:
+        assert set(record) >= RECORD_FIELDS
+        assert 0 <= record["test_auc"] <= 1 and 0 <= record["test_acc"] <= 1 and record["seconds"] > 0
+        # 24 training images, 12 of each class: half keeps 6 of each.
+        assert record["n_labelled"] == (12 if record["label_fraction"] == 0.5 else 24)
+    ensemble = [r for r in records if r["init"] == "scratch_ensemble"]
+    assert [(e["label_fraction"], e["seed"]) for e in ensemble] == [(1.0, [42, 43])]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 50 % (12 labels) | scratch | 2 |" in printed
+    assert "MedMNIST v2 paper: ResNet-18 (28) | - | - | 0.901 | 0.863" in printed
+
+    # The same file and settings again: every run is recorded already, nothing is retrained.
+    _run_scarcity(monkeypatch, *args)
+    assert json.loads(out.read_text())["figures"]["records"] == records
+
+
+@pytest.mark.slow
+def test_scarcity_no_test_leaves_the_test_split_unread(tmp_path, monkeypatch):
+    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    out = tmp_path / "scarcity.json"
+    _run_scarcity(monkeypatch, "--npz", str(npz), "--inits", "scratch", "--fractions", "1", "--seeds", "1",
+                  "--epochs", "1", "--no-test", "--json", str(out), "--png", str(tmp_path / "curve.png"))
+    (record,) = json.loads(out.read_text())["figures"]["records"]
+    assert record["test_auc"] is None and record["test_acc"] is None and 0 <= record["val_auc"] <= 1
+    assert not (tmp_path / "curve.png").exists()
+
+
+@pytest.mark.slow
+def test_scarcity_pretrain_arm_fine_tunes_pretrained_encoders_and_averages_them(tmp_path, monkeypatch):
+    pytest.importorskip("dicomflow.model.pretraining")
+    npz = _tiny_medmnist(tmp_path / "tiny.npz")
+    encoders = tmp_path / "encoders"
+    args = ["--npz", str(npz), "--inits", "pretrain", "--fractions", "1", "--seeds", "2", "--epochs", "2",
+            "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8", "--set", "train.batch_size=8",
+            "--set", "train.freeze_epochs=1", "--encoders", str(encoders)]
+    _run_scarcity(monkeypatch, *args, "--json", str(tmp_path / "first.json"))
+    records = json.loads((tmp_path / "first.json").read_text())["figures"]["records"]
+    runs = [r for r in records if r["init"] == "pretrain"]
+    assert sorted(r["seed"] for r in runs) == [42, 43]
+    assert [r["pretrain_seed"] for r in sorted(runs, key=lambda r: r["seed"])] == [11, 12]  # pretrain.seed + i
+    assert all(set(r) >= RECORD_FIELDS and r["pretrain_epochs"] == 1 for r in runs)
+    (ensemble,) = [r for r in records if r["init"] == "pretrain_ensemble"]
+    assert ensemble["seed"] == [42, 43] and 0 <= ensemble["test_auc"] <= 1
+    assert len(list(encoders.glob("encoder-*.keras"))) == 2
+
+    # A new file with the same encoders folder: the encoders are loaded, not pretrained again
+    # (their recorded cost is the first run's), and fine-tuning from them gives the same network.
+    _run_scarcity(monkeypatch, *args, "--json", str(tmp_path / "second.json"))
+    again = json.loads((tmp_path / "second.json").read_text())["figures"]["records"]
+    for first, second in zip(records, again, strict=True):
+        assert first.get("pretrain_seconds") == second.get("pretrain_seconds")
+        assert first["val_auc"] == pytest.approx(second["val_auc"], abs=1e-6)

@@ -109,6 +109,7 @@ class TestGroundTruth:
         assert (read.Rows, read.Columns) == (large[2].rows, large[2].columns)
 
 
+@pytest.mark.slow
 class TestVariety:
     """What the benchmark's tables break recall down by is present in a corpus of 70 images."""
 

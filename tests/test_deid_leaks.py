@@ -52,6 +52,19 @@ def hospital_source() -> Dataset:
     return ds
 
 
+def test_a_sites_implementation_name_is_searched_but_pydicoms_default_is_not():
+    """A model's requirements.txt says pydicom==3.0.2: a file written by pydicom (as import-photos
+    writes them) must not make that line a leak, while a site's own software name stays searched."""
+    written = Dataset()
+    written.file_meta = pydicom.dataset.FileMetaDataset()
+    written.file_meta.ImplementationVersionName = "PYDICOM " + ".".join(pydicom.__version_info__)
+    written.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    assert collect_identifiers(written).first("pydicom==" + ".".join(pydicom.__version_info__)) is None
+    assert collect_identifiers(written).first(pydicom.uid.PYDICOM_IMPLEMENTATION_UID) is None
+    written.file_meta.ImplementationVersionName = "STMARYS_PACS7"
+    assert collect_identifiers(written).first("exported by STMARYS_PACS7") == "(0002,0013) Implementation Version Name"
+
+
 @pytest.mark.parametrize("text", [
     "allergic, told MUELLER Juergen", "Muller, Jurgen", "IVANOVA A.", "Иванова", "王小东 病人",
     "小东", "山田太郎", "たろう", "tarou yamada", "call 030-1234567", "tel (030) 123 45 67",
@@ -162,6 +175,7 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_mlflow_run_params_tags_children_and_artifacts_are_searched(tmp_path, tracking, identifiers):
     mlflow = tracking
     report = tmp_path / "notes.txt"
@@ -214,6 +228,47 @@ def test_command_reads_identifiers_at_ingest_and_exits_1_on_a_hit(ingested, caps
     assert "bartholomew" not in printed.casefold()
 
 
+def _decompression_bomb_png(path):
+    """A valid PNG of 20,000 x 20,000 black pixels in a few hundred kilobytes: Pillow refuses to
+    decode it (DecompressionBombError), so its pixels cannot be searched."""
+    import struct
+    import zlib
+
+    side = 20_000
+    row = b"\x00" + b"\x00" * side  # filter byte + one grey byte per pixel
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+@pytest.mark.slow
+def test_pixels_that_cannot_be_decoded_fail_the_scan_without_quoting_them(ingested, capsys):
+    from pydicom.data import get_testdata_file
+
+    bomb = ingested / "bomb.png"
+    _decompression_bomb_png(bomb)
+    truncated = ingested / "truncated.dcm"
+    # pydicom's own broken file: its pixel data is shorter than rows x columns says
+    truncated.write_bytes(Path(get_testdata_file("MR_truncated.dcm")).read_bytes())
+    clean = ingested / "clean.csv"
+    clean.write_text("image_key,label\nab12,1\n")
+
+    assert cli.main(["scan-leaks", str(clean)]) == 0
+    capsys.readouterr()
+    assert cli.main(["scan-leaks", str(clean), str(bomb), str(truncated)]) == 1
+    printed = capsys.readouterr().out
+    assert f"NOT READ {bomb.as_posix()}: pixel data" in printed
+    assert f"NOT READ {truncated.as_posix()}: pixel data" in printed
+    assert "LEAK" not in printed
+    assert "0 hit(s)" in printed and "2 file(s) whose pixels could not be read" in printed
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_a_run_holding_an_identifier(ingested, tracking):
     """Through the digests deidentify writes of what ingest read: evaluate sees no value."""
     from dicomflow.deid.digests import write_digests

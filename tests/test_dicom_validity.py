@@ -37,6 +37,8 @@ from dicomflow.dicom.ingestion import ingest_file
 from dicomflow.config.params import load_params
 from dicomflow.devtools.sample_data import generate_sample
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: make test runs it, make check does not
+
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 SECRET = b"dicom validity test secret"

@@ -107,7 +107,8 @@ def test_no_module_imports_a_stage():
 
 def test_stages_holds_the_stages_in_pipeline_order():
     # secret first: its fingerprint of the de-identification secret is a dep of deidentify
-    assert list(PIPELINE) == ["secret", "ingest", "deidentify", "validate", "split", "augment", "train", "evaluate"]
+    assert list(PIPELINE) == ["secret", "ingest", "deidentify", "validate", "split", "augment", "pretrain", "train",
+                              "evaluate"]
     assert sorted(path.name for path in REPO.joinpath("stages").glob("*.py")) == sorted(
         ["__init__.py", *(f"{stage}.py" for stage in PIPELINE)])
     for stage, entry in PIPELINE.items():
@@ -361,7 +362,7 @@ def test_the_params_reader_follows_the_object_and_gives_up_where_it_cannot(tmp_p
     assert reads.keys == {
         "split": {"val_size", "seed"},
         "ingest": {"image_size", "channels", "frames", "voi_index", "target_spacing_mm", "pixel_dtype",
-                   "max_decoded_mib"},
+                   "max_decoded_mib", "color_management"},
         "augment": {WHOLE},
         "train": {"epochs"},
     }

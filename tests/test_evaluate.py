@@ -5,18 +5,28 @@ from __future__ import annotations
 import logging
 import math
 
+import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from dicomflow.errors import DataError, SettingsError
-from dicomflow.evaluation.plots import calibration_table, write_plot_data
+from dicomflow.evaluation.plots import (
+    calibration_table,
+    confusion_table,
+    write_class_reliability,
+    write_confusion_matrix,
+    write_plot_data,
+)
 from dicomflow.evaluation.metrics import (
     age_band,
+    calibration_metrics,
+    choose_referable_threshold,
     choose_threshold,
     compute_metrics,
     compute_multiclass_metrics,
+    headline,
     loggable,
     subgroup_metrics,
     weakest_subgroup,
@@ -464,6 +474,238 @@ def test_promotion_scores_each_model_at_its_own_threshold():
     assert promotion_score("accuracy", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx(2 / 3)
     # Brier of three classes: (0.09 + 0.04 + 0.01) + (0.04 + 0.09 + 0.01) + (0.01 + 0.01 + 0.04), over 3
     assert promotion_score("brier", np.array([0, 1, 2]), three, [3, 5, 9]) == pytest.approx((0.14 + 0.14 + 0.06) / 3)
-    with pytest.raises(SettingsError, match="evaluate.promotion_metric 'sensitivity' is not computed for 3 "
-                                            "classes; use one of roc_auc, accuracy, brier, ece, macro_f1"):
+    with pytest.raises(SettingsError, match="evaluate.promotion_metric 'sensitivity' is not computed for the "
+                                            "multiclass task; use one of roc_auc, accuracy, brier, ece, "
+                                            "balanced_accuracy, macro_f1"):
         promotion_score("sensitivity", np.array([0, 1, 2]), three, [3, 5, 9])
+
+
+def test_promotion_scores_an_ordinal_model_on_its_called_grades_and_referable_probability():
+    # Three grades; the served label is the called grade. Probabilities of grade >= 5: 0.3, 0.8, 0.6.
+    answers = pd.DataFrame({"probability_3": [0.7, 0.1, 0.2], "probability_5": [0.2, 0.4, 0.3],
+                            "probability_9": [0.1, 0.4, 0.5], "label": [3, 5, 9], "error": ""})
+    labels = np.array([0, 2, 1])
+    # Called [0, 1, 2] against [0, 2, 1]: two off by one. Weighted disagreement 2 (observed) over
+    # the chance 1/3 * (1 + 4 + 1 + 1 + 4 + 1) = 4: kappa 1 - 2/4.
+    assert promotion_score("qwk", labels, answers, [3, 5, 9], task="ordinal") == pytest.approx(0.5)
+    # Referable from grade 5: true [no, yes, yes]; 0.3 below both 0.8 and 0.6.
+    assert promotion_score("referable_auc", labels, answers, [3, 5, 9], task="ordinal",
+                           referable_grade=5) == 1.0
+    with pytest.raises(SettingsError, match="'referable_auc' needs evaluate.referable_grade"):
+        promotion_score("referable_auc", labels, answers, [3, 5, 9], task="ordinal")
+    with pytest.raises(SettingsError, match="'referable_sensitivity' reads an operating threshold"):
+        promotion_score("referable_sensitivity", labels, answers, [3, 5, 9], task="ordinal", referable_grade=5)
+
+
+def peaked(called: list[int], k: int = 5) -> np.ndarray:
+    """Grade probabilities peaked on each called grade, exp(-(g - c)^2) normalised: symmetric, so
+    the median and the mode are the called grade, and P(grade >= r) grows with it."""
+    weights = np.exp(-(np.arange(k)[None, :] - np.asarray(called)[:, None]) ** 2.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+class TestOrdinalReport:
+    """The evaluate library on five grades: figures by hand, the referable threshold from validation."""
+
+    classes = [0, 1, 2, 3, 4]
+    truth = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    called = [0, 1, 1, 1, 2, 3, 3, 4, 4, 2]  # wrong: images 1 (0 as 1), 5 (2 as 3), 7 (3 as 4), 9 (4 as 2)
+    # Validation: non-referable images called grade 2 (P(>= 2) 0.79), referable ones 3 or 4 (0.99,
+    # 1.0): the best cut there lies between 0.79 and 0.99.
+    val_truth = np.array([0, 1, 1, 2, 3, 4])
+    val_called = [0, 2, 2, 3, 3, 4]
+
+    def report(self, **options):
+        threshold = choose_referable_threshold(self.val_truth, peaked(self.val_called), referable=2,
+                                               method="youden")
+        return threshold, compute_multiclass_metrics(
+            self.truth, peaked(self.called), classes=self.classes, patients=own_patients(10), task="ordinal",
+            referable_grade=2, referable_threshold=threshold, **options)
+
+    def test_the_report_keys_and_figures_by_hand(self):
+        _, metrics = self.report()
+        assert metrics["accuracy"] == pytest.approx(6 / 10)
+        assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5 + 0.5 + 0.5) / 5)
+        assert metrics["mae_grade"] == pytest.approx((1 + 1 + 1 + 2) / 10)
+        assert metrics["qwk"] == pytest.approx(cohen_kappa_score(self.truth, self.called, weights="quadratic",
+                                                                 labels=self.classes))
+        # Grade 1: images 2 and 3 are grade 1, images 1, 2, 3 are called 1 (image 1 wrongly).
+        assert (metrics["n_test_1"], metrics["n_called_1"]) == (2, 3)
+        assert metrics["sensitivity_1"] == 1.0 and metrics["ppv_1"] == pytest.approx(2 / 3)
+        assert metrics["specificity_1"] == pytest.approx(7 / 8)
+        assert (metrics["n_test_4"], metrics["n_called_4"], metrics["sensitivity_4"]) == (2, 2, 0.5)
+        per_class = [roc_auc_score(self.truth == k, peaked(self.called)[:, k]) for k in range(5)]
+        assert metrics["roc_auc"] == pytest.approx(np.mean(per_class))
+        for name in ("roc_auc", "accuracy", "qwk", "referable_auc", "referable_sensitivity",
+                     "referable_specificity", "sensitivity_2"):
+            assert {f"{name}_ci_low", f"{name}_ci_high", f"{name}_ci_note"} <= set(metrics), name
+        assert "mae_grade_ci_low" not in metrics and "macro_f1" in metrics
+        assert (metrics["referable_grade"], metrics["n_test_referable"]) == (2, 6)
+        assert headline(metrics).keys() == {"roc_auc", "accuracy", "qwk", "referable_auc", "balanced_accuracy"}
+
+    def test_the_referable_threshold_is_the_validation_splits(self):
+        threshold, metrics = self.report()
+        val_referable = peaked(self.val_called)[:, 2:].sum(axis=1)
+        assert threshold == choose_threshold((self.val_truth >= 2).astype(int), val_referable, method="youden")
+        assert 0.79 < threshold < 0.99 and metrics["referable_threshold"] == threshold
+        # On test the grade-2 calls (P 0.79: images 4 and 9, both referable) fall below it: 4 of 6
+        # referable images called; the test split's own best cut would have called all six.
+        assert metrics["referable_sensitivity"] == pytest.approx(4 / 6)
+        assert metrics["referable_specificity"] == 1.0
+        test_referable = peaked(self.called)[:, 2:].sum(axis=1)
+        assert choose_threshold((self.truth >= 2).astype(int), test_referable, method="youden") < 0.79
+        assert metrics["referable_auc"] == roc_auc_score(self.truth >= 2, test_referable) == 1.0
+
+    def test_target_sensitivity_and_fixed_apply_to_the_referable_probability(self):
+        val_referable = peaked(self.val_called)[:, 2:].sum(axis=1)
+        assert choose_referable_threshold(self.val_truth, peaked(self.val_called), referable=2,
+                                          method="target_sensitivity", target_sensitivity=1.0) == pytest.approx(
+            val_referable[self.val_truth >= 2].min())
+        assert choose_referable_threshold(self.val_truth, peaked(self.val_called), referable=2, method="fixed",
+                                          fixed=0.3) == 0.3
+
+    def test_a_referable_grade_needs_the_ordinal_task_and_its_threshold(self):
+        scores = peaked(self.called)
+        with pytest.raises(ValueError, match="referable_threshold must be a float when referable_grade is set"):
+            compute_multiclass_metrics(self.truth, scores, classes=self.classes, patients=own_patients(10),
+                                       task="ordinal", referable_grade=2)
+        with pytest.raises(ValueError, match="referable_grade applies to the ordinal task"):
+            compute_multiclass_metrics(self.truth, scores, classes=self.classes, patients=own_patients(10),
+                                       referable_grade=2, referable_threshold=0.5)
+        with pytest.raises(ValueError, match=r"one of the grades after the first, \[1, 2, 3, 4\]; got 0"):
+            compute_multiclass_metrics(self.truth, scores, classes=self.classes, patients=own_patients(10),
+                                       task="ordinal", referable_grade=0, referable_threshold=0.5)
+
+    def test_without_a_referable_grade_there_are_no_referable_figures(self):
+        metrics = compute_multiclass_metrics(self.truth, peaked(self.called), classes=self.classes,
+                                             patients=own_patients(10), task="ordinal")
+        assert "qwk" in metrics and not any(name.startswith("referable") for name in metrics)
+
+    def test_the_confusion_matrix_by_hand(self, tmp_path):
+        table = confusion_table(self.truth, np.array(self.called), classes=self.classes)
+        counts = table.pivot(index="actual", columns="called", values="count").to_numpy()
+        np.testing.assert_array_equal(counts, [[1, 1, 0, 0, 0],
+                                               [0, 2, 0, 0, 0],
+                                               [0, 0, 1, 1, 0],
+                                               [0, 0, 0, 1, 1],
+                                               [0, 0, 1, 0, 1]])
+        shares = table.pivot(index="actual", columns="called", values="row_share").to_numpy()
+        np.testing.assert_allclose(shares, counts / 2.0)  # two images of each grade
+        assert shares[1, 1] == 1.0 and shares[4, 2] == 0.5
+        files = write_confusion_matrix(self.truth, np.array(self.called), classes=self.classes, out_dir=tmp_path,
+                                       caption="median grade")
+        assert [f.name for f in files] == ["confusion_matrix.csv", "confusion_matrix.png"]
+        assert pd.read_csv(files[0])["count"].sum() == 10
+        assert matplotlib.image.imread(files[1]).ndim == 3
+
+    def test_per_class_calibration_and_its_plot(self, tmp_path):
+        scores = peaked(self.called)
+        figures = calibration_metrics(self.truth, scores, scores, temperatures=[1.0], classes=self.classes)
+        for k, label in enumerate(self.classes):
+            # Each class's one-vs-rest ECE, written out: the probability of k against "is k", in tenths.
+            p, y = scores[:, k], (self.truth == k).astype(float)
+            bins = np.minimum((p * 10).astype(int), 9)
+            expected = sum(abs(p[bins == b].mean() - y[bins == b].mean()) * (bins == b).sum()
+                           for b in np.unique(bins)) / len(p)
+            assert figures[f"ece_{label}"] == pytest.approx(expected)
+        files = write_class_reliability(self.truth, scores, classes=self.classes, out_dir=tmp_path)
+        table = pd.read_csv(files[0])
+        assert sorted(table["class"].unique()) == self.classes and (table.groupby("class")["count"].sum() == 10).all()
+        assert matplotlib.image.imread(files[1]).ndim == 3
+
+    def test_ordinal_subgroups_report_qwk_where_there_are_enough_images(self):
+        truth = np.tile(self.truth, 3)  # 30 images: manufacturer A 24, B 6
+        manifest = pd.DataFrame({"patient_key": [f"p{i}" for i in range(30)], "patient_sex": "F",
+                                 "patient_age_years": 50, "manufacturer": ["A"] * 24 + ["B"] * 6,
+                                 "view_position": "PA"})
+        scores = peaked(self.called * 3)
+        table = subgroup_metrics(manifest, truth, scores, threshold=None, task="ordinal").set_index(
+            ["attribute", "group"])
+        called = np.array(self.called * 3)
+        assert table.loc[("manufacturer", "A"), "qwk"] == pytest.approx(
+            cohen_kappa_score(truth[:24], called[:24], weights="quadratic", labels=self.classes))
+        assert math.isnan(table.loc[("manufacturer", "B"), "qwk"])  # 6 images: too few
+        assert table.loc[("patient_sex", "F"), "accuracy"] == pytest.approx(6 / 10)
+        assert table.loc[("patient_sex", "F"), "roc_auc"] == pytest.approx(
+            np.mean([roc_auc_score(truth == k, scores[:, k]) for k in range(5)]))
+
+
+@pytest.mark.slow
+def test_the_test_split_report_of_a_five_grade_keras_model(tmp_path):
+    """report_test_split end to end on a real (untrained) five-way softmax network, as ordinal."""
+    import keras
+
+    from dicomflow.evaluation.reporting import report_test_split
+    from dicomflow.model.architectures import build_seed_cnn, predict_probabilities
+
+    keras.utils.set_random_seed(0)
+    model = build_seed_cnn((16, 16, 1), 5)
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 5
+    images = (rng.uniform(0, 0.5, (40, 16, 16, 1)) + labels[:, None, None, None] / 10).astype(np.float32)
+    rows = pd.DataFrame({"patient_key": [f"p{i // 2}" for i in range(40)], "patient_sex": ["F", "M"] * 20,
+                         "patient_age_years": 50, "manufacturer": "A", "view_position": "PA"})
+    metrics, files, subgroups = report_test_split(model, labels, images, rows, threshold=None,
+                                                  classes=[0, 1, 2, 3, 4], plots_dir=tmp_path, task="ordinal",
+                                                  referable_grade=2, referable_threshold=0.55)
+    probabilities = predict_probabilities(model, images)
+    called = np.argmax(np.cumsum(probabilities, axis=1) >= 0.5, axis=1)  # the median grade, written again
+    assert metrics["accuracy"] == pytest.approx(np.mean(called == labels))
+    assert metrics["qwk"] == pytest.approx(cohen_kappa_score(labels, called, weights="quadratic", labels=range(5)))
+    assert metrics["referable_threshold"] == 0.55 and metrics["n_test_referable"] == 24
+    assert metrics["referable_sensitivity"] == pytest.approx(np.mean(probabilities[labels >= 2, 2:].sum(1) >= 0.55))
+    assert {"ece_0", "ece_4", "brier", "ece", "temperature", "mae_grade", "balanced_accuracy"} <= set(metrics)
+    assert {f.name for f in files} == {"confusion.csv", "confusion_matrix.csv", "confusion_matrix.png",
+                                       "reliability_per_class.csv", "reliability_per_class.png", "grad_cam.png",
+                                       "reliability.csv", "reliability.png"}
+    assert all(f.is_file() for f in files)
+    assert pd.read_csv(tmp_path / "confusion.csv")["predicted"].tolist() == called.tolist()
+    assert "qwk" in subgroups.columns and subgroups.set_index(["attribute", "group"]).loc[
+        ("manufacturer", "A"), "qwk"] == pytest.approx(metrics["qwk"])
+
+
+@pytest.mark.slow  # the report of a 3-D network, Grad-CAM montage included: ~17 s on 2 cores
+def test_the_test_split_report_of_a_volume_model_is_per_series(tmp_path):
+    """report_test_split on a real (untrained) resnet3d_small and 16^3 volumes (ingest.unit series): one
+    row per series, the predictions table per series, the Grad-CAM montage."""
+    import keras
+
+    from dicomflow.evaluation.reporting import report_test_split
+    from dicomflow.model.architectures import build_resnet3d_small, predict_probabilities
+
+    keras.utils.set_random_seed(0)
+    model = build_resnet3d_small((16, 16, 16, 1))
+    rng = np.random.default_rng(0)
+    labels = np.arange(12) % 2
+    volumes = (rng.uniform(0, 0.5, (12, 16, 16, 16, 1)) + labels[:, None, None, None, None] / 4).astype(np.float32)
+    rows = pd.DataFrame({"image_key": [f"s{i:02d}" for i in range(12)], "study_key": [f"t{i}" for i in range(12)],
+                         "patient_key": [f"p{i}" for i in range(12)], "patient_sex": ["F", "M"] * 6,
+                         "patient_age_years": 60, "manufacturer": "A", "view_position": ""})
+    probabilities = predict_probabilities(model, volumes)
+    threshold = float(np.median(probabilities))
+    metrics, files, _ = report_test_split(model, labels, volumes, rows, threshold=threshold, classes=[0, 1],
+                                          plots_dir=tmp_path, spacing_mm=5.0)
+    assert metrics["level"] == "series" and metrics["n_test_patients"] == 12
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities))
+    table = pd.read_csv(tmp_path / "test_predictions.csv")
+    assert table.columns.tolist() == ["image_key", "study_key", "label", "probability"]
+    assert table["image_key"].tolist() == rows["image_key"].tolist()
+    np.testing.assert_allclose(table["probability"], probabilities, atol=1e-6)
+    assert {"grad_cam.png", "test_predictions.csv"} <= {f.name for f in files} and all(f.is_file() for f in files)
+    assert matplotlib.image.imread(tmp_path / "grad_cam.png").shape[0] > 400
+
+
+def test_a_volume_model_with_a_champion_is_challenger_with_the_reason(tmp_path):
+    from dicomflow.evaluation.promotion import compare_volume_model
+
+    labels = np.arange(12) % 2
+    candidate = pd.DataFrame({"path": [f"s{i}" for i in range(12)], "probability": labels * 0.6 + 0.2,
+                              "label": labels, "error": ""})
+    common = dict(metric="roc_auc", files=[tmp_path / f"s{i}" for i in range(12)], labels=labels, classes=[0, 1],
+                  digests=[frozenset({f"d{i}"}) for i in range(12)], data_version="abc", pixel_settings={},
+                  champion_uri="models:/m/1", verify_key=None)
+    alone = compare_volume_model(candidate, champion_version=None, **common)
+    assert alone.decide(min_gain=0.0)[0] == "champion" and alone.candidate == 1.0 and alone.images == 12
+    alias, decision = compare_volume_model(candidate, champion_version="3", **common).decide(min_gain=0.0)
+    assert alias == "challenger" and "champion version 3 could not be compared" in decision
+    assert "the comparison with the champion scores one file per row" in decision

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from dicomflow.evaluation.explain import (
-    grad_cam, last_conv_layer, pick_examples, write_grad_cam_examples, write_grad_cam_grid,
+    grad_cam,
+    last_conv_layer,
+    pick_class_examples,
+    pick_examples,
+    write_class_grad_cam_examples,
+    write_grad_cam_examples,
+    write_grad_cam_grid,
 )
 from dicomflow.model.architectures import build_seed_cnn
 
@@ -140,6 +146,18 @@ class TestGradCamMaths:
         result = grad_cam(model, self.images, class_index=class_index)
         np.testing.assert_allclose(result, expected, atol=1e-5)
 
+    def test_softmax_explains_a_class_per_image(self):
+        model, feature_model = _linear_gap_model(3, "softmax")
+        kernel = model.get_layer("head").get_weights()[0]
+        classes = np.array([2, 0, 1, 1, 2, 0])  # e.g. each image's called grade, not its most probable
+        expected = _cam(feature_model.predict(self.images, verbose=0), kernel[:, classes].T)
+        np.testing.assert_allclose(grad_cam(model, self.images, class_index=classes, batch_size=4), expected,
+                                   atol=1e-5)
+        with pytest.raises(ValueError, match=r"one class index in \[0, 2\] per image.*got 6 indices \[0, 3\]"):
+            grad_cam(model, self.images, class_index=np.array([0, 3, 0, 0, 0, 0]))
+        with pytest.raises(ValueError, match="got 2 indices"):
+            grad_cam(model, self.images, class_index=np.array([0, 1]))
+
     def test_a_saturated_sigmoid_still_gives_a_map(self):
         model, feature_model = _linear_gap_model(1, "sigmoid")
         kernel, bias = model.get_layer("head").get_weights()
@@ -267,6 +285,90 @@ class TestPickExamples:
             pick_examples(self.y_true, self.y_score, threshold=0.5, per_group=-1)
 
 
+class TestPickClassExamples:
+    # Three classes; (true, called, confidence) per image:
+    #   0: (0, 0, .9)  1: (0, 0, .6)  2: (0, 1, .8)  3: (0, 2, .7)  4: (1, 1, .5)  5: (1, 1, .95)
+    #   6: (2, 0, .99) 7: (2, 0, .4)
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    called = np.array([0, 0, 1, 2, 1, 1, 0, 0])
+    confidence = np.array([0.9, 0.6, 0.8, 0.7, 0.5, 0.95, 0.99, 0.4])
+
+    def test_right_then_wrong_per_true_class_most_confident_first(self):
+        groups = pick_class_examples(self.y_true, self.called, self.confidence, n_classes=4, per_group=4)
+        assert [g.tolist() for g in groups] == [
+            [0, 1, 2, 3],  # two right (0.9, 0.6), two wrong (0.8, 0.7)
+            [5, 4],        # no mistakes: the right ones fill in
+            [6, 7],        # no right call: the mistakes fill in
+            [],            # a class without images
+        ]
+        assert [g.tolist() for g in pick_class_examples(self.y_true, self.called, self.confidence, n_classes=3,
+                                                        per_group=3)] == [[0, 1, 2], [5, 4], [6, 7]]
+
+    def test_rejects_mismatched_lengths(self):
+        with pytest.raises(ValueError, match="same length; got 8, 8 and 2"):
+            pick_class_examples(self.y_true, self.called, self.confidence[:2], n_classes=3)
+
+
+def _corner_squares(n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """16x16 noise images with a bright 4x4 square top left (class 0), top right (1) or at the bottom (2)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = rng.uniform(0.0, 0.3, (n, 16, 16)).astype(np.float32)
+    for image, label in zip(images, labels):
+        row, col = ((1, 1), (1, 11), (11, 6))[label]
+        image[row:row + 4, col:col + 4] = 1.0
+    return images[..., None], labels
+
+
+@pytest.mark.slow
+class TestClassGradCam:
+    """Grad-CAM of a real three-class Keras model: the heatmap of each image's called class, labelled."""
+
+    @pytest.fixture(scope="class")
+    def model(self):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((16, 16, 1))
+        x = layers.Conv2D(8, 3, padding="same", activation="relu", name="features")(inputs)
+        x = layers.GlobalMaxPooling2D()(x)
+        model = keras.Model(inputs, layers.Dense(3, activation="softmax")(x), name="three_corners")
+        model.compile(optimizer=keras.optimizers.Adam(0.03), loss="sparse_categorical_crossentropy")
+        model.fit(*_corner_squares(96, seed=0), epochs=15, batch_size=16, verbose=0)
+        return model
+
+    def test_the_called_class_map_and_a_labelled_png(self, model, tmp_path):
+        import matplotlib.pyplot as plt
+        from dicomflow.evaluation.explain import _grid_figure
+
+        images, labels = _corner_squares(12, seed=1)
+        probabilities = model.predict(images, verbose=0)
+        called = probabilities.argmax(axis=1)
+        assert np.mean(called == labels) >= 0.9  # it learnt where each class's square is
+        path = write_class_grad_cam_examples(model, images, labels, probabilities, called=called,
+                                             classes=[10, 20, 30], path=tmp_path / "grad_cam.png",
+                                             per_group=2, noun="grade")
+        png = matplotlib.image.imread(path)
+        assert png.ndim == 3 and png[..., :3].std() > 0.05
+        # Each called class's heat sits on its square's side of the image.
+        maps = grad_cam(model, images, class_index=called)
+        for heatmap, label, call in zip(maps, labels, called):
+            if label == call == 0:
+                assert heatmap[:8, :8].sum() > heatmap[:8, 8:].sum()
+            elif label == call == 1:
+                assert heatmap[:8, 8:].sum() > heatmap[:8, :8].sum()
+        # The tiles say the called grade and its probability; the rows the true grade.
+        picked = pick_class_examples(labels, called, probabilities.max(axis=1), n_classes=3, per_group=2)
+        chosen = np.concatenate(picked)
+        titles = [f"called {[10, 20, 30][called[i]]}, p = {probabilities[i, called[i]]:.2f}" for i in chosen]
+        fig = _grid_figure(images[chosen, ..., 0], maps[chosen], {f"actual grade {g}": np.arange(2 * k, 2 * k + 2)
+                                                                  for k, g in enumerate([10, 20, 30])},
+                           probabilities.max(axis=1)[chosen], titles)
+        shown = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        assert shown[0].startswith(f"called {[10, 20, 30][called[chosen[0]]]}, p = ")
+        assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel().startswith("actual")] == [
+            "actual grade 10", "actual grade 20", "actual grade 30"]
+        plt.close(fig)
+
+
 class TestWriteGradCamGrid:
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (5, 12, 12, 1)).astype(np.float32)
@@ -318,3 +420,14 @@ def test_tiles_are_titled_with_the_probability_and_the_grid_has_a_colour_bar():
     assert colour_bars[0].get_ylabel() == "Grad-CAM, share of the image's peak"
     assert colour_bars[0].get_ylim() == (0.0, 1.0)
     plt.close(fig)
+
+
+def test_a_colour_photograph_is_drawn_in_colour_and_grey_repeated_in_grey():
+    from dicomflow.evaluation.explain import display_images
+
+    photo = np.zeros((1, 12, 12, 3), np.float32)
+    photo[..., 0] = 0.8  # red, as a fundus is
+    np.testing.assert_array_equal(display_images(photo), photo)
+    grey = np.full((2, 12, 12, 3), 0.4, np.float32)
+    np.testing.assert_allclose(display_images(grey), np.full((2, 12, 12), 0.4))
+    np.testing.assert_allclose(display_images(grey[..., :1]), np.full((2, 12, 12), 0.4))

@@ -37,6 +37,8 @@ from pydicom.valuerep import PersonName
 
 from hospital_exports import EXPORTS, Planted, write_hospital_exports
 
+pytestmark = pytest.mark.slow  # its fixtures take seconds: make test runs it, make check does not
+
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hospital exports test secret, not the demo one"
 STAGE_TIMEOUT_S = 300

@@ -66,6 +66,7 @@ def auc_interval(labels, scores, patients, **options) -> Interval:
 
 
 class TestPatientBootstrap:
+    @pytest.mark.slow
     def test_one_image_per_patient_is_the_ordinary_bootstrap(self):
         rng = np.random.default_rng(1)
         labels = rng.integers(0, 2, 80)
@@ -74,12 +75,14 @@ class TestPatientBootstrap:
         interval = auc_interval(labels, scores, patients)
         assert (interval.low, interval.high) == pytest.approx(image_bootstrap_auc(labels, scores), abs=1e-4)
 
+    @pytest.mark.slow
     def test_it_is_the_cluster_bootstrap_written_out(self, clustered):
         labels, scores, patients = clustered
         interval = auc_interval(labels, scores, patients)
         assert (interval.low, interval.high) == pytest.approx(cluster_bootstrap_auc(labels, scores, patients),
                                                               abs=1e-4)
 
+    @pytest.mark.slow
     def test_patients_of_three_alike_images_widen_the_interval(self, clustered):
         labels, scores, patients = clustered
         by_patient = auc_interval(labels, scores, patients)

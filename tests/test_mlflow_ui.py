@@ -49,6 +49,7 @@ def _page_title(dom: str) -> str:
     return found.group(1) if found else ""
 
 
+@pytest.mark.slow
 def test_an_experiment_without_the_kind_tag_gets_it_on_the_next_run(tmp_path, monkeypatch):
     import mlflow
 
@@ -63,6 +64,7 @@ def test_an_experiment_without_the_kind_tag_gets_it_on_the_next_run(tmp_path, mo
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_the_ui_address_names_the_experiment_and_the_model_training_view(tmp_path, monkeypatch):
     base = "http://127.0.0.1:5000/"
     assert tracking.experiment_ui_url(base, tmp_path / "none.db") == (

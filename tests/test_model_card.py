@@ -3,6 +3,7 @@ value however the manifest's rows are keyed, and the description the registry ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -122,7 +123,7 @@ def test_the_card_has_every_section_in_order():
     assert card.startswith(card_title("dicomflow-classifier", "3") + "\n")
     assert card_title("dicomflow-classifier", "3") == "# Model card: dicomflow-classifier version 3"
     titles = [line[3:] for line in card.splitlines() if line.startswith("## ")]
-    assert titles == ["Intended use", "Training data", "Model", "Performance", "Subgroups", "Domain",
+    assert titles == ["Intended use", "Training data", "Model", "Performance", "Privacy", "Subgroups", "Domain",
                       "Known limitations", "Promotion"]
 
 
@@ -263,7 +264,8 @@ def test_more_than_two_classes_report_macro_and_per_class_figures():
     card = model_card(name="three", version="1", alias="champion", decision="champion: no champion before",
                       manifest=manifest, data_version="v", metrics=metrics, subgroups=SUBGROUPS.drop(
                           columns=["n_positive", "sensitivity", "specificity"]), domain=DOMAIN, threshold=None,
-                      ingest=three, evaluate=EVALUATE, train=TRAIN, augment=AUGMENT, validation=VALIDATION)
+                      ingest=three, evaluate=EVALUATE, train=dataclasses.replace(TRAIN, task="multiclass"),
+                      augment=AUGMENT, validation=VALIDATION)
     performance = section(card, "Performance")
     assert "| Macro ROC AUC | 0.800 (0.600-0.900) |" in performance
     assert f"| Accuracy (most probable class) | 0.700 ({few}; 7/10) |" in performance
@@ -274,6 +276,30 @@ def test_more_than_two_classes_report_macro_and_per_class_figures():
     assert "| train | 6 (60.0%) | 4 | 2 (2) | 2 (2) | 2 (2) |" in section(card, "Training data")
     assert "| attribute | group | n | patients | AUC | AUC 95% CI | acc. |" in section(card, "Subgroups")
     assert "No threshold" in section(card, "Known limitations")
+    assert "- Task: multi-class (`train.task: multiclass`), classes 0, 1, 2 without order." in section(card, "Model")
+
+
+@pytest.mark.parametrize(("referable_grade", "referable_threshold", "words"), [
+    (None, None, "the call with the least expected grade error)."),
+    (2, None, "; referable: P(grade >= 2) (`evaluate.referable_grade`), reported as a probability, no threshold "
+              "chosen."),
+    (2, 0.3125, "; referable: P(grade >= 2) (`evaluate.referable_grade`), called referable at 0.3125 or more "
+                "(chosen on the validation split)."),
+])
+def test_an_ordinal_card_states_the_task_the_grades_and_how_a_grade_is_called(referable_grade, referable_threshold,
+                                                                             words):
+    grades = IngestParams(**{**INGEST.__dict__, "classes": [0, 1, 2, 3]})
+    evaluate = dataclasses.replace(EVALUATE, referable_grade=referable_grade)
+    card = binary_card(ingest=grades, manifest=hand_manifest().assign(label=[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]),
+                       threshold=None, evaluate=evaluate, train=dataclasses.replace(TRAIN, task="ordinal"),
+                       referable_threshold=referable_threshold)
+    model = section(card, "Model")
+    assert "- Task: ordinal (`train.task: ordinal`), grades 0 < 1 < 2 < 3 in this order." in model
+    assert ("output: a probability for each of the 4 grades, from 3 continuation-ratio logits "
+            "(P(grade > j | grade >= j)), so that P(grade >= j) never rises with j.") in model
+    assert ("- Operating point: each image is called the median of its grade distribution (the smallest grade "
+            "whose cumulative probability reaches 0.5: the call with the least expected grade error)") in model
+    assert model.rstrip().endswith(words)
 
 
 def test_no_identifying_value_of_the_source_reaches_the_card():
@@ -303,7 +329,7 @@ def test_category_names_cannot_break_the_markdown():
 
 
 def test_the_description_is_the_card_when_it_fits_and_shortened_else():
-    card = binary_card()
+    card = binary_card(subgroups=None)  # the hand card with its table is just over the limit
     assert len(card) < DESCRIPTION_LIMIT and registry_description(card, where="x") == card
     where = "the model_card.md artifact of run abc"
     many = pd.concat([SUBGROUPS] * 60, ignore_index=True)  # a table far over the registry's limit
@@ -314,7 +340,8 @@ def test_the_description_is_the_card_when_it_fits_and_shortened_else():
     assert len(short) <= DESCRIPTION_LIMIT and short.startswith(card_title("dicomflow-classifier", "3"))
     assert short.rstrip().endswith(f"the whole card is {where}.*")
     assert "## Subgroups\n\nIn the whole card." in short
-    for title in ("Intended use", "Training data", "Model", "Performance", "Domain", "Known limitations", "Promotion"):
+    for title in ("Intended use", "Training data", "Model", "Performance", "Privacy", "Domain", "Known limitations",
+                  "Promotion"):
         # only the subgroup table left out (the note follows the last section)
         assert section(short, title).startswith(section(long, title).rstrip("\n")), title
     tiny = registry_description(long, where=where, limit=1200)
@@ -363,3 +390,55 @@ def test_promotion_says_how_many_images_were_left_out():
     promotion = section(binary_card(excluded=7), "Promotion")
     assert "7 of them were left out because the champion trained on them." in promotion
     assert "left out" not in section(binary_card(), "Promotion")
+
+
+ATTACK = {"membership_auc": 0.5312, "membership_auc_ci_low": 0.4701, "membership_auc_ci_high": 0.5903,
+          "membership_auc_ci_note": "", "membership_tpr_at_fpr": 0.0133, "membership_tpr_at_fpr_ci_low": 0.0,
+          "membership_tpr_at_fpr_ci_high": 0.04, "membership_tpr_at_fpr_ci_note": "", "membership_fpr": 0.01,
+          "membership_epsilon_lower_bound": 0.0, "membership_alpha": 0.05, "membership_delta": 0.001,
+          "membership_n_members": 150, "membership_n_nonmembers": 150}
+DP = {"epsilon": 3.0, "delta": 0.001, "noise_multiplier": 2.1, "max_grad_norm": 1.0, "sampling_probability": 0.1172,
+      "steps": 256, "accountant": "pld", "sampling": "poisson", "neighbouring": "add_or_remove_one", "unit": "image",
+      "patient_epsilon": 6.0}
+
+
+class TestPrivacySection:
+    def test_with_dp_the_guarantee_what_it_means_and_the_attack(self):
+        privacy = section(binary_card(metrics={**BINARY_METRICS, **ATTACK}, privacy=DP), "Privacy")
+        assert "**ε = 3.00, δ = 0.001 per image** (add or remove one; `pld` accountant, poisson sampling q 0.1172, " \
+               "256 steps, noise multiplier 2.10, clipping norm 1.00)." in privacy
+        assert "A whole patient's images: ε = 6.00." in privacy
+        assert "whether or not any one image was trained on, everything the model outputs is almost" in privacy
+        assert "It does not hide what the data as a whole show" in privacy
+        assert "nor protect the de-identified files" in privacy
+        assert ("Membership attack (loss threshold, 150 training against 150 test images): AUC 0.531 "
+                "(0.470-0.590) (0.5: chance), TPR 0.013 (0.000-0.040) at 1% FPR; ε proven >= 0.00 (95% "
+                "confidence, within the accounted ε).") in privacy
+
+    def test_a_patient_without_bound_is_said_so(self):
+        privacy = section(binary_card(privacy={**DP, "patient_epsilon": math.inf}), "Privacy")
+        assert "A whole patient's images: no bound (group privacy over them gives none at this δ)." in privacy
+
+    def test_without_dp_no_formal_guarantee_and_the_attack(self):
+        privacy = section(binary_card(metrics={**BINARY_METRICS, **ATTACK, "membership_epsilon_lower_bound": 1.2}),
+                          "Privacy")
+        assert "**No formal privacy guarantee**: trained without differential privacy." in privacy
+        assert "AUC 0.531 (0.470-0.590)" in privacy and "ε proven >= 1.20 (95% confidence). A weak" in privacy
+
+    def test_a_report_without_the_attack_says_so(self):
+        assert "Membership attack: not run" in section(binary_card(), "Privacy")
+
+
+def test_a_volume_model_states_its_input_volume_and_counts_series():
+    import dataclasses
+
+    from dicomflow.config.params import SeriesParams
+
+    ingest = dataclasses.replace(INGEST, unit="series", series=SeriesParams(spacing_mm=[5.0, 2.5, 2.5],
+                                                                            volume_size=[32, 64, 64]))
+    card = binary_card(ingest=ingest, metrics={**BINARY_METRICS, "level": "series"})
+    assert ("- Input: one CT series as a volume of 32 x 64 x 64 voxels (d x h x w, one channel), resampled to "
+            "5 x 2.5 x 2.5 mm (z, y, x), lung window -600/1500 HU (center/width), cropped or padded with air; the "
+            "registered model refuses single DICOM files (serving a series of files comes later) (uint8, scaled to "
+            "[0, 1]); output: probability of class 1 (sigmoid).") in section(card, "Model")
+    assert f"Test split: {int(BINARY_METRICS['n_test'])} series, " in card

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicomflow.config.params import SECTIONS, PathsParams, ParamsError, load_params, load_paths, read_params_file
+from dicomflow.config.params import (
+    SECTIONS, VOLUME_ARCHITECTURES, PathsParams, ParamsError, check_architecture, load_params, load_paths,
+    read_params_file,
+)
 
 _DELETE = object()
 
@@ -49,7 +52,8 @@ class TestLoadParamsRepoFile:
         assert isinstance(params, SECTIONS[section])
         assert {f.name for f in dataclasses.fields(params)} == set(repo_raw[section])
         for name, value in repo_raw[section].items():
-            assert getattr(params, name) == value
+            loaded = getattr(params, name)  # a nested section (train.privacy) as the mapping it was read from
+            assert (dataclasses.asdict(loaded) if dataclasses.is_dataclass(loaded) else loaded) == value
 
     def test_sections_are_frozen(self, repo_params_file):
         params = load_params("split", path=repo_params_file)
@@ -174,7 +178,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "ingest.label_key", "patient_id", "ingest",
-        r"'ingest\.label_key' must be one of 'accession_number', 'study_instance_uid', "
+        r"'ingest\.label_key' must be one of 'accession_number', 'study_instance_uid', 'series_instance_uid', "
         r"'sop_instance_uid', 'path'; got 'patient_id'",
         id="label-key-not-in-choices",
     ),
@@ -216,7 +220,7 @@ BAD_VALUES = [
     pytest.param(
         "tune", {"trials": 3}, "split",
         r"unknown section 'tune'; allowed sections: ingest, deidentify, validate, split, "
-        r"augment, train, evaluate",
+        r"augment, pretrain, train, evaluate",
         id="unknown-section-in-file",
     ),
 ]
@@ -311,3 +315,24 @@ class TestPaths:
         (tmp_path / "dvc.yaml").write_text("stages: {}\n")
         with pytest.raises(ParamsError, match=r"expected one 'paths' mapping among its 'vars'.*found 0$"):
             load_paths(tmp_path / "dvc.yaml")
+
+
+@pytest.mark.parametrize("architecture", VOLUME_ARCHITECTURES)
+def test_a_volume_network_is_a_choice_and_refused_on_images(tmp_path, repo_raw, architecture):
+    raw = _with(repo_raw, "train", {**repo_raw["train"], "architecture": architecture})
+    assert load_params("train", path=_write(tmp_path, raw)).architecture == architecture
+    assert repo_raw["ingest"]["unit"] == "image"
+    expected = (rf"^params.yaml: 'train.architecture' is '{architecture}', a network of volumes, but 'ingest.unit' "
+                r"is 'image' \(2-D images\): set ingest.unit: series, or architecture to one of seed_cnn, "
+                r"resnet_small, resnet_small_gn$")
+    with pytest.raises(ParamsError, match=expected):
+        check_architecture(architecture, "image")
+    check_architecture(architecture, "series")
+
+
+def test_an_image_network_is_refused_on_volumes(repo_raw):
+    with pytest.raises(ParamsError, match=r"^params.yaml: 'train.architecture' is 'resnet_small', a network of 2-D "
+                                          r"images, but 'ingest.unit' is 'series' \(volumes\): set architecture to "
+                                          r"one of resnet3d_small, attention_mil, or ingest.unit: image$"):
+        check_architecture(repo_raw["train"]["architecture"], "series")
+    check_architecture(repo_raw["train"]["architecture"], "image")

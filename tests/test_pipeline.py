@@ -27,7 +27,7 @@ from pipeline_repo import free_port as _free_port
 from pipeline_repo import run as _run
 import yaml
 
-STAGES = ["ingest", "deidentify", "validate", "split", "augment", "train", "evaluate"]
+STAGES = ["ingest", "deidentify", "validate", "split", "augment", "pretrain", "train", "evaluate"]
 PHI_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
             "InstitutionName", "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID",
             "SOPInstanceUID"]
@@ -45,7 +45,7 @@ def add_hospital_exports(data: Path) -> None:
     pd.concat([labels, exported], ignore_index=True).to_csv(data / "labels.csv", index=False)
 
 
-def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
+def test_all_eight_stages_ran_and_wrote_their_outputs(repo):
     root, env = repo
     listed = _run(["dvc", "stage", "list", "--name-only"], root, env).split()
     assert [name for name in listed if name in STAGES] == STAGES
@@ -54,6 +54,7 @@ def test_all_seven_stages_ran_and_wrote_their_outputs(repo):
     assert (root / "reports" / "validation.html").read_text().lower().count("<table") >= 1
     assert (root / "reports" / "train_curves.png").read_bytes().startswith(b"\x89PNG")
     assert (root / "outputs" / "deidentify" / "identifier_digests.json").is_file()
+    assert json.loads((root / "outputs" / "pretrain" / "pretrain.json").read_text()) == {"method": "none"}
     quarantine = (root / "outputs" / "ingest" / "quarantine.csv").read_text()
     assert {"not_dicom", "truncated_pixel_data", "no_pixel_data", "no_label"} <= {
         line.split(",")[1] for line in quarantine.splitlines()[1:]}
@@ -243,6 +244,7 @@ def test_three_classes_run_through_every_stage(repo, tmp_path):
     labels.to_csv(project / "data" / "labels.csv", index=False)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ingest"]["classes"] = [0, 1, 2]
+    params["train"]["task"] = "multiclass"  # evaluate refuses a binary task with three classes (check_task)
     params["evaluate"]["registered_model_name"] = "three-classes"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -251,8 +253,9 @@ def test_three_classes_run_through_every_stage(repo, tmp_path):
 
     metrics = json.loads((project / "reports" / "test_metrics.json").read_text())
     assert {"roc_auc", "accuracy", "macro_f1", "sensitivity_2", "specificity_0", "n_test_1"} <= set(metrics)
-    assert set(json.loads((project / "reports" / "metrics.json").read_text())) == {"roc_auc", "accuracy",
-                                                                                  "brier", "ece"}
+    # The headline: the task's metrics, and the membership attack's AUC (no privacy_epsilon: no DP).
+    assert set(json.loads((project / "reports" / "metrics.json").read_text())) == {
+        "roc_auc", "accuracy", "brier", "ece", "balanced_accuracy", "membership_auc"}
     assert "threshold" not in metrics and 0 <= metrics["roc_auc"] <= 1
     assert set(pd.read_csv(project / "reports" / "subgroups.csv")["attribute"]) >= {"patient_sex"}
     import mlflow

@@ -86,7 +86,12 @@ class TestPlotsPage:
 def write_every_plot(repo: Path) -> None:
     """The plot files of a pipeline run, written by the stages' own functions on synthetic data."""
     from dicomflow.evaluation.explain import write_grad_cam_grid
-    from dicomflow.evaluation.plots import write_plot_data, write_reliability_diagram
+    from dicomflow.evaluation.plots import (
+        write_class_reliability,
+        write_confusion_matrix,
+        write_plot_data,
+        write_reliability_diagram,
+    )
     from dicomflow.model.augment import build_policy, write_preview
     from dicomflow.model.curves import write_training_curves
     from dicomflow.config.params import load_params
@@ -97,6 +102,10 @@ def write_every_plot(repo: Path) -> None:
     plots = repo / "reports" / "plots"
     write_plot_data(y_true, y_score, threshold=0.5, out_dir=plots)
     write_reliability_diagram(y_true, y_score, np.clip(y_score * 1.2, 0, 1), out_dir=plots)
+    grades = rng.integers(0, 5, 120)  # the plots of more than two classes, from a five-grade run
+    write_confusion_matrix(grades, np.clip(grades + rng.integers(-1, 2, 120), 0, 4), classes=[0, 1, 2, 3, 4],
+                           out_dir=plots)
+    write_class_reliability(grades, rng.dirichlet(np.ones(5), 120), classes=[0, 1, 2, 3, 4], out_dir=plots)
     images = rng.uniform(0, 1, (4, 16, 16, 1)).astype(np.float32)
     write_grad_cam_grid(images, rng.uniform(0, 1, (4, 16, 16)), {"true_positives": np.array([0, 1]),
                         "false_negatives": np.array([2])}, y_score[:4], plots / "grad_cam.png")
@@ -147,4 +156,4 @@ def test_dvc_plots_show_renders_every_declared_plot_offline(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="vega-embed') == 7
     assert dom.count("<canvas") == 7
-    assert len(re.findall(r'<img src="static/workspace_[\w.]+\.png"', dom)) == len(images) == 6
+    assert len(re.findall(r'<img src="static/workspace_[\w.]+\.png"', dom)) == len(images) == 8

@@ -144,6 +144,7 @@ def _compare(store, files, name: str, candidate_keras: Path, *, metric: str = "r
                                  pixel_settings=PIXELS, **files)
 
 
+@pytest.mark.slow
 class TestCompareWithChampion:
     def test_no_champion_scores_the_candidate_alone(self, store, files, keras_models):
         comparison = _compare(store, files, "none-yet", keras_models["good"])
@@ -161,6 +162,7 @@ class TestCompareWithChampion:
         assert alias == "champion"
         assert f"roc_auc on {N_FILES - 3} val images (3 left out: the champion trained on them)" in decision
 
+    @pytest.mark.slow
     def test_too_few_fair_images_make_a_challenger_with_the_reason(self, store, files, keras_models):
         trained_on = list(range(N_FILES - MIN_COMPARED_IMAGES + 1))  # leaves MIN - 1
         _register(store, "unfair", keras_models["poor"], trained_on=trained_on)
@@ -249,6 +251,7 @@ def _environment_probe(folder: Path) -> Path:
     return folder / "model"
 
 
+@pytest.mark.slow
 def test_the_champions_process_sees_no_secret(tmp_path, files):
     probe = _environment_probe(tmp_path)
     environ = {**os.environ, **SECRETS, "LC_ALL": "C.UTF-8"}
@@ -266,6 +269,7 @@ def test_the_champions_process_sees_no_secret(tmp_path, files):
                                                "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TEMP", "TMP"}
 
 
+@pytest.mark.slow
 def test_a_champion_that_fails_to_load_is_one_line(tmp_path, files):
     broken = tmp_path / "broken"
     broken.mkdir()

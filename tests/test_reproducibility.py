@@ -43,6 +43,7 @@ def _members(path: Path) -> dict[str, tuple[tuple[int, ...], bytes]]:
         return {info.filename: (info.date_time, archive.read(info)) for info in archive.infolist()}
 
 
+@pytest.mark.slow
 class TestSaveModel:
     def test_two_saves_seconds_apart_are_byte_identical_where_kerass_own_are_not(self, small_model, tmp_path):
         save_model(small_model, tmp_path / "a" / "model.keras")
@@ -96,6 +97,7 @@ class TestSaveModel:
         return tmp_path / "plain.keras"
 
 
+@pytest.mark.slow
 class TestTrainingRunFor:
     @pytest.fixture
     def client(self, tmp_path):
@@ -136,21 +138,49 @@ class TestTrainingRunFor:
 class TestLoggedParams:
     def test_training_logs_what_a_person_compares_and_no_file_location(self):
         params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-        logged = tracking.select_params(params, tracking.TRAINING_PARAMS)
+        logged = tracking.training_params(params)
         expected = {f"{section}.{key}": value for section in ("train", "augment", "split")
-                    for key, value in params[section].items()}
+                    for key, value in params[section].items() if not isinstance(value, dict)}
         expected.update({f"ingest.{key}": params["ingest"][key] for key in ("classes", "image_size", "channels")})
+        assert params["train"]["init"] == "scratch" and not params["train"]["privacy"]["enabled"]
+        # The default trains from scratch without DP: the transfer and DP settings would be noise.
+        for neutral in ("train.freeze_epochs", "train.encoder_lr_factor"):
+            del expected[neutral]
+        expected["train.privacy.enabled"] = False
         assert logged == expected
         assert not any(name.startswith("paths.") for name in logged) and len(logged) <= 30
+
+    def test_transfer_and_dp_settings_are_logged_when_they_act(self):
+        params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        params["train"].update(init="pretrain", freeze_epochs=3)
+        params["train"]["privacy"]["enabled"] = True
+        logged = tracking.training_params(params)
+        assert logged["train.freeze_epochs"] == 3 and "train.encoder_lr_factor" in logged
+        assert {f"train.privacy.{key}" for key in params["train"]["privacy"]} <= set(logged)
+
+    def test_a_volume_run_logs_its_unit_and_the_volumes_geometry(self):
+        params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        assert "ingest.unit" not in tracking.training_params(params)  # images: as before
+        params["ingest"]["unit"] = "series"
+        logged = tracking.training_params(params)
+        assert logged["ingest.unit"] == "series"
+        assert {f"ingest.series.{key}": value for key, value in params["ingest"]["series"].items()}.items() \
+            <= logged.items()
 
     def test_the_params_train_declares_in_dvc_yaml_are_all_logged(self):
         declared = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["train"]["params"]
         params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-        logged = tracking.select_params(params, tracking.TRAINING_PARAMS)
+        params["train"]["privacy"]["enabled"] = True  # every setting then acts
+        params["train"]["init"] = "pretrain"
+        params["ingest"]["unit"] = "series"
+        logged = tracking.training_params(params)
         for name in declared:
             section, _, key = name.partition(".")
             keys = [key] if key else list(params[section])
-            assert {f"{section}.{k}" for k in keys} <= set(logged), name
+            for k in keys:
+                value = params[section][k]
+                names = {f"{section}.{k}.{sub}" for sub in value} if isinstance(value, dict) else {f"{section}.{k}"}
+                assert names <= set(logged), name
 
 
 # ---- the whole pipeline, twice, in a real DVC repository -----------------------------------------

@@ -53,6 +53,7 @@ def label_rows(sample) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_same_arguments_give_identical_bytes(sample, tmp_path: Path) -> None:
     root, _ = sample
     again = tmp_path / "again"
@@ -63,6 +64,7 @@ def test_same_arguments_give_identical_bytes(sample, tmp_path: Path) -> None:
     assert differing == []
 
 
+@pytest.mark.slow
 def test_different_seed_gives_different_files(sample, tmp_path: Path) -> None:
     root, _ = sample
     other = tmp_path / "other"
@@ -229,6 +231,7 @@ def test_layout_and_repeat_visits(sample, datasets) -> None:
     assert summary.non_dicom.startswith("studies/")
 
 
+@pytest.mark.slow
 def test_refuses_non_empty_directory_unless_forced(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()

@@ -284,6 +284,84 @@ OUT_OF_DOMAIN = {  # what each FOREIGN file's error starts with, and holds
 }
 
 
+@pytest.mark.slow
+def test_a_volume_model_scores_the_series_of_a_request_as_ingest_assembles_them(store, dicoms, tmp_path):
+    """A resnet3d_small logged as evaluate logs a CT model: its metadata states the volume; a request of
+    files is grouped into series, each file's row gets its series' score (that of the volume ingest
+    makes of the series), a broken series' rows say why, a radiograph is no slice; preprocessed volumes
+    are scored as the network scores them."""
+    import dataclasses
+
+    from dicomflow.devtools.ct_sample import generate_ct_sample
+    from dicomflow.dicom.series import VolumeSettings, group_series, read_slice_header, read_volume
+    from dicomflow.model.architectures import build_resnet3d_small, predict_probabilities
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "volume.keras"
+    network = build_resnet3d_small((16, 16, 16, 1))
+    network.save(path)
+    volume = VolumeSettings(spacing_mm=(10.0, 20.0, 20.0), size=(16, 16, 16), window=(-600.0, 1500.0))
+    with mlflow.start_run(experiment_id=store["experiment"]):
+        info = serving.log_classifier(path, threshold=0.5, classes=[0, 1], settings=SETTINGS, domain=DOMAIN,
+                                      input_example=serving.serving_example(DOMAIN),
+                                      volume={**dataclasses.asdict(volume), "policy": "strict", "min_slices": 8})
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    assert loaded.metadata.metadata["volume"] == {"input_shape": [16, 16, 16, 1], "spacing_mm": [10.0, 20.0, 20.0],
+                                                  "size": [16, 16, 16], "window": [-600.0, 1500.0],
+                                                  "max_decoded_mib": 2048, "policy": "strict", "min_slices": 8}
+
+    data = tmp_path / "ct"
+    summary = generate_ct_sample(data, patients=2)
+    gap = summary.by_defect("gap")
+    gap_folder = (data / gap.files[0]).parent
+    intact = sorted(p for p in (data / "studies").rglob("*.dcm") if p.parent != gap_folder
+                    and not any(p.parent == (data / b.files[0]).parent for b in summary.broken))
+    gap_files = sorted(gap_folder.glob("*.dcm"))
+    request = [*intact, *gap_files, dicoms["dark"]]
+    result = loaded.predict(pd.DataFrame({"path": [str(p) for p in request]}))
+
+    # Expected: the volume of each intact series as ingest's reader makes it, scored by the network.
+    headers = [read_slice_header(p, data_dir=data, max_bytes=volume.max_bytes) for p in intact]
+    groups, _ = group_series(headers)
+    assert len(groups) == 2
+    expected = {}
+    for group in groups:
+        built = read_volume(group, data_dir=data, settings=volume, fill_gaps=False)
+        score = predict_probabilities(network, built.pixels[None, ..., None] / 255.0)[0]
+        expected.update({str(data / h.relative_path): score for h in group.headers})
+    answered = dict(zip((str(p) for p in request), result["probability"]))
+    for name, score in expected.items():
+        assert answered[name] == pytest.approx(score, abs=1e-5)
+    assert (result["error"].iloc[:len(intact)] == "").all()
+    assert result["error"].iloc[len(intact):len(intact) + len(gap_files)].str.startswith("series_gap: ").all()
+    assert result["probability"].iloc[len(intact):].isna().all()
+    assert result["error"].iloc[-1].startswith("no_geometry: ")
+
+    # What `dicomflow predict` does: calls of at most 10 files that never cut a series (each of
+    # 32-40 files), then one numbered row per series with its score; no UID in the table.
+    from dicomflow.serving.predict import StudySettings, predict_files, study_instance_uids, with_studies
+
+    names = [p.name for p in request]
+    table = predict_files(loaded, request, names=names, batch_files=10)
+    pd.testing.assert_frame_equal(table.drop(columns="path"), result.reset_index(drop=True))
+    table = with_studies(table, study_instance_uids(request, "SeriesInstanceUID"), unit="series",
+                         settings=StudySettings("mean", 1, 0.5, None, "the series' own score"),
+                         model_metadata=loaded.metadata.metadata)
+    series = table[table["unit"] == "series"]
+    assert sorted(series["n_files"]) == sorted(len(g.headers) for g in groups)
+    assert sorted(series["probability"]) == pytest.approx(sorted({float(v) for v in expected.values()}), abs=1e-5)
+    assert not any(uid in table.to_csv() for uid in filter(None, study_instance_uids(request, "SeriesInstanceUID")))
+
+    volumes = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 16), dtype=np.uint8)
+    classifier = loaded.unwrap_python_model()  # arrays go to the classifier itself, as for images
+    result = classifier.predict(None, volumes)
+    np.testing.assert_allclose(result["probability"], predict_probabilities(network, volumes[..., None] / 255.0),
+                               atol=1e-5)
+    assert (result["label"] == (result["probability"] >= 0.5).astype(int)).all()
+    with pytest.raises(ValueError, match=r"volumes must be \(n, 16, 16, 16\)"):
+        classifier.predict(None, volumes[:, :8])
+
+
 def _assert_out_of_domain(result: pd.DataFrame, names: list[str]) -> None:
     """Rows of ``result`` (in ``names`` order): FOREIGN ones refused, the others predicted."""
     for (_, row), name in zip(result.iterrows(), names):
@@ -481,6 +559,7 @@ def test_predict_cli_fails_when_no_file_could_be_predicted(registered, dicoms, t
     assert (tmp_path / "out.csv").read_text().startswith("path,probability,label,error\nnotes,,-1,not_dicom: ")
 
 
+@pytest.mark.slow
 def test_predict_cli_skips_tables_documents_dicomdir_and_hidden_files_with_a_count(registered, dicoms, tmp_path,
                                                                                     caplog):
     """`make predict` reads data/, where labels.csv lives: such files are counted by kind, never failures,
@@ -504,6 +583,7 @@ def test_predict_cli_skips_tables_documents_dicomdir_and_hidden_files_with_a_cou
     assert "not predicted" not in caplog.text
 
 
+@pytest.mark.slow
 def test_a_file_named_on_the_command_line_is_read_whatever_its_name(registered, dicoms, tmp_path):
     from dicomflow.cli import parser, predict
 
@@ -566,6 +646,7 @@ class TestServingExample:
 class TestPredictNamesTheModel:
     """Outside a project, without what names the model: one line saying how to name it, no traceback."""
 
+    @pytest.mark.slow
     def test_no_store_here_and_none_named(self, dicoms, tmp_path):
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
         env["PYTHONPATH"] = str(REPO)
@@ -575,6 +656,7 @@ class TestPredictNamesTheModel:
         assert line.startswith("error: no MLflow tracking store here (") and "--tracking-uri sqlite:////" in line
         assert sorted((tmp_path / "elsewhere").iterdir()) == []
 
+    @pytest.mark.slow
     def test_a_store_that_does_not_exist(self, dicoms, tmp_path):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         result = _predict_elsewhere(tmp_path / "elsewhere", [str(dicoms["bright"]), "--tracking-uri",
@@ -584,6 +666,7 @@ class TestPredictNamesTheModel:
         assert line.startswith(f"error: tracking store sqlite:///{tmp_path}/nope/mlflow.db: ")
         assert "does not exist" in line
 
+    @pytest.mark.slow
     def test_a_store_without_a_champion_and_no_model_named(self, dicoms, tmp_path):
         uri = f"sqlite:///{tmp_path / 'empty.db'}"
         mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the store's tables
@@ -1093,6 +1176,7 @@ class TestServingLimits:
 
 
 class TestServeCommand:
+    @pytest.mark.slow
     def test_binding_beyond_loopback_without_a_token_is_refused(self, tmp_path):
         env = {key: value for key, value in os.environ.items() if key != "DICOMFLOW_SERVE_TOKEN"}
         result = subprocess.run([sys.executable, "-m", "dicomflow", "serve", "--model", "models:/x@champion",

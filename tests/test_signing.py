@@ -166,6 +166,7 @@ def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 class TestDownloadVerified:
     def test_a_signed_version_verifies_and_the_copy_holds_exactly_the_stored_files(self, signed, keys, tmp_path):
         local = download_verified(f"models:/{NAME}/{signed}", tmp_path / "dl", key=keys["verify"])
@@ -447,6 +448,7 @@ class TestKeys:
         assert verify_key_from_env({"MLFLOW_TRACKING_URI": uri}).key_id == signing_key_from_env({}).key_id
 
 
+@pytest.mark.slow
 def test_keygen_writes_a_pair_that_signs_and_verifies(store, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "dicomflow", "keygen", "--out", str(tmp_path / "team")]

@@ -69,6 +69,7 @@ def test_a_stage_log_is_one_format_with_no_banner_and_no_terminal_codes(tmp_path
     assert any(" py.warnings WARNING UserWarning from " in line and "message withheld" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_tensorflow_errors_still_show_and_the_import_is_a_plain_one(tmp_path):
     ran = run_python("""
 import os, sys
@@ -81,6 +82,7 @@ os.write(2, b"E0000 00:00:1.0 1 x.cc:1] a real error\\n")
     assert ran.stderr == "E0000 00:00:1.0 1 x.cc:1] a real error\n"
 
 
+@pytest.mark.slow
 def test_no_stage_imports_tensorflow_before_the_environment_is_set(tmp_path):
     modules = sorted(f"stages.{path.stem}" for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
     ran = run_python(f"""

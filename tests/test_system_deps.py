@@ -36,7 +36,8 @@ def test_without_the_tools_or_a_way_to_install_them_it_names_them_in_one_line(tm
         missing.append(("dicom3tools", "dciodvfy"))
         if not _present("usr/lib/postgresql/*/bin/initdb"):
             missing.append(("postgresql", "initdb"))
-        missing += [("nodejs npm", "node, npm"), ("chromium", "chromium")]
+        missing += [("nodejs npm", "node, npm"), ("chromium", "chromium"),
+                    ("orthanc orthanc-dicomweb", "Orthanc with DICOMweb")]
     if not missing:  # `repro` where the model is installed: nothing to say
         assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dicomflow import tracking
 
 
@@ -66,6 +68,7 @@ def test_run_tags_mark_a_workspace_that_differs_from_its_commit(tmp_path, monkey
     assert changed["workspace_modified"] == "true" and changed["dvc_experiment"] == "tangy-frog"
 
 
+@pytest.mark.slow
 def test_the_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
     import mlflow
 
@@ -107,6 +110,7 @@ class TestMovedRepository:
     """A repository with its SQLite store and artifacts copied or moved elsewhere: new runs land in
     the new folder, never the old, and the old runs are read from the copy."""
 
+    @pytest.mark.slow
     def test_a_copy_writes_its_runs_into_its_own_tree(self, tmp_path, monkeypatch):
         import shutil
 
@@ -123,6 +127,7 @@ class TestMovedRepository:
         assert _read_artifact(copy, first) == "first"  # the copy's own file, not the original's
         assert _read_artifact(original, first) == "only in the original"
 
+    @pytest.mark.slow
     def test_a_moved_repository_reads_its_old_runs_and_writes_where_it_is(self, tmp_path, monkeypatch):
         before, after = tmp_path / "before", tmp_path / "after"
         before.mkdir()
@@ -133,6 +138,7 @@ class TestMovedRepository:
         assert _read_artifact(after, first) == "first" and _read_artifact(after, second) == "second"
         assert (after / "mlruns" / "1" / second / "artifacts" / "notes.txt").is_file()
 
+    @pytest.mark.slow
     def test_an_artifact_location_placed_elsewhere_on_purpose_is_kept(self, tmp_path, monkeypatch):
         import mlflow
 
@@ -148,12 +154,14 @@ class TestMovedRepository:
         run_id = _log_a_run(repo, monkeypatch, "kept")
         assert (elsewhere / run_id / "artifacts" / "notes.txt").read_text() == "kept"
 
+    @pytest.mark.slow
     def test_nothing_changes_in_place_or_without_a_store(self, tmp_path, monkeypatch):
         assert tracking.relocate_artifact_paths(tmp_path / "mlflow.db", tmp_path) == 0
         _log_a_run(tmp_path, monkeypatch, "here")
         assert tracking.relocate_artifact_paths(tmp_path / "mlflow.db", tmp_path) == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_logging_artifacts_is_one_line_naming_the_file_and_disk(tmp_path):
     """A real write past a file size limit (EFBIG, handled as ENOSPC and EDQUOT are) while a
     run logs an artifact, in a stage process: one line, and the run is FAILED."""

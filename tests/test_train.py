@@ -137,8 +137,8 @@ class TestTrainModel:
 
         train_x, train_y = _three_class_images(240, seed=0)
         val_x, val_y = _three_class_images(90, seed=1)
-        model, history = train_model(train_x, train_y, val_x, val_y, params=self.params, n_classes=3,
-                                     checkpoint=None)
+        model, history = train_model(train_x, train_y, val_x, val_y, n_classes=3, checkpoint=None,
+                                     params=dataclasses.replace(self.params, task="multiclass"))
         probabilities = model.predict(val_x, verbose=0)
         assert probabilities.shape == (90, 3)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -148,6 +148,7 @@ class TestTrainModel:
 
 
 class TestTrainingBatches:
+    @pytest.mark.slow
     def test_an_epoch_is_a_permutation_of_the_training_set_augmented_by_batch(self):
         from dicomflow.model.training import training_batches
 
@@ -223,6 +224,21 @@ def test_images_of_another_size_than_the_params_are_a_clear_error():
     with pytest.raises(DataError, match="images are 32x32x1 but ingest.image_size and ingest.channels "
                                          "ask for 64x64x1"):
         check_input_shape(np.zeros((2, 32, 32, 1), np.float32), ingest)
+
+
+def test_volumes_of_another_shape_than_ingest_series_are_a_clear_error():
+    from dicomflow.config.params import SeriesParams
+    from dicomflow.errors import DataError
+    from dicomflow.model.training import check_input_shape
+
+    ingest = IngestParams(label_key="accession_number", classes=[0, 1], image_size=64, channels=1,
+                          pixel_dtype="uint8", frames="first", voi_index=0, target_spacing_mm=None, workers=0,
+                          file_timeout_s=120, max_decoded_mib=2048, max_quarantine_fraction=0.1, unit="series",
+                          series=SeriesParams(volume_size=[16, 32, 32]))
+    check_input_shape(np.zeros((2, 16, 32, 32, 1), np.float32), ingest)
+    with pytest.raises(DataError, match=r"images are 64x64x1 but ingest.series.volume_size ask for 16x32x32x1: "
+                                        r"run the pipeline from ingest"):
+        check_input_shape(np.zeros((2, 64, 64, 1), np.float32), ingest)
 
 
 def test_model_input_from_every_stored_layout():
@@ -535,6 +551,7 @@ class TestInferenceModeMatchesTraining:
             "architecture": "resnet_small", "epochs": 3, "lr_schedule": "constant", "class_weight": "none",
             "keep": "last_epoch", **changes})
 
+    @pytest.mark.slow
     def test_first_layer_statistics_are_those_of_its_input_over_the_training_images(self):
         from dicomflow.model.training import BatchNormStatistics
 
@@ -653,6 +670,7 @@ def test_a_degenerate_model_fails_the_stage_and_its_run(tmp_path):
     assert run.data.tags["dicomflow.degenerate"].startswith("constant predictions: every image scores")
 
 
+@pytest.mark.slow
 def test_training_curves_are_drawn_for_every_member(tmp_path):
     """The PNG that stands in for DVC's Vega plots offline: one validation line per member."""
     import matplotlib.image

@@ -43,7 +43,8 @@ def make_manifest(n: int = 20) -> pd.DataFrame:
         "rows": 512, "columns": [256 + i for i in range(n)], "pixel_spacing_mm": 0.1,
         "bits_stored": 12, "photometric": "MONOCHROME2", "predefined_split": "",
         "pixel_min": 0.0, "pixel_max": 1.0, "pixel_mean": 0.4, "pixel_std": 0.15,
-        "pixel_extreme_share": 0.01,
+        "pixel_extreme_share": 0.01, "source_channels": 1, "pixel_colour_spread": float("nan"),
+        "colour_profile": "",
         "pixel_sha256": [f"{i:064x}" for i in range(n)],
         "dicom_file": [f"dicom/img{i:03d}.dcm" for i in range(n)],
     })
@@ -127,6 +128,7 @@ class TestRunChecks:
         ("manufacturer", 1, "2024-01-31", "no_phi_values_manufacturer", CRITICAL, 1, ("img001",)),
         ("study_key", 9, "DOE^JANE", "no_phi_values_study_key", CRITICAL, 1, ("img009",)),
     ])
+    @pytest.mark.slow
     def test_one_defect_fails_exactly_its_expectation(
         self, column, row, value, name, severity, count, examples
     ):
@@ -194,6 +196,53 @@ class TestRunChecks:
         skipped = {name for name, r in results.items() if r.status == "skipped"}
         assert skipped == {"label_not_null", "label_in_classes", "class_share_0", "class_share_1"}
         assert summarise(list(results.values()), n_rows=20)["skipped"] == 4
+
+
+@pytest.mark.slow
+class TestSeries:
+    """ingest.unit: series: rows are CT series, with the diagnosis columns ingest wrote."""
+
+    @staticmethod
+    def series_manifest(n: int = 20) -> pd.DataFrame:
+        # In-plane, the source slices (64 x 64 at 5 mm, as the CT sample's); 32-40 slices 5 mm apart.
+        return make_manifest(n).assign(
+            modality="CT", rows=64, columns=64, pixel_spacing_mm=5.0,
+            series_files=[32 + i % 9 for i in range(n)], series_positions=[32 + i % 9 for i in range(n)],
+            series_missing=0, series_duplicates_identical=0, series_duplicates_differing=0,
+            series_spacing_mm=5.0, series_spacing_deviation_mm=0.0, series_orientation_deviation_deg=0.0,
+            series_filled=0)
+
+    @staticmethod
+    def validate(manifest: pd.DataFrame) -> dict:
+        checks = build_checks(**{**PARAMS, "modalities": ["CT"]}, text_columns=find_text_columns(manifest),
+                              volumes=True, slice_count_range=(8, 2000), slice_spacing_range=(0.3, 10.0),
+                              max_orientation_deviation_deg=0.0)
+        return {r.check.name: r for r in run_checks(manifest, checks)}
+
+    def test_clean_series_pass_every_expectation_series_ones_included(self):
+        results = self.validate(self.series_manifest())
+        assert failures(results) == {}
+        assert {"slice_count_in_range", "slice_spacing_in_range", "orientation_consistent"} <= set(results)
+
+    @pytest.mark.parametrize("column, value, name", [
+        ("series_positions", 5, "slice_count_in_range"),
+        ("series_spacing_mm", 12.5, "slice_spacing_in_range"),
+        ("series_orientation_deviation_deg", 0.05, "orientation_consistent"),
+        ("series_spacing_mm", None, "series_spacing_mm_not_null"),
+    ])
+    def test_one_bad_series_fails_exactly_its_expectation(self, column, value, name):
+        manifest = self.series_manifest()
+        manifest[column] = manifest[column].astype(object)
+        manifest.loc[4, column] = value
+        failed = failures(self.validate(manifest))
+        assert list(failed) == [name]
+        assert failed[name].check.severity == CRITICAL and failed[name].examples == ("img004",)
+
+    def test_series_columns_are_required_for_volumes_only(self):
+        images = make_manifest()
+        assert not set(layout.SERIES_SCHEMA) & set(images.columns)
+        assert failures(validate(images)) == {}
+        assert list(failures(self.validate(images.assign(modality="CT")))) == ["columns_present"]
 
 
 DRIFT_LIMITS = {"max_label_change": 0.1, "max_mix_change": 0.2, "max_intensity_shift": 1.0}
@@ -325,6 +374,7 @@ class TestMain:
         assert json.loads(Path(paths.validation_metrics).read_text())["success"] == 0
         assert "label_in_classes" in Path(paths.validation_report).read_text()
 
+    @pytest.mark.slow
     def test_accepted_set_becomes_the_drift_reference_of_the_next(self, project, caplog):
         paths, write = project
         write(make_manifest())
@@ -355,6 +405,7 @@ class TestMain:
 
 @pytest.mark.parametrize("module", ["ingest", "deidentify", "validate", "split", "augment", "train",
                                     "evaluate"])
+@pytest.mark.slow
 def test_importing_a_stage_does_not_import_great_expectations(module):
     # GX costs seconds to import: only validate's suite run may pay it, not module import.
     code = f"import sys, stages.{module}; print('great_expectations' in sys.modules)"

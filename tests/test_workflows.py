@@ -37,12 +37,14 @@ def test_both_workflows_exist():
     assert {path.name for path in WORKFLOWS} == {"test.yml", "retrain.yml"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.name for path in WORKFLOWS])
 def test_workflow_passes_actionlint(workflow):
     result = actionlint(workflow)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_actionlint_reports_a_broken_workflow(tmp_path):
     broken = tmp_path / "broken.yml"
     broken.write_text("on: push\njobs:\n  build:\n    runs-on: ubuntu-latest\n    steps:\n"

@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dicomflow.config.layout import UNLABELLED_LABEL
 from dicomflow.errors import SettingsError
-from dicomflow.metrics import METRIC_NAMES
+from dicomflow.metrics import METRIC_NAMES, TASKS
 
 PARAMS_FILE = Path("params.yaml")
 PIPELINE_FILE = Path("dvc.yaml")
@@ -35,8 +36,36 @@ class ParamsError(SettingsError):
 
 
 # Choices the library checks too (it is called without params): declared here, once.
-LABEL_KEYS = ("accession_number", "study_instance_uid", "sop_instance_uid", "path")
+LABEL_KEYS = ("accession_number", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "path")
+# ingest.unit: image (every frame an image) | series (CT: a series' files one volume, ingest.series)
+UNITS = ("image", "series")
+SERIES_POLICIES = ("strict", "dedupe", "fill_gaps")
+# Named HU windows (center, width); ingest.series.window takes one of these or [center, width].
+WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
 THRESHOLD_METHODS = ("youden", "fixed", "target_sensitivity")
+# What evaluate scores: each image, or each study (its images' probabilities combined by one of
+# AGGREGATIONS: dicomflow.model.aggregation, dicomflow.evaluation.studies).
+EVALUATION_LEVELS = ("image", "study")
+# mean: every part counts alike (a diffuse finding, or views that each show it); max: the single
+# most suspicious part decides (a nodule on one slice), but one false-positive slice is enough to
+# call the study; topk_mean: the mean of the k most suspicious parts, between the two.
+AGGREGATIONS = ("mean", "max", "topk_mean")
+INIT_KEYWORDS = ("scratch", "pretrain")
+INIT_URI_SCHEMES = ("models:/", "runs:/")
+PRIVACY_ACCOUNTANTS = ("pld", "rdp")
+COLOR_MANAGEMENT = ("none", "srgb")
+# binary: two classes, one sigmoid; multiclass: k > 2 classes, softmax; ordinal: k > 2 grades in
+# the order of ingest.classes, whose predicted grade probabilities respect that order. Declared in
+# the metrics registry (dicomflow.metrics.TASKS), which says what each task is scored on.
+PRIVACY_UNITS = ("image", "patient")
+# Architectures without batch normalisation: it mixes the examples of a batch (one image's
+# gradient depends on the others') and its running statistics are a release no accountant counts.
+PRIVATE_ARCHITECTURES = ("seed_cnn", "resnet_small_gn")
+# train.architecture: networks of images (batch, h, w, c) and of volumes (batch, d, h, w, c), the
+# latter for ingest.unit: series only (dicomflow.model.architectures builds them; declared here so
+# that the params loader needs no model package).
+IMAGE_ARCHITECTURES = ("seed_cnn", "resnet_small", "resnet_small_gn")
+VOLUME_ARCHITECTURES = ("resnet3d_small", "attention_mil")
 
 
 def _choices(*allowed: str | int) -> dict[str, Any]:
@@ -65,6 +94,8 @@ class PathsParams:
     split_dir: str
     split_counts: str
     augment_preview: str
+    pretrain_dir: str
+    pretrain_history: str
     model_dir: str
     train_history: str
     train_curves: str
@@ -72,6 +103,41 @@ class PathsParams:
     eval_report: str
     eval_plots: str
     eval_subgroups: str
+
+
+@dataclass(frozen=True)
+class SeriesParams:
+    """``ingest.series``: how a series of slices becomes a volume (read with ``ingest.unit: series``)."""
+
+    # strict: a broken series is quarantined with its reason; dedupe: byte-identical duplicate
+    # files dropped first; fill_gaps: dedupe, and missing slices interpolated (and counted).
+    policy: str = field(default="strict", metadata=_choices(*SERIES_POLICIES))
+    min_slices: int = field(default=8, metadata=_interval(2, None))
+    # [z, y, x] of the resampled volume; the default is coarse for CPUs (1 mm is 125x the voxels)
+    spacing_mm: list[float] = field(default_factory=lambda: [5.0, 5.0, 5.0])
+    volume_size: list[int] = field(default_factory=lambda: [32, 64, 64])  # [d, h, w]: cropped or padded with air
+    window: str | list[float] = "lung"  # a name of WINDOWS or [center, width] in HU
+
+    def __post_init__(self) -> None:
+        key = "params.yaml: 'ingest.series"
+        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+            raise ParamsError(f"{key}.spacing_mm' must be [z, y, x], three positive millimetres; "
+                              f"got {self.spacing_mm}")
+        if len(self.volume_size) != 3 or not all(4 <= v <= 1024 for v in self.volume_size):
+            raise ParamsError(f"{key}.volume_size' must be [d, h, w], three sizes in [4, 1024]; "
+                              f"got {self.volume_size}")
+        if isinstance(self.window, str) and self.window not in WINDOWS:
+            raise ParamsError(f"{key}.window' must be one of {', '.join(WINDOWS)} or [center, width] "
+                              f"in HU; got {self.window!r}")
+        if isinstance(self.window, list) and not (len(self.window) == 2 and self.window[1] > 0):
+            raise ParamsError(f"{key}.window' must be [center, width] with a positive width in HU; "
+                              f"got {self.window}")
+
+    @property
+    def window_hu(self) -> tuple[float, float]:
+        """The window as (center, width) in HU."""
+        return WINDOWS[self.window] if isinstance(self.window, str) else (float(self.window[0]),
+                                                                           float(self.window[1]))
 
 
 @dataclass(frozen=True)
@@ -88,6 +154,21 @@ class IngestParams:
     file_timeout_s: float = field(metadata=_interval(0.0, None, closed="neither"))
     max_decoded_mib: int = field(metadata=_interval(1, None))
     max_quarantine_fraction: float = field(metadata=_interval(0.0, 1.0))
+    # Images without a label: quarantined (no_label), or kept for self-supervised pretraining
+    # (never in validation or test; dicomflow.config.layout.UNLABELLED).
+    unlabelled: str = field(default="quarantine", metadata=_choices("quarantine", "pretrain"))
+    # Colour photographs (channels: 3): none keeps the pixels as stored (decoded to RGB); srgb converts
+    # them through the file's ICC profile (ICCProfile) to sRGB, so two cameras' colours compare.
+    color_management: str = field(default="none", metadata=_choices(*COLOR_MANAGEMENT))
+    # image: every frame of every file an image | series: the files of a series one volume.
+    unit: str = field(default="image", metadata=_choices(*UNITS))
+    series: SeriesParams = field(default_factory=SeriesParams)  # read with unit: series only
+
+    def __post_init__(self) -> None:
+        if self.unlabelled == "pretrain" and UNLABELLED_LABEL in self.classes:
+            raise ParamsError(f"params.yaml: 'ingest.classes' may not hold {UNLABELLED_LABEL} with "
+                              f"ingest.unlabelled: pretrain ({UNLABELLED_LABEL} marks an unlabelled image); "
+                              f"got {self.classes}; renumber that class")
 
 
 @dataclass(frozen=True)
@@ -128,9 +209,16 @@ class ValidateParams:
     drift_max_label_change: float = field(metadata=_interval(0.0, 1.0))
     drift_max_mix_change: float = field(metadata=_interval(0.0, 1.0))
     drift_max_intensity_shift: float = field(metadata=_interval(0.0, None))
+    # ingest.channels 3: below this mean channel range (pixels in [0, 1]) a colour image is grey.
+    min_colour_spread: float = field(default=0.02, metadata=_interval(0.0, 1.0))
+    # ingest.unit series: allowed distinct slice positions per series, slice spacing (mm) and
+    # largest orientation deviation of a slice from its series' plane (degrees).
+    slice_count_range: list[int] = field(default_factory=lambda: [8, 2000])
+    slice_spacing_range: list[float] = field(default_factory=lambda: [0.3, 10.0])
+    max_orientation_deviation_deg: float = field(default=0.0, metadata=_interval(0.0, 90.0))
 
     def __post_init__(self) -> None:
-        for name in ("image_size_range", "pixel_spacing_range"):
+        for name in ("image_size_range", "pixel_spacing_range", "slice_count_range", "slice_spacing_range"):
             bounds = getattr(self, name)
             if len(bounds) != 2 or bounds[0] > bounds[1]:
                 raise ParamsError(
@@ -166,8 +254,30 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class PrivacyParams:
+    """``train.privacy``: DP-SGD (:mod:`dicomflow.model.privacy`; docs/privacy.md)."""
+
+    enabled: bool = False
+    # The budget the noise is calibrated to (null: noise_multiplier given instead).
+    target_epsilon: float | None = field(default=8.0, metadata=_interval(0.0, None, closed="neither"))
+    # null: 1 / (10 N), N the training images (patients with unit: patient); must stay below 1 / N.
+    delta: float | None = field(default=None, metadata=_interval(0.0, 1.0, closed="neither"))
+    max_grad_norm: float = field(default=1.0, metadata=_interval(0.0, None, closed="neither"))
+    accountant: str = field(default="pld", metadata=_choices(*PRIVACY_ACCOUNTANTS))
+    # null: calibrated to target_epsilon; given: epsilon is computed (and capped by target_epsilon if set).
+    noise_multiplier: float | None = field(default=None, metadata=_interval(0.0, None, closed="neither"))
+    # What one neighbouring data set differs by: one image, or all the images of one patient.
+    unit: str = field(default="image", metadata=_choices(*PRIVACY_UNITS))
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ParamsError("params.yaml: 'train.privacy' needs target_epsilon or noise_multiplier when enabled; "
+                              "got both null: set target_epsilon (e.g. 8.0)")
+
+
+@dataclass(frozen=True)
 class TrainParams:
-    architecture: str = field(metadata=_choices("seed_cnn", "resnet_small"))
+    architecture: str = field(metadata=_choices(*IMAGE_ARCHITECTURES, *VOLUME_ARCHITECTURES))
     # tf.distribute strategy: default (one device), mirrored (every local GPU), multi_worker
     # (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG).
     strategy: str = field(metadata=_choices("default", "mirrored", "multi_worker"))
@@ -186,6 +296,69 @@ class TrainParams:
     # Networks trained with seeds seed, seed + 1, ...; the model averages their probabilities.
     ensemble: int = field(metadata=_interval(1, 100))
     seed: int
+    # Where the weights start: scratch, the pretrain stage's encoder, or a registered model
+    # (models:/NAME@ALIAS, models:/NAME/VERSION) or a run's model (runs:/RUN_ID/PATH).
+    init: str = "scratch"
+    # Epochs with the transferred encoder frozen (batch normalisation in inference mode) and only
+    # the rebuilt head trained, before every layer trains.
+    freeze_epochs: int = field(default=0, metadata=_interval(0, 10_000))
+    # The transferred encoder's learning rate as a share of lr (1: the same as the head's).
+    encoder_lr_factor: float = field(default=1.0, metadata=_interval(0.0, 1.0, closed="right"))
+    # Differentially private training (DP-SGD); off by default.
+    privacy: PrivacyParams = field(default_factory=PrivacyParams)
+    # What the labels are: checked against ingest.classes by check_task.
+    task: str = field(default="binary", metadata=_choices(*TASKS))
+
+    def __post_init__(self) -> None:
+        if not (self.init in INIT_KEYWORDS or self.init.startswith(INIT_URI_SCHEMES)):
+            raise ParamsError(f"params.yaml: 'train.init' must be one of {', '.join(INIT_KEYWORDS)} or a "
+                              f"model URI starting {' or '.join(INIT_URI_SCHEMES)} "
+                              f"(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH); got {self.init!r}")
+        if self.init == "scratch" and (self.freeze_epochs or self.encoder_lr_factor != 1.0):
+            raise ParamsError("params.yaml: 'train.freeze_epochs' and 'train.encoder_lr_factor' act on transferred "
+                              "weights, but 'train.init' is 'scratch': set train.init, or freeze_epochs: 0 and "
+                              "encoder_lr_factor: 1.0")
+        if self.privacy.enabled:
+            _check_private_training(self)
+
+
+def _check_private_training(params: TrainParams) -> None:
+    """The train settings DP-SGD cannot honour: one line each saying what to change."""
+    key = "params.yaml: 'train.privacy.enabled' is true but"
+    if params.architecture not in PRIVATE_ARCHITECTURES:
+        raise ParamsError(f"{key} 'train.architecture' is {params.architecture!r}, which uses batch normalisation "
+                          f"(it mixes the images of a batch; its statistics are an unaccounted release): "
+                          f"set architecture to one of {', '.join(PRIVATE_ARCHITECTURES)}")
+    if params.init != "scratch":
+        raise ParamsError(f"{key} 'train.init' is {params.init!r}: those weights were learnt from the same private "
+                          "images without differential privacy, so no epsilon would hold; set init: scratch")
+    if params.strategy == "multi_worker":
+        raise ParamsError(f"{key} 'train.strategy' is 'multi_worker': each worker would draw its own secret "
+                          "batches and noise (docs/privacy.md); set strategy to default or mirrored")
+    if params.ensemble > 1:
+        raise ParamsError(f"{key} 'train.ensemble' is {params.ensemble}: each member would spend a budget of its "
+                          "own on the same images (their epsilons compose); set ensemble: 1")
+    if params.class_weight != "none":
+        raise ParamsError(f"{key} 'train.class_weight' is {params.class_weight!r}: balanced weights are computed "
+                          "from the private labels' counts, a release no accountant counts; set class_weight: none")
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    # none: the stage writes a one-line record and trains nothing; simclr: two augmented views of
+    # each image, NT-Xent loss (Chen et al. 2020), on the training split's and unlabelled images.
+    method: str = field(metadata=_choices("none", "simclr"))
+    epochs: int = field(metadata=_interval(1, 10_000))
+    batch_size: int = field(metadata=_interval(2, 65_536))
+    lr: float = field(metadata=_interval(0.0, 1.0, closed="right"))
+    temperature: float = field(metadata=_interval(0.0, None, closed="neither"))  # of the NT-Xent softmax
+    projection_dim: int = field(metadata=_interval(1, 4096))
+    # The views' augmentation: the augment policy with each strength multiplied by this.
+    view_strength: float = field(metadata=_interval(0.0, 10.0))
+    seed: int
+    # The random resized crop's smallest box, as a share of the image's area. SimCLR's 0.08 is for
+    # 224-pixel photographs; on 64-pixel radiographs such a box holds a few structures at most.
+    crop_min_scale: float = field(default=0.3, metadata=_interval(0.0, 1.0, closed="right"))
 
 
 @dataclass(frozen=True)
@@ -200,6 +373,63 @@ class EvaluateParams:
     # The floor a model's validation ROC AUC (macro one-vs-rest with more than two classes) must
     # reach before any version is registered; 0.5 is chance.
     min_validation_auc: float = field(metadata=_interval(0.0, 1.0))
+    # The largest accounted ε (train's privacy.json, in its unit) a champion may have; a model above
+    # it, or trained without differential privacy, is registered as challenger. None: no requirement.
+    require_privacy: float | None = field(default=None, metadata=_interval(0.0, None, closed="neither"))
+    # Ordinal tasks: the grade (a value of ingest.classes) from which an image counts as referable;
+    # evaluate reports the derived "at least this grade" binary figures. None: not reported.
+    referable_grade: int | None = None
+    # image: every figure per image (each image carries its study's label); study: the images of a
+    # study (the manifest's study_key) combined into one probability by study_aggregation, and every
+    # figure, the threshold chosen on validation studies and the intervals computed on studies.
+    level: str = field(default="image", metadata=_choices(*EVALUATION_LEVELS))
+    study_aggregation: str = field(default="topk_mean", metadata=_choices(*AGGREGATIONS))
+    # topk_mean: the largest probabilities of a study averaged (capped by its images).
+    study_top_k: int = field(default=2, metadata=_interval(1, 1000))
+
+
+def check_task(task: str, classes: list[int], *, referable_grade: int | None = None) -> None:
+    """Refuse a ``train.task`` that does not fit ``ingest.classes``, or a referable grade outside them.
+
+    Raises
+    ------
+    ParamsError
+        binary without exactly two classes, multiclass or ordinal with fewer than three, or
+        ``referable_grade`` not one of the classes after the first (or given for another task).
+    """
+    if task == "binary" and len(classes) != 2:
+        raise ParamsError(f"params.yaml: 'train.task' is 'binary' but 'ingest.classes' has {len(classes)} classes "
+                          f"({classes}): set task to multiclass, or to ordinal when the classes are ordered grades")
+    if task != "binary" and len(classes) < 3:
+        raise ParamsError(f"params.yaml: 'train.task' is {task!r} but 'ingest.classes' has {len(classes)} classes "
+                          f"({classes}); {task} needs three or more: set task: binary")
+    if referable_grade is None:
+        return
+    if task != "ordinal":
+        raise ParamsError(f"params.yaml: 'evaluate.referable_grade' is {referable_grade} but 'train.task' is "
+                          f"{task!r}; referable grades apply to ordinal tasks: set it to null")
+    if referable_grade not in classes[1:]:
+        raise ParamsError(f"params.yaml: 'evaluate.referable_grade' is {referable_grade}; expected one of the grades "
+                          f"after the first in 'ingest.classes' {classes[1:]}")
+
+
+def check_architecture(architecture: str, unit: str) -> None:
+    """Refuse a ``train.architecture`` that does not take what ``ingest.unit`` makes.
+
+    Raises
+    ------
+    ParamsError
+        A volume network (:data:`VOLUME_ARCHITECTURES`) with ``unit: image``, or an image network
+        with ``unit: series``.
+    """
+    if unit == "image" and architecture in VOLUME_ARCHITECTURES:
+        raise ParamsError(f"params.yaml: 'train.architecture' is {architecture!r}, a network of volumes, but "
+                          f"'ingest.unit' is 'image' (2-D images): set ingest.unit: series, or architecture to "
+                          f"one of {', '.join(IMAGE_ARCHITECTURES)}")
+    if unit == "series" and architecture not in VOLUME_ARCHITECTURES:
+        raise ParamsError(f"params.yaml: 'train.architecture' is {architecture!r}, a network of 2-D images, but "
+                          f"'ingest.unit' is 'series' (volumes): set architecture to one of "
+                          f"{', '.join(VOLUME_ARCHITECTURES)}, or ingest.unit: image")
 
 
 SECTIONS: dict[str, type] = {
@@ -208,6 +438,7 @@ SECTIONS: dict[str, type] = {
     "validate": ValidateParams,
     "split": SplitParams,
     "augment": AugmentParams,
+    "pretrain": PretrainParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
 }
@@ -244,6 +475,8 @@ def load_params(section: typing.Literal["validate"], path: Path = ...) -> Valida
 def load_params(section: typing.Literal["split"], path: Path = ...) -> SplitParams: ...
 @typing.overload
 def load_params(section: typing.Literal["augment"], path: Path = ...) -> AugmentParams: ...
+@typing.overload
+def load_params(section: typing.Literal["pretrain"], path: Path = ...) -> PretrainParams: ...
 @typing.overload
 def load_params(section: typing.Literal["train"], path: Path = ...) -> TrainParams: ...
 @typing.overload
@@ -320,7 +553,7 @@ def build_section(cls: type[T], section: str, raw: Any, *, source: str = "params
     """Check ``raw`` (a mapping from YAML) against the dataclass ``cls`` and build it; ``source``
     names the file in messages."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: section {section!r} is missing or not a mapping")
+        raise ParamsError(f"{source}: section {section!r} is missing or not a mapping; got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -333,7 +566,10 @@ def build_section(cls: type[T], section: str, raw: Any, *, source: str = "params
         key = f"{section}.{name}"
         if name not in raw:
             raise ParamsError(f"{source}: missing key '{key}' ({_describe(hints[name], fld)})")
-        values[name] = _check_value(key, raw[name], hints[name], fld, source=source)
+        if dataclasses.is_dataclass(hints[name]):  # a nested section, e.g. train.privacy
+            values[name] = build_section(hints[name], key, raw[name], source=source)
+        else:
+            values[name] = _check_value(key, raw[name], hints[name], fld, source=source)
     return cls(**values)
 
 
@@ -380,6 +616,8 @@ def _in_interval(value: float, low: float | None, high: float | None, closed: st
 def _describe(hint: Any, fld: dataclasses.Field) -> str:
     """Say in words what a field accepts, e.g. 'a float in (0.0, 1.0)'."""
     origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}"
     if origin is list:
         text = f"a non-empty list of {typing.get_args(hint)[0].__name__}"
     else:

@@ -5,7 +5,8 @@ blanked where it stands, or the file left out (``deidentify.burned_in_action``).
 (PS3.15 E.3.1, Clean Pixel Data Option: the flag (0028,0301) Burned In Annotation, and the
 modalities, image types and manufacturers that ``deidentify.burned_in_*`` lists) are the fallback
 for pixels the reader cannot handle: such a file is left out, or has
-``deidentify.burned_in_regions`` set to black.
+``deidentify.burned_in_regions`` set to black. A slice of a CT series meets them whatever the
+reader finds (:func:`~dicomflow.deid.worker.deidentify_file`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import __version_info__ as pydicom_version_info
 from pydicom.charset import convert_encodings
 from pydicom.datadict import (
     dictionary_description,
@@ -40,6 +41,7 @@ from pydicom.datadict import (
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 MIN_WORD = 3  # letters of a name component found alone ("Li" alone would be everywhere)
 MIN_ID = 4  # characters of an ID with digits; numbers alone need MIN_NUMBER digits
@@ -361,6 +363,8 @@ def collect_identifiers(ds: Dataset, *, device_identity_kept: bool = False) -> I
             continue
         source = describe_tag(BaseTag(tag))
         for value in _element_texts(parent, tag):
+            if tag in _IMPLEMENTATION_TAGS and value.strip() in PUBLIC_IMPLEMENTATIONS:
+                continue
             if kind == "name":
                 found.add_name(value, source)
             elif kind == "date":
@@ -376,6 +380,13 @@ def _tags(keywords: Iterable[str]) -> frozenset[int]:
     return frozenset(tag for keyword in keywords if (tag := tag_for_keyword(keyword)) is not None)
 
 
+# A file's (0002,0012) Implementation Class UID and (0002,0013) Implementation Version Name can
+# name a site's own software, so they are searched for; but not when they are a public toolkit's
+# defaults, which every file that toolkit writes carries and which identify no one: pydicom's
+# (what `dicomflow import-photos` and many research scripts write; its version also stands in
+# the requirements of every model MLflow logs, where the search would find it).
+PUBLIC_IMPLEMENTATIONS = frozenset({PYDICOM_IMPLEMENTATION_UID, f"PYDICOM {'.'.join(pydicom_version_info)}"})
+_IMPLEMENTATION_TAGS = frozenset(_tags({"ImplementationClassUID", "ImplementationVersionName"}))
 _KINDS = {**dict.fromkeys(_tags(PHONE_KEYWORDS), "phone"), **dict.fromkeys(_tags(UID_KEYWORDS), "uid"),
           **dict.fromkeys(_tags(ID_KEYWORDS | ADDRESS_KEYWORDS), "text")}
 _DEVICE_KEPT_KINDS = {tag: kind for tag, kind in _KINDS.items() if tag not in _tags(DEVICE_KEYWORDS)}

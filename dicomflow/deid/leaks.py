@@ -62,6 +62,8 @@ INDEX_IDENTIFIERS = {  # ingest index column -> the attribute it holds
     "series_instance_uid": "(0020,000E) Series Instance UID",
     "sop_instance_uid": "(0008,0018) SOP Instance UID",
 }
+# The source of a Leak for pixels a scan could not decode, hence not search.
+UNREAD = "pixels that could not be decoded, so not searched"
 ALWAYS_READ = ("utf-8", "latin-1")  # besides the sources' own character sets
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # image bytes, not text
 # Binary numbers: no text can hide in them. OB, OW and UN are read: they can.
@@ -122,13 +124,21 @@ def leaks_in_file(identifiers: Identifiers, path: Path, *, output: str) -> list[
     return _hits(identifiers, output, dicom_texts(path, identifiers.encodings))
 
 
-def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> list[Leak]:
+def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str,
+                    report_unread: bool = False) -> list[Leak]:
     """The identifying text still readable in the pixels of a DICOM file or a picture (PNG, JPEG)
-    (named ``output``), one Leak per region, located by frame, rows and columns. A DICOM file's
-    pixels are judged as de-identification judges them (any date, long number or field label
-    too); a picture's by the sources' values only (plots have dates and numbers of their own). Frames are read
-    as de-identification reads them (:func:`~dicomflow.deid.burned_in.read_text_regions`); a file
-    whose pixels cannot be decoded has none to read."""
+    (named ``output``), one Leak per region, located by frame, rows and columns.
+
+    A DICOM file's pixels are judged as de-identification judges them (any date, long number or
+    field label too); a picture's by the sources' values only (plots have dates and numbers of
+    their own). Frames are read as de-identification reads them
+    (:func:`~dicomflow.deid.burned_in.read_text_regions`).
+
+    Pixels that cannot be decoded (a broken or unsupported bitstream, a decompression bomb) could
+    hold anything: with ``report_unread`` they are one Leak whose source is :data:`UNREAD`, so a
+    scan fails closed on what it could not read; without it (the deidentify worker, whose header
+    rules decided on such files before) they give none.
+    """
     from dicomflow.deid.burned_in import decoded_frames, read_text_regions
     from dicomflow.deid.pixel_text import judge
 
@@ -142,8 +152,8 @@ def leaks_in_pixels(identifiers: Identifiers, path: Path, *, output: str) -> lis
 
             with Image.open(path) as picture:
                 frames = np.asarray(picture if picture.mode in ("L", "I;16", "I") else picture.convert("RGB"))[None]
-    except Exception:  # noqa: BLE001  undecodable pixels hold no readable text
-        return []
+    except Exception as err:  # noqa: BLE001  the decoders' messages can quote values: the class only
+        return [Leak(output, "pixel data", f"{UNREAD} ({type(err).__name__})")] if report_unread else []
     regions = read_text_regions(frames) if frames is not None else []
     return [Leak(output, f"pixel data {judgement.region.where()}", judgement.why)
             for judgement in judge(regions, identifiers, "identifying", patterns=dicom) if judgement.blank]
@@ -269,8 +279,9 @@ def scan_paths(identifiers: Identifiers, paths: Iterable[Path]) -> list[Leak]:
 
     DICOM files (by their ``DICM`` marker) are searched as :func:`dicom_texts` reads them and
     their pixels as :func:`leaks_in_pixels` reads them, pictures (:data:`PICTURE_SUFFIXES`) for
-    text in their pixels, Parquet tables cell by cell with their column names, zip containers
-    (``.keras`` models) member by member for their text members, :data:`NUMERIC_SUFFIXES` files
+    text in their pixels (pixels that cannot be decoded are a hit: :data:`UNREAD`), Parquet tables
+    cell by cell with their column names, zip containers (``.keras`` models) member by member for
+    their text members, :data:`NUMERIC_SUFFIXES` files
     not at all, anything else (logs included) line by line in every character set
     (:func:`decodings`).
     """
@@ -280,10 +291,10 @@ def scan_paths(identifiers: Identifiers, paths: Iterable[Path]) -> list[Leak]:
         if path.suffix.lower() in NUMERIC_SUFFIXES:
             continue
         if path.suffix.lower() in PICTURE_SUFFIXES:
-            leaks += leaks_in_pixels(identifiers, path, output=name)
+            leaks += leaks_in_pixels(identifiers, path, output=name, report_unread=True)
             continue
         if _is_dicom(path):
-            leaks += leaks_in_pixels(identifiers, path, output=name)
+            leaks += leaks_in_pixels(identifiers, path, output=name, report_unread=True)
             texts = dicom_texts(path, identifiers.encodings)
         elif path.suffix.lower() == ".parquet":
             texts = _table_texts(pd.read_parquet(path))

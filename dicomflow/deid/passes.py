@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dicomflow.deid.identifiers import Identifiers, project_words
-from dicomflow.deid.leaks import identifiers_from_index
+from dicomflow.deid.leaks import INDEX_IDENTIFIERS, identifiers_from_index
+from dicomflow.deid.manifest import series_keys
 from dicomflow.deid.pixel_text import tessdata_dir
 from dicomflow.deid.profile import ACTIONS, COUNT_KEYS
 from dicomflow.deid.worker import (
@@ -32,6 +35,7 @@ from dicomflow.deid.worker import (
     source_identifiers,
 )
 from dicomflow.dicom.reading import quoted
+from dicomflow.dicom.series import VolumeSettings, group_series, read_slice_header, read_volume
 from dicomflow.errors import DataError
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
 
@@ -63,7 +67,8 @@ class Deidentified:
 
 
 def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSettings, *,
-                       workers: int = 1, timeout_s: float | None = None,
+                       series_files: pd.DataFrame | None = None, volume: VolumeSettings | None = None,
+                       fill_gaps: bool = False, workers: int = 1, timeout_s: float | None = None,
                        progress: Callable[[Iterable, int, str], Iterable] | None = None) -> Deidentified:
     """De-identify each source file of the index (:func:`deidentify_file`), once per file, in
     ``workers`` processes, after a first pass that collects the identifying values of every
@@ -81,6 +86,15 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     de-identified or written, or whose worker dies or takes longer than ``timeout_s`` seconds,
     is quarantined with its reason. A full disk raises DataError. ``progress(results, total,
     what)``, if given, wraps each pass's stream of results (a progress bar).
+
+    With ``series_files`` (``layout.SERIES_FILES``; ``ingest.unit: series``) each index row is
+    a series and each of its slice files is done as above into ``dicom_dir/<series key>/``
+    (:func:`~dicomflow.deid.manifest.series_keys`); the keyed UIDs give every slice the same new
+    Series Instance and Frame of Reference UIDs, positions and orientation are kept. A series is
+    whole or absent: one slice that cannot be done quarantines its series (by the series' row,
+    with that slice's reason), one slice left out for burned-in text leaves the series out, and
+    neither leaves a file of it behind. A series with a blanked slice gets its volume redone
+    from its de-identified slices with ``volume`` and ``fill_gaps`` (the ingest settings).
     """
     progress = progress or (lambda results, _total, _what: results)
     tessdata_dir()  # the text reader's model: a missing one stops the stage here, not in each file
@@ -88,9 +102,22 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
     keep = np.ones(len(index), dtype=bool)
     images = images.copy()
     written = {column: index[column].astype(object).to_numpy(copy=True) for column in WRITTEN_COLUMNS}
-    rows_of = index.groupby("source_path", sort=False).indices
     failures: dict[int, tuple[str, str]] = {}
-    jobs = _jobs(index, rows_of, failures)
+    if series_files is None:
+        rows_of = index.groupby("source_path", sort=False).indices
+        jobs = _jobs(index, rows_of, failures)
+    else:
+        jobs = _slice_jobs(index, series_files, settings.secret, failures)
+        rows_of = {job.source: np.array([job.first_row]) for job in jobs}
+        for uid in series_files["sop_instance_uid"].dropna().astype(str).unique():
+            identifiers.add_text(uid, INDEX_IDENTIFIERS["sop_instance_uid"], uid=True)
+
+    def fail(job: FileJob, failure: tuple[str, str]) -> None:
+        """The file's failure, by its row; a series keeps the first of its slices' failures."""
+        if series_files is not None:
+            slices = int(index["number_of_frames"].iat[job.first_row])
+            failure = (failure[0], f"one of the {slices} slices of the series: {failure[1]}")
+        failures.setdefault(job.first_row, failure)
 
     # First pass: the identifying values of every readable source header.
     readable = []
@@ -101,11 +128,12 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
             identifiers.update(found)
             readable.append(job)
         else:
-            failures[job.first_row] = found
+            fail(job, found)
+    readable = [job for job in readable if job.first_row not in failures]  # a series lost no slice
 
     # Second pass: each readable file, with every source's values (sent once to each worker).
     project_words()  # read once here: the forked workers inherit it
-    audit, hidden = [], 0
+    audit, audit_rows, hidden, redo, written_rows = [], [], 0, set(), set()
     outcomes = ordered_map(partial(deidentify_file, settings=settings), readable,
                            workers=workers, timeout_s=timeout_s, shared_args=(identifiers,),
                            on_failure=lambda job, why: FileOutcome(None, failure=_worker_failure(job, why)))
@@ -116,27 +144,97 @@ def deidentify_sources(index: pd.DataFrame, images: np.ndarray, settings: FileSe
                 raise DataError(f"{outcome.failure[1]} while writing the de-identified files to "
                                 f"{os.path.relpath(settings.dicom_dir)}: nothing half-written is left; free some "
                                 "space and re-run")
-            failures[job.first_row] = outcome.failure
+            fail(job, outcome.failure)
             continue
         audit.append(outcome.audit)
+        audit_rows.append(job.first_row)
         hidden += outcome.hidden_warnings
         if outcome.excluded:
             keep[positions] = False
-        for column, value in (outcome.written or {}).items():
-            written[column][positions] = value
-        for position in positions if outcome.frames else ():
+        first_slice = series_files is None or job.first_row not in written_rows
+        if first_slice:  # a series row describes its first slice
+            for column, value in (outcome.written or {}).items():
+                written[column][positions] = value
+            written_rows.add(job.first_row)
+        if series_files is not None and outcome.audit["burned_in_action"] == "blanked":
+            redo.add(job.first_row)
+        for position in positions if outcome.frames and series_files is None else ():
             frame = index["frame_index"].iat[position]
             images[position] = outcome.frames[0 if pd.isna(frame) else int(frame)]
 
-    for positions in rows_of.values():
-        if int(positions[0]) in failures:
-            keep[positions] = False
+    if series_files is None:
+        for positions in rows_of.values():
+            if int(positions[0]) in failures:
+                keep[positions] = False
+    else:
+        keys = series_keys(index, series_files, settings.secret)
+        for row in sorted(redo):
+            if keep[row] and row not in failures:
+                try:
+                    images[row] = _volume_of(settings.dicom_dir, keys[row], volume, fill_gaps)
+                except Exception as err:  # noqa: BLE001  one series' failure is its own
+                    failures[row] = ("deid_failed", "the volume could not be redone from the series' "
+                                     f"blanked slices ({type(err).__name__})")
+        keep[list(failures)] = False
+        audit = _series_audit(audit, audit_rows, keep, failures)
+        for row in np.flatnonzero(~keep):  # a series is whole or absent
+            shutil.rmtree(settings.dicom_dir / keys[row], ignore_errors=True)
     kept = index.assign(**{column: pd.array(values, dtype="string")
                            for column, values in written.items()})[keep]
     quarantine = pd.DataFrame([(row, reason, quoted(detail)) for row, (reason, detail)
                                in sorted(failures.items())], columns=list(QUARANTINE_COLUMNS))
     return Deidentified(pd.DataFrame(audit, columns=list(AUDIT_COLUMNS)), identifiers,
                         kept.reset_index(drop=True), images[keep], quarantine, hidden)
+
+
+def _slice_jobs(index: pd.DataFrame, series_files: pd.DataFrame, secret: bytes,
+                failures: dict[int, tuple[str, str]]) -> list[FileJob]:
+    """One job per slice file of each series row, in the series' geometric order, written to the
+    series' folder. A series with a slice without SOP Instance UID, or two slices with one, goes
+    to ``failures`` instead: its slices would not have one file each."""
+    keys = series_keys(index, series_files, secret)
+    slices_of = series_files.groupby("row_key", sort=False).indices
+    jobs = []
+    for row, (row_key, key) in enumerate(zip(index["row_key"], keys)):
+        slices = series_files.iloc[slices_of[row_key]]
+        uids = [str(uid or "").strip() for uid in slices["sop_instance_uid"]]
+        if not all(uids):
+            failures[row] = ("no_sop_instance_uid", "a slice's (0008,0018) SOP Instance UID is empty: "
+                             "it has no identity to key its file by")
+        elif len(set(uids)) < len(uids):
+            failures[row] = ("duplicate_sop_instance_uid", "two slices of the series carry one (0008,0018) "
+                             "SOP Instance UID: they cannot have a file each")
+        else:
+            jobs.extend(FileJob(source, row, uid, key) for source, uid in zip(slices["source_path"], uids))
+    return jobs
+
+
+def _volume_of(dicom_dir: Path, key: str, volume: VolumeSettings | None, fill_gaps: bool) -> np.ndarray:
+    """The (d, h, w, 1) volume of the de-identified slices in ``dicom_dir/key``, assembled as
+    ingest assembles a series (:func:`~dicomflow.dicom.series.read_volume`)."""
+    if volume is None:
+        raise ValueError("a series' volume is redone from its slices only with the ingest volume settings")
+    headers = [read_slice_header(path, data_dir=dicom_dir, max_bytes=volume.max_bytes)
+               for path in sorted((dicom_dir / key).glob("*.dcm"))]
+    groups, set_aside = group_series(headers)
+    if len(groups) != 1 or set_aside:
+        raise ValueError(f"the blanked slices form {len(groups)} series and {len(set_aside)} files set aside")
+    return read_volume(groups[0], data_dir=dicom_dir, settings=volume, fill_gaps=fill_gaps).pixels[..., None]
+
+
+def _series_audit(audit: list[dict], rows: list[int], keep: np.ndarray,
+                  failures: dict[int, tuple[str, str]]) -> list[dict]:
+    """The audit rows of the slices of series that are kept or left out for burned-in text; the
+    slices of a quarantined series wrote no file, as a quarantined file writes none. A slice
+    written and then removed because another slice left its series out says so."""
+    kept = []
+    for entry, row in zip(audit, rows):
+        if row in failures:
+            continue
+        if not keep[row] and not entry["burned_in_action"].startswith("excluded"):
+            entry = {**entry, "burned_in_action": "excluded: with its series"}
+        kept.append(entry)
+    return kept
 
 
 def _worker_failure(_job: object, failure: WorkFailure) -> tuple[str, str]:

@@ -40,11 +40,14 @@ WRITTEN_COLUMNS = {"modality": "Modality", "manufacturer": "Manufacturer",
 
 class FileJob(NamedTuple):
     """One source file to de-identify: its path under ``data_dir`` (which holds an accession
-    number: never shown), its first row in the ingest index and its (0008,0018) SOP Instance UID."""
+    number: never shown), its first row in the ingest index (for a slice, its series' row) and
+    its (0008,0018) SOP Instance UID. ``folder``: where under ``dicom_dir`` it is written, the
+    series' key for a slice of a series (``ingest.unit: series``), "" for an image."""
 
     source: str
     first_row: int
     sop_uid: str
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,22 @@ def source_identifiers(job: FileJob, settings: FileSettings) -> Identifiers | tu
 
 
 def deidentify_file(job: FileJob, identifiers: Identifiers, *, settings: FileSettings) -> FileOutcome:
-    """De-identify one source file into ``dicom_dir/<key>.dcm``, or leave it out for burned-in
-    text; never raises. Kept text is checked against ``identifiers``, the identifying values of
-    every source, so a manufacturer field typed with another patient's or the hospital's name is
-    replaced here rather than found by the leak check.
+    """De-identify one source file into ``dicom_dir/<key>.dcm`` (a slice of a series into
+    ``dicom_dir/<series key>/<key>.dcm``), or leave it out for burned-in text; never raises.
+    Kept text is checked against ``identifiers``, the identifying values of every source, so a
+    manufacturer field typed with another patient's or the hospital's name is replaced here
+    rather than found by the leak check.
 
     A file that cannot be read, de-identified or written gets ``failure`` (:func:`failure_of`),
     and nothing of it is left in ``dicom_dir``.
+
+    A slice of a series (``job.folder``) meets the header rules (``BurnedInAnnotation`` YES, or a
+    modality, image type or manufacturer listed in ``deidentify.burned_in_*``) even when the
+    reader finds its pixels clean, since an acquired CT slice carries no annotation: it is left
+    out, or has ``burned_in_regions`` blanked. Its series' volume is redone by the caller
+    (:func:`~dicomflow.deid.passes.deidentify_sources`), not here.
     """
-    output = settings.dicom_dir / dicom_file_name(settings.secret, job.sop_uid)
+    output = settings.dicom_dir / job.folder / dicom_file_name(settings.secret, job.sop_uid)
     try:
         return _deidentify_file(job, settings, identifiers, output)
     except (KeyboardInterrupt, SystemExit):
@@ -179,9 +189,10 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
     params = settings.params
     with hidden_pydicom_messages() as hidden:
         ds = _read_source(job, settings)
-        found, decision = _burned_in_text(ds, identifiers, params)
+        found, decision = _burned_in_text(ds, identifiers, params, slice_of_series=bool(job.folder))
         frames = None
-        if decision == "blanked":  # the images redone from the blanked pixels
+        if decision == "blanked" and not job.folder:  # the images redone from the blanked pixels
+            # (a series' volume is redone from all its slices once they are written: passes.py)
             frames = {frame.index: frame.pixels for frame in read_image(_as_file(ds), settings.pixels)[1]}
         counts, written = dict.fromkeys(COUNT_KEYS, 0), None
         excluded = decision.startswith("excluded")
@@ -190,6 +201,7 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
             ds, counts = deidentify_dataset(ds, profile=settings.profile, secret=settings.secret,
                                             options=deid_options(params), in_place=True,
                                             identifiers=identifiers)
+            output.parent.mkdir(exist_ok=True)  # a series' folder (its first slice makes it)
             _write(ds, output)
             written = {column: str(ds.get(keyword, "") or "") for column, keyword in WRITTEN_COLUMNS.items()}
             written["manufacturer"] = written["manufacturer"] or None
@@ -201,19 +213,39 @@ def _deidentify_file(job: FileJob, settings: FileSettings, identifiers: Identifi
             if leaks:
                 raise LeakFound(leaks)
     blanked = len(found.blanked)
-    audit = {"image_key": output.stem, **counts, "options": option_names(params),
+    # A slice's audit row names its file under the series' folder: <series key>/<slice key>.
+    audit = {"image_key": f"{job.folder}/{output.stem}" if job.folder else output.stem, **counts,
+             "options": option_names(params),
              "text_regions": len(found.judgements),
              "text_blanked": blanked, "text_kept": len(found.judgements) - blanked,
              "burned_in": found.unread or found.kinds(), "burned_in_action": decision}
     return FileOutcome(audit, excluded, frames, len(hidden), written)
 
 
-def _burned_in_text(ds: pydicom.Dataset, identifiers: Identifiers,
-                    params: DeidentifyParams) -> tuple[TextFound, str]:
+def _burned_in_text(ds: pydicom.Dataset, identifiers: Identifiers, params: DeidentifyParams, *,
+                    slice_of_series: bool = False) -> tuple[TextFound, str]:
     """Read ``ds``'s pixels for text and act on what is identifying (``burned_in_action``:
     blank it in ``ds``, or leave the file out); pixels the reader cannot handle fall back on the
-    header rules. Returns what was found and the decision ("blanked", "excluded..." or "")."""
+    header rules. Returns what was found and the decision ("blanked", "excluded..." or "").
+
+    A slice of a series (``slice_of_series``) meets the header rules even when the reader finds
+    its pixels clean: an acquired CT slice carries no annotation, so a slice flagged (0028,0301)
+    Burned In Annotation YES, or of a listed modality, image type or manufacturer, was made by
+    a workstation, and the reader (built for text on radiographs and screen captures) reads each
+    slice alone. Such a slice is left out (and with it its series), or has ``burned_in_regions``
+    blanked (and any identifying text the reader found)."""
     found, frames = read_burned_in_text(ds, identifiers, params.burned_in_text)
+    if slice_of_series and not found.unread and (rule := burned_in_risk(ds, params)):
+        found = TextFound(found.judgements, unread=f"{found.kinds() or 'no identifying text read'}; "
+                                                   f"header rule: {rule}")
+        if not params.burned_in_regions or (found.blanked and params.burned_in_action == "exclude"):
+            return found, "excluded"
+
+        def blank_both() -> None:
+            if found.blanked:
+                blank_text(ds, frames, found)
+            blank_regions(ds, params.burned_in_regions)
+        return found, _blanked(blank_both)
     if found.unread:
         rule = burned_in_risk(ds, params)
         found = TextFound(unread=f"{found.unread}; header rule: {rule or 'none applies'}")

@@ -1,13 +1,15 @@
 """Pixels as a radiologist's viewer shows them, fitted to the model's input size.
 
 Modality LUT, then the chosen VOI LUT or window, MONOCHROME1 inverted, colour (RGB, YBR,
-PALETTE COLOR) converted to the configured channels, then optionally resampled to a common pixel
-spacing, then fitted to the output size (:class:`PixelSettings`). Used by ingest and by the
-registered model, so training and serving make the same pixels.
+PALETTE COLOR) optionally converted through its ICC profile to sRGB, then to the configured
+channels, then optionally resampled to a common pixel spacing, then fitted to the output size
+(:class:`PixelSettings`). Used by ingest and by the registered model, so training and serving make
+the same pixels.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -18,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from PIL import Image
+from PIL import Image, ImageCms
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -45,6 +47,9 @@ COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_
 EXTREME_MARGIN = 0.5 / 255  # see extreme_share
 _canvas = threading.local()  # _resize's PIL image, one per thread (served models decode in threads)
 _STEP_BLOCK_VALUES = 1 << 17  # values per block of _float64_steps: 1 MiB of float64, cache-sized
+# What Frame.colour_profile says a colour image went through with ingest.color_management: srgb
+# (grayscale images and color_management none leave it empty).
+PROFILE_CONVERTED, PROFILE_ASSUMED_SRGB = "icc_to_srgb", "assumed_srgb"
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,16 @@ class PixelSettings:
     # Bound on what one file may cost: its size, its inflated size, its decoded frames. A default
     # here also serves models pickled before the bound existed.
     max_decoded_mib: int = 2048
+    # none: colour as stored; srgb: through (0028,2000) ICC Profile to sRGB. A default here also
+    # serves models pickled before the option existed.
+    color_management: str = "none"
 
     @classmethod
     def from_params(cls, params: IngestParams) -> PixelSettings:
         return cls(size=params.image_size, channels=params.channels, frames=params.frames,
                    voi_index=params.voi_index, target_spacing_mm=params.target_spacing_mm,
-                   dtype=params.pixel_dtype, max_decoded_mib=params.max_decoded_mib)
+                   dtype=params.pixel_dtype, max_decoded_mib=params.max_decoded_mib,
+                   color_management=params.color_management)
 
     @property
     def max_bytes(self) -> int:
@@ -78,11 +87,13 @@ class PixelSettings:
 
 @dataclass(frozen=True)
 class Frame:
-    """One image of a file: its frame number, full-resolution display pixels and output pixels."""
+    """One image of a file: its frame number, full-resolution display pixels and output pixels,
+    and for a colour image with ``color_management: srgb`` which way it reached sRGB."""
 
     index: int
     display: np.ndarray  # float32 in [0, 1], (rows, cols) or (rows, cols, 3)
     pixels: np.ndarray   # PixelSettings.image_shape in PixelSettings.dtype
+    colour_profile: str = ""  # "", PROFILE_CONVERTED or PROFILE_ASSUMED_SRGB
 
 
 def decode_frames(ds: pydicom.Dataset, *, frames: str,
@@ -174,7 +185,7 @@ def number_of_frames(ds: pydicom.Dataset) -> int:
 
 
 def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int = 0,
-                      channels: int = 1) -> np.ndarray:
+                      channels: int = 1, color_management: str = "none") -> np.ndarray:
     """Stored values of one frame to float32 in [0, 1] as a viewer shows them.
 
     Grayscale: modality LUT ((0028,1052) Rescale Intercept, (0028,1053) Rescale Slope or a
@@ -182,6 +193,8 @@ def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int
     file has fewer), then MONOCHROME1 inverted so that 1 is always bright; without any VOI
     information the frame's own range is used. Colour: PALETTE COLOR through its lookup tables,
     YBR already converted to RGB by pydicom's decoders, scaled by the stored bit depth.
+    With ``color_management`` ``srgb`` colour then goes through the file's (0028,2000) ICC
+    Profile to sRGB (:func:`convert_to_srgb`; a file without one is taken as sRGB already).
     ``channels`` 1 gives (rows, cols), colour reduced to luminance (ITU-R BT.601 weights);
     3 gives (rows, cols, 3), grayscale repeated.
     """
@@ -189,6 +202,8 @@ def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int
         gray = _grayscale_display(ds, stored, voi_index=voi_index)
         return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
     rgb = _colour_display(ds, stored)
+    if color_management == "srgb":
+        rgb = convert_to_srgb(rgb, ds.get("ICCProfile"))
     if channels == 3:
         return rgb
     return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
@@ -332,6 +347,75 @@ def _colour_display(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
     return np.clip(rgb.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
 
 
+def colour_profile_of(ds: pydicom.Dataset, settings: PixelSettings) -> str:
+    """How a file's colour reaches sRGB under ``settings``: :data:`PROFILE_CONVERTED` (through its
+    (0028,2000) ICC Profile), :data:`PROFILE_ASSUMED_SRGB` (it has none), or "" (grayscale, or
+    ``color_management`` none)."""
+    if settings.color_management != "srgb" or ds.get("PhotometricInterpretation") not in COLOUR:
+        return ""
+    return PROFILE_CONVERTED if ds.get("ICCProfile") else PROFILE_ASSUMED_SRGB
+
+
+def convert_to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
+    """Colour pixels described by the ICC ``profile`` converted to sRGB with littleCMS.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        float32 (rows, cols, 3) in [0, 1], the values (0028,2000) ICC Profile describes.
+    profile : bytes or None
+        The profile's bytes; None or empty: the pixels are taken as sRGB already and returned
+        unchanged (what viewers assume of colour without a profile).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (rows, cols, 3) in [0, 1].
+
+    Raises
+    ------
+    Quarantined
+        ``invalid_icc_profile``: littleCMS cannot read the profile, or it is not an RGB profile.
+
+    Notes
+    -----
+    Relative colorimetric intent: colours inside the sRGB gamut keep their measured values (a
+    lesion's colour is a finding, not something to make pleasing) and the rest are clipped to it.
+    littleCMS works on 8-bit RGB here (Pillow has no deeper RGB mode), so deeper colour images are
+    quantised to 8 bits on the way, no coarser than the uint8 images ingest stores.
+    """
+    if not profile:
+        return rgb
+    transform = _srgb_transform(bytes(profile))
+    image = Image.fromarray(np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8), mode="RGB")
+    return np.asarray(ImageCms.applyTransform(image, transform), dtype=np.float32) / np.float32(255.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(profile: bytes) -> ImageCms.ImageCmsTransform:
+    """The littleCMS transform from ``profile`` to sRGB, built once per profile (the profiles of
+    one camera are the same bytes), or raise Quarantined (invalid_icc_profile)."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        space = source.profile.xcolor_space.strip()
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as err:
+        raise Quarantined("invalid_icc_profile", quoted(
+            f"(0028,2000) ICC Profile cannot be read as an ICC profile ({err}); remove it to take "
+            "the colours as sRGB, or set ingest.color_management: none")) from err
+    if space != "RGB":
+        raise Quarantined("invalid_icc_profile", f"(0028,2000) ICC Profile describes {space or 'no'} colour "
+                          "space, not RGB: it cannot describe these RGB pixels")
+    try:
+        # NOCACHE: littleCMS's one-pixel cache belongs to the transform, and the served model's
+        # decoder threads share the transforms of this cache.
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), "RGB", "RGB",
+                                       renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                       flags=ImageCms.Flags.NOCACHE)
+    except (OSError, ValueError, ImageCms.PyCMSError) as err:
+        raise Quarantined("invalid_icc_profile", quoted(
+            f"(0028,2000) ICC Profile cannot convert to sRGB ({err})")) from err
+
+
 def _voi_output_range(ds: pydicom.Dataset, *, lut: bool, index: int = 0) -> tuple[float, float]:
     """Output range of pydicom's ``apply_voi_lut`` (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
     if lut:
@@ -423,7 +507,8 @@ def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
     frames = []
     for index, stored in decode_frames(ds, frames=settings.frames, max_bytes=settings.max_bytes):
         try:
-            display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels)
+            display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels,
+                                        color_management=settings.color_management)
         except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
             raise Quarantined("invalid_voi", quoted(err)) from err
         # NaN propagates through min and max and an infinity is one of them: two passes over
@@ -439,7 +524,8 @@ def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
         else:
             fitted = pad_or_crop(resample_to_spacing(display, spacing, settings.target_spacing_mm),
                                  settings.size)
-        frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype)))
+        frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype),
+                            colour_profile_of(ds, settings)))
     return frames
 
 
@@ -453,6 +539,18 @@ def extreme_share(display: np.ndarray) -> float:
     # once) without a float64 pass; the two ends are disjoint, so their counts add.
     extreme = np.count_nonzero(display < EXTREME_MARGIN) + np.count_nonzero(display > 1.0 - EXTREME_MARGIN)
     return float(np.float64(extreme) / np.float64(display.size)) if display.size else float("nan")
+
+
+def colour_spread(display: np.ndarray) -> float:
+    """Mean over pixels of the largest minus the smallest channel: 0 for a grey image, NaN for
+    a one-channel display (``ingest.channels: 1``, where colour is already luminance).
+
+    The mean, not the maximum: a JPEG of a grey scene carries a few off-grey pixels from chroma
+    rounding, while a real colour photograph (skin, a fundus) is coloured over much of its area.
+    """
+    if display.ndim != 3 or display.size == 0:
+        return float("nan")
+    return float(np.mean(display.max(axis=-1) - display.min(axis=-1), dtype=np.float64))
 
 
 def read_model_frames(source: bytes | str | Path, *, settings: PixelSettings,

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,9 @@ import pydicom
 
 from dicomflow.config import layout
 from dicomflow.dicom.display import (
+    COLOUR,
     Frame,
+    colour_spread,
     PixelSettings,
     extreme_share,
     number_of_frames,
@@ -30,13 +32,25 @@ from dicomflow.dicom.display import (
     read_image,
 )
 from dicomflow.dicom.reading import Quarantined, failure_reason, read_file
+from dicomflow.dicom.series import (
+    SERIES_SKIP_REASONS,
+    SeriesDiagnosis,
+    SeriesGroup,
+    SliceHeader,
+    VolumeSettings,
+    apply_policy,
+    diagnose,
+    group_series,
+    read_slice_header,
+    read_volume,
+)
 from dicomflow.dicom.sources import SKIPPED_ENTRIES
 from dicomflow.runtime.parallel import WorkFailure, ordered_map
 
 logger = logging.getLogger(__name__)
 
 # Listed in the quarantine but not failures: these entries were never meant to be images.
-SKIP_REASONS = ("dicomdir", "not_an_image", *SKIPPED_ENTRIES)
+SKIP_REASONS = ("dicomdir", "not_an_image", *SERIES_SKIP_REASONS, *SKIPPED_ENTRIES)
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 INDEX_BATCH_ROWS = 1024  # index rows buffered before a Parquet row group is written
 
@@ -84,6 +98,11 @@ def describe_image(ds: pydicom.Dataset, frame: Frame, *, source_path: str, sha25
         "pixel_mean": float(scaled.mean()),
         "pixel_std": float(scaled.std()),
         "pixel_extreme_share": extreme_share(frame.display),
+        # Colour: of the source (3 for RGB, YBR and PALETTE COLOR); validate flags grey "colour".
+        "source_channels": 3 if ds.PhotometricInterpretation in COLOUR else 1,
+        "pixel_colour_spread": (colour_spread(frame.display)
+                                if ds.PhotometricInterpretation in COLOUR else float("nan")),
+        "colour_profile": frame.colour_profile,
     }
 
 
@@ -124,6 +143,114 @@ def read_all(files: list[Path], *, data_dir: Path, settings: PixelSettings, work
     yield from ordered_map(partial(ingest_file, data_dir=data_dir, settings=settings), files,
                            workers=workers, timeout_s=timeout_s,
                            on_failure=partial(quarantined_by_worker, data_dir=data_dir))
+
+
+# ---- ingest.unit: series -------------------------------------------------------------------
+
+def header_or_failure(path: Path, *, data_dir: Path, max_bytes: int) -> SliceHeader | FileResult:
+    """One file's :class:`~dicomflow.dicom.series.SliceHeader`, as a worker process reads it, or
+    its quarantine entry; never raises."""
+    try:
+        return read_slice_header(path, data_dir=data_dir, max_bytes=max_bytes)
+    except Quarantined as err:
+        return FileResult(path.relative_to(data_dir).as_posix(), reason=err.reason, detail=str(err))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  one odd file must not sink a run of thousands
+        failure = failure_reason(err, reading="the file's header")
+        return FileResult(path.relative_to(data_dir).as_posix(), reason=failure.reason, detail=str(failure))
+
+
+def series_folder(group: SeriesGroup) -> str:
+    """Where a series' files are: their deepest common folder (the index's ``source_path``)."""
+    parents = [PurePosixPath(h.relative_path).parent.parts for h in group.headers]
+    common = []
+    for names in zip(*parents):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return PurePosixPath(*common).as_posix() if common else "."
+
+
+def _series_failure(kept: tuple[SeriesGroup, SeriesDiagnosis], failure: WorkFailure) -> FileResult:
+    return FileResult(series_folder(kept[0]), reason=failure.reason, detail=failure.detail)
+
+
+def ingest_series(kept: tuple[SeriesGroup, SeriesDiagnosis], *, data_dir: Path, volume: VolumeSettings,
+                  fill_gaps: bool) -> FileResult:
+    """One series to its volume and index row, as a worker process does it; never raises.
+
+    The row is the first slice's :func:`describe_image` (patient, study, device; the volume's
+    pixel statistics) with the series' own: ``row_key`` and ``sha256`` from the slices' hashes
+    in geometric order, ``number_of_frames`` the slices, and the diagnosis (``layout.SERIES_SCHEMA``).
+    Its ``slice_files`` (not an index column) lists each slice for ``layout.SERIES_FILES``.
+    """
+    group, diagnosis = kept
+    folder = series_folder(group)
+    try:
+        built = read_volume(group, data_dir=data_dir, settings=volume, fill_gaps=fill_gaps)
+        first = group.headers[0]
+        ds = pydicom.dcmread(data_dir / first.relative_path, stop_before_pixels=True)
+        sha256 = hashlib.sha256("".join(h.sha256 for h in group.headers).encode()).hexdigest()
+        display = built.pixels.astype(np.float32) / 255.0
+        row = describe_image(ds, Frame(index=0, display=display, pixels=built.pixels),
+                             source_path=folder, sha256=sha256)
+        row.update(row_key=f"{sha256[:24]}-series", sop_instance_uid="", number_of_frames=len(group.headers),
+                   **diagnosis.as_metrics(), series_filled=built.filled,
+                   slice_files=[{"row_key": f"{sha256[:24]}-series", "source_path": h.relative_path,
+                                 "sha256": h.sha256, "sop_instance_uid": h.sop_instance_uid}
+                                for h in group.headers])
+        return FileResult(folder, ((built.pixels[..., None], row),))
+    except Quarantined as err:
+        return FileResult(folder, reason=err.reason, detail=str(err))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  one odd series must not sink the rest
+        failure = failure_reason(err, reading="the series")
+        return FileResult(folder, reason=failure.reason, detail=str(failure))
+
+
+def read_all_series(files: list[Path], *, data_dir: Path, volume: VolumeSettings, policy: str,
+                    min_slices: int, workers: int, timeout_s: float | None = None) -> Iterator[FileResult]:
+    """``files`` as series: the quarantine entries, then one result per series, in a fixed order.
+
+    Two passes over ``workers`` processes: every file's header (cheap), then, after grouping,
+    diagnosis and ``policy`` (:func:`~dicomflow.dicom.series.apply_policy`), each kept series'
+    volume. A file set aside (a localizer, an object without pixels) or unreadable gets its own
+    entry; every file of a refused series gets one with the series' reason, so the quarantine
+    still accounts for each file.
+    """
+    headers = []
+    for outcome in ordered_map(partial(header_or_failure, data_dir=data_dir, max_bytes=volume.max_bytes), files,
+                               workers=workers, timeout_s=timeout_s,
+                               on_failure=partial(quarantined_by_worker, data_dir=data_dir)):
+        if isinstance(outcome, FileResult):
+            yield outcome
+        else:
+            headers.append(outcome)
+    groups, set_aside = group_series(headers)
+    for relative_path, reason, detail in set_aside:
+        yield FileResult(relative_path, reason=reason, detail=detail)
+    kept = []
+    for group in groups:
+        diagnosis = diagnose(group)
+        try:
+            kept.append((apply_policy(group, diagnosis, policy, min_slices=min_slices), diagnosis))
+        except Quarantined as err:
+            detail = f"{err} (one of the {len(group.headers)} files of its series)"
+            yield from (FileResult(h.relative_path, reason=err.reason, detail=detail) for h in group.headers)
+    # The kept series reach the workers once, as shared arguments (inherited at fork), and the
+    # chunks carry only their numbers: a chunk of groups (17 series of 36 slices: ~370 kB pickled)
+    # is larger than the socket's buffer, and the parent blocked sending it while the worker
+    # blocked sending a volume back deadlocked both (290 series of the CT sample, bench.series).
+    yield from ordered_map(partial(_ingest_kept, data_dir=data_dir, volume=volume, fill_gaps=policy == "fill_gaps"),
+                           range(len(kept)), workers=workers, timeout_s=timeout_s, shared_args=(kept,),
+                           on_failure=lambda number, failure: _series_failure(kept[number], failure))
+
+
+def _ingest_kept(number: int, kept: list[tuple[SeriesGroup, SeriesDiagnosis]], **options) -> FileResult:
+    """:func:`ingest_series` of ``kept[number]`` (``options``: its keyword arguments)."""
+    return ingest_series(kept[number], **options)
 
 
 class _StagedWriter:
@@ -178,12 +305,13 @@ class ImageWriter(_StagedWriter):
 
 
 class IndexWriter(_StagedWriter):
-    """Writes index rows to Parquet in row groups of :data:`INDEX_BATCH_ROWS`, with a fixed schema."""
+    """Writes rows to Parquet in row groups of :data:`INDEX_BATCH_ROWS`, with a fixed schema
+    (``layout.INDEX_SCHEMA`` unless another is given); keys outside it are not written."""
 
     _TYPES = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64()}
 
-    def __init__(self, path: Path) -> None:
-        self.schema = pa.schema([(name, self._TYPES[kind]) for name, kind in layout.INDEX_SCHEMA.items()])
+    def __init__(self, path: Path, schema: dict[str, str] = layout.INDEX_SCHEMA) -> None:
+        self.schema = pa.schema([(name, self._TYPES[kind]) for name, kind in schema.items()])
         self._writer = pq.ParquetWriter(path, self.schema)
         self._rows: list[dict] = []
 

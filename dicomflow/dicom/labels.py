@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow
 
+from dicomflow.config import layout
 from dicomflow.config.params import LABEL_KEYS
 from dicomflow.dicom.reading import Quarantined
 from dicomflow.errors import DataError, SettingsError
@@ -52,12 +53,21 @@ def _key_value(record: dict, key: str) -> str:
     return record["source_path"] if key == "path" else record[key]
 
 
-def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str], classes: list[int]) -> int:
-    """The image's class from the labels table, or raise Quarantined (no_label, ...)."""
+def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str], classes: list[int],
+                 keep_unlabelled: bool = False) -> int:
+    """The image's class from the labels table, or raise Quarantined (no_label, ...).
+
+    With ``keep_unlabelled`` (``ingest.unlabelled: pretrain``) an image with no row in the labels
+    file (or only rows with an empty label) gets ``layout.UNLABELLED_LABEL`` instead of no_label;
+    contradicting rows and labels outside ``classes`` are quarantined all the same: those are
+    errors in the labels file, not missing labels.
+    """
     value = _key_value(record, key)
     if value in conflicting:
         raise Quarantined("conflicting_label", f"rows for this {key} disagree on the label")
     if value not in labels:
+        if keep_unlabelled:
+            return layout.UNLABELLED_LABEL
         raise Quarantined("no_label", f"no row in the labels file for this {key}")
     by_text = {str(c): c for c in classes}
     if labels[value] not in by_text:
@@ -69,7 +79,14 @@ def assign_label(record: dict, *, key: str, labels: dict[str, str], conflicting:
 
 
 def labelled(record: dict, *, key: str, labels: dict[str, str], conflicting: set[str],
-             classes: list[int], splits: dict[str, str]) -> dict:
-    """``record`` with its label and predefined split (empty when none), or raise Quarantined."""
-    label = assign_label(record, key=key, labels=labels, conflicting=conflicting, classes=classes)
-    return {**record, "label": label, "predefined_split": splits.get(_key_value(record, key), "")}
+             classes: list[int], splits: dict[str, str], keep_unlabelled: bool = False) -> dict:
+    """``record`` with its label and predefined split (empty when none), or raise Quarantined.
+
+    An unlabelled image (``keep_unlabelled``) gets no predefined split whatever the labels file
+    says: the split stage places it by its patient (``dicomflow.splitting.place_unlabelled``).
+    """
+    label = assign_label(record, key=key, labels=labels, conflicting=conflicting, classes=classes,
+                         keep_unlabelled=keep_unlabelled)
+    value = _key_value(record, key)
+    split = splits.get(value, "") if value in labels else ""  # no label row: unlabelled, no split
+    return {**record, "label": label, "predefined_split": split}

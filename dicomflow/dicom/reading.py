@@ -62,14 +62,17 @@ def failure_reason(err: BaseException, *, reading: str) -> Quarantined:
     return Quarantined(code, quoted(f"{reading} cannot be read ({name}: {err})"))
 
 
-def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> pydicom.Dataset:
+def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None,
+                 defer_size: int | None = None) -> pydicom.Dataset:
     """Parse a DICOM file, or raise Quarantined (not_dicom, truncated_header, dicomdir,
     not_an_image, no_pixel_data, too_large, ...).
 
     A file without the 128-byte preamble and ``DICM`` prefix is read again with ``force=True`` and
     accepted only when that yields a SOP Class UID: forced parsing of arbitrary bytes "succeeds"
     on text files too, with nonsense elements. With ``max_bytes``, a deflated data set that
-    would inflate past it is refused before pydicom inflates it whole.
+    would inflate past it is refused before pydicom inflates it whole. With ``defer_size``,
+    values longer than that many bytes (the pixel data) are skipped, not read (pydicom's
+    ``defer_size``): for a caller that needs the header only.
     """
     if max_bytes is not None:
         if isinstance(source, Path):
@@ -78,12 +81,12 @@ def read_dataset(source: Path | BinaryIO, *, max_bytes: int | None = None) -> py
         else:
             check_inflated_size(source, max_bytes)
     try:
-        ds = pydicom.dcmread(source)
+        ds = pydicom.dcmread(source, defer_size=defer_size)
     except InvalidDicomError as err:
         if hasattr(source, "seek"):
             source.seek(0)
         try:
-            ds = pydicom.dcmread(source, force=True)
+            ds = pydicom.dcmread(source, force=True, defer_size=defer_size)
             sop_class = ds.get("SOPClassUID")
         except Exception:  # noqa: BLE001  forced parsing of non-DICOM fails in many ways
             sop_class = None

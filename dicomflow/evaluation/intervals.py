@@ -25,6 +25,7 @@ by), passed in as values: this module reads no files.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -166,7 +167,9 @@ def patient_bootstrap(scores: Scores, patients: Sequence | np.ndarray, names: Se
         if len(np.unique(labels)) < n_classes:
             continue
         usable += 1
-        sample = Scores(labels, scores.probabilities[rows], scores.called[rows])
+        # replace, not a new Scores: the resample keeps the task, referable grade and threshold.
+        sample = dataclasses.replace(scores, labels=labels, probabilities=scores.probabilities[rows],
+                                     called=scores.called[rows])
         for name, metric in chosen.items():
             if metric.defined is None or metric.defined(sample):
                 draws[name].append(metric.compute(sample))

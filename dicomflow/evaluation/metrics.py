@@ -18,7 +18,7 @@ from dicomflow import metrics as registry
 from dicomflow.config.params import THRESHOLD_METHODS
 from dicomflow.errors import DataError
 from dicomflow.evaluation.intervals import Interval, interval_from_report, patient_bootstrap
-from dicomflow.metrics import HEADLINE_METRICS, Scores
+from dicomflow.metrics import HEADLINE_METRICS, HEADLINE_PRIVACY, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,73 @@ def _sensitivity_threshold(y_true: np.ndarray, y_score: np.ndarray, *, target: f
     return float(thresholds[int(np.argmax(tpr >= target))])
 
 
+def choose_referable_threshold(y_true: np.ndarray, y_score: np.ndarray, *, referable: int, method: str,
+                               fixed: float | None = None, target_sensitivity: float | None = None) -> float:
+    """The operating threshold of an ordinal task's referable call, chosen on the validation split.
+
+    The derived binary task "grade index ``referable`` or higher", scored by each image's
+    probability of it (:func:`dicomflow.metrics.at_least`), through :func:`choose_threshold`
+    with the same ``method`` and options as a binary model's (``evaluate.threshold_method``).
+
+    Parameters
+    ----------
+    y_true : ndarray of shape (n,)
+        Validation grade indices, 0 to k - 1.
+    y_score : ndarray of shape (n, k)
+        Validation grade probabilities.
+    referable : int
+        The grade index from which an image is referable (1 to k - 1).
+    method, fixed, target_sensitivity
+        As for :func:`choose_threshold`.
+
+    Returns
+    -------
+    float
+        An image is called referable when its probability of grade ``referable`` or higher is >= it.
+
+    Raises
+    ------
+    ValueError
+        ``referable`` outside 1 to k - 1, or as :func:`choose_threshold`.
+    DataError
+        The validation split is all referable or all not (``youden``, ``target_sensitivity``).
+    """
+    positive = (np.asarray(y_true, int).ravel() >= referable).astype(int)
+    return choose_threshold(positive, registry.at_least(y_score, referable), method=method, fixed=fixed,
+                            target_sensitivity=target_sensitivity)
+
+
+def choose_operating_points(y_true: np.ndarray, y_score: np.ndarray, *, task: str, classes: list[int],
+                            referable_grade: int | None, method: str, fixed: float | None = None,
+                            target_sensitivity: float | None = None) -> tuple[float | None, float | None]:
+    """A task's operating thresholds, chosen on the validation split (images or studies).
+
+    Parameters
+    ----------
+    y_true, y_score : ndarray
+        Validation class indices and probabilities: ``(n,)`` (binary) or ``(n, k)``.
+    task : str
+        ``train.task``.
+    classes : list of int
+        ``ingest.classes``.
+    referable_grade : int or None
+        ``evaluate.referable_grade`` (ordinal only).
+    method, fixed, target_sensitivity
+        As for :func:`choose_threshold` (``evaluate.threshold_method`` and its options).
+
+    Returns
+    -------
+    tuple of (float or None, float or None)
+        Class 1's threshold (binary; None otherwise) and the referable threshold (an ordinal task
+        with a referable grade; None otherwise).
+    """
+    options = dict(method=method, fixed=fixed, target_sensitivity=target_sensitivity)
+    threshold = choose_threshold(y_true, y_score, **options) if task == registry.BINARY else None
+    referable = None if referable_grade is None else choose_referable_threshold(
+        y_true, y_score, referable=classes.index(referable_grade), **options)
+    return threshold, referable
+
+
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC of binary scores (n,), or the macro average of one-vs-rest AUCs for (n, k) class
     probabilities (each class present in ``y_true``, class indices 0..k-1)."""
@@ -110,16 +177,20 @@ def loggable(metrics: dict[str, float | str | None]) -> dict[str, float]:
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
-    """The headline metrics (:data:`dicomflow.metrics.HEADLINE_METRICS`: what `dvc exp show`
-    compares in its 160 columns, beside the params changed) that ``metrics`` has (multi-class: no
-    sensitivity or specificity); every other figure is in the full test report."""
-    return {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
+    """The headline metrics (:data:`dicomflow.metrics.HEADLINE_METRICS`, then
+    :data:`~dicomflow.metrics.HEADLINE_PRIVACY`: what `dvc exp show` compares in its 160 columns,
+    beside the params changed) that ``metrics`` has (multi-class: no sensitivity or specificity;
+    without DP: no ε); every other figure is in the full test report."""
+    return {name: metrics[name] for name in (*HEADLINE_METRICS, *HEADLINE_PRIVACY) if name in metrics}
 
 
 # The registry's metrics in the test report, per task (calibration: :func:`calibration_metrics`).
 REPORTED = {registry.BINARY: ("roc_auc", "average_precision", "brier", "accuracy", "sensitivity", "specificity",
                               "ppv", "npv", "f1"),
-            registry.MULTICLASS: ("roc_auc", "accuracy", "macro_f1")}
+            registry.MULTICLASS: ("roc_auc", "accuracy", "balanced_accuracy", "macro_f1"),
+            registry.ORDINAL: ("roc_auc", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "mae_grade")}
+# An ordinal task with a referable grade: the derived "at least grade r" figures.
+REFERABLE = ("referable_auc", "referable_sensitivity", "referable_specificity")
 PER_CLASS = ("roc_auc", "sensitivity", "specificity", "ppv", "f1")  # one-vs-rest, for more than two classes
 PER_CLASS_INTERVALS = ("sensitivity", "specificity")  # the per-class figures the model card gives an interval
 
@@ -201,8 +272,13 @@ def _count_patients(patients: np.ndarray) -> int:
 
 
 def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *, classes: list[int],
-                               patients: np.ndarray) -> Report:
-    """Test-split metrics for more than two classes; each image is called its most probable class.
+                               patients: np.ndarray, task: str = registry.MULTICLASS,
+                               referable_grade: int | None = None,
+                               referable_threshold: float | None = None) -> Report:
+    """Test-split metrics for more than two classes (multi-class or ordinal grades).
+
+    Each image is called its most probable class (``multiclass``) or its median grade
+    (``ordinal``, :func:`dicomflow.metrics.median_grade`).
 
     Parameters
     ----------
@@ -214,38 +290,84 @@ def compute_multiclass_metrics(y_true: np.ndarray, y_score: np.ndarray, *, class
         The label of each class index, used in the per-class metric names.
     patients : ndarray of shape (n,)
         Each image's patient key, as for :func:`compute_metrics`.
+    task : {"multiclass", "ordinal"}, default="multiclass"
+        ``train.task``.
+    referable_grade : int or None, default=None
+        Ordinal only: the label (a value of ``classes``) from which an image is referable
+        (``evaluate.referable_grade``); None: no referable figures.
+    referable_threshold : float or None, default=None
+        With ``referable_grade``: the threshold on the referable probability chosen on validation
+        (:func:`choose_referable_threshold`); required there.
 
     Returns
     -------
     dict
         ``roc_auc`` (macro average of one-vs-rest AUCs), ``accuracy`` (both with their patient
-        intervals, ``_ci_low``, ``_ci_high``, ``_ci_note``), ``macro_f1``, ``n_test``,
-        ``n_test_patients``; per class c (one-vs-rest): ``roc_auc_<c>``, ``sensitivity_<c>`` and
-        ``specificity_<c>`` (with their intervals), ``ppv_<c>``, ``f1_<c>``, ``n_test_<c>``.
+        intervals, ``_ci_low``, ``_ci_high``, ``_ci_note``), ``balanced_accuracy`` (mean per-class
+        sensitivity), ``macro_f1``, ``n_test``, ``n_test_patients``; per class c (one-vs-rest):
+        ``roc_auc_<c>``, ``sensitivity_<c>`` and ``specificity_<c>`` (with their intervals),
+        ``ppv_<c>``, ``f1_<c>``, ``n_test_<c>`` (images of class c) and ``n_called_<c>`` (images
+        called c). Ordinal adds ``qwk`` (quadratic weighted kappa, with its interval) and
+        ``mae_grade`` (mean absolute grade error); with a referable grade also ``referable_grade``,
+        ``referable_threshold``, ``referable_auc``, ``referable_sensitivity`` and
+        ``referable_specificity`` (each with its interval; the last two at the threshold) and
+        ``n_test_referable``.
 
     Raises
     ------
     DataError
         The test split lacks one of the classes: its AUC and sensitivity are undefined.
+    ValueError
+        ``task`` is not multiclass or ordinal, a referable grade for another task or not in
+        ``classes`` after the first, or without its threshold.
     """
+    if task not in (registry.MULTICLASS, registry.ORDINAL):
+        raise ValueError(f"task must be 'multiclass' or 'ordinal' for {len(classes)} classes; got {task!r}")
+    referable = _referable_index(classes, task=task, referable_grade=referable_grade,
+                                 referable_threshold=referable_threshold)
     missing = sorted(set(range(len(classes))) - set(np.unique(y_true)))
     if missing:
         raise DataError(f"the test split holds no image of class(es) {[classes[k] for k in missing]}; "
                          "per-class metrics are undefined")
-    scores = Scores.at_threshold(y_true, y_score)
-    metrics = {**_with_intervals(scores, REPORTED[registry.MULTICLASS], patients), "n_test": int(len(y_true)),
+    scores = Scores.at_threshold(y_true, y_score, task=task, referable=referable,
+                                 referable_threshold=referable_threshold)
+    names = REPORTED[task] + (REFERABLE if referable is not None else ())
+    metrics = {**_with_intervals(scores, names, patients), "n_test": int(len(y_true)),
                "n_test_patients": _count_patients(patients)}
+    if referable is not None:
+        metrics.update(referable_grade=referable_grade, referable_threshold=float(referable_threshold),
+                       n_test_referable=int((y_true >= referable).sum()))
     for k, label in enumerate(classes):
         # Class k against the rest: a two-class problem, scored by the two-class metrics.
         one_vs_rest = Scores((y_true == k).astype(int), y_score[:, k], (scores.called == k).astype(int))
         metrics.update(_with_intervals(one_vs_rest, PER_CLASS, patients, interval_names=PER_CLASS_INTERVALS,
                                        suffix=f"_{label}"))
         metrics[f"n_test_{label}"] = int((y_true == k).sum())
+        metrics[f"n_called_{label}"] = int((scores.called == k).sum())
     return metrics
+
+
+def _referable_index(classes: list[int], *, task: str, referable_grade: int | None,
+                     referable_threshold: float | None) -> int | None:
+    """The grade index of ``referable_grade`` (None without one), after checking it fits."""
+    if referable_grade is None:
+        return None
+    if task != registry.ORDINAL:
+        raise ValueError(f"referable_grade applies to the ordinal task; got {referable_grade} for task {task!r}")
+    if referable_grade not in classes[1:]:
+        raise ValueError(f"referable_grade must be one of the grades after the first, {classes[1:]}; "
+                         f"got {referable_grade!r}")
+    if referable_threshold is None:
+        raise ValueError("referable_threshold must be a float when referable_grade is set; choose it on "
+                         "validation with choose_referable_threshold")
+    return classes.index(referable_grade)
 
 
 SUBGROUP_ATTRIBUTES = ("patient_sex", "age_band", "manufacturer", "view_position")
 AGE_BANDS = ((0, "0-17"), (18, "18-39"), (40, "40-64"), (65, "65+"))  # lower bound, name
+# An ordinal subgroup's QWK needs this many images (and two grades): below it one image moves it by
+# a tenth or more.
+MIN_QWK_IMAGES = 20
 
 
 def age_band(years: float | None) -> str:
@@ -256,9 +378,9 @@ def age_band(years: float | None) -> str:
 
 
 def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.ndarray, *,
-                     threshold: float | None) -> pd.DataFrame:
-    """AUC (with a patient interval), sensitivity and specificity within each sex, age band,
-    manufacturer and view position.
+                     threshold: float | None, task: str | None = None) -> pd.DataFrame:
+    """AUC (with a patient interval), sensitivity and specificity (two classes) or QWK (ordinal)
+    within each sex, age band, manufacturer and view position.
 
     Parameters
     ----------
@@ -268,7 +390,10 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
     y_true, y_score : ndarray
         As for :func:`compute_metrics` (binary) or :func:`compute_multiclass_metrics`.
     threshold : float or None
-        The operating threshold (binary); None for more than two classes (most probable class).
+        The operating threshold (binary); None for more than two classes.
+    task : str or None, default=None
+        ``train.task``: ``ordinal`` calls each image its median grade; None or ``multiclass`` its
+        most probable class (more than two classes).
 
     Returns
     -------
@@ -278,8 +403,10 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
         patient-bootstrap interval ``roc_auc_ci_low``, ``roc_auc_ci_high`` (NaN where not
         estimable) and ``roc_auc_ci_note`` ("" or why not), ``accuracy``, and for two classes
         ``n_positive`` and ``sensitivity`` and ``specificity`` at the threshold (NaN without
-        positives or negatives). A group of a few patients gives noisy figures: read them with
-        ``n_patients``.
+        positives or negatives). More than two classes: ``roc_auc`` is the macro one-vs-rest AUC
+        (NaN unless the group holds every class); ordinal adds ``qwk`` (NaN below
+        :data:`MIN_QWK_IMAGES` images or with one grade). A group of a few patients gives noisy
+        figures: read them with ``n_patients``.
 
     Raises
     ------
@@ -297,7 +424,9 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
     }).fillna("unknown").replace("", "unknown")
     patients = manifest["patient_key"].to_numpy(dtype=object)
     binary = y_score.ndim == 1
-    called = (y_score >= threshold).astype(int) if binary else y_score.argmax(axis=1)
+    ordinal = task == registry.ORDINAL
+    called = Scores.at_threshold(y_true, y_score, threshold=0.5 if threshold is None else threshold,
+                                 task=None if binary else task).called
     rows = []
     for attribute in SUBGROUP_ATTRIBUTES:
         for value, members in groups.groupby(attribute, sort=True).groups.items():
@@ -314,6 +443,9 @@ def subgroup_metrics(manifest: pd.DataFrame, y_true: np.ndarray, y_score: np.nda
                    **{key: float("nan") if value is None else value
                       for key, value in interval.as_report("roc_auc").items()},
                    "accuracy": float(np.mean(calls == truth))}
+            if ordinal:
+                graded = len(idx) >= MIN_QWK_IMAGES and len(np.unique(truth)) > 1
+                row["qwk"] = registry.qwk(Scores(truth, scores, calls, registry.ORDINAL)) if graded else float("nan")
             if binary:
                 positive = truth == 1
                 row.update(n_positive=int(positive.sum()),
@@ -365,10 +497,18 @@ def weakest_subgroup(subgroups: pd.DataFrame, *, overall_auc: float) -> str:
 
 
 def calibration_metrics(y_true: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, *,
-                        temperatures: list[float]) -> dict[str, float]:
-    """Brier score and ECE (10 bins) of the test probabilities with and without the calibration
-    the model carries, and its temperature (the mean over an ensemble's members)."""
-    calibrated, uncalibrated = Scores.at_threshold(y_true, calibrated), Scores.at_threshold(y_true, uncalibrated)
-    return {"brier": registry.brier(calibrated), "ece": registry.ece(calibrated),
-            "brier_uncalibrated": registry.brier(uncalibrated), "ece_uncalibrated": registry.ece(uncalibrated),
-            "temperature": float(np.mean(temperatures))}
+                        temperatures: list[float], classes: list[int] | None = None) -> dict[str, float]:
+    """Brier score and ECE (10 bins; top-label for more than two classes) of the test probabilities
+    with and without the calibration the model carries, and its temperature (the mean over an
+    ensemble's members). With more than two ``classes``, also ``ece_<c>`` per class c: the ECE of
+    its one-vs-rest probability (the per-class reliability diagram's figure)."""
+    calibrated_scores = Scores.at_threshold(y_true, calibrated)
+    uncalibrated_scores = Scores.at_threshold(y_true, uncalibrated)
+    figures = {"brier": registry.brier(calibrated_scores), "ece": registry.ece(calibrated_scores),
+               "brier_uncalibrated": registry.brier(uncalibrated_scores),
+               "ece_uncalibrated": registry.ece(uncalibrated_scores), "temperature": float(np.mean(temperatures))}
+    if classes is not None and len(classes) > 2:
+        y_true, calibrated = np.asarray(y_true, int).ravel(), np.asarray(calibrated, float)
+        figures.update({f"ece_{label}": registry.ece(Scores.at_threshold((y_true == k).astype(int), calibrated[:, k]))
+                        for k, label in enumerate(classes)})
+    return figures

@@ -64,7 +64,8 @@ def model_card(*, name: str, version: str | None, alias: str, decision: str, man
                domain: TrainingDomain, threshold: float | None, ingest: IngestParams,
                evaluate: EvaluateParams, train: TrainParams | None = None, augment: AugmentParams | None = None,
                validation: Mapping[str, float] | None = None, secret: Mapping[str, str] | None = None,
-               excluded: int = 0) -> str:
+               excluded: int = 0, lineage: Mapping[str, str] | None = None,
+               privacy: Mapping[str, object] | None = None, referable_threshold: float | None = None) -> str:
     """The model card of one registered version, in Markdown.
 
     Parameters
@@ -102,13 +103,24 @@ def model_card(*, name: str, version: str | None, alias: str, decision: str, man
     excluded : int
         Validation images left out of the promotion comparison because the champion trained on
         them.
+    lineage : mapping or None
+        Where the weights started: the training run's ``dicomflow.init*`` tags
+        (:attr:`dicomflow.model.transfer.InitialWeights.lineage`); None or empty: from scratch.
+    privacy : mapping or None
+        The differential-privacy guarantee train wrote beside the model (``privacy.json``:
+        :func:`dicomflow.config.layout.read_privacy_record`); None: trained without DP. The
+        membership attack's figures are read from ``metrics`` (``membership_*``).
+
+    referable_threshold : float or None
+        Ordinal tasks with ``evaluate.referable_grade``: the threshold on P(grade >= referable
+        grade) chosen on validation, stated as the referable operating point; None: not chosen.
 
     Returns
     -------
     str
         Markdown, starting with :func:`card_title` (and a warning when the demo secret made the
-        data); sections Intended use, Training data, Model, Performance, Subgroups, Domain, Known
-        limitations, Promotion.
+        data); sections Intended use, Training data, Model, Performance, Privacy, Subgroups, Domain,
+        Known limitations, Promotion.
     """
     classes = list(ingest.classes)
     binary = len(classes) == 2
@@ -119,8 +131,10 @@ def model_card(*, name: str, version: str | None, alias: str, decision: str, man
         *([DEMO_WARNING] if demo else []),
         _intended_use(domain, classes),
         _training_data(manifest, classes, data_version, secret),
-        _model(ingest, evaluate, train, augment, metrics, threshold, binary, classes),
+        _model(ingest, evaluate, train, augment, metrics, threshold, binary, classes, lineage or {},
+               referable_threshold),
         _performance(metrics, validation, classes, binary, threshold),
+        _privacy(privacy, metrics),
         _subgroup_section(subgroups),
         _domain(domain),
         _limitations(manifest, metrics, subgroups, threshold, evaluate, classes, binary, demo),
@@ -194,11 +208,20 @@ def _secret_line(secret: Mapping[str, str]) -> str:
 
 def _model(ingest: IngestParams, evaluate: EvaluateParams, train: TrainParams | None,
            augment: AugmentParams | None, metrics: Mapping[str, float], threshold: float | None,
-           binary: bool, classes: list[int]) -> str:
+           binary: bool, classes: list[int], lineage: Mapping[str, str],
+           referable_threshold: float | None = None) -> str:
     size = f"{ingest.image_size} x {ingest.image_size} x {ingest.channels}"
-    output = (f"probability of class {classes[1]} (sigmoid)" if binary
-              else f"a probability for each of the {len(classes)} classes (softmax)")
-    lines = [f"- Input: {size} ({ingest.pixel_dtype}, scaled to [0, 1]); output: {output}."]
+    task = train.task if train is not None else None
+    if task is None or (task == "binary") != binary:  # not recorded, or params that check_task refuses
+        task = "binary" if binary else "multiclass"
+    output = {"binary": f"probability of class {classes[1]} (sigmoid)",
+              "multiclass": f"a probability for each of the {len(classes)} classes (softmax)",
+              "ordinal": f"a probability for each of the {len(classes)} grades, from {len(classes) - 1} "
+                         "continuation-ratio logits (P(grade > j | grade >= j)), so that P(grade >= j) "
+                         "never rises with j"}[task]
+    lines = [f"- Task: {_task(task, classes)}.",
+             f"- Input: {_input(ingest) if ingest.unit == 'series' else size} ({ingest.pixel_dtype}, scaled to "
+             f"[0, 1]); output: {output}."]
     if train is None:
         lines.append("- Architecture and training: not recorded.")
     else:
@@ -209,20 +232,102 @@ def _model(ingest: IngestParams, evaluate: EvaluateParams, train: TrainParams | 
             f"- Training: up to {train.epochs} epochs, batch size {train.batch_size}, learning rate "
             f"{train.lr:g} ({train.lr_schedule} schedule), class weights {train.class_weight}, early "
             f"stopping patience {train.early_stopping_patience}, weights kept: `{train.keep}`.",
+            f"- Initial weights: {_initial_weights(lineage, train)}",
             f"- Calibration: `{train.calibration}`"
             + (" (fitted on validation)" if train.calibration == "temperature" else "")
             + f", temperature {_f(metrics.get('temperature'))}.",
         ]
     lines.append(f"- Augmentation (training batches): {_augmentation(augment)}.")
-    lines.append(f"- Operating point: {_operating_point(evaluate, threshold, binary, classes)}.")
+    if metrics.get("level") == "study":
+        lines.append(f"- {_study_level(metrics)}")
+    if task == "ordinal":
+        lines.append(f"- Operating point: {_ordinal_operating_point(evaluate, referable_threshold)}.")
+    else:
+        lines.append(f"- Operating point: {_operating_point(evaluate, threshold, binary, classes)}.")
     return "## Model\n\n" + "\n".join(lines)
+
+
+def _input(ingest: IngestParams) -> str:
+    """A volume model's input in words (``ingest.unit: series``): the volume's shape, spacing and
+    window, and that a single DICOM file is refused."""
+    series = ingest.series
+    window = series.window if isinstance(series.window, str) else "custom"
+    center, width = series.window_hu
+    return (f"one CT series as a volume of {' x '.join(map(str, series.volume_size))} voxels (d x h x w, one "
+            f"channel), resampled to {' x '.join(f'{s:g}' for s in series.spacing_mm)} mm (z, y, x), {window} "
+            f"window {center:g}/{width:g} HU (center/width), cropped or padded with air; the registered model "
+            "refuses single DICOM files (serving a series of files comes later)")
+
+
+def _unit(metrics: Mapping[str, object]) -> str:
+    """What the test figures count: ``images``, ``series`` (volumes), or ``studies (of N images)``
+    at level study."""
+    if metrics.get("level") == "series":
+        return "series"
+    if metrics.get("level") != "study":
+        return "images"
+    return f"studies (of {int(metrics.get('n_test_images', 0))} images)"
+
+
+def _study_level(metrics: Mapping[str, object]) -> str:
+    """The evaluation level in words, for a model evaluated per study (``evaluate.level: study``)."""
+    method, k = metrics.get("study_aggregation"), metrics.get("study_top_k")
+    how = f"the mean of its {k} most probable images" if method == "topk_mean" else f"the {method} over its images"
+    served = metrics.get("image_threshold")
+    return ("Evaluated per study (`evaluate.level: study`): a study's probability is " + how + " (calibrated "
+            "probabilities); every test figure, the operating threshold (chosen on validation studies) and the "
+            "intervals are per study. A single file is served at the threshold chosen on validation images"
+            + (f", {_f(served, 4)}" if isinstance(served, (int, float)) else "")
+            + "; `dicomflow predict --per-study` answers per study.")
+
+
+def _task(task: str, classes: list[int]) -> str:
+    """The task and its classes or grades, in words (``train.task``)."""
+    if task == "ordinal":
+        return f"ordinal (`train.task: ordinal`), grades {' < '.join(map(str, classes))} in this order"
+    if task == "multiclass":
+        return f"multi-class (`train.task: multiclass`), classes {_listed(classes)} without order"
+    return f"binary (`train.task: binary`), classes {_listed(classes)}"
+
+
+def _ordinal_operating_point(evaluate: EvaluateParams, referable_threshold: float | None) -> str:
+    """How an ordinal model calls an image: the median grade, and the referable call when set."""
+    text = ("each image is called the median of its grade distribution (the smallest grade whose cumulative "
+            "probability reaches 0.5: the call with the least expected grade error)")
+    if evaluate.referable_grade is None:
+        return text
+    text += f"; referable: P(grade >= {evaluate.referable_grade}) (`evaluate.referable_grade`)"
+    if referable_threshold is None:
+        return text + ", reported as a probability, no threshold chosen"
+    return text + f", called referable at {_f(referable_threshold, 4)} or more (chosen on the validation split)"
+
+
+def _initial_weights(lineage: Mapping[str, str], train: TrainParams) -> str:
+    """Where the weights started, in words (the training run's ``dicomflow.init*`` tags)."""
+    init = lineage.get("dicomflow.init", "scratch")
+    if init == "scratch":
+        return "random (`train.init: scratch`)."
+    detail = {key.removeprefix("dicomflow.init."): _text(value) for key, value in lineage.items()}
+    if init == "pretrain":
+        source = (f"the pretrain stage's encoder (`{detail.get('pretrain_method', '?')}`, self-supervised on "
+                  f"{detail.get('pretrain_images', '?')} training and unlabelled images of data version "
+                  f"`{detail.get('pretrain_data_version', '?')}`"
+                  + (f", MLflow run `{detail['pretrain_run']}`" if "pretrain_run" in detail else "") + ")")
+    else:
+        source = (f"registered model `{detail.get('source_model', '?')}` version {detail.get('source_version', '?')} "
+                  f"(`{_text(init)}`, signature verified; trained on data version "
+                  f"`{detail.get('source_data_version', '?')}`; its training images are left out of the "
+                  "promotion comparison)")
+    return (f"{source}, layers matched by name; the encoder frozen for the first {train.freeze_epochs} epochs, "
+            f"then trained at {train.encoder_lr_factor:g} x the learning rate.")
 
 
 def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] | None, classes: list[int],
                  binary: bool, threshold: float | None) -> str:
     n_test = int(metrics.get("n_test", 0))
+    unit = _unit(metrics)
     parts = ["## Performance",
-             f"Test split: {n_test} images, used for this report only."]
+             f"Test split: {n_test} {unit}, used for this report only."]
     auc = ("ROC AUC", _with_interval(metrics, "roc_auc"))
     if binary:
         positives = int(metrics.get("n_test_positive", 0))
@@ -238,7 +343,7 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
                 ("NPV", _proportion(metrics, "npv", tn, tn + fn)),
                 ("F1", _f(metrics.get("f1"))),
                 ("Accuracy", _proportion(metrics, "accuracy", tp + tn, n_test))]
-        parts[1] = (f"Test split: {n_test} images, {positives} of class {classes[1]} (prevalence "
+        parts[1] = (f"Test split: {n_test} {unit}, {positives} of class {classes[1]} (prevalence "
                     f"{_share(positives, n_test)}), used for this report only; rates at threshold "
                     f"{_f(threshold, 4)}.")
     else:
@@ -277,6 +382,48 @@ def _performance(metrics: Mapping[str, float], validation: Mapping[str, float] |
     else:
         parts.append("Validation split: not recorded in the training run.")
     return "\n\n".join(parts)
+
+
+def _privacy(privacy: Mapping[str, object] | None, metrics: Mapping[str, object]) -> str:
+    """The guarantee (or that there is none), what it means in plain words, and the attack."""
+    if privacy is None:
+        head = ("**No formal privacy guarantee**: trained without differential privacy. De-identification "
+                "protects the files, not the patients from the model, which may have memorised its training images.")
+    else:
+        unit = _text(privacy.get("unit", "image"))
+        patient = privacy.get("patient_epsilon")
+        group = ""
+        if isinstance(patient, (int, float)) and unit != "patient":  # group privacy over a patient's images
+            group = (f" A whole patient's images: ε = {_f(patient, 2)}." if math.isfinite(patient) else
+                     " A whole patient's images: no bound (group privacy over them gives none at this δ).")
+        words = {key: _text(str(privacy.get(key, "?")).replace("_", " "))
+                 for key in ("neighbouring", "accountant", "sampling")}
+        head = (f"Trained with differential privacy (DP-SGD): **ε = {_f(privacy['epsilon'], 2)}, δ = "
+                f"{float(privacy['delta']):g} per {unit}** ({words['neighbouring']}; `{words['accountant']}` "
+                f"accountant, {words['sampling']} sampling q {_f(privacy.get('sampling_probability'), 4)}, "
+                f"{_n(privacy.get('steps'))} steps, noise multiplier {_f(privacy.get('noise_multiplier'), 2)}, "
+                f"clipping norm {_f(privacy.get('max_grad_norm'), 2)}).{group} "
+                f"It means: whether or not any one {unit} was trained on, everything the model outputs is almost "
+                "equally likely (at most e^ε times, but for a chance δ), so no one can tell from the model whether "
+                f"it was. It does not hide what the data as a whole show (a pattern common to many patients is "
+                "learnt, as intended), nor protect the de-identified files, nor the validation images (they chose "
+                "the epoch and the threshold).")
+    return "## Privacy\n\n" + head + "\n\n" + _attack(metrics, dp=privacy is not None)
+
+
+def _attack(metrics: Mapping[str, object], *, dp: bool) -> str:
+    """The membership attack's figures, in one paragraph (or that it was not run)."""
+    if metrics.get("membership_auc") is None:
+        return "Membership attack: not run."
+    bound = metrics.get("membership_epsilon_lower_bound")
+    confidence = 1 - float(metrics.get("membership_alpha", 0.05))
+    within = ", within the accounted ε" if dp else ""
+    auc = _with_interval(metrics, "membership_auc")
+    return (f"Membership attack (loss threshold, {_n(metrics.get('membership_n_members'))} training against "
+            f"{_n(metrics.get('membership_n_nonmembers'))} test images): AUC {auc} (0.5: chance), TPR "
+            f"{_with_interval(metrics, 'membership_tpr_at_fpr')} at "
+            f"{float(metrics.get('membership_fpr', 0.01)):.0%} FPR; ε proven >= {_f(bound, 2)} ({confidence:.0%} "
+            f"confidence{within}). A weak attack: a small figure proves no privacy.")
 
 
 def _subgroup_section(subgroups: pd.DataFrame | None) -> str:
@@ -345,8 +492,12 @@ def _limitations(manifest: pd.DataFrame, metrics: Mapping[str, float], subgroups
             items.append("No ROC AUC where a subgroup lacks a class: "
                          + _some([f"{_attribute(r.attribute)} {_text(r.group)}" for r in no_auc.itertuples()]) + ".")
     if binary:
-        positives = int((val["label"] == classes[1]).sum())
-        items.append(f"Threshold chosen on validation ({len(val)} images, {positives} of class {classes[1]}): "
+        if metrics.get("level") == "study" and "study_key" in val:  # the threshold was chosen on studies
+            studies = val.groupby("study_key")["label"].first()
+            chosen_on = f"{len(studies)} studies, {int((studies == classes[1]).sum())} of class {classes[1]}"
+        else:
+            chosen_on = f"{len(val)} images, {int((val['label'] == classes[1]).sum())} of class {classes[1]}"
+        items.append(f"Threshold chosen on validation ({chosen_on}): "
                      "sensitivity and specificity on new data can differ.")
         items.append("PPV and NPV hold at the test prevalence "
                      f"({_share(int(metrics.get('n_test_positive', 0)), int(metrics.get('n_test', 0)))}) only.")
@@ -391,8 +542,11 @@ def _operating_point(evaluate: EvaluateParams, threshold: float | None, binary: 
            "fixed": f"fixed at {evaluate.fixed_threshold:g} (`evaluate.fixed_threshold`)",
            "target_sensitivity": f"the highest threshold reaching sensitivity {evaluate.target_sensitivity:g} "
                                  "on the validation split"}.get(evaluate.threshold_method, evaluate.threshold_method)
+    per_study = evaluate.level == "study"  # the threshold was chosen on, and calls, studies
+    if per_study:
+        how = how.replace("the validation split", "the validation split's studies")
     return (f"threshold {_f(threshold, 4)}, `{evaluate.threshold_method}` ({how}); class {classes[1]} "
-            "when the probability is at least the threshold")
+            f"when the {'study probability' if per_study else 'probability'} is at least the threshold")
 
 
 def _some(items: list[str], *, limit: int = LISTED) -> str:

@@ -101,6 +101,107 @@ def write_plot_data(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float
                                         "roc_confusion.png", "pr_calibration.png")]
 
 
+def confusion_table(y_true: np.ndarray, called: np.ndarray, *, classes: list[int]) -> pd.DataFrame:
+    """The confusion matrix, counts and row-normalised, one row per (actual, called) pair.
+
+    Parameters
+    ----------
+    y_true, called : ndarray of shape (n,)
+        True and called class indices, 0 to k - 1.
+    classes : list of int
+        The label of each class index.
+
+    Returns
+    -------
+    DataFrame
+        k * k rows, actual-major: ``actual`` and ``called`` (labels), ``count`` and ``row_share``
+        (the count over the images of that actual class: each actual class's shares sum to 1;
+        NaN for a class with no image).
+    """
+    k = len(classes)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (np.asarray(y_true, int), np.asarray(called, int)), 1)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.full((k, k), np.nan), where=totals > 0)
+    return pd.DataFrame([{"actual": classes[a], "called": classes[c], "count": int(counts[a, c]),
+                          "row_share": float(shares[a, c])} for a in range(k) for c in range(k)])
+
+
+def write_confusion_matrix(y_true: np.ndarray, called: np.ndarray, *, classes: list[int], out_dir: Path,
+                           caption: str = "") -> list[Path]:
+    """The confusion matrix of any number of classes as ``confusion_matrix.csv``
+    (:func:`confusion_table`) and ``confusion_matrix.png``: counts on the left, row-normalised
+    (each actual class's share called each class: its sensitivity on the diagonal) on the right.
+
+    ``caption`` says how images were called (e.g. "most probable class", "median grade",
+    "threshold 0.42"); it goes in the titles. Returns both paths.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = confusion_table(y_true, called, classes=classes)
+    table.to_csv(out_dir / "confusion_matrix.csv", index=False, float_format="%.6g")
+    k = len(classes)
+    counts = table["count"].to_numpy().reshape(k, k)
+    shares = table["row_share"].to_numpy().reshape(k, k)
+    size = 3.2 + 0.45 * k
+    fig, axes = pyplot().subplots(1, 2, figsize=(2 * size + 1.0, size), layout="constrained")
+    panels = ((axes[0], counts, max(int(counts.max()), 1), "counts", "{:.0f}"),
+              (axes[1], shares, 1.0, "row-normalised", "{:.2f}"))
+    for ax, values, top, title, number in panels:
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=top)
+        for (row, col), value in np.ndenumerate(values):
+            dark = value / top > 0.6  # white text on dark cells
+            ax.text(col, row, "" if np.isnan(value) else number.format(value), ha="center", va="center",
+                    fontsize=8 if k > 6 else 9, color="white" if dark else "black")
+        ax.set(xticks=range(k), yticks=range(k), xticklabels=[str(c) for c in classes],
+               yticklabels=[str(c) for c in classes], xlabel="called", ylabel="actual",
+               title=f"{title}{f' ({caption})' if caption else ''}")
+        ax.title.set_fontsize(9)
+    fig.suptitle(f"confusion matrix, test split ({len(y_true)} images)", fontsize=10)
+    save_figure(fig, out_dir / "confusion_matrix.png")
+    return [out_dir / "confusion_matrix.csv", out_dir / "confusion_matrix.png"]
+
+
+def write_class_reliability(y_true: np.ndarray, probabilities: np.ndarray, *, classes: list[int], out_dir: Path,
+                            n_bins: int = 10) -> list[Path]:
+    """Per-class reliability of k > 2 classes, one-vs-rest: each class's probability against the
+    share of images of that class, in ``n_bins`` equal-width bins
+    (:func:`dicomflow.metrics.reliability_table`, the bins of its ECE).
+
+    Writes ``reliability_per_class.csv`` (a ``class`` column, then the bins) and
+    ``reliability_per_class.png`` (one panel per class, each point labelled with its images);
+    returns both paths.
+    """
+    from dicomflow.metrics import Scores, ece, reliability_table
+
+    y_true, probabilities = np.asarray(y_true, int).ravel(), np.asarray(probabilities, float)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = {label: pd.DataFrame(reliability_table((y_true == k).astype(int), probabilities[:, k], n_bins=n_bins))
+              for k, label in enumerate(classes)}
+    pd.concat([table.assign(**{"class": label}) for label, table in tables.items()])[
+        ["class", "low", "high", "count", "mean_predicted", "observed"]].to_csv(
+        out_dir / "reliability_per_class.csv", index=False, float_format="%.6g")
+    columns = min(len(classes), 4)
+    rows = -(-len(classes) // columns)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(3.0 * columns, 3.1 * rows), squeeze=False,
+                                  layout="constrained")
+    for k, (ax, (label, table)) in enumerate(zip(axes.ravel(), tables.items())):
+        filled = table[table["count"] > 0]
+        gap = ece(Scores.at_threshold((y_true == k).astype(int), probabilities[:, k]))
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+        ax.plot(filled["mean_predicted"], filled["observed"], marker="o")
+        _label_counts(ax, filled["mean_predicted"], filled["observed"], filled["count"])
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"class {label}: ECE {gap:.3f}")
+        ax.title.set_fontsize(9)
+    for ax in axes.ravel()[len(classes):]:
+        ax.set_visible(False)
+    fig.supxlabel("predicted probability of the class", fontsize=9)
+    fig.supylabel("share of images of the class", fontsize=9)
+    fig.suptitle(f"per-class reliability, test split ({len(y_true)} images, {n_bins} equal bins; "
+                 "numbers: images per bin)", fontsize=9)
+    save_figure(fig, out_dir / "reliability_per_class.png")
+    return [out_dir / "reliability_per_class.csv", out_dir / "reliability_per_class.png"]
+
+
 def write_confusion_data(y_true: np.ndarray, y_pred: np.ndarray, *, out_dir: Path) -> list[Path]:
     """``confusion.csv`` (actual, predicted class index per image) for more than two classes."""
     out_dir.mkdir(parents=True, exist_ok=True)

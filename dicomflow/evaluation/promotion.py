@@ -12,6 +12,7 @@ that cannot be scored makes the candidate ``challenger`` with the reason; evalua
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,17 +21,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dicomflow.config import layout
+from dicomflow.config.layout import TRAINING_DATA_FILE
 from dicomflow.deid.digests import read_digests
 from dicomflow.deid.leaks import scan_mlflow_run, scan_paths
 from dicomflow.errors import DataError
-from dicomflow.metrics import Scores, gain, metric_for
+from dicomflow.metrics import ORDINAL, Scores, gain, metric_for, task_of
 from dicomflow.model.architectures import class_indices
 
 logger = logging.getLogger(__name__)
@@ -55,16 +57,24 @@ def should_promote(candidate: float, champion: float | None, *, metric: str = "r
     return better_by > ROUNDING and better_by >= min_gain - ROUNDING  # 0.82 - 0.80 is 0.01999... in floats
 
 
-def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int]) -> float:
+def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, classes: list[int], *,
+                    task: str | None = None, referable_grade: int | None = None) -> float:
     """``metric`` of one model's answers (``dicomflow.serving.pyfunc`` output columns) against class indices.
 
     Threshold-dependent metrics use the model's own ``label`` column, so each model is judged at
-    its own operating threshold, as it would be used.
+    its own operating threshold, as it would be used (an ordinal model's label is its called
+    grade). ``task`` is ``train.task`` (None: binary for two classes, multiclass for more);
+    ``referable_grade`` (a label of ``classes``, ordinal only) is what the referable AUC needs.
     """
-    registered = metric_for(metric, n_classes=len(classes), setting="evaluate.promotion_metric")
+    task = task or task_of(len(classes))
+    registered = metric_for(metric, task=task, referable=referable_grade is not None, promotion=True,
+                            setting="evaluate.promotion_metric")
     called = class_indices(predictions["label"].to_numpy(), classes)
     columns = ["probability"] if "probability" in predictions else [f"probability_{c}" for c in classes]
     probabilities = predictions[columns].to_numpy(float)
+    if task == ORDINAL:
+        return registered.compute(Scores(np.asarray(labels, int), probabilities, called, ORDINAL,
+                                         None if referable_grade is None else classes.index(referable_grade)))
     return registered.compute(Scores(np.asarray(labels, int), probabilities.ravel() if len(columns) == 1
                                      else probabilities, called))
 
@@ -74,7 +84,6 @@ def promotion_score(metric: str, labels: np.ndarray, predictions: pd.DataFrame, 
 # more and an AUC by as much, more than any gain evaluate.promotion_min_gain would sensibly ask
 # for; above it, promotion_min_gain is the user's guard against noise.
 MIN_COMPARED_IMAGES = 10
-TRAINING_DATA_FILE = "training_data.json"  # beside the model's MLmodel; dicomflow.evaluation.registry logs it
 TRAINING_DATA_FORMAT = "dicomflow-training-data/1"
 
 # What the champion's process may see of this one's environment: what Python, TensorFlow and the
@@ -140,6 +149,30 @@ class Comparison:
                          f"{self.champion_version} {self.champion:.4f} (minimum gain {min_gain:g})")
 
 
+def require_privacy(alias: str, decision: str, privacy: Mapping | None, *, cap: float | None) -> tuple[str, str]:
+    """The alias and decision of :meth:`Comparison.decide` under ``evaluate.require_privacy``
+    (``cap``: the largest accounted ε a champion may have; None: no requirement).
+
+    A model trained without differential privacy (``privacy`` None: no ``privacy.json``) or with
+    an ε above ``cap`` is never ``champion``: a would-be champion becomes ``challenger``, the reason
+    before the comparison's decision; a challenger stays one, the reason after it. Otherwise both
+    are returned unchanged. ``privacy``'s ``epsilon`` is compared, in its own unit (``unit``: an
+    image or a patient).
+    """
+    if cap is None:
+        return alias, decision
+    if privacy is None:
+        why = "the model was trained without differential privacy (no privacy.json)"
+    elif float(privacy["epsilon"]) > cap:
+        why = f"its accounted ε {float(privacy['epsilon']):.3g} per {privacy.get('unit', 'image')} is above it"
+    else:
+        return alias, decision
+    requirement = f"evaluate.require_privacy is ε <= {cap:g} and {why}"
+    if alias != "champion":
+        return alias, f"{decision}; {requirement}"
+    return "challenger", f"challenger: {requirement}; else {decision}"
+
+
 def training_data_record(manifest: pd.DataFrame, *, data_version: str, pixel_settings: Mapping) -> dict:
     """What a model trained on, as its :data:`TRAINING_DATA_FILE` records it: the data version,
     the pixel settings, and the sorted digests of its training images (the split manifest's
@@ -148,6 +181,23 @@ def training_data_record(manifest: pd.DataFrame, *, data_version: str, pixel_set
     train = manifest.iloc[layout.split_rows(manifest, "train")]
     return {"format": TRAINING_DATA_FORMAT, "data_version": data_version, "pixel_settings": _plain(pixel_settings),
             "images": len(train), "pixel_sha256": sorted(set(train["pixel_sha256"].astype(str)))}
+
+
+def inherit_training_data(record: dict, inherited: Mapping | None) -> tuple[dict, str]:
+    """``record`` (:func:`training_data_record`) with the images its starting weights were trained
+    on (``inherited``: the source's record, as train wrote it beside the model from a registered
+    source; None when the weights did not come from one), and why those cannot be known ("" when
+    they can). A model fine-tuned from another has seen what that one saw: the promotion
+    comparison leaves those images out as it leaves out the champion's."""
+    if inherited is None:
+        return record, ""
+    source = str(inherited.get("source", "the source model"))
+    if not isinstance(inherited.get("pixel_sha256"), list):
+        return record, f"its starting weights ({source}) record no training images"
+    if inherited.get("pixel_settings") != record["pixel_settings"]:
+        return record, f"its starting weights ({source}) record their training images at other pixel settings"
+    images = sorted(set(record["pixel_sha256"]) | set(map(str, inherited["pixel_sha256"])))
+    return {**record, "pixel_sha256": images, "inherited_from": source}, ""
 
 
 def training_data_digest(record: Mapping) -> str:
@@ -233,6 +283,36 @@ def score_candidate(keras_model_path: Path, files: list[Path], **registered) -> 
     return answers
 
 
+def score_candidate_volumes(keras_model_path: Path, volumes: np.ndarray, files: list[Path],
+                            **registered) -> pd.DataFrame:
+    """A volume model's answers (``ingest.unit: series``), as the registered pyfunc gives them for
+    the de-identified volumes (n, d, h, w, 1) of ``files`` (their series folders, in
+    :func:`promotion_files`' order), in this process; a ``path`` column of folder names: the
+    stored volumes, which the pyfunc would assemble again from the folders' files."""
+    from dicomflow.serving.pyfunc import DicomClassifier
+
+    if len(volumes) != len(files):
+        raise ValueError(f"volumes and files must be the same series, one volume each; got {len(volumes)} "
+                         f"volumes for {len(files)} series folders")
+    local = DicomClassifier(**registered).load(keras_model_path)
+    answers = local.predict(None, np.asarray(volumes)).reset_index(drop=True)
+    answers.insert(0, "path", [file.name for file in files])
+    return answers
+
+
+def compare_volume_model(candidate: pd.DataFrame, *, champion_version: str | None, **comparison) -> Comparison:
+    """:func:`compare_with_champion` for a volume model: its own figure, and, when there is a
+    champion, no comparison: the champion comparison scores one file per row, and a volume model
+    answers series (not built for them yet). The candidate is then ``challenger`` with that reason
+    (:meth:`Comparison.decide`), the alias to be moved by hand."""
+    own = compare_with_champion(candidate, champion_version=None, **comparison)
+    if champion_version is None:
+        return own
+    return replace(own, champion_version=champion_version, reason=(
+        "a volume model is scored on series, and the comparison with the champion scores one file per row: "
+        "compare the two on the validation series and move the alias by hand"))
+
+
 def _exception_line(stderr: str) -> str:
     """The exception's own line of a traceback (``SomeError: ...``), else the last line."""
     lines = stderr.strip().splitlines() or ["no output"]
@@ -261,7 +341,9 @@ def _too_few(kept: int, labels: np.ndarray, classes: list[int], *, after: str) -
 def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | None, champion_uri: str,
                           verify_key, metric: str, files: list[Path], labels: np.ndarray, classes: list[int],
                           digests: list[frozenset], data_version: str,
-                          pixel_settings: Mapping) -> Comparison:
+                          pixel_settings: Mapping, candidate_seen: frozenset[str] = frozenset(),
+                          candidate_unknown: str = "", task: str | None = None,
+                          referable_grade: int | None = None) -> Comparison:
     """Compare the candidate's answers (``candidate``, a ``path`` column of file names, in
     ``files`` order) with the champion's, on the files neither model trained on.
 
@@ -275,6 +357,12 @@ def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | No
         :func:`promotion_files`.
     data_version, pixel_settings
         The candidate's data version and pixel settings (:func:`training_data_record`).
+    candidate_seen, candidate_unknown
+        The digests of images the candidate's starting weights were trained on, left out like the
+        champion's, and why they cannot be known ("" when they can;
+        :func:`inherit_training_data`).
+    task, referable_grade
+        ``train.task`` and ``evaluate.referable_grade``, as for :func:`promotion_score`.
 
     Returns
     -------
@@ -287,16 +375,22 @@ def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | No
     """
     from dicomflow.signing import SignatureError, download_verified
 
-    answered = _answered(candidate)
-    if not answered.any():
+    unseen = np.array([not (digest & candidate_seen) for digest in digests], dtype=bool)
+    answered = _answered(candidate) & unseen
+    if not _answered(candidate).any():
         raise DataError(f"the candidate answered none of the {len(files)} {PROMOTION_SPLIT} files (first error: "
                         f"{str(candidate['error'].iloc[0])[:200]}); it is not registered")
-    own = promotion_score(metric, labels[answered], candidate[answered], classes)
+    every_class = set(range(len(classes))) <= set(labels[answered].tolist())
+    score = functools.partial(promotion_score, metric, classes=classes, task=task, referable_grade=referable_grade)
+    own = score(labels[answered], candidate[answered]) if every_class else float("nan")
     if champion_version is None:
         return Comparison(metric, own, None, None, int(answered.sum()), data_version)
 
     def unfair(reason: str, excluded: int = 0) -> Comparison:
         return Comparison(metric, own, None, champion_version, int(answered.sum()), data_version, reason, excluded)
+
+    if candidate_unknown:
+        return unfair(candidate_unknown + ", so a comparison cannot leave them out")
 
     with tempfile.TemporaryDirectory(prefix="dicomflow-verified-") as work:
         try:
@@ -305,14 +399,14 @@ def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | No
             return unfair(f"its signature does not verify: {err}")
         except DataError as err:
             return unfair(f"it cannot be downloaded: {err}")
-        record = _training_record(Path(folder))
+        record = layout.read_training_record(Path(folder))
         if record is None:
             return unfair(f"it records no training images ({TRAINING_DATA_FILE}), so a comparison "
                           "cannot leave them out")
         if record.get("pixel_settings") != _plain(pixel_settings):
             return unfair("it records its training images at other pixel settings, so they cannot be "
                           "recognised among the comparison's")
-        seen = set(record["pixel_sha256"])
+        seen = set(record["pixel_sha256"]) | candidate_seen
         fair = np.array([not (digest & seen) for digest in digests], dtype=bool)
         excluded = int((~fair).sum())
         if not _enough(labels[fair], classes):
@@ -334,25 +428,17 @@ def compare_with_champion(candidate: pd.DataFrame, *, champion_version: str | No
                                after="answered by both (it answered " + str(int(_answered(theirs).sum())) + ")"),
                       excluded)
     compared = labels[fair][both]
-    return Comparison(metric, promotion_score(metric, compared, mine[both], classes),
-                      promotion_score(metric, compared, theirs[both], classes), champion_version,
+    return Comparison(metric, score(compared, mine[both]), score(compared, theirs[both]), champion_version,
                       int(both.sum()), data_version, excluded=excluded)
 
 
 def _plain(settings: Mapping) -> dict:
     """The pixel settings that shape an image (not the decoder's memory bound), as their JSON
-    reads back (tuples as lists), so two records compare equal."""
-    return json.loads(json.dumps({k: v for k, v in dict(settings).items() if k != "max_decoded_mib"}))
-
-
-def _training_record(folder: Path) -> dict | None:
-    """The verified copy's :data:`TRAINING_DATA_FILE`, or None (registered before it existed)."""
-    path = folder / TRAINING_DATA_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("pixel_sha256"), list) else None
+    reads back (tuples as lists), so two records compare equal. ``color_management: none`` is
+    left out too: it is what every record written before the option meant, so a champion
+    registered then still compares with a model trained now on the same pixels."""
+    return json.loads(json.dumps({k: v for k, v in dict(settings).items() if k != "max_decoded_mib"
+                                  and not (k == "color_management" and v == "none")}))
 
 
 def check_run(run_id: str, *, digests_file: Path, secret: bytes) -> None:

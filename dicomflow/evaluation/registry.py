@@ -42,8 +42,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dicomflow.evaluation.promotion import TRAINING_DATA_FILE
+from dicomflow.config.layout import TRAINING_DATA_FILE
 from dicomflow.errors import DataError
+from dicomflow.metrics import HEADLINE_PRIVACY
 from dicomflow.runtime.outputs import out_of_space
 
 logger = logging.getLogger(__name__)
@@ -175,10 +176,12 @@ def find_version(client, name: str, key: str):
 
 
 def model_digest(weights: Iterable[Any], *, training_data: Mapping[str, Any], threshold: float | None,
-                 classes: Iterable[int]) -> str:
+                 classes: Iterable[int], study: Mapping[str, Any] | None = None) -> str:
     """What makes two registered models the same: a SHA-256 over every weight array (dtype,
     shape and bytes, in the model's order), the operating threshold and classes, and the
-    training images and pixel settings of ``training_data`` (:data:`TRAINING_DATA_FILE`'s record).
+    training images and pixel settings of ``training_data`` (:data:`TRAINING_DATA_FILE`'s record);
+    and, for a model evaluated per study, its ``study`` metadata (the aggregation and study
+    thresholds ``dicomflow predict --per-study`` answers with; None leaves the digest as it was).
 
     Weights, not the ``.keras`` file: the file also stores when it was saved, so one set of
     weights saved twice differs in bytes. The threshold is part of the model a user is served:
@@ -195,6 +198,8 @@ def model_digest(weights: Iterable[Any], *, training_data: Mapping[str, Any], th
         digest.update(array.tobytes())
     settings = {"threshold": threshold, "classes": [int(c) for c in classes],
                 "pixel_settings": training_data["pixel_settings"], "images": training_data_digest(training_data)}
+    if study is not None:
+        settings["study"] = dict(study)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -251,12 +256,13 @@ def is_complete(version) -> bool:
 
 def version_tags(comparison, *, alias: str, decision: str, key: str, training_run_id: str,
                  training_data: Mapping[str, Any], metrics: Mapping[str, float],
-                 secret: Mapping[str, str], digest: str) -> dict[str, str]:
+                 secret: Mapping[str, str], digest: str, lineage: Mapping[str, str] | None = None) -> dict[str, str]:
     """Every tag a new version is created with: the promotion decision and both figures
     (``promotion_*``), the alias decided, the training run and evaluation key, what it trained on
     (``training_*``; the images' digests are in its signed :data:`TRAINING_DATA_FILE`), the
-    model's :data:`MODEL_DIGEST_TAG`, the test figures and the de-identification secret's
-    fingerprint."""
+    model's :data:`MODEL_DIGEST_TAG`, the test figures, the de-identification secret's
+    fingerprint, and where its weights started (``lineage``: the training run's
+    ``dicomflow.init*`` tags; ``dicomflow.init: scratch`` when None)."""
     from dicomflow.evaluation.promotion import PROMOTION_SPLIT, training_data_digest
 
     return {
@@ -271,7 +277,9 @@ def version_tags(comparison, *, alias: str, decision: str, key: str, training_ru
         "training_images": str(training_data["images"]),
         "training_images_digest": training_data_digest(training_data),
         **{f"test_{name}": f"{metrics[name]:.6g}" for name in ("roc_auc", "brier", "ece") if name in metrics},
+        **{name: f"{metrics[name]:.6g}" for name in HEADLINE_PRIVACY if name in metrics},  # attack AUC, DP ε
         **secret,
+        **(lineage or {"dicomflow.init": "scratch"}),
     }
 
 

@@ -1,5 +1,13 @@
 """Augmentation as composable random transforms (flip, affine, intensity, noise), applied on the
 fly to training batches, and the preview of what they do.
+
+Every transform takes a batch of images (batch, height, width, channels) or of volumes (batch,
+depth, height, width, channels) = (n, z, y, x, c), float32 in [0, 1], and a seed, and draws one
+set of parameters per image or volume from that seed alone (stateless): the same batch and seed
+give the same result, in a ``tf.data`` map or eagerly. A volume is flipped left-right only (the
+x axis: the head-feet and front-back axes of a chest are not symmetric), rotated about the z
+axis (in the axial plane), scaled isotropically about its centre and shifted along all three
+axes; its intensity transforms are those of images, one draw per volume.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from dicomflow.config.params import AugmentParams
 
 logger = logging.getLogger(__name__)
 
-# images (batch, height, width, channels) float32 in [0, 1], seed int32 (2,) -> images
+# images (batch, height, width, channels) or volumes (batch, depth, height, width, channels)
+# float32 in [0, 1], seed int32 (2,) -> the same shape
 Transform = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]  # noqa: F821
 
 
@@ -49,8 +58,40 @@ def warp(images, transforms):
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
+def warp_volumes(volumes, transforms, scale, shift_slices):
+    """Volumes (n, d, h, w, c) resampled: every slice of volume i by ``transforms[i]`` (an
+    in-plane affine of :func:`affine_transforms`, bilinear), then along z scaled by ``scale[i]``
+    about the centre and shifted by ``shift_slices[i]`` slices (linear). The two steps together
+    are a trilinear resampling (they act on separate axes); outside the volume is each volume's
+    darkest value: air for windowed CT (about 0.23 at the lung window, where black would draw an
+    edge no scan has), black for a volume that reaches 0.
+    """
+    import tensorflow as tf
+
+    n, depth = tf.shape(volumes)[0], volumes.shape[1]
+    height, width, channels = volumes.shape[2:]
+    # Resampling is linear: shifted down by the floor, the black fill becomes the floor.
+    floor = tf.reduce_min(volumes, axis=[1, 2, 3, 4], keepdims=True)
+    volumes = volumes - floor
+    slices = tf.reshape(volumes, [-1, height, width, channels])
+    planar = tf.reshape(warp(slices, tf.repeat(transforms, depth, axis=0)), [n, depth, height, width, channels])
+    # Output slice k samples the input at z = centre + (k - centre - shift) / scale, as in-plane.
+    centre = (depth - 1) / 2
+    source = centre + (tf.range(depth, dtype=tf.float32)[None, :] - centre
+                       - tf.cast(shift_slices, tf.float32)[:, None]) / tf.cast(scale, tf.float32)[:, None]
+    below = tf.floor(source)
+    weight = tf.reshape(source - below, [n, depth, 1, 1, 1])
+    below = tf.cast(below, tf.int32)
+
+    def slices_at(index):  # (n, d) slice indices -> their slices, black outside the volume
+        inside = tf.reshape(tf.cast((index >= 0) & (index < depth), tf.float32), [n, depth, 1, 1, 1])
+        return tf.gather(planar, tf.clip_by_value(index, 0, depth - 1), axis=1, batch_dims=1) * inside
+
+    return slices_at(below) * (1 - weight) + slices_at(below + 1) * weight + floor
+
+
 class RandomFlip:
-    """Left-right flip of each image with probability ``prob``."""
+    """Left-right flip (the width axis) of each image or volume with probability ``prob``."""
 
     def __init__(self, prob: float = 0.5) -> None:
         if not 0 <= prob <= 1:
@@ -61,11 +102,16 @@ class RandomFlip:
         import tensorflow as tf
 
         flip = tf.random.stateless_uniform(tf.shape(images)[:1], seed) < self.prob
-        return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+        rank = len(images.shape)
+        return tf.where(tf.reshape(flip, [-1] + [1] * (rank - 1)), tf.reverse(images, axis=[rank - 2]), images)
 
 
 class RandomAffine:
-    """Rotation in ±``degrees``, zoom in [1 - ``zoom``, 1 + ``zoom``], shift in ±``shift`` × side."""
+    """Rotation in ±``degrees``, zoom in [1 - ``zoom``, 1 + ``zoom``], shift in ±``shift`` × side.
+
+    A volume is rotated about its z axis (every slice by the same angle, in the axial plane),
+    zoomed by the same factor along all three axes, and shifted along each (:func:`warp_volumes`).
+    """
 
     def __init__(self, *, degrees: float, zoom: float, shift: float) -> None:
         if degrees < 0 or not 0 <= zoom < 1 or not 0 <= shift < 1:
@@ -77,21 +123,26 @@ class RandomAffine:
     def __call__(self, images, seed):
         import tensorflow as tf
 
-        n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-        seeds = tf.random.experimental.stateless_split(seed, 4)
+        volumes = len(images.shape) == 5
+        n, height, width = tf.shape(images)[0], images.shape[-3], images.shape[-2]
+        seeds = tf.random.experimental.stateless_split(seed, 5 if volumes else 4)
 
         def draw(i: int, low: float, high: float):
             return tf.random.stateless_uniform([n], seeds[i], low, high)
 
+        scale = draw(1, 1 - self.zoom, 1 + self.zoom)
         transforms = affine_transforms(
-            draw(0, -self.degrees, self.degrees), draw(1, 1 - self.zoom, 1 + self.zoom),
+            draw(0, -self.degrees, self.degrees), scale,
             draw(2, -self.shift, self.shift) * height, draw(3, -self.shift, self.shift) * width,
             height=height, width=width)
+        if volumes:
+            return warp_volumes(images, transforms, scale, draw(4, -self.shift, self.shift) * images.shape[1])
         return warp(images, transforms)
 
 
 class RandomIntensity:
-    """Contrast factor in [1 - ``contrast``, 1 + ``contrast``] about the mean, then + brightness."""
+    """Contrast factor in [1 - ``contrast``, 1 + ``contrast``] about the mean, then + brightness
+    (one factor and offset per image or volume)."""
 
     def __init__(self, *, brightness: float, contrast: float) -> None:
         if brightness < 0 or not 0 <= contrast < 1:
@@ -101,11 +152,12 @@ class RandomIntensity:
     def __call__(self, images, seed):
         import tensorflow as tf
 
-        shape = tf.concat([tf.shape(images)[:1], [1, 1, 1]], axis=0)
+        rank = len(images.shape)
+        shape = tf.concat([tf.shape(images)[:1], [1] * (rank - 1)], axis=0)
         seeds = tf.random.experimental.stateless_split(seed, 2)
         factor = tf.random.stateless_uniform(shape, seeds[0], 1 - self.contrast, 1 + self.contrast)
         offset = tf.random.stateless_uniform(shape, seeds[1], -self.brightness, self.brightness)
-        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        mean = tf.reduce_mean(images, axis=list(range(1, rank)), keepdims=True)
         return tf.clip_by_value((images - mean) * factor + mean + offset, 0.0, 1.0)
 
 
@@ -144,7 +196,8 @@ def apply_policy(images, policy: Sequence[Transform], seed):
     Parameters
     ----------
     images : tf.Tensor or ndarray
-        float32 (batch, height, width, channels) in [0, 1].
+        float32 (batch, height, width, channels) or volumes (batch, depth, height, width,
+        channels) in [0, 1].
     policy : sequence of transforms
         From :func:`build_policy`.
     seed : tf.Tensor or sequence of two ints
@@ -162,16 +215,24 @@ def apply_policy(images, policy: Sequence[Transform], seed):
 
 
 def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *, seed: int,
-                  n_images: int = 6, n_variants: int = 5) -> None:
+                  n_images: int = 6, n_variants: int = 5, volumes: bool = False) -> None:
     """PNG grid: one row per image, the original first, then ``n_variants`` augmentations (columns
-    titled "original", "draw 1", ...: draw i applies the whole policy with seed ``[seed, i]``)."""
+    titled "original", "draw 1", ...: draw i applies the whole policy with seed ``[seed, i]``).
+
+    With ``volumes``, ``images`` are stored volumes (n, depth, height, width), augmented whole,
+    and each cell shows the central axial slice (a shift or zoom along z shows as a change of
+    the slice shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = layout.to_model_input(images[: min(n_images, len(images))])
+    chosen = layout.unit_pixels(np.asarray(images[: min(n_images, len(images))]))
+    chosen = chosen[..., None] if chosen.ndim == (4 if volumes else 3) else chosen
     variants = [apply_policy(chosen, policy, seed=[seed, i]).numpy() for i in range(n_variants)]
+    if volumes:  # the central axial slice of each
+        centre = chosen.shape[1] // 2
+        chosen, variants = chosen[:, centre], [variant[:, centre] for variant in variants]
     fig, axes = plt.subplots(len(chosen), n_variants + 1, figsize=(1.6 * (n_variants + 1), 1.6 * len(chosen)),
                              squeeze=False)
     for row, image in enumerate(chosen):
@@ -182,7 +243,8 @@ def write_preview(images: np.ndarray, policy: Sequence[Transform], path: Path, *
     # Every column named: the first is the stored image, each other one an independent draw.
     for col, ax in enumerate(axes[0]):
         ax.set_title("original" if col == 0 else f"draw {col}", fontsize=8)
-    fig.suptitle("augmentation policy preview: each row one training image", fontsize=9)
+    fig.suptitle("augmentation policy preview: each row one training "
+                 + ("volume (central axial slice)" if volumes else "image"), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

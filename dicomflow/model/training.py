@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from dicomflow.config import layout
-from dicomflow.config.params import AugmentParams, IngestParams, TrainParams
+from dicomflow.config.params import AugmentParams, IngestParams, TrainParams, check_task
 from dicomflow.model import architectures as models
 from dicomflow.model import scoring
 from dicomflow.model.augment import apply_policy, build_policy
 from dicomflow.model.saving import save_model
+from dicomflow.model.transfer import InitialWeights, encoder_variables, set_encoder_trainable, transfer_weights
 from dicomflow.errors import DataError, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -257,9 +258,11 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
                 params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
                 augment: AugmentParams | None = None, strategy=None,
                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-                resume_dir: Path | None = None):
+                resume_dir: Path | None = None, initial: InitialWeights | None = None,
+                groups: np.ndarray | None = None):
     """Fit one network of the configured architecture; returns the kept, calibrated model and its
-    history.
+    history. With ``params.privacy.enabled``, by DP-SGD instead
+    (:func:`dicomflow.model.privacy.train_private`).
 
     The loop is ours rather than ``model.fit`` because Keras 3's ``fit`` cannot run under
     ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585: it fails on ``PerReplica`` inputs).
@@ -284,7 +287,9 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         Where the returned model is saved as ``.keras``; None saves nothing (a multi-worker task
         other than the chief, or an ensemble member the caller combines).
     n_classes : int, default=2
-        Two: one sigmoid output, the probability of class 1. More: a softmax over the classes.
+        Two: one sigmoid output, the probability of class 1. More: a softmax over the classes, or
+        with ``params.task: ordinal`` the continuation-ratio head over the grades
+        (:mod:`dicomflow.model.architectures`), trained on its likelihood.
     augment : AugmentParams, optional
         The augmentation policy applied to the training batches (:func:`training_batches`).
     strategy : tf.distribute.Strategy, optional
@@ -295,6 +300,15 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         Where the training state is saved after every epoch; a run that finds the state of the
         same params and data there (a killed run) goes on after its last epoch, and gives what an
         uninterrupted run gives. Removed when training ends.
+    initial : InitialWeights, optional
+        Weights to start from (``train.init``: :mod:`dicomflow.model.transfer`), copied into the
+        matching layers. Then the first ``params.freeze_epochs`` epochs train the head alone, the
+        encoder frozen (its batch normalisation in inference mode, its statistics not
+        re-estimated), and the encoder learns at ``params.encoder_lr_factor`` times the head's
+        rate (its own Adam: scaling Adam's gradients would not change its steps).
+    groups : ndarray, optional
+        Each training image's patient: the unit DP-SGD samples and clips with
+        ``params.privacy.unit: patient``; unused otherwise.
 
     Returns
     -------
@@ -308,11 +322,21 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
     import keras
     import tensorflow as tf
 
+    if params.task != "binary":  # ordinal with two classes has no head (binary with more: a softmax, as ever)
+        check_task(params.task, list(range(n_classes)))
+    if params.privacy.enabled:  # a loop of its own: Poisson-sampled batches, clipped and noised gradients
+        from dicomflow.model.privacy import train_private
+
+        return train_private(train_x, train_y, val_x, val_y, params=params, checkpoint=checkpoint,
+                             n_classes=n_classes, augment=augment, strategy=strategy, on_epoch_end=on_epoch_end,
+                             groups=groups)
     strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()
-    model, optimizer = build_network(params, train_x.shape[1:], n_classes, strategy=strategy,
-                                     steps_per_epoch=-(-len(train_x) // params.batch_size))
+    model, updates = build_network(params, train_x.shape[1:], n_classes, strategy=strategy,
+                                   steps_per_epoch=-(-len(train_x) // params.batch_size), initial=initial)
+    optimizers = [optimizer for optimizer, _ in updates]
+    frozen_epochs = params.freeze_epochs if initial is not None else 0
     predict = batched_predictor(model)
 
     def distributed_epoch(epoch: int):
@@ -325,27 +349,40 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
                            max(1, DRAWN_AHEAD_BYTES // (params.batch_size * train_x[0].nbytes)))
 
     signature = replica_signature(strategy, distributed_epoch(1)) if strategy.num_replicas_in_sync > 1 else None
-    train_step = distributed_train_step(model, optimizer, strategy=strategy, n_classes=n_classes,
-                                        class_weights=class_weights_for(train_y, params.class_weight, n_classes),
-                                        input_signature=signature)
+    train_steps = {}
+
+    def train_step_for(epoch: int):
+        # A frozen encoder is a step of its own, traced with the encoder's layers not trainable
+        # (Keras reads `trainable` when tracing: batch normalisation then runs in inference mode).
+        frozen = epoch <= frozen_epochs
+        set_encoder_trainable(model, not frozen)
+        if frozen not in train_steps:
+            train_steps[frozen] = distributed_train_step(
+                model, updates[-1:] if frozen else updates, strategy=strategy, n_classes=n_classes,
+                class_weights=class_weights_for(train_y, params.class_weight, n_classes), input_signature=signature)
+        return train_steps[frozen]
 
     refresh_statistics = BatchNormStatistics(model, batch_size=params.batch_size, strategy=strategy)
     epoch_statistics_images = statistics_subset(train_x, seed=params.seed)
-    state = TrainingState.load(resume_dir, fingerprint(params, augment, train_x, train_y, val_x, val_y))
+    state = TrainingState.load(resume_dir, fingerprint(params, augment, train_x, train_y, val_x, val_y,
+                                                       initial=initial))
     if state.epoch:
-        state.restore(model, optimizer)
+        state.restore(model, *optimizers)
         logger.info("resuming after epoch %d from %s", state.epoch, resume_dir)
     criterion, lower_is_better = KEEP_CRITERIA[params.keep]
     for epoch in range(state.epoch + 1, params.epochs + 1):
+        train_step = train_step_for(epoch)
         trained = [train_step(batch) for batch in epoch_batches(epoch)]
-        refresh_statistics(epoch_statistics_images)
+        if epoch > frozen_epochs:  # a frozen encoder keeps the statistics it came with
+            refresh_statistics(epoch_statistics_images)
         row = {"epoch": epoch, **scoring.classification_scores(
-            np.concatenate([y.numpy() for _, y in trained]), np.concatenate([p.numpy() for p, _ in trained]))}
-        row.update({f"val_{name}": value
-                    for name, value in scoring.classification_scores(val_y, predict(val_x)).items()})
+            np.concatenate([y.numpy() for _, y in trained]), np.concatenate([p.numpy() for p, _ in trained]),
+            task=params.task)}
+        row.update({f"val_{name}": value for name, value in scoring.classification_scores(
+            val_y, predict(val_x), task=params.task).items()})
         logger.info("epoch %d/%d: %s", epoch, params.epochs,
                     " ".join(f"{name} {value:.4f}" for name, value in row.items() if name != "epoch"))
-        state = state.after_epoch(row, model.get_weights(), [v.numpy() for v in optimizer.variables],
+        state = state.after_epoch(row, model.get_weights(), [v.numpy() for o in optimizers for v in o.variables],
                                   criterion=criterion, lower_is_better=lower_is_better)
         if resume_dir is not None:
             state.save(resume_dir)
@@ -354,8 +391,11 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
         if 0 < params.early_stopping_patience <= epoch - state.best_epoch:
             logger.info("early stop: no better %s in %d epochs", criterion, epoch - state.best_epoch)
             break
+    set_encoder_trainable(model, True)  # saved trainable: a model fine-tuned later starts unfrozen
+    kept_epoch = state.epoch if params.keep == "last_epoch" else state.best_epoch
     model = finished_network(model, state, params=params, train_x=train_x, val_x=val_x, val_y=val_y,
-                             refresh_statistics=refresh_statistics, checkpoint=checkpoint)
+                             refresh_statistics=refresh_statistics if kept_epoch > frozen_epochs else None,
+                             checkpoint=checkpoint)
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the next run starts afresh
     history = pd.DataFrame(state.rows)
@@ -364,45 +404,65 @@ def train_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val
 
 
 def build_network(params: TrainParams, input_shape: tuple[int, ...], n_classes: int, *, strategy,
-                  steps_per_epoch: int):
-    """The untrained network of ``params.architecture`` and its Adam optimizer (built, so that a
-    resumed run can restore its variables), both under ``strategy``'s scope."""
+                  steps_per_epoch: int, initial: InitialWeights | None = None):
+    """The network of ``params.architecture`` (with ``initial``'s weights when given) and its
+    updates: (Adam optimizer, the variables it trains) pairs, built so that a resumed run can
+    restore their variables, all under ``strategy``'s scope. From scratch one optimizer trains
+    every variable; from ``initial`` the encoder and the head have one each (encoder first), the
+    encoder's at ``params.encoder_lr_factor`` times the rate, over the epochs it is not frozen."""
     import keras
 
-    learning_rate = params.lr
-    if params.lr_schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(params.lr, params.epochs * steps_per_epoch)
+    def learning_rate(rate: float, epochs: int):
+        if params.lr_schedule == "cosine":
+            return keras.optimizers.schedules.CosineDecay(rate, max(1, epochs) * steps_per_epoch)
+        return rate
+
+    def adam(rate, variables: list):
+        optimizer = keras.optimizers.Adam(learning_rate=rate)
+        optimizer.build(variables)
+        return optimizer, variables
+
     with strategy.scope():
-        model = models.ARCHITECTURES[params.architecture](input_shape, n_classes)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-        optimizer.build(model.trainable_variables)
-    return model, optimizer
+        model = models.ARCHITECTURES[params.architecture](input_shape, n_classes,
+                                                          ordinal=params.task == models.ORDINAL)
+        if initial is None:
+            return model, [adam(learning_rate(params.lr, params.epochs), model.trainable_variables)]
+        transfer_weights(model, initial)
+        encoder, head = encoder_variables(model)
+        return model, [adam(learning_rate(params.lr * params.encoder_lr_factor, params.epochs - params.freeze_epochs),
+                            encoder),
+                       adam(learning_rate(params.lr, params.epochs), head)]
 
 
-def distributed_train_step(model, optimizer, *, strategy, n_classes: int, class_weights: list[float],
+def distributed_train_step(model, updates: list[tuple], *, strategy, n_classes: int, class_weights: list[float],
                            input_signature: list | None = None):
     """One optimisation step on a distributed global batch; returns its probabilities and labels
     gathered from every replica. Each image's loss is weighted by its class and averaged over the
-    global batch, so any number of replicas computes what one does."""
-    import keras
+    global batch, so any number of replicas computes what one does. ``updates``: (optimizer,
+    variables) pairs (:func:`build_network`); each optimizer applies the gradients of its own.
+    The loss is the task's (:func:`dicomflow.model.architectures.training_view`: for an ordinal
+    head, from its grade log-probabilities)."""
     import tensorflow as tf
 
     weights = tf.constant(class_weights, tf.float32)
-    loss_function = (keras.losses.binary_crossentropy if n_classes == 2
-                     else keras.losses.sparse_categorical_crossentropy)
+    network, loss_function = models.training_view(model)
+    ordinal = network is not model
 
     @tf.function(input_signature=input_signature)
     def train_step(batch):
         def replica_step(images, labels, size=None, drawn=None):
             with tf.GradientTape() as tape:
-                probabilities = model(images, training=True)
-                per_image = loss_function(labels[:, None], probabilities)
+                outputs = network(images, training=True)
+                per_image = loss_function(labels[:, None], outputs)
                 per_image *= tf.gather(weights, tf.cast(labels, tf.int32))
                 # Over the global batch: its size comes with the replica's slice (see
                 # distributed_batches), since slices of an odd-sized batch differ in size.
                 loss = tf.nn.compute_average_loss(per_image, global_batch_size=size)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            probabilities = tf.nn.softmax(outputs) if ordinal else outputs
+            variables = [variable for _, group in updates for variable in group]
+            gradients = iter(tape.gradient(loss, variables))
+            for optimizer, group in updates:
+                optimizer.apply_gradients(zip([next(gradients) for _ in group], group))
             return probabilities, labels
 
         probabilities, labels = strategy.run(replica_step, args=batch)
@@ -431,18 +491,22 @@ def batched_predictor(model, batch_size: int = 256) -> Callable[[np.ndarray], np
 
 
 def finished_network(model, state: TrainingState, *, params: TrainParams, train_x: np.ndarray,
-                     val_x: np.ndarray, val_y: np.ndarray, refresh_statistics: BatchNormStatistics,
+                     val_x: np.ndarray, val_y: np.ndarray, refresh_statistics: BatchNormStatistics | None,
                      checkpoint: Path | None):
     """The network as it is kept: the weights of the kept epoch, batch-norm statistics over every
-    training image, its temperature fitted on the validation split (``params.calibration``), and
-    saved to ``checkpoint`` (then reloaded outside any strategy's scope) when one is given."""
+    training image (unless ``refresh_statistics`` is None: a kept epoch whose encoder was frozen
+    keeps the statistics its head was trained with), its temperature fitted on the validation
+    split (``params.calibration``), and saved to ``checkpoint`` (then reloaded outside any
+    strategy's scope) when one is given."""
     import keras
 
     kept = state.best_weights if params.keep != "last_epoch" else state.weights
     model.set_weights(kept or model.get_weights())
-    refresh_statistics(train_x)  # the saved network: statistics over every training image
+    if refresh_statistics is not None:
+        refresh_statistics(train_x)  # the saved network: statistics over every training image
     if params.calibration == "temperature":
-        temperature = scoring.fit_temperature(val_y, models.infer(models.logit_model(model), val_x))
+        temperature = scoring.fit_temperature(val_y, models.infer(models.logit_model(model), val_x),
+                                              ordinal=models.is_ordinal(model))
         model = models.set_temperature(model, temperature)
         logger.info("temperature %.3f fitted on the validation split", temperature)
     if checkpoint is not None:
@@ -460,9 +524,11 @@ def class_weights_for(labels: np.ndarray, method: str, n_classes: int = 2) -> li
     return [float(len(labels) / (n_classes * count)) if count else 0.0 for count in counts]
 
 
-def fingerprint(params: TrainParams, augment: AugmentParams | None, *arrays: np.ndarray) -> str:
-    """What a saved training state belongs to: the params and the exact data."""
-    settings = {"train": dataclasses.asdict(params), "augment": augment and dataclasses.asdict(augment)}
+def fingerprint(params: TrainParams, augment: AugmentParams | None, *arrays: np.ndarray,
+                initial: InitialWeights | None = None) -> str:
+    """What a saved training state belongs to: the params, the exact data and the weights it started from."""
+    settings = {"train": dataclasses.asdict(params), "augment": augment and dataclasses.asdict(augment),
+                "initial": initial and initial.digest()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -492,10 +558,11 @@ class TrainingState:
             best_epoch=row["epoch"] if better else self.best_epoch,
             best_weights=weights if better else self.best_weights)
 
-    def restore(self, model, optimizer) -> None:
-        """Put this state's weights into ``model`` and its optimizer variables into ``optimizer``."""
+    def restore(self, model, *optimizers) -> None:
+        """Put this state's weights into ``model`` and its optimizer variables into ``optimizers``
+        (in the order their variables were saved)."""
         model.set_weights(self.weights)
-        for variable, value in zip(optimizer.variables, self.optimizer):
+        for variable, value in zip([v for o in optimizers for v in o.variables], self.optimizer, strict=True):
             variable.assign(value)
 
     def save(self, folder: Path) -> None:
@@ -538,11 +605,13 @@ def split_arrays(manifest: pd.DataFrame, images: np.ndarray, split: str,
 
 
 def validation_summary(model, val_x: np.ndarray, val_y: np.ndarray, history: pd.DataFrame, *,
-                       metric_name: Callable[[int, str], str]) -> dict[str, float]:
+                       metric_name: Callable[[int, str], str], task: str | None = None) -> dict[str, float]:
     """The saved model on the validation split (kept epochs, calibrated, members averaged), with
-    and without its calibration, and each member's temperature and kept epoch."""
-    final = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x))
-    uncalibrated = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x, calibrated=False))
+    and without its calibration, and each member's temperature and kept epoch (``task``: how
+    images are called, :func:`dicomflow.model.scoring.classification_scores`)."""
+    final = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x), task=task)
+    uncalibrated = scoring.classification_scores(val_y, models.predict_probabilities(model, val_x, calibrated=False),
+                                                 task=task)
     summary = {**{f"model_val_{name}": value for name, value in final.items()},
                "model_val_ece_uncalibrated": uncalibrated["ece"],
                "model_val_brier_uncalibrated": uncalibrated["brier"]}
@@ -554,12 +623,17 @@ def validation_summary(model, val_x: np.ndarray, val_y: np.ndarray, history: pd.
 
 
 def check_input_shape(images: np.ndarray, ingest: IngestParams) -> None:
-    """The model's input is ``ingest.image_size`` square with ``ingest.channels``: say so when the
+    """The model's input is ``ingest.image_size`` square with ``ingest.channels`` (with
+    ``ingest.unit: series``, ``ingest.series.volume_size`` with one channel): say so when the
     de-identified images are not (params changed without ingest rerunning)."""
-    expected = (ingest.image_size, ingest.image_size, ingest.channels)
+    if ingest.unit == "series":  # grayscale volumes
+        expected, asked = (*ingest.series.volume_size, 1), "ingest.series.volume_size"
+    else:
+        expected = (ingest.image_size, ingest.image_size, ingest.channels)
+        asked = "ingest.image_size and ingest.channels"
     if images.shape[1:] != expected:
         raise DataError(f"the de-identified images are {'x'.join(map(str, images.shape[1:]))} but "
-                         f"ingest.image_size and ingest.channels ask for {'x'.join(map(str, expected))}: "
+                         f"{asked} ask for {'x'.join(map(str, expected))}: "
                          "run the pipeline from ingest (dvc repro)")
 
 
@@ -567,13 +641,15 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
                    params: TrainParams, checkpoint: Path | None, n_classes: int = 2,
                    augment: AugmentParams | None = None, strategy=None,
                    on_epoch_end: Callable[[int, int, dict[str, float]], None] | None = None,
-                   resume_dir: Path | None = None):
+                   resume_dir: Path | None = None, initial: InitialWeights | None = None,
+                   groups: np.ndarray | None = None):
     """``params.ensemble`` networks by :func:`train_model`, member i with seed ``params.seed + i``,
     combined by :func:`dicomflow.model.architectures.ensemble_of` (one member: that network).
 
     Returns the model (saved to ``checkpoint`` unless None) and every member's history, with a
     ``member`` column; ``on_epoch_end`` is called with (member, epoch, row). Each member resumes
-    from its own folder under ``resume_dir``.
+    from its own folder under ``resume_dir``. Every member starts from ``initial`` when given.
+    ``groups``: each training image's patient (:func:`train_model`).
     """
     import keras
 
@@ -583,7 +659,8 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
         network, history = train_model(
             train_x, train_y, val_x, val_y, params=dataclasses.replace(params, seed=params.seed + member),
             checkpoint=None, n_classes=n_classes, augment=augment, strategy=strategy,
-            on_epoch_end=report, resume_dir=None if resume_dir is None else resume_dir / f"member-{member}")
+            on_epoch_end=report, resume_dir=None if resume_dir is None else resume_dir / f"member-{member}",
+            initial=initial, groups=groups)
         members.append(network)
         histories.append(history.assign(member=member))
     model = models.ensemble_of(members)

@@ -53,7 +53,8 @@ class Check:
     check computed in pandas. ``kind`` says what a failure counts: ``rows`` (failing rows),
     ``class_share`` (the rows of a class below its minimum share; 0 when it passes), ``columns``
     (missing, mistyped or identifying column names), ``table`` (nothing: the row count is the
-    detail), ``drift`` (categories or statistics beyond their threshold).
+    detail), ``drift`` (categories or statistics beyond their threshold). ``labelled_only`` runs
+    the check on the rows whose label is not ``layout.UNLABELLED_LABEL``.
     """
 
     name: str
@@ -63,6 +64,7 @@ class Check:
     kwargs: dict[str, Any] = field(default_factory=dict)
     kind: str = "rows"
     description: str = ""
+    labelled_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,13 @@ def build_checks(
     image_size_range: Sequence[int],
     pixel_spacing_range: Sequence[float],
     text_columns: Iterable[str] = (),
+    allow_unlabelled: bool = False,
+    channels: int = 1,
+    min_colour_spread: float = 0.02,
+    volumes: bool = False,
+    slice_count_range: Sequence[int] = (8, 2000),
+    slice_spacing_range: Sequence[float] = (0.3, 10.0),
+    max_orientation_deviation_deg: float = 0.0,
 ) -> list[Check]:
     """The validate suite for ``params.yaml`` values.
 
@@ -113,18 +122,49 @@ def build_checks(
         Allowed (0028,0030) Pixel Spacing in mm (``validate.pixel_spacing_range``).
     text_columns : iterable of str
         Columns whose values are searched for UIDs, dates and person names.
+    allow_unlabelled : bool, default=False
+        ``ingest.unlabelled`` is ``pretrain``: a label may also be ``layout.UNLABELLED_LABEL``,
+        and the class shares are taken over the labelled rows only.
+    channels : int, default=1
+        ``ingest.channels``; with 3 the colour checks are added: each source image is colour
+        (``source_channels``) and no colour image is grey (``pixel_colour_spread``).
+    min_colour_spread : float, default=0.02
+        Below this mean channel range (pixels in [0, 1]) a colour image is grey
+        (``validate.min_colour_spread``).
+    volumes : bool, default=False
+        The rows are series (``ingest.unit: series``): their diagnosis columns
+        (``layout.SERIES_SCHEMA``) are required and the series checks are added. ``rows``,
+        ``columns`` and ``pixel_spacing_mm`` then describe the source slices, in-plane, and are
+        checked as for images.
+    slice_count_range : sequence of two int, default=(8, 2000)
+        Allowed distinct slice positions of a series (``validate.slice_count_range``).
+    slice_spacing_range : sequence of two float, default=(0.3, 10.0)
+        Allowed spacing between slices in mm (``validate.slice_spacing_range``).
+    max_orientation_deviation_deg : float, default=0.0
+        Largest angle between a slice's plane and its series' (``validate.max_orientation_deviation_deg``).
 
     Returns
     -------
     list of Check, critical checks first within each topic.
+
+    Notes
+    -----
+    The colour checks are warnings, as the other image-content checks are: a grayscale source
+    with ``channels: 3`` (repeated into three equal channels) is a legitimate set-up for an
+    ImageNet-pretrained network on radiographs, and a grey picture among colour photographs can be
+    a real one (a red-free fundus photograph); validate cannot tell a mistake from a choice, so it
+    names the images and lets the stage finish.
     """
     low, high = image_size_range
     spacing_low, spacing_high = pixel_spacing_range
+    allowed_labels = [*classes, layout.UNLABELLED_LABEL] if allow_unlabelled else list(classes)
+    unlabelled_note = f" or {layout.UNLABELLED_LABEL} (unlabelled)" if allow_unlabelled else ""
+    required = [c for c in layout.MANIFEST_COLUMNS if volumes or c not in layout.SERIES_SCHEMA]
     checks = [
         Check("manifest_not_empty", "ExpectTableRowCountToBeBetween", CRITICAL,
               kwargs={"min_value": 1}, kind="table", description="at least one row"),
         Check("columns_present", "ExpectTableColumnsToMatchSet", CRITICAL,
-              kwargs={"column_set": list(layout.MANIFEST_COLUMNS), "exact_match": False},
+              kwargs={"column_set": required, "exact_match": False},
               kind="columns", description="every manifest column is present"),
         Check("column_types", None, CRITICAL, kind="columns",
               description="every manifest column holds its kind (string, integer, float)"),
@@ -133,7 +173,7 @@ def build_checks(
         Check("image_key_unique", "ExpectColumnValuesToBeUnique", CRITICAL, "image_key",
               description="one row per image"),
         Check("label_in_classes", "ExpectColumnValuesToBeInSet", CRITICAL, "label",
-              {"value_set": list(classes)}, description=f"label is one of {list(classes)}"),
+              {"value_set": allowed_labels}, description=f"label is one of {list(classes)}{unlabelled_note}"),
         Check("modality_allowed", "ExpectColumnValuesToBeInSet", CRITICAL, "modality",
               {"value_set": list(modalities)}, description=f"modality is one of {list(modalities)}"),
         *(Check(f"{col}_in_range", "ExpectColumnValuesToBeBetween", CRITICAL, col,
@@ -149,10 +189,13 @@ def build_checks(
               description=f"at most {max_extreme_share:.0%} of pixels at the ends of the display range"),
         Check("pixel_hash_unique", "ExpectColumnValuesToBeUnique", WARNING, "pixel_sha256",
               description="no two images with identical pixels"),
+        *(_colour_checks(min_colour_spread) if channels == 3 else ()),
+        *(_series_checks(slice_count_range, slice_spacing_range, max_orientation_deviation_deg) if volumes else ()),
         # "At least a share f of the labels equal c" is exactly GX's `mostly` on a one-value set.
         *(Check(f"class_share_{c}", "ExpectColumnValuesToBeInSet", CRITICAL, "label",
                 {"value_set": [c], "mostly": min_class_fraction}, kind="class_share",
-                description=f"class {c} is at least {min_class_fraction:.0%} of labelled rows")
+                description=f"class {c} is at least {min_class_fraction:.0%} of labelled rows",
+                labelled_only=allow_unlabelled)
           for c in classes),
         Check("no_phi_columns", None, CRITICAL, kind="columns",
               description="no column named like an identifying DICOM attribute, none of date type"),
@@ -162,6 +205,43 @@ def build_checks(
           for col in text_columns),
     ]
     return checks
+
+
+def _colour_checks(min_colour_spread: float) -> tuple[Check, ...]:
+    """The checks of a colour set (``ingest.channels: 3``); see :func:`build_checks`'s Notes."""
+    return (
+        Check("image_is_colour", "ExpectColumnValuesToBeInSet", WARNING, "source_channels",
+              {"value_set": [3]}, description="the source image is colour (RGB, YBR or PALETTE COLOR), "
+                                              "not grayscale repeated into three equal channels"),
+        # pixel_colour_spread is null for grayscale sources: GX leaves nulls out of the check, so
+        # a grayscale image fails image_is_colour only.
+        Check("colour_not_grey", "ExpectColumnValuesToBeBetween", WARNING, "pixel_colour_spread",
+              {"min_value": min_colour_spread},
+              description=f"a colour image's mean channel range is at least {min_colour_spread} "
+                          "(below: a grey picture stored as colour)"),
+    )
+
+
+def _series_checks(slice_count_range: Sequence[int], slice_spacing_range: Sequence[float],
+                   max_orientation_deviation_deg: float) -> tuple[Check, ...]:
+    """The checks of a set of series (``ingest.unit: series``); see :func:`build_checks`. Critical:
+    a series outside them is not the acquisition the model is meant for (a scout-length series, a
+    5 mm set mixed into a 1 mm study, slices not parallel)."""
+    (count_low, count_high), (spacing_low, spacing_high) = slice_count_range, slice_spacing_range
+    return (
+        Check("slice_count_in_range", "ExpectColumnValuesToBeBetween", CRITICAL, "series_positions",
+              {"min_value": count_low, "max_value": count_high},
+              description=f"a series' distinct slice positions in [{count_low}, {count_high}]"),
+        Check("slice_spacing_in_range", "ExpectColumnValuesToBeBetween", CRITICAL, "series_spacing_mm",
+              {"min_value": spacing_low, "max_value": spacing_high},
+              description=f"spacing between slices in [{spacing_low}, {spacing_high}] mm"),
+        Check("orientation_consistent", "ExpectColumnValuesToBeBetween", CRITICAL,
+              "series_orientation_deviation_deg", {"max_value": max_orientation_deviation_deg},
+              description=f"no slice's plane more than {max_orientation_deviation_deg} degrees from its series'"),
+        *(Check(f"{col}_not_null", "ExpectColumnValuesToNotBeNull", CRITICAL, col,
+                description=f"{col} is known for every series")
+          for col in ("series_positions", "series_spacing_mm", "series_orientation_deviation_deg")),
+    )
 
 
 def find_text_columns(df: pd.DataFrame) -> list[str]:
@@ -231,13 +311,17 @@ N_DRIFT_DETAILS = 3  # largest changes named in a drift warning
 def profile_manifest(manifest: pd.DataFrame) -> dict[str, Any]:
     """The statistics of an accepted data set that the next one is compared with (JSON-ready).
 
-    Only category shares and intensity moments: no row-level value, so nothing identifying.
+    Only category shares and intensity moments: no row-level value, so nothing identifying. Label
+    shares are of the labelled rows (unlabelled images, label ``layout.UNLABELLED_LABEL``, left
+    out), so keeping unlabelled images moves no class's share.
     """
+    labelled = manifest["label"] != layout.UNLABELLED_LABEL if "label" in manifest else None
     return {
         "n_rows": len(manifest),
         "shares": {
             column: {str(value): round(float(share), 6) for value, share in
-                     manifest[column].astype(str).value_counts(normalize=True).sort_index().items()}
+                     (manifest.loc[labelled, column] if column == "label" else manifest[column])
+                     .astype(str).value_counts(normalize=True).sort_index().items()}
             for column in DRIFT_CATEGORIES if column in manifest
         },
         "intensity": {

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from dicomflow.config import layout
 from dicomflow.quality.expectations import (
     COMPUTED_CHECKS,
     CRITICAL,
@@ -67,6 +68,7 @@ def _run_suite(manifest: pd.DataFrame, checks: Sequence[Check]) -> dict[str, Any
     import great_expectations as gx  # about 3 s: imported only when the suite runs
     import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.row_conditions import Column
 
     logging.getLogger(ProgressBarsConfig.__module__).setLevel(logging.WARNING)  # GX sets it to INFO
 
@@ -77,9 +79,11 @@ def _run_suite(manifest: pd.DataFrame, checks: Sequence[Check]) -> dict[str, Any
         .add_dataframe_asset("manifest")
         .add_batch_definition_whole_dataframe("all_rows")
     )
+    labelled = Column("label") != layout.UNLABELLED_LABEL  # the rows of a labelled_only check
     expectations = [
         getattr(gxe, c.expectation)(
             **({"column": c.column} if c.column else {}), **c.kwargs,
+            **({"row_condition": labelled} if c.labelled_only else {}),
             severity=c.severity, meta={"check": c.name}, description=c.description,
         )
         for c in checks
@@ -140,11 +144,16 @@ def _example_keys(manifest: pd.DataFrame, rows: Sequence[int]) -> tuple[str, ...
     return tuple(keys[:N_EXAMPLES])
 
 
-def summarise(results: Sequence[CheckResult], *, n_rows: int) -> dict[str, int]:
-    """Flat metrics; ``success`` is 1 when no critical check failed (warnings allowed)."""
+def summarise(results: Sequence[CheckResult], *, n_rows: int, n_unlabelled: int | None = None) -> dict[str, int]:
+    """Flat metrics; ``success`` is 1 when no critical check failed (warnings allowed).
+
+    ``n_unlabelled``: rows kept without a label (``ingest.unlabelled: pretrain``), reported
+    after ``n_rows``; None leaves the key out.
+    """
     failed = [r.check.severity for r in results if r.failed]
     summary = {
         "n_rows": n_rows,
+        **({"n_unlabelled": n_unlabelled} if n_unlabelled is not None else {}),
         "expectations": len(results),
         "passed": sum(r.status == "passed" for r in results),
         "failed_critical": failed.count(CRITICAL),
@@ -187,7 +196,8 @@ tr.skipped td { color: #777; }
 """
 
 
-def render_report(results: Sequence[CheckResult], *, n_rows: int, source: str) -> str:
+def render_report(results: Sequence[CheckResult], *, n_rows: int, source: str,
+                  n_unlabelled: int | None = None) -> str:
     """The validation report as one HTML page.
 
     Parameters
@@ -198,12 +208,14 @@ def render_report(results: Sequence[CheckResult], *, n_rows: int, source: str) -
         Rows in the manifest.
     source : str
         The manifest's path, shown in the heading.
+    n_unlabelled : int or None, default=None
+        Rows kept without a label, shown in the summary (None: not shown, as in quarantine mode).
 
     Returns
     -------
     str: self-contained HTML (inline CSS, no scripts, no external links), every value escaped.
     """
-    summary = summarise(results, n_rows=n_rows)
+    summary = summarise(results, n_rows=n_rows, n_unlabelled=n_unlabelled)
     verdict = "passed" if summary["success"] else "failed (critical expectations)"
     summary_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary.items())
     header = ("check", "expectation", "column", "severity", "status", "unexpected", "detail",

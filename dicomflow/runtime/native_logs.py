@@ -31,10 +31,15 @@ DETERMINISTIC_MAP_ATTRIBUTE = re.compile(
     r"which is not in the op definition: Op<name=MapDataset;")
 
 
+# absl's preamble, written once before its first line, whichever call writes that line: at the
+# import on some CPUs, at the first deterministic predict on others (seen on AMD EPYC).
+ABSL_PREAMBLE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called")
+
+
 @contextlib.contextmanager
 def stderr_lines_dropped(pattern: re.Pattern) -> Iterator[None]:
     """Capture file descriptor 2 while the block runs (native libraries write there directly),
-    then write back every line that does not match ``pattern``."""
+    then write back every line that matches neither ``pattern`` nor :data:`ABSL_PREAMBLE`."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -47,7 +52,7 @@ def stderr_lines_dropped(pattern: re.Pattern) -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not pattern.match(line)]
+                    if not (pattern.match(line) or ABSL_PREAMBLE.match(line))]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()

@@ -11,10 +11,16 @@ them) and an MLflow pyfunc model (``dicomflow.serving.pyfunc.DicomClassifier``),
 Outputs: the CSV, one row per file (inputs in the order given, a folder's files in path order):
 ``path`` (relative to the folder when the one
 input is a folder, else as the command line names it: ``folder/relative`` for a file found under a
-folder), the probability column(s), ``label`` and ``error`` (empty, or the reason a file could not
-be used: ``not_dicom: ...``, ``truncated_pixel_data: ...``, ``out_of_domain: ...`` for a file unlike the
-model's training files).
-Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given).
+folder), the probability column(s), ``label`` (the class called, or an ordinal model's grade), for
+an ordinal model with a referable grade ``referable_probability`` and ``referable``, and ``error``
+(empty, or the reason a file could not be used: ``not_dicom: ...``, ``truncated_pixel_data: ...``,
+``out_of_domain: ...`` for a file unlike the model's training files). With ``--per-study`` every
+row also has ``unit`` (``file``) and ``study`` (a number, -1 for a file in no study), and one row per
+study follows (``unit`` ``study``, ``n_files``, the files' probabilities combined as the model was
+evaluated per study, :func:`study_settings`): the files are grouped by their Study Instance UID,
+which is never written (the numbers are this CSV's own).
+Params: ``evaluate.registered_model_name`` (only when ``--model`` is not given); with ``--per-study``
+``evaluate.study_aggregation`` and ``evaluate.study_top_k`` for a model evaluated per image.
 Keys: the verify key (``DICOMFLOW_VERIFY_KEY_FILE`` or ``DICOMFLOW_VERIFY_KEY``; a local store's
 own key otherwise, :mod:`dicomflow.signing`): the model's signature is checked before any of its
 code is loaded, and an unsigned or altered version is refused with one line.
@@ -35,11 +41,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dicomflow import tracking
 from dicomflow.dicom.sources import SKIPPED_ENTRIES, display_path, list_sources
 from dicomflow.errors import DataError, SettingsError
+from dicomflow.metrics import at_least, median_grade
+from dicomflow.model.aggregation import AGGREGATIONS, aggregate
 from dicomflow.serving.pyfunc import common_folder, serving_root
 
 logger = logging.getLogger(__name__)
@@ -226,7 +235,8 @@ def load_verified_model(uri: str, *, key, workdir: Path):
 
 def predict_files(model, files: list[Path], *, names: list[str], batch_files: int = BATCH_FILES) -> pd.DataFrame:
     """The model's output for each file, with its name in ``names`` as the ``path`` column, in
-    ``files`` order.
+    ``files`` order. A volume model (its metadata has ``volume``) answers each file with the
+    score of its series, read whole in one call (:func:`series_batches`).
 
     A model loaded by MLflow reads paths only under ``DICOMFLOW_SERVING_ROOT``
     (``dicomflow.serving.pyfunc.PathRule``): here, the files are the ones this command was given,
@@ -234,14 +244,20 @@ def predict_files(model, files: list[Path], *, names: list[str], batch_files: in
     model is given their resolved paths. Models registered before that rule ignore it.
     """
     resolved = [str(Path(path).resolve()) for path in files]
+    metadata = getattr(getattr(model, "metadata", None), "metadata", None) or {}
+    if metadata.get("volume"):  # a CT model: each call holds whole series (series_batches)
+        batches = series_batches(files, batch_files=batch_files)
+    else:
+        batches = [list(range(start, min(start + batch_files, len(files))))
+                   for start in range(0, len(files), batch_files)]
     parts = []
     with serving_root(common_folder(resolved)):
-        for start in range(0, len(files), batch_files):
-            predicted = model.predict(pd.DataFrame({"path": resolved[start:start + batch_files]}))
-            predicted = predicted.reset_index(drop=True)
-            predicted.insert(0, "path", names[start:start + batch_files])
+        for batch in batches:
+            predicted = model.predict(pd.DataFrame({"path": [resolved[i] for i in batch]}))
+            predicted.index = batch
+            predicted.insert(0, "path", [names[i] for i in batch])
             parts.append(predicted)
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts).sort_index().reset_index(drop=True)
 
 
 def with_unread(predictions: pd.DataFrame, unread: list[tuple[str, str, str]]) -> pd.DataFrame:
@@ -251,8 +267,11 @@ def with_unread(predictions: pd.DataFrame, unread: list[tuple[str, str, str]]) -
         return predictions
     rows = pd.DataFrame({"path": [path for path, _, _ in unread],
                          "label": -1, "error": [f"{reason}: {detail}" for _, reason, detail in unread]})
+    rows = rows.assign(**{name: -1 for name in ("referable",) if name in predictions})  # an ordinal model's call
     both = pd.concat([predictions, rows], ignore_index=True)
-    both["label"] = both["label"].astype("int64")
+    for name in ("label", "referable"):
+        if name in both:
+            both[name] = both[name].astype("int64")
     return both.sort_values("path", kind="stable", ignore_index=True)
 
 
@@ -279,3 +298,133 @@ def request_body(files: Iterable[Path]) -> dict:
         except OSError as err:
             raise DataError(f"{file} cannot be read ({err.strerror})") from None
     return {"dataframe_split": {"columns": ["dicom"], "data": rows}}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """How ``dicomflow predict --per-study`` answers a study: the aggregation of its files'
+    probabilities (:func:`dicomflow.model.aggregation.aggregate`), the thresholds it is called at,
+    and where they came from (for the log)."""
+
+    aggregation: str
+    top_k: int
+    threshold: float | None
+    referable_threshold: float | None
+    source: str
+
+
+def study_settings(model_metadata: Mapping | None, *, params_aggregation: tuple[str, int] | None) -> StudySettings:
+    """The per-study answer of a model: what it was registered with when it was evaluated per study
+    (its MLmodel metadata ``study``: aggregation and the thresholds chosen on validation studies),
+    else ``params_aggregation`` (``evaluate.study_aggregation`` and ``evaluate.study_top_k``) at the
+    model's per-file thresholds.
+
+    Raises
+    ------
+    SettingsError
+        Neither: the model was evaluated per image and no ``params.yaml`` is here.
+    """
+    metadata = model_metadata or {}
+    registered = metadata.get("study")
+    if isinstance(registered, Mapping) and registered.get("aggregation") in AGGREGATIONS:
+        return StudySettings(str(registered["aggregation"]), int(registered.get("top_k") or 1),
+                             registered.get("threshold"), registered.get("referable_threshold"),
+                             "registered with the model (evaluated per study)")
+    if params_aggregation is None:
+        raise SettingsError("--per-study: the model was evaluated per image, so it carries no study aggregation, "
+                            "and there is no params.yaml here to take evaluate.study_aggregation from: run in the "
+                            "project, or use a model registered with evaluate.level: study")
+    method, k = params_aggregation
+    return StudySettings(method, k, metadata.get("threshold"), metadata.get("referable_threshold"),
+                         "params.yaml's evaluate.study_aggregation, at the per-file thresholds (the model was "
+                         "evaluated per image)")
+
+
+def study_instance_uids(files: list[Path], keyword: str = "StudyInstanceUID") -> list[str | None]:
+    """Each file's (0020,000D) *Study Instance UID* (or the UID ``keyword`` names, e.g.
+    ``SeriesInstanceUID``), from its header only; None where the file cannot be read or has none.
+    The UIDs identify a patient's study: group by them, never write them."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    uids: list[str | None] = []
+    for file in files:
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=[keyword])
+            uid = str(header.get(keyword, "") or "").strip()
+        # A file pydicom cannot parse: its own row says why (the model read it); it joins no study.
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            uid = ""
+        uids.append(uid or None)
+    return uids
+
+
+def series_batches(files: list[Path], *, batch_files: int = BATCH_FILES) -> list[list[int]]:
+    """Positions of ``files`` in model calls for a volume model: a series (by its Series Instance
+    UID) is never cut between two calls, whatever its size; calls hold whole series up to about
+    ``batch_files`` files. A file without a readable Series UID goes with the next call."""
+    by_series: dict[str | None, list[int]] = {}
+    for position, uid in enumerate(study_instance_uids(files, "SeriesInstanceUID")):
+        by_series.setdefault(uid if uid is not None else f"#{position}", []).append(position)
+    batches: list[list[int]] = [[]]
+    for positions in by_series.values():
+        if batches[-1] and len(batches[-1]) + len(positions) > batch_files:
+            batches.append([])
+        batches[-1].extend(positions)
+    return [batch for batch in batches if batch]
+
+
+def with_studies(predictions: pd.DataFrame, uids: list[str | None], *, settings: StudySettings,
+                 model_metadata: Mapping, unit: str = "study") -> pd.DataFrame:
+    """``predictions`` (one row per file, in the order of ``uids``) with a ``unit`` column
+    (``file``), a ``study`` column (1, 2, ... in order of first appearance; -1 for a file that
+    failed or has no Study Instance UID), and one row per study appended: ``unit`` ``study``,
+    ``path`` empty, ``n_files`` (the files it combines), the aggregated probability column(s)
+    (more than two classes: each class's, renormalised to sum to 1), ``label`` called as the
+    model calls a file (binary at ``settings.threshold``), an ordinal model's
+    ``referable_probability`` and ``referable``, and ``error`` empty.
+
+    The study numbers are this table's own: no UID, accession number or date reaches the output.
+    ``unit`` names the unit (``series``: a volume model's series, by their Series Instance UIDs)
+    in the ``unit`` column and as the number column's name.
+    """
+    classes = [int(c) for c in model_metadata.get("classes", [])]
+    task = model_metadata.get("task") or ("binary" if len(classes) == 2 else "multiclass")
+    columns = ["probability"] if "probability" in predictions else [f"probability_{c}" for c in classes]
+    answered = (predictions["error"].fillna("") == "").to_numpy() & np.array([uid is not None for uid in uids])
+    keys = pd.Series([uid if ok else None for uid, ok in zip(uids, answered)], dtype=object)
+    order = list(dict.fromkeys(uid for uid in keys if uid is not None))
+    number = {uid: n + 1 for n, uid in enumerate(order)}
+    files = predictions.assign(unit="file", **{unit: [number.get(uid, -1) for uid in keys]})
+    rows = []
+    for uid in order:
+        members = files.loc[(keys == uid).to_numpy(), columns].to_numpy(float)
+        combined = np.array([aggregate(members[:, c], settings.aggregation, k=settings.top_k)
+                             for c in range(members.shape[1])])
+        if len(columns) > 1:
+            combined = combined / combined.sum()
+        row = {"path": "", "unit": unit, unit: number[uid], "n_files": len(members),
+               **dict(zip(columns, combined)), "error": ""}
+        row.update(_study_call(combined, task=task, classes=classes, settings=settings,
+                               referable_grade=model_metadata.get("referable_grade")))
+        rows.append(row)
+    files["n_files"] = 1
+    return pd.concat([files, pd.DataFrame(rows, columns=list(files.columns))], ignore_index=True).astype(
+        {name: "int64" for name in ("label", "referable", unit, "n_files") if name in files})
+
+
+def _study_call(probabilities: np.ndarray, *, task: str, classes: list[int], settings: StudySettings,
+                referable_grade: int | None) -> dict:
+    """A study's ``label`` (and an ordinal model's referable figures), called as a file is."""
+    if task == "binary":
+        threshold = 0.5 if settings.threshold is None else settings.threshold
+        return {"label": classes[1] if probabilities[0] >= threshold else classes[0]}
+    if task != "ordinal":
+        return {"label": classes[int(np.argmax(probabilities))]}
+    call = {"label": classes[int(median_grade(probabilities[None, :])[0])]}
+    if referable_grade is not None:
+        referable = float(at_least(probabilities[None, :], classes.index(referable_grade))[0])
+        call["referable_probability"] = referable
+        if settings.referable_threshold is not None:
+            call["referable"] = int(referable >= settings.referable_threshold)
+    return call

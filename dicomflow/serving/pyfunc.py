@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import queue
@@ -46,7 +47,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from importlib import metadata
@@ -60,8 +61,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from dicomflow.config import layout
+from dicomflow.config.params import TASKS, check_task
 from dicomflow.dicom.display import PixelSettings, read_model_frames
 from dicomflow.dicom.reading import Quarantined
+from dicomflow.metrics import at_least, median_grade
 from dicomflow.runtime.parallel import WorkerPool, WorkFailure
 from dicomflow.serving.domain import TrainingDomain
 
@@ -72,11 +75,12 @@ KERAS_ARTIFACT = "keras_model"
 # their imports stay inside this list). Never the developer tools: the sample generator holds the
 # sample's fake identifying values, and the leak scanner reads the models' files. Nor the stage
 # runner (runtime/stage.py): a model is called by its server or by predict, never as a stage.
+# Of the model package only the study aggregation (predict's answer per study).
 SHIPPED = ("__init__.py", "errors.py", "metrics.py", "signing.py", "config", "dicom", "runtime", "serving",
-           "tracking.py")
+           "tracking.py", "model/__init__.py", "model/aggregation.py")
 NOT_SHIPPED = ("__pycache__", "stage.py")
 # What prediction needs installed (dicomflow.dicom's imports included), pinned to what is installed.
-REQUIREMENTS = ("keras", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+REQUIREMENTS = ("keras", "pydicom", "highdicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
                 "pylibjpeg-rle", "numpy", "pandas", "pyarrow", "pillow", "pyyaml", "tqdm")
 PREDICT_BATCH = 64  # images per Keras call
 DECODER_PROCESSES = 2  # files decoded at once, each in its own process (dicomflow serve: --decoders)
@@ -89,6 +93,8 @@ DECODE_TIMEOUT_S = 30.0
 # preloaded there would be whichever is installed, not the code the model ships, and every decoder
 # would run it. Each decoder imports dicomflow itself, from the parent's sys.path.
 DECODER_PRELOAD = ("numpy", "pydicom", "pydicom.pixels", "PIL.Image")
+# A series is read in one task: its time limit is the per-file limit times this many files.
+SERIES_TIMEOUT_FILES = 20
 FILES_PER_TASK = 4  # a request's files are decoded in tasks of at most this many, interleaved with other requests'
 # The example file of the registered model's input example (serving_example): a made-up image,
 # no patient, fixed UIDs under 2.25 (a UUID-derived root) so that its bytes never change.
@@ -104,6 +110,9 @@ EXPECTED_COLUMNS = (f"a 'dicom' column (the DICOM file's bytes, base64 in JSON) 
 MLFLOW_SERVING_FLAG = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]*")
 _STARTING = threading.Lock()  # two requests arriving first start one decoder set and one scorer
+# The ordinal head's fixed link layer (dicomflow.model.architectures.GRADE_LOG_PROBABILITY; the
+# model package is not shipped with a registered model): how a loaded network shows its task.
+ORDINAL_LAYER = "grade_log_probability"
 
 
 class BadRequest(MlflowException, ValueError):
@@ -222,24 +231,50 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         against it once its header is read, before its pixels are decoded: one outside gets the
         error ``out_of_domain: <detail>`` and no probability. Preprocessed arrays carry no
         header and are not checked.
+    task : {"binary", "multiclass", "ordinal"} or None, default None
+        ``train.task``, checked against the model when it is loaded (binary: one sigmoid output;
+        ordinal: the continuation-ratio head). None: the model's own (:func:`task_of_network`).
+        An ordinal model's ``label`` is the median grade (:func:`dicomflow.metrics.median_grade`),
+        a multi-class model's the most probable class.
+    referable_grade : int or None, default None
+        Ordinal only: the grade (one of ``classes`` after the first) from which an image is
+        referable (``evaluate.referable_grade``); the output then has ``referable_probability``,
+        P(grade >= referable_grade).
+    referable_threshold : float in [0, 1] or None, default None
+        With ``referable_grade``: the threshold evaluate chose on validation; the output then has
+        ``referable``, 1 when ``referable_probability`` is at least it, else 0.
+    volume : mapping or None, default None
+        A volume model's (CT series, ``ingest.unit: series``) volume settings
+        (:class:`dicomflow.dicom.series.VolumeSettings` as a dict: ``spacing_mm``, ``size``,
+        ``window``), stated in the refusal of single files; None for an image model.
 
     Notes
     -----
+    A volume model (a 5-D input: ``resnet3d_small``, ``attention_mil``) answers preprocessed
+    volumes (a numpy array), or a request's files grouped into series and assembled as ingest
+    assembles them (:func:`read_request_series`): each file's row gets its series' score.
+
     Multi-frame files give the frame(s) ``settings.frames`` picks, as in ingest: the first or
     middle frame, or with ``all`` every frame, each scored and the probabilities averaged (ingest
     labels every frame with its file's label, so the mean is the model's estimate for the file).
     """
 
     def __init__(self, *, settings: PixelSettings, threshold: float | None, classes: list[int],
-                 domain: TrainingDomain | None = None) -> None:
+                 domain: TrainingDomain | None = None, task: str | None = None, referable_grade: int | None = None,
+                 referable_threshold: float | None = None, volume: Mapping[str, Any] | None = None) -> None:
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a float in [0, 1] or None; got {threshold!r}")
         if len(classes) < 2 or len(set(classes)) != len(classes):
             raise ValueError(f"classes must list at least two distinct labels; got {classes!r}")
+        check_referable(task, classes, referable_grade=referable_grade, referable_threshold=referable_threshold)
         self.settings = settings
         self.threshold = None if threshold is None else float(threshold)
         self.classes = [int(c) for c in classes]
         self.domain = domain
+        self.declared_task = task
+        self.referable_grade = None if referable_grade is None else int(referable_grade)
+        self.referable_threshold = None if referable_threshold is None else float(referable_threshold)
+        self.volume = None if volume is None else dict(volume)
         self._model = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -260,14 +295,15 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
         self._model = keras.models.load_model(keras_model_path, compile=False)
         check_output_width(self._width(), self.classes, threshold=self.threshold)
+        check_model_task(self._model, getattr(self, "declared_task", None))
         self._read_any_path = read_any_path
         return self
 
     def __getstate__(self) -> dict:
         # The Keras model travels as an artifact; decoder processes and their lock are this
         # process's own, and so is the right to read any path (load() grants it, never a pickle).
-        return {**self.__dict__, "_model": None, "_decoder_set": None, "_scorer": None, "_read_any_path": False,
-                "_limits": None}
+        return {**self.__dict__, "_model": None, "_decoder_set": None, "_series_reader": None, "_scorer": None,
+                "_read_any_path": False, "_limits": None}
 
     def path_rule(self) -> PathRule:
         """Which files ``path`` values may name now (:meth:`load`, :data:`SERVING_ROOT_ENV`)."""
@@ -278,6 +314,17 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     @property
     def binary(self) -> bool:
         return self._width() == 1
+
+    @property
+    def takes_volumes(self) -> bool:
+        """Whether the loaded network takes volumes (batch, depth, height, width, channels)."""
+        return len(self._model.input_shape) == 5
+
+    @property
+    def task(self) -> str:
+        """``binary``, ``multiclass`` or ``ordinal``: as declared, else the loaded model's own."""
+        # getattr: models pickled before the task was declared carry no such attribute.
+        return getattr(self, "declared_task", None) or task_of_network(self._model)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Class probabilities, label and error per input row.
@@ -299,7 +346,12 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         Returns
         -------
         pandas.DataFrame
-            :func:`output_columns`, one row per input row (a DataFrame's index kept). A file that
+            :func:`output_columns`, one row per input row (a DataFrame's index kept): the
+            probability of each class (``probability_<class>``; ``probability`` alone, that of the
+            second class, for a binary model), ``label`` (the class called: binary at the
+            threshold, multi-class the most probable, ordinal the median grade), for an ordinal
+            model with a referable grade ``referable_probability`` (and with its threshold
+            ``referable``, 1 or 0), and ``error``. A file that
             cannot be used gets probability NaN (None in MLflow's scoring server, so that its
             JSON says ``null``), label -1 and ``error`` "<reason>: <detail>" (ingest's
             quarantine reason codes, e.g. ``not_dicom``, ``truncated``, ``out_of_domain`` for a
@@ -309,7 +361,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         Raises
         ------
         BadRequest
-            A DataFrame without a ``path`` or ``dicom`` column (a ValueError; 400 when served).
+            A DataFrame without a ``path`` or ``dicom`` column, or files for a volume model (a
+            ValueError; 400 when served).
         ValueError
             Images of the wrong shape or range.
         """
@@ -325,9 +378,43 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             raise BadRequest(f"the model needs {EXPECTED_COLUMNS}; got {got} (columns of other names are "
                              'ignored), e.g. {"dataframe_split": {"columns": ["dicom"], "data": '
                              '[["<the file in base64>"]]}} as `dicomflow request FILE > request.json` writes it')
-        images, owners, errors = self._read_all(_sources(model_input, self.path_rule()))
+        sources = _sources(model_input, self.path_rule())
+        if self.takes_volumes:  # the request's files as series: each row gets its series' score
+            volumes, owners, errors = self._read_series(sources)
+            scores = _mean_by_row(self._score(volumes), owners, rows=len(model_input))
+            return self._frame(scores, errors, index=model_input.index)
+        images, owners, errors = self._read_all(sources)
         scores = _mean_by_row(self._score(images), owners, rows=len(model_input))
         return self._frame(scores, errors, index=model_input.index)
+
+    def _read_series(self, sources: list[bytes | str | Quarantined]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """A volume model's input from a request's files: the files grouped into series and each
+        series assembled as ingest assembles it (:func:`read_request_series`), in a decoder
+        process of its own (a file that crashes it costs the request, never the server).
+
+        Returns the volumes, for each of a series' files the series' volume (each file's row
+        gets its series' score), and one error per row: the file's own, or its series' reason
+        (``series_gap``, ...), or ``localizer`` for a scout image set aside.
+        """
+        if getattr(self, "volume", None) is None:
+            raise BadRequest(volume_refusal(self._model.input_shape[1:-1], None))
+        with _STARTING:
+            if getattr(self, "_series_reader", None) is None:
+                limits = getattr(self, "_limits", None) or {"timeout_s": DECODE_TIMEOUT_S}
+                self._series_reader = DecoderSet(partial(read_request_series, volume=self.volume,
+                                                         size=tuple(self._model.input_shape[1:-1])),
+                                                 processes=1, timeout_s=limits["timeout_s"] * SERIES_TIMEOUT_FILES)
+        result = self._series_reader.map([sources])[0]
+        if isinstance(result[0], str):  # the process died or overran: every row says so
+            reason, detail = result
+            return np.empty((0, *self._model.input_shape[1:]), np.float32), np.empty(0, int), \
+                [f"{reason}: the series reader {detail}"] * len(sources)
+        errors, series = result
+        if not series:
+            return np.empty((0, *self._model.input_shape[1:]), np.float32), np.empty(0, int), errors
+        volumes = self.prepare_images(np.stack([volume for _, volume in series]))
+        owners = [(index, row) for index, (rows, _) in enumerate(series) for row in rows]
+        return volumes[[index for index, _ in owners]], np.array([row for _, row in owners]), errors
 
     def _read_all(self, sources: list[bytes | str | Quarantined]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Model input of every usable source, the row each image came from, and one error per row.
@@ -366,9 +453,10 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         """
         if max_decoded_mib is not None and max_decoded_mib < 1:
             raise ValueError(f"max_decoded_mib must be at least 1; got {max_decoded_mib}")
-        if getattr(self, "_decoder_set", None) is not None:
-            self._decoder_set.close()
-            self._decoder_set = None
+        for name in ("_decoder_set", "_series_reader"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
         self._limits = {"max_decoded_mib": max_decoded_mib, "timeout_s": float(timeout_s),
                         "processes": int(processes), "setting": setting}
 
@@ -404,6 +492,9 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
     def warm_up(self) -> None:
         """Start the decoder processes and trace the Keras call now, not on the first request."""
+        if self.takes_volumes:  # no file is decoded for a volume model
+            self._score(np.zeros((1, *self._model.input_shape[1:]), np.float32))
+            return
         self._decoders().start()
         self._score(np.zeros((1, *self.settings.image_shape[:2], self.settings.channels), np.float32))
 
@@ -420,6 +511,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def prepare_images(self, images: np.ndarray) -> np.ndarray:
         """Stored or unit-range images -> float32 (n, h, w, c) in [0, 1], as train feeds the model."""
         images = np.asarray(images)
+        if self.takes_volumes:
+            return _prepare_volumes(images, tuple(self._model.input_shape[1:]))
         expected = self.settings.image_shape
         if self.settings.channels == 1 and images.ndim == 4 and images.shape[-1] == 1:
             images = images[..., 0]
@@ -449,13 +542,23 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def _frame(self, scores: np.ndarray, errors: list[str], *, index: pd.Index) -> pd.DataFrame:
         """Probabilities (n, width) with NaN rows for errors -> the output DataFrame."""
         ok = ~np.isnan(scores).any(axis=1)
+        task = self.task
         if self.binary:
             labels = np.where(scores[:, 0] >= self.threshold, self.classes[1], self.classes[0])
             columns = {"probability": scores[:, 0]}
+        elif task == "ordinal":
+            labels = np.asarray(self.classes)[median_grade(np.nan_to_num(scores, nan=0.0))]
+            columns = {f"probability_{c}": scores[:, i] for i, c in enumerate(self.classes)}
         else:
             labels = np.asarray(self.classes)[np.argmax(np.nan_to_num(scores, nan=-1.0), axis=1)]
             columns = {f"probability_{c}": scores[:, i] for i, c in enumerate(self.classes)}
         columns["label"] = np.where(ok, labels, -1).astype(np.int64)
+        referable_grade = getattr(self, "referable_grade", None)
+        if task == "ordinal" and referable_grade is not None:
+            referable = at_least(np.nan_to_num(scores, nan=0.0), self.classes.index(referable_grade))
+            columns["referable_probability"] = np.where(ok, referable, np.nan)
+            if self.referable_threshold is not None:
+                columns["referable"] = np.where(ok, referable >= self.referable_threshold, -1).astype(np.int64)
         columns["error"] = errors
         frame = pd.DataFrame(columns, index=index)
         if _in_mlflow_serving():
@@ -463,7 +566,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             # token that strict JSON parsers refuse; None is written null. Only there: callers
             # in Python (evaluate, predict) keep float columns.
             for name in frame.columns:
-                if name.startswith("probability"):
+                if frame[name].dtype.kind == "f":
                     frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
         return frame
 
@@ -559,6 +662,89 @@ class BatchScorer:
                 start += len(job_images)
 
 
+def volume_refusal(shape: tuple[int, ...], volume: Mapping[str, Any] | None) -> str:
+    """The one line a volume model without its volume settings (logged before they were
+    recorded) answers a request of DICOM files with."""
+    return (f"this model scores whole CT series as volumes of {tuple(shape)} voxels (d, h, w) but was "
+            "registered without its volume settings (spacing, window): it cannot assemble a series of "
+            "files; give it volumes as ingest makes them (a numpy array (n, d, h, w)), or register it "
+            "again with evaluate")
+
+
+def read_request_series(sources: list[bytes | str | Quarantined], *, volume: Mapping[str, Any],
+                        size: tuple[int, int, int]) -> tuple[list[str], list[tuple[list[int], np.ndarray]]]:
+    """A request's files as series, assembled as ingest assembles them (``ingest.unit: series``).
+
+    Parameters
+    ----------
+    sources : list
+        Per request row: the file's bytes, its (allowed) path, or why the row has no file.
+    volume : mapping
+        The registered volume settings: ``spacing_mm``, ``window``, ``max_decoded_mib``, and
+        ``policy`` and ``min_slices`` (strict and 8 for a model registered without them).
+    size : tuple of int
+        The network's (d, h, w).
+
+    Returns
+    -------
+    errors, series
+        One error per row ("" for a row whose series was assembled); per assembled series, its
+        rows (every file of the series, a dropped duplicate copy included) and its uint8 volume.
+    """
+    from dicomflow.dicom.series import (VolumeSettings, apply_policy, diagnose, group_series,
+                                        read_slice_header, read_volume)
+
+    settings = VolumeSettings(spacing_mm=tuple(volume["spacing_mm"]), size=size, window=tuple(volume["window"]),
+                              max_decoded_mib=int(volume.get("max_decoded_mib", 2048)))
+    policy, min_slices = volume.get("policy", "strict"), int(volume.get("min_slices", 8))
+    errors = [f"{source.reason}: {source}" if isinstance(source, Quarantined) else "" for source in sources]
+    series: list[tuple[list[int], np.ndarray]] = []
+    with tempfile.TemporaryDirectory(prefix="dicomflow-series-") as folder:
+        folder = Path(folder)
+        headers = []
+        for row, source in enumerate(sources):
+            if isinstance(source, Quarantined):
+                continue
+            path = folder / f"{row:06d}.dcm"  # the row number: nothing of the sender's names
+            if isinstance(source, bytes):
+                path.write_bytes(source)
+            else:
+                path.symlink_to(Path(source).resolve())
+            try:
+                headers.append(read_slice_header(path, data_dir=folder, max_bytes=settings.max_bytes))
+            except Quarantined as err:
+                errors[row] = f"{err.reason}: {err}"
+        groups, set_aside = group_series(headers)
+        for name, reason, detail in set_aside:
+            errors[int(Path(name).stem)] = f"{reason}: {detail}"
+        for group in groups:
+            rows = [int(Path(header.relative_path).stem) for header in group.headers]
+            try:
+                kept = apply_policy(group, diagnose(group), policy, min_slices=min_slices)
+                built = read_volume(kept, data_dir=folder, settings=settings, fill_gaps=policy == "fill_gaps")
+            except Quarantined as err:
+                for row in rows:
+                    errors[row] = f"{err.reason}: {err} (one of the {len(rows)} files of its series)"
+                continue
+            series.append((rows, built.pixels))
+    return errors, series
+
+
+def _prepare_volumes(volumes: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    """Stored or unit-range volumes (n, d, h, w[, c]) -> float32 (n, d, h, w, c) in [0, 1]."""
+    if expected[-1] == 1 and volumes.ndim == 4:
+        volumes = volumes[..., None]
+    if volumes.shape[1:] != expected:
+        raise ValueError(f"volumes must be (n, {', '.join(map(str, expected[:-1]))}) as ingest makes them "
+                         f"(ingest.series.volume_size); got {volumes.shape}")
+    if volumes.dtype != np.uint8 and not (np.issubdtype(volumes.dtype, np.floating) and np.isfinite(volumes).all()
+                                          and volumes.min(initial=0.0) >= 0 and volumes.max(initial=0.0) <= 1):
+        raise ValueError(f"volumes must be uint8 (0-255) or float in [0, 1]; got {volumes.dtype} from "
+                         f"{np.nanmin(volumes) if volumes.size else 0:.3g} to "
+                         f"{np.nanmax(volumes) if volumes.size else 0:.3g}")
+    return layout.to_model_input(volumes)
+
+
 def _in_mlflow_serving() -> bool:
     """Whether MLflow's scoring server (or ``mlflow models predict``) runs this model."""
     return os.environ.get(MLFLOW_SERVING_FLAG, "").strip().lower() in ("true", "1")
@@ -633,20 +819,57 @@ def check_output_width(width: int, classes: list[int], *, threshold: float | Non
         raise ValueError(f"the model has {kind}, so threshold must be a float in [0, 1]; got None")
 
 
-def output_columns(classes: list[int], *, binary: bool) -> list[str]:
-    """The prediction columns: ``probability`` or ``probability_<class>`` each, ``label``, ``error``."""
+def check_referable(task: str | None, classes: list[int], *, referable_grade: int | None,
+                     referable_threshold: float | None) -> None:
+    """A declared task that fits ``classes``, and a referable grade and threshold that fit the task
+    (:func:`dicomflow.config.params.check_task`); else ValueError."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} or None; got {task!r}")
+    if referable_threshold is not None and (referable_grade is None or not 0.0 <= referable_threshold <= 1.0):
+        raise ValueError(f"referable_threshold must be a float in [0, 1] given with a referable_grade; got "
+                         f"{referable_threshold!r} with referable_grade {referable_grade!r}")
+    if task is not None:
+        check_task(task, [int(c) for c in classes], referable_grade=referable_grade)
+    elif referable_grade is not None:
+        raise ValueError(f"referable_grade {referable_grade!r} needs task='ordinal'; got task None")
+
+
+def task_of_network(model) -> str:
+    """A loaded Keras model's task: ``binary`` (one output), ``ordinal`` (its networks have the
+    continuation-ratio head's :data:`ORDINAL_LAYER`) or ``multiclass``."""
+    if model.output_shape[-1] == 1:
+        return "binary"
+    names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    return "ordinal" if ORDINAL_LAYER in names else "multiclass"
+
+
+def check_model_task(model, task: str | None) -> None:
+    """The loaded ``model`` is a network of ``task`` (None: anything); else ValueError."""
+    found = task_of_network(model)
+    if task is not None and found != task:
+        raise ValueError(f"the model is a {found} network but task is {task!r}: register it with task={found!r}, "
+                         "or train it with train.task: " + task)
+
+
+def output_columns(classes: list[int], *, binary: bool, referable: bool = False,
+                   referable_call: bool = False) -> list[str]:
+    """The prediction columns: ``probability`` or ``probability_<class>`` each, ``label``, with
+    ``referable`` ``referable_probability`` (and with ``referable_call`` ``referable``), ``error``."""
     probabilities = ["probability"] if binary else [f"probability_{c}" for c in classes]
-    return [*probabilities, "label", "error"]
+    return [*probabilities, "label", *(["referable_probability"] if referable else []),
+            *(["referable"] if referable_call else []), "error"]
 
 
-def build_signature(classes: list[int], *, binary: bool) -> mlflow.models.ModelSignature:
+def build_signature(classes: list[int], *, binary: bool, referable: bool = False,
+                    referable_call: bool = False) -> mlflow.models.ModelSignature:
     """Input: optional ``path`` (string) and ``dicom`` (binary, base64 in JSON) columns; the output columns."""
     from mlflow.types import ColSpec, Schema
 
+    types = {"label": "long", "referable": "long", "error": "string"}
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "dicom", required=False)])
-    outputs = Schema([ColSpec("double", name) for name in output_columns(classes, binary=binary)
-                      if name.startswith("probability")]
-                     + [ColSpec("long", "label"), ColSpec("string", "error")])
+    outputs = Schema([ColSpec(types.get(name, "double"), name)
+                      for name in output_columns(classes, binary=binary, referable=referable,
+                                                 referable_call=referable_call)])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -659,6 +882,7 @@ def write_code_package(folder: Path) -> Path:
         if (package / name).is_dir():
             shutil.copytree(package / name, target / name, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
         else:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(package / name, target / name)
     return target
 
@@ -719,9 +943,56 @@ def serving_example(domain: TrainingDomain | None) -> pd.DataFrame:
     return pd.DataFrame({"dicom": [buffer.getvalue()]})
 
 
+def _plain_dict(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping as its JSON reads back (tuples as lists), for the MLmodel metadata."""
+    return json.loads(json.dumps(dict(mapping)))
+
+
+def describe_privacy(model_metadata: Mapping[str, Any] | None) -> str:
+    """A model's privacy guarantee in one line, from its MLmodel metadata (key ``privacy``):
+    ``differential privacy: ε 1 (patient ε 2.5), δ 0.001 per image (pld accountant)``, or that
+    there is none (also for a model registered before the key existed)."""
+    privacy = (model_metadata or {}).get("privacy")
+    if not isinstance(privacy, Mapping):
+        return ("no formal privacy guarantee (trained without differential privacy)" if privacy == "none"
+                else "privacy guarantee not recorded (registered before dicomflow recorded it)")
+    patient = privacy.get("patient_epsilon")
+    patient_text = "" if not isinstance(patient, (int, float)) else (
+        f" (patient ε {patient:g})" if math.isfinite(patient) else " (no bound per patient)")
+    return (f"differential privacy: ε {privacy.get('epsilon'):g}{patient_text}, δ {privacy.get('delta'):g} per "
+            f"{privacy.get('unit', 'image')} ({privacy.get('accountant', '?')} accountant)")
+
+
+def describe_task(model_metadata: Mapping[str, Any] | None) -> str:
+    """A model's task in one line, from its MLmodel metadata (keys ``task``, ``classes``,
+    ``threshold``, ``referable_grade``, ``referable_threshold``): ``ordinal task, grades 0 < 1 < 2;
+    label: the median grade; referable from grade 1 at 0.4``; a model registered before the task
+    was recorded: from its classes."""
+    metadata = model_metadata or {}
+    classes = [str(c) for c in metadata.get("classes", [])]
+    if not classes and not metadata.get("task"):
+        return "task not recorded (a model logged without dicomflow's metadata); its answers as it gives them"
+    task = metadata.get("task") or ("binary" if len(classes) == 2 else "multiclass")
+    if task == "binary":
+        return f"binary task, classes {', '.join(classes)}; label: class {classes[-1] if classes else '?'} " \
+               f"at probability {metadata.get('threshold')} or more"
+    if task == "multiclass":
+        return f"multiclass task, classes {', '.join(classes)}; label: the most probable class"
+    line = f"ordinal task, grades {' < '.join(classes)}; label: the median grade"
+    grade = metadata.get("referable_grade")
+    if grade is None:
+        return line
+    called = metadata.get("referable_threshold")
+    return line + f"; referable_probability: P(grade >= {grade})" + (
+        f", referable at {called:g} or more" if isinstance(called, (int, float)) else ", no referable threshold")
+
+
 def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: list[int], settings: PixelSettings,
                    domain: TrainingDomain | None = None, name: str = "classifier",
-                   input_example=None) -> mlflow.models.model.ModelInfo:
+                   input_example=None, privacy: Mapping[str, Any] | None = None, task: str | None = None,
+                   referable_grade: int | None = None, referable_threshold: float | None = None,
+                   study: Mapping[str, Any] | None = None,
+                   volume: Mapping[str, Any] | None = None) -> mlflow.models.model.ModelInfo:
     """Log ``keras_model_path`` as a :class:`DicomClassifier` pyfunc into the active MLflow run.
 
     Parameters
@@ -743,6 +1014,22 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
         Saved with the model and run through it by MLflow; a DataFrame of the signature's form.
         The pipeline gives :func:`serving_example` of the domain: a made-up file the server
         answers, never a real file (its name or bytes could hold identifiers).
+    privacy : mapping or None, default None
+        The differential-privacy guarantee train wrote beside the model (``privacy.json``:
+        :func:`dicomflow.config.layout.read_privacy_record`); None: trained without DP.
+    task, referable_grade, referable_threshold : optional
+        ``train.task`` (None: the network's own, :func:`task_of_network`), and for an ordinal
+        task ``evaluate.referable_grade`` and the referable threshold evaluate chose on
+        validation (:class:`DicomClassifier`).
+    study : mapping or None, default None
+        Evaluated per study (``evaluate.level: study``): how a study's files are combined and the
+        thresholds chosen on validation studies
+        (:meth:`dicomflow.evaluation.studies.Aggregation.as_metadata`), what ``dicomflow predict
+        --per-study`` answers a study with. None: evaluated per image.
+    volume : mapping or None, default None
+        A volume model's :class:`dicomflow.dicom.series.VolumeSettings` as a dict (spacing,
+        size, window), in the metadata (key ``volume``). A volume model is logged without
+        ``input_example``: a DICOM file is a slice, which it refuses (:class:`DicomClassifier`).
 
     Returns
     -------
@@ -754,17 +1041,32 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
     The model carries its code (``code/dicomflow/``, :func:`write_code_package`) and pins
     :func:`pinned_requirements`; its MLmodel metadata repeats the settings, threshold, classes and
     (key ``training_domain``, :meth:`TrainingDomain.to_dict`) the domain for people reading the
-    registry.
+    registry, (key ``privacy``) the DP guarantee or ``"none"`` (:func:`describe_privacy`), and the
+    task (keys ``task``, ``referable_grade``, ``referable_threshold``: :func:`describe_task`), and
+    (key ``study``) the study aggregation when evaluated per study.
     """
     import keras
 
-    width = keras.models.load_model(keras_model_path, compile=False).output_shape[-1]
+    network = keras.models.load_model(keras_model_path, compile=False)
+    width = network.output_shape[-1]
     check_output_width(width, classes, threshold=threshold)
-    classifier = DicomClassifier(settings=settings, threshold=threshold, classes=classes, domain=domain)
+    check_model_task(network, task)
+    task = task or task_of_network(network)
+    classifier = DicomClassifier(settings=settings, threshold=threshold, classes=classes, domain=domain, task=task,
+                                 referable_grade=referable_grade, referable_threshold=referable_threshold,
+                                 volume=volume)
     metadata = {"pixel_settings": dataclasses.asdict(settings), "threshold": classifier.threshold,
-                "classes": [int(c) for c in classes]}
+                "classes": [int(c) for c in classes], "task": task,
+                "referable_grade": classifier.referable_grade, "referable_threshold": classifier.referable_threshold}
     if domain is not None:
         metadata["training_domain"] = domain.to_dict()
+    metadata["privacy"] = dict(privacy) if privacy is not None else "none"
+    if study is not None:
+        metadata["study"] = dict(study)
+    volumes = len(network.input_shape) == 5
+    if volumes:
+        metadata["volume"] = {"input_shape": list(network.input_shape[1:]), **_plain_dict(volume or {})}
+        input_example = None  # a file example would be answered with the refusal of single files
     with tempfile.TemporaryDirectory() as folder:
         code = write_code_package(Path(folder))
         info = mlflow.pyfunc.log_model(
@@ -772,11 +1074,13 @@ def log_classifier(keras_model_path: Path, *, threshold: float | None, classes: 
             python_model=classifier,
             artifacts={KERAS_ARTIFACT: str(keras_model_path)},
             code_paths=[str(code)],
-            signature=build_signature(classes, binary=width == 1),
+            signature=build_signature(classes, binary=width == 1, referable=referable_grade is not None,
+                                      referable_call=referable_threshold is not None),
             input_example=input_example,
             pip_requirements=pinned_requirements(),
             metadata=metadata,
         )
-    logger.info("logged %s: %s, classes %s, threshold %s, images %s, training domain: %s", name, info.model_uri,
-                classes, threshold, settings.image_shape, "not checked" if domain is None else domain.describe())
+    logger.info("logged %s: %s, %s, %s %s, training domain: %s", name, info.model_uri, describe_task(metadata),
+                "volumes" if volumes else "images", network.input_shape[1:-1] if volumes else settings.image_shape,
+                "not checked" if domain is None else domain.describe())
     return info

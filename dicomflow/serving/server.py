@@ -437,6 +437,13 @@ def serve_folder(folder: Path, *, host: str, port: int, limits: ServingLimits, t
     """Load the model in ``folder`` (already verified) and serve it until interrupted."""
     import uvicorn
 
+    from mlflow.models import Model
+
+    from dicomflow.serving.pyfunc import describe_privacy, describe_task
+
+    metadata = Model.load(str(folder)).metadata
+    logger.info("the model: %s", describe_task(metadata))
+    logger.info("the model's privacy: %s", describe_privacy(metadata))
     logger.info("serving on http://%s:%d/invocations (%s, %d worker(s) with %d decoder processes each, %s)",
                 host, port, "bearer token required" if token else "no token: loopback only", limits.workers,
                 limits.decoder_processes(),
