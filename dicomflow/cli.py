@@ -9,6 +9,10 @@
     dicomflow sample-data OUT_DIR [--kind chest|fundus|ct] [--patients N] [--seed 2026] [--force]
     dicomflow check-names [FOLDER]
     dicomflow import-photos FOLDER --table photos.csv --kind dermoscopy|fundus|photo [--out data] [--classes 0 1 ...]
+    dicomflow pacs pull --from ADDRESS (--labels CSV [--key KEY] | --modality M [--date-from D] [--date-to D])
+                        [--out data]
+    dicomflow pacs push DIR --to ADDRESS [--attempts 3] [--report CSV]
+    dicomflow listen --allow AET [--allow AET ...] --to ADDRESS [--port 11112] [--spool DIR] [--model URI]
     dicomflow team-server [--backend-store-uri URI] [--artifacts-destination DIR] [--host H] [--port P] ...
     dicomflow team-users --credentials-dir DIR [--ci NAME] [--reader NAME ...] [--admin NAME ...]
 
@@ -335,6 +339,10 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--tracking-uri", help="the MLflow tracking store holding the model (default: "
                          "MLFLOW_TRACKING_URI, else the mlflow.db of the project this runs in), e.g. "
                          "sqlite:////path/to/project/mlflow.db")
+    command.add_argument("--dicom-out", type=Path, metavar="DIR",
+                         help="also write, for each file the model answers, a DICOM Comprehensive 3D SR (the "
+                         "finding, its probability, the threshold, the model) and a FRACTIONAL Segmentation of its "
+                         "Grad-CAM map, in the source's patient and study (docs/pacs.md)")
     command.add_argument("--per-study", action="store_true",
                          help="also one row per study (files grouped by Study Instance UID, numbered, never "
                          "named): the files' probabilities combined by the model's registered study aggregation, "
@@ -415,6 +423,49 @@ def parser() -> argparse.ArgumentParser:
                          "longer gives, and their labels (OUT holding this table's photos only)")
     command.set_defaults(handler=import_photos)
 
+    pacs = commands.add_parser("pacs", help="pull studies from a PACS into data/, push result objects to one")
+    pacs_commands = pacs.add_subparsers(dest="pacs_command", required=True, metavar="ACTION")
+    command = pacs_commands.add_parser("pull", help="the studies a labels table names, or a query's, into a folder")
+    command.add_argument("--from", dest="source", required=True, metavar="ADDRESS", help=PACS_ADDRESS_HELP)
+    command.add_argument("--labels", type=Path, help="labels table: pull the studies its --key column names")
+    command.add_argument("--key", choices=["accession_number", "study_instance_uid"], default=None,
+                         help="the labels table's column naming studies (default: ingest.label_key of "
+                         "params.yaml here when it is one of these, else accession_number)")
+    command.add_argument("--modality", help="query instead of a table: studies with this modality (e.g. DX, CT)")
+    command.add_argument("--date-from", help="query: studies on or after this date (YYYYMMDD)")
+    command.add_argument("--date-to", help="query: studies on or before this date (YYYYMMDD)")
+    command.add_argument("--out", type=Path, default=Path("data"), help="folder to write to (default: data)")
+    command.add_argument("--retrieve", choices=["get", "move"], default="get",
+                         help="DIMSE only: C-GET (default) or C-MOVE to this command's own storage SCP")
+    command.add_argument("--move-port", type=int, default=0,
+                         help="DIMSE C-MOVE: the port of this command's storage SCP (the PACS must know it)")
+    command.set_defaults(handler=pacs_pull)
+
+    command = pacs_commands.add_parser("push", help="store DICOM objects (results) in a PACS, per object reported")
+    command.add_argument("folder", type=Path, metavar="DIR", help="DICOM files, or folders of them")
+    command.add_argument("--to", dest="destination", required=True, metavar="ADDRESS", help=PACS_ADDRESS_HELP)
+    command.add_argument("--attempts", type=int, default=3, help="tries per object before it is listed as "
+                         "failed (default 3, with back-off)")
+    command.add_argument("--report", type=Path, default=Path("push_report.csv"),
+                         help="CSV: one row per object, what the PACS answered (default push_report.csv)")
+    command.set_defaults(handler=pacs_push)
+
+    command = commands.add_parser("listen", help="a DICOM storage SCP that answers received images with SR and SEG")
+    command.add_argument("--allow", action="append", required=True, metavar="AET",
+                         help="a calling AE title allowed to send (repeatable); every other is refused")
+    command.add_argument("--to", dest="destination", required=True, metavar="ADDRESS",
+                         help="where results go: " + PACS_ADDRESS_HELP)
+    command.add_argument("--ae-title", default="DICOMFLOW", help="this listener's AE title (default DICOMFLOW)")
+    command.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    command.add_argument("--port", type=int, default=11112, help="port (default 11112)")
+    command.add_argument("--spool", type=Path, default=Path(".dicomflow/spool"),
+                         help="received files and queued results, kept across restarts (default .dicomflow/spool)")
+    command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
+    command.add_argument("--batch", type=int, default=16, help="images scored together (default 16)")
+    command.add_argument("--queue", type=int, default=256,
+                         help="received images waiting to be scored before senders are asked to wait (default 256)")
+    command.set_defaults(handler=listen)
+
     command = commands.add_parser("team-server", help="the team's MLflow server, with authentication")
     command.add_argument("--backend-store-uri", required=True, help="runs and registry (postgresql://...)")
     command.add_argument("--artifacts-destination", type=Path, default=Path("mlartifacts"),
@@ -440,6 +491,25 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--admin", action="append", default=[], metavar="NAME", help="another admin (repeatable)")
     command.set_defaults(handler=team_users)
     return top
+
+
+PACS_ADDRESS_HELP = ("a DICOMweb base URL (https://HOST/dicom-web) or a DIMSE peer dicom://AET@HOST:PORT; "
+                     "credentials and TLS from the environment only (docs/pacs.md)")
+
+
+def pacs_pull(args: argparse.Namespace) -> int:
+    """``dicomflow pacs pull``: see docs/pacs.md."""
+    raise NotImplementedError("pacs pull")
+
+
+def pacs_push(args: argparse.Namespace) -> int:
+    """``dicomflow pacs push``: see docs/pacs.md."""
+    raise NotImplementedError("pacs push")
+
+
+def listen(args: argparse.Namespace) -> int:
+    """``dicomflow listen``: see docs/pacs.md."""
+    raise NotImplementedError("listen")
 
 
 def _serving_defaults() -> dict:

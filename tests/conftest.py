@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 # The end-to-end tests' shared repository fixtures (``repo``, ``registry``), for every module that
 # asks for them by name: a module need not import them (an import that pyflakes reads as unused).
-pytest_plugins = ["pipeline_repo"]
+pytest_plugins = ["pipeline_repo", "orthanc"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
