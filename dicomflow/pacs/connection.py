@@ -89,8 +89,8 @@ class PacsAddress:
     client_cert: Path | None = None
     client_key: Path | None = None
     username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False, compare=False)
-    token: str | None = field(default=None, repr=False, compare=False)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         if self.kind == DICOMWEB:
@@ -235,7 +235,10 @@ def http_session(address: PacsAddress):
     import requests
 
     session = requests.Session()
-    session.trust_env = False  # no ~/.netrc credentials sent to a host nobody chose
+    # No ~/.netrc: its credentials would go to a host nobody chose them for (over plain http too) and
+    # would replace a bearer token. The proxy variables still apply.
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(address.url))
     if address.username:
         session.auth = (address.username, address.password or "")
     elif address.token:
@@ -248,13 +251,16 @@ def http_session(address: PacsAddress):
     return session
 
 
-def dicomweb_client(address: PacsAddress):
-    """A ``dicomweb_client.DICOMwebClient`` for the address (its own retries off: callers retry)."""
+def dicomweb_client(address: PacsAddress, *, session=None):
+    """A ``dicomweb_client.DICOMwebClient`` for the address (its own retries off: callers retry), on
+    ``session`` or a new :func:`http_session`."""
     from dicomweb_client.api import DICOMwebClient
 
     if address.kind != DICOMWEB:
         raise SettingsError(f"{address} is not a DICOMweb address")
-    client = DICOMwebClient(address.url, session=http_session(address), timeout=HTTP_TIMEOUT_S)
+    # permissive_uid: a PACS's UIDs are taken as it gives them (some are not conformant).
+    client = DICOMwebClient(address.url, session=session or http_session(address), timeout=HTTP_TIMEOUT_S,
+                            permissive_uid=True)
     client.set_http_retry_params(retry=False)
     return client
 
@@ -276,13 +282,21 @@ def http_failure(err: BaseException) -> str:
     return type(err).__name__
 
 
+def credentials_hint(address: PacsAddress) -> str:
+    """Which variables to check after a refusal (never their values)."""
+    if address.username:
+        return f"check {USERNAME_ENV} and {PASSWORD_ENV}"
+    if address.token:
+        return f"check {TOKEN_ENV}"
+    return f"no credentials were given: set {USERNAME_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV}"
+
+
 def refused_credentials(address: PacsAddress, status: int) -> PacsError:
     """The one-line error for a 401 or 403: which variables to check, never their values."""
-    given = (f"{USERNAME_ENV} and {PASSWORD_ENV}" if address.username else TOKEN_ENV if address.token
-             else f"no credentials were given ({USERNAME_ENV}/{PASSWORD_ENV} or {TOKEN_ENV})")
     if status == 401:
-        return PacsError(f"{address} refused the credentials (HTTP 401); check {given}")
-    return PacsError(f"{address} refused access (HTTP 403); check {given} and that this user may do this")
+        return PacsError(f"{address} refused the credentials (HTTP 401); {credentials_hint(address)}")
+    return PacsError(f"{address} refused access (HTTP 403); {credentials_hint(address)}, and that this user may "
+                     "do this")
 
 
 # DIMSE
