@@ -6,10 +6,14 @@ what is missing, a study the PACS lacks is listed with its reason, and refused c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +221,76 @@ def test_refused_credentials_end_in_one_line_without_the_password(seeded, tmp_pa
 def test_an_ae_title_the_pacs_does_not_know_is_refused(seeded, tmp_path):
     with pytest.raises(PacsError, match="rejected the association from AE title STRANGER"):
         pull_studies(dimse(seeded.server, DICOMFLOW_AE_TITLE="STRANGER"), out=tmp_path, keys=["ACC-A"])
+
+
+class TlsFront:
+    """TLS (Python's ssl) in front of Orthanc's HTTP port: https:// to the real PACS behind it."""
+
+    def __init__(self, backend_port: int, certificate: Path, key: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certificate), str(key))
+        self.backend_port = backend_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client: socket.socket) -> None:
+        try:
+            secure = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust us hangs up
+            client.close()
+            return
+        backend = socket.create_connection(("127.0.0.1", self.backend_port))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(backend, secure), daemon=True).start()
+        pump(secure, backend)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_https_with_the_ca_bundle_from_the_environment(seeded, tmp_path):
+    from test_pacs_push import write_tls_files
+
+    server = seeded.server
+    tls = write_tls_files(tmp_path)
+    front = TlsFront(server.http_port, tls["server_cert"], tls["server_key"])
+    try:
+        url = f"https://localhost:{front.port}/dicom-web"
+        trusted = parse_address(url, {"DICOMFLOW_PACS_USERNAME": server.user,
+                                      "DICOMFLOW_PACS_PASSWORD": server.password,
+                                      "DICOMFLOW_PACS_CA_BUNDLE": str(tls["ca"])})
+        result = pull_studies(trusted, out=tmp_path / "data", keys=["ACC-C"])
+        assert (result.fetched, result.failed_instances) == (1, 0)
+        assert_same_as_stored(tmp_path / "data", seeded, "ACC-C")
+
+        untrusted = parse_address(url, {"DICOMFLOW_PACS_USERNAME": server.user,
+                                        "DICOMFLOW_PACS_PASSWORD": server.password})
+        with pytest.raises(PacsError, match="TLS handshake failed") as raised:
+            pull_studies(untrusted, out=tmp_path / "other", keys=["ACC-C"])
+        assert server.password not in str(raised.value)
+    finally:
+        front.close()
 
 
 # Without a PACS
