@@ -185,6 +185,36 @@ def test_c_get_by_study_uid_keeps_the_compressed_syntaxes_and_fetches_only_what_
 
 
 @pytest.mark.slow
+def test_c_get_of_more_sop_classes_than_one_association_can_propose(seeded, make_dicom, tmp_path):
+    from pynetdicom import AllStoragePresentationContexts
+
+    from dicomflow.pacs.pull import SOP_CLASSES_PER_ASSOCIATION, Instance, _Dimse
+
+    # 13 SOP classes at 10 presentation contexts each: over the 128 of one association.
+    server = seeded.server
+    classes = [context.abstract_syntax for context in AllStoragePresentationContexts][:SOP_CLASSES_PER_ASSOCIATION + 1]
+    study = pydicom.uid.generate_uid()
+    for number, sop_class in enumerate(classes):
+        path = make_dicom(tmp_path / "seed" / f"{number}.dcm", np.full((4, 4), number, np.uint8),
+                          SOPClassUID=sop_class, StudyInstanceUID=study, AccessionNumber="ACC-D", Modality="OT",
+                          StudyDate="19990101", PatientID="P-ACC-D")
+        assert pydicom.dcmread(path).file_meta.MediaStorageSOPClassUID == sop_class
+        server.upload(path)
+    result = pull_studies(dimse(server), out=tmp_path / "data", keys=["ACC-D"], retrieve="get")
+    assert (result.fetched, result.failed_instances) == (len(classes), 0)
+    assert {ds.SOPClassUID for ds in pulled(tmp_path / "data").values()} == set(classes)
+
+    # A PACS whose C-FIND leaves the SOP class out: C-GET proposes the common image classes.
+    backend = _Dimse(dimse(server), retrieve="get", move_port=0, move_host=None)
+    series, sop, sop_class = next(found for found in backend.find_instances(seeded.study_uid["ACC-A"]))
+    target = tmp_path / "unknown" / "one.dcm"
+    outcome = list(backend.retrieve([Instance(seeded.study_uid["ACC-A"], series, sop, "", target)]))
+    backend.close()
+    assert [failure for _, failure in outcome] == [None]
+    assert pydicom.dcmread(target).SOPInstanceUID == sop
+
+
+@pytest.mark.slow
 def test_a_modality_and_date_query_over_c_move_and_over_dicomweb(seeded, tmp_path):
     server = seeded.server
     result = pull_studies(dimse(server), out=tmp_path / "move", query=StudyQuery("DX", "20240101", "20241231"),

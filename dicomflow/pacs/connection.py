@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -212,19 +213,32 @@ def parse_address(address: str, environ: Mapping[str, str]) -> PacsAddress:
                        called_aet=_ae_title(parts.username, "the address's AE title"), **common)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list[int] = []
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Hold dicomweb-client's and pynetdicom's records below WARNING while a PACS is talked to:
-    theirs name the UIDs and keys of every request."""
+    theirs name the UIDs and keys of every request. Nested and concurrent uses (a listener pushing
+    from several threads) restore the levels once the last one ends."""
+    global _quiet_depth
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
-    levels = [each.level for each in loggers]
-    for each in loggers:
-        each.setLevel(logging.WARNING if each.name == "dicomweb_client" else logging.CRITICAL)
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved[:] = [each.level for each in loggers]
+            for each in loggers:
+                each.setLevel(logging.WARNING if each.name == "dicomweb_client" else logging.CRITICAL)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        for each, level in zip(loggers, levels):
-            each.setLevel(level)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for each, level in zip(loggers, _quiet_saved):
+                    each.setLevel(level)
 
 
 # DICOMweb

@@ -70,6 +70,22 @@ COMPRESSED_SYNTAXES = (
 )
 UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
 MAX_CONTEXTS = 128
+# C-GET of instances whose SOP class C-FIND did not give: proposed for these (at most
+# SOP_CLASSES_PER_ASSOCIATION of them).
+COMMON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",      # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",    # DX, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX, for processing
+    "1.2.840.10008.5.1.4.1.1.1.2",    # MG, for presentation
+    "1.2.840.10008.5.1.4.1.1.2",      # CT
+    "1.2.840.10008.5.1.4.1.1.2.1",    # enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",      # MR
+    "1.2.840.10008.5.1.4.1.1.4.1",    # enhanced MR
+    "1.2.840.10008.5.1.4.1.1.6.1",    # US
+    "1.2.840.10008.5.1.4.1.1.7",      # secondary capture
+    "1.2.840.10008.5.1.4.1.1.20",     # NM
+    "1.2.840.10008.5.1.4.1.1.128",    # PET
+)
 CONTEXTS_PER_SOP_CLASS = len(COMPRESSED_SYNTAXES) + 1
 SOP_CLASSES_PER_ASSOCIATION = (MAX_CONTEXTS - 1) // CONTEXTS_PER_SOP_CLASS  # one context is C-GET's own
 WILDCARDS = ("*", "?", "\\")  # matching characters of C-FIND and QIDO-RS
@@ -572,12 +588,14 @@ class _Dimse(_Backend):
         for instance in instances:
             by_class.setdefault(instance.sop_class, []).append(instance)
         unknown = by_class.pop("", [])
-        for instance in unknown:
-            yield instance, "the PACS did not give the SOP class (C-FIND), which C-GET must propose"
         classes = sorted(by_class)
-        for start in range(0, len(classes), SOP_CLASSES_PER_ASSOCIATION):
-            group = classes[start:start + SOP_CLASSES_PER_ASSOCIATION]
-            members = [instance for sop_class in group for instance in by_class[sop_class]]
+        groups = [(classes[start:start + SOP_CLASSES_PER_ASSOCIATION],
+                   [instance for sop_class in classes[start:start + SOP_CLASSES_PER_ASSOCIATION]
+                    for instance in by_class[sop_class]])
+                  for start in range(0, len(classes), SOP_CLASSES_PER_ASSOCIATION)]
+        if unknown:  # C-FIND did not give their SOP class (optional there): the common image classes
+            groups.append((list(COMMON_IMAGE_SOP_CLASSES), unknown))
+        for group, members in groups:
 
             def connect():
                 ae = new_ae(self.address)
