@@ -297,6 +297,10 @@ def pull_studies(address: PacsAddress, *, out: Path, keys: Sequence[str] = (), k
         raise SettingsError("give either study keys (a labels table) or a query (--modality), not both or neither")
     if retrieve not in ("get", "move"):
         raise SettingsError(f"retrieve must be get or move; got {retrieve!r}")
+    if query is None and key not in STUDY_KEYS:
+        raise SettingsError(f"key must be one of {', '.join(STUDY_KEYS)}; got {key!r}")
+    if address.kind == DICOMWEB and retrieve == "move":
+        raise SettingsError(f"--retrieve move is DIMSE's C-MOVE; {address} is a DICOMweb address (WADO-RS)")
     if address.kind != DICOMWEB and retrieve == "move" and not move_port:
         raise SettingsError("--retrieve move needs --move-port: the port the PACS sends to for AE title "
                             f"{address.calling_aet}")
@@ -305,12 +309,13 @@ def pull_studies(address: PacsAddress, *, out: Path, keys: Sequence[str] = (), k
             address, retrieve=retrieve, move_port=move_port, move_host=move_host)
         try:
             rows, instances = _find(backend, out, keys=keys, key=key, query=query)
-            todo = [(row, instance) for row, instance in instances if not instance.target.exists()]
+            todo = []
             for row, instance in instances:
                 row.instances += 1
-            for row, instance in instances:
                 if instance.target.exists():
                     row.already_present += 1
+                else:
+                    todo.append((row, instance))
             _clear_partials({instance.target.parent for _, instance in instances})
             logger.info("pull: %d instance(s) in %d study(ies), %d already there, %d to fetch", len(instances),
                         sum(1 for row in rows if row.study_instance_uid), len(instances) - len(todo), len(todo))
@@ -340,6 +345,7 @@ def _find(backend: _Backend, out: Path, *, keys: Sequence[str], key: str,
     rows: list[PullRow] = []
     instances: list[tuple[PullRow, Instance]] = []
     seen: set[str] = set()
+    seen_instances: set[str] = set()
     requests = [(key, value) for value in keys] if query is None else [(QUERY_KEY, query.describe())]
     for kind, value in progress(requests, total=len(requests), what="pacs find", unit="key"):
         if kind != QUERY_KEY and any(char in value for char in WILDCARDS):
@@ -352,7 +358,8 @@ def _find(backend: _Backend, out: Path, *, keys: Sequence[str], key: str,
             rows.append(PullRow(kind, value, reasons=Counter({f"not found: {what}": 1})))
             continue
         for study in studies:
-            if study in seen:  # two keys naming one study: fetched once
+            if study in seen:  # two keys naming one study: fetched once, each key in the report
+                rows.append(PullRow(kind, value, study_instance_uid=study))
                 continue
             seen.add(study)
             row = PullRow(kind, value, study_instance_uid=study)
@@ -365,6 +372,9 @@ def _find(backend: _Backend, out: Path, *, keys: Sequence[str], key: str,
             if not found:
                 row.reasons["the PACS lists no instance in this study"] += 1
             for series, sop_instance, sop_class in found:
+                if sop_instance in seen_instances:  # listed twice (two series, or a PACS repeating itself)
+                    continue
+                seen_instances.add(sop_instance)
                 instances.append((row, Instance(study, series, sop_instance, sop_class,
                                                 instance_path(out, study, sop_instance))))
     return rows, instances
