@@ -251,7 +251,11 @@ def _store_dimse(address: PacsAddress, items: list[_Item]) -> None:
                 if not assoc.is_established:
                     item.detail = "association aborted before this object was sent"
                     continue
-                answer = assoc.send_c_store(item.path)
+                try:
+                    answer = assoc.send_c_store(item.path)
+                except (OSError, ValueError, AttributeError) as err:  # the file changed since its header was read
+                    item.retry, item.detail = False, f"not sent: the file could not be read ({type(err).__name__})"
+                    continue
                 if "Status" not in answer:
                     item.detail = "no answer to C-STORE (association aborted or timed out)"
                     continue
