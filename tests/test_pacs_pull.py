@@ -248,6 +248,18 @@ def test_refused_credentials_end_in_one_line_without_the_password(seeded, tmp_pa
 
 
 @pytest.mark.slow
+def test_no_credentials_are_taken_from_a_netrc(seeded, tmp_path, monkeypatch):
+    server = seeded.server
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {server.user} password {server.password}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(PacsError, match=r"refused the credentials \(HTTP 401\); no credentials were given"):
+        pull_studies(parse_address(server.dicomweb_url, {}), out=tmp_path / "data", keys=["ACC-A"])
+
+
+@pytest.mark.slow
 def test_an_ae_title_the_pacs_does_not_know_is_refused(seeded, tmp_path):
     with pytest.raises(PacsError, match="rejected the association from AE title STRANGER"):
         pull_studies(dimse(seeded.server, DICOMFLOW_AE_TITLE="STRANGER"), out=tmp_path, keys=["ACC-A"])

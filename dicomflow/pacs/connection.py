@@ -259,10 +259,21 @@ def http_session(address: PacsAddress):
         session.headers["Authorization"] = f"Bearer {address.token}"
     if address.ca_bundle:
         session.verify = str(address.ca_bundle)
+    elif system_bundle := _system_ca_file():
+        session.verify = system_bundle  # as dicoms:// does (requests would use certifi's list)
     if address.client_cert:
         session.cert = (str(address.client_cert), str(address.client_key)) if address.client_key \
             else str(address.client_cert)
     return session
+
+
+def _system_ca_file() -> str | None:
+    """The system's CA file (OpenSSL's default), None where it has none."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
 
 
 def dicomweb_client(address: PacsAddress, *, session=None):
