@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +72,19 @@ def seeded(orthanc_factory, make_dicom, tmp_path_factory):
     folder = tmp_path_factory.mktemp("seed")
     seeds = Seeded()
     for accession, modality, date in (("ACC-A", "DX", "20240110"), ("ACC-C", "CT", "20230505")):
-        study = pydicom.uid.generate_uid()
+        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         count = 2 if accession == "ACC-A" else 1
         seeds.study_uid[accession] = study
         seeds.files[accession] = [
             make_dicom(folder / f"{accession}-{i}.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) * (i + 1),
-                       StudyInstanceUID=study, AccessionNumber=accession, Modality=modality, StudyDate=date,
-                       PatientID=f"P-{accession}")
+                       StudyInstanceUID=study, SeriesInstanceUID=series, AccessionNumber=accession,
+                       Modality=modality, StudyDate=date, PatientID=f"P-{accession}")
             for i in range(count)]
-    study = pydicom.uid.generate_uid()
+    # One series of four SOP classes: fetched whole by one C-GET (or C-MOVE) request at series level.
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     seeds.study_uid["ACC-B"] = study
     seeds.files["ACC-B"] = [compressed_copy(name, folder / f"ACC-B-{name}", StudyInstanceUID=study,
-                                            SeriesInstanceUID=pydicom.uid.generate_uid(), AccessionNumber="ACC-B",
+                                            SeriesInstanceUID=series, AccessionNumber="ACC-B",
                                             StudyDate="20240220", PatientID="P-ACC-B", PatientName="B^B")
                             for name in COMPRESSED]
     for paths in seeds.files.values():
@@ -164,12 +166,31 @@ def test_cli_pulls_a_labels_tables_studies_over_dicomweb_lists_the_missing_one_a
     assert_same_as_stored(tmp_path / "data", seeded, "ACC-A", "ACC-B")
 
 
+def count_requests(monkeypatch) -> Counter:
+    """Count the C-GET/C-MOVE identifiers the DIMSE backend builds: per series and per instance."""
+    from dicomflow.pacs.pull import _Dimse
+
+    counts: Counter = Counter()
+    for level, name in (("series", "_series_identifier"), ("instance", "_identifier")):
+        original = getattr(_Dimse, name)
+
+        def counted(*args, _original=original, _level=level):
+            counts[_level] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(_Dimse, name, staticmethod(counted))
+    return counts
+
+
 @pytest.mark.slow
-def test_c_get_by_study_uid_keeps_the_compressed_syntaxes_and_fetches_only_what_is_missing(seeded, tmp_path):
+def test_c_get_by_study_uid_keeps_the_compressed_syntaxes_and_fetches_only_what_is_missing(seeded, tmp_path,
+                                                                                             monkeypatch):
     server = seeded.server
+    requests = count_requests(monkeypatch)
     keys = [seeded.study_uid["ACC-B"], seeded.study_uid["ACC-C"], "1.2.826.0.1.3680043.10.999"]
     result = pull_studies(dimse(server), out=tmp_path, keys=keys, key="study_instance_uid", retrieve="get")
     assert (result.fetched, result.already_present, result.failed_instances) == (5, 0, 0)
+    assert requests == {"series": 1, "instance": 1}  # ACC-B's series whole, ACC-C's one instance
     assert [row.value for row in result.incomplete] == ["1.2.826.0.1.3680043.10.999"]
     assert result.incomplete[0].reason == "not found: the PACS has no study with this study_instance_uid"
     assert_same_as_stored(tmp_path, seeded, "ACC-B", "ACC-C")
@@ -177,11 +198,13 @@ def test_c_get_by_study_uid_keeps_the_compressed_syntaxes_and_fetches_only_what_
     assert len(compressed) == 4  # JPEG 2000, RLE, JPEG lossless, JPEG-LS: each came as stored
     assert compressed <= {ds.file_meta.TransferSyntaxUID for ds in pulled(tmp_path).values()}
 
-    gone = sorted((tmp_path / PULL_FOLDER).rglob("*.dcm"))[1]
+    gone = instance_path(tmp_path, seeded.study_uid["ACC-B"], pydicom.dcmread(seeded.files["ACC-B"][1]).SOPInstanceUID)
     gone.unlink()
+    requests.clear()
     again = pull_studies(dimse(server), out=tmp_path, keys=keys[:2], key="study_instance_uid", retrieve="get")
     assert (again.fetched, again.already_present, again.failed_instances) == (1, 4, 0)
-    assert gone.exists()
+    assert requests == {"instance": 1}  # only the missing one
+    assert_same_as_stored(tmp_path, seeded, "ACC-B", "ACC-C")
 
 
 @pytest.mark.slow
@@ -208,18 +231,20 @@ def test_c_get_of_more_sop_classes_than_one_association_can_propose(seeded, make
     backend = _Dimse(dimse(server), retrieve="get", move_port=0, move_host=None)
     series, sop, sop_class = next(found for found in backend.find_instances(seeded.study_uid["ACC-A"]))
     target = tmp_path / "unknown" / "one.dcm"
-    outcome = list(backend.retrieve([Instance(seeded.study_uid["ACC-A"], series, sop, "", target)]))
+    outcome = list(backend.retrieve([Instance(seeded.study_uid["ACC-A"], series, sop, "", target)], {}))
     backend.close()
     assert [failure for _, failure in outcome] == [None]
     assert pydicom.dcmread(target).SOPInstanceUID == sop
 
 
 @pytest.mark.slow
-def test_a_modality_and_date_query_over_c_move_and_over_dicomweb(seeded, tmp_path):
+def test_a_modality_and_date_query_over_c_move_and_over_dicomweb(seeded, tmp_path, monkeypatch):
     server = seeded.server
+    requests = count_requests(monkeypatch)
     result = pull_studies(dimse(server), out=tmp_path / "move", query=StudyQuery("DX", "20240101", "20241231"),
                           retrieve="move", move_port=MOVE_PORT)
     assert (result.fetched, result.failed_instances, len(result.rows)) == (2, 0, 1)
+    assert requests == {"series": 1}  # ACC-A's series in one C-MOVE
     assert_same_as_stored(tmp_path / "move", seeded, "ACC-A")
 
     result = pull_studies(web(server), out=tmp_path / "web", query=StudyQuery("CT", date_to="20231231"))

@@ -9,8 +9,10 @@ plain ``http://`` (or ``dicom://``) to a host that is not loopback.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Iterator, Mapping
@@ -391,6 +393,10 @@ def associate(ae, address: PacsAddress, *, ext_neg: list | None = None, evt_hand
     assoc = ae.associate(address.host, address.port, ae_title=address.called_aet, tls_args=tls_args,
                          ext_neg=[*user_identity(address), *(ext_neg or [])], evt_handlers=evt_handlers or [])
     if assoc.is_established:
+        # pynetdicom writes a message's PDUs one by one: with Nagle's algorithm, against the peer's
+        # delayed ACK, each C-STORE or C-GET waited about 40 ms more (measured against Orthanc).
+        with contextlib.suppress(AttributeError, OSError):
+            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
     if assoc.is_rejected:
         raise PacsError(f"{address} rejected the association from AE title {address.calling_aet}; the PACS must "

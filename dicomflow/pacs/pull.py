@@ -26,7 +26,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,7 +320,10 @@ def pull_studies(address: PacsAddress, *, out: Path, keys: Sequence[str] = (), k
             logger.info("pull: %d instance(s) in %d study(ies), %d already there, %d to fetch", len(instances),
                         sum(1 for row in rows if row.study_instance_uid), len(instances) - len(todo), len(todo))
             by_instance = {id(instance): row for row, instance in todo}
-            fetched = backend.retrieve([instance for _, instance in todo])
+            per_series = Counter((instance.study, instance.series) for _, instance in instances)
+            missing = Counter((instance.study, instance.series) for _, instance in todo)
+            whole_series = {series: n for series, n in missing.items() if per_series[series] == n}
+            fetched = backend.retrieve([instance for _, instance in todo], whole_series)
             for instance, failure in progress(fetched, total=len(todo), what="pacs pull", unit="instance"):
                 row = by_instance[id(instance)]
                 if failure is None:
@@ -392,8 +395,10 @@ class _Backend:
         """(series UID, SOP Instance UID, SOP Class UID) of each instance of the study."""
         raise NotImplementedError
 
-    def retrieve(self, instances: list[Instance]) -> Iterator[tuple[Instance, str | None]]:
-        """Write each instance to its target; yield it with None, or with why it could not be got."""
+    def retrieve(self, instances: list[Instance],
+                 whole_series: Mapping[tuple[str, str], int]) -> Iterator[tuple[Instance, str | None]]:
+        """Write each instance to its target; yield it with None, or with why it could not be got.
+        ``whole_series``: (study, series) of which every instance is to be fetched -> how many."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -461,7 +466,8 @@ class _DicomWeb(_Backend):
         return [(_json_value(item, "0020000E"), _json_value(item, "00080018"), _json_value(item, "00080016"))
                 for item in found if _json_value(item, "00080018")]
 
-    def retrieve(self, instances: list[Instance]) -> Iterator[tuple[Instance, str | None]]:
+    def retrieve(self, instances: list[Instance],
+                 whole_series: Mapping[tuple[str, str], int]) -> Iterator[tuple[Instance, str | None]]:
         import requests
 
         from dicomflow.runtime.log_privacy import hidden_pydicom_messages
@@ -491,6 +497,7 @@ class _Dimse(_Backend):
         self.retrieve_by = retrieve
         self.move_port = move_port
         self.move_host = move_host
+        self.whole_series: dict[tuple[str, str], int] = {}
         self._find_assoc = None
 
     def _finder(self):
@@ -580,8 +587,10 @@ class _Dimse(_Backend):
         identifier.SOPInstanceUID = instance.sop_instance
         return identifier
 
-    def retrieve(self, instances: list[Instance]) -> Iterator[tuple[Instance, str | None]]:
+    def retrieve(self, instances: list[Instance],
+                 whole_series: Mapping[tuple[str, str], int]) -> Iterator[tuple[Instance, str | None]]:
         self.close()  # the searches are over: one association at a time
+        self.whole_series = dict(whole_series)
         if not instances:
             return
         receiver = _Receiver({instance.sop_instance: instance.target for instance in instances})
@@ -648,40 +657,66 @@ class _Dimse(_Backend):
 
     def _per_instance(self, members: list[Instance], receiver: _Receiver, connect, send,
                       service: str) -> Iterator[tuple[Instance, str | None]]:
-        """Retrieve each instance on an association (made again when it dropped)."""
+        """Retrieve the instances on an association (made again when it dropped): a series none of
+        whose instances is here yet in one request (a PACS opens one association per C-MOVE
+        request), any other instance by itself."""
+        by_series: dict[tuple[str, str], list[Instance]] = {}
+        for instance in members:
+            by_series.setdefault((instance.study, instance.series), []).append(instance)
+        requests = []
+        for (study, series), group in by_series.items():
+            if len(group) > 1 and self.whole_series.get((study, series)) == len(group):
+                requests.append((self._series_identifier(study, series), group))
+            else:
+                requests.extend((self._identifier(instance), [instance]) for instance in group)
         assoc = None
         try:
-            for number, instance in enumerate(members):
+            for number, (identifier, group) in enumerate(requests):
                 if assoc is None or not assoc.is_established:
                     try:
                         assoc = connect()
                     except PacsError as err:
-                        for rest in members[number:]:
-                            yield rest, str(err)
+                        for _, rest in requests[number:]:
+                            for instance in rest:
+                                yield instance, str(err)
                         return
-                yield instance, self._one(assoc, instance, receiver, send, service)
+                yield from self._request(assoc, identifier, group, receiver, send, service)
         finally:
             if assoc is not None and assoc.is_established:
                 assoc.release()
 
-    def _one(self, assoc, instance: Instance, receiver: _Receiver, send, service: str) -> str | None:
+    @staticmethod
+    def _series_identifier(study: str, series: str):
+        from pydicom import Dataset
+
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "SERIES"
+        identifier.StudyInstanceUID = study
+        identifier.SeriesInstanceUID = series
+        return identifier
+
+    @staticmethod
+    def _request(assoc, identifier, group: list[Instance], receiver: _Receiver, send,
+                 service: str) -> Iterator[tuple[Instance, str | None]]:
         final = None
-        for status, _ in send(assoc, self._identifier(instance)):
+        for status, _ in send(assoc, identifier):
             if "Status" not in status:
                 break
             code = int(status.Status)
             if dicom_status_category(code) != "Pending":
                 final = code
-        failure = receiver.failures.pop(instance.sop_instance, None)
-        if instance.target.exists():
-            return None
-        if failure:
-            return failure
-        if final is None:
-            return f"C-{service.upper()} got no final answer (association aborted or timed out)"
-        if dicom_status_category(final) in ("Success", "Warning"):
-            return f"C-{service.upper()} {dimse_status(final, service)}, but no object arrived"
-        return f"C-{service.upper()} {dimse_status(final, service)}"
+        for instance in group:
+            failure = receiver.failures.pop(instance.sop_instance, None)
+            if instance.target.exists():
+                yield instance, None
+            elif failure:
+                yield instance, failure
+            elif final is None:
+                yield instance, f"C-{service.upper()} got no final answer (association aborted or timed out)"
+            elif dicom_status_category(final) in ("Success", "Warning"):
+                yield instance, f"C-{service.upper()} {dimse_status(final, service)}, but no object arrived"
+            else:
+                yield instance, f"C-{service.upper()} {dimse_status(final, service)}"
 
 
 class _Receiver:
