@@ -486,8 +486,9 @@ def dicom_results(model, files: Sequence[Path], predictions: pd.DataFrame, out_d
     list of DicomResult
         One per file: ``paths`` [sr, seg], or none and ``reason``: ``not_predicted`` (the row's
         error says why), ``volume_model``, ``multi_frame``, ``missing_patient_study``,
-        ``no_grad_cam`` (the network has no feature map to explain), ``unreadable``, or
-        ``not_written`` (highdicom refused the source; its message).
+        ``no_grad_cam`` (the network has no feature map to explain), a reader's code (the file
+        changed since it was predicted), or ``not_written`` (highdicom refused the source, or the
+        model's metadata names no classes; the message).
 
     Raises
     ------
@@ -547,7 +548,10 @@ def _one_file(path: Path, row: Mapping, classifier, model_metadata: Mapping, set
         return DicomResult(reason=f"missing_patient_study: the file lacks {', '.join(missing)} (type 2: present, "
                            "even empty): the objects copy the source's patient and study, so none were "
                            "written; keep these attributes in the exported files")
-    finding = finding_of(row, model_metadata)
+    try:
+        finding = finding_of(row, model_metadata)
+    except ValueError as err:
+        return DicomResult(reason=f"not_written: {quoted(err)}")
     network = classifier._model
     images = classifier.read_pixels(path)
     # Binary: always the positive class's evidence (its map is the one a reader checks, called
