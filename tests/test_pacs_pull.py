@@ -396,6 +396,7 @@ def test_file_names_carry_no_identifier(tmp_path):
     assert partial_path(path).name.startswith(".")  # ingest skips hidden entries
 
 
+@pytest.mark.slow  # four interpreters
 def test_the_cli_wants_a_table_or_a_query_and_c_move_a_port(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("accession_number,label\nA1,0\n")
