@@ -503,8 +503,31 @@ def pacs_pull(args: argparse.Namespace) -> int:
 
 
 def pacs_push(args: argparse.Namespace) -> int:
-    """``dicomflow pacs push``: see docs/pacs.md."""
-    raise NotImplementedError("pacs push")
+    """``dicomflow pacs push``: the objects under DIR stored in the PACS (:mod:`dicomflow.pacs.push`),
+    one report row each; 1 when any was not stored (after ``--attempts`` tries)."""
+    from collections import Counter
+
+    from dicomflow.pacs.connection import parse_address
+    from dicomflow.pacs.push import dicom_files, store_objects, write_push_report
+
+    address = parse_address(args.destination, os.environ)
+    paths = dicom_files(args.folder)
+    if not paths:
+        raise DataError(f"no files to push under {args.folder}")
+    outcomes = store_objects(address, paths, attempts=args.attempts)
+    write_push_report(outcomes, args.report)
+    push_logger = logging.getLogger("dicomflow.pacs.push")
+    failed = Counter(outcome.detail for outcome in outcomes if not outcome.stored)
+    stored = len(outcomes) - sum(failed.values())
+    if not failed:
+        push_logger.info("push: %d of %d object(s) stored in %s; report %s", stored, len(outcomes), address,
+                         args.report)
+        return 0
+    # The PACS's answers name statuses and reasons, never the objects (the report does).
+    push_logger.error("push: %d of %d object(s) NOT stored in %s (%s); each listed in %s", sum(failed.values()),
+                      len(outcomes), address, "; ".join(f"{n}: {detail}" for detail, n in failed.most_common()),
+                      args.report)
+    return 1
 
 
 def listen(args: argparse.Namespace) -> int:
