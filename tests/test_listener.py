@@ -389,3 +389,32 @@ def test_sigterm_after_acknowledging_loses_nothing_and_a_restart_delivers_it_all
     assert not [uid for uid in uids if uid in log]
     assert "LISTEN-P" not in log and str(spool) not in log
     assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", log), log
+
+
+def test_a_refusal_is_told_apart_from_a_destination_out_of_reach():
+    from dicomflow.pacs.connection import dimse_status
+    from dicomflow.pacs.listener import is_refusal
+
+    assert is_refusal(f"DIMSE {dimse_status(0xA900)}")  # data set does not match the SOP class
+    assert is_refusal("the PACS accepts no presentation context for SOP class 1.2.3 in transfer syntax 1.2.4")
+    assert not is_refusal(f"DIMSE {dimse_status(0xA700)}")  # out of resources: later
+    assert not is_refusal("could not associate with dicom://PACS@127.0.0.1:9 (connection refused, aborted or "
+                          "timed out); check the host, port and AE title, and that the PACS is up")
+    assert not is_refusal("HTTP 503 Service Unavailable")
+
+
+def test_lossless_syntaxes_are_preferred_then_uncompressed_then_lossy(model, registered, images, tmp_path):
+    """A sender offering an uncompressed image as JPEG baseline or as it is: the listener takes it as
+    it is; offering an RLE image as RLE or uncompressed: RLE (its bytes as they are)."""
+    with make_listener(model, registered, tmp_path / "spool", "dicom://NOBODY@127.0.0.1:9") as listener:
+        listener.pause_scoring()
+        ae = AE(ae_title=MODALITY_AET)
+        sc = pydicom.dcmread(images["good0"], stop_before_pixels=True).SOPClassUID
+        ae.add_requested_context(sc, [pydicom.uid.JPEGBaseline8Bit, ExplicitVRLittleEndian])
+        ae.add_requested_context(sc, [ExplicitVRLittleEndian, RLELossless])
+        association = ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AET)
+        try:
+            chosen = [context.transfer_syntax[0] for context in association.accepted_contexts]
+        finally:
+            association.release()
+    assert chosen == [ExplicitVRLittleEndian, RLELossless]

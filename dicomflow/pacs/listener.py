@@ -32,6 +32,7 @@ read from an instance, a UID or a path of the spool's files.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import ssl
 import threading
@@ -243,9 +244,9 @@ class Listener:
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
                                        ssl_context=self.ssl_context)
         self.port = self._server.server_address[1]
-        logger.info("listening as %s on %s:%d%s for %s; scoring batches of up to %d, at most %d waiting",
-                    self.ae_title, self.host, self.port, " (TLS)" if self.ssl_context else "",
-                    ", ".join(self.allow), self.batch, self.queue)
+        logger.info("listening as %s on %s:%d%s for %s; scoring batches of up to %d, at most %d waiting; "
+                    "results to %s", self.ae_title, self.host, self.port, " (TLS)" if self.ssl_context else "",
+                    ", ".join(self.allow), self.batch, self.queue, self.destination)
         return self
 
     def stop(self, *, grace_s: float = 10.0) -> None:
@@ -438,7 +439,8 @@ class Listener:
     # --- sending (one thread) ---------------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        stored_of: Counter[str] = Counter()
+        stored_of: Counter[str] = Counter()  # objects of a result set stored so far
+        refusals: Counter[str] = Counter()  # answered refusals in a row, by object
         while not self._stopping.is_set():
             ready = self.spool.ready()
             if not ready:
@@ -451,14 +453,29 @@ class Listener:
                 paths += objects
                 if len(paths) >= SEND_OBJECTS:
                     break
-            stored = self._store_now(paths)
+            answers = self._store_now(paths)
+            stored = {path for path, (ok, _) in answers.items() if ok}
             for name, objects in chosen:
                 done = [path for path in objects if str(path) in stored]
                 for path in done:
                     path.unlink(missing_ok=True)
+                    refusals.pop(str(path), None)
                 stored_of[name] += len(done)
+                refused = [str(path) for path in objects if is_refusal(answers.get(str(path), (True, ""))[1])]
+                for path in refused:
+                    refusals[path] += 1
                 if len(done) == len(objects):
                     self.spool.sent(name, stored_of.pop(name))
+                elif any(refusals[path] >= REFUSALS_KEPT for path in refused):
+                    self.spool.reject(name)
+                    for path in objects:
+                        refusals.pop(str(path), None)
+                    stored_of.pop(name, None)
+                    with self._lock:
+                        self.counts["rejected_sets"] += 1
+                    logger.error("the destination refused a result set %d times (%s): moved to the spool's "
+                                 "rejected/ folder, not tried again", REFUSALS_KEPT,
+                                 "; ".join(sorted({answers[path][1] for path in refused})))
             with self._lock:
                 self.counts["sent_objects"] += len(stored)
             if len(stored) == len(paths):
@@ -468,23 +485,39 @@ class Listener:
                 continue
             self.sender_failures += 1
             delay = min(self.retry_cap_s, self.retry_s * 2 ** (self.sender_failures - 1))
-            logger.warning("the destination stored %d of %d result objects; the rest stay in the outbox "
-                           "(%d result sets), next try in %.0f s (failure %d in a row)", len(stored), len(paths),
+            details = Counter(detail for ok, detail in answers.values() if not ok)
+            logger.warning("the destination stored %d of %d result objects (%s); the rest stay in the outbox "
+                           "(%d result sets), next try in %.1f s (failure %d in a row)", len(stored), len(paths),
+                           "; ".join(f"{n} {detail}" for detail, n in details.most_common(2)) or "no answer",
                            len(self.spool.ready()), delay, self.sender_failures)
             self._stopping.wait(delay)
 
-    def _store_now(self, paths: list[Path]) -> set[str]:
-        """The paths (as str) the destination stored now: one try each (the back-off is this
-        thread's, across calls); none when the call itself failed."""
+    def _store_now(self, paths: list[Path]) -> dict[str, tuple[bool, str]]:
+        """Each path's (stored, the destination's answer), by path as str: one try each (the
+        back-off is this thread's, across calls)."""
         store = self._store
         if store is None:
             from dicomflow.pacs.push import store_objects as store
         try:
             outcomes = store(self.destination, paths, attempts=1, backoff_s=0.0)
         except Exception as err:  # noqa: BLE001  the destination's failure, whatever it is: retried
-            logger.warning("storing at the destination failed (%s)", _error_kind(err))
-            return set()
-        return {str(outcome.path) for outcome in outcomes if outcome.stored}
+            return {str(path): (False, f"store failed: {_error_kind(err)}") for path in paths}
+        return {str(outcome.path): (bool(outcome.stored), str(outcome.detail)) for outcome in outcomes}
+
+
+# An answer that says the destination will not take this object (a file it cannot read, a SOP class
+# or transfer syntax it does not accept, a failure status other than Out of Resources), as opposed
+# to one that says it cannot be reached now: a result set refused REFUSALS_KEPT times in a row goes
+# to the spool's rejected/ folder instead of holding the sender's back-off up forever.
+REFUSALS_KEPT = 5
+_REFUSAL = re.compile(r"^(not read|not sent|the PACS accepts no presentation context|DIMSE 0x(?!A7)[0-9A-F]{4} "
+                      r"Failure|HTTP \d+ failed(?!: 0xA7))")
+
+
+def is_refusal(detail: str) -> bool:
+    """Whether a :class:`dicomflow.pacs.push.StoreOutcome` ``detail`` is the destination refusing
+    the object (trying again will not help) rather than not being reachable."""
+    return bool(_REFUSAL.match(detail))
 
 
 def _error_kind(err: BaseException) -> str:

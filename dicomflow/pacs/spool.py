@@ -8,6 +8,7 @@ images are patient data)::
       incoming/      being written (a temporary name); removed at start: never acknowledged
       received/      acknowledged instances waiting to be scored, as received (``NAME.dcm``)
       failed/        received instances that could not be scored, kept for inspection
+      rejected/NAME/ result sets the destination refused again and again (not tried again)
       outbox/NAME/   one instance's result objects (SR, SEG) waiting to be stored at the destination
       outbox/.NAME.part/  results being moved in; removed at start (the instance is scored again)
       work/          the scorer's scratch, emptied at start
@@ -92,9 +93,10 @@ class Spool:
         self.failed = self.root / "failed"
         self.outbox = self.root / "outbox"
         self.work = self.root / "work"
+        self.rejected = self.root / "rejected"
         self.outcomes_csv = self.root / "outcomes.csv"
         self.sent_csv = self.root / "sent.csv"
-        for folder in (self.root, self.incoming, self.received, self.failed, self.outbox, self.work):
+        for folder in (self.root, self.incoming, self.received, self.failed, self.outbox, self.work, self.rejected):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # --- receiving ---------------------------------------------------------------------------
@@ -223,6 +225,10 @@ class Spool:
         """One result set is stored at the destination: noted in ``sent.csv``, then its folder removed."""
         self._append(self.sent_csv, SENT_COLUMNS, [{"file": name, "sent_at": _utc_now(), "objects": objects}])
         shutil.rmtree(self.outbox / name, ignore_errors=True)
+
+    def reject(self, name: str) -> None:
+        """A result set the destination keeps refusing: moved to ``rejected/NAME`` (not tried again)."""
+        os.replace(self.outbox / name, self.rejected / name)
 
     def counts(self) -> dict[str, int]:
         """How many instances wait to be scored, failed, and result sets wait to be sent."""
