@@ -95,7 +95,20 @@ def predict(args: argparse.Namespace) -> None:
         if args.per_study and metadata.get("volume"):
             raise SettingsError("--per-study: this model scores CT series (its answer is per series "
                                 "already); leave --per-study out")
-        predictions = with_unread(predict_files(model, inputs.files, names=inputs.names), inputs.unread)
+        scored = predict_files(model, inputs.files, names=inputs.names)
+        if args.dicom_out:  # an SR and a SEG per answered image, named by their new UIDs
+            from dicomflow.serving.dicom_results import describe_results, dicom_results
+            from dicomflow.signing import resolve_version
+
+            model_name, model_version = resolve_version(uri)
+            made = dicom_results(model, inputs.files, scored, args.dicom_out, model_name=model_name,
+                                 model_version=model_version)
+            logger.info("%s in %s", describe_results(made), args.dicom_out)  # counts only: PHI rules
+            scored = scored.assign(dicom_results=[result.describe(args.dicom_out) for result in made])
+        predictions = with_unread(scored, inputs.unread)
+        if args.dicom_out:  # files not read at all, and per-series or per-study rows, get no object
+            unread = predictions["dicom_results"].isna()
+            predictions.loc[unread, "dicom_results"] = "not_predicted: the file could not be read (see error)"
         if metadata.get("volume"):  # one row per series too, numbered; its files carry its score
             uid_of = dict(zip(inputs.names, study_instance_uids(inputs.files, "SeriesInstanceUID")))
             predictions = with_studies(
