@@ -47,6 +47,9 @@ MODALITY_AET = "MODALITY"
 DOMAIN = TrainingDomain(modalities={"CR", "DX"}, photometrics={"MONOCHROME2"}, channels={1},
                         rows=(40, 80), columns=(40, 80))
 WINDOW = {"WindowCenter": 128, "WindowWidth": 256}
+# The type 2 patient and study attributes the results copy (present, here empty, as exports have them).
+PATIENT_STUDY = {"PatientName": "", "PatientBirthDate": "", "PatientSex": "", "StudyDate": "", "StudyTime": "",
+                 "StudyID": "", "AccessionNumber": ""}
 SR_MODALITY, SEG_MODALITY = "SR", "SEG"
 
 
@@ -133,12 +136,14 @@ def model(registered, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, make_dicom):
-    """Four good DX images (one RLE compressed), a truncated one and an MR image (outside the model's
-    domain), each of its own study; by name."""
+    """Four good DX images (one RLE compressed), a truncated one, an MR image (outside the model's
+    domain) and a DX image without the patient and study attributes the results copy, each of its
+    own study; by name."""
     folder = tmp_path_factory.mktemp("images")
     files = {f"good{n}": make_dicom(folder / f"good{n}.dcm", _image(level, seed=n), PatientID=f"LISTEN-P{n}",
-                                    **WINDOW)
+                                    **WINDOW, **PATIENT_STUDY)
              for n, level in enumerate((200, 40, 150, 90))}
+    files["bare"] = make_dicom(folder / "bare.dcm", _image(120, seed=9), PatientID="LISTEN-P9", **WINDOW)
     compressed = pydicom.dcmread(files["good3"])
     compressed.compress(RLELossless)
     compressed.save_as(files["good3"], enforce_file_format=True)
@@ -154,7 +159,7 @@ def images(tmp_path_factory, make_dicom):
 
 
 GOOD = ("good0", "good1", "good2", "good3")
-BAD = {"truncated": "truncated_pixel_data", "mr": "out_of_domain"}
+BAD = {"truncated": "truncated_pixel_data", "mr": "out_of_domain", "bare": "missing_patient_study"}
 
 
 def send(port: int, files: list[Path], *, calling: str = MODALITY_AET, called: str = LISTENER_AET,
@@ -291,6 +296,7 @@ def test_a_full_queue_makes_senders_wait_then_answers_out_of_resources(model, re
         resume.join()
         assert listener.counts["waited"] >= 3
         wait_for(lambda: listener.unscored() == 0, what="all four scored")
+        assert listener.peak_unscored == 2  # never more than --queue held, on disk or in memory
     assert sorted(row["status"] for row in outcomes(spool)) == ["scored"] * 4
 
 

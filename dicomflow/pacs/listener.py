@@ -89,36 +89,49 @@ class Scored:
 
 def score_files(model, files: list[Path], out_dir: Path, *, model_name: str, model_version: str) -> list[Scored]:
     """The model on ``files`` (:func:`dicomflow.serving.predict.predict_files`) and their result
-    objects written under ``out_dir`` (:func:`dicomflow.serving.dicom_results.write_dicom_results`);
-    one :class:`Scored` per file, in order.
+    objects, an SR and a SEG each, written under ``out_dir``
+    (:func:`dicomflow.serving.dicom_results.dicom_results`); one :class:`Scored` per file, in order.
 
-    A file the model refuses (not DICOM, truncated, out of domain) gets its reason, as ``dicomflow
-    predict`` writes it. When writing the results of a batch fails, each file is tried alone, so
-    that one file costs only its own results (``results_failed: <error type>``: the message may
-    quote a value read from the file).
+    A file the model refuses (not DICOM, truncated, out of domain) gets its reason as ``dicomflow
+    predict`` writes it; one it answered but could not get objects for, that reason
+    (``missing_patient_study: ...``, ``multi_frame: ...``). When making the objects of a batch
+    fails otherwise, each file is tried alone, so that one file costs only its own results
+    (``results_failed: <error type>``: the message may quote a value read from the file).
     """
-    from dicomflow.serving.dicom_results import write_dicom_results
+    from dicomflow.serving.dicom_results import describe_results, dicom_results
     from dicomflow.serving.predict import predict_files
 
-    names = [path.name for path in files]
-    predictions = predict_files(model, files, names=names)
+    predictions = predict_files(model, files, names=[path.name for path in files])
     errors = predictions["error"].fillna("").astype(str).tolist()
-    labels = [str(label) if not error else "" for label, error in zip(predictions["label"], errors)]
+    labels = [str(label) for label in predictions["label"]]
     try:
-        written = write_dicom_results(model, files, predictions, out_dir, model_name=model_name,
-                                      model_version=model_version)
+        results = dicom_results(model, files, predictions, out_dir, model_name=model_name,
+                                model_version=model_version)
     except Exception:  # noqa: BLE001  one file spoils the batch's call: each alone, below
-        written = []
+        results = []
         for position, file in enumerate(files):
             try:
-                written += write_dicom_results(model, [file], predictions.iloc[[position]].reset_index(drop=True),
-                                               out_dir, model_name=model_name, model_version=model_version)
+                results += dicom_results(model, [file], predictions.iloc[[position]].reset_index(drop=True),
+                                         out_dir, model_name=model_name, model_version=model_version)
             except Exception as err:  # noqa: BLE001  this file's results only
-                written.append([])
-                if not errors[position]:
-                    errors[position] = f"results_failed: {type(err).__name__}"
-    return [Scored([Path(path) for path in objects] if not error else [], label if not error else "", error)
-            for objects, label, error in zip(written, labels, errors)]
+                results.append(DicomResultFailed(f"results_failed: {type(err).__name__}"))
+    logger.debug("%s", describe_results(results))
+    scored = []
+    for result, label, error in zip(results, labels, errors):
+        if error or not result.paths:
+            scored.append(Scored([], "", error or result.reason))
+        else:
+            scored.append(Scored([Path(path) for path in result.paths], label, ""))
+    return scored
+
+
+@dataclass(frozen=True)
+class DicomResultFailed:
+    """A file whose objects could not be made at all (as :class:`dicomflow.serving.dicom_results.DicomResult`
+    with no paths)."""
+
+    reason: str
+    paths: tuple = ()
 
 
 class Listener:
@@ -207,6 +220,8 @@ class Listener:
         self._ae = None
         self._threads: list[threading.Thread] = []
         self.sender_failures = 0  # failed store calls in a row (0: the destination took the last one)
+        self.peak_unscored = 0  # the most instances received and not yet scored at once (at most queue, or
+        # what a previous run left in the spool)
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -330,6 +345,7 @@ class Listener:
                 self._room.notify_all()
                 return OUT_OF_RESOURCES
             self._unscored += 1  # the room is taken before the write, so that the bound holds
+            self.peak_unscored = max(self.peak_unscored, self._unscored)
         try:
             path = self.spool.receive(Spool.new_name(calling), event.encoded_dataset())
         except Exception as err:  # noqa: BLE001  a full disk or a bug: the sender keeps it, tries later
