@@ -413,7 +413,6 @@ def test_lossless_syntaxes_are_preferred_then_uncompressed_then_lossy(model, reg
     """A sender offering an uncompressed image as JPEG baseline or as it is: the listener takes it as
     it is; offering an RLE image as RLE or uncompressed: RLE (its bytes as they are)."""
     with make_listener(model, registered, tmp_path / "spool", "dicom://NOBODY@127.0.0.1:9") as listener:
-        listener.pause_scoring()
         ae = AE(ae_title=MODALITY_AET)
         sc = pydicom.dcmread(images["good0"], stop_before_pixels=True).SOPClassUID
         ae.add_requested_context(sc, [pydicom.uid.JPEGBaseline8Bit, ExplicitVRLittleEndian])
@@ -424,3 +423,73 @@ def test_lossless_syntaxes_are_preferred_then_uncompressed_then_lossy(model, reg
         finally:
             association.release()
     assert chosen == [ExplicitVRLittleEndian, RLELossless]
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files), made with cryptography."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_behind_its_own_tls_it_takes_images_from_a_sender_with_a_certificate_only(model, registered, images,
+                                                                                   tmp_path):
+    import ssl
+
+    from dicomflow.errors import SettingsError
+    from dicomflow.pacs.listener import TLS_CERT_ENV, TLS_CLIENT_CA_ENV, TLS_KEY_ENV, server_ssl_context
+
+    server_cert, server_key = _certificate(tmp_path, "listener")
+    client_cert, client_key = _certificate(tmp_path, "modality")
+    context = server_ssl_context({TLS_CERT_ENV: str(server_cert), TLS_KEY_ENV: str(server_key),
+                                  TLS_CLIENT_CA_ENV: str(client_cert)})
+    assert server_ssl_context({}) is None
+    with pytest.raises(SettingsError, match=TLS_KEY_ENV):
+        server_ssl_context({TLS_CERT_ENV: str(server_cert)})
+
+    def sender_context(with_certificate: bool) -> ssl.SSLContext:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+        if with_certificate:
+            client.load_cert_chain(str(client_cert), str(client_key))
+        return client
+
+    spool = tmp_path / "spool"
+    listener = make_listener(model, registered, spool, "dicom://NOBODY@127.0.0.1:9", ssl_context=context)
+    listener.pause_scoring()
+    with listener:
+        statuses = {}
+        for with_certificate in (True, False):
+            ae = AE(ae_title=MODALITY_AET)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+            meta = pydicom.dcmread(images["good1"], stop_before_pixels=True)
+            ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+            association = ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AET,
+                                       tls_args=(sender_context(with_certificate), "127.0.0.1"))
+            if association.is_established:
+                statuses[with_certificate] = int(association.send_c_store(images["good1"]).Status)
+                association.release()
+            else:
+                statuses[with_certificate] = None
+        assert send(listener.port, [images["good1"]]) is None  # no TLS at all: no association
+    assert statuses == {True: SUCCESS, False: None}
+    assert len(list((spool / "received").iterdir())) == 1

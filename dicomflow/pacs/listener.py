@@ -394,7 +394,7 @@ class Listener:
         with self._room:
             if not self._waiting:
                 self._room.wait(0.5)
-            if not self._waiting or self._stopping.is_set():
+            if not self._waiting or self._stopping.is_set() or not self._scoring_allowed.is_set():
                 return []
             deadline = time.monotonic() + self.fill_s
             while len(self._waiting) < self.batch and not self._stopping.is_set():
@@ -402,6 +402,8 @@ class Listener:
                 if remaining <= 0:
                     break
                 self._room.wait(remaining)
+            if not self._scoring_allowed.is_set():  # paused while the batch filled
+                return []
             return [self._waiting.popleft() for _ in range(min(self.batch, len(self._waiting)))]
 
     def _score_loop(self) -> None:
