@@ -279,6 +279,7 @@ def test_a_destination_down_mid_run_gets_everything_once_back(model, registered,
     assert len(results[SR_MODALITY]) == 4 and len(results[SEG_MODALITY]) == 4
 
 
+@pytest.mark.slow  # waits for room, on purpose
 def test_a_full_queue_makes_senders_wait_then_answers_out_of_resources(model, registered, images, tmp_path):
     spool = tmp_path / "spool"
     listener = make_listener(model, registered, spool, "dicom://NOBODY@127.0.0.1:9", queue=2, wait_s=0.5)

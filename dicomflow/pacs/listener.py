@@ -232,9 +232,9 @@ class Listener:
         from pynetdicom.sop_class import Verification
 
         waiting = self.spool.recover()
-        with self._lock:
-            self._waiting.extend(waiting)
-            self._unscored += len(waiting)
+        with self._lock:  # a Listener started again: the spool, not memory, says what is left
+            self._waiting = deque(waiting)
+            self._unscored = len(waiting)
         left = self.spool.counts()
         if waiting or left["outbox"]:
             logger.info("from the spool: %d received instances to score, %d result sets to send", len(waiting),
@@ -256,8 +256,14 @@ class Listener:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
         self._ae = ae
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
-                                       ssl_context=self.ssl_context)
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.ssl_context)
+        except OSError as err:
+            self.stop()
+            why = err.strerror or _error_kind(err)
+            raise SettingsError(f"listen: cannot listen on {self.host}:{self.port} ({why}); choose another --port "
+                                "or --host, or stop what listens there") from None
         self.port = self._server.server_address[1]
         logger.info("listening as %s on %s:%d%s for %s; scoring batches of up to %d, at most %d waiting; "
                     "results to %s", self.ae_title, self.host, self.port, " (TLS)" if self.ssl_context else "",

@@ -218,7 +218,10 @@ class Spool:
         for folder in sorted(self.outbox.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
-            sets.append((folder.name, sorted(path for path in folder.iterdir() if path.is_file())))
+            try:
+                sets.append((folder.name, sorted(path for path in folder.iterdir() if path.is_file())))
+            except FileNotFoundError:  # sent and removed meanwhile (another thread asked)
+                continue
         return sets
 
     def sent(self, name: str, objects: int) -> None:
