@@ -494,3 +494,35 @@ def test_behind_its_own_tls_it_takes_images_from_a_sender_with_a_certificate_onl
         assert send(listener.port, [images["good1"]]) is None  # no TLS at all: no association
     assert statuses == {True: SUCCESS, False: None}
     assert len(list((spool / "received").iterdir())) == 1
+
+
+def test_the_spool_after_a_crash_between_steps_scores_nothing_twice(images, tmp_path):
+    from dicomflow.pacs.spool import Outcome, Spool
+
+    spool = Spool(tmp_path / "spool")
+    content = images["good0"].read_bytes()
+    names = [Spool.new_name(MODALITY_AET) for _ in range(4)]
+    for name in names:
+        spool.receive(name, content)
+    published, sent, recorded, fresh = names
+    # Results moved into the outbox, the process stopped before the outcome was recorded.
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    (objects / "sr.dcm").write_bytes(content)
+    assert spool.publish(published, [objects / "sr.dcm"]) == 1
+    # Results published and already sent, the process stopped before the instance was removed.
+    spool.sent(sent, 2)
+    # Outcome recorded (failed), stopped before the instance went to failed/.
+    spool.record([Outcome(recorded, "failed", error="out_of_domain: MR")])
+    (spool.outbox / f".{fresh}.part").mkdir()  # results being moved in: half made
+    (spool.incoming / "x.part").write_bytes(content[:10])
+    assert [path.name for path in spool.recover()] == [f"{fresh}.dcm"]
+    assert [path.name for path in spool.received.iterdir()] == [f"{fresh}.dcm"]
+    assert [path.name for path in spool.failed.iterdir()] == [f"{recorded}.dcm"]
+    assert [name for name, _ in spool.ready()] == [published]
+    assert list(spool.incoming.iterdir()) == [] and not (spool.outbox / f".{fresh}.part").exists()
+    rows = {row["file"]: row for row in outcomes(spool.root)}
+    assert rows[published]["status"] == "scored" and rows[sent]["status"] == "scored"
+    assert rows[recorded]["calling_ae"] == MODALITY_AET
+    assert oct(spool.received.stat().st_mode & 0o777) == "0o700"
+    assert oct((spool.received / f"{fresh}.dcm").stat().st_mode & 0o777) == "0o600"
