@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom import AE
 
 from dicomflow.dicom.display import PixelSettings
@@ -136,17 +136,18 @@ def model(registered, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, make_dicom):
-    """Four good DX images (one RLE compressed), a truncated one, an MR image (outside the model's
-    domain) and a DX image without the patient and study attributes the results copy, each of its
-    own study; by name."""
+    """Four good DX images (three compressed, losslessly: JPEG 2000, JPEG-LS, RLE), a truncated one,
+    an MR image (outside the model's domain) and a DX image without the patient and study
+    attributes the results copy, each of its own study; by name."""
     folder = tmp_path_factory.mktemp("images")
     files = {f"good{n}": make_dicom(folder / f"good{n}.dcm", _image(level, seed=n), PatientID=f"LISTEN-P{n}",
                                     **WINDOW, **PATIENT_STUDY)
              for n, level in enumerate((200, 40, 150, 90))}
     files["bare"] = make_dicom(folder / "bare.dcm", _image(120, seed=9), PatientID="LISTEN-P9", **WINDOW)
-    compressed = pydicom.dcmread(files["good3"])
-    compressed.compress(RLELossless)
-    compressed.save_as(files["good3"], enforce_file_format=True)
+    for name, syntax in (("good1", JPEG2000Lossless), ("good2", JPEGLSLossless), ("good3", RLELossless)):
+        compressed = pydicom.dcmread(files[name])
+        compressed.compress(syntax)
+        compressed.save_as(files[name], enforce_file_format=True)
     content = files["good0"].read_bytes()
     truncated = folder / "truncated.dcm"
     source = pydicom.dcmread(files["good0"])
@@ -312,7 +313,7 @@ def test_instances_not_scored_at_stop_are_scored_and_sent_at_the_next_start(mode
         assert send(listener.port, sent) == [SUCCESS, SUCCESS]
     kept = sorted((spool / "received").iterdir())
     assert len(kept) == 2
-    # Stored as received: the RLE instance still RLE, its data set byte for byte.
+    # Stored as received: the JPEG 2000 and RLE instances as they were sent, their pixel data byte for byte.
     by_uid = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID: path for path in kept}
     for path in sent:
         original = pydicom.dcmread(path)
