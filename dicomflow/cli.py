@@ -452,6 +452,9 @@ def parser() -> argparse.ArgumentParser:
                          help="DIMSE only: C-GET (default) or C-MOVE to this command's own storage SCP")
     command.add_argument("--move-port", type=int, default=0,
                          help="DIMSE C-MOVE: the port of this command's storage SCP (the PACS must know it)")
+    command.add_argument("--report", type=Path, default=Path("pull_report.csv"),
+                         help="CSV: one row per study, what was fetched and why anything was not; it names the "
+                         "study keys, as the labels table does (default pull_report.csv)")
     command.set_defaults(handler=pacs_pull)
 
     command = pacs_commands.add_parser("push", help="store DICOM objects (results) in a PACS, per object reported")
@@ -511,8 +514,40 @@ PACS_ADDRESS_HELP = ("a DICOMweb base URL (https://HOST/dicom-web) or a DIMSE pe
 
 
 def pacs_pull(args: argparse.Namespace) -> int:
-    """``dicomflow pacs pull``: see docs/pacs.md."""
-    raise NotImplementedError("pacs pull")
+    """``dicomflow pacs pull``: the studies of a labels table or a query, from a PACS into --out
+    (:mod:`dicomflow.pacs.pull`), with a report; 1 when anything could not be got."""
+    from dicomflow.errors import SettingsError
+    from dicomflow.pacs.connection import parse_address
+    from dicomflow.pacs.pull import STUDY_KEYS, StudyQuery, keys_from_labels, pull_studies, write_pull_report
+
+    if (args.labels is None) == (args.modality is None):
+        raise SettingsError("pacs pull: give either --labels CSV (the studies it names) or --modality M (a query)")
+    if args.labels is None and args.key:
+        raise SettingsError("pacs pull: --key goes with --labels")
+    if args.labels is not None and (args.date_from or args.date_to):
+        raise SettingsError("pacs pull: --date-from and --date-to go with --modality, not --labels")
+    address = parse_address(args.source, os.environ)
+    if args.labels is not None:
+        key = args.key
+        if key is None:
+            from dicomflow.config.params import PARAMS_FILE, load_params
+
+            configured = load_params("ingest").label_key if PARAMS_FILE.exists() else None
+            key = configured if configured in STUDY_KEYS else "accession_number"
+        result = pull_studies(address, out=args.out, keys=keys_from_labels(args.labels, key), key=key,
+                              retrieve=args.retrieve, move_port=args.move_port)
+    else:
+        query = StudyQuery(args.modality, args.date_from, args.date_to)
+        result = pull_studies(address, out=args.out, query=query, retrieve=args.retrieve, move_port=args.move_port)
+    write_pull_report(result, args.report)
+    pull_logger = logging.getLogger("dicomflow.pacs.pull")
+    if result.incomplete:  # counts and the PACS's reasons only: the report names the studies
+        pull_logger.error("%s; %d study row(s) incomplete, listed in %s", result.summary(), len(result.incomplete),
+                          args.report)
+        return 1
+    pull_logger.info("%s into %s; report %s (then: dvc add %s)", result.summary(), result.folder, args.report,
+                     args.out)
+    return 0
 
 
 def pacs_push(args: argparse.Namespace) -> int:

@@ -108,8 +108,9 @@ class TestTheBlocks:
         skipped = [block for block in blocks if block.not_runnable is not None]
         print(f"{len(blocks)} python/bash blocks: {len(RUNNABLE)} run, {len(skipped)} not runnable")
         # A ratchet: a new block that cannot run must say why (and raise this bound in review; 29:
-        # the CT series benchmark, minutes long, which tests/test_bench.py runs small).
-        assert len(RUNNABLE) >= 7 and len(skipped) <= 29, [str(block) for block in skipped]
+        # the CT series benchmark, minutes long, which tests/test_bench.py runs small; 33: docs/pacs.md's
+        # pulls, push and Python calls, which need a PACS and which tests/test_pacs_*.py run against Orthanc).
+        assert len(RUNNABLE) >= 7 and len(skipped) <= 33, [str(block) for block in skipped]
         assert {block.language for block in RUNNABLE} == {"python", "bash"}
         assert any("recipe.py" in block.code or "pyfunc.load_model" in block.code for block in RUNNABLE)
 

@@ -6,7 +6,9 @@ addresses and credentials of :mod:`dicomflow.pacs.connection`."""
 from __future__ import annotations
 
 import csv
+import datetime
 import io
+import ipaddress
 import os
 import subprocess
 import sys
@@ -175,11 +177,98 @@ def test_refused_credentials_fail_at_once_and_the_password_is_shown_nowhere(serv
     result = run_cli("pacs", "push", str(objects[0].parent), "--to", server.dicomweb_url, "--report", str(report),
                      env=env, cwd=tmp_path)
     assert result.returncode == 1
-    assert "HTTP 401 Unauthorized" in result.stderr
+    assert ("HTTP 401 Unauthorized: access refused; check DICOMFLOW_PACS_USERNAME and DICOMFLOW_PACS_PASSWORD"
+            in result.stderr)
     assert wrong not in result.stdout + result.stderr + report.read_text()
     # Refused credentials are not tried again: every object after one attempt.
     assert {(row["stored"], row["attempts"]) for row in read_report(report)} == {("no", "1")}
     assert server.instances() == []
+
+
+# TLS (dicoms://) against a real pynetdicom storage SCP that wants our certificate
+
+
+def write_tls_files(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost and a client certificate it signed (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(name, key, issuer_name, issuer_key, *, ca=False, san=None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicomflow test CA")])
+    ca = certificate("dicomflow test CA", ca_key, ca_name, ca_key, ca=True)
+    files["ca"] = folder / "ca.pem"
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role, san in (("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                      ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(f"dicomflow test {role}", key, ca_name, ca_key, san=san)
+        files[f"{role}_cert"] = folder / f"{role}.pem"
+        files[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{role}_key"] = folder / f"{role}.key"
+        files[f"{role}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return files
+
+
+@pytest.mark.slow
+def test_dicoms_stores_over_mutual_tls_with_the_user_identity(tmp_path, objects):
+    import ssl
+
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+    from pynetdicom import AE, evt
+
+    tls = write_tls_files(tmp_path)
+    received, identities = [], []
+
+    def on_store(event):
+        received.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    def on_user_identity(event):
+        identities.append((event.user_id_type, event.primary_field, event.secondary_field))
+        return True, None
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls["ca"]))
+    context.load_cert_chain(str(tls["server_cert"]), str(tls["server_key"]))
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual: no client certificate, no association
+    scp = AE(ae_title="TLS_SCP")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, ssl_context=context,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_USER_ID, on_user_identity)])
+    try:
+        environ = {"DICOMFLOW_PACS_CA_BUNDLE": str(tls["ca"]), "DICOMFLOW_PACS_CLIENT_CERT": str(tls["client_cert"]),
+                   "DICOMFLOW_PACS_CLIENT_KEY": str(tls["client_key"]), "DICOMFLOW_PACS_USERNAME": "ai",
+                   "DICOMFLOW_PACS_PASSWORD": "tls-only-secret"}
+        address = parse_address(f"dicoms://TLS_SCP@localhost:{port}", environ)
+        outcomes = store_objects(address, objects[:2])
+        assert [(outcome.stored, outcome.detail) for outcome in outcomes] == [(True, "DIMSE 0x0000 Success")] * 2
+        assert received == [pydicom.dcmread(path).SOPInstanceUID for path in objects[:2]]
+        assert identities == [(2, b"ai", b"tls-only-secret")] * len(identities) and identities
+
+        without_certificate = {key: value for key, value in environ.items() if "CLIENT" not in key}
+        outcomes = store_objects(parse_address(f"dicoms://TLS_SCP@localhost:{port}", without_certificate),
+                                 objects[:1], attempts=1)
+        assert not outcomes[0].stored and "could not associate" in outcomes[0].detail
+        assert len(received) == 2
+    finally:
+        server.shutdown()
 
 
 # Addresses and credentials (fast: no PACS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,8 +90,8 @@ class PacsAddress:
     client_cert: Path | None = None
     client_key: Path | None = None
     username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False, compare=False)
-    token: str | None = field(default=None, repr=False, compare=False)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         if self.kind == DICOMWEB:
@@ -212,19 +213,32 @@ def parse_address(address: str, environ: Mapping[str, str]) -> PacsAddress:
                        called_aet=_ae_title(parts.username, "the address's AE title"), **common)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list[int] = []
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Hold dicomweb-client's and pynetdicom's records below WARNING while a PACS is talked to:
-    theirs name the UIDs and keys of every request."""
+    theirs name the UIDs and keys of every request. Nested and concurrent uses (a listener pushing
+    from several threads) restore the levels once the last one ends."""
+    global _quiet_depth
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
-    levels = [each.level for each in loggers]
-    for each in loggers:
-        each.setLevel(logging.WARNING if each.name == "dicomweb_client" else logging.CRITICAL)
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved[:] = [each.level for each in loggers]
+            for each in loggers:
+                each.setLevel(logging.WARNING if each.name == "dicomweb_client" else logging.CRITICAL)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        for each, level in zip(loggers, levels):
-            each.setLevel(level)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for each, level in zip(loggers, _quiet_saved):
+                    each.setLevel(level)
 
 
 # DICOMweb
@@ -235,26 +249,43 @@ def http_session(address: PacsAddress):
     import requests
 
     session = requests.Session()
-    session.trust_env = False  # no ~/.netrc credentials sent to a host nobody chose
+    # No ~/.netrc: its credentials would go to a host nobody chose them for (over plain http too) and
+    # would replace a bearer token. The proxy variables still apply.
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(address.url))
     if address.username:
         session.auth = (address.username, address.password or "")
     elif address.token:
         session.headers["Authorization"] = f"Bearer {address.token}"
     if address.ca_bundle:
         session.verify = str(address.ca_bundle)
+    elif system_bundle := _system_ca_file():
+        session.verify = system_bundle  # as dicoms:// does (requests would use certifi's list)
     if address.client_cert:
         session.cert = (str(address.client_cert), str(address.client_key)) if address.client_key \
             else str(address.client_cert)
     return session
 
 
-def dicomweb_client(address: PacsAddress):
-    """A ``dicomweb_client.DICOMwebClient`` for the address (its own retries off: callers retry)."""
+def _system_ca_file() -> str | None:
+    """The system's CA file (OpenSSL's default), None where it has none."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def dicomweb_client(address: PacsAddress, *, session=None):
+    """A ``dicomweb_client.DICOMwebClient`` for the address (its own retries off: callers retry), on
+    ``session`` or a new :func:`http_session`."""
     from dicomweb_client.api import DICOMwebClient
 
     if address.kind != DICOMWEB:
         raise SettingsError(f"{address} is not a DICOMweb address")
-    client = DICOMwebClient(address.url, session=http_session(address), timeout=HTTP_TIMEOUT_S)
+    # permissive_uid: a PACS's UIDs are taken as it gives them (some are not conformant).
+    client = DICOMwebClient(address.url, session=session or http_session(address), timeout=HTTP_TIMEOUT_S,
+                            permissive_uid=True)
     client.set_http_retry_params(retry=False)
     return client
 
@@ -276,13 +307,21 @@ def http_failure(err: BaseException) -> str:
     return type(err).__name__
 
 
+def credentials_hint(address: PacsAddress) -> str:
+    """Which variables to check after a refusal (never their values)."""
+    if address.username:
+        return f"check {USERNAME_ENV} and {PASSWORD_ENV}"
+    if address.token:
+        return f"check {TOKEN_ENV}"
+    return f"no credentials were given: set {USERNAME_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV}"
+
+
 def refused_credentials(address: PacsAddress, status: int) -> PacsError:
     """The one-line error for a 401 or 403: which variables to check, never their values."""
-    given = (f"{USERNAME_ENV} and {PASSWORD_ENV}" if address.username else TOKEN_ENV if address.token
-             else f"no credentials were given ({USERNAME_ENV}/{PASSWORD_ENV} or {TOKEN_ENV})")
     if status == 401:
-        return PacsError(f"{address} refused the credentials (HTTP 401); check {given}")
-    return PacsError(f"{address} refused access (HTTP 403); check {given} and that this user may do this")
+        return PacsError(f"{address} refused the credentials (HTTP 401); {credentials_hint(address)}")
+    return PacsError(f"{address} refused access (HTTP 403); {credentials_hint(address)}, and that this user may "
+                     "do this")
 
 
 # DIMSE

@@ -22,10 +22,12 @@ from dicomflow.pacs.connection import (
     PacsAddress,
     PacsError,
     associate,
+    credentials_hint,
     dicom_status_category,
     dicomweb_client,
     dimse_status,
     http_failure,
+    http_session,
     new_ae,
     quiet_libraries,
 )
@@ -150,27 +152,42 @@ def _store_dicomweb(address: PacsAddress, items: list[_Item]) -> None:
 
     from dicomflow.runtime.log_privacy import hidden_pydicom_messages
 
-    client = dicomweb_client(address)
+    session = http_session(address)
+    statuses: list[int] = []  # dicomweb-client returns a 202's body as it does a 200's: the hook tells them apart
+    session.hooks["response"].append(lambda response, *args, **kwargs: statuses.append(response.status_code))
+    client = dicomweb_client(address, session=session)
     for batch in _batches(items, STOW_MAX_OBJECTS, STOW_MAX_BYTES):
-        with hidden_pydicom_messages():
-            datasets = [dcmread(item.path) for item in batch]
-        status = 200
+        readable, datasets = [], []
+        for item in batch:
+            try:
+                with hidden_pydicom_messages():
+                    datasets.append(dcmread(item.path))
+                readable.append(item)
+            except Exception as err:  # noqa: BLE001 - any reader failure means the same to the user
+                item.retry, item.detail = False, f"not read: not a whole DICOM file ({type(err).__name__})"
+        if not readable:
+            continue
+        statuses.clear()
         try:
             answer = client.store_instances(datasets)
+            status = statuses[-1] if statuses else 200
         except requests.RequestException as err:
             failure = http_failure(err)
             response = getattr(err, "response", None)
             answer = _stow_answer(response)
             if answer is None:  # no per-object answer: the request as a whole failed
-                for item in batch:
+                status = None if response is None else response.status_code
+                if status in (401, 403):
+                    failure += f": access refused; {credentials_hint(address)}"
+                for item in readable:
                     item.detail = failure
                     # Refused credentials or a request the PACS will never take: trying again cannot help.
-                    item.retry = response is None or response.status_code not in (400, 401, 403, 413)
+                    item.retry = status not in (400, 401, 403, 413)
                 continue
             status = response.status_code
         finally:
             del datasets
-        _read_stow_answer(answer, batch, status)
+        _read_stow_answer(answer, readable, status)
 
 
 def _stow_answer(response):
@@ -234,7 +251,11 @@ def _store_dimse(address: PacsAddress, items: list[_Item]) -> None:
                 if not assoc.is_established:
                     item.detail = "association aborted before this object was sent"
                     continue
-                answer = assoc.send_c_store(item.path)
+                try:
+                    answer = assoc.send_c_store(item.path)
+                except (OSError, ValueError, AttributeError) as err:  # the file changed since its header was read
+                    item.retry, item.detail = False, f"not sent: the file could not be read ({type(err).__name__})"
+                    continue
                 if "Status" not in answer:
                     item.detail = "no answer to C-STORE (association aborted or timed out)"
                     continue
