@@ -127,12 +127,16 @@ def model(registered, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, make_dicom):
-    """The inputs: a non-square image with a bright square, a dark one, pydicom's CT and CR (with
+    """The inputs: a non-square image with a bright square (a frame of reference and pixel spacing,
+    no plane), a dark one (neither), pydicom's CT and CR (with
     Patient Orientation, MONOCHROME1, 1955 x 1841), an MR (out of the domain), a text file, an
     image without its patient and study attributes, a two-frame image."""
     folder = tmp_path_factory.mktemp("sources")
     files = {
-        "lesion": make_dicom(folder / "lesion.dcm", _square_image(seed=1), **WINDOW, **PATIENT_STUDY),
+        # As the sample data's radiographs: a frame of reference, spacing and orientation, no plane.
+        "lesion": make_dicom(folder / "lesion.dcm", _square_image(seed=1), **WINDOW, **PATIENT_STUDY,
+                             FrameOfReferenceUID=pydicom.uid.generate_uid(), PixelSpacing=[0.5, 0.5],
+                             PatientOrientation=["L", "F"]),
         "clear": make_dicom(folder / "clear.dcm", _square_image((64, 64), None, seed=2), **WINDOW, **PATIENT_STUDY),
         "ct": Path(shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")),
         "cr": Path(shutil.copy(get_testdata_file("RG1_UNCR.dcm"), folder / "cr.dcm")),
@@ -243,9 +247,11 @@ class TestWrittenObjects:
         outside[:SQUARE[0].stop + 3, SQUARE[1].start - 3:SQUARE[1].stop + 3] = False
         assert probability[outside].max() < 0.1 * probability.max()  # dark background: no evidence
 
-    def test_the_cr_seg_keeps_its_patient_orientation(self, written, sources):
-        seg = pydicom.dcmread(written["results"]["cr"].paths[1], stop_before_pixels=True)
-        assert list(seg.PatientOrientation) == list(pydicom.dcmread(sources["cr"]).PatientOrientation)
+    def test_projection_segs_keep_their_patient_orientation(self, written, sources):
+        for name in ("cr", "lesion"):
+            seg = pydicom.dcmread(written["results"][name].paths[1], stop_before_pixels=True)
+            assert list(seg.PatientOrientation) == list(pydicom.dcmread(sources[name]).PatientOrientation)
+            assert "FrameOfReferenceUID" not in seg
 
     def test_refused_and_odd_inputs_get_no_object_and_a_reason(self, written):
         reasons = {name: written["results"][name].reason for name in ("mr", "text", "bare", "frames")}

@@ -367,9 +367,9 @@ def probability_segmentation(source: pydicom.Dataset, probability_map: np.ndarra
     -------
     highdicom.seg.Segmentation
         One segment, category Visual explanation (DCM 130401), type Gradient-weighted class
-        activation (DCM 130403); new series and SOP Instance UIDs. Pixel Spacing and Patient
-        Orientation come from the source when highdicom needs them (a source without a frame of
-        reference: a radiograph, a secondary capture).
+        activation (DCM 130403); new series and SOP Instance UIDs. A source with a patient
+        coordinate system gives its frame of reference, plane and pixel measures; one without
+        (a radiograph, a secondary capture) its Patient Orientation (:func:`segmentation_source`).
 
     Raises
     ------
@@ -423,30 +423,22 @@ def probability_segmentation(source: pydicom.Dataset, probability_map: np.ndarra
 def segmentation_source(source: pydicom.Dataset) -> pydicom.Dataset:
     """``source`` as highdicom should see it to copy its geometry into a SEG of the same grid.
 
-    Without a patient coordinate system ((0020,0037) Image Orientation (Patient) absent: a
-    radiograph, a secondary capture) the SEG is placed by the source's pixel grid alone: a Frame
-    of Reference UID of such a source is left out (with it the SEG's Pixel Measures would need a
-    Slice Thickness the source does not have), and so is a Pixel Spacing that is not two positive
-    numbers (an export's ``0.000``), which highdicom would copy as it is. A shallow copy: the
-    caller's dataset is not changed.
+    A source with a patient coordinate system ((0020,0037) Image Orientation (Patient): CT, MR)
+    as it is. Without one (a radiograph, a secondary capture) the SEG is placed by the source's
+    pixel grid alone (it references the source, Rows x Columns the same), and its Frame of
+    Reference UID and Pixel Spacing are left out: highdicom would write Pixel Measures without a
+    Slice Thickness, which such files lack, and that dciodvfy refuses with a frame of reference
+    and highdicom 0.28 cannot read back (``segread``) without one. A shallow copy: the caller's
+    dataset is not changed.
     """
     copy = pydicom.Dataset(source)
     copy.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
     if "ImageOrientationPatient" in source:
         return copy
-    for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+    for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator", "PixelSpacing"):
         if keyword in copy:
             del copy[keyword]
-    if "PixelSpacing" in copy and not _positive_pair(copy.PixelSpacing):
-        del copy.PixelSpacing
     return copy
-
-
-def _positive_pair(value) -> bool:
-    try:
-        return len(value) == 2 and all(float(v) > 0 for v in value)
-    except (TypeError, ValueError):
-        return False
 
 
 @contextmanager
@@ -486,8 +478,9 @@ def dicom_results(model, files: Sequence[Path], predictions: pd.DataFrame, out_d
     list of DicomResult
         One per file: ``paths`` [sr, seg], or none and ``reason``: ``not_predicted`` (the row's
         error says why), ``volume_model``, ``multi_frame``, ``missing_patient_study``,
-        ``no_grad_cam`` (the network has no feature map to explain), ``unreadable``, or
-        ``not_written`` (highdicom refused the source; its message).
+        ``no_grad_cam`` (the network has no feature map to explain), a reader's code (the file
+        changed since it was predicted), or ``not_written`` (highdicom refused the source, or the
+        model's metadata names no classes; the message).
 
     Raises
     ------
@@ -547,7 +540,10 @@ def _one_file(path: Path, row: Mapping, classifier, model_metadata: Mapping, set
         return DicomResult(reason=f"missing_patient_study: the file lacks {', '.join(missing)} (type 2: present, "
                            "even empty): the objects copy the source's patient and study, so none were "
                            "written; keep these attributes in the exported files")
-    finding = finding_of(row, model_metadata)
+    try:
+        finding = finding_of(row, model_metadata)
+    except ValueError as err:
+        return DicomResult(reason=f"not_written: {quoted(err)}")
     network = classifier._model
     images = classifier.read_pixels(path)
     # Binary: always the positive class's evidence (its map is the one a reader checks, called
