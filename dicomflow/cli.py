@@ -579,8 +579,37 @@ def pacs_push(args: argparse.Namespace) -> int:
 
 
 def listen(args: argparse.Namespace) -> int:
-    """``dicomflow listen``: see docs/pacs.md."""
-    raise NotImplementedError("listen")
+    """``dicomflow listen``: a storage SCP that scores what the allowed AE titles send and stores the
+    results at ``--to``, until SIGTERM or SIGINT (docs/listener.md). The model is resolved as
+    ``predict`` resolves it and verified before it is loaded."""
+    import mlflow
+
+    from dicomflow import tracking
+    from dicomflow.config.params import load_params
+    from dicomflow.pacs.connection import parse_address
+    from dicomflow.pacs.listener import Listener, run_until_signalled, server_ssl_context
+    from dicomflow.serving.predict import champion_models, load_verified_model, model_uri, tracking_store
+    from dicomflow.serving.pyfunc import describe_task
+    from dicomflow.signing import resolve_version, verify_key_from_env
+
+    destination = parse_address(args.destination, os.environ)  # a bad address fails before the model loads
+    ssl_context = server_ssl_context(os.environ)
+    store = tracking_store(os.environ, cwd=Path.cwd())
+    tracking.configure_mlflow(experiment=None)
+    project = load_params("evaluate").registered_model_name if Path("params.yaml").is_file() else None
+    uri = model_uri(args.model, project_model=project, store=store,
+                    champions=lambda: champion_models(mlflow.MlflowClient()))
+    name, version = resolve_version(uri)  # once: the version verified is the one named in the results
+    with tempfile.TemporaryDirectory(prefix="dicomflow-listen-") as workdir:
+        model = load_verified_model(f"models:/{name}/{version}", key=verify_key_from_env(os.environ),
+                                    workdir=Path(workdir))
+        logging.getLogger("dicomflow.listen").info("the model: %s version %s, %s", name, version,
+                                                   describe_task(model.metadata.metadata or {}))
+        listener = Listener(spool=args.spool, destination=destination, model=model, model_name=name,
+                            model_version=version, allow=args.allow, ae_title=args.ae_title, host=args.host,
+                            port=args.port, batch=args.batch, queue=args.queue, ssl_context=ssl_context)
+        run_until_signalled(listener)
+    return 0
 
 
 def _serving_defaults() -> dict:
