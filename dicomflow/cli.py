@@ -477,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--spool", type=Path, default=Path(".dicomflow/spool"),
                          help="received files and queued results, kept across restarts (default .dicomflow/spool)")
     command.add_argument("--model", help="model URI (default: models:/<evaluate.registered_model_name>@champion)")
+    command.add_argument("--tracking-uri", help="the MLflow tracking store holding the model (default: "
+                         "MLFLOW_TRACKING_URI, else the mlflow.db of the project this runs in)")
     command.add_argument("--batch", type=int, default=16, help="images scored together (default 16)")
     command.add_argument("--queue", type=int, default=256,
                          help="received images waiting to be scored before senders are asked to wait (default 256)")
@@ -594,6 +596,8 @@ def listen(args: argparse.Namespace) -> int:
 
     destination = parse_address(args.destination, os.environ)  # a bad address fails before the model loads
     ssl_context = server_ssl_context(os.environ)
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     store = tracking_store(os.environ, cwd=Path.cwd())
     tracking.configure_mlflow(experiment=None)
     project = load_params("evaluate").registered_model_name if Path("params.yaml").is_file() else None
