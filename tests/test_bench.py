@@ -138,6 +138,14 @@ def _check_burned_in(document: dict) -> None:
     assert [t["name"] for t in document["targets"]][0] == "recall of planted fields >= 99%"
 
 
+def _check_pacs(document: dict) -> None:
+    rows = document["tables"]["paths"]["rows"]
+    assert [row["path"] for row in rows] == ["predict --dicom-out", "listen (C-STORE in, SR + SEG out)"]
+    assert all(row["files"] == row["results"] == 4 for row in rows)  # every image answered both ways
+    assert all(row["rate_min"] > 0 for row in rows)
+    assert document["targets"][0]["name"].startswith("listen >= 0.8x predict's images/s")
+
+
 BURNED_IN_IMAGES = 8  # one clean image among them (every seventh), no 2048x2500 radiograph needed
 slow = pytest.mark.slow
 CASES = [  # benchmark, tiny options, tables it records, what else must hold
@@ -163,6 +171,8 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
                  ["recall_by_kind", "recall_by_size", "recall_by_polarity", "recall_by_font",
                   "recall_by_field", "recall_by_form", "images", "baseline", "cost", "misses"],
                  _check_burned_in, id="burned_in"),
+    pytest.param("pacs", ["--files", "4", "--rows", "128", "--batch", "2", "--repeat", "1"], ["paths"], _check_pacs,
+                 id="pacs", marks=slow),
     pytest.param("serving", ["--seconds", "3", "--repeat", "1", "--rows", "128"], ["serving"],
                  _check_serving, id="serving", marks=slow),
     pytest.param("medmnist", ["--npz", str(NPZ), "--per-split", str(PER_SPLIT),
