@@ -53,6 +53,7 @@ logger = logging.getLogger("dicomflow.listen")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources": the sender keeps the instance and retries
 PROCESSING_FAILURE = 0xC000
+MAX_PDU_BYTES = 1 << 20  # the largest PDU we accept (see Listener.start)
 # The transfer syntaxes accepted, in the order the listener prefers them when a sender offers several
 # for one presentation context (pynetdicom takes the acceptor's first that the sender offers):
 # lossless compressed (the sender's bytes as they are), uncompressed, then lossy compressed (a
@@ -248,6 +249,10 @@ class Listener:
         # pynetdicom's INFO records narrate each association and message; ours give the counts.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         ae = AE(ae_title=self.ae_title)
+        # Senders cut each instance into PDUs no larger than what we announce; pynetdicom's default
+        # (16 KiB) makes a 2 MiB radiograph 128 PDUs, each handled in Python: receiving was most of
+        # the listener's cost beyond predict's (bench.pacs). 1 MiB keeps one PDU's buffer bounded.
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.require_calling_aet = self.allow
         ae.require_called_aet = True
         for sop_class in image_storage_classes():
