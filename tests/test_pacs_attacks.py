@@ -8,7 +8,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import csv
 import logging
+import re
+import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,10 +21,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
+from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicomflow.errors import SettingsError
 from dicomflow.pacs import connection
 from dicomflow.pacs.connection import parse_address
+from dicomflow.pacs.listener import Listener
 from dicomflow.pacs.pull import instance_path, pull_studies, write_pull_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +300,172 @@ def test_a_broken_qido_json_item_does_not_end_the_pull(tmp_path):
     with Hostile(Pacs(study, listed, wado)) as server:
         result = pull(server.url, tmp_path)
     assert result.fetched == 1
+
+
+# --- listen: hostile DICOM peers ------------------------------------------------------------------------
+
+LISTENER_AET, MODALITY_AET = "DICOMFLOW", "MODALITY"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def raw_associate(port: int, calling: bytes, called: bytes) -> int:
+    """An A-ASSOCIATE-RQ written byte by byte (so that any AE title, padding or control characters
+    included, can be sent); the PDU type answered: 2 accepted, 3 rejected."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1") + _item(0x40, b"1.2.840.10008.1.2"))
+    body = (struct.pack(">HH", 1, 0) + called.ljust(16)[:16] + calling.ljust(16)[:16] + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
+            + _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4")))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+        answer = connection.recv(1)
+        with contextlib.suppress(OSError):  # abort politely: A-ABORT
+            connection.sendall(struct.pack(">BBI", 7, 0, 4) + bytes(4))
+    return answer[0]
+
+
+@pytest.fixture
+def listener(tmp_path):
+    """A listener with no model (what it receives is scored as failed) and nowhere reachable to send:
+    these attacks are on what it takes in."""
+    made = []
+
+    def make(**settings) -> Listener:
+        created = Listener(spool=tmp_path / "spool", destination=parse_address("dicom://DEST@127.0.0.1:9", {}),
+                           model=None, model_name="m", model_version="1", allow=[MODALITY_AET],
+                           ae_title=LISTENER_AET, port=0, **settings).start()
+        made.append(created)
+        return created
+
+    yield make
+    for each in made:
+        each.stop(grace_s=2)
+
+
+def image(path: Path, **attributes) -> Path:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(study=study, series=series, sop=sop, rows=attributes.pop("rows", 8))))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def c_store(port: int, datasets: list, *, calling: str = MODALITY_AET, called: str = LISTENER_AET) -> list[int] | None:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
+    association = ae.associate("127.0.0.1", port, ae_title=called)
+    if not association.is_established:
+        return None
+    try:
+        return [int(association.send_c_store(each).Status) for each in datasets]
+    finally:
+        association.release()
+
+
+@pytest.mark.parametrize("calling, called, accepted", [
+    (b"MODALITY", b"DICOMFLOW", True),
+    (b"MODALITY  ", b"DICOMFLOW ", True),  # trailing spaces are padding (PS3.5 6.2)
+    (b"INTRUDER", b"DICOMFLOW", False),
+    (b"MODALITY", b"SOMEONEELSE", False),
+    (b"MODALITY\x1b[2J", b"DICOMFLOW", False),
+    (b"MODALIT\nY", b"DICOMFLOW", False),
+    (b"\\MODALITY", b"DICOMFLOW", False),
+    (b"MODALITY", b"DICOMFLOW\x1b]0;", False),
+], ids=["allowed", "padded", "not-allowed", "wrong-called", "ansi", "newline", "backslash", "ansi-called"])
+def test_association_is_refused_unless_both_ae_titles_match_and_logs_hold_no_control_characters(
+        listener, calling, called, accepted, caplog):
+    caplog.set_level(logging.INFO)
+    server = listener()
+    answer = raw_associate(server.port, calling, called)
+    # 2: accepted; 3: rejected (an AE title not allowed); 7: aborted (one DICOM forbids: control characters)
+    assert answer == 2 if accepted else answer in (3, 7)
+    logged = caplog.text
+    assert "\x1b" not in logged and "\nY" not in logged
+    if answer == 3:
+        assert server.counts["refused_associations"] == 1
+    assert not list((server.spool.root / "received").iterdir())
+
+
+def test_odd_ae_titles_are_refused_when_the_listener_is_set_up():
+    for title in ("MOD\x1bX", "MOD\nX", "MOD\\X", "MÖD"):
+        with pytest.raises(SettingsError, match="AE title"):
+            Listener(spool=Path("unused"), destination=None, model=None, model_name="m", model_version="1",
+                     allow=[title], ae_title=LISTENER_AET)
+
+
+def test_an_instance_larger_than_the_limit_is_refused_with_a_failure_status_and_never_spooled(listener, tmp_path):
+    server = listener(max_instance_mib=1)
+    big = pydicom.dcmread(image(tmp_path / "big.dcm", rows=2048))  # 4 MiB of pixels
+    small = pydicom.dcmread(image(tmp_path / "small.dcm"))
+    assert c_store(server.port, [big, small, big]) == [0xA701, 0x0000, 0xA701]
+    assert server.counts["too_large"] == 2 and server.counts["received"] == 1
+    spooled = [path for path in server.spool.root.rglob("*") if path.is_file() and path.suffix == ".dcm"]
+    assert all(path.stat().st_size < 1024 ** 2 for path in spooled)
+    assert not server._too_large  # nothing left marked
+
+
+def test_a_limit_not_above_zero_is_refused():
+    with pytest.raises(SettingsError, match="max-instance-mib"):
+        Listener(spool=Path("unused"), destination=None, model=None, model_name="m", model_version="1",
+                 allow=[MODALITY_AET], max_instance_mib=0)
+
+
+def test_values_shaped_like_paths_or_escapes_reach_no_file_name_csv_cell_or_log(listener, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = listener()
+    hostile = pydicom.dcmread(image(tmp_path / "hostile.dcm"))
+    evil = "../../../../tmp/x\n\x1b[31m"
+    hostile.SOPInstanceUID = hostile.file_meta.MediaStorageSOPInstanceUID = evil
+    hostile.PatientName, hostile.PatientID, hostile.AccessionNumber = "EVIL\n\x1b[2J^X", "../../etc", "A\r\nB"
+    assert c_store(server.port, [hostile]) == [0x0000]
+    assert server.wait_until_idle(60)
+    names = [path.name for path in server.spool.root.rglob("*")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+", name) for name in names), names
+    assert not (tmp_path / "x").exists() and not Path("/tmp/x\n\x1b[31m").exists()
+    with (server.spool.root / "outcomes.csv").open(newline="") as handle:
+        cells = [cell for row in csv.reader(handle) for cell in row]
+    assert not any(char in cell for cell in cells for char in "\n\r\x1b") and not any("../" in c for c in cells)
+    # pydicom's records (of both ends here) are withheld by dicomflow.runtime.log_privacy in the command.
+    logged = "\n".join(record.getMessage() for record in caplog.records if not record.name.startswith("pydicom"))
+    assert "\x1b" not in logged and "../" not in logged and "EVIL" not in logged
+
+
+def test_a_non_image_sop_class_gets_no_presentation_context(listener):
+    server = listener()
+    ae = AE(ae_title=MODALITY_AET)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11", ExplicitVRLittleEndian)  # Basic Text SR
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
+    association = ae.associate("127.0.0.1", server.port, ae_title=LISTENER_AET)
+    try:
+        assert [str(cx.abstract_syntax) for cx in association.accepted_contexts] == [SC]
+    finally:
+        association.release()
+
+
+def test_a_truncated_data_set_is_taken_and_the_next_one_still_is(listener, tmp_path):
+    server = listener()
+    good = pydicom.dcmread(image(tmp_path / "good.dcm"))
+    broken = pydicom.dcmread(image(tmp_path / "broken.dcm"))
+    broken.PixelData = broken.PixelData[:10]  # shorter than Rows x Columns says
+    assert c_store(server.port, [broken, good]) == [0x0000, 0x0000]
+    assert server.wait_until_idle(60) and server.counts["failed"] == 2  # no model: both fail, neither sinks it
+
+
+def test_more_associations_than_the_limit_at_once_are_refused(listener):
+    server = listener()
+    held = []
+    try:
+        for _ in range(server.max_associations):
+            ae = AE(ae_title=MODALITY_AET)
+            ae.add_requested_context(SC, ExplicitVRLittleEndian)
+            held.append(ae.associate("127.0.0.1", server.port, ae_title=LISTENER_AET))
+        assert all(each.is_established for each in held)
+        assert raw_associate(server.port, b"MODALITY", b"DICOMFLOW") == 3
+    finally:
+        for each in held:
+            each.release()
