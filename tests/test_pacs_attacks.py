@@ -5,14 +5,18 @@ attack fails."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import csv
 import logging
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -469,3 +473,142 @@ def test_more_associations_than_the_limit_at_once_are_refused(listener):
     finally:
         for each in held:
             each.release()
+
+
+# --- credentials --------------------------------------------------------------------------------------
+
+
+def test_a_secret_file_open_to_others_is_refused_and_a_private_one_read(tmp_path):
+    token = tmp_path / "token"
+    token.write_text(SECRET + "\n")
+    token.chmod(0o644)
+    with pytest.raises(SettingsError, match="open to group or others") as raised:
+        parse_address("https://pacs.example.org/dicom-web", {connection.TOKEN_FILE_ENV: str(token)})
+    assert SECRET not in str(raised.value) and "\n" not in str(raised.value)
+    token.chmod(0o600)
+    assert parse_address("https://pacs.example.org/dicom-web", {connection.TOKEN_FILE_ENV: str(token)}).token == SECRET
+
+
+@pytest.mark.parametrize("address", ["http://10.1.2.3/dicom-web", "http://pacs.example.org:8042/dicom-web",
+                                     "dicom://PACS@192.168.0.9:104"])
+def test_credentials_over_plain_http_or_dicom_beyond_loopback_are_refused(address):
+    with pytest.raises(SettingsError, match="refusing to send PACS credentials") as raised:
+        parse_address(address, {connection.USERNAME_ENV: "ai", connection.PASSWORD_ENV: SECRET})
+    assert SECRET not in str(raised.value)
+
+
+def echo_credentials(handler) -> None:
+    """A PACS that answers 401 and quotes the request's Authorization header back, in its reason phrase
+    and its body (as some debugging proxies do)."""
+    echoed = handler.headers.get("Authorization", "")
+    length = int(handler.headers.get("Content-Length") or 0)
+    if length:
+        handler.rfile.read(length)
+    send_bytes(handler, f"denied for {echoed}".encode(), "text/plain", 401, f"Unauthorized {echoed}")
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith("DICOMFLOW_") and key not in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                                                  "https_proxy")}
+    environ.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "dicomflow", *args], capture_output=True, text=True, cwd=cwd,
+                          env=environ, timeout=300)
+
+
+def secrets_in(text: str) -> list[str]:
+    encoded = base64.b64encode(f"ai:{SECRET}".encode()).decode()
+    return [secret for secret in (SECRET, encoded) if secret in text]
+
+
+@pytest.mark.slow
+def test_no_password_or_token_shows_on_refused_connections_tls_failures_or_echoing_peers(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"accession_number,label\n{ACCESSION},1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    basic = {connection.USERNAME_ENV: "ai", connection.PASSWORD_ENV: SECRET}
+    token = {connection.TOKEN_ENV: SECRET}
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    image(objects / "a.dcm")
+
+    class Echo(Hostile):
+        def __init__(self) -> None:
+            super().__init__(echo_credentials)
+            self.server.RequestHandlerClass.do_POST = self.server.RequestHandlerClass.do_GET
+
+    with Echo() as echo:
+        runs = {
+            "refused": run_cli("pacs", "pull", "--from", f"http://127.0.0.1:{closed}/dicom-web", "--labels",
+                               str(labels), "--out", "out", "--report", "r1.csv", env=basic, cwd=tmp_path),
+            "tls": run_cli("pacs", "pull", "--from", f"https://127.0.0.1:{echo.port}/dicom-web", "--labels",
+                           str(labels), "--out", "out", "--report", "r2.csv", env=token, cwd=tmp_path),
+            "echo-pull": run_cli("pacs", "pull", "--from", echo.url, "--labels", str(labels), "--out", "out",
+                                 "--report", "r3.csv", env=basic, cwd=tmp_path),
+            "echo-push": run_cli("pacs", "push", str(objects), "--to", echo.url, "--attempts", "1", "--report",
+                                 "r4.csv", env=token, cwd=tmp_path),
+            "dimse-refused": run_cli("pacs", "push", str(objects), "--to", f"dicom://PACS@127.0.0.1:{closed}",
+                                     "--attempts", "1", "--report", "r5.csv", env=basic, cwd=tmp_path),
+        }
+        assert any(auth for _, auth in echo.requests)  # the peer did get them, and echoed them
+    for name, run in runs.items():
+        assert run.returncode != 0, name
+        assert not secrets_in(run.stdout + run.stderr), (name, run.stderr)
+        assert "Traceback" not in run.stderr, (name, run.stderr)
+    for report in tmp_path.glob("r*.csv"):
+        assert not secrets_in(report.read_text()), report.name
+
+
+# --- predict --dicom-out: odd sources, a planted link ------------------------------------------------------
+
+
+def charset_source(charset, name: str) -> pydicom.Dataset:
+    """A single-frame source, read back from its bytes, with ``name`` in ``charset``."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(study=generate_uid(), series=generate_uid(), sop=generate_uid())))
+    ds.SpecificCharacterSet = charset
+    ds.PatientName, ds.PatientID, ds.AccessionNumber = name, "ID\u00fc-1", "A1"
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.StudyID = "", "O", "20200101", "120000", "1"
+    ds.ReferringPhysicianName = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("charset, name", [
+    ("ISO_IR 100", "M\u00fcller^J\u00fcrgen"),
+    ("ISO_IR 192", "\u5c71\u7530^\u592a\u90ce"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"),
+    (["ISO 2022 IR 6", "ISO 2022 IR 100"], "M\u00fcller^J\u00fcrgen\n\x1b[2J"),
+], ids=["latin1", "utf8", "iso2022-japanese", "iso2022-latin1-escapes"])
+def test_the_results_keep_the_patients_name_whatever_its_character_set(charset, name):
+    from dicomflow.serving.dicom_results import Finding, probability_segmentation, structured_report, utf8_source
+
+    source = utf8_source(charset_source(charset, name))
+    report = structured_report(source, Finding("binary", (0, 1), 1, 0.9, 0.5), model_name="m", model_version="1")
+    segmentation = probability_segmentation(source, np.zeros((8, 8), np.float32), model_name="m", model_version="1",
+                                            label="Grad-CAM class 1")
+    for dataset in (report, segmentation):
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+        assert str(back.PatientName) == name
+        assert str(back.PatientID) == "ID\u00fc-1"
+
+
+def test_a_link_planted_under_an_objects_name_is_not_followed(tmp_path):
+    from dicomflow.serving.dicom_results import write_new
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(study=generate_uid(), series=generate_uid(), sop=generate_uid())))
+    planted = out / f"{dataset.SOPInstanceUID}.dcm"
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_new(planted, dataset)
+    assert victim.read_text() == "keep me" and planted.is_symlink()
+    fresh = write_new(out / "fresh.dcm", dataset)
+    assert pydicom.dcmread(fresh).SOPInstanceUID == dataset.SOPInstanceUID
