@@ -2,6 +2,7 @@
 
     dicomflow listen --allow AET [--allow AET ...] --to ADDRESS [--ae-title DICOMFLOW] [--host 127.0.0.1]
                      [--port 11112] [--spool .dicomflow/spool] [--model URI] [--batch 16] [--queue 256]
+                     [--max-instance-mib 1024]
 
 A modality or a PACS sends images (C-STORE) to this AE title; each instance is written whole to the
 spool (:mod:`dicomflow.pacs.spool`) before its success status goes back, scored in batches by the
