@@ -346,7 +346,7 @@ def listener(tmp_path):
 
     yield make
     for each in made:
-        each.stop(grace_s=2)
+        each.stop(grace_s=0.5)
 
 
 def image(path: Path, **attributes) -> Path:
@@ -612,3 +612,35 @@ def test_a_link_planted_under_an_objects_name_is_not_followed(tmp_path):
     assert victim.read_text() == "keep me" and planted.is_symlink()
     fresh = write_new(out / "fresh.dcm", dataset)
     assert pydicom.dcmread(fresh).SOPInstanceUID == dataset.SOPInstanceUID
+
+
+def test_a_c_find_peer_answering_other_or_malformed_studies_gets_none_of_them_fetched(tmp_path):
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    asked, other = generate_uid(), generate_uid()
+    asked_levels = []
+
+    def on_find(event):
+        identifier = event.identifier
+        asked_levels.append((str(identifier.QueryRetrieveLevel), str(identifier.get("StudyInstanceUID", ""))))
+        if identifier.QueryRetrieveLevel != "STUDY":
+            yield 0x0000, None  # no series: the study row says so
+            return
+        for study, accession in ((asked, ACCESSION), (other, "SOMEONE-ELSE"), ("../../1.2", ACCESSION),
+                                 ("1.2.3\n\x1b[2J", ACCESSION)):
+            answer = pydicom.Dataset()
+            answer.QueryRetrieveLevel, answer.StudyInstanceUID, answer.AccessionNumber = "STUDY", study, accession
+            yield 0xFF00, answer
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        result = pull(f"dicom://PACS@127.0.0.1:{server.server_address[1]}", tmp_path)
+    finally:
+        server.shutdown()
+    assert [row.study_instance_uid for row in result.rows if row.study_instance_uid] == [asked]
+    assert [study for level, study in asked_levels if level != "STUDY"] == [asked]
+    assert any("malformed Study Instance UID" in row.reason for row in result.rows)
+    assert "\x1b" not in result.summary() and all("\x1b" not in row.reason for row in result.rows)
