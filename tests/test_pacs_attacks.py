@@ -408,6 +408,7 @@ def test_an_instance_larger_than_the_limit_is_refused_with_a_failure_status_and_
     small = pydicom.dcmread(image(tmp_path / "small.dcm"))
     assert c_store(server.port, [big, small, big]) == [0xA701, 0x0000, 0xA701]
     assert server.counts["too_large"] == 2 and server.counts["received"] == 1
+    assert server.counts["cut_off"] == 2  # dropped while arriving: memory held no more than the limit
     spooled = [path for path in server.spool.root.rglob("*") if path.is_file() and path.suffix == ".dcm"]
     assert all(path.stat().st_size < 1024 ** 2 for path in spooled)
     assert not server._too_large  # nothing left marked
@@ -644,3 +645,26 @@ def test_a_c_find_peer_answering_other_or_malformed_studies_gets_none_of_them_fe
     assert [study for level, study in asked_levels if level != "STUDY"] == [asked]
     assert any("malformed Study Instance UID" in row.reason for row in result.rows)
     assert "\x1b" not in result.summary() and all("\x1b" not in row.reason for row in result.rows)
+
+
+@pytest.mark.parametrize("status", [200, 409])
+def test_a_stow_answer_that_never_ends_fails_the_push_in_one_line(tmp_path, monkeypatch, status):
+    from dicomflow.pacs.push import store_objects
+
+    monkeypatch.setattr(connection, "MAX_ANSWER_BYTES", 1024 ** 2)
+    objects = [image(tmp_path / f"{n}.dcm") for n in range(2)]
+
+    def endless(handler):
+        handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/dicom+json")
+        handler.end_headers()
+        handler.wfile.write(b'{"00081199": {"vr": "SQ", "Value": [')
+        for _ in range(50 * 16):
+            handler.wfile.write(b" " * 65536)
+
+    with Hostile(endless) as server:
+        server.server.RequestHandlerClass.do_POST = server.server.RequestHandlerClass.do_GET
+        outcomes = store_objects(parse_address(server.url, {}), objects, attempts=1, backoff_s=0.0)
+    assert [outcome.stored for outcome in outcomes] == [False, False]
+    assert all("answer too large" in outcome.detail for outcome in outcomes), [o.detail for o in outcomes]

@@ -370,7 +370,9 @@ class Listener:
         command = getattr(message, "command_set", None)
         key = (id(event.assoc), getattr(command, "MessageID", None))
         with self._lock:
-            self._too_large.add(key)
+            if key not in self._too_large:
+                self._too_large.add(key)
+                self.counts["cut_off"] += 1  # instances whose bytes were dropped as they came
         data_set.seek(0)
         data_set.truncate()
 
