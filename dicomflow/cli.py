@@ -482,6 +482,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--batch", type=int, default=16, help="images scored together (default 16)")
     command.add_argument("--queue", type=int, default=256,
                          help="received images waiting to be scored before senders are asked to wait (default 256)")
+    command.add_argument("--max-instance-mib", type=float, default=1024.0,
+                         help="the largest instance taken, in MiB; a larger one is refused (C-STORE 0xA701) and "
+                         "never written (default 1024)")
     command.set_defaults(handler=listen)
 
     command = commands.add_parser("team-server", help="the team's MLflow server, with authentication")
@@ -611,7 +614,8 @@ def listen(args: argparse.Namespace) -> int:
                                                    describe_task(model.metadata.metadata or {}))
         listener = Listener(spool=args.spool, destination=destination, model=model, model_name=name,
                             model_version=version, allow=args.allow, ae_title=args.ae_title, host=args.host,
-                            port=args.port, batch=args.batch, queue=args.queue, ssl_context=ssl_context)
+                            port=args.port, batch=args.batch, queue=args.queue, ssl_context=ssl_context,
+                            max_instance_mib=args.max_instance_mib)
         run_until_signalled(listener)
     return 0
 

@@ -289,6 +289,7 @@ def test_addresses_are_read_with_their_defaults():
 def test_credentials_come_from_the_environment_and_never_show(tmp_path):
     secret = tmp_path / "password"
     secret.write_text("s3cret-from-file\n")
+    secret.chmod(0o600)  # a secret's file open to others is refused (tests/test_pacs_attacks.py)
     address = parse_address("https://pacs.example.org/dicom-web",
                             {"DICOMFLOW_PACS_USERNAME": "ai", "DICOMFLOW_PACS_PASSWORD_FILE": str(secret)})
     assert address.password == "s3cret-from-file"

@@ -12,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import ssl
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import requests
 
 from dicomflow.errors import DicomflowError, SettingsError
 
@@ -48,6 +52,9 @@ ENVIRONMENT = {
 DICOMWEB, DIMSE = "dicomweb", "dimse"
 DIMSE_DEFAULT_PORT = 104
 HTTP_TIMEOUT_S = 60.0
+# The most bytes one HTTP answer may carry (a WADO-RS instance, a QIDO-RS page): a peer that sends
+# more, or never stops, is cut off there instead of filling this process's memory.
+MAX_ANSWER_BYTES = 2 * 1024 ** 3
 DIMSE_TIMEOUT_S = 60.0
 # Libraries whose INFO and DEBUG records quote UIDs and query keys (dicomweb-client logs every
 # URL it fetches; pynetdicom every identifier it sends at DEBUG).
@@ -57,6 +64,11 @@ CHATTY_LOGGERS = ("dicomweb_client", "pynetdicom")
 class PacsError(DicomflowError):
     """The PACS cannot be reached, or refused us; the message says which and what to do, never a
     credential or a study's identifier."""
+
+
+class AnswerTooLarge(requests.exceptions.RequestException):
+    """An HTTP answer went past :data:`MAX_ANSWER_BYTES` (raised while it is read): a
+    ``requests`` failure like a reset connection, so that every caller's handling applies."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +135,19 @@ def _secret(environ: Mapping[str, str], name: str, file_name: str) -> str | None
     if path is None:
         return value
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # The mode of the file as opened, so that it cannot change between the check and the read
+        # (as dicomflow.signing does for private keys).
+        with open(path, "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
+            if mode & 0o077:
+                raise SettingsError(f"{file_name}: the secret's file is open to group or others (mode "
+                                    f"{stat.S_IMODE(mode):04o}); run `chmod 600` on it")
+            text = stream.read().decode("utf-8")
     except OSError as err:
         raise SettingsError(f"{file_name} names a file that cannot be read ({err.strerror}); "
                             "point it at a readable file holding only the secret") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"the file {file_name} names is not UTF-8 text; write the secret into it as text") from None
     secret = text.strip("\r\n")
     if not secret:
         raise SettingsError(f"the file {file_name} names is empty; write the secret into it")
@@ -266,7 +287,47 @@ def http_session(address: PacsAddress):
     if address.client_cert:
         session.cert = (str(address.client_cert), str(address.client_key)) if address.client_key \
             else str(address.client_cert)
+    session.hooks["response"].append(_capped)
     return session
+
+
+class _CappedRaw:
+    """A response's raw stream that raises :class:`AnswerTooLarge` past :data:`MAX_ANSWER_BYTES`."""
+
+    def __init__(self, raw, limit: int) -> None:
+        self._raw, self._limit, self._read = raw, limit, 0
+
+    def stream(self, amount: int = 2 ** 16, decode_content: bool | None = None):
+        for chunk in self._raw.stream(amount, decode_content=decode_content):
+            self._read += len(chunk)
+            if self._read > self._limit:
+                self._raw.close()
+                raise AnswerTooLarge(f"the answer is larger than {self._limit // 1024 ** 2} MiB")
+            yield chunk
+
+    def read(self, amount: int | None = None, *args, **kwargs) -> bytes:
+        data = self._raw.read(amount if amount is not None else self._limit + 1, *args, **kwargs)
+        self._read += len(data)
+        if self._read > self._limit:
+            self._raw.close()
+            raise AnswerTooLarge(f"the answer is larger than {self._limit // 1024 ** 2} MiB")
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+
+def _capped(response, *args, **kwargs):
+    """requests' response hook (run before the body is read): a declared length past the cap is
+    refused at once, and the body is cut off where it passes the cap (a peer that never stops)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        response.close()
+        raise AnswerTooLarge(f"the answer declares {int(declared) // 1024 ** 2} MiB, more than "
+                             f"{MAX_ANSWER_BYTES // 1024 ** 2}")
+    if response.raw is not None and not isinstance(response.raw, _CappedRaw):
+        response.raw = _CappedRaw(response.raw, MAX_ANSWER_BYTES)
+    return response
 
 
 def _system_ca_file() -> str | None:
@@ -297,9 +358,19 @@ def http_failure(err: BaseException) -> str:
     ``connection refused``, ``timed out``..."""
     import requests
 
+    from http import HTTPStatus
+
+    if isinstance(err, AnswerTooLarge):
+        return f"answer too large ({err})"
     response = getattr(err, "response", None)
     if response is not None:
-        return f"HTTP {response.status_code} {response.reason or ''}".strip()
+        # The standard phrase, never the peer's: a reason phrase (like a body) is the peer's text and
+        # may quote the patient or study it did not find.
+        try:
+            phrase = HTTPStatus(response.status_code).phrase
+        except ValueError:
+            phrase = ""
+        return f"HTTP {response.status_code} {phrase}".strip()
     if isinstance(err, requests.exceptions.SSLError):
         return "TLS handshake failed (check DICOMFLOW_PACS_CA_BUNDLE and the client certificate)"
     if isinstance(err, requests.exceptions.Timeout):

@@ -2,6 +2,7 @@
 
     dicomflow listen --allow AET [--allow AET ...] --to ADDRESS [--ae-title DICOMFLOW] [--host 127.0.0.1]
                      [--port 11112] [--spool .dicomflow/spool] [--model URI] [--batch 16] [--queue 256]
+                     [--max-instance-mib 1024]
 
 A modality or a PACS sends images (C-STORE) to this AE title; each instance is written whole to the
 spool (:mod:`dicomflow.pacs.spool`) before its success status goes back, scored in batches by the
@@ -31,6 +32,7 @@ read from an instance, a UID or a path of the spool's files.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import signal
@@ -52,6 +54,10 @@ logger = logging.getLogger("dicomflow.listen")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources": the sender keeps the instance and retries
+# An instance larger than max_instance_mib: "Refused: Out of Resources" too (this listener will not
+# hold it), a code of its own so that a sender's log tells it from a full queue.
+TOO_LARGE = 0xA701
+DEFAULT_MAX_INSTANCE_MIB = 1024.0
 PROCESSING_FAILURE = 0xC000
 MAX_PDU_BYTES = 1 << 20  # the largest PDU we accept (see Listener.start)
 # The transfer syntaxes accepted, in the order the listener prefers them when a sender offers several
@@ -167,6 +173,12 @@ class Listener:
     retry_s, retry_cap_s : float
         The sender's first wait after a destination failed to store, doubled after each failure
         in a row, capped.
+    max_instance_mib : float, default=1024
+        The largest instance taken (its data set, in MiB). A larger one is answered *Refused: Out
+        of Resources* (0xA701) and never written; while it arrives, what is past the limit is
+        dropped, so that neither memory nor the spool grows with what a sender sends.
+    max_associations : int, default=10
+        Associations open at once, at most; one more is rejected (transient: the sender tries again).
     ssl_context : ssl.SSLContext, optional
         TLS on the listening socket (pynetdicom's ``ssl_context``): see docs/listener.md.
     store : callable, optional
@@ -176,14 +188,16 @@ class Listener:
     Raises
     ------
     SettingsError
-        An empty ``allow``, a ``batch`` or ``queue`` below 1, or a volume model.
+        An empty ``allow``, a ``batch`` or ``queue`` below 1, a ``max_instance_mib`` not above 0,
+        an AE title that is not one, or a volume model.
     """
 
     def __init__(self, *, spool: Path, destination: Any, model, model_name: str, model_version: str,
                  allow: list[str], ae_title: str = "DICOMFLOW", host: str = "127.0.0.1", port: int = 11112,
                  batch: int = 16, queue: int = 256, wait_s: float = 10.0, fill_s: float = 0.2,
                  retry_s: float = 1.0, retry_cap_s: float = 60.0, ssl_context: ssl.SSLContext | None = None,
-                 store: Callable[..., list] | None = None) -> None:
+                 store: Callable[..., list] | None = None,
+                 max_instance_mib: float = DEFAULT_MAX_INSTANCE_MIB, max_associations: int = 10) -> None:
         allowed = [title.strip() for title in allow if title.strip()]
         if not allowed:
             raise SettingsError("listen: no calling AE title allowed; give --allow AET for each modality or PACS "
@@ -194,9 +208,16 @@ class Listener:
         if metadata.get("volume"):
             raise SettingsError(f"listen: {model_name} version {model_version} scores CT series, and the listener "
                                 "answers images one by one; give an image model with --model")
+        if max_associations < 1:
+            raise SettingsError(f"listen: --max-associations {max_associations} must be at least 1")
+        if not max_instance_mib > 0:
+            raise SettingsError(f"listen: --max-instance-mib {max_instance_mib} must be above 0")
         for title in (*allowed, ae_title):
             if len(title) > 16:
                 raise SettingsError(f"listen: AE title {title!r} has {len(title)} characters; DICOM allows 16")
+            if "\\" in title or not title.isprintable() or not title.isascii():
+                raise SettingsError(f"listen: AE title {title!r} is not one: printable ASCII characters, no "
+                                    "backslash")
         self.spool = Spool(spool)
         self.destination = destination
         self.model, self.model_name, self.model_version = model, model_name, model_version
@@ -205,6 +226,9 @@ class Listener:
         self.retry_s, self.retry_cap_s = retry_s, retry_cap_s
         self.ssl_context = ssl_context
         self._store = store
+        self.max_instance_bytes = int(max_instance_mib * 1024 ** 2)
+        self.max_associations = max_associations
+        self._too_large: set[tuple[int, int | None]] = set()  # (association, message ID) cut off while arriving
         self.counts: Counter[str] = Counter()  # received, scored, failed, out_of_resources, waited, sent, ...
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # the queue and the count of instances not yet scored
@@ -246,8 +270,10 @@ class Listener:
                          threading.Thread(target=self._send_loop, name="dicomflow-listen-send", daemon=True)]
         for thread in self._threads:
             thread.start()
-        # pynetdicom's INFO records narrate each association and message; ours give the counts.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # pynetdicom's INFO records narrate each association and message, and its WARNING and ERROR
+        # ones quote what a peer sent as it sent it (a non-conformant SOP Instance UID, an AE title
+        # with control characters): ours give the counts, AE titles in repr.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         ae = AE(ae_title=self.ae_title)
         # Senders cut each instance into PDUs no larger than what we announce; pynetdicom's default
         # (16 KiB) makes a 2 MiB radiograph 128 PDUs, each handled in Python: receiving was most of
@@ -255,11 +281,13 @@ class Listener:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.require_calling_aet = self.allow
         ae.require_called_aet = True
+        ae.maximum_associations = self.max_associations
         for sop_class in image_storage_classes():
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)  # C-ECHO: a modality's connection test
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
+                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed),
+                    (evt.EVT_DATA_RECV, self._on_data)]
         self._ae = ae
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
@@ -336,9 +364,39 @@ class Listener:
 
     # --- receiving (association threads) ----------------------------------------------------------
 
+    def _on_data(self, event) -> None:
+        """Each PDU as it arrives (pynetdicom's reading thread, the one that then decodes it into
+        the message): a C-STORE whose data set has passed :attr:`max_instance_bytes` is marked too
+        large and its bytes so far dropped, so that memory holds at most the limit and one PDU."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        data_set = getattr(message, "data_set", None)
+        if not isinstance(data_set, io.BytesIO) or data_set.tell() <= self.max_instance_bytes:
+            return
+        command = getattr(message, "command_set", None)
+        key = (id(event.assoc), getattr(command, "MessageID", None))
+        with self._lock:
+            if key not in self._too_large:
+                self._too_large.add(key)
+                self.counts["cut_off"] += 1  # instances whose bytes were dropped as they came
+        data_set.seek(0)
+        data_set.truncate()
+
+    def _refuse_too_large(self, event, tally: Counter) -> int:
+        with self._lock:
+            self.counts["too_large"] += 1
+        tally["too_large"] += 1
+        logger.warning("refused an instance from AE title %r: larger than --max-instance-mib %g (answered 0x%04X)",
+                       str(event.assoc.requestor.ae_title).strip(), self.max_instance_bytes / 1024 ** 2, TOO_LARGE)
+        return TOO_LARGE
+
     def _on_store(self, event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         tally = self._per_association.setdefault(id(event.assoc), Counter())
+        with self._lock:
+            cut_off = (id(event.assoc), getattr(event.request, "MessageID", None)) in self._too_large
+            self._too_large.discard((id(event.assoc), getattr(event.request, "MessageID", None)))
+        if cut_off:
+            return self._refuse_too_large(event, tally)
         with self._room:
             self._writing += 1
             if self._unscored >= self.queue:
@@ -358,7 +416,14 @@ class Listener:
             self._unscored += 1  # the room is taken before the write, so that the bound holds
             self.peak_unscored = max(self.peak_unscored, self._unscored)
         try:
-            path = self.spool.receive(Spool.new_name(calling), event.encoded_dataset())
+            encoded = event.encoded_dataset()
+            if len(encoded) > self.max_instance_bytes:
+                with self._room:
+                    self._unscored -= 1
+                    self._writing -= 1
+                    self._room.notify_all()
+                return self._refuse_too_large(event, tally)
+            path = self.spool.receive(Spool.new_name(calling), encoded)
         except Exception as err:  # noqa: BLE001  a full disk or a bug: the sender keeps it, tries later
             with self._room:
                 self._unscored -= 1
@@ -393,6 +458,8 @@ class Listener:
         logger.warning("refused an association from AE title %r: %s (%d refused so far)", calling, why, refused)
 
     def _on_closed(self, event) -> None:
+        with self._lock:
+            self._too_large = {key for key in self._too_large if key[0] != id(event.assoc)}
         tally = self._per_association.pop(id(event.assoc), None)
         if tally:
             logger.info("association from %s %s: %d instances received, %d answered Out of Resources",

@@ -91,6 +91,15 @@ SOP_CLASSES_PER_ASSOCIATION = (MAX_CONTEXTS - 1) // CONTEXTS_PER_SOP_CLASS  # on
 WILDCARDS = ("*", "?", "\\")  # matching characters of C-FIND and QIDO-RS
 QIDO_PAGE = 500  # results asked for per QIDO-RS request
 DATE = re.compile(r"^\d{8}$")
+# A UID as a PACS may give it (leading zeros tolerated, as permissive_uid does): digits and single
+# dots, 64 characters at most. Anything else (a "/", "..", a newline) is refused before it goes
+# into a WADO-RS path, a C-GET identifier or the report.
+UID = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+
+
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is shaped like a DICOM UID (see :data:`UID`)."""
+    return len(value) <= 64 and bool(UID.match(value))
 
 
 @dataclass(frozen=True)
@@ -356,6 +365,13 @@ def _find(backend: _Backend, out: Path, *, keys: Sequence[str], key: str,
             rows.append(PullRow(kind, value, reasons=Counter({"not searched: the key holds * ? or \\": 1})))
             continue
         studies = backend.find_studies(kind, value, query)
+        malformed = [study for study in studies if not is_uid(study)]
+        studies = [study for study in studies if is_uid(study)]
+        if malformed:
+            rows.append(PullRow(kind, value, reasons=Counter(
+                {"the PACS answered a malformed Study Instance UID (not fetched)": len(malformed)})))
+        if not studies and malformed:
+            continue
         if not studies:
             what = "no study matches the query" if kind == QUERY_KEY else f"the PACS has no study with this {kind}"
             rows.append(PullRow(kind, value, reasons=Counter({f"not found: {what}": 1})))
@@ -375,6 +391,9 @@ def _find(backend: _Backend, out: Path, *, keys: Sequence[str], key: str,
             if not found:
                 row.reasons["the PACS lists no instance in this study"] += 1
             for series, sop_instance, sop_class in found:
+                if not (is_uid(series) and is_uid(sop_instance) and (not sop_class or is_uid(sop_class))):
+                    row.reasons["the PACS listed an instance with a malformed UID (not fetched)"] += 1
+                    continue
                 if sop_instance in seen_instances:  # listed twice (two series, or a PACS repeating itself)
                     continue
                 seen_instances.add(sop_instance)
@@ -408,7 +427,12 @@ class _Backend:
 # DICOMweb: QIDO-RS and WADO-RS
 
 def _json_value(item: dict, tag: str) -> str:
-    values = item.get(tag, {}).get("Value") or [""]
+    """The first value of ``tag`` in a DICOM JSON item, "" when absent or not shaped as the standard
+    says (a broken or hostile PACS): one odd item never ends the search."""
+    element = item.get(tag) if isinstance(item, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or not isinstance(values[0], (str, int, float)):
+        return ""
     return str(values[0])
 
 
@@ -454,7 +478,10 @@ class _DicomWeb(_Backend):
         else:
             filters = {"AccessionNumber" if kind == "accession_number" else "StudyInstanceUID": value}
         found = self._paged(lambda limit, offset: self.client.search_for_studies(
-            search_filters=filters, fields=["StudyInstanceUID"], limit=limit, offset=offset), study_level=True)
+            search_filters=filters, fields=["StudyInstanceUID", "AccessionNumber"], limit=limit, offset=offset),
+            study_level=True)
+        if kind == "accession_number":  # a PACS may match loosely, or answer other studies: keep the exact ones
+            found = [item for item in found if _json_value(item, "00080050") == value]
         studies = [_json_value(item, "0020000D") for item in found]
         if kind == "study_instance_uid":  # a PACS may match loosely (wildcards); keep the exact one
             studies = [study for study in studies if study == value]
@@ -463,8 +490,10 @@ class _DicomWeb(_Backend):
     def find_instances(self, study: str) -> list[tuple[str, str, str]]:
         found = self._paged(lambda limit, offset: self.client.search_for_instances(
             study_instance_uid=study, fields=["SOPClassUID"], limit=limit, offset=offset), study_level=False)
+        # An instance of another study than asked is left out (its file would be named after this one).
         return [(_json_value(item, "0020000E"), _json_value(item, "00080018"), _json_value(item, "00080016"))
-                for item in found if _json_value(item, "00080018")]
+                for item in found if _json_value(item, "00080018")
+                and _json_value(item, "0020000D") in ("", study)]
 
     def retrieve(self, instances: list[Instance],
                  whole_series: Mapping[tuple[str, str], int]) -> Iterator[tuple[Instance, str | None]]:
@@ -477,12 +506,17 @@ class _DicomWeb(_Backend):
                 with hidden_pydicom_messages():
                     ds = self.client.retrieve_instance(instance.study, instance.series, instance.sop_instance,
                                                        media_types=(("application/dicom", "*"),))
+                    if (str(ds.get("SOPInstanceUID", "")) != instance.sop_instance
+                            or str(ds.get("StudyInstanceUID", "")) != instance.study):
+                        # Written, it would stand under the asked instance's name for another object.
+                        yield instance, "WADO-RS answered another instance than the one asked for (not written)"
+                        continue
                     buffer = io.BytesIO()
                     ds.save_as(buffer, enforce_file_format=True)
             except requests.RequestException as err:
                 yield instance, f"WADO-RS {http_failure(err)}"
                 continue
-            except (ValueError, IndexError, KeyError) as err:  # an answer that is not one DICOM object
+            except Exception as err:  # noqa: BLE001  an answer that is not one DICOM object, whatever the reader says
                 yield instance, f"WADO-RS answer not readable ({type(err).__name__})"
                 continue
             write_atomically(instance.target, buffer.getvalue())
@@ -544,7 +578,10 @@ class _Dimse(_Backend):
         if query is not None:
             identifier.ModalitiesInStudy = query.modality
             identifier.StudyDate = query.date_range or ""
-        studies = [str(found.get("StudyInstanceUID", "")) for found in self._c_find(identifier, study_level=True)]
+        answers = self._c_find(identifier, study_level=True)
+        if kind == "accession_number":  # a PACS may match loosely, or answer other studies: keep the exact ones
+            answers = [found for found in answers if str(found.get("AccessionNumber", "")) == value]
+        studies = [str(found.get("StudyInstanceUID", "")) for found in answers]
         if kind == "study_instance_uid":
             studies = [study for study in studies if study == value]
         return list(dict.fromkeys(study for study in studies if study))
@@ -732,6 +769,11 @@ class _Receiver:
         target = self.targets.get(sop_instance)
         if target is None:
             return 0xA900  # not asked for: refused (Data Set does not match SOP Class)
+        try:
+            if str(event.dataset.get("SOPInstanceUID", "")) != sop_instance:
+                return 0xA900  # the object is not the one its command names: refused, not written
+        except Exception:  # noqa: BLE001  not decodable: refused
+            return 0xC000
         try:
             data = event.encoded_dataset(include_meta=True)
             write_atomically(target, data)

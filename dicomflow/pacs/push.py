@@ -194,11 +194,13 @@ def _stow_answer(response):
     """The STOW-RS response body of a failed request (409: some objects failed), when it has one."""
     import pydicom
 
-    if response is None or not response.content:
-        return None
+    import requests
+
     try:
+        if response is None or not response.content:
+            return None
         return pydicom.Dataset.from_json(response.json())
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, requests.RequestException):  # a body too large, not JSON
         return None
 
 

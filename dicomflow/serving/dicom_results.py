@@ -420,6 +420,47 @@ def probability_segmentation(source: pydicom.Dataset, probability_map: np.ndarra
     return segmentation
 
 
+def utf8_source(source: pydicom.Dataset) -> pydicom.Dataset:
+    """``source`` with its text decoded and its Specific Character Set ``ISO_IR 192`` (UTF-8) when
+    it declares several (ISO 2022 code extensions, e.g. ``\\ISO 2022 IR 87`` for Japanese names):
+    highdicom refuses such a set, and the objects copy the patient's name, which must keep its
+    characters. A single set (``ISO_IR 100``, ``ISO_IR 192``...) is kept as it is. The caller's
+    dataset is not changed.
+
+    Returns
+    -------
+    pydicom.Dataset
+        ``source`` itself, or a copy in UTF-8.
+    """
+    declared = source.get("SpecificCharacterSet")
+    if not isinstance(declared, pydicom.multival.MultiValue) or len(declared) < 2:
+        return source
+    copy = pydicom.Dataset(source)
+    copy.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
+    copy.decode()  # every text value to str, read with the declared sets
+    copy.SpecificCharacterSet = "ISO_IR 192"
+    return copy
+
+
+def write_new(target: Path, dataset: pydicom.Dataset) -> Path:
+    """``dataset`` as a new file at ``target``: refused (FileExistsError) when anything is there, a
+    symbolic link included, so that a link planted in the output folder under an object's name
+    never sends the object elsewhere. Returns ``target``."""
+    import io
+    import os
+
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(buffer.getvalue())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def segmentation_source(source: pydicom.Dataset) -> pydicom.Dataset:
     """``source`` as highdicom should see it to copy its geometry into a SEG of the same grid.
 
@@ -535,6 +576,7 @@ def _one_file(path: Path, row: Mapping, classifier, model_metadata: Mapping, set
     if number_of_frames(source) > 1:
         return DicomResult(reason=f"multi_frame: the file has {number_of_frames(source)} frames; objects are "
                            "written for single-frame images only (which frame a map shows is not recorded)")
+    source = utf8_source(source)
     missing = missing_patient_study(source)
     if missing:
         return DicomResult(reason=f"missing_patient_study: the file lacks {', '.join(missing)} (type 2: present, "
@@ -563,10 +605,14 @@ def _one_file(path: Path, row: Mapping, classifier, model_metadata: Mapping, set
         return DicomResult(reason=f"not_written: highdicom refused the source ({type(err).__name__}: "
                            f"{quoted(str(err).splitlines()[0] if str(err) else '')})")
     written = []
-    for dataset in (report, segmentation):
-        target = out_dir / f"{dataset.SOPInstanceUID}.dcm"
-        dataset.save_as(target, enforce_file_format=True)
-        written.append(target)
+    try:
+        for dataset in (report, segmentation):
+            written.append(write_new(out_dir / f"{dataset.SOPInstanceUID}.dcm", dataset))
+    except FileExistsError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        return DicomResult(reason="not_written: a file (or link) is already there under the new object's name; "
+                           "give an empty --dicom-out folder")
     return DicomResult(paths=written)
 
 
