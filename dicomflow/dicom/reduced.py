@@ -49,6 +49,11 @@ from pydicom.uid import (
 # averages two or more of them per output pixel, which keeps the result within a grey level of
 # the full path (measured: tests/test_reduced_decode.py, bench/ingest.py).
 OVERSAMPLING = 2
+JPEG2000_SPARE_LEVELS = 1
+# Mean distance of the low-pass samples beyond the window, in window widths, above which a codec's
+# reduced image is not used (half a grey level: radiographs whose window spans their data measure
+# ~0.0002, from the wavelet's overshoot at edges; CT slices with air around the body ~1).
+LOWPASS_MAX_EXCURSION = 0.5 / 255
 JPEG2000_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 JPEG_SYNTAXES = (JPEGBaseline8Bit,)
 _SOC, _SIZ, _COD, _EOC = b"\xff\x4f", 0xFF51, 0xFF52, b"\xff\xd9"
@@ -183,6 +188,13 @@ def area_mean(stored: np.ndarray, factor: int) -> np.ndarray:
     return (sums / counts).astype(np.float32)
 
 
+def window_excursion(values: np.ndarray, clip: tuple[float, float]) -> float:
+    """Mean distance of ``values`` beyond ``clip`` (low, high), in units of its width."""
+    low, high = clip
+    beyond = np.maximum(values - high, 0.0) + np.maximum(low - values, 0.0)
+    return float(beyond.mean() / (high - low)) if high > low else float("inf")
+
+
 def reduce_frame(ds: pydicom.Dataset, factor: int, decode_full: Callable[[], np.ndarray], *,
                  clip: tuple[float, float] | None = None, out: tuple[int, int] | None = None) -> ReducedFrame:
     """One single-frame image's stored values reduced by about ``factor`` (at least 2), or raise
@@ -231,7 +243,10 @@ def reduce_frame(ds: pydicom.Dataset, factor: int, decode_full: Callable[[], np.
             if grayscale and clip is None:
                 raise NotReduced("no_window")
             values, done, offset, how = (decode_jpeg2000 if syntax in JPEG2000_SYNTAXES else decode_jpeg)(ds, factor)
-            if clip is not None and (values.min() < clip[0] or values.max() > clip[1]):
+            # A low-pass sample beyond the window may have mixed clipped and unclipped pixels,
+            # which the clip after it gets wrong: where much of the image lies beyond the window
+            # (the air around a CT body: tens of grey levels off at its outline), not used.
+            if clip is not None and window_excursion(values, clip) > LOWPASS_MAX_EXCURSION:
                 raise NotReduced("window_clips")
             rest = factor // done  # what the codec's own levels did not reach, as block averages
             return ReducedFrame(area_mean(values, rest), done * rest, offset, None, how)
@@ -330,7 +345,9 @@ def decode_jpeg2000(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, 
         raise NotReduced("jpeg2000_precision")
     if samples == 3 and (ds.PhotometricInterpretation not in ("RGB", "YBR_ICT", "YBR_RCT") or header["precision"] != 8):
         raise NotReduced("jpeg2000_colour")
-    level = min(int(math.log2(factor)), header["levels"])
+    # One level shallower than the factor allows: the low-pass samples are centred, not block
+    # means, and twice as many of them per output pixel keep the fitting within a grey level.
+    level = max(0, min(int(math.log2(factor)) - JPEG2000_SPARE_LEVELS, header["levels"]))
     image = Image.open(io.BytesIO(codestream))
     image.reduce = level  # OpenJPEG's cp_reduce: decode up to this level
     image.load()

@@ -1,0 +1,136 @@
+"""ingest.decode: reduced against the full path, on real files: pydicom's test files of every
+transfer syntax that decodes, and the clinical-size corpus (bench/clinical_corpus.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import JPEG2000Lossless
+
+from bench.clinical_corpus import write_corpus
+from dicomflow.dicom.display import PixelSettings, read_image
+from dicomflow.dicom.ingestion import decode_counts, ingest_file
+from dicomflow.dicom.reading import Quarantined
+from dicomflow.dicom.reduced import area_mean, box_sums, decode_jpeg2000
+
+FULL = PixelSettings(size=64)
+REDUCED = dataclasses.replace(FULL, decode="reduced")
+MAX_MEAN, MAX_P99 = 1.0, 4.0  # grey levels of 255, per image (issue 33)
+
+
+def closeness(path: Path | str) -> tuple[float, float, bool, str] | None:
+    """(mean, p99 absolute difference, decoded reduced, why not by the codec) of the uint8 pixels
+    of both modes; None
+    where the full path refuses the file or it has several frames."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds, full = read_image(io.BytesIO(Path(path).read_bytes()), FULL)
+        except Quarantined:
+            return None
+        if len(full) != 1 or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return None
+        _, reduced = read_image(io.BytesIO(Path(path).read_bytes()), REDUCED)
+    difference = np.abs(full[0].pixels.astype(np.int16) - reduced[0].pixels.astype(np.int16))
+    return float(difference.mean()), float(np.percentile(difference, 99)), reduced[0].reduced, reduced[0].full_because
+
+
+@pytest.mark.slow
+def test_pydicom_test_files_are_close_to_the_full_path():
+    checked, reduced, far = 0, 0, []
+    for path in get_testdata_files("*.dcm"):
+        found = closeness(path)
+        if found is None:
+            continue
+        checked += 1
+        reduced += found[2]
+        if found[0] > MAX_MEAN or found[1] > MAX_P99:
+            far.append((Path(path).name, found))
+    assert far == []
+    assert checked > 60 and reduced > 20  # the larger images of every syntax were reduced
+
+
+@pytest.mark.slow
+def test_clinical_corpus_is_close_to_the_full_path(tmp_path):
+    # 32: radiographs and CT slices in each of the 4 syntaxes, JPEG 2000 radiographs with and
+    # without a window (study 12: the codec's reduced levels; study 4: decoded in full, averaged).
+    files = write_corpus(tmp_path / "corpus", 32)
+    by_syntax: Counter[str] = Counter()
+    declined: Counter[str] = Counter()
+    for path in files:
+        mean, p99, reduced, why = closeness(path)
+        assert mean <= MAX_MEAN and p99 <= MAX_P99, (path.name, mean, p99)
+        assert reduced
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        by_syntax[syntax.name] += 1
+        if syntax == JPEG2000Lossless:
+            declined[why] += 1
+    assert len(by_syntax) == 4
+    # JPEG 2000: radiographs with a window at a reduced level (why ""); without one, and CT
+    # slices whose window clips the air around the body, decoded in full and averaged.
+    assert declined[""] >= 1 and declined["no_window"] >= 1 and declined["window_clips"] >= 1
+
+
+def test_block_means_of_the_fitting_are_the_box_filters():
+    """box_sums averages exactly the pixels PIL's box filter does (the full path's _resize)."""
+    from dicomflow.dicom.display import _resize
+
+    image = np.random.default_rng(0).random((250, 197)).astype(np.float32)
+    assert np.allclose(box_sums(image, (250, 64), (197, 50)), _resize(image, 64, 50), atol=1e-6)
+    whole = area_mean(image, 5)  # 197 = 39 x 5 + 2: the last column of blocks averages 2 columns
+    assert np.allclose(whole[:, :39], image[:, :195].reshape(50, 5, 39, 5).mean(axis=(1, 3)), atol=1e-6)
+    assert np.allclose(whole[:, 39], image[:, 195:].reshape(50, 5, 2).mean(axis=(1, 2)), atol=1e-6)
+    blocks = area_mean(np.arange(12, dtype=np.uint16).reshape(3, 4), 2)
+    assert blocks.tolist() == [[2.5, 4.5], [8.5, 10.5]]
+
+
+def test_pillow_jpeg2000_at_level_0_is_pydicoms_decoding():
+    """The precision and sign corrections undo exactly what Pillow's plugin does to samples."""
+    ds = pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm"))
+    values, factor, _, _ = decode_jpeg2000(ds, 1)
+    assert factor == 1
+    assert np.array_equal(values, ds.pixel_array.astype(np.int32))
+
+
+def test_a_corrupt_codestream_still_quarantines_with_its_reason(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:len(frame) // 3]])  # cut short: no EOC, tiles missing
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken)
+    reasons = []
+    for settings in (FULL, REDUCED):
+        with pytest.raises(Quarantined) as caught:
+            read_image(io.BytesIO(broken.read_bytes()), settings)
+        reasons.append((caught.value.reason, str(caught.value)))
+    assert reasons[0] == reasons[1]
+
+
+def test_a_fallback_is_counted(tmp_path):
+    """A multi-frame file takes the full path in reduced mode, and ingest counts why."""
+    source = Path(get_testdata_file("emri_small.dcm"))  # 64 x 64, 10 frames: not smaller either
+    result = ingest_file(source, data_dir=source.parent, settings=dataclasses.replace(REDUCED, size=16))
+    assert result.reason == "" and result.decode == ("full:multi_frame",)
+    counts = decode_counts(Counter(result.decode))
+    assert counts == {"decode_reduced": 0, "decode_full": 1, "decode_fallback_multi_frame": 1}
+    plain = Path(get_testdata_file("CT_small.dcm"))  # 128 x 128 to 16: averaged before the display
+    assert ingest_file(plain, data_dir=plain.parent, settings=dataclasses.replace(REDUCED, size=16)).decode \
+        == ("reduced",)
+
+
+def test_models_registered_before_the_option_decode_in_full():
+    settings = PixelSettings(size=64, decode="reduced")
+    state = pickle.dumps(settings)
+    old = pickle.loads(state.replace(b"decode", b"decodX"))  # a pickle without the field
+    assert PixelSettings(size=64).decode == "full"
+    assert getattr(old, "decode") == "full"
