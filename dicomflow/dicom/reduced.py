@@ -110,16 +110,24 @@ def box_sums(values: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -
     """The mean over each output pixel's source pixels, exactly as PIL's box filter takes them
     (``rows``, ``cols``: (source, out) of each axis), float32; None where a range is not contiguous.
 
-    Two ``np.add.reduceat`` passes: the first over the whole frame, vectorised along its rows.
+    One sum over each output row's band of source rows (vectorised along the rows: ~2 ms for
+    2500 x 2048, where ``np.add.reduceat`` along axis 0 takes 50), then the same along the
+    columns of the small result.
     """
     row_edges, col_edges = box_ranges(*rows), box_ranges(*cols)
     if row_edges is None or col_edges is None:
         return None
-    accumulator = np.int64 if values.dtype.kind in "iu" else np.float64
-    part = values[row_edges[0]:row_edges[-1]]
-    sums = np.add.reduceat(part, row_edges[:-1] - row_edges[0], axis=0, dtype=accumulator)
-    sums = np.add.reduceat(sums[:, col_edges[0]:col_edges[-1]], col_edges[:-1] - col_edges[0], axis=1,
-                           dtype=accumulator)
+    band = int(np.diff(row_edges).max())
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2 and band <= 1 << 16:
+        accumulator = np.uint32  # a band of 16-bit values fits, and adds faster than int64
+    else:
+        accumulator = np.int64 if values.dtype.kind in "iu" else np.float64
+    by_rows = np.empty((len(row_edges) - 1, *values.shape[1:]), dtype=accumulator)
+    for i, (start, end) in enumerate(zip(row_edges[:-1], row_edges[1:])):
+        np.sum(values[start:end], axis=0, dtype=accumulator, out=by_rows[i])
+    wide = np.int64 if accumulator is np.uint32 else accumulator
+    sums = np.stack([by_rows[:, start:end].sum(axis=1, dtype=wide)
+                     for start, end in zip(col_edges[:-1], col_edges[1:])], axis=1)
     counts = np.multiply.outer(np.diff(row_edges), np.diff(col_edges)).astype(np.float64)
     return (sums / (counts[..., None] if sums.ndim == 3 else counts)).astype(np.float32)
 
@@ -260,6 +268,8 @@ def reduce_frame(ds: pydicom.Dataset, factor: int, decode_full: Callable[[], np.
         raise NotReduced("frame_shape")
     # The extremes of the full frame: the display of a file without a window stretches them.
     stored_range = (float(stored.min()), float(stored.max())) if grayscale else None
+    if clip is not None and stored_range is not None and clip[0] <= stored_range[0] and stored_range[1] <= clip[1]:
+        clip = None  # nothing to clip: the window spans the frame's values
     if clip is not None:
         clipped = stored.astype(np.float32)
         np.clip(clipped, clip[0], clip[1], out=clipped)
