@@ -80,12 +80,14 @@ def decode_outcome(frame: Frame) -> str:
 def decode_counts(outcomes: Counter[str]) -> dict[str, int]:
     """The ``decode_*`` metrics from :func:`decode_outcome` counts: ``decode_reduced`` (images
     decoded at a lower resolution or averaged before the display steps), ``decode_full`` (the full
-    path), and ``decode_fallback_<reason>`` for each reason either took a longer way."""
+    path, images not at least twice their fitted size included), and ``decode_fallback_<reason>``
+    for each reason an image took a longer way."""
     counts = {"decode_reduced": sum(n for o, n in outcomes.items() if o.startswith("reduced")),
               "decode_full": sum(n for o, n in outcomes.items() if o.startswith("full"))}
     reasons: Counter[str] = Counter()
     for outcome, n in outcomes.items():
-        if ":" in outcome:
+        # not_smaller: the full path is the right one, not a fallback (mode: decode full)
+        if ":" in outcome and outcome.split(":", 1)[1] not in ("not_smaller", "mode"):
             reasons[outcome.split(":", 1)[1]] += n
     return {**counts, **{f"decode_fallback_{reason}": n for reason, n in sorted(reasons.items())}}
 
