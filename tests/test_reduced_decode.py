@@ -18,14 +18,28 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
 from bench.clinical_corpus import write_corpus
+from dicomflow.dicom import display
 from dicomflow.dicom.display import PixelSettings, read_image
 from dicomflow.dicom.ingestion import decode_counts, ingest_file
 from dicomflow.dicom.reading import Quarantined
-from dicomflow.dicom.reduced import area_mean, box_sums, decode_jpeg2000
+from dicomflow.dicom.reduced import (
+    LOWPASS_MAX_EXCURSION,
+    area_mean,
+    box_sums,
+    decode_jpeg2000,
+    window_excursion,
+)
 
 FULL = PixelSettings(size=64)
 REDUCED = dataclasses.replace(FULL, decode="reduced")
 MAX_MEAN, MAX_P99 = 1.0, 4.0  # grey levels of 255, per image (issue 33)
+
+
+@pytest.fixture
+def every_size(monkeypatch):
+    """Reduced decoding for images under a megapixel too (ingest leaves them to the full path,
+    where it is as fast), so that pydicom's small test files and CT slices exercise it."""
+    monkeypatch.setattr(display, "MIN_REDUCED_PIXELS", 0)
 
 
 def closeness(path: Path | str) -> tuple[float, float, bool, str] | None:
@@ -46,7 +60,7 @@ def closeness(path: Path | str) -> tuple[float, float, bool, str] | None:
 
 
 @pytest.mark.slow
-def test_pydicom_test_files_are_close_to_the_full_path():
+def test_pydicom_test_files_are_close_to_the_full_path(every_size):
     checked, reduced, far = 0, 0, []
     for path in get_testdata_files("*.dcm"):
         found = closeness(path)
@@ -61,7 +75,7 @@ def test_pydicom_test_files_are_close_to_the_full_path():
 
 
 @pytest.mark.slow
-def test_clinical_corpus_is_close_to_the_full_path(tmp_path):
+def test_clinical_corpus_is_close_to_the_full_path(tmp_path, every_size):
     # 32: radiographs and CT slices in each of the 4 syntaxes, JPEG 2000 radiographs with and
     # without a window (study 12: the codec's reduced levels; study 4: decoded in full, averaged).
     files = write_corpus(tmp_path / "corpus", 32)
@@ -76,9 +90,19 @@ def test_clinical_corpus_is_close_to_the_full_path(tmp_path):
         if syntax == JPEG2000Lossless:
             declined[why] += 1
     assert len(by_syntax) == 4
-    # JPEG 2000: radiographs with a window at a reduced level (why ""); without one, and CT
-    # slices whose window clips the air around the body, decoded in full and averaged.
-    assert declined[""] >= 1 and declined["no_window"] >= 1 and declined["window_clips"] >= 1
+    # JPEG 2000: radiographs with a window at a reduced level (why ""); without one decoded in
+    # full and averaged, as are the CT slices (512 x 512 to 64: no level to skip).
+    assert declined[""] >= 1 and declined["no_window"] >= 1 and declined["jpeg2000_level_0"] >= 1
+
+
+def test_a_window_that_clips_much_of_the_low_pass_image_is_measured():
+    """window_excursion: CT air far below a soft-tissue window against a radiograph's overshoot."""
+    hounsfield = np.where(np.arange(100) < 40, -1000.0, 40.0)  # 40 % air, window [-160, 240]
+    assert window_excursion(hounsfield, (-160.0, 240.0)) == pytest.approx(0.4 * 840 / 400)
+    overshoot = np.r_[np.full(99, 2000.0), 900.0]  # one edge sample 100 below a [1000, 5000] window
+    assert window_excursion(overshoot, (1000.0, 5000.0)) == pytest.approx(0.01 * 100 / 4000)
+    assert window_excursion(hounsfield, (-160.0, 240.0)) > LOWPASS_MAX_EXCURSION > window_excursion(
+        overshoot, (1000.0, 5000.0))
 
 
 def test_block_means_of_the_fitting_are_the_box_filters():
@@ -97,7 +121,7 @@ def test_block_means_of_the_fitting_are_the_box_filters():
 def test_pillow_jpeg2000_at_level_0_is_pydicoms_decoding():
     """The precision and sign corrections undo exactly what Pillow's plugin does to samples."""
     ds = pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm"))
-    values, factor, _, _ = decode_jpeg2000(ds, 1)
+    values, factor, _, _ = decode_jpeg2000(ds, 1, min_level=0)
     assert factor == 1
     assert np.array_equal(values, ds.pixel_array.astype(np.int32))
 
@@ -116,9 +140,9 @@ def test_a_corrupt_codestream_still_quarantines_with_its_reason(tmp_path):
     assert reasons[0] == reasons[1]
 
 
-def test_a_fallback_is_counted(tmp_path):
+def test_a_fallback_is_counted(every_size):
     """A multi-frame file takes the full path in reduced mode, and ingest counts why."""
-    source = Path(get_testdata_file("emri_small.dcm"))  # 64 x 64, 10 frames: not smaller either
+    source = Path(get_testdata_file("emri_small.dcm"))  # 64 x 64, 10 frames
     result = ingest_file(source, data_dir=source.parent, settings=dataclasses.replace(REDUCED, size=16))
     assert result.reason == "" and result.decode == ("full:multi_frame",)
     counts = decode_counts(Counter(result.decode))
@@ -126,6 +150,13 @@ def test_a_fallback_is_counted(tmp_path):
     plain = Path(get_testdata_file("CT_small.dcm"))  # 128 x 128 to 16: averaged before the display
     assert ingest_file(plain, data_dir=plain.parent, settings=dataclasses.replace(REDUCED, size=16)).decode \
         == ("reduced",)
+
+
+def test_small_images_take_the_full_path_uncounted():
+    path = Path(get_testdata_file("CT_small.dcm"))
+    result = ingest_file(path, data_dir=path.parent, settings=dataclasses.replace(REDUCED, size=16))
+    assert result.decode == ("full:small",)
+    assert decode_counts(Counter(result.decode)) == {"decode_reduced": 0, "decode_full": 1}
 
 
 def test_models_registered_before_the_option_decode_in_full():

@@ -30,7 +30,7 @@ from pydicom.uid import (
 
 from dicomflow.config import layout
 from dicomflow.config.params import IngestParams
-from dicomflow.dicom.reduced import NotReduced, ReducedFrame, reduce_frame, reduction_factor
+from dicomflow.dicom.reduced import MIN_REDUCED_PIXELS, NotReduced, ReducedFrame, reduce_frame, reduction_factor
 from dicomflow.dicom.reading import (
     Quarantined,
     failure_reason,
@@ -103,7 +103,7 @@ class Frame:
     colour_profile: str = ""  # "", PROFILE_CONVERTED or PROFILE_ASSUMED_SRGB
     reduced: bool = False  # decoded at a lower resolution (decode: reduced)
     # decode: reduced but decoded in full: why (dicomflow.dicom.reduced.NotReduced's reasons,
-    # not_smaller where the output is not much smaller than the source); "" otherwise.
+    # small where the source is too small to gain from it); "" otherwise.
     full_because: str = ""
 
 
@@ -644,8 +644,8 @@ def _reduced_frame(ds: pydicom.Dataset, settings: PixelSettings, spacing: tuple[
     out_rows, out_cols = fitted_shape(rows, cols, size=settings.size, spacing=spacing,
                                       target_mm=settings.target_spacing_mm)
     factor = reduction_factor(rows, cols, out_rows, out_cols)
-    if factor < 2:
-        return "not_smaller"
+    if factor < 2 or rows * cols < MIN_REDUCED_PIXELS:
+        return "small"
     if n_frames > 1:
         return "multi_frame"  # frames: first / middle / all each decode differently
     if settings.color_management == "srgb" and ds.PhotometricInterpretation in COLOUR:

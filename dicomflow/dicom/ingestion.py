@@ -86,8 +86,8 @@ def decode_counts(outcomes: Counter[str]) -> dict[str, int]:
               "decode_full": sum(n for o, n in outcomes.items() if o.startswith("full"))}
     reasons: Counter[str] = Counter()
     for outcome, n in outcomes.items():
-        # not_smaller: the full path is the right one, not a fallback (mode: decode full)
-        if ":" in outcome and outcome.split(":", 1)[1] not in ("not_smaller", "mode"):
+        # small: the full path is the right one, not a fallback (mode: decode full)
+        if ":" in outcome and outcome.split(":", 1)[1] not in ("small", "mode"):
             reasons[outcome.split(":", 1)[1]] += n
     return {**counts, **{f"decode_fallback_{reason}": n for reason, n in sorted(reasons.items())}}
 

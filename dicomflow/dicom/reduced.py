@@ -44,12 +44,18 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 # more of them per output pixel, which keeps the result within a grey level of the full path
 # (measured: tests/test_reduced_decode.py, bench/ingest.py).
 OVERSAMPLING = 2
-# JPEG 2000: one resolution level finer than OVERSAMPLING allows. A low-pass sample is a wavelet
-# filter's output, not a block mean, and overshoots at sharp edges; measured on the clinical
-# corpus's windowed radiographs, 0 spare levels: per image mean 0.55, p99 3 grey levels, but
-# OpenJPEG failed on 2336 x 2836 at that depth; 1: 0.66 / 4 and 0.30 / 2; 2: 0.48 / 3, 0.42 / 4
-# at 2-3x the decode time (15-26 ms against 42-64 ms; the full decode 700-1000 ms).
-JPEG2000_SPARE_LEVELS = 1
+# Smaller sources take the full path: their display steps cost less than the reduced path's own
+# bookkeeping (bench/ingest.py, the replicated sample of 192-320 pixel images: the stage at 0.54x
+# the plain loop reduced against 0.78x full).
+MIN_REDUCED_PIXELS = 1 << 20
+# JPEG 2000: this many resolution levels finer than OVERSAMPLING allows, so that the low-pass
+# image has at least 16 samples per output pixel on each side. A low-pass sample is a wavelet
+# filter's output, not a block mean: it overshoots at sharp edges, by up to an eighth of the step
+# at level 1 and more below. Measured (per image mean / p99 of |reduced - full|, grey levels):
+# pydicom's MR2_J2KR (1024 x 1024, windowed), 1 spare level 0.95 / 8, 2: 0.70 / 7, 3: exact (level
+# 0); US1_J2KR (colour) 2.0 / 25, then exact; the clinical corpus's windowed radiographs 0.66 / 4,
+# 0.49 / 4, 0.43 / 4 (level 1: a 2x2 low-pass).
+JPEG2000_SPARE_LEVELS = 3
 # Mean distance of the low-pass samples beyond the window, in window widths, above which a codec's
 # reduced image is not used (half a grey level: radiographs whose window spans their data measure
 # ~0.0002, from the wavelet's overshoot at edges; CT slices with air around the body ~1).
@@ -322,8 +328,9 @@ def jpeg2000_header(codestream: bytes) -> dict:
     return found
 
 
-def decode_jpeg2000(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, float, str]:
-    """A JPEG 2000 frame at the deepest resolution level no smaller than ``factor`` allows.
+def decode_jpeg2000(ds: pydicom.Dataset, factor: int, *, min_level: int = 1) -> tuple[np.ndarray, int, int, str]:
+    """A JPEG 2000 frame at a resolution level :data:`JPEG2000_SPARE_LEVELS` finer than
+    ``factor`` allows, at least ``min_level`` (0: full resolution).
 
     Pillow's OpenJPEG plugin, because it exposes OpenJPEG's ``reduce`` (decode up to a
     resolution level, skipping the finer sub-bands' entropy decoding); pylibjpeg-openjpeg, which
@@ -339,7 +346,7 @@ def decode_jpeg2000(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, 
     Raises
     ------
     NotReduced
-        Where Pillow's output would need corrections pydicom makes (precision or sign differing
+        Below ``min_level``; where Pillow's output would need corrections pydicom makes (precision or sign differing
         from the header, an image offset, a codestream cut short, colour other than 8-bit RGB,
         YBR_ICT or YBR_RCT).
     OSError
@@ -357,9 +364,10 @@ def decode_jpeg2000(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, 
         raise NotReduced("jpeg2000_precision")
     if samples == 3 and (ds.PhotometricInterpretation not in ("RGB", "YBR_ICT", "YBR_RCT") or header["precision"] != 8):
         raise NotReduced("jpeg2000_colour")
-    # One level shallower than the factor allows: the low-pass samples are centred, not block
-    # means, and twice as many of them per output pixel keep the fitting within a grey level.
+    # JPEG2000_SPARE_LEVELS finer than the factor allows: see there.
     level = max(0, min(int(math.log2(factor)) - JPEG2000_SPARE_LEVELS, header["levels"]))
+    if level < min_level:  # nothing to skip: the full decode and exact block sums do better
+        raise NotReduced("jpeg2000_level_0")
     image = Image.open(io.BytesIO(codestream))
     image.reduce = level  # OpenJPEG's cp_reduce: decode up to this level
     image.load()
@@ -379,7 +387,7 @@ def decode_jpeg2000(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, 
     return unscaled, 1 << level, (1 << level) // 2, "jpeg2000"
 
 
-def decode_jpeg(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, float, str]:
+def decode_jpeg(ds: pydicom.Dataset, factor: int) -> tuple[np.ndarray, int, int, str]:
     """An 8-bit JPEG baseline frame decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT
     scaling.
 
