@@ -165,3 +165,13 @@ def test_models_registered_before_the_option_decode_in_full():
     old = pickle.loads(state.replace(b"decode", b"decodX"))  # a pickle without the field
     assert PixelSettings(size=64).decode == "full"
     assert getattr(old, "decode") == "full"
+
+
+def test_the_served_model_decodes_as_ingest_did():
+    """read_model_frames (the served model) goes through image_frames with the model's settings."""
+    from dicomflow.dicom.display import read_model_frames
+
+    path = Path(get_testdata_file("RG1_J2KR.dcm"))  # 1955 x 1841: reduced
+    _, frames = read_image(io.BytesIO(path.read_bytes()), REDUCED)
+    assert frames[0].reduced
+    assert np.array_equal(read_model_frames(path.read_bytes(), settings=REDUCED), frames[0].pixels[None])
