@@ -18,7 +18,7 @@ Each table times, side by side in one run over the same files:
   pointed at the corpus, the outputs kept inside that folder, ``ingest.decode`` set (issue 33:
   full decodes every pixel, reduced about twice the output's resolution; ``ingest.workers``,
   where present, is set to 0 = all cores);
-- ``ingest stage (reduced), 3x the files``: the same on a corpus three times as large (run once,
+- ``ingest stage, decode: reduced, 3x the files``: the same on a corpus three times as large (run once,
   after the others), to show that its peak memory does not grow with the number of files.
 Both are subprocesses, so their wall time includes interpreter start-up and imports. Peak memory
 is the summed RSS of the process and all its children, sampled every 50 ms by
@@ -64,7 +64,7 @@ MAX_MEAN_DIFF, MAX_P99_DIFF = 1.0, 4.0  # issue 33: reduced vs full, grey levels
 PLAIN = "plain loop (`pydicom.dcmread(f).pixel_array`, 1 process)"
 STAGE_FULL = "ingest stage, decode: full"
 STAGE = "ingest stage, decode: reduced"
-STAGE_3X = "ingest stage (reduced), 3x the files"
+STAGE_3X = "ingest stage, decode: reduced, 3x the files"
 
 
 def baseline_worker(list_file: Path) -> None:
