@@ -42,9 +42,9 @@ def every_size(monkeypatch):
     monkeypatch.setattr(display, "MIN_REDUCED_PIXELS", 0)
 
 
-def closeness(path: Path | str) -> tuple[float, float, bool, str] | None:
-    """(mean, p99 absolute difference, decoded reduced, why not by the codec) of the uint8 pixels
-    of both modes; None
+def closeness(path: Path | str) -> tuple[float, float, bool, str, str] | None:
+    """(mean, p99 absolute difference, decoded reduced, why not by the codec, which decoder
+    reduced it) of the uint8 pixels of both modes; None
     where the full path refuses the file or it has several frames."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,7 +56,9 @@ def closeness(path: Path | str) -> tuple[float, float, bool, str] | None:
             return None
         _, reduced = read_image(io.BytesIO(Path(path).read_bytes()), REDUCED)
     difference = np.abs(full[0].pixels.astype(np.int16) - reduced[0].pixels.astype(np.int16))
-    return float(difference.mean()), float(np.percentile(difference, 99)), reduced[0].reduced, reduced[0].full_because
+    frame = reduced[0]
+    return (float(difference.mean()), float(np.percentile(difference, 99)), frame.reduced, frame.full_because,
+            frame.reduced_by)
 
 
 @pytest.mark.slow
@@ -82,7 +84,7 @@ def test_clinical_corpus_is_close_to_the_full_path(tmp_path, every_size):
     by_syntax: Counter[str] = Counter()
     declined: Counter[str] = Counter()
     for path in files:
-        mean, p99, reduced, why = closeness(path)
+        mean, p99, reduced, why, _ = closeness(path)
         assert mean <= MAX_MEAN and p99 <= MAX_P99, (path.name, mean, p99)
         assert reduced
         syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
@@ -175,3 +177,45 @@ def test_the_served_model_decodes_as_ingest_did():
     _, frames = read_image(io.BytesIO(path.read_bytes()), REDUCED)
     assert frames[0].reduced
     assert np.array_equal(read_model_frames(path.read_bytes(), settings=REDUCED), frames[0].pixels[None])
+
+
+def jpeg_baseline_file(folder: Path, *, colour: bool) -> Path:
+    """A 1536 x 1280 JPEG baseline file (Pillow's libjpeg encoder): 8-bit MONOCHROME2 with a
+    window, or YBR_FULL_422 colour; smooth shading, a sharp-edged disc and noise."""
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:1536, 0:1280]
+    shade = 40 + 150 * (x / 1280) + 30 * ((x - 700) ** 2 + (y - 600) ** 2 < 300 ** 2)
+    gray = np.clip(shade + rng.normal(0, 6, shade.shape), 0, 255).astype(np.uint8)
+    pixels = np.stack([gray, np.flipud(gray), np.fliplr(gray)], axis=-1) if colour else gray
+    stream = io.BytesIO()
+    Image.fromarray(pixels).save(stream, format="JPEG", quality=92, subsampling=1)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.Modality, ds.Rows, ds.Columns = "OT", 1536, 1280
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = (3 if colour else 1), 8, 8, 7
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "YBR_FULL_422" if colour else "MONOCHROME2"
+    if colour:
+        ds.PlanarConfiguration = 0
+    else:
+        ds.WindowCenter, ds.WindowWidth = "120", "200"
+    ds.PixelData = encapsulate([stream.getvalue()])
+    path = folder / ("colour.dcm" if colour else "gray.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["grayscale", "ybr"])
+def test_jpeg_baseline_with_dct_scaling_is_close_to_the_full_path(tmp_path, colour):
+    path = jpeg_baseline_file(tmp_path, colour=colour)
+    mean, p99, reduced, why, decoder = closeness(path)
+    assert reduced and why == "" and decoder == "jpeg"  # libjpeg's scaled decode, not the full one
+    assert mean <= MAX_MEAN and p99 <= MAX_P99, (mean, p99)

@@ -105,6 +105,7 @@ class Frame:
     # decode: reduced but decoded in full: why (dicomflow.dicom.reduced.NotReduced's reasons,
     # small where the source is too small to gain from it); "" otherwise.
     full_because: str = ""
+    reduced_by: str = ""  # when reduced: jpeg2000 | jpeg (a codec's own scaling) | area (averaged)
 
 
 def decode_frames(ds: pydicom.Dataset, *, frames: str,
@@ -662,7 +663,7 @@ def _reduced_frame(ds: pydicom.Dataset, settings: PixelSettings, spacing: tuple[
     fitted = fit_reduced(display, reduced, rows=rows, cols=cols, out_rows=out_rows, out_cols=out_cols,
                          size=settings.size)
     return Frame(0, display, layout.stored_pixels(fitted, settings.dtype), colour_profile_of(ds, settings),
-                 reduced=True, full_because=reduced.declined)
+                 reduced=True, full_because=reduced.declined, reduced_by=reduced.how)
 
 
 def extreme_share(display: np.ndarray) -> float:
