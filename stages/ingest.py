@@ -53,9 +53,9 @@ from dicomflow.dicom.ingestion import (
     QUARANTINE_COLUMNS,
     SKIP_REASONS,
     FileResult,
-    decode_counts,
     ImageWriter,
     IndexWriter,
+    decode_counts,
     read_all,
     read_all_series,
 )
