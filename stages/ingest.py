@@ -55,6 +55,7 @@ from dicomflow.dicom.ingestion import (
     FileResult,
     ImageWriter,
     IndexWriter,
+    decode_counts,
     read_all,
     read_all_series,
 )
@@ -104,6 +105,7 @@ def main() -> None:
 
     reasons: Counter[str] = Counter()
     profiles: Counter[str] = Counter()  # how colour images reached sRGB (color_management: srgb)
+    decoded: Counter[str] = Counter()  # how images were decoded (decode: reduced)
     unlabelled = 0
     series: list[dict] = []  # unit series: the index rows, for the diagnosis in the metrics
     with staged_folder(out_dir, what="the ingest outputs") as staging, \
@@ -140,10 +142,12 @@ def main() -> None:
                     series.append(record)
                 unlabelled += int(record["label"] == layout.UNLABELLED_LABEL)
                 profiles[record["colour_profile"]] += 1
+            decoded.update(result.decode)
     report(files=len(files) + len(listing.unread), images=images.count, reasons=reasons,
            unlabelled=unlabelled if keep_unlabelled else None,
            colour_profiles=profiles if params.color_management == "srgb" else None,
            series=series_summary(series) if params.unit == "series" else None,
+           decoded=decoded if params.decode == "reduced" and params.unit == "image" else None,
            params=params, paths=paths, shape=shape,
            where=f"on the Dask cluster at {address}" if (address := scheduler_address())
            else f"with {workers} worker(s)")
@@ -151,7 +155,8 @@ def main() -> None:
 
 def report(*, files: int, images: int, reasons: Counter[str], params: IngestParams,
            paths: PathsParams, where: str, shape: tuple[int, ...], unlabelled: int | None = None,
-           colour_profiles: Counter[str] | None = None, series: dict | None = None) -> None:
+           colour_profiles: Counter[str] | None = None, series: dict | None = None,
+           decoded: Counter[str] | None = None) -> None:
     """Write the stage's metrics, log the summary, and fail when too many image files were unusable.
 
     ``unlabelled``: the images kept without a label (``ingest.unlabelled: pretrain``), counted in
@@ -159,7 +164,10 @@ def report(*, files: int, images: int, reasons: Counter[str], params: IngestPara
     ``colour_profiles``: with ``ingest.color_management: srgb``, the images by how they reached
     sRGB (``display.PROFILE_CONVERTED``, ``display.PROFILE_ASSUMED_SRGB``), counted as
     ``colour_<way>``; None leaves the keys out. ``series``: with ``ingest.unit: series``, the
-    kept series' diagnosis (:func:`series_summary`); None leaves the keys out.
+    kept series' diagnosis (:func:`series_summary`); None leaves the keys out. ``decoded``: with
+    ``ingest.decode: reduced``, the images by how they were decoded
+    (:func:`~dicomflow.dicom.ingestion.decode_outcome`), as ``decode_*`` counts
+    (:func:`~dicomflow.dicom.ingestion.decode_counts`); None leaves the keys out.
     """
     skipped = sum(reasons[r] for r in SKIP_REASONS)
     failed = sum(reasons.values()) - skipped
@@ -168,6 +176,7 @@ def report(*, files: int, images: int, reasons: Counter[str], params: IngestPara
                **({f"colour_{way}": colour_profiles[way] for way in (PROFILE_CONVERTED, PROFILE_ASSUMED_SRGB)}
                   if colour_profiles is not None else {}),
                **(series or {}),
+               **(decode_counts(decoded) if decoded is not None else {}),
                "quarantined": failed, "skipped_not_images": skipped,
                **{f"quarantined_{reason}": count for reason, count in sorted(reasons.items())}}
     write_json(Path(paths.ingest_metrics), metrics)

@@ -62,10 +62,14 @@ def _check_ingest(document: dict) -> None:
     for key in ("replicated_sample", "clinical_corpus"):
         rows = document["tables"][key]["rows"]
         assert [r["implementation"].split(" (")[0] for r in rows] == [
-            "plain loop", "ingest stage", "ingest stage, 3x the files"]
+            "plain loop", "ingest stage, decode: full", "ingest stage, decode: reduced",
+            "ingest stage, decode: reduced, 3x the files"]
     clinical = document["tables"]["clinical_corpus"]["rows"]
-    assert [r["files"] for r in clinical] == [1, 1, 3]  # --clinical-files 1, and 3x
+    assert [r["files"] for r in clinical] == [1, 1, 1, 3]  # --clinical-files 1, and 3x
     assert document["figures"]["clinical_corpus"]["images"] == 1
+    assert document["figures"]["clinical_corpus"]["decode_reduced"] == 1  # a 2500 x 2048 radiograph
+    (syntax,) = document["tables"]["clinical_by_syntax"]["rows"]
+    assert syntax["files"] == 1 and syntax["worst_p99"] <= 4
     assert len(document["tables"]["memory"]["rows"]) == 5
 
 
@@ -156,7 +160,7 @@ CASES = [  # benchmark, tiny options, tables it records, what else must hold
     pytest.param("scale", ["--sizes", "10", "--rows", "600", "--patients", "100"],
                  ["ingest", "validate_split"], _check_scale, id="scale", marks=slow),
     pytest.param("ingest", ["--files", "10", "--clinical-files", "1", "--memory-sides", "128"],
-                 ["replicated_sample", "clinical_corpus", "memory"], _check_ingest, id="ingest",
+                 ["replicated_sample", "clinical_corpus", "clinical_by_syntax", "memory"], _check_ingest, id="ingest",
                  marks=slow),
     pytest.param("deidentify", ["--files", "10", "--clinical-files", "1", "--repeat", "1"],
                  ["replicated_sample", "clinical_corpus"], _check_deidentify, id="deidentify",

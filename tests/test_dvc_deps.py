@@ -362,7 +362,7 @@ def test_the_params_reader_follows_the_object_and_gives_up_where_it_cannot(tmp_p
     assert reads.keys == {
         "split": {"val_size", "seed"},
         "ingest": {"image_size", "channels", "frames", "voi_index", "target_spacing_mm", "pixel_dtype",
-                   "max_decoded_mib", "color_management"},
+                   "max_decoded_mib", "color_management", "decode"},
         "augment": {WHOLE},
         "train": {"epochs"},
     }

@@ -707,7 +707,9 @@ class TestIngestMain:
         assert dict(zip(quarantine["path"], quarantine["reason"])) == self.QUARANTINED
         assert metrics == {"files": 12, "images": 8, "quarantined": 3, "skipped_not_images": 1,
                            "quarantined_hidden": 1, "quarantined_label_not_in_classes": 1,
-                           "quarantined_no_label": 1, "quarantined_not_dicom": 1}
+                           "quarantined_no_label": 1, "quarantined_not_dicom": 1,
+                           # decode: reduced (the default); the sample's small images are not worth it
+                           "decode_reduced": 0, "decode_full": 8}
 
     def test_rows_line_up_with_images(self, workdir):
         ingest.main()

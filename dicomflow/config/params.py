@@ -160,6 +160,10 @@ class IngestParams:
     # Colour photographs (channels: 3): none keeps the pixels as stored (decoded to RGB); srgb converts
     # them through the file's ICC profile (ICCProfile) to sRGB, so two cameras' colours compare.
     color_management: str = field(default="none", metadata=_choices(*COLOR_MANAGEMENT))
+    # full: every source pixel decoded; reduced: images much larger than image_size decoded at about
+    # twice its resolution (JPEG 2000 resolution levels, JPEG DCT scaling, block averages), fitted to
+    # the same geometry (dicomflow.dicom.reduced).
+    decode: str = field(default="reduced", metadata=_choices("full", "reduced"))
     # image: every frame of every file an image | series: the files of a series one volume.
     unit: str = field(default="image", metadata=_choices(*UNITS))
     series: SeriesParams = field(default_factory=SeriesParams)  # read with unit: series only

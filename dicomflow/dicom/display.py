@@ -30,6 +30,7 @@ from pydicom.uid import (
 
 from dicomflow.config import layout
 from dicomflow.config.params import IngestParams
+from dicomflow.dicom.reduced import MIN_REDUCED_PIXELS, NotReduced, ReducedFrame, reduce_frame, reduction_factor
 from dicomflow.dicom.reading import (
     Quarantined,
     failure_reason,
@@ -68,13 +69,16 @@ class PixelSettings:
     # none: colour as stored; srgb: through (0028,2000) ICC Profile to sRGB. A default here also
     # serves models pickled before the option existed.
     color_management: str = "none"
+    # full: every source pixel decoded; reduced: at about the output's resolution
+    # (dicomflow.dicom.reduced). Full here, so that models pickled before the option serve as trained.
+    decode: str = "full"
 
     @classmethod
     def from_params(cls, params: IngestParams) -> PixelSettings:
         return cls(size=params.image_size, channels=params.channels, frames=params.frames,
                    voi_index=params.voi_index, target_spacing_mm=params.target_spacing_mm,
                    dtype=params.pixel_dtype, max_decoded_mib=params.max_decoded_mib,
-                   color_management=params.color_management)
+                   color_management=params.color_management, decode=params.decode)
 
     @property
     def max_bytes(self) -> int:
@@ -87,13 +91,21 @@ class PixelSettings:
 
 @dataclass(frozen=True)
 class Frame:
-    """One image of a file: its frame number, full-resolution display pixels and output pixels,
-    and for a colour image with ``color_management: srgb`` which way it reached sRGB."""
+    """One image of a file: its frame number, display pixels and output pixels, for a colour
+    image with ``color_management: srgb`` which way it reached sRGB, and with ``decode: reduced``
+    how it was decoded."""
 
     index: int
-    display: np.ndarray  # float32 in [0, 1], (rows, cols) or (rows, cols, 3)
+    # float32 in [0, 1], (rows, cols) or (rows, cols, 3): full resolution, or with decode: reduced
+    # the reduced image (about twice the output's size) when ``reduced``.
+    display: np.ndarray
     pixels: np.ndarray   # PixelSettings.image_shape in PixelSettings.dtype
     colour_profile: str = ""  # "", PROFILE_CONVERTED or PROFILE_ASSUMED_SRGB
+    reduced: bool = False  # decoded at a lower resolution (decode: reduced)
+    # decode: reduced but decoded in full: why (dicomflow.dicom.reduced.NotReduced's reasons,
+    # small where the source is too small to gain from it); "" otherwise.
+    full_because: str = ""
+    reduced_by: str = ""  # when reduced: jpeg2000 | jpeg (a codec's own scaling) | area (averaged)
 
 
 def decode_frames(ds: pydicom.Dataset, *, frames: str,
@@ -103,6 +115,13 @@ def decode_frames(ds: pydicom.Dataset, *, frames: str,
     With ``max_bytes``, frames whose decoded size (:func:`working_bytes`, from the header) is
     larger are refused before any decoder allocates them.
     """
+    n_frames, wanted = check_frames(ds, frames=frames, max_bytes=max_bytes)
+    return _decode_checked(ds, n_frames, wanted)
+
+
+def check_frames(ds: pydicom.Dataset, *, frames: str, max_bytes: int | None = None) -> tuple[int, int | None]:
+    """The header checks of :func:`decode_frames` (photometric, decoded size): the number of
+    frames and the one wanted (None: all), or raise Quarantined."""
     photometric = ds.get("PhotometricInterpretation")
     if photometric not in GRAYSCALE + COLOUR:
         found = "is absent" if photometric is None else f"is {photometric!r}"
@@ -118,6 +137,10 @@ def decode_frames(ds: pydicom.Dataset, *, frames: str,
     if max_bytes is not None and needed is not None and needed > max_bytes:
         raise Quarantined("too_large", f"decoding would take {needed >> 20} MiB (Rows x Columns x "
                           f"samples x frames), more than ingest.max_decoded_mib {max_bytes >> 20}")
+    return n_frames, wanted
+
+
+def _decode_checked(ds: pydicom.Dataset, n_frames: int, wanted: int | None) -> list[tuple[int, np.ndarray]]:
     try:
         native = native_pixels(ds)
         if native is not None:
@@ -185,7 +208,8 @@ def number_of_frames(ds: pydicom.Dataset) -> int:
 
 
 def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int = 0,
-                      channels: int = 1, color_management: str = "none") -> np.ndarray:
+                      channels: int = 1, color_management: str = "none",
+                      stored_range: tuple[float, float] | None = None) -> np.ndarray:
     """Stored values of one frame to float32 in [0, 1] as a viewer shows them.
 
     Grayscale: modality LUT ((0028,1052) Rescale Intercept, (0028,1053) Rescale Slope or a
@@ -196,10 +220,12 @@ def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int
     With ``color_management`` ``srgb`` colour then goes through the file's (0028,2000) ICC
     Profile to sRGB (:func:`convert_to_srgb`; a file without one is taken as sRGB already).
     ``channels`` 1 gives (rows, cols), colour reduced to luminance (ITU-R BT.601 weights);
-    3 gives (rows, cols, 3), grayscale repeated.
+    3 gives (rows, cols, 3), grayscale repeated. ``stored_range``: the extremes of the stored
+    values to stretch when there is no window, where ``stored`` is a reduced image of a frame
+    whose own extremes are known (averaging narrows them).
     """
     if ds.PhotometricInterpretation in GRAYSCALE:
-        gray = _grayscale_display(ds, stored, voi_index=voi_index)
+        gray = _grayscale_display(ds, stored, voi_index=voi_index, stored_range=stored_range)
         return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
     rgb = _colour_display(ds, stored)
     if color_management == "srgb":
@@ -209,8 +235,9 @@ def to_display_pixels(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int
     return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
 
 
-def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray:
-    fast = _linear_display(ds, stored, voi_index=voi_index)
+def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int,
+                       stored_range: tuple[float, float] | None = None) -> np.ndarray:
+    fast = _linear_display(ds, stored, voi_index=voi_index, stored_range=stored_range)
     if fast is not None:
         return fast
     values = apply_modality_lut(stored, ds)
@@ -229,7 +256,8 @@ def _grayscale_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: in
     return _orient(np.clip(scaled, 0.0, 1.0), ds)
 
 
-def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) -> np.ndarray | None:
+def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int,
+                    stored_range: tuple[float, float] | None = None) -> np.ndarray | None:
     """The common case in closed form: rescale slope/intercept and a LINEAR window, else None.
 
     pydicom's apply_modality_lut and apply_windowing produce values in the window's output range
@@ -237,6 +265,27 @@ def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) 
     x the rescaled value and, for LINEAR, c = centre - 0.5 and w = width - 1 (PS3.3 C.11.2.1.2.1).
     Computing that directly halves the time per image (``bench/ingest.py``). LUT sequences, SIGMOID
     and a LINEAR width of 1 or less (pydicom's errors and edge cases) go to pydicom.
+    """
+    linear = linear_window(ds, voi_index=voi_index)
+    if linear is None:
+        return None
+    if linear[0] == "no_window":
+        return _rescaled_min_max(stored, *linear[1:], ds, stored_range=stored_range)
+    _, gain, offset = linear
+
+    def window(block: np.ndarray) -> None:
+        np.multiply(block, gain, out=block)
+        np.add(block, offset, out=block)
+        np.clip(block, 0.0, 1.0, out=block)
+
+    return _float64_steps(stored, window)
+
+
+def linear_window(ds: pydicom.Dataset, *, voi_index: int) -> tuple[str, float, float] | None:
+    """The grayscale display of ``ds`` as an affine map of the stored values, when it is one:
+    ("window", gain, offset) for clip(x * gain + offset, 0, 1) (rescale and a LINEAR window,
+    MONOCHROME1 inverted); ("no_window", slope, intercept) for the frame's own range after the
+    rescale; None for LUT sequences, SIGMOID, a LINEAR width of 1 or less (pydicom's way).
     """
     if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
         return None
@@ -249,7 +298,7 @@ def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) 
         slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
         slope, intercept = (1.0, 0.0) if slope is None or intercept is None else (float(slope), float(intercept))
         if not has_window:
-            return _rescaled_min_max(stored, slope, intercept, ds)
+            return "no_window", slope, intercept
         index = min(voi_index, _multiplicity(centre) - 1, _multiplicity(width) - 1)
         c = float(centre[index] if _multiplicity(centre) > 1 else centre)
         w = float(width[index] if _multiplicity(width) > 1 else width)
@@ -263,13 +312,26 @@ def _linear_display(ds: pydicom.Dataset, stored: np.ndarray, *, voi_index: int) 
     gain, offset = slope / w, (intercept - c) / w + 0.5
     if ds.PhotometricInterpretation == "MONOCHROME1":
         gain, offset = -gain, 1.0 - offset
+    return "window", gain, offset
 
-    def window(block: np.ndarray) -> None:
-        np.multiply(block, gain, out=block)
-        np.add(block, offset, out=block)
-        np.clip(block, 0.0, 1.0, out=block)
 
-    return _float64_steps(stored, window)
+def window_bounds(ds: pydicom.Dataset, *, voi_index: int) -> tuple[float, float] | None | str:
+    """The stored values beyond which a grayscale display clips, (low, high), for
+    :func:`dicomflow.dicom.reduced.reduce_frame`: averaging commutes with the affine display
+    steps but not with the window's clip, so values are clipped to these before being averaged.
+    None: no window (the frame's range; nothing clips); "not_linear": a display that is not
+    clipped-affine (LUT sequences, SIGMOID), where averaging first would change the result.
+    """
+    linear = linear_window(ds, voi_index=voi_index)
+    if linear is None:
+        return "not_linear"
+    kind, gain, offset = linear
+    if kind == "no_window":
+        return None
+    if gain == 0 or not (np.isfinite(gain) and np.isfinite(offset)):
+        return "not_linear"
+    ends = sorted(((0.0 - offset) / gain, (1.0 - offset) / gain))
+    return ends[0], ends[1]
 
 
 def _float64_steps(stored: np.ndarray, steps: Callable[[np.ndarray], None]) -> np.ndarray:
@@ -294,15 +356,17 @@ def _float64_steps(stored: np.ndarray, steps: Callable[[np.ndarray], None]) -> n
 
 
 def _rescaled_min_max(stored: np.ndarray, slope: float, intercept: float,
-                      ds: pydicom.Dataset) -> np.ndarray:
+                      ds: pydicom.Dataset, *, stored_range: tuple[float, float] | None = None) -> np.ndarray:
     """:func:`_min_max` of ``stored * slope + intercept``, bit for bit, without the float64 frame.
 
     x * slope + intercept is monotonic in x (each rounding is), so its extremes are those of the
-    stored extremes; a zero or non-finite slope or intercept goes the long way.
+    stored extremes (``stored_range`` where given: a reduced frame's full-resolution ones, the
+    result then clipped to [0, 1]); a zero or non-finite slope or intercept goes the long way.
     """
     if not (slope != 0.0 and np.isfinite(slope) and np.isfinite(intercept)) or stored.size == 0:
         return _min_max(stored * slope + intercept, ds)
-    ends = np.array([stored.min(), stored.max()], dtype=np.float64) * slope + intercept
+    extremes = stored_range if stored_range is not None else (stored.min(), stored.max())
+    ends = np.array(extremes, dtype=np.float64) * slope + intercept
     low, high = float(ends.min()), float(ends.max())
     if not high > low:
         return _min_max(stored * slope + intercept, ds)
@@ -315,6 +379,8 @@ def _rescaled_min_max(stored: np.ndarray, slope: float, intercept: float,
         np.divide(block, span, out=block)
         if invert:
             np.subtract(1.0, block, out=block)
+        if stored_range is not None:
+            np.clip(block, 0.0, 1.0, out=block)
 
     return _float64_steps(stored, scale)
 
@@ -457,9 +523,31 @@ def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
 def resize_with_padding(image: np.ndarray, size: int) -> np.ndarray:
     """Fit ``image`` into ``size`` × ``size`` keeping its aspect ratio, centred, zero padded."""
     rows, cols = image.shape[:2]
-    scale = size / max(rows, cols)
-    resized = _resize(image, max(1, round(rows * scale)), max(1, round(cols * scale)))
-    return pad_or_crop(resized, size)
+    return pad_or_crop(_resize(image, *fitted_shape(rows, cols, size=size)), size)
+
+
+def fitted_shape(rows: int, cols: int, *, size: int, spacing: tuple[float, float] | None = None,
+                 target_mm: float | None = None) -> tuple[int, int]:
+    """(rows, columns) a ``rows`` x ``cols`` frame is resized to before :func:`pad_or_crop`: to
+    fit ``size`` keeping its aspect ratio (:func:`resize_with_padding`), or with ``target_mm``
+    to that spacing from ``spacing`` (:func:`resample_to_spacing`)."""
+    if target_mm is None:
+        scale = size / max(rows, cols)
+        return max(1, round(rows * scale)), max(1, round(cols * scale))
+    return max(1, round(rows * spacing[0] / target_mm)), max(1, round(cols * spacing[1] / target_mm))
+
+
+def fit_reduced(display: np.ndarray, reduced: ReducedFrame, *, rows: int, cols: int,
+                out_rows: int, out_cols: int, size: int) -> np.ndarray:
+    """The reduced ``display`` of a ``rows`` x ``cols`` frame fitted as the full frame would be:
+    resized to the full path's ``out_rows`` x ``out_cols`` (:func:`fitted_shape`, from the
+    source's size) with the full path's box filter's pixel choice (:meth:`ReducedFrame.weights`),
+    then :func:`pad_or_crop`. So the image sits at the same place in the model's input whichever
+    way it was decoded."""
+    along_rows = reduced.weights(rows, out_rows, display.shape[0])
+    along_cols = reduced.weights(cols, out_cols, display.shape[1])
+    fitted = np.einsum("ir,rc...,jc->ij...", along_rows, display.astype(np.float64), along_cols, optimize=True)
+    return pad_or_crop(fitted.astype(np.float32), size)
 
 
 def pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -487,8 +575,7 @@ def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
 def resample_to_spacing(image: np.ndarray, spacing: tuple[float, float], target_mm: float) -> np.ndarray:
     """Resample so that one pixel covers ``target_mm`` in both directions."""
     rows, cols = image.shape[:2]
-    return _resize(image, max(1, round(rows * spacing[0] / target_mm)),
-                   max(1, round(cols * spacing[1] / target_mm)))
+    return _resize(image, *fitted_shape(rows, cols, size=0, spacing=spacing, target_mm=target_mm))
 
 
 def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydicom.Dataset, list[Frame]]:
@@ -499,34 +586,84 @@ def read_image(source: Path | BinaryIO, settings: PixelSettings) -> tuple[pydico
 
 def image_frames(ds: pydicom.Dataset, settings: PixelSettings) -> list[Frame]:
     """The chosen frames of a parsed file (:func:`read_dataset`), decoded and ready to store, or
-    raise Quarantined. Apart from read_image so that a header can be checked before decoding."""
+    raise Quarantined. Apart from read_image so that a header can be checked before decoding.
+
+    With ``settings.decode`` reduced, a frame much larger than the output is decoded at a lower
+    resolution (:mod:`dicomflow.dicom.reduced`) and fitted to the same geometry (:func:`fit_reduced`);
+    what that path cannot vouch for takes the full one, its reason in :attr:`Frame.full_because`.
+    """
     spacing = pixel_spacing(ds)
     if settings.target_spacing_mm is not None and spacing is None:
         raise Quarantined("no_pixel_spacing", "ingest.target_spacing_mm is set but the file has no "
                           "(0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing")
+    n_frames, wanted = check_frames(ds, frames=settings.frames, max_bytes=settings.max_bytes)
+    full_because = ""
+    if settings.decode == "reduced":
+        attempt = _reduced_frame(ds, settings, spacing, n_frames)
+        if isinstance(attempt, Frame):
+            return [attempt]
+        full_because = attempt
     frames = []
-    for index, stored in decode_frames(ds, frames=settings.frames, max_bytes=settings.max_bytes):
-        try:
-            display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels,
-                                        color_management=settings.color_management)
-        except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
-            raise Quarantined("invalid_voi", quoted(err)) from err
-        # NaN propagates through min and max and an infinity is one of them: two passes over
-        # the frame check both finiteness and blankness.
-        lowest, highest = display.min(), display.max()
-        if not (np.isfinite(lowest) and np.isfinite(highest)):
-            raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
-        if highest == lowest:
-            raise Quarantined("blank", f"frame {index}: every pixel shows the same value once the "
-                              "modality and VOI steps are applied")
+    for index, stored in _decode_checked(ds, n_frames, wanted):
+        display = _display(ds, stored, settings, index=index)
         if settings.target_spacing_mm is None:
             fitted = resize_with_padding(display, settings.size)
         else:
             fitted = pad_or_crop(resample_to_spacing(display, spacing, settings.target_spacing_mm),
                                  settings.size)
         frames.append(Frame(index, display, layout.stored_pixels(fitted, settings.dtype),
-                            colour_profile_of(ds, settings)))
+                            colour_profile_of(ds, settings), full_because=full_because))
     return frames
+
+
+def _display(ds: pydicom.Dataset, stored: np.ndarray, settings: PixelSettings, *, index: int,
+             stored_range: tuple[float, float] | None = None) -> np.ndarray:
+    """:func:`to_display_pixels` of one frame, checked finite and not blank, or raise Quarantined."""
+    try:
+        display = to_display_pixels(ds, stored, voi_index=settings.voi_index, channels=settings.channels,
+                                    color_management=settings.color_management, stored_range=stored_range)
+    except ValueError as err:  # pydicom rejects e.g. (0028,1051) Window Width < 1
+        raise Quarantined("invalid_voi", quoted(err)) from err
+    # NaN propagates through min and max and an infinity is one of them: two passes over
+    # the frame check both finiteness and blankness.
+    lowest, highest = display.min(), display.max()
+    if not (np.isfinite(lowest) and np.isfinite(highest)):
+        raise Quarantined("invalid_pixels", f"frame {index}: pixels are not finite numbers")
+    if highest == lowest:
+        raise Quarantined("blank", f"frame {index}: every pixel shows the same value once the "
+                          "modality and VOI steps are applied")
+    return display
+
+
+def _reduced_frame(ds: pydicom.Dataset, settings: PixelSettings, spacing: tuple[float, float] | None,
+                   n_frames: int) -> Frame | str:
+    """The one frame of ``ds`` decoded reduced and fitted, or why the full path must take it."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return "header"  # the full decoder says what is wrong
+    out_rows, out_cols = fitted_shape(rows, cols, size=settings.size, spacing=spacing,
+                                      target_mm=settings.target_spacing_mm)
+    factor = reduction_factor(rows, cols, out_rows, out_cols)
+    if factor < 2 or rows * cols < MIN_REDUCED_PIXELS:
+        return "small"
+    if n_frames > 1:
+        return "multi_frame"  # frames: first / middle / all each decode differently
+    if settings.color_management == "srgb" and ds.PhotometricInterpretation in COLOUR:
+        return "colour_management"  # the ICC transform is not linear: convert the full image
+    clip = window_bounds(ds, voi_index=settings.voi_index) if ds.PhotometricInterpretation in GRAYSCALE else None
+    if clip == "not_linear":
+        return "not_linear_voi"  # LUT sequences, SIGMOID: averaging first would change the result
+    try:
+        reduced = reduce_frame(ds, factor, lambda: _decode_checked(ds, n_frames, 0)[0][1], clip=clip,
+                               out=(out_rows, out_cols))
+    except NotReduced as err:
+        return err.reason
+    display = _display(ds, reduced.stored, settings, index=0, stored_range=reduced.stored_range)
+    fitted = fit_reduced(display, reduced, rows=rows, cols=cols, out_rows=out_rows, out_cols=out_cols,
+                         size=settings.size)
+    return Frame(0, display, layout.stored_pixels(fitted, settings.dtype), colour_profile_of(ds, settings),
+                 reduced=True, full_because=reduced.declined, reduced_by=reduced.how)
 
 
 def extreme_share(display: np.ndarray) -> float:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -63,6 +64,32 @@ class FileResult:
     images: tuple[tuple[np.ndarray, dict], ...] = ()
     reason: str = ""
     detail: str = ""
+    # ingest.decode reduced: how its images were decoded (decode_counts), one entry per image.
+    decode: tuple[str, ...] = ()
+
+
+def decode_outcome(frame: Frame) -> str:
+    """How a frame was decoded, for the ``decode_*`` metrics: "reduced", or "reduced:<reason>"
+    (decoded in full, then averaged before the display steps, because the codec's reduced decoder
+    declined), or "full:<reason>" (the full path)."""
+    if frame.reduced:
+        return f"reduced:{frame.full_because}" if frame.full_because else "reduced"
+    return f"full:{frame.full_because or 'mode'}"
+
+
+def decode_counts(outcomes: Counter[str]) -> dict[str, int]:
+    """The ``decode_*`` metrics from :func:`decode_outcome` counts: ``decode_reduced`` (images
+    decoded at a lower resolution or averaged before the display steps), ``decode_full`` (the full
+    path, images not at least twice their fitted size included), and ``decode_fallback_<reason>``
+    for each reason an image took a longer way."""
+    counts = {"decode_reduced": sum(n for o, n in outcomes.items() if o.startswith("reduced")),
+              "decode_full": sum(n for o, n in outcomes.items() if o.startswith("full"))}
+    reasons: Counter[str] = Counter()
+    for outcome, n in outcomes.items():
+        # small: the full path is the right one, not a fallback (mode: decode full)
+        if ":" in outcome and outcome.split(":", 1)[1] not in ("small", "mode"):
+            reasons[outcome.split(":", 1)[1]] += n
+    return {**counts, **{f"decode_fallback_{reason}": n for reason, n in sorted(reasons.items())}}
 
 
 def describe_image(ds: pydicom.Dataset, frame: Frame, *, source_path: str, sha256: str) -> dict:
@@ -118,7 +145,7 @@ def ingest_file(path: Path, *, data_dir: Path, settings: PixelSettings) -> FileR
         sha256 = hashlib.sha256(content).hexdigest()
         return FileResult(relative, tuple(
             (frame.pixels, describe_image(ds, frame, source_path=relative, sha256=sha256))
-            for frame in frames))
+            for frame in frames), decode=tuple(decode_outcome(frame) for frame in frames))
     except Quarantined as err:
         return FileResult(relative, reason=err.reason, detail=str(err))
     except (KeyboardInterrupt, SystemExit):
