@@ -6,7 +6,7 @@ rate of ``dicomflow predict --dicom-out`` on the same files, with the model in m
 
 Both paths run the same model (the project's ``train.architecture`` at ``ingest.image_size``,
 untrained weights: the work per image is the same, logged with ``log_classifier``) and write the
-same objects per image (an SR and a Grad-CAM SEG, :mod:`dicomflow.serving.dicom_results`):
+same objects per image (an SR and a Grad-CAM SEG, :mod:`dicomflow.pacs.results`):
 
 * **predict**: ``predict_files`` then ``write_dicom_results`` on the files, in this process, the
   model loaded beforehand (what ``dicomflow predict --dicom-out`` does once it has started; its
@@ -99,7 +99,7 @@ def free_port() -> int:
 
 def predict_rate(model, files: list[Path], out: Path) -> dict:
     """predict_files + write_dicom_results on ``files``, the model in memory: files/s."""
-    from dicomflow.serving.dicom_results import write_dicom_results
+    from dicomflow.pacs.results import write_dicom_results
     from dicomflow.serving.predict import predict_files
 
     started = time.perf_counter()

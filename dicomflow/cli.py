@@ -97,7 +97,7 @@ def predict(args: argparse.Namespace) -> None:
                                 "already); leave --per-study out")
         scored = predict_files(model, inputs.files, names=inputs.names)
         if args.dicom_out:  # an SR and a SEG per answered image, named by their new UIDs
-            from dicomflow.serving.dicom_results import describe_results, dicom_results
+            from dicomflow.pacs.results import describe_results, dicom_results
             from dicomflow.signing import resolve_version
 
             model_name, model_version = resolve_version(uri)

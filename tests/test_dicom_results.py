@@ -1,4 +1,4 @@
-"""Predictions as DICOM objects (dicomflow/serving/dicom_results.py, ``dicomflow predict --dicom-out``):
+"""Predictions as DICOM objects (dicomflow/pacs/results.py, ``dicomflow predict --dicom-out``):
 a Comprehensive 3D SR and a FRACTIONAL Segmentation per image, checked with dciodvfy and read back
 with highdicom, from a real Keras conv network registered, signed and loaded as predict loads it.
 
@@ -28,7 +28,7 @@ import keras
 import mlflow
 
 from dicomflow.dicom.display import PixelSettings, pad_or_crop, resample_to_spacing, resize_with_padding
-from dicomflow.serving import dicom_results as results
+from dicomflow.pacs import results
 from dicomflow.serving import pyfunc as serving
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.serving.predict import predict_files

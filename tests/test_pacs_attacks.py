@@ -584,7 +584,7 @@ def charset_source(charset, name: str) -> pydicom.Dataset:
     (["ISO 2022 IR 6", "ISO 2022 IR 100"], "M\u00fcller^J\u00fcrgen\n\x1b[2J"),
 ], ids=["latin1", "utf8", "iso2022-japanese", "iso2022-latin1-escapes"])
 def test_the_results_keep_the_patients_name_whatever_its_character_set(charset, name):
-    from dicomflow.serving.dicom_results import Finding, probability_segmentation, structured_report, utf8_source
+    from dicomflow.pacs.results import Finding, probability_segmentation, structured_report, utf8_source
 
     source = utf8_source(charset_source(charset, name))
     report = structured_report(source, Finding("binary", (0, 1), 1, 0.9, 0.5), model_name="m", model_version="1")
@@ -599,7 +599,7 @@ def test_the_results_keep_the_patients_name_whatever_its_character_set(charset, 
 
 
 def test_a_link_planted_under_an_objects_name_is_not_followed(tmp_path):
-    from dicomflow.serving.dicom_results import write_new
+    from dicomflow.pacs.results import write_new
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

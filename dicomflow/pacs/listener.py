@@ -7,7 +7,7 @@
 A modality or a PACS sends images (C-STORE) to this AE title; each instance is written whole to the
 spool (:mod:`dicomflow.pacs.spool`) before its success status goes back, scored in batches by the
 registered model (verified before it is loaded), its result objects (an SR with the model's answer
-and a SEG, :func:`dicomflow.serving.dicom_results.write_dicom_results`) queued in the spool's outbox
+and a SEG, :func:`dicomflow.pacs.results.write_dicom_results`) queued in the spool's outbox
 and stored at ``--to`` (:func:`dicomflow.pacs.push.store_objects`). Three kinds of threads share
 the work (:class:`Listener`):
 
@@ -97,7 +97,7 @@ class Scored:
 def score_files(model, files: list[Path], out_dir: Path, *, model_name: str, model_version: str) -> list[Scored]:
     """The model on ``files`` (:func:`dicomflow.serving.predict.predict_files`) and their result
     objects, an SR and a SEG each, written under ``out_dir``
-    (:func:`dicomflow.serving.dicom_results.dicom_results`); one :class:`Scored` per file, in order.
+    (:func:`dicomflow.pacs.results.dicom_results`); one :class:`Scored` per file, in order.
 
     A file the model refuses (not DICOM, truncated, out of domain) gets its reason as ``dicomflow
     predict`` writes it; one it answered but could not get objects for, that reason
@@ -105,7 +105,7 @@ def score_files(model, files: list[Path], out_dir: Path, *, model_name: str, mod
     fails otherwise, each file is tried alone, so that one file costs only its own results
     (``results_failed: <error type>``: the message may quote a value read from the file).
     """
-    from dicomflow.serving.dicom_results import describe_results, dicom_results
+    from dicomflow.pacs.results import describe_results, dicom_results
     from dicomflow.serving.predict import predict_files
 
     predictions = predict_files(model, files, names=[path.name for path in files])
@@ -134,7 +134,7 @@ def score_files(model, files: list[Path], out_dir: Path, *, model_name: str, mod
 
 @dataclass(frozen=True)
 class DicomResultFailed:
-    """A file whose objects could not be made at all (as :class:`dicomflow.serving.dicom_results.DicomResult`
+    """A file whose objects could not be made at all (as :class:`dicomflow.pacs.results.DicomResult`
     with no paths)."""
 
     reason: str
