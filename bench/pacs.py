@@ -17,7 +17,8 @@ same objects per image (an SR and a Grad-CAM SEG, :mod:`dicomflow.pacs.results`)
   arrives. The rate is files / (last SR stored - first C-STORE sent): receiving, spooling,
   scoring in batches, writing and sending included.
 
-Runs alternate ``--repeat`` times; ranges are printed.
+Runs alternate ``--repeat`` times; ranges are printed, and the target is judged on the median of
+the ratios of each listen run to the predict run just before it.
 
     .venv/bin/python -m bench.pacs [--files 96] [--rows 1024] [--batch 16] [--repeat 2]
         [--json FILE] [--workdir DIR] [--keep]
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -194,11 +196,13 @@ def main() -> None:
                            Column("seconds", "seconds"), Column("images/s", "rate")], rows,
                  title=f"{args.files} radiographs {args.rows}x{args.rows}, 12-bit, uncompressed; "
                        f"listener batch {args.batch}")
-    ratio = min(run["rate"] for run in runs["listen"]) / max(run["rate"] for run in runs["predict"])
-    best = max(run["rate"] for run in runs["listen"]) / min(run["rate"] for run in runs["predict"])
-    report.figures.update(ratio_worst=ratio, ratio_best=best, runs=runs)
-    report.target(f"listen >= {TARGET_RATIO}x predict's images/s (worst pairing; best {best:.2f}x)",
-                  ratio >= TARGET_RATIO, ratio)
+    # Each listen run beside the predict run just before it (the runs alternate): the machine's
+    # load drifts over a run, and a pair sees the same load; the median pair is the figure.
+    paired = [listen["rate"] / predict["rate"] for listen, predict in zip(runs["listen"], runs["predict"])]
+    median = statistics.median(paired)
+    report.figures.update(paired_ratios=paired, median_ratio=median, runs=runs)
+    report.target(f"listen >= {TARGET_RATIO}x predict's images/s (median of {len(paired)} alternating pairs; "
+                  f"pairs {min(paired):.2f}-{max(paired):.2f}x)", median >= TARGET_RATIO, median)
     report.print_targets()
     report.write(args.json)
 

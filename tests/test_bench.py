@@ -147,7 +147,8 @@ def _check_pacs(document: dict) -> None:
     assert [row["path"] for row in rows] == ["predict --dicom-out", "listen (C-STORE in, SR + SEG out)"]
     assert all(row["files"] == row["results"] == 4 for row in rows)  # every image answered both ways
     assert all(row["rate_min"] > 0 for row in rows)
-    assert document["targets"][0]["name"].startswith("listen >= 0.8x predict's images/s")
+    assert document["targets"][0]["name"].startswith("listen >= 0.8x predict's images/s (median of 1")
+    assert document["figures"]["median_ratio"] == document["figures"]["paired_ratios"][0] > 0
 
 
 BURNED_IN_IMAGES = 8  # one clean image among them (every seventh), no 2048x2500 radiograph needed
