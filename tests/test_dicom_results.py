@@ -32,6 +32,7 @@ from dicomflow.pacs import results
 from dicomflow.serving import pyfunc as serving
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.serving.predict import predict_files
+from signed_store import signed_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -79,24 +80,9 @@ def paths_readable_under_the_test_folders(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A temporary SQLite tracking store and a signing key pair, as tests/test_serving.py makes them."""
-    from dicomflow.signing import SIGNING_KEY_FILE_ENV, VERIFY_KEY_FILE_ENV, write_key_pair
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    keys = write_key_pair(tmp_path_factory.mktemp("keys") / "team")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SIGNING_KEY_FILE_ENV, str(keys[0]))
-        patch.setenv(VERIFY_KEY_FILE_ENV, str(keys[1]))
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.create_experiment("dicom-results", artifact_location=(root / "artifacts").as_uri())
-        try:
-            yield {"root": root, "uri": uri, "experiment": experiment}
-        finally:
-            mlflow.set_tracking_uri(None)
+    """A temporary tracking store and signing key pair in the environment (tests/signed_store.py)."""
+    with signed_tracking_store(tmp_path_factory, "dicom-results") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ import mlflow
 
 from dicomflow.serving import pyfunc as serving
 from dicomflow.model.architectures import to_model_input
+from signed_store import signed_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -90,26 +91,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A temporary SQLite tracking store with its artifacts beside it; MLFLOW_TRACKING_URI points at it,
-    and DICOMFLOW_SIGNING_KEY_FILE / DICOMFLOW_VERIFY_KEY_FILE at a key pair made for it (predict and
-    serve verify what they load: dicomflow/signing.py)."""
-    from dicomflow.signing import SIGNING_KEY_FILE_ENV, VERIFY_KEY_FILE_ENV, write_key_pair
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    keys = write_key_pair(tmp_path_factory.mktemp("keys") / "team")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SIGNING_KEY_FILE_ENV, str(keys[0]))
-        patch.setenv(VERIFY_KEY_FILE_ENV, str(keys[1]))
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
-        try:
-            yield {"root": root, "uri": uri, "experiment": experiment, "keys": keys}
-        finally:
-            mlflow.set_tracking_uri(None)
+    """A temporary tracking store and signing key pair in the environment (tests/signed_store.py)."""
+    with signed_tracking_store(tmp_path_factory, "serving") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
