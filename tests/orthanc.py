@@ -16,10 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
+from pydicom.data import get_testdata_file
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# pydicom's test files in JPEG 2000, RLE, JPEG lossless and JPEG-LS: what the PACS tests send compressed
+COMPRESSED = ("JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm")
 USER, PASSWORD = "dicomflow-test", "orthanc-test-password"
 ORTHANC_AET = "ORTHANC"
 
@@ -136,6 +140,18 @@ class Orthanc:
         """Delete every patient (and so every study and instance) it stores."""
         for patient in requests.get(f"{self.url}/patients", auth=self.auth, timeout=30).json():
             requests.delete(f"{self.url}/patients/{patient}", auth=self.auth, timeout=30).raise_for_status()
+
+
+def compressed_copy(name: str, path: Path, **attributes: object) -> Path:
+    """pydicom's test file ``name`` saved at ``path`` as it is encoded (its pixel data untouched), with
+    a new SOP Instance UID (two of them share one) and ``attributes`` set."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def require_orthanc() -> None:

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from orthanc import free_port
-from pydicom.data import get_testdata_file
+from orthanc import COMPRESSED, compressed_copy, free_port
 
 from dicomflow.errors import DataError, SettingsError
 from dicomflow.pacs.connection import PacsError, parse_address
@@ -36,20 +35,6 @@ from dicomflow.pacs.pull import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVE_PORT = free_port()
-# pydicom's test files in JPEG 2000, RLE, JPEG lossless and JPEG-LS
-COMPRESSED = ("JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm")
-
-
-def compressed_copy(name: str, path: Path, **attributes: object) -> Path:
-    """pydicom's test file ``name`` saved at ``path`` as it is encoded (its pixel data untouched), with
-    a new SOP Instance UID (two of them share one) and ``attributes`` set."""
-    ds = pydicom.dcmread(get_testdata_file(name))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 class Seeded:

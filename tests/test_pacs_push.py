@@ -18,28 +18,13 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from orthanc import free_port
-from pydicom.data import get_testdata_file
+from orthanc import COMPRESSED, compressed_copy, free_port
 
 from dicomflow.errors import SettingsError
 from dicomflow.pacs.connection import DICOMWEB, DIMSE, parse_address
 from dicomflow.pacs.push import StoreOutcome, store_objects
 
 ROOT = Path(__file__).resolve().parents[1]
-# pydicom's test files in JPEG 2000, RLE, JPEG lossless and JPEG-LS (given a new SOP Instance UID each)
-COMPRESSED = ("JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm")
-
-
-def compressed_copy(name: str, path: Path, **attributes: object) -> Path:
-    """pydicom's test file ``name`` saved at ``path`` as it is encoded (its pixel data untouched), with
-    a new SOP Instance UID (two of them share one) and ``attributes`` set."""
-    ds = pydicom.dcmread(get_testdata_file(name))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture(scope="module")
