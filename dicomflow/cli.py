@@ -483,8 +483,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--queue", type=int, default=256,
                          help="received images waiting to be scored before senders are asked to wait (default 256)")
     command.add_argument("--max-instance-mib", type=float, default=1024.0,
-                         help="the largest instance taken, in MiB; a larger one is refused (C-STORE 0xA701) and "
-                         "never written (default 1024)")
+                         help="the largest instance taken, in MiB; a larger one is refused (C-STORE failure "
+                         "0xC001) and never written (default 1024)")
     command.set_defaults(handler=listen)
 
     command = commands.add_parser("team-server", help="the team's MLflow server, with authentication")

@@ -406,7 +406,7 @@ def test_an_instance_larger_than_the_limit_is_refused_with_a_failure_status_and_
     server = listener(max_instance_mib=1)
     big = pydicom.dcmread(image(tmp_path / "big.dcm", rows=2048))  # 4 MiB of pixels
     small = pydicom.dcmread(image(tmp_path / "small.dcm"))
-    assert c_store(server.port, [big, small, big]) == [0xA701, 0x0000, 0xA701]
+    assert c_store(server.port, [big, small, big]) == [0xC001, 0x0000, 0xC001]  # a failure: not retried
     assert server.counts["too_large"] == 2 and server.counts["received"] == 1
     assert server.counts["cut_off"] == 2  # dropped while arriving: memory held no more than the limit
     spooled = [path for path in server.spool.root.rglob("*") if path.is_file() and path.suffix == ".dcm"]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from pydicom import uid as uids
 
 from dicomflow.errors import SettingsError
@@ -54,9 +55,11 @@ logger = logging.getLogger("dicomflow.listen")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources": the sender keeps the instance and retries
-# An instance larger than max_instance_mib: "Refused: Out of Resources" too (this listener will not
-# hold it), a code of its own so that a sender's log tells it from a full queue.
-TOO_LARGE = 0xA701
+# An instance larger than max_instance_mib: a failure (the Cxxx "cannot understand" range PS3.7
+# leaves to the SCP), not "Out of Resources" (A7xx): a sender retries those, and this instance
+# would be sent, dropped and refused again for ever. A failure stops it in the sender's queue,
+# where the technologist sees it, with the reason in the response's Error Comment.
+TOO_LARGE = 0xC001
 DEFAULT_MAX_INSTANCE_MIB = 1024.0
 PROCESSING_FAILURE = 0xC000
 MAX_PDU_BYTES = 1 << 20  # the largest PDU we accept (see Listener.start)
@@ -174,9 +177,10 @@ class Listener:
         The sender's first wait after a destination failed to store, doubled after each failure
         in a row, capped.
     max_instance_mib : float, default=1024
-        The largest instance taken (its data set, in MiB). A larger one is answered *Refused: Out
-        of Resources* (0xA701) and never written; while it arrives, what is past the limit is
-        dropped, so that neither memory nor the spool grows with what a sender sends.
+        The largest instance taken (its data set, in MiB). A larger one is answered with the
+        failure 0xC001 (not retried by the sender) and never written; while it arrives, what is
+        past the limit is dropped, so that neither memory nor the spool grows with what a sender
+        sends.
     max_associations : int, default=10
         Associations open at once, at most; one more is rejected (transient: the sender tries again).
     ssl_context : ssl.SSLContext, optional
@@ -381,13 +385,17 @@ class Listener:
         data_set.seek(0)
         data_set.truncate()
 
-    def _refuse_too_large(self, event, tally: Counter) -> int:
+    def _refuse_too_large(self, event, tally: Counter) -> Dataset:
         with self._lock:
             self.counts["too_large"] += 1
         tally["too_large"] += 1
+        limit = self.max_instance_bytes / 1024 ** 2
         logger.warning("refused an instance from AE title %r: larger than --max-instance-mib %g (answered 0x%04X)",
-                       str(event.assoc.requestor.ae_title).strip(), self.max_instance_bytes / 1024 ** 2, TOO_LARGE)
-        return TOO_LARGE
+                       str(event.assoc.requestor.ae_title).strip(), limit, TOO_LARGE)
+        answer = Dataset()
+        answer.Status = TOO_LARGE
+        answer.ErrorComment = f"instance larger than this SCP's limit of {limit:g} MiB"[:64]
+        return answer
 
     def _on_store(self, event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
