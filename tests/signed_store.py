@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -35,3 +37,20 @@ def signed_tracking_store(tmp_path_factory: pytest.TempPathFactory, experiment: 
             yield {"root": root, "uri": uri, "experiment": made, "keys": keys}
         finally:
             mlflow.set_tracking_uri(None)
+
+
+def register_champion(store: dict, keras_path: Path, name: str, **log_options) -> tuple[str, object]:
+    """The Keras model at ``keras_path`` logged with ``log_classifier(**log_options)`` in ``store``'s
+    experiment, registered as ``name``, signed as evaluate signs and given the alias champion;
+    (its version, the logged model's info)."""
+    import os
+
+    from dicomflow.serving.pyfunc import log_classifier
+    from dicomflow.signing import sign_model_version, signing_key_from_env
+
+    with mlflow.start_run(experiment_id=store["experiment"]):
+        info = log_classifier(keras_path, **log_options)
+    version = mlflow.register_model(info.model_uri, name).version
+    sign_model_version(name, version, key=signing_key_from_env(os.environ))
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
+    return str(version), info

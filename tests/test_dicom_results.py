@@ -32,7 +32,7 @@ from dicomflow.pacs import results
 from dicomflow.serving import pyfunc as serving
 from dicomflow.serving.domain import TrainingDomain
 from dicomflow.serving.predict import predict_files
-from signed_store import signed_tracking_store
+from signed_store import register_champion, signed_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -88,17 +88,11 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registered(store, tmp_path_factory):
     """The square network logged with log_classifier and DOMAIN, registered, signed, alias champion."""
-    from dicomflow.signing import sign_model_version, signing_key_from_env
-
     path = tmp_path_factory.mktemp("keras") / "square.keras"
     _square_network().save(path)
-    with mlflow.start_run(experiment_id=store["experiment"]):
-        info = serving.log_classifier(path, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS, domain=DOMAIN,
-                                      input_example=serving.serving_example(DOMAIN))
-    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-    sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
-    return {"uri": f"models:/{MODEL_NAME}@champion", "version": str(version)}
+    version, _ = register_champion(store, path, MODEL_NAME, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
+                                   domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
+    return {"uri": f"models:/{MODEL_NAME}@champion", "version": version}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import pydicom
 import pytest
@@ -38,7 +37,7 @@ from dicomflow.pacs.connection import parse_address
 from dicomflow.pacs.listener import OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Listener
 from dicomflow.serving import pyfunc as serving
 from dicomflow.serving.domain import TrainingDomain
-from signed_store import signed_tracking_store
+from signed_store import register_champion, signed_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -96,17 +95,11 @@ def store(tmp_path_factory):
 def registered(store, tmp_path_factory):
     """The conv classifier logged as evaluate logs it (domain, serving example), registered, signed,
     alias champion; its URI and version."""
-    from dicomflow.signing import sign_model_version, signing_key_from_env
-
     path = tmp_path_factory.mktemp("keras") / "conv.keras"
     _conv_model().save(path)
-    with mlflow.start_run(experiment_id=store["experiment"]):
-        info = serving.log_classifier(path, threshold=0.5, classes=[0, 1], settings=SETTINGS, domain=DOMAIN,
-                                      input_example=serving.serving_example(DOMAIN))
-    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-    sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
-    return {"uri": f"models:/{MODEL_NAME}@champion", "version": str(version)}
+    version, _ = register_champion(store, path, MODEL_NAME, threshold=0.5, classes=[0, 1], settings=SETTINGS,
+                                   domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
+    return {"uri": f"models:/{MODEL_NAME}@champion", "version": version}
 
 
 @pytest.fixture(scope="module")

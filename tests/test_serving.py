@@ -42,7 +42,7 @@ import mlflow
 
 from dicomflow.serving import pyfunc as serving
 from dicomflow.model.architectures import to_model_input
-from signed_store import signed_tracking_store
+from signed_store import register_champion, signed_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PixelSettings(size=32)
@@ -108,14 +108,8 @@ def binary_keras(tmp_path_factory):
 def registered(store, binary_keras):
     """The binary classifier logged with log_classifier, DOMAIN and its serving example as evaluate logs it,
     registered, signed as evaluate signs, alias champion; its URI."""
-    from dicomflow.signing import sign_model_version, signing_key_from_env
-
-    with mlflow.start_run(experiment_id=store["experiment"]):
-        info = serving.log_classifier(binary_keras, threshold=THRESHOLD, classes=[0, 1], settings=SETTINGS,
-                                      domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
-    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-    sign_model_version(MODEL_NAME, version, key=signing_key_from_env(os.environ))
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
+    _, info = register_champion(store, binary_keras, MODEL_NAME, threshold=THRESHOLD, classes=[0, 1],
+                                settings=SETTINGS, domain=DOMAIN, input_example=serving.serving_example(DOMAIN))
     return {"uri": f"models:/{MODEL_NAME}@champion", "info": info}
 
 

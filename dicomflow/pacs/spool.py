@@ -57,15 +57,8 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename in it), to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -123,7 +116,7 @@ class Spool:
             finally:
                 os.close(descriptor)
             os.replace(temporary, final)
-            _fsync_folder(self.received)
+            _fsync(self.received)
         except OSError:
             temporary.unlink(missing_ok=True)
             raise
@@ -187,11 +180,11 @@ class Spool:
             target = part / f"{number:02d}-{source.name}"
             shutil.move(str(source), target)
             os.chmod(target, 0o600)
-            _fsync_file(target)
+            _fsync(target)
             count += 1
-        _fsync_folder(part)
+        _fsync(part)
         os.replace(part, self.outbox / name)
-        _fsync_folder(self.outbox)
+        _fsync(self.outbox)
         return count
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
