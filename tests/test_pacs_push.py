@@ -116,7 +116,10 @@ def test_an_unknown_calling_ae_title_is_refused_by_the_pacs_and_every_object_lis
                           {"DICOMFLOW_AE_TITLE": "STRANGER"})
     outcomes = store_objects(dimse, objects[:2], attempts=2, backoff_s=0)
     assert [outcome.stored for outcome in outcomes] == [False, False]
-    assert all("rejected the association from AE title STRANGER" in outcome.detail for outcome in outcomes)
+    # Orthanc answers an unknown AE title with A-ASSOCIATE-RJ; once in a full suite on loaded cores
+    # (2026-12-07) the reason read otherwise, not captured: the details are shown if it recurs.
+    details = [outcome.detail for outcome in outcomes]
+    assert all("rejected the association from AE title STRANGER" in detail for detail in details), details
     assert [outcome.attempts for outcome in outcomes] == [2, 2]
     assert server.instances() == []
 
